@@ -1,0 +1,81 @@
+//! The HTTP API: an axum router over the shared state, with problem-document errors,
+//! bearer-token auth and OpenAPI.
+
+pub mod extract;
+pub mod idempotency;
+pub mod openapi;
+pub mod page;
+pub mod problem;
+pub mod routes;
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    http::{HeaderName, StatusCode},
+    response::{IntoResponse, Response},
+};
+use orderflow_shared::{auth::Keys, config::Config};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    trace::TraceLayer,
+};
+
+use crate::problem::Problem;
+
+/// Everything a handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub keys: Arc<Keys>,
+    pub config: Arc<Config>,
+}
+
+impl AppState {
+    pub fn new(pool: PgPool, config: Arc<Config>) -> Self {
+        let (secret, _) = config.jwt_secret();
+        Self {
+            pool,
+            keys: Arc::new(Keys::new(secret)),
+            config,
+        }
+    }
+}
+
+/// The whole HTTP surface.
+pub fn router(state: AppState) -> Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    Router::new()
+        .merge(routes::router())
+        .merge(openapi::router())
+        .fallback(|| async { Problem::new(404, "Not Found", "NOT_FOUND", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(405, "Method Not Allowed", "METHOD_NOT_ALLOWED", "this route does not accept that method")
+        })
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_| panic_response()))
+        .layer(TraceLayer::new_for_http())
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+fn panic_response() -> Response {
+    tracing::error!("handler panicked");
+    let mut res = Problem::new(500, "Internal Server Error", "INTERNAL_ERROR", "an unexpected error occurred").into_response();
+    *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    res
+}
+
+/// Serves the API on an already bound listener until `shutdown` is cancelled, then lets
+/// in-flight requests finish.
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "API listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
+}

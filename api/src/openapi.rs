@@ -1,0 +1,59 @@
+//! OpenAPI document at `/openapi.json` and Swagger UI (vendored, works offline) at `/docs`.
+
+use axum::Router;
+use utoipa::{
+    Modify, OpenApi,
+    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::{AppState, routes};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "orderflow",
+        description = "Orders accepted at once as PENDING and carried through stock, coupon and payment \
+                       workers over RabbitMQ. Errors are RFC 9457 problem documents with a stable `code`."
+    ),
+    paths(
+        routes::health::live,
+        routes::health::ready,
+        routes::balance::get_balance,
+        routes::balance::charge,
+        routes::balance::history,
+        routes::products::list,
+        routes::products::show,
+        routes::products::create,
+        routes::products::restock,
+        routes::coupons::create,
+        routes::coupons::issue,
+        routes::coupons::mine,
+    ),
+    components(schemas(crate::problem::Problem)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "balance", description = "Balance and its ledger"),
+        (name = "products", description = "Product catalogue"),
+        (name = "coupons", description = "First-come-first-served coupons"),
+        (name = "admin", description = "Admin-only routes (token with role admin)"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+pub fn router() -> Router<AppState> {
+    Router::new().merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+}

@@ -1,0 +1,178 @@
+//! Balance: query, charge (optionally idempotent) and the ledger.
+
+use axum::{
+    Router,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use chrono::{DateTime, Utc};
+use orderflow_shared::{
+    Error,
+    domain::{BALANCE_MAX, ChargeAmount},
+};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    AppState,
+    extract::{IdempotencyKey, Json, Query, User},
+    idempotency::Claim,
+    page::{Page, PageParams},
+    problem::{ApiResult, Problem},
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/balance", get(get_balance))
+        .route("/api/balance/charge", post(charge))
+        .route("/api/balance/history", get(history))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BalanceView {
+    pub user_id: i64,
+    /// Whole won.
+    pub balance: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChargeRequest {
+    /// Whole won: a multiple of 10 within 1,000..=100,000.
+    #[schema(example = 10_000)]
+    pub amount: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct LedgerEntry {
+    pub id: i64,
+    /// CHARGE, PAYMENT or REFUND.
+    pub kind: String,
+    pub amount: i64,
+    pub balance_after: i64,
+    pub order_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The caller's balance (0 for a user never seen).
+#[utoipa::path(get, path = "/api/balance", tag = "balance", security(("bearer" = [])), responses(
+    (status = 200, body = BalanceView),
+    (status = 401, body = Problem, content_type = "application/problem+json"),
+))]
+pub async fn get_balance(State(state): State<AppState>, user: User) -> ApiResult<Json<BalanceView>> {
+    let balance: Option<i64> = sqlx::query_scalar("SELECT balance FROM balances WHERE user_id = $1")
+        .bind(user.id())
+        .fetch_optional(&state.pool)
+        .await?;
+    Ok(Json(BalanceView {
+        user_id: user.id(),
+        balance: balance.unwrap_or(0),
+    }))
+}
+
+/// Charges the caller's balance. With an `Idempotency-Key`, a retried charge applies once and
+/// replays the first response.
+#[utoipa::path(post, path = "/api/balance/charge", tag = "balance", security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "makes a retried charge apply once")),
+    request_body = ChargeRequest,
+    responses(
+        (status = 200, body = BalanceView),
+        (status = 400, description = "INVALID_AMOUNT_UNIT, AMOUNT_BELOW_MINIMUM, AMOUNT_ABOVE_MAXIMUM, BALANCE_LIMIT_EXCEEDED or malformed input", body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn charge(
+    State(state): State<AppState>,
+    user: User,
+    key: IdempotencyKey,
+    Json(req): Json<ChargeRequest>,
+) -> ApiResult<Response> {
+    let amount = ChargeAmount::parse(req.amount)?;
+    let mut tx = state.pool.begin().await?;
+    let claim = match key.0 {
+        Some(key) => {
+            let claim = Claim {
+                user_id: user.id(),
+                scope: "balance.charge",
+                key,
+                request: serde_json::json!({ "amount": req.amount }),
+            };
+            if let Some(stored) = claim.begin(&mut tx).await? {
+                return Ok(stored.into_response());
+            }
+            Some(claim)
+        }
+        None => None,
+    };
+    let view = apply_charge(&mut tx, user.id(), amount).await?;
+    if let Some(claim) = claim {
+        let body = serde_json::to_value(&view).map_err(anyhow::Error::from)?;
+        claim.finish(&mut tx, StatusCode::OK, &body, serde_json::json!({})).await?;
+    }
+    tx.commit().await?;
+    Ok(Json(view).into_response())
+}
+
+/// Adds `amount` in one statement (no read-then-write) and writes the ledger row.
+async fn apply_charge(conn: &mut PgConnection, user_id: i64, amount: ChargeAmount) -> Result<BalanceView, Error> {
+    let balance: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO balances (user_id, balance) VALUES ($1, $2)
+         ON CONFLICT (user_id) DO UPDATE SET balance = balances.balance + EXCLUDED.balance, updated_at = now()
+         WHERE balances.balance + EXCLUDED.balance <= $3
+         RETURNING balance",
+    )
+    .bind(user_id)
+    .bind(amount.get())
+    .bind(BALANCE_MAX)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let balance = balance.ok_or_else(|| {
+        Error::bad_request(
+            "BALANCE_LIMIT_EXCEEDED",
+            format!("the balance may not exceed {BALANCE_MAX} won"),
+        )
+    })?;
+    sqlx::query("INSERT INTO balance_ledger (user_id, kind, amount, balance_after) VALUES ($1, 'CHARGE', $2, $3)")
+        .bind(user_id)
+        .bind(amount.get())
+        .bind(balance)
+        .execute(&mut *conn)
+        .await?;
+    Ok(BalanceView { user_id, balance })
+}
+
+/// The caller's ledger, newest first.
+#[utoipa::path(get, path = "/api/balance/history", tag = "balance", security(("bearer" = [])),
+    params(PageParams),
+    responses(
+        (status = 200, body = Page<LedgerEntry>),
+        (status = 400, body = Problem, content_type = "application/problem+json"),
+        (status = 401, body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn history(
+    State(state): State<AppState>,
+    user: User,
+    Query(params): Query<PageParams>,
+) -> ApiResult<Json<Page<LedgerEntry>>> {
+    let (limit, offset) = params.limit_offset()?;
+    let items: Vec<LedgerEntry> = sqlx::query_as(
+        "SELECT id, kind, amount, balance_after, order_id, created_at FROM balance_ledger
+         WHERE user_id = $1 ORDER BY id DESC LIMIT $2 OFFSET $3",
+    )
+    .bind(user.id())
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&state.pool)
+    .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM balance_ledger WHERE user_id = $1")
+        .bind(user.id())
+        .fetch_one(&state.pool)
+        .await?;
+    Ok(Json(Page::new(items, params, total)))
+}

@@ -1,0 +1,18 @@
+//! One module per area; each exposes `router()`.
+
+pub mod balance;
+pub mod coupons;
+pub mod health;
+pub mod products;
+
+use axum::Router;
+
+use crate::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .merge(health::router())
+        .merge(balance::router())
+        .merge(products::router())
+        .merge(coupons::router())
+}

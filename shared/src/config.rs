@@ -1,0 +1,154 @@
+//! Configuration: one typed struct, read once in `main` from flags or same-named environment
+//! variables. Nothing else reads the environment.
+
+use std::{net::SocketAddr, time::Duration};
+
+/// The secret used when JWT_SECRET is not set: fine on a laptop, logged as a warning.
+pub const DEV_JWT_SECRET: &str = "orderflow-dev-secret-do-not-use-in-production";
+
+#[derive(Clone, clap::Args)]
+pub struct Config {
+    /// PostgreSQL URL; the database is created if missing and migrated at start.
+    #[arg(long, env = "DATABASE_URL", global = true,
+          default_value = "postgres://postgres@127.0.0.1:5432/orderflow")]
+    pub database_url: String,
+
+    /// RabbitMQ URL; a vhost in the path is honoured (`%2f` is the default vhost).
+    #[arg(long, env = "AMQP_URL", global = true,
+          default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "HTTP_ADDR", global = true, default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+
+    /// HS256 secret for bearer tokens. Unset: a development default (logged as a warning).
+    #[arg(long, env = "JWT_SECRET", global = true, hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// How long an order may stay in flight before recovery cancels it (e.g. 60s, 500ms).
+    #[arg(long, env = "ORDER_TIMEOUT", global = true, default_value = "60s", value_parser = parse_duration)]
+    pub order_timeout: Duration,
+
+    /// How often the recovery sweep looks for orders past their deadline.
+    #[arg(long, env = "SWEEP_INTERVAL", global = true, default_value = "10s", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+
+    /// Unacknowledged deliveries the broker may push to each consumer.
+    #[arg(long, env = "PREFETCH", global = true, default_value_t = 64)]
+    pub prefetch: u16,
+
+    /// Deliveries each worker processes at once.
+    #[arg(long, env = "WORKER_CONCURRENCY", global = true, default_value_t = 16)]
+    pub worker_concurrency: usize,
+
+    /// Maximum PostgreSQL connections per process.
+    #[arg(long, env = "DB_POOL_SIZE", global = true, default_value_t = 16)]
+    pub db_pool_size: u32,
+
+    /// Address of a worker process's metrics listener (the API serves /metrics itself).
+    #[arg(long, env = "METRICS_ADDR", global = true)]
+    pub metrics_addr: Option<SocketAddr>,
+
+    /// Log format: text or json.
+    #[arg(long, env = "LOG_FORMAT", global = true, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// OTLP/HTTP endpoint for traces; tracing export is off when unset.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otel_exporter_otlp_endpoint: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// The JWT secret and whether it is the development default.
+    pub fn jwt_secret(&self) -> (&str, bool) {
+        match self.jwt_secret.as_deref() {
+            Some(s) if !s.is_empty() => (s, false),
+            _ => (DEV_JWT_SECRET, true),
+        }
+    }
+}
+
+// Never print secrets or credentials in URLs.
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("amqp_url", &redact_url(&self.amqp_url))
+            .field("http_addr", &self.http_addr)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<redacted>"))
+            .field("order_timeout", &self.order_timeout)
+            .field("sweep_interval", &self.sweep_interval)
+            .field("prefetch", &self.prefetch)
+            .field("worker_concurrency", &self.worker_concurrency)
+            .field("db_pool_size", &self.db_pool_size)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("log_format", &self.log_format)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Replaces the password of `scheme://user:password@host` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Parses `250ms`, `60s`, `5m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 60s, 5m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("2h").is_err());
+        assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
+            "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/db"),
+            "postgres://postgres@127.0.0.1/db"
+        );
+    }
+}

@@ -1,0 +1,77 @@
+//! Database access: pool, creation of the database if missing, migrations, and the queries
+//! shared by the API and the workers. Query functions take `&mut PgConnection` so that the
+//! caller owns the transaction.
+
+pub mod orders;
+pub mod outbox;
+
+use std::{str::FromStr, time::Duration};
+
+use anyhow::Context;
+use sqlx::{
+    ConnectOptions, Connection, Executor, PgConnection, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Parses the URL, creates the database if it does not exist, applies migrations and
+/// returns a pool of at most `max_connections`.
+pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    create_database_if_missing(url).await?;
+    let pool = pool(url, max_connections)?;
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
+/// A lazily connecting pool: the process starts even while PostgreSQL is down, and requests
+/// get 503 until it is back.
+pub fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)
+        .context("DATABASE_URL is not a valid PostgreSQL URL")?
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
+    Ok(PgPoolOptions::new()
+        .max_connections(max_connections.max(2))
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(3))
+        .idle_timeout(Duration::from_secs(300))
+        .connect_lazy_with(options))
+}
+
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await.context("applying migrations")?;
+    Ok(())
+}
+
+/// Connects to the server's `postgres` database and creates the target one if missing.
+pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
+    let options = PgConnectOptions::from_str(url).context("DATABASE_URL is not a valid PostgreSQL URL")?;
+    let name = options
+        .get_database()
+        .context("DATABASE_URL names no database")?
+        .to_owned();
+    let mut admin = PgConnection::connect_with(&options.clone().database("postgres"))
+        .await
+        .context("connecting to PostgreSQL")?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await?;
+    if !exists {
+        let stmt = format!("CREATE DATABASE {}", quote_ident(&name));
+        match admin.execute(sqlx::AssertSqlSafe(stmt)).await {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another process created it at the same moment.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e).context("creating the database"),
+        }
+    }
+    admin.close().await.ok();
+    Ok(())
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}

@@ -1,0 +1,90 @@
+//! The transactional outbox: what a transaction decides to send is written here, in that
+//! transaction, and published later by the relay.
+
+use serde::Serialize;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::{
+    Result,
+    messaging::{Envelope, MessageType},
+    telemetry::TraceParent,
+};
+
+#[derive(Debug, Clone)]
+pub struct OutboxMessage {
+    pub message_id: Uuid,
+    pub kind: MessageType,
+    pub order_id: Uuid,
+    pub trace: Option<TraceParent>,
+    pub body: serde_json::Value,
+    /// Per-message expiration (deadline messages only).
+    pub expiration_ms: Option<i64>,
+}
+
+impl OutboxMessage {
+    /// A message of `kind` about `order_id`, continuing the trace `parent` if there is one.
+    pub fn new<T: Serialize>(kind: MessageType, order_id: Uuid, data: &T, parent: Option<TraceParent>) -> Result<Self> {
+        let envelope = Envelope::new(kind, order_id, data);
+        Ok(Self {
+            message_id: envelope.id,
+            kind,
+            order_id,
+            trace: parent.map(TraceParent::child),
+            body: serde_json::to_value(&envelope).map_err(anyhow::Error::from)?,
+            expiration_ms: None,
+        })
+    }
+
+    /// A command whose handler reads everything it needs from the order row.
+    pub fn command(kind: MessageType, order_id: Uuid, parent: Option<TraceParent>) -> Result<Self> {
+        Self::new(kind, order_id, &serde_json::json!({}), parent)
+    }
+
+    pub fn with_expiration_ms(mut self, ms: i64) -> Self {
+        self.expiration_ms = Some(ms);
+        self
+    }
+}
+
+/// Writes the messages in one statement.
+pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Result<()> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(messages.len());
+    let mut exchanges = Vec::with_capacity(messages.len());
+    let mut keys = Vec::with_capacity(messages.len());
+    let mut order_ids = Vec::with_capacity(messages.len());
+    let mut headers = Vec::with_capacity(messages.len());
+    let mut bodies = Vec::with_capacity(messages.len());
+    let mut expirations = Vec::with_capacity(messages.len());
+    for m in messages {
+        ids.push(m.message_id);
+        exchanges.push(m.kind.exchange());
+        keys.push(m.kind.as_str());
+        order_ids.push(m.order_id);
+        headers.push(match m.trace {
+            Some(t) => serde_json::json!({ "traceparent": t.to_string() }),
+            None => serde_json::json!({}),
+        });
+        bodies.push(m.body.clone());
+        expirations.push(m.expiration_ms);
+    }
+    sqlx::query(
+        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, order_id, headers, body, expiration_ms)
+         SELECT m, e, k, k, o, h, b, x
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::jsonb[], $7::int8[])
+              AS t(m, e, k, o, h, b, x)",
+    )
+    .bind(&ids)
+    .bind(&exchanges)
+    .bind(&keys)
+    .bind(&order_ids)
+    .bind(&headers)
+    .bind(&bodies)
+    .bind(&expirations)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

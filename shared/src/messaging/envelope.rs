@@ -1,0 +1,150 @@
+//! The message envelope, internal and public alike:
+//! `{"id", "type", "occurredAt", "orderId", "data": {...}}` with AMQP properties
+//! `message_id` = id, `type`, `correlation_id` = order id, and a `traceparent` header.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::topology;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Envelope<T = serde_json::Value> {
+    pub id: Uuid,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(with = "millis")]
+    pub occurred_at: DateTime<Utc>,
+    pub order_id: Uuid,
+    pub data: T,
+}
+
+impl<T> Envelope<T> {
+    pub fn new(kind: MessageType, order_id: Uuid, data: T) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            kind: kind.as_str().to_owned(),
+            occurred_at: Utc::now(),
+            order_id,
+            data,
+        }
+    }
+}
+
+/// Timestamps as RFC 3339 with milliseconds and `Z`, as the public contract shows.
+pub mod millis {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&at.to_rfc3339_opts(SecondsFormat::Millis, true))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        DateTime::<Utc>::deserialize(d)
+    }
+}
+
+macro_rules! message_types {
+    ($($variant:ident = $s:literal => ($exchange:expr, $queue:expr)),+ $(,)?) => {
+        /// Every message type orderflow sends. The type is also the routing key.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum MessageType { $($variant),+ }
+
+        impl MessageType {
+            pub const ALL: &[Self] = &[$(Self::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $s),+ }
+            }
+
+            pub fn parse(s: &str) -> Option<Self> {
+                match s { $($s => Some(Self::$variant),)+ _ => None }
+            }
+
+            /// The exchange this type is published to.
+            pub fn exchange(self) -> &'static str {
+                match self { $(Self::$variant => $exchange),+ }
+            }
+
+            /// The work queue that consumes this type (public events have none of their own).
+            pub fn queue(self) -> Option<&'static str> {
+                match self { $(Self::$variant => $queue),+ }
+            }
+        }
+    };
+}
+
+message_types! {
+    StockReserve = "stock.reserve" => (topology::WORK_EXCHANGE, Some(topology::STOCK_QUEUE)),
+    StockRelease = "stock.release" => (topology::WORK_EXCHANGE, Some(topology::STOCK_QUEUE)),
+    CouponApply = "coupon.apply" => (topology::WORK_EXCHANGE, Some(topology::COUPON_QUEUE)),
+    CouponRestore = "coupon.restore" => (topology::WORK_EXCHANGE, Some(topology::COUPON_QUEUE)),
+    PaymentCharge = "payment.charge" => (topology::WORK_EXCHANGE, Some(topology::PAYMENT_QUEUE)),
+    PaymentRefund = "payment.refund" => (topology::WORK_EXCHANGE, Some(topology::PAYMENT_QUEUE)),
+    OrderConfirm = "order.confirm" => (topology::WORK_EXCHANGE, Some(topology::ORDER_QUEUE)),
+    OrderFinishCancel = "order.finish-cancel" => (topology::WORK_EXCHANGE, Some(topology::ORDER_QUEUE)),
+    OrderDeadline = "order.deadline" => (topology::DEADLINE_EXCHANGE, Some(topology::EXPIRED_QUEUE)),
+    OrderConfirmed = "order.confirmed" => (topology::EVENTS_EXCHANGE, None),
+    OrderCancelled = "order.cancelled" => (topology::EVENTS_EXCHANGE, None),
+}
+
+/// The `data` of `order.confirmed`: the data platform's contract (DESIGN.md §3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderConfirmedData {
+    pub user_id: i64,
+    pub coupon_id: Option<i64>,
+    pub items: Vec<EventItem>,
+    pub total_amount: i64,
+    pub discount_amount: i64,
+    pub paid_amount: i64,
+    #[serde(with = "millis")]
+    pub confirmed_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventItem {
+    pub product_id: i64,
+    pub quantity: i32,
+    pub unit_price: i64,
+}
+
+/// The `data` of `order.cancelled`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderCancelledData {
+    pub user_id: i64,
+    pub reason: String,
+    #[serde(with = "millis")]
+    pub cancelled_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_is_camel_case_with_millisecond_times() -> anyhow::Result<()> {
+        let mut env = Envelope::new(MessageType::StockReserve, Uuid::nil(), serde_json::json!({}));
+        env.occurred_at = DateTime::parse_from_rfc3339("2026-11-21T10:00:00.123456Z")?.with_timezone(&Utc);
+        let v = serde_json::to_value(&env)?;
+        assert_eq!(v["type"], "stock.reserve");
+        assert_eq!(v["occurredAt"], "2026-11-21T10:00:00.123Z");
+        assert_eq!(v["orderId"], "00000000-0000-0000-0000-000000000000");
+        let back: Envelope = serde_json::from_value(v)?;
+        assert_eq!(back.kind, "stock.reserve");
+        Ok(())
+    }
+
+    #[test]
+    fn types_round_trip_and_route() {
+        for t in MessageType::ALL {
+            assert_eq!(MessageType::parse(t.as_str()), Some(*t));
+        }
+        assert_eq!(MessageType::OrderConfirmed.exchange(), topology::EVENTS_EXCHANGE);
+        assert_eq!(MessageType::PaymentRefund.queue(), Some(topology::PAYMENT_QUEUE));
+    }
+}

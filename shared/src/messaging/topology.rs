@@ -1,0 +1,135 @@
+//! The broker topology, declared idempotently by every process at start. Arguments never
+//! depend on configuration (ORDER_TIMEOUT is a per-message expiration), so a redeploy never
+//! has to delete a queue.
+//!
+//! | exchange | kind | routing keys | queue |
+//! |---|---|---|---|
+//! | `orderflow.work` | direct | `stock.*`, `coupon.*`, `payment.*`, `order.confirm`, `order.finish-cancel` | one quorum queue per worker |
+//! | `orderflow.events` | topic | `order.confirmed`, `order.cancelled` | `data-platform.orders` (confirmed), `orderflow.sales` (confirmed) |
+//! | `orderflow.deadline` | direct | `order.deadline` | `orderflow.deadline` (no consumer; expires into `orderflow.expired`) |
+//! | `orderflow.expired` | fanout | | `orderflow.recovery.expired` |
+//! | `orderflow.dlx` | fanout | | `orderflow.dead-letters` |
+
+use lapin::{
+    Channel, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+
+pub const WORK_EXCHANGE: &str = "orderflow.work";
+pub const EVENTS_EXCHANGE: &str = "orderflow.events";
+pub const DEADLINE_EXCHANGE: &str = "orderflow.deadline";
+pub const EXPIRED_EXCHANGE: &str = "orderflow.expired";
+pub const DEAD_LETTER_EXCHANGE: &str = "orderflow.dlx";
+
+pub const STOCK_QUEUE: &str = "orderflow.stock";
+pub const COUPON_QUEUE: &str = "orderflow.coupon";
+pub const PAYMENT_QUEUE: &str = "orderflow.payment";
+pub const ORDER_QUEUE: &str = "orderflow.order";
+pub const SALES_QUEUE: &str = "orderflow.sales";
+pub const DEADLINE_QUEUE: &str = "orderflow.deadline";
+pub const EXPIRED_QUEUE: &str = "orderflow.recovery.expired";
+pub const DEAD_LETTER_QUEUE: &str = "orderflow.dead-letters";
+/// The data platform's queue: every `order.confirmed`, at least once.
+pub const DATA_PLATFORM_QUEUE: &str = "data-platform.orders";
+
+/// Attempts (deliveries) before a work message is dead-lettered.
+pub const DELIVERY_LIMIT: i64 = 10;
+/// Upper bound on a work queue's length; needed by at-least-once dead lettering, which keeps
+/// unconfirmed dead letters in the source queue.
+pub const MAX_QUEUE_LENGTH: i64 = 1_000_000;
+
+/// A queue the topology declares, with what it is bound to.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueSpec {
+    pub name: &'static str,
+    pub exchange: &'static str,
+    pub routing_keys: &'static [&'static str],
+    pub kind: QueueKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    /// Quorum queue with a delivery limit, dead-lettering at least once into the DLQ.
+    Work,
+    /// Quorum queue, no delivery limit, nowhere to dead-letter (the DLQ, the public queue).
+    Terminal,
+    /// Holds deadline messages until they expire into the recovery worker's queue.
+    Deadline,
+}
+
+pub const QUEUES: &[QueueSpec] = &[
+    QueueSpec { name: STOCK_QUEUE, exchange: WORK_EXCHANGE, routing_keys: &["stock.reserve", "stock.release"], kind: QueueKind::Work },
+    QueueSpec { name: COUPON_QUEUE, exchange: WORK_EXCHANGE, routing_keys: &["coupon.apply", "coupon.restore"], kind: QueueKind::Work },
+    QueueSpec { name: PAYMENT_QUEUE, exchange: WORK_EXCHANGE, routing_keys: &["payment.charge", "payment.refund"], kind: QueueKind::Work },
+    QueueSpec { name: ORDER_QUEUE, exchange: WORK_EXCHANGE, routing_keys: &["order.confirm", "order.finish-cancel"], kind: QueueKind::Work },
+    QueueSpec { name: SALES_QUEUE, exchange: EVENTS_EXCHANGE, routing_keys: &["order.confirmed"], kind: QueueKind::Work },
+    QueueSpec { name: EXPIRED_QUEUE, exchange: EXPIRED_EXCHANGE, routing_keys: &[""], kind: QueueKind::Work },
+    QueueSpec { name: DEADLINE_QUEUE, exchange: DEADLINE_EXCHANGE, routing_keys: &["order.deadline"], kind: QueueKind::Deadline },
+    QueueSpec { name: DEAD_LETTER_QUEUE, exchange: DEAD_LETTER_EXCHANGE, routing_keys: &[""], kind: QueueKind::Terminal },
+    QueueSpec { name: DATA_PLATFORM_QUEUE, exchange: EVENTS_EXCHANGE, routing_keys: &["order.confirmed"], kind: QueueKind::Terminal },
+];
+
+pub const EXCHANGES: &[(&str, ExchangeKind)] = &[
+    (WORK_EXCHANGE, ExchangeKind::Direct),
+    (EVENTS_EXCHANGE, ExchangeKind::Topic),
+    (DEADLINE_EXCHANGE, ExchangeKind::Direct),
+    (EXPIRED_EXCHANGE, ExchangeKind::Fanout),
+    (DEAD_LETTER_EXCHANGE, ExchangeKind::Fanout),
+];
+
+impl QueueSpec {
+    pub fn arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        let mut set = |k: &str, v: AMQPValue| {
+            args.insert(ShortString::from(k), v);
+        };
+        set("x-queue-type", AMQPValue::LongString("quorum".into()));
+        match self.kind {
+            QueueKind::Work => {
+                set("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT));
+                set("x-dead-letter-exchange", AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()));
+                set("x-dead-letter-strategy", AMQPValue::LongString("at-least-once".into()));
+                set("x-overflow", AMQPValue::LongString("reject-publish".into()));
+                set("x-max-length", AMQPValue::LongLongInt(MAX_QUEUE_LENGTH));
+            }
+            QueueKind::Deadline => {
+                set("x-dead-letter-exchange", AMQPValue::LongString(EXPIRED_EXCHANGE.into()));
+                set("x-dead-letter-strategy", AMQPValue::LongString("at-least-once".into()));
+                set("x-overflow", AMQPValue::LongString("reject-publish".into()));
+                set("x-max-length", AMQPValue::LongLongInt(MAX_QUEUE_LENGTH));
+            }
+            QueueKind::Terminal => {}
+        }
+        args
+    }
+}
+
+/// Declares every exchange, queue and binding. Idempotent: safe in every process at start.
+pub async fn declare(channel: &Channel) -> lapin::Result<()> {
+    for (name, kind) in EXCHANGES {
+        channel
+            .exchange_declare(
+                (*name).into(),
+                kind.clone(),
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    for q in QUEUES {
+        channel
+            .queue_declare(
+                q.name.into(),
+                QueueDeclareOptions { durable: true, ..Default::default() },
+                q.arguments(),
+            )
+            .await?;
+        for key in q.routing_keys {
+            channel
+                .queue_bind(q.name.into(), q.exchange.into(), (*key).into(), QueueBindOptions::default(), FieldTable::default())
+                .await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! The workers: the outbox relay and one consumer per pipeline step, all on one runtime.
+
+pub mod broker;
+pub mod relay;
+pub mod runtime;
+pub mod steps;
+
+use std::time::Duration;
+
+use orderflow_shared::config::Config;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    runtime::{RuntimeConfig, Step},
+    steps::{coupon::Coupon, order::Order, payment::Payment, sales::Sales, stock::Stock},
+};
+
+/// Every worker process kind (`orderflow worker <name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerKind {
+    /// Publishes the outbox to RabbitMQ.
+    Relay,
+    /// Reserves and releases stock.
+    Stock,
+    /// Applies and restores coupons.
+    Coupon,
+    /// Charges and refunds balances.
+    Payment,
+    /// Confirms orders and finishes cancellations.
+    Order,
+    /// Projects confirmed orders into popular-product buckets.
+    Sales,
+}
+
+impl WorkerKind {
+    pub const ALL: &[Self] = &[Self::Relay, Self::Stock, Self::Coupon, Self::Payment, Self::Order, Self::Sales];
+}
+
+/// Runs one worker until `shutdown`.
+pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let cfg = RuntimeConfig {
+        amqp_url: config.amqp_url.clone(),
+        prefetch: config.prefetch,
+        concurrency: config.worker_concurrency,
+        drain_timeout: Duration::from_secs(10),
+    };
+    match kind {
+        WorkerKind::Relay => relay::run(pool, cfg.amqp_url, shutdown).await,
+        WorkerKind::Stock => consume(Stock, pool, cfg, shutdown).await,
+        WorkerKind::Coupon => consume(Coupon, pool, cfg, shutdown).await,
+        WorkerKind::Payment => consume(Payment, pool, cfg, shutdown).await,
+        WorkerKind::Order => consume(Order, pool, cfg, shutdown).await,
+        WorkerKind::Sales => consume(Sales, pool, cfg, shutdown).await,
+    }
+}
+
+async fn consume<S: Step>(step: S, pool: PgPool, cfg: RuntimeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    runtime::run(step, pool, cfg, shutdown).await
+}
+
+/// Spawns every worker in `kinds` onto `set`.
+pub fn spawn(set: &mut JoinSet<anyhow::Result<()>>, kinds: &[WorkerKind], pool: &PgPool, config: &Config, shutdown: &CancellationToken) {
+    for &kind in kinds {
+        let (pool, config, shutdown) = (pool.clone(), config.clone(), shutdown.clone());
+        set.spawn(async move { run(kind, pool, &config, shutdown).await });
+    }
+}

@@ -1,0 +1,262 @@
+//! The one consumer runtime. A worker is only its [`Step`]; everything else lives here:
+//! connect and reconnect, declare, prefetch, bounded concurrency, decode, inbox, guarded
+//! transaction, retry of transient errors with backoff, ack after commit, reject poison,
+//! a tracing span per delivery, panic containment and graceful shutdown.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use backon::{ExponentialBuilder, Retryable};
+use futures_util::StreamExt;
+use lapin::{
+    message::Delivery,
+    options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions},
+    types::{AMQPValue, FieldTable},
+};
+use orderflow_shared::{
+    Error, Result,
+    messaging::{Envelope, MessageType},
+    telemetry::TraceParent,
+};
+use sqlx::{PgConnection, PgPool};
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::broker;
+
+/// What a step decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The effect and the next messages are written; commit.
+    Done,
+    /// The order is not in the state this message expects (late or duplicate): change
+    /// nothing, ack.
+    Stale,
+}
+
+/// A decoded delivery.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub kind: MessageType,
+    pub envelope: Envelope,
+    pub trace: Option<TraceParent>,
+}
+
+/// One worker's step: given the transaction (already holding the inbox record) and the
+/// message, apply the effect and enqueue what comes next.
+pub trait Step: Send + Sync + 'static {
+    /// Inbox consumer name and log name.
+    const NAME: &'static str;
+    /// The queue it consumes.
+    const QUEUE: &'static str;
+
+    /// Whether this step handles messages of `kind` (others are rejected as poison).
+    fn accepts(&self, kind: MessageType) -> bool;
+
+    fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> impl Future<Output = Result<Outcome>> + Send;
+}
+
+/// What happened to one delivery; used for logs and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    Acked,
+    Duplicate,
+    Rejected,
+    Requeued,
+}
+
+#[derive(Clone)]
+pub struct RuntimeConfig {
+    pub amqp_url: String,
+    pub prefetch: u16,
+    pub concurrency: usize,
+    /// How long shutdown waits for in-flight deliveries.
+    pub drain_timeout: Duration,
+}
+
+/// Consumes `S::QUEUE` until `shutdown`, reconnecting after any broker failure.
+pub async fn run<S: Step>(step: S, pool: PgPool, cfg: RuntimeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let step = Arc::new(step);
+    let mut backoff = broker::reconnect_backoff();
+    while !shutdown.is_cancelled() {
+        match consume(step.clone(), &pool, &cfg, &shutdown).await {
+            Ok(()) => break,
+            Err(err) => {
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(worker = S::NAME, error = %err, ?delay, "consumer lost its broker connection; reconnecting");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    tracing::info!(worker = S::NAME, "consumer stopped");
+    Ok(())
+}
+
+/// One connection's life: returns Ok on shutdown, Err when the connection or channel fails.
+async fn consume<S: Step>(step: Arc<S>, pool: &PgPool, cfg: &RuntimeConfig, shutdown: &CancellationToken) -> lapin::Result<()> {
+    let (conn, channel) = broker::connect(&cfg.amqp_url, S::NAME).await?;
+    channel.basic_qos(cfg.prefetch, BasicQosOptions::default()).await?;
+    let mut consumer = channel
+        .basic_consume(S::QUEUE.into(), format!("{}-{}", S::NAME, uuid::Uuid::new_v4()).into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    tracing::info!(worker = S::NAME, queue = S::QUEUE, "consuming");
+
+    let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+    let mut in_flight = JoinSet::new();
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Ok(()),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let Ok(permit) = permits.clone().acquire_owned().await else { break Ok(()) };
+                    let (step, pool) = (step.clone(), pool.clone());
+                    in_flight.spawn(async move {
+                        process(&*step, &pool, delivery).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(err)) => break Err(err),
+                None => break Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer stream ended"))),
+            },
+            Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Err(err) = joined {
+                    tracing::error!(worker = S::NAME, error = %err, "delivery task panicked; the delivery will be redelivered");
+                }
+            }
+        }
+    };
+
+    // Stop taking deliveries, then let the in-flight ones finish and ack.
+    let tag = consumer.tag();
+    let _ = channel.basic_cancel(tag, Default::default()).await;
+    let drained = tokio::time::timeout(cfg.drain_timeout, async { while in_flight.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(worker = S::NAME, "in-flight deliveries did not finish in time; the broker will redeliver them");
+        in_flight.abort_all();
+    }
+    let _ = channel.close(200, "bye".into()).await;
+    let _ = conn.close(200, "bye".into()).await;
+    result
+}
+
+/// Handles one delivery end to end and settles it with the broker.
+async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
+    let incoming = match decode(&delivery) {
+        Ok(incoming) if step.accepts(incoming.kind) => incoming,
+        Ok(incoming) => {
+            tracing::warn!(worker = S::NAME, kind = incoming.kind.as_str(), "message type not handled here; dead-lettering");
+            settle(&delivery, Disposition::Rejected).await;
+            return;
+        }
+        Err(why) => {
+            tracing::warn!(worker = S::NAME, %why, "undecodable message; dead-lettering");
+            settle(&delivery, Disposition::Rejected).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!(
+        "delivery",
+        worker = S::NAME,
+        kind = incoming.kind.as_str(),
+        order_id = %incoming.envelope.order_id,
+        message_id = %incoming.envelope.id,
+        trace_id = incoming.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+        attempt = delivery_count(&delivery) + 1,
+    );
+    let disposition = async {
+        let attempt = || handle_once(step, pool, &incoming);
+        let result = attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(50))
+                    .with_max_delay(Duration::from_secs(2))
+                    .with_max_times(5)
+                    .with_jitter(),
+            )
+            .when(Error::is_transient)
+            .notify(|err, delay| tracing::warn!(error = %err, ?delay, "transient failure; retrying"))
+            .await;
+        match result {
+            Ok(d) => {
+                tracing::debug!(disposition = ?d, "processed");
+                d
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "step failed; returning the delivery to the queue");
+                Disposition::Requeued
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+    settle(&delivery, disposition).await;
+}
+
+/// One attempt: a transaction with the inbox record, the step, and commit.
+async fn handle_once<S: Step>(step: &S, pool: &PgPool, msg: &Incoming) -> Result<Disposition> {
+    let mut tx = pool.begin().await?;
+    let fresh = sqlx::query("INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+        .bind(S::NAME)
+        .bind(msg.envelope.id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        == 1;
+    if !fresh {
+        return Ok(Disposition::Duplicate);
+    }
+    match step.handle(&mut tx, msg).await? {
+        Outcome::Done => {
+            tx.commit().await?;
+            Ok(Disposition::Acked)
+        }
+        Outcome::Stale => Ok(Disposition::Duplicate),
+    }
+}
+
+async fn settle(delivery: &Delivery, disposition: Disposition) {
+    let result = match disposition {
+        Disposition::Acked | Disposition::Duplicate => delivery.acker.ack(BasicAckOptions::default()).await,
+        Disposition::Rejected => delivery.acker.reject(BasicRejectOptions { requeue: false }).await,
+        Disposition::Requeued => delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await,
+    };
+    if let Err(err) = result {
+        // The channel is gone; the broker redelivers, and the inbox makes that harmless.
+        tracing::warn!(error = %err, "could not settle a delivery; it will be redelivered");
+    }
+}
+
+fn decode(delivery: &Delivery) -> Result<Incoming, String> {
+    let envelope: Envelope = serde_json::from_slice(&delivery.data).map_err(|e| format!("invalid envelope: {e}"))?;
+    let kind = MessageType::parse(&envelope.kind).ok_or_else(|| format!("unknown message type {:?}", envelope.kind))?;
+    let trace = header_str(delivery, "traceparent").and_then(TraceParent::parse);
+    Ok(Incoming { kind, envelope, trace })
+}
+
+fn header_str<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a str> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),
+        AMQPValue::ShortString(s) => Some(s.as_str()),
+        _ => None,
+    }
+}
+
+/// How many times the broker delivered this message before (quorum queues count it).
+pub fn delivery_count(delivery: &Delivery) -> i64 {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| match h.inner().get("x-delivery-count") {
+            Some(AMQPValue::LongLongInt(n)) => Some(*n),
+            Some(AMQPValue::LongInt(n)) => Some(i64::from(*n)),
+            Some(AMQPValue::LongUInt(n)) => Some(i64::from(*n)),
+            _ => None,
+        })
+        .unwrap_or(0)
+}

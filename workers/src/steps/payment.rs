@@ -1,0 +1,111 @@
+//! Payment: debit the balance with a PAYMENT ledger row (INSUFFICIENT_BALANCE when it cannot
+//! cover the amount), and refund with a REFUND row when a cancelled order gives it back.
+//! The debit is one guarded statement (`balance >= amount`); there is no read-then-write.
+
+use orderflow_shared::{
+    Result,
+    db::orders,
+    domain::{CancelReason, OrderStatus},
+    messaging::{MessageType, topology},
+};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::send_next;
+use crate::runtime::{Incoming, Outcome, Step};
+
+pub struct Payment;
+
+impl Step for Payment {
+    const NAME: &'static str = "payment";
+    const QUEUE: &'static str = topology::PAYMENT_QUEUE;
+
+    fn accepts(&self, kind: MessageType) -> bool {
+        matches!(kind, MessageType::PaymentCharge | MessageType::PaymentRefund)
+    }
+
+    async fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
+        match msg.kind {
+            MessageType::PaymentCharge => charge(tx, msg).await,
+            _ => refund(tx, msg).await,
+        }
+    }
+}
+
+async fn charge(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
+    let expected = [OrderStatus::StockReserved, OrderStatus::CouponApplied];
+    let order = orders::lock(tx, msg.envelope.order_id, &expected).await?;
+    // Without a coupon the order comes straight from STOCK_RESERVED; with one, only after it
+    // was applied.
+    let ready = |o: &orders::OrderRow| match o.coupon_id {
+        Some(_) => o.status == OrderStatus::CouponApplied,
+        None => o.status == OrderStatus::StockReserved,
+    };
+    let Some(mut order) = order.filter(ready) else {
+        return Ok(Outcome::Stale);
+    };
+    let amount = order.total_amount - order.discount_amount;
+    let balance: Option<i64> = sqlx::query_scalar(
+        "UPDATE balances SET balance = balance - $2, updated_at = now()
+         WHERE user_id = $1 AND balance >= $2 RETURNING balance",
+    )
+    .bind(order.user_id)
+    .bind(amount)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let balance = match (balance, amount) {
+        (Some(b), _) => b,
+        (None, 0) => 0, // fully discounted: nothing to take from a user with no balance row
+        (None, _) => {
+            orders::cancel_locked(tx, &order, CancelReason::InsufficientBalance).await?;
+            return Ok(Outcome::Done);
+        }
+    };
+    ledger(tx, order.user_id, "PAYMENT", amount, balance, order.id).await?;
+    sqlx::query("UPDATE orders SET paid_amount = $2 WHERE id = $1")
+        .bind(order.id)
+        .bind(amount)
+        .execute(&mut *tx)
+        .await?;
+    order.paid_amount = amount;
+    orders::set_status(tx, &order, OrderStatus::Paid, None).await?;
+    send_next(tx, msg, MessageType::OrderConfirm).await?;
+    Ok(Outcome::Done)
+}
+
+async fn refund(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
+    let order = orders::lock(tx, msg.envelope.order_id, &[OrderStatus::Cancelling]).await?;
+    let Some(mut order) = order.filter(|o| o.paid_amount > 0) else {
+        return Ok(Outcome::Stale);
+    };
+    // A refund is never refused, even above the charge cap.
+    let balance: i64 = sqlx::query_scalar(
+        "INSERT INTO balances (user_id, balance) VALUES ($1, $2)
+         ON CONFLICT (user_id) DO UPDATE SET balance = balances.balance + EXCLUDED.balance, updated_at = now()
+         RETURNING balance",
+    )
+    .bind(order.user_id)
+    .bind(order.paid_amount)
+    .fetch_one(&mut *tx)
+    .await?;
+    ledger(tx, order.user_id, "REFUND", order.paid_amount, balance, order.id).await?;
+    sqlx::query("UPDATE orders SET paid_amount = 0, updated_at = now() WHERE id = $1")
+        .bind(order.id)
+        .execute(&mut *tx)
+        .await?;
+    order.paid_amount = 0;
+    orders::continue_compensation(tx, &order).await?;
+    Ok(Outcome::Done)
+}
+
+async fn ledger(tx: &mut PgConnection, user_id: i64, kind: &str, amount: i64, balance_after: i64, order_id: Uuid) -> Result<()> {
+    sqlx::query("INSERT INTO balance_ledger (user_id, kind, amount, balance_after, order_id) VALUES ($1, $2, $3, $4, $5)")
+        .bind(user_id)
+        .bind(kind)
+        .bind(amount)
+        .bind(balance_after)
+        .bind(order_id)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
