@@ -29,6 +29,10 @@ use crate::{AppState, routes};
         routes::coupons::create,
         routes::coupons::issue,
         routes::coupons::mine,
+        routes::orders::place,
+        routes::orders::show,
+        routes::orders::list,
+        routes::orders::popular,
     ),
     components(schemas(crate::problem::Problem)),
     modifiers(&BearerAuth),
@@ -36,6 +40,7 @@ use crate::{AppState, routes};
         (name = "balance", description = "Balance and its ledger"),
         (name = "products", description = "Product catalogue"),
         (name = "coupons", description = "First-come-first-served coupons"),
+        (name = "orders", description = "Orders and their progress through the pipeline"),
         (name = "admin", description = "Admin-only routes (token with role admin)"),
         (name = "health", description = "Liveness and readiness"),
     )

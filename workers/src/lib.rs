@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     runtime::{RuntimeConfig, Step},
-    steps::{coupon::Coupon, order::Order, payment::Payment, sales::Sales, stock::Stock},
+    steps::{coupon::Coupon, order::Order, payment::Payment, recovery::Expiry, sales::Sales, stock::Stock},
 };
 
 /// Every worker process kind (`orderflow worker <name>`).
@@ -32,10 +32,12 @@ pub enum WorkerKind {
     Order,
     /// Projects confirmed orders into popular-product buckets.
     Sales,
+    /// Cancels orders that passed their deadline.
+    Recovery,
 }
 
 impl WorkerKind {
-    pub const ALL: &[Self] = &[Self::Relay, Self::Stock, Self::Coupon, Self::Payment, Self::Order, Self::Sales];
+    pub const ALL: &[Self] = &[Self::Relay, Self::Stock, Self::Coupon, Self::Payment, Self::Order, Self::Sales, Self::Recovery];
 }
 
 /// Runs one worker until `shutdown`.
@@ -53,6 +55,7 @@ pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: Canc
         WorkerKind::Payment => consume(Payment, pool, cfg, shutdown).await,
         WorkerKind::Order => consume(Order, pool, cfg, shutdown).await,
         WorkerKind::Sales => consume(Sales, pool, cfg, shutdown).await,
+        WorkerKind::Recovery => consume(Expiry, pool, cfg, shutdown).await,
     }
 }
 

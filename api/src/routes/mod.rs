@@ -3,6 +3,7 @@
 pub mod balance;
 pub mod coupons;
 pub mod health;
+pub mod orders;
 pub mod products;
 
 use axum::Router;
@@ -15,4 +16,5 @@ pub fn router() -> Router<AppState> {
         .merge(balance::router())
         .merge(products::router())
         .merge(coupons::router())
+        .merge(orders::router())
 }

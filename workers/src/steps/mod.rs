@@ -5,6 +5,7 @@
 pub mod coupon;
 pub mod order;
 pub mod payment;
+pub mod recovery;
 pub mod sales;
 pub mod stock;
 

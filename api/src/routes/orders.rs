@@ -1,0 +1,348 @@
+//! Orders: accept at once as PENDING (one transaction: order, items, first history row and
+//! the outbox rows that start the pipeline and its deadline), then read their progress.
+//! Also the popular-products view fed by the sales projection.
+
+use std::collections::HashSet;
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use chrono::{DateTime, Utc};
+use orderflow_shared::{
+    Error,
+    db::{
+        orders,
+        outbox::{self, OutboxMessage},
+    },
+    domain::{MAX_LINE_QUANTITY, MAX_ORDER_LINES, OrderStatus},
+    messaging::MessageType,
+    telemetry::TraceParent,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    AppState,
+    extract::{IdempotencyKey, Json, Path, Query, User},
+    idempotency::Claim,
+    page::{Page, PageParams},
+    problem::{ApiResult, Problem},
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/orders", get(list).post(place))
+        .route("/api/orders/{id}", get(show))
+        .route("/api/products/popular", get(popular))
+}
+
+const PROBLEM: &str = "application/problem+json";
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NewOrder {
+    /// 1..=50 lines, each product at most once.
+    pub items: Vec<NewItem>,
+    /// A coupon the caller holds (checked by the coupon worker).
+    pub coupon_id: Option<i64>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NewItem {
+    pub product_id: i64,
+    /// 1..=1,000.
+    pub quantity: i32,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Accepted {
+    pub order_id: Uuid,
+    #[schema(value_type = OrderStatus)]
+    pub status: OrderStatus,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderView {
+    pub order_id: Uuid,
+    #[schema(value_type = OrderStatus)]
+    pub status: OrderStatus,
+    /// Why it was cancelled (OUT_OF_STOCK, COUPON_INVALID, INSUFFICIENT_BALANCE, TIMEOUT,
+    /// PROCESSING_FAILED, ADMIN_CANCELLED).
+    pub reason: Option<String>,
+    pub items: Vec<ItemView>,
+    pub total_amount: i64,
+    pub discount_amount: i64,
+    /// What the order currently holds of the caller's money (0 once refunded).
+    pub paid_amount: i64,
+    pub coupon_id: Option<i64>,
+    pub history: Vec<HistoryView>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ItemView {
+    pub product_id: i64,
+    pub quantity: i32,
+    /// The price when the order was accepted.
+    pub unit_price: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct HistoryView {
+    pub status: String,
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderSummary {
+    pub order_id: Uuid,
+    #[schema(value_type = OrderStatus)]
+    pub status: OrderStatus,
+    pub reason: Option<String>,
+    pub total_amount: i64,
+    pub discount_amount: i64,
+    pub paid_amount: i64,
+    pub coupon_id: Option<i64>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct PopularProduct {
+    pub product_id: i64,
+    pub name: String,
+    pub price: i64,
+    /// Units in CONFIRMED orders over the last 72 hours.
+    pub quantity: i64,
+}
+
+/// Place an order. It is accepted at once as PENDING and carried through stock, coupon and
+/// payment asynchronously; poll `Location` for its status.
+#[utoipa::path(post, path = "/api/orders", tag = "orders", security(("bearer" = [])),
+    params(("Idempotency-Key" = String, Header, description = "required; a retry with the same key and body replays the first response")),
+    request_body = NewOrder,
+    responses(
+        (status = 202, body = Accepted, headers(("Location" = String, description = "/api/orders/{id}"))),
+        (status = 400, description = "IDEMPOTENCY_KEY_REQUIRED, INVALID_ORDER or malformed input", body = Problem, content_type = PROBLEM),
+        (status = 401, body = Problem, content_type = PROBLEM),
+        (status = 404, description = "PRODUCT_NOT_FOUND", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED", body = Problem, content_type = PROBLEM),
+    ))]
+pub async fn place(
+    State(state): State<AppState>,
+    user: User,
+    key: IdempotencyKey,
+    Json(req): Json<NewOrder>,
+) -> ApiResult<Response> {
+    let key = key.required()?;
+    validate(&req)?;
+    let claim = Claim {
+        user_id: user.id(),
+        scope: "orders.place",
+        key,
+        request: serde_json::to_value(&req).map_err(anyhow::Error::from)?,
+    };
+    let mut tx = state.pool.begin().await?;
+    if let Some(stored) = claim.begin(&mut tx).await? {
+        return Ok(stored.into_response());
+    }
+
+    let ids: Vec<i64> = req.items.iter().map(|i| i.product_id).collect();
+    let prices: Vec<(i64, i64)> = sqlx::query_as("SELECT id, price FROM products WHERE id = ANY($1)")
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+    let mut unit_prices = Vec::with_capacity(req.items.len());
+    let mut total: i64 = 0;
+    for item in &req.items {
+        let price = prices
+            .iter()
+            .find(|(id, _)| *id == item.product_id)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| Error::not_found("PRODUCT_NOT_FOUND", format!("product {} does not exist", item.product_id)))?;
+        unit_prices.push(price);
+        total = price
+            .checked_mul(i64::from(item.quantity))
+            .and_then(|line| total.checked_add(line))
+            .ok_or_else(|| Error::bad_request("ORDER_TOO_LARGE", "the order total is too large"))?;
+    }
+
+    let order_id = Uuid::now_v7();
+    let trace = TraceParent::new_root();
+    let timeout_ms = i64::try_from(state.config.order_timeout.as_millis()).unwrap_or(i64::MAX);
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, status, coupon_id, total_amount, trace_parent, deadline_at)
+         VALUES ($1, $2, 'PENDING', $3, $4, $5, now() + $6 * interval '1 millisecond')",
+    )
+    .bind(order_id)
+    .bind(user.id())
+    .bind(req.coupon_id)
+    .bind(total)
+    .bind(trace.to_string())
+    .bind(timeout_ms as f64)
+    .execute(&mut *tx)
+    .await?;
+    let quantities: Vec<i32> = req.items.iter().map(|i| i.quantity).collect();
+    sqlx::query(
+        "INSERT INTO order_items (order_id, product_id, quantity, unit_price)
+         SELECT $1, pid, qty, price FROM UNNEST($2::bigint[], $3::int[], $4::bigint[]) AS t(pid, qty, price)",
+    )
+    .bind(order_id)
+    .bind(&ids)
+    .bind(&quantities)
+    .bind(&unit_prices)
+    .execute(&mut *tx)
+    .await?;
+    orders::record_history(&mut tx, order_id, None, OrderStatus::Pending, None).await?;
+    let start = OutboxMessage::command(MessageType::StockReserve, order_id, Some(trace))?;
+    let deadline = OutboxMessage::command(MessageType::OrderDeadline, order_id, Some(trace))?.with_expiration_ms(timeout_ms);
+    outbox::enqueue(&mut tx, &[start, deadline]).await?;
+
+    let location = format!("/api/orders/{order_id}");
+    let body = Accepted { order_id, status: OrderStatus::Pending };
+    let json = serde_json::to_value(&body).map_err(anyhow::Error::from)?;
+    claim
+        .finish(&mut tx, StatusCode::ACCEPTED, &json, serde_json::json!({ "location": location }))
+        .await?;
+    tx.commit().await?;
+
+    let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(res)
+}
+
+fn validate(req: &NewOrder) -> Result<(), Error> {
+    let invalid = |detail: String| Err(Error::bad_request("INVALID_ORDER", detail));
+    if req.items.is_empty() || req.items.len() > MAX_ORDER_LINES {
+        return invalid(format!("an order has 1 to {MAX_ORDER_LINES} lines"));
+    }
+    let mut seen = HashSet::new();
+    for item in &req.items {
+        if item.product_id <= 0 {
+            return invalid(format!("productId {} is not a valid id", item.product_id));
+        }
+        if !(1..=MAX_LINE_QUANTITY).contains(&item.quantity) {
+            return invalid(format!("quantity must be 1 to {MAX_LINE_QUANTITY}"));
+        }
+        if !seen.insert(item.product_id) {
+            return invalid(format!("product {} appears on more than one line", item.product_id));
+        }
+    }
+    if req.coupon_id.is_some_and(|c| c <= 0) {
+        return invalid("couponId is not a valid id".to_owned());
+    }
+    Ok(())
+}
+
+/// One of the caller's orders, with its items and status history (another user's order is 404).
+#[utoipa::path(get, path = "/api/orders/{id}", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), responses(
+    (status = 200, body = OrderView),
+    (status = 400, body = Problem, content_type = PROBLEM),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
+))]
+pub async fn show(State(state): State<AppState>, user: User, Path(id): Path<Uuid>) -> ApiResult<Json<OrderView>> {
+    let mut conn = state.pool.acquire().await?;
+    let order: Option<orders::OrderRow> = sqlx::query_as("SELECT * FROM orders WHERE id = $1 AND user_id = $2")
+        .bind(id)
+        .bind(user.id())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let order = order.ok_or_else(|| Error::not_found("ORDER_NOT_FOUND", format!("order {id} does not exist")))?;
+    let items = orders::items(&mut conn, id).await?;
+    let history: Vec<HistoryView> = sqlx::query_as(
+        "SELECT to_status AS status, reason, at FROM order_status_history WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Json(OrderView {
+        order_id: order.id,
+        status: order.status,
+        reason: order.reason,
+        items: items
+            .into_iter()
+            .map(|i| ItemView { product_id: i.product_id, quantity: i.quantity, unit_price: i.unit_price })
+            .collect(),
+        total_amount: order.total_amount,
+        discount_amount: order.discount_amount,
+        paid_amount: order.paid_amount,
+        coupon_id: order.coupon_id,
+        history,
+        created_at: order.created_at,
+        updated_at: order.updated_at,
+    }))
+}
+
+/// The caller's orders, newest first.
+#[utoipa::path(get, path = "/api/orders", tag = "orders", security(("bearer" = [])), params(PageParams), responses(
+    (status = 200, body = Page<OrderSummary>),
+    (status = 400, body = Problem, content_type = PROBLEM),
+    (status = 401, body = Problem, content_type = PROBLEM),
+))]
+pub async fn list(State(state): State<AppState>, user: User, Query(params): Query<PageParams>) -> ApiResult<Json<Page<OrderSummary>>> {
+    let (limit, offset) = params.limit_offset()?;
+    let rows: Vec<orders::OrderRow> =
+        sqlx::query_as("SELECT * FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3")
+            .bind(user.id())
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(&state.pool)
+            .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE user_id = $1")
+        .bind(user.id())
+        .fetch_one(&state.pool)
+        .await?;
+    let items = rows
+        .into_iter()
+        .map(|o| OrderSummary {
+            order_id: o.id,
+            status: o.status,
+            reason: o.reason,
+            total_amount: o.total_amount,
+            discount_amount: o.discount_amount,
+            paid_amount: o.paid_amount,
+            coupon_id: o.coupon_id,
+            created_at: o.created_at,
+            updated_at: o.updated_at,
+        })
+        .collect();
+    Ok(Json(Page::new(items, params, total)))
+}
+
+/// The top 5 products by units in CONFIRMED orders over the last 72 hours. Sales are kept in
+/// hourly buckets, so the window's start is rounded down to the hour.
+#[utoipa::path(get, path = "/api/products/popular", tag = "products", responses(
+    (status = 200, body = Vec<PopularProduct>),
+))]
+pub async fn popular(State(state): State<AppState>) -> ApiResult<Json<Vec<PopularProduct>>> {
+    let top: Vec<PopularProduct> = sqlx::query_as(
+        "SELECT p.id AS product_id, p.name, p.price, s.quantity::bigint AS quantity
+         FROM (SELECT product_id, sum(quantity) AS quantity FROM product_sales_hourly
+               WHERE bucket >= date_trunc('hour', now() - interval '72 hours')
+               GROUP BY product_id) s
+         JOIN products p ON p.id = s.product_id
+         ORDER BY s.quantity DESC, p.id
+         LIMIT 5",
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(top))
+}

@@ -1,0 +1,424 @@
+//! The integration-test harness. Each test gets the real system, isolated:
+//! - its own PostgreSQL database, copied from a template migrated once per migration set;
+//! - its own RabbitMQ vhost (created through the management API), so queues never mix;
+//! - the API on port 0 and the workers it asks for, in-process, on those two.
+//! `stop()` shuts everything down gracefully and drops the database and the vhost.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::{
+    collections::hash_map::DefaultHasher,
+    hash::{Hash, Hasher},
+    path::Path,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use orderflow_shared::{auth::Keys, config::{Config, LogFormat}, db::quote_ident};
+use orderflow_workers::WorkerKind;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const PG_BASE: &str = "postgres://postgres@127.0.0.1:5432";
+pub const RABBIT_MGMT: &str = "http://127.0.0.1:15672";
+pub const JWT_SECRET: &str = "test-secret";
+
+pub struct Options {
+    pub workers: Vec<WorkerKind>,
+    /// How many instances of each worker to run.
+    pub instances: usize,
+    pub order_timeout: Duration,
+    pub api: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            workers: WorkerKind::ALL.to_vec(),
+            instances: 1,
+            order_timeout: Duration::from_secs(60),
+            api: true,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub pool: PgPool,
+    pub config: Config,
+    pub db_name: String,
+    pub vhost: String,
+    pub http: reqwest::Client,
+    pub keys: Keys,
+    shutdown: CancellationToken,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(Options::default()).await
+    }
+
+    /// The API only, no workers (for the synchronous routes).
+    pub async fn api_only() -> Self {
+        Self::spawn_with(Options { workers: vec![], ..Options::default() }).await
+    }
+
+    pub async fn spawn_with(opts: Options) -> Self {
+        orderflow_shared::telemetry::init(LogFormat::Text);
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let db_name = format!("orderflow_test_{}", &id[..16]);
+        let vhost = format!("orderflow-test-{}", &id[..16]);
+        create_database(&db_name).await;
+        create_vhost(&vhost).await;
+
+        let config = Config {
+            database_url: format!("{PG_BASE}/{db_name}"),
+            amqp_url: format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            jwt_secret: Some(JWT_SECRET.to_owned()),
+            order_timeout: opts.order_timeout,
+            sweep_interval: Duration::from_secs(1),
+            prefetch: 32,
+            worker_concurrency: 8,
+            db_pool_size: 12,
+            metrics_addr: None,
+            log_format: LogFormat::Text,
+            otel_exporter_otlp_endpoint: None,
+        };
+        let pool = orderflow_shared::db::pool(&config.database_url, config.db_pool_size).unwrap();
+        let shutdown = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut base = String::new();
+        if opts.api {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            base = format!("http://{}", listener.local_addr().unwrap());
+            let state = orderflow_api::AppState::new(pool.clone(), Arc::new(config.clone()));
+            tasks.spawn(orderflow_api::serve(listener, state, shutdown.clone()));
+        }
+        for _ in 0..opts.instances {
+            orderflow_workers::spawn(&mut tasks, &opts.workers, &pool, &config, &shutdown);
+        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let app = Self {
+            base,
+            pool,
+            config,
+            db_name,
+            vhost,
+            http,
+            keys: Keys::new(JWT_SECRET),
+            shutdown,
+            tasks,
+        };
+        if !opts.workers.is_empty() {
+            app.wait_for_consumers(&opts.workers).await;
+        }
+        app
+    }
+
+    /// Waits until every consuming worker has a consumer on its queue (passive declares
+    /// report consumers at once; the management API's statistics lag by seconds).
+    async fn wait_for_consumers(&self, workers: &[WorkerKind]) {
+        let queues: Vec<&str> = workers.iter().filter_map(|w| worker_queue(*w)).collect();
+        let (conn, channel) = self.amqp().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for queue in queues {
+            loop {
+                let declared = channel
+                    .queue_declare(queue.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, Default::default())
+                    .await;
+                if declared.map(|q| q.consumer_count() > 0).unwrap_or(false) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "worker on {queue} did not start consuming in time");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    }
+
+    pub fn token(&self, user_id: i64) -> String {
+        self.keys.issue(user_id, false, 3600).unwrap()
+    }
+
+    pub fn admin_token(&self) -> String {
+        self.keys.issue(1_000_000, true, 3600).unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Sends a request with an optional bearer token and JSON body.
+    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let res = self.request(method, path, token, body, &[]).await;
+        let status = res.status();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut req = self.http.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        self.call(Method::GET, path, Some(token), None).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+        self.call(Method::POST, path, Some(token), Some(body)).await
+    }
+
+    /// Creates a product as admin; returns its id.
+    pub async fn product(&self, name: &str, price: i64, stock: i64) -> i64 {
+        let (status, body) = self
+            .post("/api/admin/products", &self.admin_token(), json!({"name": name, "price": price, "stock": stock}))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_i64().unwrap()
+    }
+
+    /// Charges a user's balance up to `amount` in allowed steps.
+    pub async fn fund(&self, user_id: i64, mut amount: i64) {
+        let token = self.token(user_id);
+        while amount > 0 {
+            let step = amount.min(100_000);
+            let (status, body) = self.post("/api/balance/charge", &token, json!({"amount": step})).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            amount -= step;
+        }
+    }
+
+    pub async fn balance(&self, user_id: i64) -> i64 {
+        let (_, body) = self.get("/api/balance", &self.token(user_id)).await;
+        body["balance"].as_i64().unwrap()
+    }
+
+    pub async fn stock(&self, product_id: i64) -> i64 {
+        let (_, body) = self.get(&format!("/api/products/{product_id}"), &self.token(1)).await;
+        body["stock"].as_i64().unwrap()
+    }
+
+    /// Creates a coupon as admin; returns its id.
+    pub async fn coupon(&self, body: Value) -> i64 {
+        let (status, body) = self.post("/api/admin/coupons", &self.admin_token(), body).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body["id"].as_i64().unwrap()
+    }
+
+    /// Places an order for `user_id`; returns its id.
+    pub async fn order(&self, user_id: i64, items: &[(i64, i32)], coupon: Option<i64>) -> String {
+        let body = json!({
+            "items": items.iter().map(|(p, q)| json!({"productId": p, "quantity": q})).collect::<Vec<_>>(),
+            "couponId": coupon,
+        });
+        let key = uuid::Uuid::new_v4().to_string();
+        let token = self.token(user_id);
+        let res = self
+            .request(Method::POST, "/api/orders", Some(&token), Some(body), &[("idempotency-key", &key)])
+            .await;
+        let status = res.status();
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        body["orderId"].as_str().unwrap().to_owned()
+    }
+
+    /// Polls the order until it is CONFIRMED or CANCELLED (or `within` passes).
+    pub async fn wait_terminal(&self, user_id: i64, order_id: &str, within: Duration) -> Value {
+        let token = self.token(user_id);
+        let deadline = Instant::now() + within;
+        loop {
+            let (status, body) = self.get(&format!("/api/orders/{order_id}"), &token).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            if matches!(body["status"].as_str(), Some("CONFIRMED" | "CANCELLED")) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "order {order_id} not terminal in time: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until no order is in flight and the outbox is drained.
+    pub async fn wait_quiescent(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let (open, unsent): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM orders WHERE status NOT IN ('CONFIRMED', 'CANCELLED')),
+                        (SELECT count(*) FROM outbox WHERE sent_at IS NULL)",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            if open == 0 && unsent == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "not quiescent in time: {open} open orders, {unsent} unsent");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Opens an AMQP channel on the test's vhost.
+    pub async fn amqp(&self) -> (lapin::Connection, lapin::Channel) {
+        let conn = lapin::Connection::connect(&self.config.amqp_url, lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        (conn, channel)
+    }
+
+    /// Takes every message currently in `queue` (acked), as (properties, body).
+    pub async fn drain_queue(&self, queue: &str) -> Vec<(lapin::BasicProperties, Value)> {
+        let (conn, channel) = self.amqp().await;
+        let mut out = Vec::new();
+        while let Some(msg) = channel
+            .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let body = serde_json::from_slice(&msg.delivery.data).unwrap_or(Value::Null);
+            out.push((msg.delivery.properties.clone(), body));
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        out
+    }
+
+    /// Calls the RabbitMQ management API.
+    pub async fn mgmt(&self, method: Method, path: &str) -> Value {
+        mgmt(method, path, None).await
+    }
+
+    /// Shuts down gracefully and removes the database and the vhost.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.pool.close().await;
+        let _ = mgmt(Method::DELETE, &format!("/api/vhosts/{}", enc(&self.vhost)), None).await;
+        drop_database(&self.db_name).await;
+    }
+}
+
+/// The queue a worker consumes (the relay consumes none).
+pub fn worker_queue(kind: WorkerKind) -> Option<&'static str> {
+    use orderflow_shared::messaging::topology as t;
+    match kind {
+        WorkerKind::Relay => None,
+        WorkerKind::Stock => Some(t::STOCK_QUEUE),
+        WorkerKind::Coupon => Some(t::COUPON_QUEUE),
+        WorkerKind::Payment => Some(t::PAYMENT_QUEUE),
+        WorkerKind::Order => Some(t::ORDER_QUEUE),
+        WorkerKind::Sales => Some(t::SALES_QUEUE),
+        WorkerKind::Recovery => Some(t::EXPIRED_QUEUE),
+    }
+}
+
+pub fn enc(s: &str) -> String {
+    s.replace('%', "%25").replace('/', "%2F")
+}
+
+pub async fn mgmt(method: Method, path: &str, body: Option<Value>) -> Value {
+    let client = reqwest::Client::new();
+    let mut req = client.request(method, format!("{RABBIT_MGMT}{path}")).basic_auth("guest", Some("guest"));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await.expect("RabbitMQ management API (enable rabbitmq_management)");
+    assert!(res.status().is_success(), "management API {path}: {}", res.status());
+    res.json().await.unwrap_or(Value::Null)
+}
+
+async fn create_vhost(vhost: &str) {
+    mgmt(Method::PUT, &format!("/api/vhosts/{}", enc(vhost)), None).await;
+    mgmt(
+        Method::PUT,
+        &format!("/api/permissions/{}/guest", enc(vhost)),
+        Some(json!({"configure": ".*", "write": ".*", "read": ".*"})),
+    )
+    .await;
+}
+
+/// A hash of the migrations, naming the template database they produce.
+fn migrations_hash() -> u64 {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let mut files: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let mut h = DefaultHasher::new();
+    for f in files {
+        f.file_name().hash(&mut h);
+        std::fs::read(&f).unwrap().hash(&mut h);
+    }
+    h.finish()
+}
+
+async fn admin() -> PgConnection {
+    PgConnection::connect(PG_ADMIN_URL).await.expect("PostgreSQL on 127.0.0.1:5432")
+}
+
+/// Creates `name` as a copy of the migrated template (building the template once, under an
+/// advisory lock, when the migrations change).
+async fn create_database(name: &str) {
+    let template = format!("orderflow_tpl_{:016x}", migrations_hash());
+    let mut conn = admin().await;
+    conn.execute("SELECT pg_advisory_lock(72707369)").await.unwrap();
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&template)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    if !exists {
+        let building = format!("{template}_building");
+        exec(&mut conn, format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&building))).await;
+        exec(&mut conn, format!("CREATE DATABASE {}", quote_ident(&building))).await;
+        let mut c = PgConnection::connect(&format!("{PG_BASE}/{building}")).await.unwrap();
+        orderflow_shared::db::MIGRATOR.run(&mut c).await.unwrap();
+        c.close().await.unwrap();
+        exec(&mut conn, format!("ALTER DATABASE {} RENAME TO {}", quote_ident(&building), quote_ident(&template))).await;
+    }
+    conn.execute("SELECT pg_advisory_unlock(72707369)").await.unwrap();
+    // Copying fails while another backend is still leaving the template; retry briefly.
+    for attempt in 0.. {
+        let stmt = format!("CREATE DATABASE {} TEMPLATE {}", quote_ident(name), quote_ident(&template));
+        match conn.execute(sqlx::AssertSqlSafe(stmt)).await {
+            Ok(_) => break,
+            Err(e) if attempt < 50 => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("creating test database: {e}"),
+        }
+    }
+    conn.close().await.unwrap();
+}
+
+async fn drop_database(name: &str) {
+    let mut conn = admin().await;
+    exec(&mut conn, format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name))).await;
+    let _ = conn.close().await;
+}
+
+async fn exec(conn: &mut PgConnection, stmt: String) {
+    conn.execute(sqlx::AssertSqlSafe(stmt)).await.unwrap();
+}
