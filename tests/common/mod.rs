@@ -126,6 +126,8 @@ impl TestApp {
     async fn wait_for_consumers(&self, workers: &[WorkerKind]) {
         let queues: Vec<&str> = workers.iter().filter_map(|w| worker_queue(*w)).collect();
         let (conn, channel) = self.amqp().await;
+        // Declare first (idempotent) so a passive declare never hits a missing queue.
+        orderflow_shared::messaging::topology::declare(&channel).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         for queue in queues {
             loop {
