@@ -15,6 +15,7 @@ pub enum ErrorKind {
     NotFound,
     Conflict,
     Gone,
+    PayloadTooLarge,
     Unprocessable,
 }
 
@@ -27,6 +28,7 @@ impl ErrorKind {
             Self::NotFound => 404,
             Self::Conflict => 409,
             Self::Gone => 410,
+            Self::PayloadTooLarge => 413,
             Self::Unprocessable => 422,
         }
     }
@@ -39,6 +41,7 @@ impl ErrorKind {
             Self::NotFound => "Not Found",
             Self::Conflict => "Conflict",
             Self::Gone => "Gone",
+            Self::PayloadTooLarge => "Payload Too Large",
             Self::Unprocessable => "Unprocessable Content",
         }
     }

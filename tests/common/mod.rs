@@ -91,6 +91,14 @@ impl TestApp {
             otel_exporter_otlp_endpoint: None,
         };
         let pool = orderflow_shared::db::pool(&config.database_url, config.db_pool_size).unwrap();
+        // Declare the topology once before the workers start, so they never race each
+        // other creating the same quorum queues in a fresh vhost.
+        {
+            let conn = lapin::Connection::connect(&config.amqp_url, lapin::ConnectionProperties::default()).await.unwrap();
+            let channel = conn.create_channel().await.unwrap();
+            orderflow_shared::messaging::topology::declare(&channel).await.unwrap();
+            let _ = conn.close(200, "bye".into()).await;
+        }
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut base = String::new();
@@ -277,6 +285,86 @@ impl TestApp {
             }
             assert!(Instant::now() < deadline, "not quiescent in time: {open} open orders, {unsent} unsent");
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts more workers on the same database and vhost (e.g. one held back until now).
+    pub async fn spawn_workers(&mut self, workers: &[WorkerKind]) {
+        orderflow_workers::spawn(&mut self.tasks, workers, &self.pool, &self.config, &self.shutdown);
+        self.wait_for_consumers(workers).await;
+    }
+
+    /// Publishes every outbox row of `order_id` once more, exactly as the relay would (same
+    /// message id, body and properties): what a redelivery or a relay crash produces.
+    pub async fn republish_outbox(&self, order_id: &str) -> usize {
+        let rows: Vec<orderflow_workers::relay::OutboxRow> = sqlx::query_as(
+            "SELECT id, message_id, exchange, routing_key, message_type, order_id, headers, body, expiration_ms, created_at
+             FROM outbox WHERE order_id = $1::uuid AND message_type <> 'order.deadline' ORDER BY id",
+        )
+        .bind(order_id)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap();
+        let (conn, channel) = self.amqp().await;
+        channel.confirm_select(Default::default()).await.unwrap();
+        for row in &rows {
+            let body = serde_json::to_vec(&row.body).unwrap();
+            let confirm = channel
+                .basic_publish(
+                    row.exchange.as_str().into(),
+                    row.routing_key.as_str().into(),
+                    lapin::options::BasicPublishOptions {
+                        mandatory: orderflow_workers::relay::mandatory(&row.message_type),
+                        immediate: false,
+                    },
+                    &body,
+                    orderflow_workers::relay::properties(row),
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+            assert!(confirm.is_ack(), "republish of {} not confirmed", row.routing_key);
+            if orderflow_workers::relay::mandatory(&row.message_type) {
+                assert!(confirm.take_message().is_none(), "republish of {} not routed", row.routing_key);
+            }
+        }
+        let _ = conn.close(200, "bye".into()).await;
+        rows.len()
+    }
+
+    /// Publishes `body` to `exchange` with routing key `key` and the envelope's properties.
+    pub async fn publish_raw(&self, exchange: &str, key: &str, body: &[u8], message_type: &str) {
+        let (conn, channel) = self.amqp().await;
+        channel.confirm_select(Default::default()).await.unwrap();
+        let props = lapin::BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(uuid::Uuid::now_v7().to_string().into())
+            .with_type(message_type.into());
+        channel
+            .basic_publish(exchange.into(), key.into(), lapin::options::BasicPublishOptions::default(), body, props)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let _ = conn.close(200, "bye".into()).await;
+    }
+
+    /// Polls the order row until `pred` holds.
+    pub async fn wait_order_row(&self, order_id: &str, within: Duration, pred: impl Fn(&orderflow_shared::db::orders::OrderRow) -> bool) {
+        let deadline = Instant::now() + within;
+        loop {
+            let row: orderflow_shared::db::orders::OrderRow = sqlx::query_as("SELECT * FROM orders WHERE id = $1::uuid")
+                .bind(order_id)
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+            if pred(&row) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "order {order_id} never reached the expected state: {row:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -13,6 +13,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, ShortString},
 };
 use sqlx::{PgPool, postgres::PgListener};
+use orderflow_shared::messaging::MessageType;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -62,6 +63,11 @@ pub fn properties(row: &OutboxRow) -> BasicProperties {
         props = props.with_expiration(ms.max(0).to_string().into());
     }
     props
+}
+
+/// Whether a publish of this type must be routed (see `MessageType::must_route`).
+pub fn mandatory(message_type: &str) -> bool {
+    MessageType::parse(message_type).is_none_or(MessageType::must_route)
 }
 
 /// Runs until `shutdown`; after it, publishes what is already committed once more (flush).
@@ -130,7 +136,7 @@ pub async fn publish_batch(pool: &PgPool, channel: &Channel) -> anyhow::Result<u
             .basic_publish(
                 row.exchange.as_str().into(),
                 row.routing_key.as_str().into(),
-                BasicPublishOptions { mandatory: true, immediate: false },
+                BasicPublishOptions { mandatory: mandatory(&row.message_type), immediate: false },
                 &body,
                 properties(row),
             )

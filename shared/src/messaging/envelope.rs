@@ -68,6 +68,13 @@ macro_rules! message_types {
                 match self { $(Self::$variant => $exchange),+ }
             }
 
+            /// Whether an unroutable publish is a failure. Every internal message and
+            /// `order.confirmed` (the data platform's queue) must land somewhere; an
+            /// `order.cancelled` with no subscriber is simply not delivered.
+            pub fn must_route(self) -> bool {
+                !matches!(self, Self::OrderCancelled)
+            }
+
             /// The work queue that consumes this type (public events have none of their own).
             pub fn queue(self) -> Option<&'static str> {
                 match self { $(Self::$variant => $queue),+ }
