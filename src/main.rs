@@ -31,6 +31,10 @@ enum Command {
     },
     /// Create the database if missing and apply migrations, then exit.
     Migrate,
+    /// Check every invariant (stock, ledger, coupons, orders, events); exit 1 on violations.
+    Audit(orderflow::audit::AuditArgs),
+    /// Load a running system with orders and report throughput and latency.
+    Bench(orderflow::bench::BenchArgs),
     /// Print a signed bearer token.
     Token {
         /// The user id (`sub`), a positive integer.
@@ -81,6 +85,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!("migrations applied");
             Ok(())
         }
+        Command::Audit(args) => {
+            if orderflow::audit::run(&config, &args).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+        Command::Bench(args) => orderflow::bench::run(&args).await,
         Command::All => serve(config, true, WorkerKind::ALL).await,
         Command::Api => serve(config, true, &[]).await,
         Command::Worker { name } => serve(config, false, &[name]).await,
