@@ -1,13 +1,17 @@
 //! OpenAPI document at `/openapi.json` and Swagger UI (vendored, works offline) at `/docs`.
 
-use axum::Router;
+use axum::{
+    Router,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
 use utoipa::{
     Modify, OpenApi,
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::{AppState, routes};
+use crate::{AppState, problem::Problem, routes};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -33,6 +37,13 @@ use crate::{AppState, routes};
         routes::orders::show,
         routes::orders::list,
         routes::orders::popular,
+        routes::admin::list_orders,
+        routes::admin::cancel_order,
+        routes::admin::retry_compensation,
+        routes::admin::list_dead_letters,
+        routes::admin::show_dead_letter,
+        routes::admin::replay_dead_letter,
+        routes::admin::discard_dead_letter,
     ),
     components(schemas(crate::problem::Problem)),
     modifiers(&BearerAuth),
@@ -60,5 +71,14 @@ impl Modify for BearerAuth {
 }
 
 pub fn router() -> Router<AppState> {
-    Router::new().merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+    Router::new()
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        // Swagger UI answers an unknown asset with an empty 404; make it a problem like any other.
+        .layer(axum::middleware::map_response(|res: Response| async move {
+            if res.status() == StatusCode::NOT_FOUND && !res.headers().contains_key(header::CONTENT_TYPE) {
+                Problem::new(404, "Not Found", "NOT_FOUND", "no such route").into_response()
+            } else {
+                res
+            }
+        }))
 }

@@ -105,6 +105,13 @@ impl ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return Self(Error::client(
+                ErrorKind::PayloadTooLarge,
+                "PAYLOAD_TOO_LARGE",
+                "the request body is larger than this API accepts",
+            ));
+        }
         let (code, detail) = match &rejection {
             JsonRejection::MissingJsonContentType(_) => (
                 "INVALID_CONTENT_TYPE",

@@ -32,6 +32,8 @@ impl Keys {
     pub fn new(secret: &str) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // A token that is not valid yet must not be accepted (RFC 7519 §4.1.5).
+        validation.validate_nbf = true;
         validation.leeway = 5;
         Self {
             encoding: EncodingKey::from_secret(secret.as_bytes()),

@@ -190,7 +190,7 @@ mod tests {
         assert_eq!(discount(DiscountType::Percent, 10, 30_000), 3_000);
         assert_eq!(discount(DiscountType::Percent, 15, 999), 149); // 149.85 rounds down
         assert_eq!(discount(DiscountType::Percent, 100, 12_345), 12_345);
-        assert_eq!(discount(DiscountType::Percent, 33, i64::MAX / 2), (i64::MAX / 2 / 100) * 33 + ((i64::MAX / 2) % 100) * 33 / 100);
+        assert_eq!(discount(DiscountType::Percent, 33, i64::MAX / 2), (i128::from(i64::MAX / 2) * 33 / 100) as i64);
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl ErrorKind {
             Self::NotFound => "Not Found",
             Self::Conflict => "Conflict",
             Self::Gone => "Gone",
-            Self::PayloadTooLarge => "Payload Too Large",
+            Self::PayloadTooLarge => "Content Too Large",
             Self::Unprocessable => "Unprocessable Content",
         }
     }

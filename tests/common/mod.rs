@@ -368,6 +368,22 @@ impl TestApp {
         }
     }
 
+    /// Waits until the relay has published every outbox row.
+    pub async fn wait_quiescent_outbox(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+            if unsent == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "outbox not drained: {unsent} unsent");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Opens an AMQP channel on the test's vhost.
     pub async fn amqp(&self) -> (lapin::Connection, lapin::Channel) {
         let conn = lapin::Connection::connect(&self.config.amqp_url, lapin::ConnectionProperties::default())

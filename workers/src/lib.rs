@@ -4,6 +4,7 @@ pub mod broker;
 pub mod relay;
 pub mod runtime;
 pub mod steps;
+pub mod sweep;
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     runtime::{RuntimeConfig, Step},
-    steps::{coupon::Coupon, order::Order, payment::Payment, recovery::Expiry, sales::Sales, stock::Stock},
+    steps::{coupon::Coupon, order::Order, dead_letters::DeadLetters, payment::Payment, recovery::Expiry, sales::Sales, stock::Stock},
 };
 
 /// Every worker process kind (`orderflow worker <name>`).
@@ -32,7 +33,7 @@ pub enum WorkerKind {
     Order,
     /// Projects confirmed orders into popular-product buckets.
     Sales,
-    /// Cancels orders that passed their deadline.
+    /// Cancels orders past their deadline, records dead letters, sweeps for stuck orders.
     Recovery,
 }
 
@@ -55,7 +56,14 @@ pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: Canc
         WorkerKind::Payment => consume(Payment, pool, cfg, shutdown).await,
         WorkerKind::Order => consume(Order, pool, cfg, shutdown).await,
         WorkerKind::Sales => consume(Sales, pool, cfg, shutdown).await,
-        WorkerKind::Recovery => consume(Expiry, pool, cfg, shutdown).await,
+        WorkerKind::Recovery => {
+            let (expiry, dead, sweep) = tokio::join!(
+                consume(Expiry, pool.clone(), cfg.clone(), shutdown.clone()),
+                consume(DeadLetters, pool.clone(), cfg, shutdown.clone()),
+                sweep::run(pool, config.sweep_interval, config.order_timeout, shutdown),
+            );
+            expiry.and(dead).and(sweep)
+        }
     }
 }
 

@@ -53,6 +53,12 @@ pub trait Step: Send + Sync + 'static {
     /// Whether this step handles messages of `kind` (others are rejected as poison).
     fn accepts(&self, kind: MessageType) -> bool;
 
+    /// Turns a delivery into a message; an error dead-letters it. The default reads the
+    /// orderflow envelope.
+    fn decode(&self, delivery: &Delivery) -> Result<Incoming, String> {
+        decode(delivery)
+    }
+
     fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> impl Future<Output = Result<Outcome>> + Send;
 }
 
@@ -145,7 +151,7 @@ async fn consume<S: Step>(step: Arc<S>, pool: &PgPool, cfg: &RuntimeConfig, shut
 
 /// Handles one delivery end to end and settles it with the broker.
 async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
-    let incoming = match decode(&delivery) {
+    let incoming = match step.decode(&delivery) {
         Ok(incoming) if step.accepts(incoming.kind) => incoming,
         Ok(incoming) => {
             tracing::warn!(worker = S::NAME, kind = incoming.kind.as_str(), "message type not handled here; dead-lettering");
@@ -181,6 +187,10 @@ async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
             .notify(|err, delay| tracing::warn!(error = %err, ?delay, "transient failure; retrying"))
             .await;
         match result {
+            Ok(Disposition::Rejected) => {
+                tracing::warn!("message refers to no known order; dead-lettering");
+                Disposition::Rejected
+            }
             Ok(d) => {
                 tracing::debug!(disposition = ?d, "processed");
                 d
@@ -214,7 +224,15 @@ async fn handle_once<S: Step>(step: &S, pool: &PgPool, msg: &Incoming) -> Result
             tx.commit().await?;
             Ok(Disposition::Acked)
         }
-        Outcome::Stale => Ok(Disposition::Duplicate),
+        Outcome::Stale => {
+            // Late or duplicate for an existing order: harmless. For an order that does not
+            // exist at all, the message is poison: dead-letter it so it is recorded.
+            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1)")
+                .bind(msg.envelope.order_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            Ok(if exists { Disposition::Duplicate } else { Disposition::Rejected })
+        }
     }
 }
 
@@ -230,14 +248,15 @@ async fn settle(delivery: &Delivery, disposition: Disposition) {
     }
 }
 
-fn decode(delivery: &Delivery) -> Result<Incoming, String> {
+/// Reads the orderflow envelope and the `traceparent` header.
+pub fn decode(delivery: &Delivery) -> Result<Incoming, String> {
     let envelope: Envelope = serde_json::from_slice(&delivery.data).map_err(|e| format!("invalid envelope: {e}"))?;
     let kind = MessageType::parse(&envelope.kind).ok_or_else(|| format!("unknown message type {:?}", envelope.kind))?;
     let trace = header_str(delivery, "traceparent").and_then(TraceParent::parse);
     Ok(Incoming { kind, envelope, trace })
 }
 
-fn header_str<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a str> {
+pub fn header_str<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a str> {
     let headers = delivery.properties.headers().as_ref()?;
     match headers.inner().get(name)? {
         AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok(),

@@ -40,7 +40,8 @@ pub struct NewCoupon {
     pub quantity: i32,
     pub issue_starts_at: Option<DateTime<Utc>>,
     pub issue_ends_at: Option<DateTime<Utc>>,
-    /// Issued coupons are usable until then (forever when absent).
+    /// Issued coupons are usable until then (forever when absent). Must lie in the future and
+    /// after `issueStartsAt`; an expired coupon is no longer issued.
     pub expires_at: Option<DateTime<Utc>>,
     /// Orders below this total (before discount) cannot use the coupon.
     pub min_order_amount: Option<i64>,
@@ -125,8 +126,8 @@ pub async fn create(
 fn validate(req: &NewCoupon) -> Result<(), Error> {
     let bad = |code, detail: &str| Err(Error::bad_request(code, detail));
     let name = req.name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return bad("INVALID_NAME", "name must be 1 to 200 characters");
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        return bad("INVALID_NAME", "name must be 1 to 200 characters, without control characters");
     }
     match req.discount_type {
         DiscountType::Fixed if !(1..=1_000_000_000).contains(&req.discount_value) => {
@@ -145,6 +146,12 @@ fn validate(req: &NewCoupon) -> Result<(), Error> {
     {
         return bad("INVALID_ISSUE_WINDOW", "issueStartsAt must be before issueEndsAt");
     }
+    if let Some(expires) = req.expires_at {
+        // A coupon that is dead on arrival could only be issued unusable.
+        if expires <= Utc::now() || req.issue_starts_at.is_some_and(|start| expires <= start) {
+            return bad("INVALID_EXPIRES_AT", "expiresAt must be in the future and after issueStartsAt");
+        }
+    }
     if req.min_order_amount.is_some_and(|m| !(0..=1_000_000_000_000).contains(&m)) {
         return bad("INVALID_MIN_ORDER_AMOUNT", "minOrderAmount must be 0..=1,000,000,000,000 won");
     }
@@ -156,6 +163,7 @@ struct IssueCheck {
     sold_out: bool,
     not_started: bool,
     ended: bool,
+    expired: bool,
     expires_at: Option<DateTime<Utc>>,
 }
 
@@ -164,7 +172,7 @@ struct IssueCheck {
     params(("coupon_id" = i64, Path)), responses(
     (status = 201, body = IssuedCoupon),
     (status = 401, body = Problem, content_type = PROBLEM),
-    (status = 403, description = "COUPON_NOT_ISSUABLE: outside the issue window", body = Problem, content_type = PROBLEM),
+    (status = 403, description = "COUPON_NOT_ISSUABLE: outside the issue window, or expired", body = Problem, content_type = PROBLEM),
     (status = 404, description = "COUPON_NOT_FOUND", body = Problem, content_type = PROBLEM),
     (status = 409, description = "COUPON_ALREADY_ISSUED", body = Problem, content_type = PROBLEM),
     (status = 410, description = "COUPON_SOLD_OUT", body = Problem, content_type = PROBLEM),
@@ -178,6 +186,7 @@ pub async fn issue(
         "SELECT issued >= quantity AS sold_out,
                 coalesce(issue_starts_at > now(), false) AS not_started,
                 coalesce(issue_ends_at <= now(), false) AS ended,
+                coalesce(expires_at <= now(), false) AS expired,
                 expires_at
          FROM coupons WHERE id = $1",
     )
@@ -187,6 +196,9 @@ pub async fn issue(
     let check = check.ok_or_else(|| Error::not_found("COUPON_NOT_FOUND", format!("coupon {coupon_id} does not exist")))?;
     if check.not_started || check.ended {
         return Err(Error::forbidden("COUPON_NOT_ISSUABLE", "the coupon is outside its issue window").into());
+    }
+    if check.expired {
+        return Err(Error::forbidden("COUPON_NOT_ISSUABLE", "the coupon has expired").into());
     }
     let already_issued = || Error::conflict("COUPON_ALREADY_ISSUED", "you already have this coupon");
     let sold_out = || Error::gone("COUPON_SOLD_OUT", "every unit of this coupon has been issued");
@@ -213,7 +225,8 @@ pub async fn issue(
         "UPDATE coupons SET issued = issued + 1
          WHERE id = $1 AND issued < quantity
            AND (issue_starts_at IS NULL OR issue_starts_at <= now())
-           AND (issue_ends_at IS NULL OR issue_ends_at > now())",
+           AND (issue_ends_at IS NULL OR issue_ends_at > now())
+           AND (expires_at IS NULL OR expires_at > now())",
     )
     .bind(coupon_id)
     .execute(&mut *tx)

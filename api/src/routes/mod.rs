@@ -1,5 +1,6 @@
 //! One module per area; each exposes `router()`.
 
+pub mod admin;
 pub mod balance;
 pub mod coupons;
 pub mod health;
@@ -17,4 +18,5 @@ pub fn router() -> Router<AppState> {
         .merge(products::router())
         .merge(coupons::router())
         .merge(orders::router())
+        .merge(admin::router())
 }

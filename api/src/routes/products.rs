@@ -74,16 +74,22 @@ pub async fn list(State(state): State<AppState>, Query(params): Query<ListParams
     let (limit, offset) = page.limit_offset()?;
     let pattern = match params.keyword.as_deref().map(str::trim) {
         Some(k) if !k.is_empty() => {
-            if k.chars().count() > 100 {
-                return Err(Error::bad_request("INVALID_KEYWORD", "keyword may be at most 100 characters").into());
+            if k.chars().count() > 100 || k.chars().any(char::is_control) {
+                return Err(Error::bad_request(
+                    "INVALID_KEYWORD",
+                    "keyword may be at most 100 characters, without control characters",
+                )
+                .into());
             }
-            Some(format!("%{}%", escape_like(&k.to_lowercase())))
+            // Lower-cased by PostgreSQL, like the names it is compared with: Rust's and the
+            // database's case mappings differ for some characters (e.g. 'İ').
+            Some(format!("%{}%", escape_like(k)))
         }
         _ => None,
     };
     let items: Vec<Product> = sqlx::query_as(
         "SELECT id, name, price, stock FROM products
-         WHERE $1::text IS NULL OR lower(name) LIKE $1
+         WHERE $1::text IS NULL OR lower(name) LIKE lower($1)
          ORDER BY id LIMIT $2 OFFSET $3",
     )
     .bind(&pattern)
@@ -91,7 +97,7 @@ pub async fn list(State(state): State<AppState>, Query(params): Query<ListParams
     .bind(offset)
     .fetch_all(&state.pool)
     .await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE $1::text IS NULL OR lower(name) LIKE $1")
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE $1::text IS NULL OR lower(name) LIKE lower($1)")
         .bind(&pattern)
         .fetch_one(&state.pool)
         .await?;
@@ -135,8 +141,8 @@ pub async fn create(
     Json(req): Json<NewProduct>,
 ) -> ApiResult<(StatusCode, Json<Product>)> {
     let name = req.name.trim();
-    if name.is_empty() || name.chars().count() > 200 {
-        return Err(Error::bad_request("INVALID_NAME", "name must be 1 to 200 characters").into());
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        return Err(Error::bad_request("INVALID_NAME", "name must be 1 to 200 characters, without control characters").into());
     }
     if !(0..=1_000_000_000).contains(&req.price) {
         return Err(Error::bad_request("INVALID_PRICE", "price must be 0..=1,000,000,000 won").into());

@@ -88,3 +88,33 @@ pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Res
     .await?;
     Ok(())
 }
+
+/// A message to publish again exactly as it was (a dead-letter replay): same exchange,
+/// routing key, message id and body, so consumers' inboxes keep it idempotent.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    pub message_id: Uuid,
+    pub exchange: String,
+    pub routing_key: String,
+    pub message_type: String,
+    pub order_id: Option<Uuid>,
+    pub headers: serde_json::Value,
+    pub body: serde_json::Value,
+}
+
+pub async fn enqueue_replay(conn: &mut PgConnection, replay: &Replay) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, order_id, headers, body)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(replay.message_id)
+    .bind(&replay.exchange)
+    .bind(&replay.routing_key)
+    .bind(&replay.message_type)
+    .bind(replay.order_id)
+    .bind(&replay.headers)
+    .bind(&replay.body)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

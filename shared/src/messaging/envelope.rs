@@ -95,6 +95,17 @@ message_types! {
     OrderDeadline = "order.deadline" => (topology::DEADLINE_EXCHANGE, Some(topology::EXPIRED_QUEUE)),
     OrderConfirmed = "order.confirmed" => (topology::EVENTS_EXCHANGE, None),
     OrderCancelled = "order.cancelled" => (topology::EVENTS_EXCHANGE, None),
+    // Not published by orderflow: the type the recovery worker gives whatever it reads
+    // from the dead-letter queue.
+    DeadLetter = "dead-letter" => (topology::DEAD_LETTER_EXCHANGE, Some(topology::DEAD_LETTER_QUEUE)),
+}
+
+impl MessageType {
+    /// Compensations give back what a cancelled order held; when one keeps failing the
+    /// order is parked as COMPENSATION_FAILED instead of being cancelled again.
+    pub fn is_compensation(self) -> bool {
+        matches!(self, Self::StockRelease | Self::CouponRestore | Self::PaymentRefund | Self::OrderFinishCancel)
+    }
 }
 
 /// The `data` of `order.confirmed`: the data platform's contract (DESIGN.md §3).

@@ -3,6 +3,7 @@
 //! effect, move the order on, and enqueue what comes next.
 
 pub mod coupon;
+pub mod dead_letters;
 pub mod order;
 pub mod payment;
 pub mod recovery;

@@ -1,0 +1,394 @@
+//! Operator routes (admin token): find stuck orders and cancel them, retry a parked
+//! compensation, inspect, replay and discard dead letters.
+
+use axum::{
+    Router,
+    extract::State,
+    http::StatusCode,
+    routing::{get, post},
+};
+use chrono::{DateTime, Utc};
+use orderflow_shared::{
+    Error,
+    config::parse_duration,
+    db::{
+        orders::{self, OrderRow},
+        outbox::{self, Replay},
+    },
+    domain::{CancelReason, OrderStatus},
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    AppState,
+    extract::{Admin, Json, Path, Query},
+    page::{Page, PageParams},
+    problem::{ApiResult, Problem},
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/admin/orders", get(list_orders))
+        .route("/api/admin/orders/{id}/cancel", post(cancel_order))
+        .route("/api/admin/orders/{id}/retry", post(retry_compensation))
+        .route("/api/admin/dead-letters", get(list_dead_letters))
+        .route("/api/admin/dead-letters/{id}", get(show_dead_letter).delete(discard_dead_letter))
+        .route("/api/admin/dead-letters/{id}/replay", post(replay_dead_letter))
+}
+
+const PROBLEM: &str = "application/problem+json";
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderFilter {
+    /// Only orders in this state (e.g. PENDING, CANCELLING, COMPENSATION_FAILED).
+    pub status: Option<String>,
+    /// Only orders last changed longer ago than this (e.g. 30s, 5m).
+    pub older_than: Option<String>,
+    /// Only orders still in flight (not CONFIRMED or CANCELLED).
+    #[serde(default)]
+    pub stuck: bool,
+    #[serde(default)]
+    pub page: u32,
+    #[serde(default = "default_size")]
+    pub size: u32,
+}
+
+fn default_size() -> u32 {
+    20
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdminOrder {
+    pub order_id: Uuid,
+    pub user_id: i64,
+    #[schema(value_type = OrderStatus)]
+    pub status: OrderStatus,
+    pub reason: Option<String>,
+    pub total_amount: i64,
+    pub paid_amount: i64,
+    pub stock_held: bool,
+    pub coupon_held: bool,
+    pub coupon_id: Option<i64>,
+    pub deadline_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<OrderRow> for AdminOrder {
+    fn from(o: OrderRow) -> Self {
+        Self {
+            order_id: o.id,
+            user_id: o.user_id,
+            status: o.status,
+            reason: o.reason,
+            total_amount: o.total_amount,
+            paid_amount: o.paid_amount,
+            stock_held: o.stock_held,
+            coupon_held: o.coupon_held,
+            coupon_id: o.coupon_id,
+            deadline_at: o.deadline_at,
+            created_at: o.created_at,
+            updated_at: o.updated_at,
+        }
+    }
+}
+
+/// Orders by state and age, oldest change first: where to look for stuck ones.
+#[utoipa::path(get, path = "/api/admin/orders", tag = "admin", security(("bearer" = [])), params(OrderFilter), responses(
+    (status = 200, body = Page<AdminOrder>),
+    (status = 400, body = Problem, content_type = PROBLEM),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+))]
+pub async fn list_orders(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Query(filter): Query<OrderFilter>,
+) -> ApiResult<Json<Page<AdminOrder>>> {
+    let page = PageParams { page: filter.page, size: filter.size };
+    let (limit, offset) = page.limit_offset()?;
+    let status = match filter.status.as_deref() {
+        Some(s) => Some(
+            OrderStatus::parse(s)
+                .ok_or_else(|| Error::bad_request("INVALID_STATUS", format!("{s:?} is not an order status")))?
+                .as_str(),
+        ),
+        None => None,
+    };
+    let older_ms = match filter.older_than.as_deref() {
+        Some(d) => Some(parse_duration(d).map_err(|e| Error::bad_request("INVALID_DURATION", e))?.as_millis() as f64),
+        None => None,
+    };
+    const WHERE: &str = "($1::text IS NULL OR status = $1)
+          AND ($2::float8 IS NULL OR updated_at < now() - $2 * interval '1 millisecond')
+          AND (NOT $3 OR status NOT IN ('CONFIRMED', 'CANCELLED'))";
+    let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT * FROM orders WHERE {WHERE} ORDER BY updated_at, id LIMIT $4 OFFSET $5"
+    )))
+    .bind(status)
+    .bind(older_ms)
+    .bind(filter.stuck)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&state.pool)
+    .await?;
+    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM orders WHERE {WHERE}")))
+        .bind(status)
+        .bind(older_ms)
+        .bind(filter.stuck)
+        .fetch_one(&state.pool)
+        .await?;
+    Ok(Json(Page::new(rows.into_iter().map(AdminOrder::from).collect(), page, total)))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderAction {
+    pub order_id: Uuid,
+    #[schema(value_type = OrderStatus)]
+    pub status: OrderStatus,
+}
+
+/// Cancel an in-flight order (ADMIN_CANCELLED); its compensations run as for any failure.
+#[utoipa::path(post, path = "/api/admin/orders/{id}/cancel", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), responses(
+    (status = 202, body = OrderAction),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+    (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
+    (status = 409, description = "ORDER_NOT_CANCELLABLE: already confirmed, cancelled or cancelling", body = Problem, content_type = PROBLEM),
+))]
+pub async fn cancel_order(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<Uuid>,
+) -> ApiResult<(StatusCode, Json<OrderAction>)> {
+    let mut tx = state.pool.begin().await?;
+    if !orders::cancel(&mut tx, id, CancelReason::AdminCancelled).await? {
+        return Err(not_actionable(&mut tx, id, "ORDER_NOT_CANCELLABLE", "only an order still in flight can be cancelled").await);
+    }
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(OrderAction { order_id: id, status: OrderStatus::Cancelling })))
+}
+
+/// Retry the compensations of an order parked as COMPENSATION_FAILED.
+#[utoipa::path(post, path = "/api/admin/orders/{id}/retry", tag = "admin", security(("bearer" = [])),
+    params(("id" = Uuid, Path)), responses(
+    (status = 202, body = OrderAction),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+    (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
+    (status = 409, description = "ORDER_NOT_RETRYABLE: not COMPENSATION_FAILED", body = Problem, content_type = PROBLEM),
+))]
+pub async fn retry_compensation(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<Uuid>,
+) -> ApiResult<(StatusCode, Json<OrderAction>)> {
+    let mut tx = state.pool.begin().await?;
+    let Some(order) = orders::lock(&mut tx, id, &[OrderStatus::CompensationFailed]).await? else {
+        return Err(not_actionable(&mut tx, id, "ORDER_NOT_RETRYABLE", "only a COMPENSATION_FAILED order can be retried").await);
+    };
+    orders::set_status(&mut tx, &order, OrderStatus::Cancelling, None).await?;
+    orders::continue_compensation(&mut tx, &order).await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(OrderAction { order_id: id, status: OrderStatus::Cancelling })))
+}
+
+/// 404 when the order does not exist, else a 409 with `code`.
+async fn not_actionable(conn: &mut sqlx::PgConnection, id: Uuid, code: &'static str, detail: &str) -> crate::problem::ApiError {
+    match sqlx::query_scalar::<_, String>("SELECT status FROM orders WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await
+    {
+        Ok(Some(status)) => Error::conflict(code, format!("{detail}; it is {status}")).into(),
+        Ok(None) => Error::not_found("ORDER_NOT_FOUND", format!("order {id} does not exist")).into(),
+        Err(e) => e.into(),
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct DeadLetterFilter {
+    /// NEW (default), REPLAYED, DISCARDED or ALL.
+    pub status: Option<String>,
+    #[serde(default)]
+    pub page: u32,
+    #[serde(default = "default_size")]
+    pub size: u32,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterView {
+    pub id: i64,
+    pub message_id: Option<String>,
+    pub message_type: Option<String>,
+    pub order_id: Option<Uuid>,
+    pub source_queue: Option<String>,
+    pub exchange: Option<String>,
+    pub routing_key: Option<String>,
+    /// delivery_limit, rejected or expired.
+    pub reason: Option<String>,
+    pub death_count: i64,
+    pub headers: serde_json::Value,
+    /// The body as text (invalid UTF-8 replaced).
+    #[sqlx(skip)]
+    pub body: String,
+    #[serde(skip)]
+    #[sqlx(rename = "body")]
+    pub raw_body: Vec<u8>,
+    pub dead_at: Option<DateTime<Utc>>,
+    pub recorded_at: DateTime<Utc>,
+    /// NEW, REPLAYED or DISCARDED.
+    pub status: String,
+    pub resolved_at: Option<DateTime<Utc>>,
+}
+
+impl DeadLetterView {
+    fn with_text(mut self) -> Self {
+        self.body = String::from_utf8_lossy(&self.raw_body).into_owned();
+        self
+    }
+}
+
+/// Dead letters, newest first.
+#[utoipa::path(get, path = "/api/admin/dead-letters", tag = "admin", security(("bearer" = [])), params(DeadLetterFilter), responses(
+    (status = 200, body = Page<DeadLetterView>),
+    (status = 400, body = Problem, content_type = PROBLEM),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+))]
+pub async fn list_dead_letters(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Query(filter): Query<DeadLetterFilter>,
+) -> ApiResult<Json<Page<DeadLetterView>>> {
+    let page = PageParams { page: filter.page, size: filter.size };
+    let (limit, offset) = page.limit_offset()?;
+    let status = match filter.status.as_deref().unwrap_or("NEW") {
+        "ALL" => None,
+        s @ ("NEW" | "REPLAYED" | "DISCARDED") => Some(s.to_owned()),
+        other => return Err(Error::bad_request("INVALID_STATUS", format!("{other:?} is not NEW, REPLAYED, DISCARDED or ALL")).into()),
+    };
+    let rows: Vec<DeadLetterView> = sqlx::query_as(
+        "SELECT * FROM dead_letters WHERE $1::text IS NULL OR status = $1 ORDER BY id DESC LIMIT $2 OFFSET $3",
+    )
+    .bind(&status)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&state.pool)
+    .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE $1::text IS NULL OR status = $1")
+        .bind(&status)
+        .fetch_one(&state.pool)
+        .await?;
+    Ok(Json(Page::new(rows.into_iter().map(DeadLetterView::with_text).collect(), page, total)))
+}
+
+async fn find_dead_letter(conn: &mut sqlx::PgConnection, id: i64, lock: bool) -> Result<DeadLetterView, Error> {
+    let sql = if lock {
+        "SELECT * FROM dead_letters WHERE id = $1 FOR UPDATE"
+    } else {
+        "SELECT * FROM dead_letters WHERE id = $1"
+    };
+    let row: Option<DeadLetterView> = sqlx::query_as(sql).bind(id).fetch_optional(conn).await?;
+    row.map(DeadLetterView::with_text)
+        .ok_or_else(|| Error::not_found("DEAD_LETTER_NOT_FOUND", format!("dead letter {id} does not exist")))
+}
+
+/// One dead letter with its headers and body.
+#[utoipa::path(get, path = "/api/admin/dead-letters/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = i64, Path)), responses(
+    (status = 200, body = DeadLetterView),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+    (status = 404, description = "DEAD_LETTER_NOT_FOUND", body = Problem, content_type = PROBLEM),
+))]
+pub async fn show_dead_letter(State(state): State<AppState>, _admin: Admin, Path(id): Path<i64>) -> ApiResult<Json<DeadLetterView>> {
+    let mut conn = state.pool.acquire().await?;
+    Ok(Json(find_dead_letter(&mut conn, id, false).await?))
+}
+
+/// Publish a dead letter again to where it died, with its original message id (consumers'
+/// inboxes keep the replay idempotent). Only a NEW dead letter with a JSON body can be
+/// replayed.
+#[utoipa::path(post, path = "/api/admin/dead-letters/{id}/replay", tag = "admin", security(("bearer" = [])),
+    params(("id" = i64, Path)), responses(
+    (status = 202, body = DeadLetterView),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+    (status = 404, description = "DEAD_LETTER_NOT_FOUND", body = Problem, content_type = PROBLEM),
+    (status = 409, description = "DEAD_LETTER_RESOLVED or DEAD_LETTER_NOT_REPLAYABLE", body = Problem, content_type = PROBLEM),
+))]
+pub async fn replay_dead_letter(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<i64>,
+) -> ApiResult<(StatusCode, Json<DeadLetterView>)> {
+    let mut tx = state.pool.begin().await?;
+    let letter = find_dead_letter(&mut tx, id, true).await?;
+    if letter.status != "NEW" {
+        return Err(Error::conflict("DEAD_LETTER_RESOLVED", format!("dead letter {id} is already {}", letter.status)).into());
+    }
+    let not_replayable = |why: &str| Error::conflict("DEAD_LETTER_NOT_REPLAYABLE", why.to_owned());
+    let body: serde_json::Value =
+        serde_json::from_slice(&letter.raw_body).map_err(|_| not_replayable("its body is not JSON; discard it instead"))?;
+    let (Some(exchange), Some(routing_key)) = (letter.exchange.clone(), letter.routing_key.clone()) else {
+        return Err(not_replayable("where it was published is unknown").into());
+    };
+    let message_id = letter.message_id.as_deref().and_then(|m| m.parse().ok()).unwrap_or_else(Uuid::now_v7);
+    let headers = match letter.headers.get("traceparent") {
+        Some(tp) => serde_json::json!({ "traceparent": tp }),
+        None => serde_json::json!({}),
+    };
+    outbox::enqueue_replay(
+        &mut tx,
+        &Replay {
+            message_id,
+            message_type: letter.message_type.clone().unwrap_or_else(|| routing_key.clone()),
+            exchange,
+            routing_key,
+            order_id: letter.order_id,
+            headers,
+            body,
+        },
+    )
+    .await?;
+    sqlx::query("UPDATE dead_letters SET status = 'REPLAYED', resolved_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    let letter = find_dead_letter(&mut tx, id, false).await?;
+    tx.commit().await?;
+    Ok((StatusCode::ACCEPTED, Json(letter)))
+}
+
+/// Discard a dead letter (kept, marked DISCARDED, for the record).
+#[utoipa::path(delete, path = "/api/admin/dead-letters/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = i64, Path)), responses(
+    (status = 204, description = "discarded"),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+    (status = 404, description = "DEAD_LETTER_NOT_FOUND", body = Problem, content_type = PROBLEM),
+    (status = 409, description = "DEAD_LETTER_RESOLVED", body = Problem, content_type = PROBLEM),
+))]
+pub async fn discard_dead_letter(State(state): State<AppState>, _admin: Admin, Path(id): Path<i64>) -> ApiResult<StatusCode> {
+    let mut tx = state.pool.begin().await?;
+    let letter = find_dead_letter(&mut tx, id, true).await?;
+    if letter.status != "NEW" {
+        return Err(Error::conflict("DEAD_LETTER_RESOLVED", format!("dead letter {id} is already {}", letter.status)).into());
+    }
+    sqlx::query("UPDATE dead_letters SET status = 'DISCARDED', resolved_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,80 @@
+//! The recovery sweep: a periodic, database-timed safety net behind the deadline messages.
+//! It cancels in-flight orders past their deadline whose deadline message was lost, and
+//! re-drives cancellations that made no progress for a whole ORDER_TIMEOUT (re-sending a
+//! compensation is harmless: every compensation is guarded by what the order still holds).
+//! `FOR UPDATE SKIP LOCKED` lets several recovery workers sweep at once.
+
+use std::time::Duration;
+
+use orderflow_shared::{
+    Result,
+    db::orders::{self, OrderRow},
+    domain::{CancelReason, OrderStatus},
+};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Orders handled per sweep transaction.
+const BATCH: i64 = 200;
+
+pub async fn run(pool: PgPool, interval: Duration, order_timeout: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(100)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => break,
+        }
+        match sweep_once(&pool, order_timeout).await {
+            Ok(n) if n.timed_out + n.redriven > 0 => {
+                tracing::warn!(timed_out = n.timed_out, redriven = n.redriven, "sweep acted on stuck orders");
+            }
+            Ok(_) => {}
+            Err(err) => tracing::warn!(error = %err, "sweep failed; will retry next interval"),
+        }
+    }
+    tracing::info!("sweep stopped");
+    Ok(())
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Swept {
+    pub timed_out: usize,
+    pub redriven: usize,
+}
+
+/// One pass; returns what it did.
+pub async fn sweep_once(pool: &PgPool, order_timeout: Duration) -> Result<Swept> {
+    let mut swept = Swept::default();
+    let mut tx = pool.begin().await?;
+    let overdue: Vec<OrderRow> = sqlx::query_as(
+        "SELECT * FROM orders WHERE status = ANY($1) AND deadline_at < now()
+         ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(OrderStatus::CANCELLABLE.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+    .bind(BATCH)
+    .fetch_all(&mut *tx)
+    .await?;
+    for order in &overdue {
+        orders::cancel_locked(&mut tx, order, CancelReason::Timeout).await?;
+        swept.timed_out += 1;
+    }
+    let stalled: Vec<OrderRow> = sqlx::query_as(
+        "SELECT * FROM orders WHERE status = 'CANCELLING' AND updated_at < now() - $1 * interval '1 millisecond'
+         ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(order_timeout.as_millis() as f64)
+    .bind(BATCH)
+    .fetch_all(&mut *tx)
+    .await?;
+    for order in &stalled {
+        orders::continue_compensation(&mut tx, order).await?;
+        sqlx::query("UPDATE orders SET updated_at = now() WHERE id = $1")
+            .bind(order.id)
+            .execute(&mut *tx)
+            .await?;
+        swept.redriven += 1;
+    }
+    tx.commit().await?;
+    Ok(swept)
+}
