@@ -23,7 +23,12 @@ async fn an_order_without_coupon_is_confirmed_and_published_once() {
     assert_eq!(order["totalAmount"], 3_000);
     assert_eq!(order["discountAmount"], 0);
     assert_eq!(order["paidAmount"], 3_000);
-    let path: Vec<_> = order["history"].as_array().unwrap().iter().map(|h| h["status"].as_str().unwrap().to_owned()).collect();
+    let path: Vec<_> = order["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(path, ["PENDING", "STOCK_RESERVED", "PAID", "CONFIRMED"]);
     assert_eq!(app.stock(product).await, 8);
     assert_eq!(app.balance(7).await, 7_000);
@@ -38,16 +43,31 @@ async fn an_order_without_coupon_is_confirmed_and_published_once() {
     let (props, body) = &events[0];
     assert_eq!(body["type"], "order.confirmed");
     assert_eq!(body["orderId"], order_id.as_str());
-    assert_eq!(body["data"], json!({
-        "userId": 7, "couponId": null,
-        "items": [{"productId": product, "quantity": 2, "unitPrice": 1_500}],
-        "totalAmount": 3_000, "discountAmount": 0, "paidAmount": 3_000,
-        "confirmedAt": body["data"]["confirmedAt"],
-    }));
-    assert_eq!(props.message_id().as_ref().map(|s| s.to_string()), body["id"].as_str().map(str::to_owned));
-    assert_eq!(props.kind().as_ref().map(|s| s.to_string()).as_deref(), Some("order.confirmed"));
-    assert_eq!(props.correlation_id().as_ref().map(|s| s.to_string()), Some(order_id.clone()));
-    assert_eq!(props.content_type().as_ref().map(|s| s.to_string()).as_deref(), Some("application/json"));
+    assert_eq!(
+        body["data"],
+        json!({
+            "userId": 7, "couponId": null,
+            "items": [{"productId": product, "quantity": 2, "unitPrice": 1_500}],
+            "totalAmount": 3_000, "discountAmount": 0, "paidAmount": 3_000,
+            "confirmedAt": body["data"]["confirmedAt"],
+        })
+    );
+    assert_eq!(
+        props.message_id().as_ref().map(|s| s.to_string()),
+        body["id"].as_str().map(str::to_owned)
+    );
+    assert_eq!(
+        props.kind().as_ref().map(|s| s.to_string()).as_deref(),
+        Some("order.confirmed")
+    );
+    assert_eq!(
+        props.correlation_id().as_ref().map(|s| s.to_string()),
+        Some(order_id.clone())
+    );
+    assert_eq!(
+        props.content_type().as_ref().map(|s| s.to_string()).as_deref(),
+        Some("application/json")
+    );
     assert_eq!(*props.delivery_mode(), Some(2));
     app.stop().await;
 }
@@ -72,17 +92,28 @@ async fn coupon_status(app: &TestApp, user: i64, coupon: i64) -> String {
 }
 
 fn history(order: &serde_json::Value) -> Vec<String> {
-    order["history"].as_array().unwrap().iter().map(|h| h["status"].as_str().unwrap().to_owned()).collect()
+    order["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[tokio::test]
 async fn fixed_and_percent_coupons_discount_the_payment() {
     let app = TestApp::spawn().await;
     let product = app.product("Tea", 15_000, 10).await;
-    let fixed = app.coupon(json!({"name": "3000 off", "discountType": "FIXED", "discountValue": 3_000, "quantity": 10})).await;
-    let percent = app.coupon(json!({"name": "15% off", "discountType": "PERCENT", "discountValue": 15, "quantity": 10})).await;
+    let fixed = app
+        .coupon(json!({"name": "3000 off", "discountType": "FIXED", "discountValue": 3_000, "quantity": 10}))
+        .await;
+    let percent = app
+        .coupon(json!({"name": "15% off", "discountType": "PERCENT", "discountValue": 15, "quantity": 10}))
+        .await;
     for (user, coupon) in [(21, fixed), (22, percent)] {
-        let (status, _) = app.post(&format!("/api/coupons/{coupon}/issue"), &app.token(user), json!({})).await;
+        let (status, _) = app
+            .post(&format!("/api/coupons/{coupon}/issue"), &app.token(user), json!({}))
+            .await;
         assert_eq!(status, 201);
         app.fund(user, 100_000).await;
     }
@@ -92,12 +123,29 @@ async fn fixed_and_percent_coupons_discount_the_payment() {
     let o1 = app.wait_terminal(21, &o1, WAIT).await;
     let o2 = app.wait_terminal(22, &o2, WAIT).await;
 
-    assert_eq!((o1["status"].as_str(), o1["totalAmount"].as_i64(), o1["discountAmount"].as_i64(), o1["paidAmount"].as_i64()),
-               (Some("CONFIRMED"), Some(30_000), Some(3_000), Some(27_000)));
+    assert_eq!(
+        (
+            o1["status"].as_str(),
+            o1["totalAmount"].as_i64(),
+            o1["discountAmount"].as_i64(),
+            o1["paidAmount"].as_i64()
+        ),
+        (Some("CONFIRMED"), Some(30_000), Some(3_000), Some(27_000))
+    );
     // 15% of 45,000 = 6,750
-    assert_eq!((o2["status"].as_str(), o2["totalAmount"].as_i64(), o2["discountAmount"].as_i64(), o2["paidAmount"].as_i64()),
-               (Some("CONFIRMED"), Some(45_000), Some(6_750), Some(38_250)));
-    assert_eq!(history(&o1), ["PENDING", "STOCK_RESERVED", "COUPON_APPLIED", "PAID", "CONFIRMED"]);
+    assert_eq!(
+        (
+            o2["status"].as_str(),
+            o2["totalAmount"].as_i64(),
+            o2["discountAmount"].as_i64(),
+            o2["paidAmount"].as_i64()
+        ),
+        (Some("CONFIRMED"), Some(45_000), Some(6_750), Some(38_250))
+    );
+    assert_eq!(
+        history(&o1),
+        ["PENDING", "STOCK_RESERVED", "COUPON_APPLIED", "PAID", "CONFIRMED"]
+    );
     assert_eq!(app.balance(21).await, 73_000);
     assert_eq!(app.balance(22).await, 61_750);
     assert_eq!(app.stock(product).await, 5);
@@ -119,13 +167,19 @@ async fn each_failure_reason_cancels_and_gives_everything_back() {
     let app = TestApp::spawn().await;
     let scarce = app.product("Scarce", 1_000, 1).await;
     let plenty = app.product("Plenty", 10_000, 100).await;
-    let coupon = app.coupon(json!({"name": "big spender", "discountType": "FIXED", "discountValue": 1_000,
-                                  "quantity": 10, "minOrderAmount": 50_000})).await;
+    let coupon = app
+        .coupon(
+            json!({"name": "big spender", "discountType": "FIXED", "discountValue": 1_000,
+                                  "quantity": 10, "minOrderAmount": 50_000}),
+        )
+        .await;
     // User 31: out of stock (wants 2 of 1). Has a coupon the order never reaches.
     // User 32: coupon invalid (order below the coupon's minimum). Stock must come back.
     // User 33: insufficient balance, with a valid coupon. Stock and coupon must come back.
     for user in [31, 32, 33] {
-        let (status, _) = app.post(&format!("/api/coupons/{coupon}/issue"), &app.token(user), json!({})).await;
+        let (status, _) = app
+            .post(&format!("/api/coupons/{coupon}/issue"), &app.token(user), json!({}))
+            .await;
         assert_eq!(status, 201);
     }
     app.fund(31, 50_000).await;
@@ -139,26 +193,48 @@ async fn each_failure_reason_cancels_and_gives_everything_back() {
     let o2 = app.wait_terminal(32, &o2, WAIT).await;
     let o3 = app.wait_terminal(33, &o3, WAIT).await;
 
-    assert_eq!((o1["status"].as_str(), o1["reason"].as_str()), (Some("CANCELLED"), Some("OUT_OF_STOCK")));
+    assert_eq!(
+        (o1["status"].as_str(), o1["reason"].as_str()),
+        (Some("CANCELLED"), Some("OUT_OF_STOCK"))
+    );
     assert_eq!(history(&o1), ["PENDING", "CANCELLING", "CANCELLED"]);
-    assert_eq!((o2["status"].as_str(), o2["reason"].as_str()), (Some("CANCELLED"), Some("COUPON_INVALID")));
+    assert_eq!(
+        (o2["status"].as_str(), o2["reason"].as_str()),
+        (Some("CANCELLED"), Some("COUPON_INVALID"))
+    );
     assert_eq!(history(&o2), ["PENDING", "STOCK_RESERVED", "CANCELLING", "CANCELLED"]);
-    assert_eq!((o3["status"].as_str(), o3["reason"].as_str()), (Some("CANCELLED"), Some("INSUFFICIENT_BALANCE")));
-    assert_eq!(history(&o3), ["PENDING", "STOCK_RESERVED", "COUPON_APPLIED", "CANCELLING", "CANCELLED"]);
+    assert_eq!(
+        (o3["status"].as_str(), o3["reason"].as_str()),
+        (Some("CANCELLED"), Some("INSUFFICIENT_BALANCE"))
+    );
+    assert_eq!(
+        history(&o3),
+        ["PENDING", "STOCK_RESERVED", "COUPON_APPLIED", "CANCELLING", "CANCELLED"]
+    );
     for o in [&o1, &o2, &o3] {
         assert_eq!(o["paidAmount"], 0);
     }
 
     app.wait_quiescent(WAIT).await;
-    assert_eq!(app.stock(scarce).await, 1, "all-or-nothing: the scarce unit was never taken");
+    assert_eq!(
+        app.stock(scarce).await,
+        1,
+        "all-or-nothing: the scarce unit was never taken"
+    );
     assert_eq!(app.stock(plenty).await, 100, "reserved stock was released");
     for user in [31, 32, 33] {
         assert_eq!(coupon_status(&app, user, coupon).await, "AVAILABLE");
-        assert!(ledger(&app, user).await.iter().all(|(kind, _, _)| kind == "CHARGE"), "no money moved for {user}");
+        assert!(
+            ledger(&app, user).await.iter().all(|(kind, _, _)| kind == "CHARGE"),
+            "no money moved for {user}"
+        );
     }
     assert_eq!(app.balance(31).await, 50_000);
     assert_eq!(app.balance(33).await, 5_000);
-    assert!(app.drain_queue(DATA_PLATFORM_QUEUE).await.is_empty(), "a cancelled order never produces order.confirmed");
+    assert!(
+        app.drain_queue(DATA_PLATFORM_QUEUE).await.is_empty(),
+        "a cancelled order never produces order.confirmed"
+    );
     app.stop().await;
 }
 
@@ -175,23 +251,46 @@ async fn a_paid_order_that_times_out_is_refunded_and_the_late_confirm_is_refused
     })
     .await;
     let product = app.product("Slow", 5_000, 3).await;
-    let coupon = app.coupon(json!({"name": "10%", "discountType": "PERCENT", "discountValue": 10, "quantity": 1})).await;
-    app.post(&format!("/api/coupons/{coupon}/issue"), &app.token(41), json!({})).await;
+    let coupon = app
+        .coupon(json!({"name": "10%", "discountType": "PERCENT", "discountValue": 10, "quantity": 1}))
+        .await;
+    app.post(&format!("/api/coupons/{coupon}/issue"), &app.token(41), json!({}))
+        .await;
     app.fund(41, 20_000).await;
 
     let id = app.order(41, &[(product, 2)], Some(coupon)).await;
-    app.wait_order_row(&id, WAIT, |o| o.status.as_str() == "CANCELLING" && !o.stock_held && !o.coupon_held && o.paid_amount == 0).await;
+    app.wait_order_row(&id, WAIT, |o| {
+        o.status.as_str() == "CANCELLING" && !o.stock_held && !o.coupon_held && o.paid_amount == 0
+    })
+    .await;
     app.spawn_workers(&[Order]).await;
     let order = app.wait_terminal(41, &id, WAIT).await;
 
-    assert_eq!((order["status"].as_str(), order["reason"].as_str()), (Some("CANCELLED"), Some("TIMEOUT")));
-    assert_eq!(history(&order), ["PENDING", "STOCK_RESERVED", "COUPON_APPLIED", "PAID", "CANCELLING", "CANCELLED"]);
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("CANCELLED"), Some("TIMEOUT"))
+    );
+    assert_eq!(
+        history(&order),
+        [
+            "PENDING",
+            "STOCK_RESERVED",
+            "COUPON_APPLIED",
+            "PAID",
+            "CANCELLING",
+            "CANCELLED"
+        ]
+    );
     app.wait_quiescent(WAIT).await;
     assert_eq!(app.balance(41).await, 20_000);
     let entries = ledger(&app, 41).await;
     let order_uuid: uuid::Uuid = id.parse().unwrap();
     assert_eq!(
-        entries.iter().filter(|(_, _, o)| *o == Some(order_uuid)).map(|(k, a, _)| (k.as_str(), *a)).collect::<Vec<_>>(),
+        entries
+            .iter()
+            .filter(|(_, _, o)| *o == Some(order_uuid))
+            .map(|(k, a, _)| (k.as_str(), *a))
+            .collect::<Vec<_>>(),
         [("PAYMENT", 9_000), ("REFUND", 9_000)]
     );
     assert_eq!(coupon_status(&app, 41, coupon).await, "AVAILABLE");
@@ -202,14 +301,25 @@ async fn a_paid_order_that_times_out_is_refunded_and_the_late_confirm_is_refused
 
 /// 200 users race for 50 units: exactly 50 win.
 async fn contention(instances: usize) {
-    let app = TestApp::spawn_with(common::Options { instances, ..Default::default() }).await;
+    let app = TestApp::spawn_with(common::Options {
+        instances,
+        ..Default::default()
+    })
+    .await;
     let product = app.product("Hot", 2_000, 50).await;
     let users: Vec<i64> = (1001..=1200).collect();
     let mut funding = tokio::task::JoinSet::new();
     for &user in &users {
         let app_http = (app.http.clone(), app.url("/api/balance/charge"), app.token(user));
         funding.spawn(async move {
-            let res = app_http.0.post(app_http.1).bearer_auth(app_http.2).json(&json!({"amount": 10_000})).send().await.unwrap();
+            let res = app_http
+                .0
+                .post(app_http.1)
+                .bearer_auth(app_http.2)
+                .json(&json!({"amount": 10_000}))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(res.status(), 200);
         });
     }
@@ -240,7 +350,10 @@ async fn contention(instances: usize) {
             .unwrap();
     assert_eq!(
         counts,
-        [("CANCELLED".to_owned(), Some("OUT_OF_STOCK".to_owned()), 150), ("CONFIRMED".to_owned(), None, 50)]
+        [
+            ("CANCELLED".to_owned(), Some("OUT_OF_STOCK".to_owned()), 150),
+            ("CONFIRMED".to_owned(), None, 50)
+        ]
     );
     assert_eq!(app.stock(product).await, 0);
     let (payments, paid, balances): (i64, i64, i64) = sqlx::query_as(
@@ -253,7 +366,10 @@ async fn contention(instances: usize) {
     .unwrap();
     assert_eq!((payments, paid, balances), (50, 100_000, 200 * 10_000 - 100_000));
     let events = app.drain_queue(DATA_PLATFORM_QUEUE).await;
-    let distinct: std::collections::HashSet<_> = events.iter().map(|(_, b)| b["id"].as_str().unwrap().to_owned()).collect();
+    let distinct: std::collections::HashSet<_> = events
+        .iter()
+        .map(|(_, b)| b["id"].as_str().unwrap().to_owned())
+        .collect();
     assert_eq!(distinct.len(), 50);
     app.stop().await;
 }
@@ -278,14 +394,20 @@ async fn every_message_delivered_twice_has_no_double_effect() {
     })
     .await;
     let product = app.product("Twice", 4_000, 10).await;
-    let coupon = app.coupon(json!({"name": "1000 off", "discountType": "FIXED", "discountValue": 1_000, "quantity": 5})).await;
+    let coupon = app
+        .coupon(json!({"name": "1000 off", "discountType": "FIXED", "discountValue": 1_000, "quantity": 5}))
+        .await;
     for user in [51, 52] {
-        app.post(&format!("/api/coupons/{coupon}/issue"), &app.token(user), json!({})).await;
+        app.post(&format!("/api/coupons/{coupon}/issue"), &app.token(user), json!({}))
+            .await;
         app.fund(user, 50_000).await;
     }
     // Order A goes through payment, times out and is compensated (refund, restore, release).
     let a = app.order(51, &[(product, 2)], Some(coupon)).await;
-    app.wait_order_row(&a, WAIT, |o| o.status.as_str() == "CANCELLING" && o.paid_amount == 0 && !o.stock_held).await;
+    app.wait_order_row(&a, WAIT, |o| {
+        o.status.as_str() == "CANCELLING" && o.paid_amount == 0 && !o.stock_held
+    })
+    .await;
     app.spawn_workers(&[Order]).await;
     app.wait_terminal(51, &a, WAIT).await;
     // Order B is confirmed (every forward message, and the public event).
@@ -304,8 +426,24 @@ async fn every_message_delivered_twice_has_no_double_effect() {
         let depth: i64 = {
             let (conn, ch) = app.amqp().await;
             let mut total = 0;
-            for q in ["orderflow.stock", "orderflow.coupon", "orderflow.payment", "orderflow.order", "orderflow.sales"] {
-                let d = ch.queue_declare(q.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, Default::default()).await.unwrap();
+            for q in [
+                "orderflow.stock",
+                "orderflow.coupon",
+                "orderflow.payment",
+                "orderflow.order",
+                "orderflow.sales",
+            ] {
+                let d = ch
+                    .queue_declare(
+                        q.into(),
+                        lapin::options::QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        Default::default(),
+                    )
+                    .await
+                    .unwrap();
                 total += i64::from(d.message_count());
             }
             let _ = conn.close(200, "bye".into()).await;
@@ -321,7 +459,10 @@ async fn every_message_delivered_twice_has_no_double_effect() {
 
     let a_view = app.wait_terminal(51, &a, WAIT).await;
     let b_view = app.wait_terminal(52, &b, WAIT).await;
-    assert_eq!((a_view["status"].as_str(), a_view["reason"].as_str()), (Some("CANCELLED"), Some("TIMEOUT")));
+    assert_eq!(
+        (a_view["status"].as_str(), a_view["reason"].as_str()),
+        (Some("CANCELLED"), Some("TIMEOUT"))
+    );
     assert_eq!(b_view["status"], "CONFIRMED");
     assert_eq!(history(&a_view).len(), 6);
     assert_eq!(history(&b_view).len(), 5);
@@ -338,13 +479,20 @@ async fn every_message_delivered_twice_has_no_double_effect() {
     assert_eq!(again[0].1["id"], first[0].1["id"]);
     // The sales projection counted order B once.
     let (_, popular) = app.get("/api/products/popular", &app.token(1)).await;
-    assert_eq!(popular, json!([{"productId": product, "name": "Twice", "price": 4_000, "quantity": 3}]));
+    assert_eq!(
+        popular,
+        json!([{"productId": product, "name": "Twice", "price": 4_000, "quantity": 3}])
+    );
     app.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn idempotency_keys_replay_refuse_reuse_and_serialise() {
-    let app = TestApp::spawn_with(common::Options { workers: vec![], ..Default::default() }).await;
+    let app = TestApp::spawn_with(common::Options {
+        workers: vec![],
+        ..Default::default()
+    })
+    .await;
     let product = app.product("Key", 1_000, 10).await;
     let token = app.token(61);
     let body = json!({"items": [{"productId": product, "quantity": 1}]});
@@ -363,7 +511,10 @@ async fn idempotency_keys_replay_refuse_reuse_and_serialise() {
     };
 
     let (status, _, problem) = send(None, body.clone()).await;
-    assert_eq!((status, problem["code"].as_str()), (400, Some("IDEMPOTENCY_KEY_REQUIRED")));
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (400, Some("IDEMPOTENCY_KEY_REQUIRED"))
+    );
 
     let (s1, l1, first) = send(Some("k-1"), body.clone()).await;
     let (s2, l2, replay) = send(Some("k-1"), body.clone()).await;
@@ -399,34 +550,82 @@ async fn idempotency_keys_replay_refuse_reuse_and_serialise() {
     assert_eq!(ok + in_use, 20);
     assert!(ok >= 1);
     assert_eq!(accepted.len(), 1);
-    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE user_id = 61").fetch_one(&app.pool).await.unwrap();
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE user_id = 61")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(orders, 2, "k-1 and k-burst: one order each");
 
     // Another user's order is 404; the same key for another user is independent.
     let other = app.token(62);
-    let (status, problem) = app.get(&format!("/api/orders/{}", first["orderId"].as_str().unwrap()), &other).await;
-    assert_eq!((status.as_u16(), problem["code"].as_str()), (404, Some("ORDER_NOT_FOUND")));
+    let (status, problem) = app
+        .get(&format!("/api/orders/{}", first["orderId"].as_str().unwrap()), &other)
+        .await;
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (404, Some("ORDER_NOT_FOUND"))
+    );
     app.stop().await;
 }
 
 #[tokio::test]
 async fn orders_are_validated_before_anything_is_stored() {
-    let app = TestApp::spawn_with(common::Options { workers: vec![], ..Default::default() }).await;
+    let app = TestApp::spawn_with(common::Options {
+        workers: vec![],
+        ..Default::default()
+    })
+    .await;
     let product = app.product("Valid", 1_000, 10).await;
     let token = app.token(71);
     let cases = [
         (json!({"items": []}), 400, "INVALID_ORDER"),
-        (json!({"items": [{"productId": product, "quantity": 0}]}), 400, "INVALID_ORDER"),
-        (json!({"items": [{"productId": product, "quantity": 1001}]}), 400, "INVALID_ORDER"),
-        (json!({"items": [{"productId": product, "quantity": 1}, {"productId": product, "quantity": 2}]}), 400, "INVALID_ORDER"),
-        (json!({"items": (0..51).map(|i| json!({"productId": i + 1, "quantity": 1})).collect::<Vec<_>>()}), 400, "INVALID_ORDER"),
-        (json!({"items": [{"productId": 999_999, "quantity": 1}]}), 404, "PRODUCT_NOT_FOUND"),
-        (json!({"items": [{"productId": "one", "quantity": 1}]}), 400, "INVALID_BODY"),
-        (json!({"items": [{"productId": product, "quantity": 1e12}]}), 400, "INVALID_BODY"),
+        (
+            json!({"items": [{"productId": product, "quantity": 0}]}),
+            400,
+            "INVALID_ORDER",
+        ),
+        (
+            json!({"items": [{"productId": product, "quantity": 1001}]}),
+            400,
+            "INVALID_ORDER",
+        ),
+        (
+            json!({"items": [{"productId": product, "quantity": 1}, {"productId": product, "quantity": 2}]}),
+            400,
+            "INVALID_ORDER",
+        ),
+        (
+            json!({"items": (0..51).map(|i| json!({"productId": i + 1, "quantity": 1})).collect::<Vec<_>>()}),
+            400,
+            "INVALID_ORDER",
+        ),
+        (
+            json!({"items": [{"productId": 999_999, "quantity": 1}]}),
+            404,
+            "PRODUCT_NOT_FOUND",
+        ),
+        (
+            json!({"items": [{"productId": "one", "quantity": 1}]}),
+            400,
+            "INVALID_BODY",
+        ),
+        (
+            json!({"items": [{"productId": product, "quantity": 1e12}]}),
+            400,
+            "INVALID_BODY",
+        ),
     ];
     for (i, (body, status, code)) in cases.into_iter().enumerate() {
         let key = format!("v-{i}");
-        let res = app.request(reqwest::Method::POST, "/api/orders", Some(&token), Some(body), &[("idempotency-key", &key)]).await;
+        let res = app
+            .request(
+                reqwest::Method::POST,
+                "/api/orders",
+                Some(&token),
+                Some(body),
+                &[("idempotency-key", &key)],
+            )
+            .await;
         assert_eq!(res.status().as_u16(), status);
         assert_eq!(res.headers()["content-type"], "application/problem+json");
         let problem: serde_json::Value = res.json().await.unwrap();
@@ -461,19 +660,31 @@ async fn popular_products_rank_confirmed_units_of_the_last_72_hours() {
     for id in &ids {
         assert_eq!(app.wait_terminal(81, id, WAIT).await["status"], "CONFIRMED");
     }
-    assert_eq!(app.wait_terminal(82, &cancelled, WAIT).await["reason"], "INSUFFICIENT_BALANCE");
+    assert_eq!(
+        app.wait_terminal(82, &cancelled, WAIT).await["reason"],
+        "INSUFFICIENT_BALANCE"
+    );
     // An order confirmed 73 hours ago (as the projection would have received it) is too old.
     let old = json!({"id": uuid::Uuid::now_v7(), "type": "order.confirmed", "occurredAt": "2026-01-01T00:00:00.000Z",
         "orderId": uuid::Uuid::now_v7(), "data": {"userId": 81, "couponId": null,
         "items": [{"productId": products[3], "quantity": 500, "unitPrice": 4_000}],
         "totalAmount": 2_000_000, "discountAmount": 0, "paidAmount": 2_000_000,
         "confirmedAt": (chrono::Utc::now() - chrono::Duration::hours(73)).to_rfc3339()}});
-    app.publish_raw("orderflow.events", "order.confirmed", old.to_string().as_bytes(), "order.confirmed").await;
+    app.publish_raw(
+        "orderflow.events",
+        "order.confirmed",
+        old.to_string().as_bytes(),
+        "order.confirmed",
+    )
+    .await;
     app.wait_quiescent(WAIT).await;
     // The projection is asynchronous: wait until it has all 23 confirmed units (and the old 500).
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let total: Option<i64> = sqlx::query_scalar("SELECT sum(quantity)::bigint FROM product_sales_hourly").fetch_one(&app.pool).await.unwrap();
+        let total: Option<i64> = sqlx::query_scalar("SELECT sum(quantity)::bigint FROM product_sales_hourly")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
         if total == Some(23 + 500) {
             break;
         }
@@ -483,8 +694,22 @@ async fn popular_products_rank_confirmed_units_of_the_last_72_hours() {
 
     let (status, top) = app.get("/api/products/popular", &app.token(81)).await;
     assert_eq!(status, 200);
-    let ranking: Vec<(i64, i64)> = top.as_array().unwrap().iter().map(|p| (p["productId"].as_i64().unwrap(), p["quantity"].as_i64().unwrap())).collect();
-    assert_eq!(ranking, [(products[2], 8), (products[0], 5), (products[5], 4), (products[1], 3), (products[4], 2)]);
+    let ranking: Vec<(i64, i64)> = top
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["productId"].as_i64().unwrap(), p["quantity"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(
+        ranking,
+        [
+            (products[2], 8),
+            (products[0], 5),
+            (products[5], 4),
+            (products[1], 3),
+            (products[4], 2)
+        ]
+    );
     assert_eq!(top[0]["name"], "C");
     assert_eq!(top[0]["price"], 3_000);
     app.stop().await;

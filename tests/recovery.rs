@@ -15,9 +15,14 @@ const WAIT: Duration = Duration::from_secs(30);
 async fn wait_dead_letters(app: &TestApp, n: i64) -> Vec<Value> {
     let deadline = Instant::now() + WAIT;
     loop {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters").fetch_one(&app.pool).await.unwrap();
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
         if count >= n {
-            let (status, page) = app.get("/api/admin/dead-letters?size=100&status=ALL", &app.admin_token()).await;
+            let (status, page) = app
+                .get("/api/admin/dead-letters?size=100&status=ALL", &app.admin_token())
+                .await;
             assert_eq!(status, 200, "{page}");
             return page["items"].as_array().unwrap().clone();
         }
@@ -40,15 +45,22 @@ async fn poison_in_every_work_queue_is_dead_lettered_recorded_and_the_queues_kee
         app.publish_raw("orderflow.work", key, b"{not json", kind).await;
         let unknown = json!({"id": uuid::Uuid::now_v7(), "type": "stock.explode", "occurredAt": "2026-11-21T10:00:00.000Z",
                              "orderId": missing, "data": {}});
-        app.publish_raw("orderflow.work", key, unknown.to_string().as_bytes(), "stock.explode").await;
+        app.publish_raw("orderflow.work", key, unknown.to_string().as_bytes(), "stock.explode")
+            .await;
         let valid = json!({"id": uuid::Uuid::now_v7(), "type": kind, "occurredAt": "2026-11-21T10:00:00.000Z",
                            "orderId": missing, "data": {}});
-        app.publish_raw("orderflow.work", key, valid.to_string().as_bytes(), kind).await;
+        app.publish_raw("orderflow.work", key, valid.to_string().as_bytes(), kind)
+            .await;
         published += 3;
     }
     let letters = wait_dead_letters(&app, published).await;
     assert_eq!(letters.len(), published as usize);
-    for queue in ["orderflow.stock", "orderflow.coupon", "orderflow.payment", "orderflow.order"] {
+    for queue in [
+        "orderflow.stock",
+        "orderflow.coupon",
+        "orderflow.payment",
+        "orderflow.order",
+    ] {
         let from: Vec<_> = letters.iter().filter(|l| l["sourceQueue"] == queue).collect();
         assert_eq!(from.len(), 3, "three dead letters from {queue}");
         assert!(from.iter().all(|l| l["reason"] == "rejected" && l["status"] == "NEW"));
@@ -62,10 +74,29 @@ async fn poison_in_every_work_queue_is_dead_lettered_recorded_and_the_queues_kee
     assert_eq!(app.wait_terminal(5, &id, WAIT).await["status"], "CONFIRMED");
 
     // A malformed dead letter cannot be replayed; it can be discarded.
-    let bad = letters.iter().find(|l| l["body"] == "{not json").unwrap()["id"].as_i64().unwrap();
-    let (status, problem) = app.call(Method::POST, &format!("/api/admin/dead-letters/{bad}/replay"), Some(&app.admin_token()), None).await;
-    assert_eq!((status.as_u16(), problem["code"].as_str()), (409, Some("DEAD_LETTER_NOT_REPLAYABLE")));
-    let (status, _) = app.call(Method::DELETE, &format!("/api/admin/dead-letters/{bad}"), Some(&app.admin_token()), None).await;
+    let bad = letters.iter().find(|l| l["body"] == "{not json").unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let (status, problem) = app
+        .call(
+            Method::POST,
+            &format!("/api/admin/dead-letters/{bad}/replay"),
+            Some(&app.admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (409, Some("DEAD_LETTER_NOT_REPLAYABLE"))
+    );
+    let (status, _) = app
+        .call(
+            Method::DELETE,
+            &format!("/api/admin/dead-letters/{bad}"),
+            Some(&app.admin_token()),
+            None,
+        )
+        .await;
     assert_eq!(status.as_u16(), 204);
     let (_, page) = app.get("/api/admin/dead-letters", &app.admin_token()).await;
     assert_eq!(page["total"], published - 1, "the NEW list no longer shows it");
@@ -82,7 +113,10 @@ async fn break_stock(app: &TestApp, name: &str, direction: &str) {
            RETURN NEW;
          END $$"
     );
-    sqlx::query(sqlx::AssertSqlSafe(function)).execute(&app.pool).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(function))
+        .execute(&app.pool)
+        .await
+        .unwrap();
     sqlx::query("CREATE TRIGGER break_stock BEFORE UPDATE ON products FOR EACH ROW EXECUTE FUNCTION break_stock()")
         .execute(&app.pool)
         .await
@@ -90,8 +124,14 @@ async fn break_stock(app: &TestApp, name: &str, direction: &str) {
 }
 
 async fn heal(app: &TestApp) {
-    sqlx::query("DROP TRIGGER break_stock ON products").execute(&app.pool).await.unwrap();
-    sqlx::query("DROP FUNCTION break_stock()").execute(&app.pool).await.unwrap();
+    sqlx::query("DROP TRIGGER break_stock ON products")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("DROP FUNCTION break_stock()")
+        .execute(&app.pool)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -103,7 +143,10 @@ async fn a_step_that_keeps_failing_is_dead_lettered_and_its_order_cancelled_then
 
     let id = app.order(6, &[(product, 1)], None).await;
     let order = app.wait_terminal(6, &id, WAIT).await;
-    assert_eq!((order["status"].as_str(), order["reason"].as_str()), (Some("CANCELLED"), Some("PROCESSING_FAILED")));
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("CANCELLED"), Some("PROCESSING_FAILED"))
+    );
     let letters = wait_dead_letters(&app, 1).await;
     let letter = &letters[0];
     assert_eq!(letter["sourceQueue"], "orderflow.stock");
@@ -115,22 +158,51 @@ async fn a_step_that_keeps_failing_is_dead_lettered_and_its_order_cancelled_then
     // state guard; nothing is taken.
     heal(&app).await;
     let letter_id = letter["id"].as_i64().unwrap();
-    let (status, replayed) = app.call(Method::POST, &format!("/api/admin/dead-letters/{letter_id}/replay"), Some(&app.admin_token()), None).await;
+    let (status, replayed) = app
+        .call(
+            Method::POST,
+            &format!("/api/admin/dead-letters/{letter_id}/replay"),
+            Some(&app.admin_token()),
+            None,
+        )
+        .await;
     assert_eq!(status.as_u16(), 202, "{replayed}");
     assert_eq!(replayed["status"], "REPLAYED");
-    let (status, problem) = app.call(Method::POST, &format!("/api/admin/dead-letters/{letter_id}/replay"), Some(&app.admin_token()), None).await;
-    assert_eq!((status.as_u16(), problem["code"].as_str()), (409, Some("DEAD_LETTER_RESOLVED")));
+    let (status, problem) = app
+        .call(
+            Method::POST,
+            &format!("/api/admin/dead-letters/{letter_id}/replay"),
+            Some(&app.admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (409, Some("DEAD_LETTER_RESOLVED"))
+    );
     app.wait_quiescent(WAIT).await;
     // Let the replayed message be consumed (it is acked as stale), then check nothing moved.
     let deadline = Instant::now() + WAIT;
     loop {
-        let seen: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE consumer = 'stock' AND message_id = $1::uuid")
-            .bind(letter["messageId"].as_str().unwrap())
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
+        let seen: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM inbox WHERE consumer = 'stock' AND message_id = $1::uuid")
+                .bind(letter["messageId"].as_str().unwrap())
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
         let (conn, ch) = app.amqp().await;
-        let depth = ch.queue_declare("orderflow.stock".into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, Default::default()).await.unwrap().message_count();
+        let depth = ch
+            .queue_declare(
+                "orderflow.stock".into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .unwrap()
+            .message_count();
         let _ = conn.close(200, "bye".into()).await;
         if seen == 0 && depth == 0 {
             break;
@@ -152,9 +224,12 @@ async fn a_compensation_that_keeps_failing_is_parked_and_an_operator_retries_it(
     break_stock(&app, "Fragile", ">").await;
 
     let id = app.order(8, &[(product, 2)], None).await;
-    app.wait_order_row(&id, WAIT, |o| o.status.as_str() == "COMPENSATION_FAILED").await;
+    app.wait_order_row(&id, WAIT, |o| o.status.as_str() == "COMPENSATION_FAILED")
+        .await;
     assert_eq!(app.stock(product).await, 3, "the release failed: stock still held");
-    let (status, parked) = app.get("/api/admin/orders?status=COMPENSATION_FAILED", &app.admin_token()).await;
+    let (status, parked) = app
+        .get("/api/admin/orders?status=COMPENSATION_FAILED", &app.admin_token())
+        .await;
     assert_eq!(status, 200);
     assert_eq!(parked["total"], 1);
     assert_eq!(parked["items"][0]["orderId"], id.as_str());
@@ -162,15 +237,50 @@ async fn a_compensation_that_keeps_failing_is_parked_and_an_operator_retries_it(
     assert_eq!(parked["items"][0]["reason"], "INSUFFICIENT_BALANCE");
 
     heal(&app).await;
-    let (status, body) = app.call(Method::POST, &format!("/api/admin/orders/{id}/retry"), Some(&app.admin_token()), None).await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/api/admin/orders/{id}/retry"),
+            Some(&app.admin_token()),
+            None,
+        )
+        .await;
     assert_eq!((status.as_u16(), body["status"].as_str()), (202, Some("CANCELLING")));
     let order = app.wait_terminal(8, &id, WAIT).await;
-    assert_eq!((order["status"].as_str(), order["reason"].as_str()), (Some("CANCELLED"), Some("INSUFFICIENT_BALANCE")));
-    let path: Vec<_> = order["history"].as_array().unwrap().iter().map(|h| h["status"].as_str().unwrap()).collect();
-    assert_eq!(path, ["PENDING", "STOCK_RESERVED", "CANCELLING", "COMPENSATION_FAILED", "CANCELLING", "CANCELLED"]);
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("CANCELLED"), Some("INSUFFICIENT_BALANCE"))
+    );
+    let path: Vec<_> = order["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        path,
+        [
+            "PENDING",
+            "STOCK_RESERVED",
+            "CANCELLING",
+            "COMPENSATION_FAILED",
+            "CANCELLING",
+            "CANCELLED"
+        ]
+    );
     assert_eq!(app.stock(product).await, 5);
-    let (status, problem) = app.call(Method::POST, &format!("/api/admin/orders/{id}/retry"), Some(&app.admin_token()), None).await;
-    assert_eq!((status.as_u16(), problem["code"].as_str()), (409, Some("ORDER_NOT_RETRYABLE")));
+    let (status, problem) = app
+        .call(
+            Method::POST,
+            &format!("/api/admin/orders/{id}/retry"),
+            Some(&app.admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (409, Some("ORDER_NOT_RETRYABLE"))
+    );
     app.stop().await;
 }
 
@@ -181,7 +291,11 @@ fn without(kinds: &[WorkerKind]) -> Vec<WorkerKind> {
 #[tokio::test]
 async fn an_operator_finds_a_stuck_order_and_cancels_it() {
     // No stock worker: orders wait in PENDING.
-    let mut app = TestApp::spawn_with(Options { workers: without(&[Stock]), ..Default::default() }).await;
+    let mut app = TestApp::spawn_with(Options {
+        workers: without(&[Stock]),
+        ..Default::default()
+    })
+    .await;
     let product = app.product("Stuck", 1_000, 5).await;
     app.fund(9, 5_000).await;
     let id = app.order(9, &[(product, 1)], None).await;
@@ -192,26 +306,72 @@ async fn an_operator_finds_a_stuck_order_and_cancels_it() {
     assert_eq!(stuck["items"][0]["orderId"], id.as_str());
     assert_eq!(stuck["items"][0]["status"], "PENDING");
     let (status, problem) = app.get("/api/admin/orders?status=NOPE", &admin).await;
-    assert_eq!((status.as_u16(), problem["code"].as_str()), (400, Some("INVALID_STATUS")));
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (400, Some("INVALID_STATUS"))
+    );
     let (status, _) = app.get("/api/admin/orders", &app.token(9)).await;
     assert_eq!(status, 403);
 
-    let (status, body) = app.call(Method::POST, &format!("/api/admin/orders/{id}/cancel"), Some(&admin), None).await;
+    let (status, body) = app
+        .call(
+            Method::POST,
+            &format!("/api/admin/orders/{id}/cancel"),
+            Some(&admin),
+            None,
+        )
+        .await;
     assert_eq!((status.as_u16(), body["status"].as_str()), (202, Some("CANCELLING")));
     let order = app.wait_terminal(9, &id, WAIT).await;
-    assert_eq!((order["status"].as_str(), order["reason"].as_str()), (Some("CANCELLED"), Some("ADMIN_CANCELLED")));
-    let (status, problem) = app.call(Method::POST, &format!("/api/admin/orders/{id}/cancel"), Some(&admin), None).await;
-    assert_eq!((status.as_u16(), problem["code"].as_str()), (409, Some("ORDER_NOT_CANCELLABLE")));
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("CANCELLED"), Some("ADMIN_CANCELLED"))
+    );
+    let (status, problem) = app
+        .call(
+            Method::POST,
+            &format!("/api/admin/orders/{id}/cancel"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (409, Some("ORDER_NOT_CANCELLABLE"))
+    );
     let missing = uuid::Uuid::now_v7();
-    let (status, problem) = app.call(Method::POST, &format!("/api/admin/orders/{missing}/cancel"), Some(&admin), None).await;
-    assert_eq!((status.as_u16(), problem["code"].as_str()), (404, Some("ORDER_NOT_FOUND")));
+    let (status, problem) = app
+        .call(
+            Method::POST,
+            &format!("/api/admin/orders/{missing}/cancel"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (404, Some("ORDER_NOT_FOUND"))
+    );
 
     // The stock worker arrives late: its reserve finds the order cancelled and takes nothing.
     app.spawn_workers(&[Stock]).await;
     app.wait_quiescent(WAIT).await;
     let (conn, ch) = app.amqp().await;
     let deadline = Instant::now() + WAIT;
-    while ch.queue_declare("orderflow.stock".into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, Default::default()).await.unwrap().message_count() > 0 {
+    while ch
+        .queue_declare(
+            "orderflow.stock".into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .message_count()
+        > 0
+    {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -224,18 +384,32 @@ async fn an_operator_finds_a_stuck_order_and_cancels_it() {
 async fn the_sweep_cancels_an_order_whose_deadline_message_was_lost() {
     // No stock worker (the order stays PENDING) and the deadline message is purged: only the
     // sweep (every second in tests, on database time) can notice the order is overdue.
-    let app = TestApp::spawn_with(Options { workers: without(&[Stock]), order_timeout: Duration::from_secs(2), ..Default::default() }).await;
+    let app = TestApp::spawn_with(Options {
+        workers: without(&[Stock]),
+        order_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
     let product = app.product("Forgotten", 1_000, 5).await;
     let id = app.order(10, &[(product, 1)], None).await;
     app.wait_quiescent_outbox().await;
     let (conn, ch) = app.amqp().await;
-    let purged = ch.queue_purge("orderflow.deadline".into(), Default::default()).await.unwrap();
+    let purged = ch
+        .queue_purge("orderflow.deadline".into(), Default::default())
+        .await
+        .unwrap();
     let _ = conn.close(200, "bye".into()).await;
     assert_eq!(purged, 1, "the deadline message was waiting");
 
     let order = app.wait_terminal(10, &id, WAIT).await;
-    assert_eq!((order["status"].as_str(), order["reason"].as_str()), (Some("CANCELLED"), Some("TIMEOUT")));
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters").fetch_one(&app.pool).await.unwrap();
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("CANCELLED"), Some("TIMEOUT"))
+    );
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     assert_eq!(dead, 0);
     app.stop().await;
 }

@@ -94,7 +94,10 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
             .map(|k| k.trim().trim_matches('"'))
             .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
             .ok_or_else(|| {
-                Error::bad_request("INVALID_IDEMPOTENCY_KEY", "Idempotency-Key must be 1 to 255 visible ASCII characters")
+                Error::bad_request(
+                    "INVALID_IDEMPOTENCY_KEY",
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                )
             })?;
         Ok(Self(Some(key.to_owned())))
     }
@@ -102,6 +105,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
 
 impl IdempotencyKey {
     pub fn required(self) -> Result<String, Error> {
-        self.0.ok_or_else(|| Error::bad_request("IDEMPOTENCY_KEY_REQUIRED", "send an Idempotency-Key header"))
+        self.0
+            .ok_or_else(|| Error::bad_request("IDEMPOTENCY_KEY_REQUIRED", "send an Idempotency-Key header"))
     }
 }

@@ -28,12 +28,16 @@ impl IntoResponse for Stored {
         let mut res = (status, axum::Json(self.response)).into_response();
         if let Some(headers) = self.headers.as_object() {
             for (name, value) in headers {
-                if let (Ok(n), Some(Ok(v))) = (HeaderName::try_from(name.as_str()), value.as_str().map(HeaderValue::from_str)) {
+                if let (Ok(n), Some(Ok(v))) = (
+                    HeaderName::try_from(name.as_str()),
+                    value.as_str().map(HeaderValue::from_str),
+                ) {
                     res.headers_mut().insert(n, v);
                 }
             }
         }
-        res.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+        res.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
         res
     }
 }

@@ -54,7 +54,12 @@ pub fn router(state: AppState) -> Router {
         .merge(openapi::router())
         .fallback(|| async { Problem::new(404, "Not Found", "NOT_FOUND", "no such route") })
         .method_not_allowed_fallback(|| async {
-            Problem::new(405, "Method Not Allowed", "METHOD_NOT_ALLOWED", "this route does not accept that method")
+            Problem::new(
+                405,
+                "Method Not Allowed",
+                "METHOD_NOT_ALLOWED",
+                "this route does not accept that method",
+            )
         })
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_| panic_response()))
@@ -65,7 +70,13 @@ pub fn router(state: AppState) -> Router {
 
 fn panic_response() -> Response {
     tracing::error!("handler panicked");
-    let mut res = Problem::new(500, "Internal Server Error", "INTERNAL_ERROR", "an unexpected error occurred").into_response();
+    let mut res = Problem::new(
+        500,
+        "Internal Server Error",
+        "INTERNAL_ERROR",
+        "an unexpected error occurred",
+    )
+    .into_response();
     *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
     res
 }

@@ -45,13 +45,17 @@ impl IntoResponse for Problem {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut res = (status, body).into_response();
-        res.headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {
-            res.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         res
     }
@@ -93,11 +97,21 @@ impl ApiError {
             Error::Client { kind, code, detail } => Problem::new(kind.status(), kind.title(), code, detail.clone()),
             Error::Unavailable(err) => {
                 tracing::warn!(error = %err, "database unavailable");
-                Problem::new(503, "Service Unavailable", "SERVICE_UNAVAILABLE", "the database is unavailable; retry shortly")
+                Problem::new(
+                    503,
+                    "Service Unavailable",
+                    "SERVICE_UNAVAILABLE",
+                    "the database is unavailable; retry shortly",
+                )
             }
             Error::Internal(err) => {
                 tracing::error!(error = ?err, "internal error");
-                Problem::new(500, "Internal Server Error", "INTERNAL_ERROR", "an unexpected error occurred")
+                Problem::new(
+                    500,
+                    "Internal Server Error",
+                    "INTERNAL_ERROR",
+                    "an unexpected error occurred",
+                )
             }
         }
     }
@@ -117,7 +131,10 @@ impl From<JsonRejection> for ApiError {
                 "INVALID_CONTENT_TYPE",
                 "expected a request body with Content-Type: application/json".to_owned(),
             ),
-            JsonRejection::JsonSyntaxError(e) => ("MALFORMED_JSON", format!("the body is not valid JSON: {}", e.body_text())),
+            JsonRejection::JsonSyntaxError(e) => (
+                "MALFORMED_JSON",
+                format!("the body is not valid JSON: {}", e.body_text()),
+            ),
             JsonRejection::JsonDataError(e) => ("INVALID_BODY", e.body_text()),
             other => ("INVALID_BODY", other.body_text()),
         };

@@ -45,7 +45,10 @@ impl Keys {
     /// Signs a token for `user_id`, valid for `ttl_secs`.
     pub fn issue(&self, user_id: i64, admin: bool, ttl_secs: i64) -> Result<String> {
         if user_id <= 0 {
-            return Err(Error::bad_request("INVALID_USER_ID", "user id must be a positive integer"));
+            return Err(Error::bad_request(
+                "INVALID_USER_ID",
+                "user id must be a positive integer",
+            ));
         }
         let claims = Claims {
             sub: user_id.to_string(),
@@ -58,14 +61,13 @@ impl Keys {
 
     /// Verifies signature, algorithm (HS256 only; `alg: none` is refused) and expiry.
     pub fn verify(&self, token: &str) -> Result<Principal> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
-            .map_err(|e| {
-                use jsonwebtoken::errors::ErrorKind as K;
-                match e.kind() {
-                    K::ExpiredSignature => Error::unauthorized("TOKEN_EXPIRED", "the token has expired"),
-                    _ => Error::unauthorized("INVALID_TOKEN", "the bearer token is not valid"),
-                }
-            })?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind as K;
+            match e.kind() {
+                K::ExpiredSignature => Error::unauthorized("TOKEN_EXPIRED", "the token has expired"),
+                _ => Error::unauthorized("INVALID_TOKEN", "the bearer token is not valid"),
+            }
+        })?;
         let user_id: i64 = data
             .claims
             .sub
@@ -88,7 +90,13 @@ mod tests {
     fn issued_tokens_verify() -> Result<()> {
         let keys = Keys::new("secret");
         let p = keys.verify(&keys.issue(42, true, 60)?)?;
-        assert_eq!(p, Principal { user_id: 42, admin: true });
+        assert_eq!(
+            p,
+            Principal {
+                user_id: 42,
+                admin: true
+            }
+        );
         let p = keys.verify(&keys.issue(7, false, 60)?)?;
         assert!(!p.admin);
         Ok(())

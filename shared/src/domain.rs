@@ -137,12 +137,7 @@ impl OrderStatus {
     }
 
     /// States from which an order can still be cancelled (moved to CANCELLING).
-    pub const CANCELLABLE: &[Self] = &[
-        Self::Pending,
-        Self::StockReserved,
-        Self::CouponApplied,
-        Self::Paid,
-    ];
+    pub const CANCELLABLE: &[Self] = &[Self::Pending, Self::StockReserved, Self::CouponApplied, Self::Paid];
 }
 
 string_enum! {
@@ -190,7 +185,10 @@ mod tests {
         assert_eq!(discount(DiscountType::Percent, 10, 30_000), 3_000);
         assert_eq!(discount(DiscountType::Percent, 15, 999), 149); // 149.85 rounds down
         assert_eq!(discount(DiscountType::Percent, 100, 12_345), 12_345);
-        assert_eq!(discount(DiscountType::Percent, 33, i64::MAX / 2), (i128::from(i64::MAX / 2) * 33 / 100) as i64);
+        assert_eq!(
+            discount(DiscountType::Percent, 33, i64::MAX / 2),
+            (i128::from(i64::MAX / 2) * 33 / 100) as i64
+        );
     }
 
     #[test]

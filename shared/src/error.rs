@@ -132,8 +132,7 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
             // 08: connection exception, 57P01..57P03: admin shutdown / cannot connect now,
             // 40001 serialization failure, 40P01 deadlock, 53300 too many connections.
             db.code().is_some_and(|c| {
-                c.starts_with("08")
-                    || matches!(&*c, "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300")
+                c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300")
             })
         }
         _ => false,

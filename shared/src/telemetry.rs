@@ -69,7 +69,13 @@ impl TraceParent {
 
 impl std::fmt::Display for TraceParent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, u8::from(self.sampled))
+        write!(
+            f,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id,
+            self.span_id,
+            u8::from(self.sampled)
+        )
     }
 }
 
@@ -95,7 +101,10 @@ mod tests {
             TraceParent::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").map(|t| t.trace_id_hex()),
             Some("4bf92f3577b34da6a3ce929d0e0e4736".to_owned())
         );
-        assert_eq!(TraceParent::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01"), None);
+        assert_eq!(
+            TraceParent::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+            None
+        );
         assert_eq!(TraceParent::parse("garbage"), None);
     }
 }

@@ -81,7 +81,12 @@ pub struct RuntimeConfig {
 }
 
 /// Consumes `S::QUEUE` until `shutdown`, reconnecting after any broker failure.
-pub async fn run<S: Step>(step: S, pool: PgPool, cfg: RuntimeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run<S: Step>(
+    step: S,
+    pool: PgPool,
+    cfg: RuntimeConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let step = Arc::new(step);
     let mut backoff = broker::reconnect_backoff();
     while !shutdown.is_cancelled() {
@@ -102,11 +107,21 @@ pub async fn run<S: Step>(step: S, pool: PgPool, cfg: RuntimeConfig, shutdown: C
 }
 
 /// One connection's life: returns Ok on shutdown, Err when the connection or channel fails.
-async fn consume<S: Step>(step: Arc<S>, pool: &PgPool, cfg: &RuntimeConfig, shutdown: &CancellationToken) -> lapin::Result<()> {
+async fn consume<S: Step>(
+    step: Arc<S>,
+    pool: &PgPool,
+    cfg: &RuntimeConfig,
+    shutdown: &CancellationToken,
+) -> lapin::Result<()> {
     let (conn, channel) = broker::connect(&cfg.amqp_url, S::NAME).await?;
     channel.basic_qos(cfg.prefetch, BasicQosOptions::default()).await?;
     let mut consumer = channel
-        .basic_consume(S::QUEUE.into(), format!("{}-{}", S::NAME, uuid::Uuid::new_v4()).into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            S::QUEUE.into(),
+            format!("{}-{}", S::NAME, uuid::Uuid::new_v4()).into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     tracing::info!(worker = S::NAME, queue = S::QUEUE, "consuming");
 
@@ -139,9 +154,15 @@ async fn consume<S: Step>(step: Arc<S>, pool: &PgPool, cfg: &RuntimeConfig, shut
     // Stop taking deliveries, then let the in-flight ones finish and ack.
     let tag = consumer.tag();
     let _ = channel.basic_cancel(tag, Default::default()).await;
-    let drained = tokio::time::timeout(cfg.drain_timeout, async { while in_flight.join_next().await.is_some() {} }).await;
+    let drained = tokio::time::timeout(cfg.drain_timeout, async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
     if drained.is_err() {
-        tracing::warn!(worker = S::NAME, "in-flight deliveries did not finish in time; the broker will redeliver them");
+        tracing::warn!(
+            worker = S::NAME,
+            "in-flight deliveries did not finish in time; the broker will redeliver them"
+        );
         in_flight.abort_all();
     }
     let _ = channel.close(200, "bye".into()).await;
@@ -154,7 +175,11 @@ async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
     let incoming = match step.decode(&delivery) {
         Ok(incoming) if step.accepts(incoming.kind) => incoming,
         Ok(incoming) => {
-            tracing::warn!(worker = S::NAME, kind = incoming.kind.as_str(), "message type not handled here; dead-lettering");
+            tracing::warn!(
+                worker = S::NAME,
+                kind = incoming.kind.as_str(),
+                "message type not handled here; dead-lettering"
+            );
             settle(&delivery, Disposition::Rejected).await;
             return;
         }
@@ -231,7 +256,11 @@ async fn handle_once<S: Step>(step: &S, pool: &PgPool, msg: &Incoming) -> Result
                 .bind(msg.envelope.order_id)
                 .fetch_one(&mut *tx)
                 .await?;
-            Ok(if exists { Disposition::Duplicate } else { Disposition::Rejected })
+            Ok(if exists {
+                Disposition::Duplicate
+            } else {
+                Disposition::Rejected
+            })
         }
     }
 }
@@ -240,7 +269,15 @@ async fn settle(delivery: &Delivery, disposition: Disposition) {
     let result = match disposition {
         Disposition::Acked | Disposition::Duplicate => delivery.acker.ack(BasicAckOptions::default()).await,
         Disposition::Rejected => delivery.acker.reject(BasicRejectOptions { requeue: false }).await,
-        Disposition::Requeued => delivery.acker.nack(BasicNackOptions { requeue: true, multiple: false }).await,
+        Disposition::Requeued => {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await
+        }
     };
     if let Err(err) = result {
         // The channel is gone; the broker redelivers, and the inbox makes that harmless.

@@ -17,7 +17,12 @@ use tokio_util::sync::CancellationToken;
 /// Orders handled per sweep transaction.
 const BATCH: i64 = 200;
 
-pub async fn run(pool: PgPool, interval: Duration, order_timeout: Duration, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    pool: PgPool,
+    interval: Duration,
+    order_timeout: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(100)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -27,7 +32,11 @@ pub async fn run(pool: PgPool, interval: Duration, order_timeout: Duration, shut
         }
         match sweep_once(&pool, order_timeout).await {
             Ok(n) if n.timed_out + n.redriven > 0 => {
-                tracing::warn!(timed_out = n.timed_out, redriven = n.redriven, "sweep acted on stuck orders");
+                tracing::warn!(
+                    timed_out = n.timed_out,
+                    redriven = n.redriven,
+                    "sweep acted on stuck orders"
+                );
             }
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "sweep failed; will retry next interval"),

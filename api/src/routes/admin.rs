@@ -34,7 +34,10 @@ pub fn router() -> Router<AppState> {
         .route("/api/admin/orders/{id}/cancel", post(cancel_order))
         .route("/api/admin/orders/{id}/retry", post(retry_compensation))
         .route("/api/admin/dead-letters", get(list_dead_letters))
-        .route("/api/admin/dead-letters/{id}", get(show_dead_letter).delete(discard_dead_letter))
+        .route(
+            "/api/admin/dead-letters/{id}",
+            get(show_dead_letter).delete(discard_dead_letter),
+        )
         .route("/api/admin/dead-letters/{id}/replay", post(replay_dead_letter))
 }
 
@@ -110,7 +113,10 @@ pub async fn list_orders(
     _admin: Admin,
     Query(filter): Query<OrderFilter>,
 ) -> ApiResult<Json<Page<AdminOrder>>> {
-    let page = PageParams { page: filter.page, size: filter.size };
+    let page = PageParams {
+        page: filter.page,
+        size: filter.size,
+    };
     let (limit, offset) = page.limit_offset()?;
     let status = match filter.status.as_deref() {
         Some(s) => Some(
@@ -121,7 +127,11 @@ pub async fn list_orders(
         None => None,
     };
     let older_ms = match filter.older_than.as_deref() {
-        Some(d) => Some(parse_duration(d).map_err(|e| Error::bad_request("INVALID_DURATION", e))?.as_millis() as f64),
+        Some(d) => Some(
+            parse_duration(d)
+                .map_err(|e| Error::bad_request("INVALID_DURATION", e))?
+                .as_millis() as f64,
+        ),
         None => None,
     };
     const WHERE: &str = "($1::text IS NULL OR status = $1)
@@ -137,13 +147,19 @@ pub async fn list_orders(
     .bind(offset)
     .fetch_all(&state.pool)
     .await?;
-    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM orders WHERE {WHERE}")))
-        .bind(status)
-        .bind(older_ms)
-        .bind(filter.stuck)
-        .fetch_one(&state.pool)
-        .await?;
-    Ok(Json(Page::new(rows.into_iter().map(AdminOrder::from).collect(), page, total)))
+    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM orders WHERE {WHERE}"
+    )))
+    .bind(status)
+    .bind(older_ms)
+    .bind(filter.stuck)
+    .fetch_one(&state.pool)
+    .await?;
+    Ok(Json(Page::new(
+        rows.into_iter().map(AdminOrder::from).collect(),
+        page,
+        total,
+    )))
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -170,10 +186,22 @@ pub async fn cancel_order(
 ) -> ApiResult<(StatusCode, Json<OrderAction>)> {
     let mut tx = state.pool.begin().await?;
     if !orders::cancel(&mut tx, id, CancelReason::AdminCancelled).await? {
-        return Err(not_actionable(&mut tx, id, "ORDER_NOT_CANCELLABLE", "only an order still in flight can be cancelled").await);
+        return Err(not_actionable(
+            &mut tx,
+            id,
+            "ORDER_NOT_CANCELLABLE",
+            "only an order still in flight can be cancelled",
+        )
+        .await);
     }
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(OrderAction { order_id: id, status: OrderStatus::Cancelling })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(OrderAction {
+            order_id: id,
+            status: OrderStatus::Cancelling,
+        }),
+    ))
 }
 
 /// Retry the compensations of an order parked as COMPENSATION_FAILED.
@@ -192,16 +220,33 @@ pub async fn retry_compensation(
 ) -> ApiResult<(StatusCode, Json<OrderAction>)> {
     let mut tx = state.pool.begin().await?;
     let Some(order) = orders::lock(&mut tx, id, &[OrderStatus::CompensationFailed]).await? else {
-        return Err(not_actionable(&mut tx, id, "ORDER_NOT_RETRYABLE", "only a COMPENSATION_FAILED order can be retried").await);
+        return Err(not_actionable(
+            &mut tx,
+            id,
+            "ORDER_NOT_RETRYABLE",
+            "only a COMPENSATION_FAILED order can be retried",
+        )
+        .await);
     };
     orders::set_status(&mut tx, &order, OrderStatus::Cancelling, None).await?;
     orders::continue_compensation(&mut tx, &order).await?;
     tx.commit().await?;
-    Ok((StatusCode::ACCEPTED, Json(OrderAction { order_id: id, status: OrderStatus::Cancelling })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(OrderAction {
+            order_id: id,
+            status: OrderStatus::Cancelling,
+        }),
+    ))
 }
 
 /// 404 when the order does not exist, else a 409 with `code`.
-async fn not_actionable(conn: &mut sqlx::PgConnection, id: Uuid, code: &'static str, detail: &str) -> crate::problem::ApiError {
+async fn not_actionable(
+    conn: &mut sqlx::PgConnection,
+    id: Uuid,
+    code: &'static str,
+    detail: &str,
+) -> crate::problem::ApiError {
     match sqlx::query_scalar::<_, String>("SELECT status FROM orders WHERE id = $1")
         .bind(id)
         .fetch_optional(conn)
@@ -270,12 +315,21 @@ pub async fn list_dead_letters(
     _admin: Admin,
     Query(filter): Query<DeadLetterFilter>,
 ) -> ApiResult<Json<Page<DeadLetterView>>> {
-    let page = PageParams { page: filter.page, size: filter.size };
+    let page = PageParams {
+        page: filter.page,
+        size: filter.size,
+    };
     let (limit, offset) = page.limit_offset()?;
     let status = match filter.status.as_deref().unwrap_or("NEW") {
         "ALL" => None,
         s @ ("NEW" | "REPLAYED" | "DISCARDED") => Some(s.to_owned()),
-        other => return Err(Error::bad_request("INVALID_STATUS", format!("{other:?} is not NEW, REPLAYED, DISCARDED or ALL")).into()),
+        other => {
+            return Err(Error::bad_request(
+                "INVALID_STATUS",
+                format!("{other:?} is not NEW, REPLAYED, DISCARDED or ALL"),
+            )
+            .into());
+        }
     };
     let rows: Vec<DeadLetterView> = sqlx::query_as(
         "SELECT * FROM dead_letters WHERE $1::text IS NULL OR status = $1 ORDER BY id DESC LIMIT $2 OFFSET $3",
@@ -289,7 +343,11 @@ pub async fn list_dead_letters(
         .bind(&status)
         .fetch_one(&state.pool)
         .await?;
-    Ok(Json(Page::new(rows.into_iter().map(DeadLetterView::with_text).collect(), page, total)))
+    Ok(Json(Page::new(
+        rows.into_iter().map(DeadLetterView::with_text).collect(),
+        page,
+        total,
+    )))
 }
 
 async fn find_dead_letter(conn: &mut sqlx::PgConnection, id: i64, lock: bool) -> Result<DeadLetterView, Error> {
@@ -311,7 +369,11 @@ async fn find_dead_letter(conn: &mut sqlx::PgConnection, id: i64, lock: bool) ->
     (status = 403, body = Problem, content_type = PROBLEM),
     (status = 404, description = "DEAD_LETTER_NOT_FOUND", body = Problem, content_type = PROBLEM),
 ))]
-pub async fn show_dead_letter(State(state): State<AppState>, _admin: Admin, Path(id): Path<i64>) -> ApiResult<Json<DeadLetterView>> {
+pub async fn show_dead_letter(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<i64>,
+) -> ApiResult<Json<DeadLetterView>> {
     let mut conn = state.pool.acquire().await?;
     Ok(Json(find_dead_letter(&mut conn, id, false).await?))
 }
@@ -335,15 +397,23 @@ pub async fn replay_dead_letter(
     let mut tx = state.pool.begin().await?;
     let letter = find_dead_letter(&mut tx, id, true).await?;
     if letter.status != "NEW" {
-        return Err(Error::conflict("DEAD_LETTER_RESOLVED", format!("dead letter {id} is already {}", letter.status)).into());
+        return Err(Error::conflict(
+            "DEAD_LETTER_RESOLVED",
+            format!("dead letter {id} is already {}", letter.status),
+        )
+        .into());
     }
     let not_replayable = |why: &str| Error::conflict("DEAD_LETTER_NOT_REPLAYABLE", why.to_owned());
-    let body: serde_json::Value =
-        serde_json::from_slice(&letter.raw_body).map_err(|_| not_replayable("its body is not JSON; discard it instead"))?;
+    let body: serde_json::Value = serde_json::from_slice(&letter.raw_body)
+        .map_err(|_| not_replayable("its body is not JSON; discard it instead"))?;
     let (Some(exchange), Some(routing_key)) = (letter.exchange.clone(), letter.routing_key.clone()) else {
         return Err(not_replayable("where it was published is unknown").into());
     };
-    let message_id = letter.message_id.as_deref().and_then(|m| m.parse().ok()).unwrap_or_else(Uuid::now_v7);
+    let message_id = letter
+        .message_id
+        .as_deref()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(Uuid::now_v7);
     let headers = match letter.headers.get("traceparent") {
         Some(tp) => serde_json::json!({ "traceparent": tp }),
         None => serde_json::json!({}),
@@ -379,11 +449,19 @@ pub async fn replay_dead_letter(
     (status = 404, description = "DEAD_LETTER_NOT_FOUND", body = Problem, content_type = PROBLEM),
     (status = 409, description = "DEAD_LETTER_RESOLVED", body = Problem, content_type = PROBLEM),
 ))]
-pub async fn discard_dead_letter(State(state): State<AppState>, _admin: Admin, Path(id): Path<i64>) -> ApiResult<StatusCode> {
+pub async fn discard_dead_letter(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<i64>,
+) -> ApiResult<StatusCode> {
     let mut tx = state.pool.begin().await?;
     let letter = find_dead_letter(&mut tx, id, true).await?;
     if letter.status != "NEW" {
-        return Err(Error::conflict("DEAD_LETTER_RESOLVED", format!("dead letter {id} is already {}", letter.status)).into());
+        return Err(Error::conflict(
+            "DEAD_LETTER_RESOLVED",
+            format!("dead letter {id} is already {}", letter.status),
+        )
+        .into());
     }
     sqlx::query("UPDATE dead_letters SET status = 'DISCARDED', resolved_at = now() WHERE id = $1")
         .bind(id)

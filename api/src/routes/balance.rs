@@ -113,7 +113,9 @@ pub async fn charge(
     let view = apply_charge(&mut tx, user.id(), amount).await?;
     if let Some(claim) = claim {
         let body = serde_json::to_value(&view).map_err(anyhow::Error::from)?;
-        claim.finish(&mut tx, StatusCode::OK, &body, serde_json::json!({})).await?;
+        claim
+            .finish(&mut tx, StatusCode::OK, &body, serde_json::json!({}))
+            .await?;
     }
     tx.commit().await?;
     Ok(Json(view).into_response())

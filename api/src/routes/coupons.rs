@@ -127,7 +127,10 @@ fn validate(req: &NewCoupon) -> Result<(), Error> {
     let bad = |code, detail: &str| Err(Error::bad_request(code, detail));
     let name = req.name.trim();
     if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return bad("INVALID_NAME", "name must be 1 to 200 characters, without control characters");
+        return bad(
+            "INVALID_NAME",
+            "name must be 1 to 200 characters, without control characters",
+        );
     }
     match req.discount_type {
         DiscountType::Fixed if !(1..=1_000_000_000).contains(&req.discount_value) => {
@@ -149,11 +152,20 @@ fn validate(req: &NewCoupon) -> Result<(), Error> {
     if let Some(expires) = req.expires_at {
         // A coupon that is dead on arrival could only be issued unusable.
         if expires <= Utc::now() || req.issue_starts_at.is_some_and(|start| expires <= start) {
-            return bad("INVALID_EXPIRES_AT", "expiresAt must be in the future and after issueStartsAt");
+            return bad(
+                "INVALID_EXPIRES_AT",
+                "expiresAt must be in the future and after issueStartsAt",
+            );
         }
     }
-    if req.min_order_amount.is_some_and(|m| !(0..=1_000_000_000_000).contains(&m)) {
-        return bad("INVALID_MIN_ORDER_AMOUNT", "minOrderAmount must be 0..=1,000,000,000,000 won");
+    if req
+        .min_order_amount
+        .is_some_and(|m| !(0..=1_000_000_000_000).contains(&m))
+    {
+        return bad(
+            "INVALID_MIN_ORDER_AMOUNT",
+            "minOrderAmount must be 0..=1,000,000,000,000 won",
+        );
     }
     Ok(())
 }
@@ -193,7 +205,8 @@ pub async fn issue(
     .bind(coupon_id)
     .fetch_optional(&state.pool)
     .await?;
-    let check = check.ok_or_else(|| Error::not_found("COUPON_NOT_FOUND", format!("coupon {coupon_id} does not exist")))?;
+    let check =
+        check.ok_or_else(|| Error::not_found("COUPON_NOT_FOUND", format!("coupon {coupon_id} does not exist")))?;
     if check.not_started || check.ended {
         return Err(Error::forbidden("COUPON_NOT_ISSUABLE", "the coupon is outside its issue window").into());
     }
@@ -203,11 +216,12 @@ pub async fn issue(
     let already_issued = || Error::conflict("COUPON_ALREADY_ISSUED", "you already have this coupon");
     let sold_out = || Error::gone("COUPON_SOLD_OUT", "every unit of this coupon has been issued");
     if check.sold_out {
-        let has: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM user_coupons WHERE coupon_id = $1 AND user_id = $2)")
-            .bind(coupon_id)
-            .bind(user.id())
-            .fetch_one(&state.pool)
-            .await?;
+        let has: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM user_coupons WHERE coupon_id = $1 AND user_id = $2)")
+                .bind(coupon_id)
+                .bind(user.id())
+                .fetch_one(&state.pool)
+                .await?;
         return Err(if has { already_issued() } else { sold_out() }.into());
     }
 

@@ -173,7 +173,12 @@ pub async fn place(
             .iter()
             .find(|(id, _)| *id == item.product_id)
             .map(|(_, p)| *p)
-            .ok_or_else(|| Error::not_found("PRODUCT_NOT_FOUND", format!("product {} does not exist", item.product_id)))?;
+            .ok_or_else(|| {
+                Error::not_found(
+                    "PRODUCT_NOT_FOUND",
+                    format!("product {} does not exist", item.product_id),
+                )
+            })?;
         unit_prices.push(price);
         total = price
             .checked_mul(i64::from(item.quantity))
@@ -209,14 +214,23 @@ pub async fn place(
     .await?;
     orders::record_history(&mut tx, order_id, None, OrderStatus::Pending, None).await?;
     let start = OutboxMessage::command(MessageType::StockReserve, order_id, Some(trace))?;
-    let deadline = OutboxMessage::command(MessageType::OrderDeadline, order_id, Some(trace))?.with_expiration_ms(timeout_ms);
+    let deadline =
+        OutboxMessage::command(MessageType::OrderDeadline, order_id, Some(trace))?.with_expiration_ms(timeout_ms);
     outbox::enqueue(&mut tx, &[start, deadline]).await?;
 
     let location = format!("/api/orders/{order_id}");
-    let body = Accepted { order_id, status: OrderStatus::Pending };
+    let body = Accepted {
+        order_id,
+        status: OrderStatus::Pending,
+    };
     let json = serde_json::to_value(&body).map_err(anyhow::Error::from)?;
     claim
-        .finish(&mut tx, StatusCode::ACCEPTED, &json, serde_json::json!({ "location": location }))
+        .finish(
+            &mut tx,
+            StatusCode::ACCEPTED,
+            &json,
+            serde_json::json!({ "location": location }),
+        )
         .await?;
     tx.commit().await?;
 
@@ -279,7 +293,11 @@ pub async fn show(State(state): State<AppState>, user: User, Path(id): Path<Uuid
         reason: order.reason,
         items: items
             .into_iter()
-            .map(|i| ItemView { product_id: i.product_id, quantity: i.quantity, unit_price: i.unit_price })
+            .map(|i| ItemView {
+                product_id: i.product_id,
+                quantity: i.quantity,
+                unit_price: i.unit_price,
+            })
             .collect(),
         total_amount: order.total_amount,
         discount_amount: order.discount_amount,
@@ -297,7 +315,11 @@ pub async fn show(State(state): State<AppState>, user: User, Path(id): Path<Uuid
     (status = 400, body = Problem, content_type = PROBLEM),
     (status = 401, body = Problem, content_type = PROBLEM),
 ))]
-pub async fn list(State(state): State<AppState>, user: User, Query(params): Query<PageParams>) -> ApiResult<Json<Page<OrderSummary>>> {
+pub async fn list(
+    State(state): State<AppState>,
+    user: User,
+    Query(params): Query<PageParams>,
+) -> ApiResult<Json<Page<OrderSummary>>> {
     let (limit, offset) = params.limit_offset()?;
     let rows: Vec<orders::OrderRow> =
         sqlx::query_as("SELECT * FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3")

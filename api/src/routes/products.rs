@@ -70,7 +70,10 @@ pub struct Restock {
     (status = 400, body = Problem, content_type = "application/problem+json"),
 ))]
 pub async fn list(State(state): State<AppState>, Query(params): Query<ListParams>) -> ApiResult<Json<Page<Product>>> {
-    let page = crate::page::PageParams { page: params.page, size: params.size };
+    let page = crate::page::PageParams {
+        page: params.page,
+        size: params.size,
+    };
     let (limit, offset) = page.limit_offset()?;
     let pattern = match params.keyword.as_deref().map(str::trim) {
         Some(k) if !k.is_empty() => {
@@ -97,10 +100,11 @@ pub async fn list(State(state): State<AppState>, Query(params): Query<ListParams
     .bind(offset)
     .fetch_all(&state.pool)
     .await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE $1::text IS NULL OR lower(name) LIKE lower($1)")
-        .bind(&pattern)
-        .fetch_one(&state.pool)
-        .await?;
+    let total: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM products WHERE $1::text IS NULL OR lower(name) LIKE lower($1)")
+            .bind(&pattern)
+            .fetch_one(&state.pool)
+            .await?;
     debug_assert!(page.size() <= MAX_PAGE_SIZE);
     Ok(Json(Page::new(items, page, total)))
 }
@@ -142,7 +146,11 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<Product>)> {
     let name = req.name.trim();
     if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-        return Err(Error::bad_request("INVALID_NAME", "name must be 1 to 200 characters, without control characters").into());
+        return Err(Error::bad_request(
+            "INVALID_NAME",
+            "name must be 1 to 200 characters, without control characters",
+        )
+        .into());
     }
     if !(0..=1_000_000_000).contains(&req.price) {
         return Err(Error::bad_request("INVALID_PRICE", "price must be 0..=1,000,000,000 won").into());

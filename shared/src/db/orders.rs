@@ -54,11 +54,13 @@ fn names(statuses: &[OrderStatus]) -> Vec<&'static str> {
 
 /// Locks the order if it is in one of the `expected` states.
 pub async fn lock(conn: &mut PgConnection, id: Uuid, expected: &[OrderStatus]) -> Result<Option<OrderRow>> {
-    Ok(sqlx::query_as("SELECT * FROM orders WHERE id = $1 AND status = ANY($2) FOR UPDATE")
-        .bind(id)
-        .bind(names(expected))
-        .fetch_optional(conn)
-        .await?)
+    Ok(
+        sqlx::query_as("SELECT * FROM orders WHERE id = $1 AND status = ANY($2) FOR UPDATE")
+            .bind(id)
+            .bind(names(expected))
+            .fetch_optional(conn)
+            .await?,
+    )
 }
 
 pub async fn items(conn: &mut PgConnection, id: Uuid) -> Result<Vec<ItemRow>> {

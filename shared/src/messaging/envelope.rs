@@ -104,7 +104,10 @@ impl MessageType {
     /// Compensations give back what a cancelled order held; when one keeps failing the
     /// order is parked as COMPENSATION_FAILED instead of being cancelled again.
     pub fn is_compensation(self) -> bool {
-        matches!(self, Self::StockRelease | Self::CouponRestore | Self::PaymentRefund | Self::OrderFinishCancel)
+        matches!(
+            self,
+            Self::StockRelease | Self::CouponRestore | Self::PaymentRefund | Self::OrderFinishCancel
+        )
     }
 }
 

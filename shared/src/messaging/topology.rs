@@ -59,15 +59,60 @@ pub enum QueueKind {
 }
 
 pub const QUEUES: &[QueueSpec] = &[
-    QueueSpec { name: STOCK_QUEUE, exchange: WORK_EXCHANGE, routing_keys: &["stock.reserve", "stock.release"], kind: QueueKind::Work },
-    QueueSpec { name: COUPON_QUEUE, exchange: WORK_EXCHANGE, routing_keys: &["coupon.apply", "coupon.restore"], kind: QueueKind::Work },
-    QueueSpec { name: PAYMENT_QUEUE, exchange: WORK_EXCHANGE, routing_keys: &["payment.charge", "payment.refund"], kind: QueueKind::Work },
-    QueueSpec { name: ORDER_QUEUE, exchange: WORK_EXCHANGE, routing_keys: &["order.confirm", "order.finish-cancel"], kind: QueueKind::Work },
-    QueueSpec { name: SALES_QUEUE, exchange: EVENTS_EXCHANGE, routing_keys: &["order.confirmed"], kind: QueueKind::Work },
-    QueueSpec { name: EXPIRED_QUEUE, exchange: EXPIRED_EXCHANGE, routing_keys: &[""], kind: QueueKind::Work },
-    QueueSpec { name: DEADLINE_QUEUE, exchange: DEADLINE_EXCHANGE, routing_keys: &["order.deadline"], kind: QueueKind::Deadline },
-    QueueSpec { name: DEAD_LETTER_QUEUE, exchange: DEAD_LETTER_EXCHANGE, routing_keys: &[""], kind: QueueKind::Terminal },
-    QueueSpec { name: DATA_PLATFORM_QUEUE, exchange: EVENTS_EXCHANGE, routing_keys: &["order.confirmed"], kind: QueueKind::Terminal },
+    QueueSpec {
+        name: STOCK_QUEUE,
+        exchange: WORK_EXCHANGE,
+        routing_keys: &["stock.reserve", "stock.release"],
+        kind: QueueKind::Work,
+    },
+    QueueSpec {
+        name: COUPON_QUEUE,
+        exchange: WORK_EXCHANGE,
+        routing_keys: &["coupon.apply", "coupon.restore"],
+        kind: QueueKind::Work,
+    },
+    QueueSpec {
+        name: PAYMENT_QUEUE,
+        exchange: WORK_EXCHANGE,
+        routing_keys: &["payment.charge", "payment.refund"],
+        kind: QueueKind::Work,
+    },
+    QueueSpec {
+        name: ORDER_QUEUE,
+        exchange: WORK_EXCHANGE,
+        routing_keys: &["order.confirm", "order.finish-cancel"],
+        kind: QueueKind::Work,
+    },
+    QueueSpec {
+        name: SALES_QUEUE,
+        exchange: EVENTS_EXCHANGE,
+        routing_keys: &["order.confirmed"],
+        kind: QueueKind::Work,
+    },
+    QueueSpec {
+        name: EXPIRED_QUEUE,
+        exchange: EXPIRED_EXCHANGE,
+        routing_keys: &[""],
+        kind: QueueKind::Work,
+    },
+    QueueSpec {
+        name: DEADLINE_QUEUE,
+        exchange: DEADLINE_EXCHANGE,
+        routing_keys: &["order.deadline"],
+        kind: QueueKind::Deadline,
+    },
+    QueueSpec {
+        name: DEAD_LETTER_QUEUE,
+        exchange: DEAD_LETTER_EXCHANGE,
+        routing_keys: &[""],
+        kind: QueueKind::Terminal,
+    },
+    QueueSpec {
+        name: DATA_PLATFORM_QUEUE,
+        exchange: EVENTS_EXCHANGE,
+        routing_keys: &["order.confirmed"],
+        kind: QueueKind::Terminal,
+    },
 ];
 
 pub const EXCHANGES: &[(&str, ExchangeKind)] = &[
@@ -88,7 +133,10 @@ impl QueueSpec {
         match self.kind {
             QueueKind::Work => {
                 set("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT));
-                set("x-dead-letter-exchange", AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()));
+                set(
+                    "x-dead-letter-exchange",
+                    AMQPValue::LongString(DEAD_LETTER_EXCHANGE.into()),
+                );
                 set("x-dead-letter-strategy", AMQPValue::LongString("at-least-once".into()));
                 set("x-overflow", AMQPValue::LongString("reject-publish".into()));
                 set("x-max-length", AMQPValue::LongLongInt(MAX_QUEUE_LENGTH));
@@ -112,7 +160,10 @@ pub async fn declare(channel: &Channel) -> lapin::Result<()> {
             .exchange_declare(
                 (*name).into(),
                 kind.clone(),
-                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await?;
@@ -121,13 +172,22 @@ pub async fn declare(channel: &Channel) -> lapin::Result<()> {
         channel
             .queue_declare(
                 q.name.into(),
-                QueueDeclareOptions { durable: true, ..Default::default() },
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
                 q.arguments(),
             )
             .await?;
         for key in q.routing_keys {
             channel
-                .queue_bind(q.name.into(), q.exchange.into(), (*key).into(), QueueBindOptions::default(), FieldTable::default())
+                .queue_bind(
+                    q.name.into(),
+                    q.exchange.into(),
+                    (*key).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
                 .await?;
         }
     }

@@ -57,7 +57,8 @@ async fn apply(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
         orders::cancel_locked(tx, &order, CancelReason::CouponInvalid).await?;
         return Ok(Outcome::Done);
     };
-    let kind = DiscountType::parse(&kind).ok_or_else(|| anyhow::anyhow!("coupon {coupon_id} has discount type {kind:?}"))?;
+    let kind =
+        DiscountType::parse(&kind).ok_or_else(|| anyhow::anyhow!("coupon {coupon_id} has discount type {kind:?}"))?;
     let discount = domain::discount(kind, value, order.total_amount);
     sqlx::query("UPDATE orders SET coupon_held = true, discount_amount = $2 WHERE id = $1")
         .bind(order.id)

@@ -58,7 +58,11 @@ impl Step for DeadLetters {
             data: serde_json::to_value(&letter).map_err(|e| e.to_string())?,
         };
         let trace = header_str(delivery, "traceparent").and_then(orderflow_shared::telemetry::TraceParent::parse);
-        Ok(Incoming { kind: MessageType::DeadLetter, envelope, trace })
+        Ok(Incoming {
+            kind: MessageType::DeadLetter,
+            envelope,
+            trace,
+        })
     }
 
     async fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
@@ -107,14 +111,23 @@ impl Step for DeadLetters {
 /// Reads what the broker tells about a dead letter (`x-death`, RabbitMQ's own headers).
 fn read(delivery: &Delivery) -> DeadLetter {
     let props = &delivery.properties;
-    let headers = props.headers().as_ref().map(|h| table_to_json(h.inner())).unwrap_or(Value::Null);
+    let headers = props
+        .headers()
+        .as_ref()
+        .map(|h| table_to_json(h.inner()))
+        .unwrap_or(Value::Null);
     let death = headers["x-death"].get(0).cloned().unwrap_or(Value::Null);
     let envelope: Option<Value> = serde_json::from_slice(&delivery.data).ok();
     let order_id = props
         .correlation_id()
         .as_ref()
         .and_then(|c| c.as_str().parse().ok())
-        .or_else(|| envelope.as_ref().and_then(|e| e["orderId"].as_str()).and_then(|s| s.parse().ok()));
+        .or_else(|| {
+            envelope
+                .as_ref()
+                .and_then(|e| e["orderId"].as_str())
+                .and_then(|s| s.parse().ok())
+        });
     let text = |v: &Value| v.as_str().map(str::to_owned);
     DeadLetter {
         message_id: props.message_id().as_ref().map(|m| m.to_string()),
@@ -126,7 +139,10 @@ fn read(delivery: &Delivery) -> DeadLetter {
         order_id,
         source_queue: text(&death["queue"]).or_else(|| text(&headers["x-first-death-queue"])),
         exchange: text(&death["exchange"]).or_else(|| text(&headers["x-first-death-exchange"])),
-        routing_key: death["routing-keys"].get(0).and_then(text).or_else(|| Some(delivery.routing_key.to_string())),
+        routing_key: death["routing-keys"]
+            .get(0)
+            .and_then(text)
+            .or_else(|| Some(delivery.routing_key.to_string())),
         reason: text(&death["reason"]).or_else(|| text(&headers["x-first-death-reason"])),
         death_count: death["count"].as_i64().unwrap_or(1),
         headers,

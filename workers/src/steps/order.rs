@@ -48,7 +48,11 @@ async fn confirm(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
         coupon_id: order.coupon_id,
         items: items
             .into_iter()
-            .map(|i| EventItem { product_id: i.product_id, quantity: i.quantity, unit_price: i.unit_price })
+            .map(|i| EventItem {
+                product_id: i.product_id,
+                quantity: i.quantity,
+                unit_price: i.unit_price,
+            })
             .collect(),
         total_amount: order.total_amount,
         discount_amount: order.discount_amount,

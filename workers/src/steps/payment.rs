@@ -98,14 +98,23 @@ async fn refund(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     Ok(Outcome::Done)
 }
 
-async fn ledger(tx: &mut PgConnection, user_id: i64, kind: &str, amount: i64, balance_after: i64, order_id: Uuid) -> Result<()> {
-    sqlx::query("INSERT INTO balance_ledger (user_id, kind, amount, balance_after, order_id) VALUES ($1, $2, $3, $4, $5)")
-        .bind(user_id)
-        .bind(kind)
-        .bind(amount)
-        .bind(balance_after)
-        .bind(order_id)
-        .execute(tx)
-        .await?;
+async fn ledger(
+    tx: &mut PgConnection,
+    user_id: i64,
+    kind: &str,
+    amount: i64,
+    balance_after: i64,
+    order_id: Uuid,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO balance_ledger (user_id, kind, amount, balance_after, order_id) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(user_id)
+    .bind(kind)
+    .bind(amount)
+    .bind(balance_after)
+    .bind(order_id)
+    .execute(tx)
+    .await?;
     Ok(())
 }

@@ -21,7 +21,8 @@ impl Step for Sales {
     }
 
     async fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-        let data: OrderConfirmedData = serde_json::from_value(msg.envelope.data.clone()).map_err(anyhow::Error::from)?;
+        let data: OrderConfirmedData =
+            serde_json::from_value(msg.envelope.data.clone()).map_err(anyhow::Error::from)?;
         let (ids, quantities): (Vec<i64>, Vec<i64>) =
             data.items.iter().map(|i| (i.product_id, i64::from(i.quantity))).unzip();
         sqlx::query(

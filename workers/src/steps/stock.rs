@@ -38,10 +38,11 @@ async fn reserve(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     let items = orders::items(tx, order.id).await?;
     let (ids, quantities) = columns(&items);
     // Lock the products in id order and check every line before taking anything.
-    let stock: Vec<(i64, i64)> = sqlx::query_as("SELECT id, stock FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
+    let stock: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT id, stock FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
     let short = items.iter().any(|item| {
         stock
             .iter()
