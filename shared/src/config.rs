@@ -9,13 +9,21 @@ pub const DEV_JWT_SECRET: &str = "orderflow-dev-secret-do-not-use-in-production"
 #[derive(Clone, clap::Args)]
 pub struct Config {
     /// PostgreSQL URL; the database is created if missing and migrated at start.
-    #[arg(long, env = "DATABASE_URL", global = true,
-          default_value = "postgres://postgres@127.0.0.1:5432/orderflow")]
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        default_value = "postgres://postgres@127.0.0.1:5432/orderflow"
+    )]
     pub database_url: String,
 
     /// RabbitMQ URL; a vhost in the path is honoured (`%2f` is the default vhost).
-    #[arg(long, env = "AMQP_URL", global = true,
-          default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "AMQP_URL",
+        global = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
 
     /// Address the HTTP API listens on.
@@ -57,6 +65,17 @@ pub struct Config {
     /// OTLP/HTTP endpoint for traces; tracing export is off when unset.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
     pub otel_exporter_otlp_endpoint: Option<String>,
+
+    /// Fault injection, for the fault suite only: the relay aborts its process after the
+    /// broker confirmed every Nth batch and before marking it sent (0: never).
+    #[arg(
+        long,
+        env = "ORDERFLOW_FAULT_RELAY_ABORT_EVERY",
+        global = true,
+        default_value_t = 0,
+        hide = true
+    )]
+    pub fault_relay_abort_every: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

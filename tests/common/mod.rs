@@ -14,7 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use orderflow_shared::{auth::Keys, config::{Config, LogFormat}, db::quote_ident};
+use orderflow_shared::{
+    auth::Keys,
+    config::{Config, LogFormat},
+    db::quote_ident,
+};
 use orderflow_workers::WorkerKind;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -65,7 +69,11 @@ impl TestApp {
 
     /// The API only, no workers (for the synchronous routes).
     pub async fn api_only() -> Self {
-        Self::spawn_with(Options { workers: vec![], ..Options::default() }).await
+        Self::spawn_with(Options {
+            workers: vec![],
+            ..Options::default()
+        })
+        .await
     }
 
     pub async fn spawn_with(opts: Options) -> Self {
@@ -89,12 +97,15 @@ impl TestApp {
             metrics_addr: None,
             log_format: LogFormat::Text,
             otel_exporter_otlp_endpoint: None,
+            fault_relay_abort_every: 0,
         };
         let pool = orderflow_shared::db::pool(&config.database_url, config.db_pool_size).unwrap();
         // Declare the topology once before the workers start, so they never race each
         // other creating the same quorum queues in a fresh vhost.
         {
-            let conn = lapin::Connection::connect(&config.amqp_url, lapin::ConnectionProperties::default()).await.unwrap();
+            let conn = lapin::Connection::connect(&config.amqp_url, lapin::ConnectionProperties::default())
+                .await
+                .unwrap();
             let channel = conn.create_channel().await.unwrap();
             orderflow_shared::messaging::topology::declare(&channel).await.unwrap();
             let _ = conn.close(200, "bye".into()).await;
@@ -111,7 +122,10 @@ impl TestApp {
         for _ in 0..opts.instances {
             orderflow_workers::spawn(&mut tasks, &opts.workers, &pool, &config, &shutdown);
         }
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
         let app = Self {
             base,
             pool,
@@ -140,12 +154,22 @@ impl TestApp {
         for queue in queues {
             loop {
                 let declared = channel
-                    .queue_declare(queue.into(), lapin::options::QueueDeclareOptions { passive: true, ..Default::default() }, Default::default())
+                    .queue_declare(
+                        queue.into(),
+                        lapin::options::QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        Default::default(),
+                    )
                     .await;
                 if declared.map(|q| q.consumer_count() > 0).unwrap_or(false) {
                     break;
                 }
-                assert!(Instant::now() < deadline, "worker on {queue} did not start consuming in time");
+                assert!(
+                    Instant::now() < deadline,
+                    "worker on {queue} did not start consuming in time"
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -165,7 +189,13 @@ impl TestApp {
     }
 
     /// Sends a request with an optional bearer token and JSON body.
-    pub async fn call(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let res = self.request(method, path, token, body, &[]).await;
         let status = res.status();
         (status, res.json().await.unwrap_or(Value::Null))
@@ -203,7 +233,11 @@ impl TestApp {
     /// Creates a product as admin; returns its id.
     pub async fn product(&self, name: &str, price: i64, stock: i64) -> i64 {
         let (status, body) = self
-            .post("/api/admin/products", &self.admin_token(), json!({"name": name, "price": price, "stock": stock}))
+            .post(
+                "/api/admin/products",
+                &self.admin_token(),
+                json!({"name": name, "price": price, "stock": stock}),
+            )
             .await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
         body["id"].as_i64().unwrap()
@@ -246,7 +280,13 @@ impl TestApp {
         let key = uuid::Uuid::new_v4().to_string();
         let token = self.token(user_id);
         let res = self
-            .request(Method::POST, "/api/orders", Some(&token), Some(body), &[("idempotency-key", &key)])
+            .request(
+                Method::POST,
+                "/api/orders",
+                Some(&token),
+                Some(body),
+                &[("idempotency-key", &key)],
+            )
             .await;
         let status = res.status();
         let body: Value = res.json().await.unwrap();
@@ -264,7 +304,10 @@ impl TestApp {
             if matches!(body["status"].as_str(), Some("CONFIRMED" | "CANCELLED")) {
                 return body;
             }
-            assert!(Instant::now() < deadline, "order {order_id} not terminal in time: {body}");
+            assert!(
+                Instant::now() < deadline,
+                "order {order_id} not terminal in time: {body}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -283,7 +326,10 @@ impl TestApp {
             if open == 0 && unsent == 0 {
                 return;
             }
-            assert!(Instant::now() < deadline, "not quiescent in time: {open} open orders, {unsent} unsent");
+            assert!(
+                Instant::now() < deadline,
+                "not quiescent in time: {open} open orders, {unsent} unsent"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -326,7 +372,11 @@ impl TestApp {
                 .unwrap();
             assert!(confirm.is_ack(), "republish of {} not confirmed", row.routing_key);
             if orderflow_workers::relay::mandatory(&row.message_type) {
-                assert!(confirm.take_message().is_none(), "republish of {} not routed", row.routing_key);
+                assert!(
+                    confirm.take_message().is_none(),
+                    "republish of {} not routed",
+                    row.routing_key
+                );
             }
         }
         let _ = conn.close(200, "bye".into()).await;
@@ -343,7 +393,13 @@ impl TestApp {
             .with_message_id(uuid::Uuid::now_v7().to_string().into())
             .with_type(message_type.into());
         channel
-            .basic_publish(exchange.into(), key.into(), lapin::options::BasicPublishOptions::default(), body, props)
+            .basic_publish(
+                exchange.into(),
+                key.into(),
+                lapin::options::BasicPublishOptions::default(),
+                body,
+                props,
+            )
             .await
             .unwrap()
             .await
@@ -352,18 +408,27 @@ impl TestApp {
     }
 
     /// Polls the order row until `pred` holds.
-    pub async fn wait_order_row(&self, order_id: &str, within: Duration, pred: impl Fn(&orderflow_shared::db::orders::OrderRow) -> bool) {
+    pub async fn wait_order_row(
+        &self,
+        order_id: &str,
+        within: Duration,
+        pred: impl Fn(&orderflow_shared::db::orders::OrderRow) -> bool,
+    ) {
         let deadline = Instant::now() + within;
         loop {
-            let row: orderflow_shared::db::orders::OrderRow = sqlx::query_as("SELECT * FROM orders WHERE id = $1::uuid")
-                .bind(order_id)
-                .fetch_one(&self.pool)
-                .await
-                .unwrap();
+            let row: orderflow_shared::db::orders::OrderRow =
+                sqlx::query_as("SELECT * FROM orders WHERE id = $1::uuid")
+                    .bind(order_id)
+                    .fetch_one(&self.pool)
+                    .await
+                    .unwrap();
             if pred(&row) {
                 return;
             }
-            assert!(Instant::now() < deadline, "order {order_id} never reached the expected state: {row:?}");
+            assert!(
+                Instant::now() < deadline,
+                "order {order_id} never reached the expected state: {row:?}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -447,16 +512,21 @@ pub fn enc(s: &str) -> String {
 
 pub async fn mgmt(method: Method, path: &str, body: Option<Value>) -> Value {
     let client = reqwest::Client::new();
-    let mut req = client.request(method, format!("{RABBIT_MGMT}{path}")).basic_auth("guest", Some("guest"));
+    let mut req = client
+        .request(method, format!("{RABBIT_MGMT}{path}"))
+        .basic_auth("guest", Some("guest"));
     if let Some(b) = body {
         req = req.json(&b);
     }
-    let res = req.send().await.expect("RabbitMQ management API (enable rabbitmq_management)");
+    let res = req
+        .send()
+        .await
+        .expect("RabbitMQ management API (enable rabbitmq_management)");
     assert!(res.status().is_success(), "management API {path}: {}", res.status());
     res.json().await.unwrap_or(Value::Null)
 }
 
-async fn create_vhost(vhost: &str) {
+pub async fn create_vhost(vhost: &str) {
     mgmt(Method::PUT, &format!("/api/vhosts/{}", enc(vhost)), None).await;
     mgmt(
         Method::PUT,
@@ -480,12 +550,14 @@ fn migrations_hash() -> u64 {
 }
 
 async fn admin() -> PgConnection {
-    PgConnection::connect(PG_ADMIN_URL).await.expect("PostgreSQL on 127.0.0.1:5432")
+    PgConnection::connect(PG_ADMIN_URL)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432")
 }
 
 /// Creates `name` as a copy of the migrated template (building the template once, under an
 /// advisory lock, when the migrations change).
-async fn create_database(name: &str) {
+pub async fn create_database(name: &str) {
     let template = format!("orderflow_tpl_{:016x}", migrations_hash());
     let mut conn = admin().await;
     conn.execute("SELECT pg_advisory_lock(72707369)").await.unwrap();
@@ -496,17 +568,33 @@ async fn create_database(name: &str) {
         .unwrap();
     if !exists {
         let building = format!("{template}_building");
-        exec(&mut conn, format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&building))).await;
+        exec(
+            &mut conn,
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&building)),
+        )
+        .await;
         exec(&mut conn, format!("CREATE DATABASE {}", quote_ident(&building))).await;
         let mut c = PgConnection::connect(&format!("{PG_BASE}/{building}")).await.unwrap();
         orderflow_shared::db::MIGRATOR.run(&mut c).await.unwrap();
         c.close().await.unwrap();
-        exec(&mut conn, format!("ALTER DATABASE {} RENAME TO {}", quote_ident(&building), quote_ident(&template))).await;
+        exec(
+            &mut conn,
+            format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                quote_ident(&building),
+                quote_ident(&template)
+            ),
+        )
+        .await;
     }
     conn.execute("SELECT pg_advisory_unlock(72707369)").await.unwrap();
     // Copying fails while another backend is still leaving the template; retry briefly.
     for attempt in 0.. {
-        let stmt = format!("CREATE DATABASE {} TEMPLATE {}", quote_ident(name), quote_ident(&template));
+        let stmt = format!(
+            "CREATE DATABASE {} TEMPLATE {}",
+            quote_ident(name),
+            quote_ident(&template)
+        );
         match conn.execute(sqlx::AssertSqlSafe(stmt)).await {
             Ok(_) => break,
             Err(e) if attempt < 50 => {
@@ -519,9 +607,13 @@ async fn create_database(name: &str) {
     conn.close().await.unwrap();
 }
 
-async fn drop_database(name: &str) {
+pub async fn drop_database(name: &str) {
     let mut conn = admin().await;
-    exec(&mut conn, format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name))).await;
+    exec(
+        &mut conn,
+        format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name)),
+    )
+    .await;
     let _ = conn.close().await;
 }
 

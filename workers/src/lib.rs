@@ -15,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     runtime::{RuntimeConfig, Step},
-    steps::{coupon::Coupon, order::Order, dead_letters::DeadLetters, payment::Payment, recovery::Expiry, sales::Sales, stock::Stock},
+    steps::{
+        coupon::Coupon, dead_letters::DeadLetters, order::Order, payment::Payment, recovery::Expiry, sales::Sales,
+        stock::Stock,
+    },
 };
 
 /// Every worker process kind (`orderflow worker <name>`).
@@ -38,7 +41,15 @@ pub enum WorkerKind {
 }
 
 impl WorkerKind {
-    pub const ALL: &[Self] = &[Self::Relay, Self::Stock, Self::Coupon, Self::Payment, Self::Order, Self::Sales, Self::Recovery];
+    pub const ALL: &[Self] = &[
+        Self::Relay,
+        Self::Stock,
+        Self::Coupon,
+        Self::Payment,
+        Self::Order,
+        Self::Sales,
+        Self::Recovery,
+    ];
 }
 
 /// Runs one worker until `shutdown`.
@@ -50,7 +61,7 @@ pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: Canc
         drain_timeout: Duration::from_secs(10),
     };
     match kind {
-        WorkerKind::Relay => relay::run(pool, cfg.amqp_url, shutdown).await,
+        WorkerKind::Relay => relay::run(pool, cfg.amqp_url, config.fault_relay_abort_every, shutdown).await,
         WorkerKind::Stock => consume(Stock, pool, cfg, shutdown).await,
         WorkerKind::Coupon => consume(Coupon, pool, cfg, shutdown).await,
         WorkerKind::Payment => consume(Payment, pool, cfg, shutdown).await,
@@ -67,12 +78,23 @@ pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: Canc
     }
 }
 
-async fn consume<S: Step>(step: S, pool: PgPool, cfg: RuntimeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn consume<S: Step>(
+    step: S,
+    pool: PgPool,
+    cfg: RuntimeConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     runtime::run(step, pool, cfg, shutdown).await
 }
 
 /// Spawns every worker in `kinds` onto `set`.
-pub fn spawn(set: &mut JoinSet<anyhow::Result<()>>, kinds: &[WorkerKind], pool: &PgPool, config: &Config, shutdown: &CancellationToken) {
+pub fn spawn(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    kinds: &[WorkerKind],
+    pool: &PgPool,
+    config: &Config,
+    shutdown: &CancellationToken,
+) {
     for &kind in kinds {
         let (pool, config, shutdown) = (pool.clone(), config.clone(), shutdown.clone());
         set.spawn(async move { run(kind, pool, &config, shutdown).await });

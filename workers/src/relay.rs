@@ -12,8 +12,8 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
-use sqlx::{PgPool, postgres::PgListener};
 use orderflow_shared::messaging::MessageType;
+use sqlx::{PgPool, postgres::PgListener};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -71,10 +71,13 @@ pub fn mandatory(message_type: &str) -> bool {
 }
 
 /// Runs until `shutdown`; after it, publishes what is already committed once more (flush).
-pub async fn run(pool: PgPool, amqp_url: String, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// `abort_every` is fault injection for the fault suite (0: off): abort the process after
+/// the broker confirmed every Nth batch, before it is marked sent.
+pub async fn run(pool: PgPool, amqp_url: String, abort_every: u32, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut backoff = broker::reconnect_backoff();
+    let mut batches = 0u32;
     loop {
-        match relay(&pool, &amqp_url, &shutdown).await {
+        match relay(&pool, &amqp_url, abort_every, &mut batches, &shutdown).await {
             Ok(()) => break,
             Err(err) => {
                 let delay = backoff.next().unwrap_or(Duration::from_secs(5));
@@ -90,14 +93,24 @@ pub async fn run(pool: PgPool, amqp_url: String, shutdown: CancellationToken) ->
     Ok(())
 }
 
-async fn relay(pool: &PgPool, amqp_url: &str, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn relay(
+    pool: &PgPool,
+    amqp_url: &str,
+    abort_every: u32,
+    batches: &mut u32,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let (conn, channel) = broker::connect(amqp_url, "relay").await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen("orderflow_outbox").await?;
     tracing::info!("relay publishing");
     loop {
-        let published = publish_batch(pool, &channel).await?;
+        let published = publish_batch(pool, &channel, || {
+            *batches += 1;
+            abort_every > 0 && *batches % abort_every == 0
+        })
+        .await?;
         if published as i64 >= BATCH {
             continue; // more may be waiting
         }
@@ -116,7 +129,13 @@ async fn relay(pool: &PgPool, amqp_url: &str, shutdown: &CancellationToken) -> a
 }
 
 /// Publishes one batch and marks what the broker confirmed. Returns how many were taken.
-pub async fn publish_batch(pool: &PgPool, channel: &Channel) -> anyhow::Result<usize> {
+/// `crash_after_confirm` (asked once per non-empty batch) aborts the process in the worst
+/// place: confirmed by the broker, not yet marked sent.
+pub async fn publish_batch(
+    pool: &PgPool,
+    channel: &Channel,
+    crash_after_confirm: impl FnOnce() -> bool,
+) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows: Vec<OutboxRow> = sqlx::query_as(
         "SELECT id, message_id, exchange, routing_key, message_type, order_id, headers, body, expiration_ms, created_at
@@ -136,7 +155,10 @@ pub async fn publish_batch(pool: &PgPool, channel: &Channel) -> anyhow::Result<u
             .basic_publish(
                 row.exchange.as_str().into(),
                 row.routing_key.as_str().into(),
-                BasicPublishOptions { mandatory: mandatory(&row.message_type), immediate: false },
+                BasicPublishOptions {
+                    mandatory: mandatory(&row.message_type),
+                    immediate: false,
+                },
                 &body,
                 properties(row),
             )
@@ -157,6 +179,10 @@ pub async fn publish_batch(pool: &PgPool, channel: &Channel) -> anyhow::Result<u
                 tracing::warn!(outbox_id = id, "broker did not confirm a message; will retry");
             }
         }
+    }
+    if crash_after_confirm() {
+        tracing::error!(batch = rows.len(), "fault injection: aborting between confirm and mark");
+        std::process::abort();
     }
     sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
         .bind(&sent)

@@ -25,13 +25,16 @@ use tracing::Instrument;
 use crate::broker;
 
 /// What a step decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The effect and the next messages are written; commit.
     Done,
     /// The order is not in the state this message expects (late or duplicate): change
     /// nothing, ack.
     Stale,
+    /// The message can never be processed (its data does not fit its type): change
+    /// nothing, dead-letter it.
+    Poison(String),
 }
 
 /// A decoded delivery.
@@ -213,7 +216,7 @@ async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
             .await;
         match result {
             Ok(Disposition::Rejected) => {
-                tracing::warn!("message refers to no known order; dead-lettering");
+                tracing::warn!("message cannot be processed; dead-lettering");
                 Disposition::Rejected
             }
             Ok(d) => {
@@ -261,6 +264,10 @@ async fn handle_once<S: Step>(step: &S, pool: &PgPool, msg: &Incoming) -> Result
             } else {
                 Disposition::Rejected
             })
+        }
+        Outcome::Poison(why) => {
+            tracing::warn!(%why, "poison message");
+            Ok(Disposition::Rejected)
         }
     }
 }
