@@ -30,6 +30,10 @@ else
   cargo test --workspace "${locked[@]}" "$@"
 fi
 
-# --- Fault-injection suite (not written yet) -----------------------------------------------------
-# Reserved: the fault-injection suite (broker and database outages, killed workers) runs HERE,
-# after the parallel suite and on its own, because it stops and restarts the shared services.
+# --- Fault-injection suite (not run here yet) ----------------------------------------------------
+# Reserved: the fault-injection suite (tests/faults.rs: killed workers, broker and database
+# restarts, poison, a paused worker, a relay crash) runs HERE, after the parallel suite and one
+# test at a time, because it stops and restarts the shared PostgreSQL and RabbitMQ. Its tests are
+# #[ignore]d, so the parallel run above skips them. To be wired in once `orderflow audit`, which
+# the suite calls, is implemented:
+#   cargo nextest run --profile ci --test faults --run-ignored only --test-threads 1
