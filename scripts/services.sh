@@ -76,9 +76,17 @@ else
   wait_for 60 PostgreSQL pg_ready
   log "PostgreSQL is up"
 fi
+# The tests connect as postgres without a password. Refuse early when that cannot work; wait
+# out transient refusals (e.g. "too many clients already").
 if command -v psql >/dev/null 2>&1; then
-  psql -w -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -Atqc 'SELECT 1' >/dev/null 2>&1 ||
-    die "cannot connect as postgres@$PG_HOST:$PG_PORT without a password; the tests need trust auth for it"
+  deadline=$((SECONDS + 60))
+  until pg_error=$(psql -w -h "$PG_HOST" -p "$PG_PORT" -U postgres -d postgres -Atqc 'SELECT 1' 2>&1 >/dev/null); do
+    if grep -qiE 'password|authentication' <<<"$pg_error"; then
+      die "cannot connect as postgres@$PG_HOST:$PG_PORT without a password (the tests need trust auth): $pg_error"
+    fi
+    ((SECONDS < deadline)) || die "PostgreSQL refuses connections: $pg_error"
+    sleep 2
+  done
 fi
 
 # --- RabbitMQ ----------------------------------------------------------------------------------
