@@ -98,7 +98,6 @@ impl System {
                 procs.insert((*w).into(), sys.spawn(w));
             }
         }
-        sys.wait_ready().await;
         sys
     }
 
@@ -172,6 +171,18 @@ impl System {
 
     fn amqp_url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:5672/{}", self.vhost)
+    }
+}
+
+// A failed scenario must not leave its processes running (they would hold connections).
+impl Drop for System {
+    fn drop(&mut self) {
+        if let Ok(mut procs) = self.procs.try_lock() {
+            for child in procs.values_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 }
 
@@ -459,9 +470,10 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let sys = System::start(name, env).await;
-    let (products, good, picky) = seed(&sys).await;
     let done = Arc::new(AtomicBool::new(false));
     let supervisor = tokio::spawn(sys.clone().supervise(done.clone()));
+    sys.wait_ready().await;
+    let (products, good, picky) = seed(&sys).await;
     let injector = tokio::spawn(fault(sys.clone(), done.clone()));
     let started = Instant::now();
     let placed = submit(&sys, &products, good, picky).await;

@@ -8,6 +8,7 @@ pub mod outbox;
 use std::{str::FromStr, time::Duration};
 
 use anyhow::Context;
+use backon::{ExponentialBuilder, Retryable};
 use sqlx::{
     ConnectOptions, Connection, Executor, PgConnection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
@@ -16,12 +17,34 @@ use sqlx::{
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// Parses the URL, creates the database if it does not exist, applies migrations and
-/// returns a pool of at most `max_connections`.
+/// returns a pool of at most `max_connections`. While PostgreSQL is unreachable (it may
+/// start after us, or be restarting) it retries with backoff for up to two minutes.
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    create_database_if_missing(url).await?;
-    let pool = pool(url, max_connections)?;
-    migrate(&pool).await?;
-    Ok(pool)
+    let prepare = || async {
+        create_database_if_missing(url).await?;
+        // One dedicated connection: migrations hold an advisory lock while several processes
+        // start at once, and must not compete with a small pool for connections.
+        let mut conn = PgConnection::connect(url).await.context("connecting to PostgreSQL")?;
+        MIGRATOR.run(&mut conn).await.context("applying migrations")?;
+        conn.close().await.ok();
+        anyhow::Ok(())
+    };
+    prepare
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(200))
+                .with_max_delay(Duration::from_secs(5))
+                .with_total_delay(Some(Duration::from_secs(120)))
+                .without_max_times()
+                .with_jitter(),
+        )
+        .when(|e: &anyhow::Error| {
+            e.chain().any(|c| c.downcast_ref::<sqlx::Error>().is_some_and(crate::error::is_unavailable)
+                || c.downcast_ref::<sqlx::migrate::MigrateError>().is_some_and(|m| matches!(m, sqlx::migrate::MigrateError::Execute(e) if crate::error::is_unavailable(e))))
+        })
+        .notify(|err, delay| tracing::warn!(error = %format!("{err:#}"), ?delay, "PostgreSQL not ready; retrying"))
+        .await?;
+    pool(url, max_connections)
 }
 
 /// A lazily connecting pool: the process starts even while PostgreSQL is down, and requests
