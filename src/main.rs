@@ -109,12 +109,21 @@ async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Res
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
 
+    orderflow_shared::metrics::install();
     if api {
         let listener = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
         let state = orderflow_api::AppState::new(pool.clone(), Arc::new(config.clone()));
         tasks.spawn(orderflow_api::serve(listener, state, shutdown.clone()));
+        let (pool, amqp_url, shutdown) = (pool.clone(), config.amqp_url.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            orderflow_shared::metrics::sample_gauges(pool, amqp_url, std::time::Duration::from_secs(5), shutdown).await;
+            Ok(())
+        });
+    } else if let Some(addr) = config.metrics_addr {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding METRICS_ADDR {addr}"))?;
+        tasks.spawn(orderflow_api::serve_metrics(listener, shutdown.clone()));
     }
     orderflow_workers::spawn(&mut tasks, workers, &pool, &config, &shutdown);
 

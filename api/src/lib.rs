@@ -52,6 +52,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(routes::router())
         .merge(openapi::router())
+        .route("/metrics", axum::routing::get(metrics_text))
         .fallback(|| async { Problem::new(404, "Not Found", "NOT_FOUND", "no such route") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
@@ -62,10 +63,46 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .with_state(state)
+        .layer(axum::middleware::from_fn(track_http))
         .layer(CatchPanicLayer::custom(|_| panic_response()))
         .layer(TraceLayer::new_for_http())
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+/// Counts and times every request by its route template (never the raw path, so ids do
+/// not explode the label set).
+async fn track_http(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
+    let res = next.run(req).await;
+    let status = res.status().as_u16().to_string();
+    metrics::counter!(orderflow_shared::metrics::HTTP_REQUESTS, "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!(orderflow_shared::metrics::HTTP_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
+    res
+}
+
+/// Prometheus text exposition of this process's metrics.
+pub async fn metrics_text() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        orderflow_shared::metrics::render(),
+    )
+}
+
+/// A worker process's own small listener: `/metrics` and `/healthz`.
+pub async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+    let app = Router::new()
+        .route("/metrics", axum::routing::get(metrics_text))
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await?;
+    Ok(())
 }
 
 fn panic_response() -> Response {

@@ -7,6 +7,7 @@ pub mod db;
 pub mod domain;
 pub mod error;
 pub mod messaging;
+pub mod metrics;
 pub mod telemetry;
 
 pub use error::{Error, ErrorKind, Result};

@@ -118,6 +118,12 @@ impl TestApp {
             base = format!("http://{}", listener.local_addr().unwrap());
             let state = orderflow_api::AppState::new(pool.clone(), Arc::new(config.clone()));
             tasks.spawn(orderflow_api::serve(listener, state, shutdown.clone()));
+            orderflow_shared::metrics::install();
+            let (pool, amqp_url, shutdown) = (pool.clone(), config.amqp_url.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                orderflow_shared::metrics::sample_gauges(pool, amqp_url, Duration::from_millis(200), shutdown).await;
+                Ok(())
+            });
         }
         for _ in 0..opts.instances {
             orderflow_workers::spawn(&mut tasks, &opts.workers, &pool, &config, &shutdown);

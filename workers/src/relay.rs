@@ -165,6 +165,11 @@ pub async fn publish_batch(
             .await?;
         pending.push((row.id, confirm));
     }
+    let now = chrono::Utc::now();
+    for row in &rows {
+        let delay = (now - row.created_at).to_std().unwrap_or_default();
+        metrics::histogram!(orderflow_shared::metrics::OUTBOX_DELAY).record(delay.as_secs_f64());
+    }
     let mut sent = Vec::with_capacity(rows.len());
     let mut failed = 0usize;
     for (id, confirm) in pending {

@@ -3,7 +3,11 @@
 //! transaction, retry of transient errors with backoff, ack after commit, reject poison,
 //! a tracing span per delivery, panic containment and graceful shutdown.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use backon::{ExponentialBuilder, Retryable};
 use futures_util::StreamExt;
@@ -13,7 +17,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 use orderflow_shared::{
-    Error, Result,
+    Error, Result, metrics,
     messaging::{Envelope, MessageType},
     telemetry::TraceParent,
 };
@@ -72,6 +76,18 @@ pub enum Disposition {
     Duplicate,
     Rejected,
     Requeued,
+}
+
+impl Disposition {
+    /// The `outcome` label of `orderflow_messages_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Acked => "acked",
+            Self::Duplicate => "duplicate",
+            Self::Rejected => "rejected",
+            Self::Requeued => "retried",
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -184,11 +200,13 @@ async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
                 "message type not handled here; dead-lettering"
             );
             settle(&delivery, Disposition::Rejected).await;
+            metrics::message(S::QUEUE, Disposition::Rejected.label());
             return;
         }
         Err(why) => {
             tracing::warn!(worker = S::NAME, %why, "undecodable message; dead-lettering");
             settle(&delivery, Disposition::Rejected).await;
+            metrics::message(S::QUEUE, Disposition::Rejected.label());
             return;
         }
     };
@@ -201,6 +219,7 @@ async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
         trace_id = incoming.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
         attempt = delivery_count(&delivery) + 1,
     );
+    let started = Instant::now();
     let disposition = async {
         let attempt = || handle_once(step, pool, &incoming);
         let result = attempt
@@ -212,7 +231,10 @@ async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
                     .with_jitter(),
             )
             .when(Error::is_transient)
-            .notify(|err, delay| tracing::warn!(error = %err, ?delay, "transient failure; retrying"))
+            .notify(|err, delay| {
+                metrics::message(S::QUEUE, "retried");
+                tracing::warn!(error = %err, ?delay, "transient failure; retrying");
+            })
             .await;
         match result {
             Ok(Disposition::Rejected) => {
@@ -231,7 +253,9 @@ async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
     }
     .instrument(span)
     .await;
+    metrics::step_duration(S::NAME, started.elapsed());
     settle(&delivery, disposition).await;
+    metrics::message(S::QUEUE, disposition.label());
 }
 
 /// One attempt: a transaction with the inbox record, the step, and commit.

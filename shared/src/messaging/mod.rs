@@ -1,7 +1,8 @@
-//! Messaging: the envelope every message carries, the message types, and the broker
-//! topology (exchanges, queues, bindings, arguments).
+//! Messaging: the envelope every message carries, the message types, the broker topology
+//! (exchanges, queues, bindings, arguments) and queue statistics.
 
 pub mod envelope;
+pub mod stats;
 pub mod topology;
 
 pub use envelope::{Envelope, MessageType};

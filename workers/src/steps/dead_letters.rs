@@ -87,6 +87,12 @@ impl Step for DeadLetters {
         .bind(letter.dead_at)
         .execute(&mut *tx)
         .await?;
+        metrics::counter!(
+            orderflow_shared::metrics::MESSAGES,
+            "queue" => letter.source_queue.clone().unwrap_or_default(),
+            "outcome" => "dead_lettered"
+        )
+        .increment(1);
         tracing::warn!(
             order_id = ?letter.order_id,
             queue = ?letter.source_queue,

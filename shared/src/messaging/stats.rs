@@ -1,0 +1,69 @@
+//! Queue depths and consumer counts from passive queue declares: what the ops dashboard and the
+//! metrics show, with no need for the management plugin.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use lapin::{Connection, ConnectionProperties, options::QueueDeclareOptions, types::FieldTable};
+use serde::Serialize;
+
+use super::topology::QUEUES;
+use crate::config::redact_url;
+
+/// How long one round of passive declares may take, connection included.
+const STATS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One queue of the topology as the broker sees it now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueStat {
+    pub name: String,
+    /// Messages ready for delivery (not counting delivered, unacknowledged ones).
+    pub messages: u32,
+    pub consumers: u32,
+}
+
+/// Opens one connection, declares every queue of [`QUEUES`] passively, closes. A queue the
+/// broker does not know (never declared in this vhost) is left out. Fails when the broker
+/// cannot be reached or does not answer within a few seconds.
+pub async fn queue_stats(amqp_url: &str) -> anyhow::Result<Vec<QueueStat>> {
+    tokio::time::timeout(STATS_TIMEOUT, declare_passively(amqp_url))
+        .await
+        .with_context(|| format!("the broker at {} did not answer in time", redact_url(amqp_url)))?
+}
+
+async fn declare_passively(amqp_url: &str) -> anyhow::Result<Vec<QueueStat>> {
+    let conn = Connection::connect(amqp_url, ConnectionProperties::default())
+        .await
+        .with_context(|| format!("cannot connect to the broker at {}", redact_url(amqp_url)))?;
+    let result = async {
+        let mut channel = conn.create_channel().await?;
+        let mut stats = Vec::with_capacity(QUEUES.len());
+        for queue in QUEUES {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            match channel
+                .queue_declare(queue.name.into(), passive, FieldTable::default())
+                .await
+            {
+                Ok(q) => stats.push(QueueStat {
+                    name: queue.name.to_owned(),
+                    messages: q.message_count(),
+                    consumers: q.consumer_count(),
+                }),
+                // 404: the broker closes the channel; carry on with a fresh one.
+                Err(err) if err.is_amqp_soft_error() => {
+                    tracing::debug!(queue = queue.name, error = %err, "queue not declared");
+                    channel = conn.create_channel().await?;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(stats)
+    }
+    .await;
+    let _ = conn.close(200, "bye".into()).await;
+    result.context("passive queue declares failed")
+}
