@@ -51,7 +51,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.config.log_format);
+    let provider = match telemetry::provider(cli.config.otel_exporter_otlp_endpoint.as_deref()) {
+        Ok(p) => p,
+        Err(err) => {
+            eprintln!("cannot set up trace export: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _telemetry = telemetry::init(cli.config.log_format, provider);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {

@@ -65,9 +65,23 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(axum::middleware::from_fn(track_http))
         .layer(CatchPanicLayer::custom(|_| panic_response()))
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+/// One span per request, continuing the caller's W3C `traceparent` when it sends one.
+fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let span = tracing::info_span!("request", method = %req.method(), uri = %req.uri().path());
+    if let Some(parent) = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(orderflow_shared::telemetry::TraceParent::parse)
+    {
+        orderflow_shared::telemetry::set_parent(&span, parent);
+    }
+    span
 }
 
 /// Counts and times every request by its route template (never the raw path, so ids do

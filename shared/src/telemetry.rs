@@ -1,22 +1,89 @@
-//! Logging setup and W3C trace-context (`traceparent`) handling.
+//! Logging, tracing and W3C trace-context (`traceparent`) propagation.
+//!
+//! Every process runs an OpenTelemetry tracer under `tracing`, so spans have real trace and
+//! span ids: one order is one trace, from the HTTP request that accepted it through every
+//! worker hop and compensation (each message carries its producer's `traceparent`). Spans
+//! are exported over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT is set, and dropped
+//! otherwise.
 
+use opentelemetry::{
+    Context,
+    trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _},
+};
+use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::config::LogFormat;
 
-/// Installs the global tracing subscriber. `RUST_LOG` overrides the default filter.
-pub fn init(format: LogFormat) {
+/// Keeps the tracer provider alive; flushes pending spans when dropped.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// The production tracer provider: OTLP/HTTP export when `otlp_endpoint` is set.
+pub fn provider(otlp_endpoint: Option<&str>) -> anyhow::Result<SdkTracerProvider> {
+    let resource = Resource::builder().with_service_name("orderflow").build();
+    let builder = SdkTracerProvider::builder().with_resource(resource);
+    Ok(match otlp_endpoint.filter(|e| !e.is_empty()) {
+        Some(endpoint) => {
+            use opentelemetry_otlp::WithExportConfig;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .build()?;
+            builder.with_batch_exporter(exporter).build()
+        }
+        None => builder.build(),
+    })
+}
+
+/// Installs the global subscriber (logs in `format`, spans into `provider`). `RUST_LOG`
+/// overrides the default filter. A second call (tests start several apps in one process)
+/// keeps the first subscriber.
+pub fn init(format: LogFormat, provider: SdkTracerProvider) -> Telemetry {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,tower_http=warn"));
-    let registry = tracing_subscriber::registry().with(filter);
-    let result = match format {
-        LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init(),
+    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("orderflow"));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let _ = match format {
+        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr).with_target(false)).try_init(),
         LogFormat::Json => registry
-            .with(fmt::layer().json().flatten_event(true).with_current_span(true))
+            .with(fmt::layer().json().with_writer(std::io::stderr).flatten_event(true).with_current_span(true).with_span_list(false))
             .try_init(),
     };
-    // A second init (tests start several apps in one process) keeps the first subscriber.
-    let _ = result;
+    Telemetry { provider }
+}
+
+/// The trace context of the current span, to put on the messages it sends.
+pub fn current() -> Option<TraceParent> {
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| TraceParent {
+        trace_id: u128::from_be_bytes(sc.trace_id().to_bytes()),
+        span_id: u64::from_be_bytes(sc.span_id().to_bytes()),
+        sampled: sc.is_sampled(),
+    })
+}
+
+/// Makes `parent` (a message's or request's `traceparent`) the parent of `span`.
+pub fn set_parent(span: &tracing::Span, parent: TraceParent) {
+    let flags = if parent.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+    let sc = SpanContext::new(
+        TraceId::from_bytes(parent.trace_id.to_be_bytes()),
+        SpanId::from_bytes(parent.span_id.to_be_bytes()),
+        flags,
+        true,
+        TraceState::default(),
+    );
+    let _ = span.set_parent(Context::new().with_remote_span_context(sc));
 }
 
 /// A W3C `traceparent`: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.

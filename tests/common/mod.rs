@@ -77,7 +77,8 @@ impl TestApp {
     }
 
     pub async fn spawn_with(opts: Options) -> Self {
-        orderflow_shared::telemetry::init(LogFormat::Text);
+        // Kept for the whole test process: the global subscriber outlives every app.
+        std::mem::forget(orderflow_shared::telemetry::init(LogFormat::Text, orderflow_shared::telemetry::provider(None).unwrap()));
         let id = uuid::Uuid::new_v4().simple().to_string();
         let db_name = format!("orderflow_test_{}", &id[..16]);
         let vhost = format!("orderflow-test-{}", &id[..16]);

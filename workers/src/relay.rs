@@ -189,7 +189,7 @@ pub async fn publish_batch(
         tracing::error!(batch = rows.len(), "fault injection: aborting between confirm and mark");
         std::process::abort();
     }
-    sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
+    sqlx::query("UPDATE outbox SET sent_at = clock_timestamp() WHERE id = ANY($1)")
         .bind(&sent)
         .execute(&mut *tx)
         .await?;

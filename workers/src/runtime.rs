@@ -19,7 +19,7 @@ use lapin::{
 use orderflow_shared::{
     Error, Result, metrics,
     messaging::{Envelope, MessageType},
-    telemetry::TraceParent,
+    telemetry::{self, TraceParent},
 };
 use sqlx::{PgConnection, PgPool};
 use tokio::{sync::Semaphore, task::JoinSet};
@@ -219,6 +219,10 @@ async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
         trace_id = incoming.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
         attempt = delivery_count(&delivery) + 1,
     );
+    // The producer's span is this span's parent: one order, one trace, across processes.
+    if let Some(parent) = incoming.trace {
+        telemetry::set_parent(&span, parent);
+    }
     let started = Instant::now();
     let disposition = async {
         let attempt = || handle_once(step, pool, &incoming);

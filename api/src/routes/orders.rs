@@ -20,7 +20,7 @@ use orderflow_shared::{
     },
     domain::{MAX_LINE_QUANTITY, MAX_ORDER_LINES, OrderStatus},
     messaging::MessageType,
-    telemetry::TraceParent,
+    telemetry::{self, TraceParent},
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -187,7 +187,8 @@ pub async fn place(
     }
 
     let order_id = Uuid::now_v7();
-    let trace = TraceParent::new_root();
+    // The request's trace (continuing a caller's `traceparent`) becomes the order's trace.
+    let trace = telemetry::current().unwrap_or_else(TraceParent::new_root);
     let timeout_ms = i64::try_from(state.config.order_timeout.as_millis()).unwrap_or(i64::MAX);
     sqlx::query(
         "INSERT INTO orders (id, user_id, status, coupon_id, total_amount, trace_parent, deadline_at)
@@ -233,6 +234,7 @@ pub async fn place(
         )
         .await?;
     tx.commit().await?;
+    tracing::info!(order_id = %order_id, total, "order accepted");
 
     let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {

@@ -23,14 +23,16 @@ pub struct OutboxMessage {
 }
 
 impl OutboxMessage {
-    /// A message of `kind` about `order_id`, continuing the trace `parent` if there is one.
+    /// A message of `kind` about `order_id`. It carries the trace context of the span that
+    /// sends it (a worker's delivery span, the API's request span), or else `parent` (the
+    /// order's own trace, for senders outside any span such as the recovery sweep).
     pub fn new<T: Serialize>(kind: MessageType, order_id: Uuid, data: &T, parent: Option<TraceParent>) -> Result<Self> {
         let envelope = Envelope::new(kind, order_id, data);
         Ok(Self {
             message_id: envelope.id,
             kind,
             order_id,
-            trace: parent.map(TraceParent::child),
+            trace: crate::telemetry::current().or(parent),
             body: serde_json::to_value(&envelope).map_err(anyhow::Error::from)?,
             expiration_ms: None,
         })
