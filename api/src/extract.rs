@@ -1,4 +1,5 @@
-//! Extractors whose rejections are problem documents, and the bearer-token principals.
+//! Extractors whose rejections are problem documents, and the principals (bearer token, or the
+//! ops dashboard's admin cookie).
 
 use axum::{
     extract::{FromRequest, FromRequestParts},
@@ -48,19 +49,67 @@ impl FromRequestParts<AppState> for User {
     }
 }
 
-/// A caller whose token has `role: "admin"`.
+/// A caller whose token has `role: "admin"`: from the bearer header, or else from the ops
+/// dashboard's session cookie ([`ADMIN_COOKIE`]). A bearer header always wins.
 #[derive(Debug, Clone, Copy)]
 pub struct Admin(pub Principal);
+
+/// The HttpOnly cookie in which the ops dashboard keeps an admin token (see `routes::ops`).
+pub const ADMIN_COOKIE: &str = "orderflow_admin";
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let User(principal) = User::from_request_parts(parts, state).await?;
+        let principal = match cookie(&parts.headers, ADMIN_COOKIE) {
+            Some(token) if !parts.headers.contains_key(header::AUTHORIZATION) => {
+                if !parts.method.is_safe() && !same_origin(&parts.headers) {
+                    return Err(Error::forbidden(
+                        "CROSS_ORIGIN_REQUEST",
+                        "a cookie-authenticated change must come from the dashboard's own origin",
+                    )
+                    .into());
+                }
+                state.keys.verify(token)?
+            }
+            _ => User::from_request_parts(parts, state).await?.0,
+        };
         if !principal.admin {
             return Err(Error::forbidden("ADMIN_REQUIRED", "this route needs an admin token").into());
         }
         Ok(Self(principal))
+    }
+}
+
+/// The value of cookie `name`, if the request carries it.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+        .filter(|v| !v.is_empty())
+}
+
+/// SameSite=Strict keeps the cookie off cross-site requests, but another port of the same host
+/// is the same site. A browser says where a request comes from (`Sec-Fetch-Site`, `Origin`);
+/// a cookie-authenticated change is accepted only from the same origin. Clients that send
+/// neither header (curl, scripts) are not browsers and cannot be tricked into sending it.
+fn same_origin(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site") {
+        return site == "same-origin";
+    }
+    match (headers.get(header::ORIGIN), headers.get(header::HOST)) {
+        (Some(origin), Some(host)) => origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.split_once("://"))
+            .is_some_and(|(_, authority)| host.to_str().is_ok_and(|h| h == authority)),
+        (Some(_), None) => false,
+        (None, _) => true,
     }
 }
 

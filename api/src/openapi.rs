@@ -7,7 +7,7 @@ use axum::{
 };
 use utoipa::{
     Modify, OpenApi,
-    openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
+    openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
 };
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -37,6 +37,7 @@ use crate::{AppState, problem::Problem, routes};
         routes::orders::show,
         routes::orders::list,
         routes::orders::popular,
+        routes::events::order_events,
         routes::admin::list_orders,
         routes::admin::cancel_order,
         routes::admin::retry_compensation,
@@ -44,6 +45,8 @@ use crate::{AppState, problem::Problem, routes};
         routes::admin::show_dead_letter,
         routes::admin::replay_dead_letter,
         routes::admin::discard_dead_letter,
+        routes::ops::overview,
+        routes::ops::timeline,
     ),
     components(schemas(crate::problem::Problem)),
     modifiers(&BearerAuth),
@@ -52,7 +55,7 @@ use crate::{AppState, problem::Problem, routes};
         (name = "products", description = "Product catalogue"),
         (name = "coupons", description = "First-come-first-served coupons"),
         (name = "orders", description = "Orders and their progress through the pipeline"),
-        (name = "admin", description = "Admin-only routes (token with role admin)"),
+        (name = "admin", description = "Admin-only routes (token with role admin, as a bearer token or the ops dashboard's session cookie)"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]
@@ -71,6 +74,15 @@ impl Modify for BearerAuth {
                     .bearer_format("JWT")
                     .build(),
             ),
+        );
+        // The ops dashboard's session (POST /ops/login): accepted by admin routes when no
+        // bearer token is sent.
+        components.add_security_scheme(
+            "admin_cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
+                crate::extract::ADMIN_COOKIE,
+                "an admin token kept by POST /ops/login (HttpOnly, SameSite=Strict)",
+            ))),
         );
     }
 }

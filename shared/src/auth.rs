@@ -61,6 +61,12 @@ impl Keys {
 
     /// Verifies signature, algorithm (HS256 only; `alg: none` is refused) and expiry.
     pub fn verify(&self, token: &str) -> Result<Principal> {
+        self.verify_with_expiry(token).map(|(principal, _)| principal)
+    }
+
+    /// As [`Keys::verify`], also returning the token's `exp` (Unix seconds): what a session
+    /// cookie holding the token may live for.
+    pub fn verify_with_expiry(&self, token: &str) -> Result<(Principal, i64)> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             match e.kind() {
@@ -75,10 +81,11 @@ impl Keys {
             .ok()
             .filter(|id| *id > 0)
             .ok_or_else(|| Error::unauthorized("INVALID_TOKEN", "the token subject is not a positive user id"))?;
-        Ok(Principal {
+        let principal = Principal {
             user_id,
             admin: data.claims.role.as_deref() == Some("admin"),
-        })
+        };
+        Ok((principal, data.claims.exp))
     }
 }
 

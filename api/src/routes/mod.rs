@@ -3,7 +3,9 @@
 pub mod admin;
 pub mod balance;
 pub mod coupons;
+pub mod events;
 pub mod health;
+pub mod ops;
 pub mod orders;
 pub mod products;
 
@@ -19,4 +21,6 @@ pub fn router() -> Router<AppState> {
         .merge(coupons::router())
         .merge(orders::router())
         .merge(admin::router())
+        .merge(ops::router())
+        .merge(events::router())
 }

@@ -1,0 +1,444 @@
+// orderflow ops dashboard. Polls the admin JSON API every 2 s with same-origin requests (the
+// session cookie authenticates them; this script never sees the token). No framework: every
+// value from the server is put into the page as text, never as HTML.
+'use strict';
+
+const REFRESH_MS = 2000;
+const STUCK_AFTER = '30s';
+const PIPELINE = ['PENDING', 'STOCK_RESERVED', 'COUPON_APPLIED', 'PAID', 'CONFIRMED',
+  'CANCELLING', 'CANCELLED', 'COMPENSATION_FAILED'];
+const TERMINAL = new Set(['CONFIRMED', 'CANCELLED']);
+const CANCELLABLE = new Set(['PENDING', 'STOCK_RESERVED', 'COUPON_APPLIED', 'PAID']);
+// Queues that have no orderflow consumer by design: an empty consumer count is not an alarm.
+const NO_CONSUMER_EXPECTED = {
+  'orderflow.deadline': 'holds deadlines until they expire',
+  'data-platform.orders': 'read by the data platform',
+};
+// Why a published message may have no inbox record.
+const UNHANDLED = {
+  'order.deadline': 'expires into the recovery worker after ORDER_TIMEOUT (ignored once the order is terminal)',
+  'order.cancelled': 'public event; no orderflow worker consumes it',
+  'order.confirmed': 'public event; the sales projection has not recorded it yet',
+  default: 'no worker recorded it: still queued, ignored as stale, or dead-lettered',
+};
+const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+const state = {
+  previousDepth: new Map(), // queue name -> ready messages at the last refresh
+  timelineId: null, // the order shown in the timeline, refreshed with the rest
+  inspectedId: null, // the dead letter shown in the detail pane
+};
+
+// --- Small helpers ---------------------------------------------------------------------------
+
+const $ = (id) => document.getElementById(id);
+
+/** Creates an element; `props` may hold className, text, title, dataset, hidden, type. */
+function el(tag, props = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (value === undefined || value === null) continue;
+    if (key === 'text') node.textContent = value;
+    else if (key === 'dataset') Object.assign(node.dataset, value);
+    else if (key === 'onclick') node.addEventListener('click', value);
+    else if (key in node) node[key] = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    if (child !== null && child !== undefined) node.append(child);
+  }
+  return node;
+}
+
+async function api(method, path) {
+  const res = await fetch(path, {
+    method,
+    credentials: 'same-origin',
+    headers: { Accept: 'application/json' },
+  });
+  if (res.status === 401) {
+    // The session expired: the dashboard URL shows the login form again.
+    window.location.assign('/ops');
+    throw new Error('session expired');
+  }
+  const body = res.status === 204 ? null : await res.json().catch(() => null);
+  if (!res.ok) {
+    const why = body && body.detail ? body.detail : `HTTP ${res.status}`;
+    const error = new Error(why);
+    error.status = res.status;
+    throw error;
+  }
+  return body;
+}
+
+const number = (n) => Number(n).toLocaleString('en-US');
+
+function age(seconds) {
+  if (seconds === null || seconds === undefined) return '–';
+  if (seconds < 10) return `${seconds.toFixed(1)} s`;
+  if (seconds < 60) return `${Math.floor(seconds)} s`;
+  if (seconds < 3600) return `${Math.floor(seconds / 60)} m ${Math.floor(seconds % 60)} s`;
+  return `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} m`;
+}
+
+const secondsSince = (iso) => Math.max(0, (Date.now() - Date.parse(iso)) / 1000);
+
+function clock(iso) {
+  if (!iso) return '–';
+  const d = new Date(iso);
+  const pad = (n, w = 2) => String(n).padStart(w, '0');
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+}
+
+function statusBadge(status) {
+  return el('span', { className: `badge s-${status}`, text: status });
+}
+
+function orderLink(id) {
+  return el('button', {
+    type: 'button',
+    className: 'link mono',
+    title: `Show the timeline of ${id}`,
+    text: id,
+    onclick: () => showTimeline(id),
+  });
+}
+
+function button(label, testid, onclick, className) {
+  return el('button', { type: 'button', text: label, className, dataset: { testid }, onclick });
+}
+
+let flashTimer = null;
+function flash(message, kind = 'ok') {
+  const box = $('flash');
+  box.textContent = message;
+  box.className = `flash ${kind}`;
+  box.hidden = false;
+  clearTimeout(flashTimer);
+  flashTimer = setTimeout(() => { box.hidden = true; }, 6000);
+}
+
+/** Runs an operator action, reports it, refreshes. */
+async function act(label, action) {
+  try {
+    const message = await action();
+    if (message) flash(message);
+  } catch (err) {
+    flash(`${label} failed: ${err.message}`, 'error');
+  }
+  await refresh();
+}
+
+// --- Overview: tiles, funnel, queues --------------------------------------------------------
+
+function renderTiles(overview) {
+  const inFlight = PIPELINE.filter((s) => !TERMINAL.has(s))
+    .reduce((sum, s) => sum + (overview.funnel[s] || 0), 0);
+  const lag = overview.outbox.oldestUnsentAgeSeconds;
+  const tiles = [
+    ['tile-inflight', 'inflight', number(inFlight), false],
+    ['tile-stuck', 'stuck-count', number(overview.stuck), overview.stuck > 0],
+    ['tile-outbox', 'outbox-unsent', number(overview.outbox.unsent), lag !== null && lag > 5],
+    ['tile-dead', 'dead-count', number(overview.deadLetters.new), overview.deadLetters.new > 0],
+  ];
+  for (const [tile, testid, value, alert] of tiles) {
+    $(tile).classList.toggle('alert', alert);
+    $(tile).querySelector(`[data-testid="${testid}"]`).textContent = value;
+  }
+  document.querySelector('[data-testid="outbox-lag"]').textContent = lag === null ? 'none' : age(lag);
+}
+
+function renderFunnel(funnel) {
+  const max = Math.max(1, ...PIPELINE.map((s) => funnel[s] || 0));
+  const rows = PIPELINE.map((status) => {
+    const count = funnel[status] || 0;
+    const bar = el('span', { className: `bar s-${status}` });
+    bar.style.width = count === 0 ? '0' : `max(3px, ${(100 * count) / max}%)`;
+    return el('div', { className: 'funnel-row', dataset: { testid: `funnel-${status}`, count: String(count) } },
+      el('span', { className: 'funnel-label', text: status }),
+      el('span', { className: 'funnel-track' }, bar),
+      el('span', { className: 'funnel-count num', text: number(count) }));
+  });
+  $('funnel').replaceChildren(...rows);
+}
+
+function renderQueues(queues, brokerError) {
+  const error = $('broker-error');
+  error.hidden = !brokerError;
+  error.textContent = brokerError ? `Broker unreachable: ${brokerError}` : '';
+  const rows = queues.map((q) => {
+    const before = state.previousDepth.get(q.name);
+    const delta = before === undefined ? null : q.messages - before;
+    state.previousDepth.set(q.name, q.messages);
+    const note = NO_CONSUMER_EXPECTED[q.name];
+    const starving = q.consumers === 0 && q.messages > 0 && !note;
+    const row = el('tr', { dataset: { testid: `queue-${q.name}`, queue: q.name, delta: String(delta ?? 0) } },
+      el('td', {}, el('span', { className: 'mono', text: q.name }),
+        note ? el('span', { className: 'muted small note', text: note }) : null),
+      el('td', { className: 'num', text: number(q.messages) }),
+      el('td', {
+        className: `num delta${delta > 0 ? ' up' : delta < 0 ? ' down' : ''}`,
+        text: delta === null ? '·' : delta > 0 ? `▲ +${number(delta)}` : delta < 0 ? `▼ ${number(delta)}` : '0',
+        title: 'change since the last refresh',
+      }),
+      el('td', { className: `num${starving ? ' warn' : ''}`, text: number(q.consumers) }));
+    row.classList.toggle('growing', delta > 0);
+    return row;
+  });
+  $('queue-rows').replaceChildren(...rows);
+}
+
+// --- Stuck orders ---------------------------------------------------------------------------
+
+function renderStuck(page) {
+  const rows = page.items.map((o) => {
+    const actions = el('td', { className: 'actions' });
+    if (CANCELLABLE.has(o.status)) {
+      actions.append(button('Cancel', `cancel-${o.orderId}`, () => cancelOrder(o.orderId), 'danger'));
+    }
+    if (o.status === 'COMPENSATION_FAILED') {
+      actions.append(button('Retry', `retry-${o.orderId}`, () => retryOrder(o.orderId), 'primary'));
+    }
+    return el('tr', { dataset: { testid: `stuck-${o.orderId}`, orderId: o.orderId } },
+      el('td', {}, orderLink(o.orderId)),
+      el('td', {}, statusBadge(o.status)),
+      el('td', { text: o.reason || '' }),
+      el('td', { text: age(secondsSince(o.updatedAt)) }),
+      el('td', { className: 'num', text: String(o.userId) }),
+      el('td', { className: 'num', text: number(o.totalAmount) }),
+      actions);
+  });
+  $('stuck-rows').replaceChildren(...rows);
+  $('stuck-table').hidden = rows.length === 0;
+  const more = page.total > page.items.length ? ` Showing the ${page.items.length} oldest of ${number(page.total)}.` : '';
+  $('stuck-empty').textContent = page.total === 0 ? 'None.' : more;
+  $('stuck-empty').hidden = page.total !== 0 && !more;
+}
+
+function cancelOrder(id) {
+  if (!window.confirm(`Cancel order ${id}?\nIt moves to CANCELLING and gives back whatever it holds.`)) return;
+  act('Cancel', async () => {
+    await api('POST', `/api/admin/orders/${id}/cancel`);
+    return `Order ${id} is cancelling.`;
+  });
+}
+
+function retryOrder(id) {
+  act('Retry', async () => {
+    await api('POST', `/api/admin/orders/${id}/retry`);
+    return `Order ${id} is back in CANCELLING; its compensation is sent again.`;
+  });
+}
+
+// --- Dead letters ---------------------------------------------------------------------------
+
+function renderDeadLetters(page) {
+  const rows = page.items.map((d) => el('tr', { dataset: { testid: `dead-letter-${d.id}`, id: String(d.id) } },
+    el('td', { className: 'num', text: String(d.id) }),
+    el('td', { className: 'mono', text: d.messageType || '?' }),
+    el('td', { className: 'mono', text: d.sourceQueue || '?' }),
+    el('td', { text: `${d.reason || '?'}${d.deathCount > 1 ? ` ×${d.deathCount}` : ''}` }),
+    el('td', {}, d.orderId ? orderLink(d.orderId) : el('span', { className: 'muted', text: 'none' })),
+    el('td', { text: `${age(secondsSince(d.deadAt || d.recordedAt))} ago` }),
+    el('td', { className: 'actions' },
+      button('Inspect', `inspect-${d.id}`, () => inspect(d.id)),
+      button('Replay', `replay-${d.id}`, () => replay(d.id), 'primary'),
+      button('Discard', `discard-${d.id}`, () => discard(d.id), 'danger'))));
+  $('dead-rows').replaceChildren(...rows);
+  $('dead-table').hidden = rows.length === 0;
+  $('dead-empty').hidden = page.total !== 0;
+  if (page.total > page.items.length) {
+    $('dead-empty').hidden = false;
+    $('dead-empty').textContent = `Showing the ${page.items.length} newest of ${number(page.total)}.`;
+  } else {
+    $('dead-empty').textContent = 'None.';
+  }
+}
+
+function pretty(text) {
+  try {
+    return JSON.stringify(JSON.parse(text), null, 2);
+  } catch {
+    return text;
+  }
+}
+
+function renderDeadLetterDetail(d) {
+  state.inspectedId = d.id;
+  $('dead-detail-title').textContent = `Dead letter #${d.id} · ${d.status}`;
+  const meta = [
+    ['Message', d.messageId], ['Type', d.messageType], ['Order', d.orderId],
+    ['Published to', `${d.exchange || '?'} / ${d.routingKey || '?'}`], ['Died in', d.sourceQueue],
+    ['Reason', `${d.reason || '?'} (${d.deathCount} death${d.deathCount === 1 ? '' : 's'})`],
+    ['Died at', d.deadAt ? new Date(d.deadAt).toLocaleString() : '?'],
+    ['Resolved', d.resolvedAt ? `${d.status} at ${new Date(d.resolvedAt).toLocaleString()}` : 'no'],
+  ];
+  $('dead-detail-meta').replaceChildren(...meta.flatMap(([k, v]) => [el('dt', { text: k }), el('dd', { text: v || '–' })]));
+  $('dead-detail-headers').textContent = JSON.stringify(d.headers, null, 2);
+  $('dead-detail-body').textContent = pretty(d.body);
+  $('dead-detail').hidden = false;
+}
+
+async function inspect(id) {
+  try {
+    renderDeadLetterDetail(await api('GET', `/api/admin/dead-letters/${id}`));
+    $('dead-detail').scrollIntoView({ block: 'nearest', behavior: 'smooth' });
+  } catch (err) {
+    flash(`Inspect failed: ${err.message}`, 'error');
+  }
+}
+
+function replay(id) {
+  act('Replay', async () => {
+    const letter = await api('POST', `/api/admin/dead-letters/${id}/replay`);
+    if (state.inspectedId === id) renderDeadLetterDetail(letter);
+    return `Dead letter #${id} replayed: ${letter.messageType} is published again to ${letter.routingKey}.`;
+  });
+}
+
+function discard(id) {
+  if (!window.confirm(`Discard dead letter #${id}? It is kept for the record but never replayed.`)) return;
+  act('Discard', async () => {
+    await api('DELETE', `/api/admin/dead-letters/${id}`);
+    if (state.inspectedId === id) $('dead-detail').hidden = true;
+    return `Dead letter #${id} discarded.`;
+  });
+}
+
+// --- Order timeline -------------------------------------------------------------------------
+
+/** Statuses, message hops and dead letters, merged in the order they happened. A hop is placed
+ * where a worker handled it (just before the status that worker set), else where the relay
+ * published it; a dead letter where the recovery worker recorded it (the broker's own death
+ * time has whole seconds only). */
+function timelineEntries(t) {
+  const entries = [];
+  t.history.forEach((h, i) => entries.push({ at: h.at, seq: i, kind: 'status', h }));
+  t.messages.forEach((m, i) => {
+    const at = m.handledBy.length ? m.handledBy[0].processedAt : m.sentAt || m.createdAt;
+    entries.push({ at, seq: i, kind: 'message', m });
+  });
+  t.deadLetters.forEach((d, i) => entries.push({ at: d.recordedAt, seq: i, kind: 'dead', d }));
+  const rank = { message: 0, dead: 1, status: 2 };
+  return entries.sort((a, b) => Date.parse(a.at) - Date.parse(b.at) || rank[a.kind] - rank[b.kind] || a.seq - b.seq);
+}
+
+function renderEntry(entry, start) {
+  const since = (iso) => `+${number(Math.max(0, Date.parse(iso) - start))} ms`;
+  const when = (iso) => el('time', { dateTime: iso, title: new Date(iso).toString(), text: `${clock(iso)} (${since(iso)})` });
+  if (entry.kind === 'status') {
+    const { h } = entry;
+    return el('li', { className: `entry status s-${h.status}`, dataset: { kind: 'status', status: h.status } },
+      el('div', { className: 'entry-head' }, statusBadge(h.status),
+        h.reason ? el('span', { className: 'reason', text: h.reason }) : null, when(h.at)),
+      h.from ? el('div', { className: 'muted small', text: `from ${h.from}` }) : null);
+  }
+  if (entry.kind === 'dead') {
+    const { d } = entry;
+    return el('li', { className: 'entry dead', dataset: { kind: 'dead-letter' } },
+      el('div', { className: 'entry-head' }, el('span', { className: 'tag dead', text: 'dead letter' }),
+        el('span', { className: 'mono', text: d.messageType || '?' }), when(d.recordedAt)),
+      el('div', { className: 'muted small',
+        text: `#${d.id} from ${d.sourceQueue || '?'}: ${d.reason || '?'}, ${d.deathCount} death(s) · ${d.status}` }));
+  }
+  const { m } = entry;
+  const handled = m.handledBy.length
+    ? m.handledBy.map((h) => `handled by ${h.consumer} at ${clock(h.processedAt)} (${since(h.processedAt)})`).join(' · ')
+    : !m.sentAt ? 'not published yet' : UNHANDLED[m.messageType] || UNHANDLED.default;
+  return el('li', { className: `entry hop${m.compensation ? ' compensation' : ''}`, dataset: { kind: 'message', type: m.messageType } },
+    el('div', { className: 'entry-head' },
+      el('span', { className: 'arrow', text: '→' }),
+      el('span', { className: 'mono', text: m.messageType }),
+      m.compensation ? el('span', { className: 'tag comp', text: 'compensation' }) : null,
+      m.replay ? el('span', { className: 'tag replay', text: 'replay' }) : null,
+      m.sentAt ? when(m.sentAt) : null),
+    el('div', { className: 'muted small', text: handled }));
+}
+
+function renderTimeline(t) {
+  const o = t.order;
+  $('timeline-order-id').textContent = o.orderId;
+  const badge = $('timeline-status');
+  badge.textContent = o.status + (o.reason ? ` · ${o.reason}` : '');
+  badge.className = `badge s-${o.status}`;
+  badge.dataset.status = o.status;
+  const holds = [o.stockHeld && 'stock', o.couponHeld && 'coupon', o.paidAmount > 0 && `${number(o.paidAmount)} paid`]
+    .filter(Boolean).join(', ') || 'nothing';
+  $('timeline-summary').textContent =
+    `user ${o.userId} · total ${number(o.totalAmount)} · discount ${number(o.discountAmount)} · holds ${holds} · ` +
+    `${o.items.length} line(s) · created ${new Date(o.createdAt).toLocaleString()}`;
+  const start = Date.parse(o.createdAt);
+  $('timeline-entries').replaceChildren(...timelineEntries(t).map((e) => renderEntry(e, start)));
+  $('timeline').hidden = false;
+}
+
+async function loadTimeline() {
+  if (!state.timelineId) return;
+  try {
+    renderTimeline(await api('GET', `/api/admin/orders/${state.timelineId}/timeline`));
+  } catch (err) {
+    $('timeline').hidden = true;
+    const id = state.timelineId;
+    state.timelineId = null;
+    flash(err.status === 404 ? `No order ${id}.` : `Timeline failed: ${err.message}`, 'error');
+  }
+}
+
+function showTimeline(id) {
+  $('timeline-id').value = id;
+  state.timelineId = id;
+  loadTimeline().then(() => $('timeline-title').scrollIntoView({ behavior: 'smooth' }));
+}
+
+// --- Refresh loop ---------------------------------------------------------------------------
+
+let refreshing = null;
+
+/** One refresh of every panel; concurrent callers share it. */
+function refresh() {
+  if (!refreshing) {
+    refreshing = refreshAll().finally(() => { refreshing = null; });
+  }
+  return refreshing;
+}
+
+async function refreshAll() {
+  const results = await Promise.allSettled([
+    api('GET', `/api/admin/overview?stuckAfter=${STUCK_AFTER}`).then((o) => {
+      renderTiles(o);
+      renderFunnel(o.funnel);
+      renderQueues(o.queues, o.brokerError);
+    }),
+    api('GET', `/api/admin/orders?stuck=true&olderThan=${STUCK_AFTER}&size=20`).then(renderStuck),
+    api('GET', '/api/admin/dead-letters?status=NEW&size=20').then(renderDeadLetters),
+    loadTimeline(),
+  ]);
+  const failed = results.find((r) => r.status === 'rejected');
+  const indicator = $('refresh-state');
+  indicator.classList.toggle('error', Boolean(failed));
+  indicator.textContent = failed
+    ? `refresh failed: ${failed.reason.message}`
+    : `live · updated ${new Date().toLocaleTimeString()}`;
+}
+
+async function loop() {
+  if (!document.hidden) await refresh();
+  setTimeout(loop, REFRESH_MS);
+}
+
+document.addEventListener('DOMContentLoaded', () => {
+  $('timeline-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const id = $('timeline-id').value.trim();
+    if (!UUID_RE.test(id)) {
+      flash('An order id is a UUID, e.g. 0190c1c5-8f3e-7a12-9b34-56789abcdef0.', 'error');
+      return;
+    }
+    showTimeline(id);
+  });
+  $('dead-detail-close').addEventListener('click', () => {
+    $('dead-detail').hidden = true;
+    state.inspectedId = null;
+  });
+  loop();
+});

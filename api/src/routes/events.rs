@@ -1,0 +1,191 @@
+//! `GET /api/orders/{id}/events`: server-sent events of one order's status changes until it is
+//! CONFIRMED or CANCELLED, for clients that would rather not poll.
+//!
+//! On connect the stream replays the history so far, then polls it every 200 ms and sends each
+//! new change; it ends after the terminal status, or after ten minutes at most (a client may
+//! reconnect: each event's id is its history row id, and `Last-Event-ID` resumes after it).
+//! Polling one indexed query per open stream is cheap next to the pipeline's own writes; a
+//! LISTEN-based feed can replace it without changing the wire format.
+
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::get,
+};
+use chrono::{DateTime, Utc};
+use futures_util::{Stream, stream};
+use orderflow_shared::{Error, domain::OrderStatus};
+use serde::Serialize;
+use sqlx::PgPool;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{
+    AppState,
+    extract::{Path, User},
+    problem::{ApiResult, Problem},
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/orders/{id}/events", get(order_events))
+}
+
+const PROBLEM: &str = "application/problem+json";
+const POLL_EVERY: Duration = Duration::from_millis(200);
+const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
+/// A stream ends after this even if the order is still in flight (the client may reconnect).
+const MAX_LIFETIME: Duration = Duration::from_secs(600);
+
+/// The `data` of an `event: status`.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+pub struct StatusEvent {
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub id: i64,
+    /// The status the order moved to.
+    pub status: String,
+    /// Why it is cancelling or cancelled (OUT_OF_STOCK, TIMEOUT, ...).
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// Server-sent events (`text/event-stream`) of one of the caller's orders: one
+/// `event: status` per status change, `data: {"status", "reason", "at"}` and `id:` the change's
+/// sequence number. The history so far comes first; the stream ends after CONFIRMED or
+/// CANCELLED (or after 10 minutes; reconnect with `Last-Event-ID` to resume). Comment lines
+/// keep idle connections alive. Another user's order is 404. Reconnecting with the id of the
+/// terminal event answers 204, which tells an `EventSource` to stop.
+#[utoipa::path(get, path = "/api/orders/{id}/events", tag = "orders", security(("bearer" = [])),
+    params(
+        ("id" = Uuid, Path),
+        ("Last-Event-ID" = Option<i64>, Header, description = "resume after this event id"),
+    ),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = StatusEvent,
+            description = "a stream of `event: status` messages, each `data` a StatusEvent"),
+        (status = 204, description = "nothing left to send: the order is terminal and the client has seen it"),
+        (status = 400, body = Problem, content_type = PROBLEM),
+        (status = 401, body = Problem, content_type = PROBLEM),
+        (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
+    ))]
+pub async fn order_events(
+    State(state): State<AppState>,
+    user: User,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let status: Option<String> = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1 AND user_id = $2")
+        .bind(id)
+        .bind(user.id())
+        .fetch_optional(&state.pool)
+        .await?;
+    let status = status.ok_or_else(|| Error::not_found("ORDER_NOT_FOUND", format!("order {id} does not exist")))?;
+    let after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or(0);
+    let terminal = OrderStatus::parse(&status).is_some_and(OrderStatus::is_terminal);
+    if terminal && after > 0 {
+        let more: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM order_status_history WHERE order_id = $1 AND id > $2)")
+                .bind(id)
+                .bind(after)
+                .fetch_one(&state.pool)
+                .await?;
+        if !more {
+            return Ok(StatusCode::NO_CONTENT.into_response());
+        }
+    }
+    let feed = Feed {
+        pool: state.pool.clone(),
+        order_id: id,
+        after,
+        pending: VecDeque::new(),
+        polled: false,
+        finished: false,
+        until: Instant::now() + MAX_LIFETIME,
+    };
+    let mut response = Sse::new(feed.into_stream())
+        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE_EVERY))
+        .into_response();
+    // Proxies such as nginx would otherwise buffer the stream.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// The state of one stream: what has been sent, what is waiting to be sent.
+struct Feed {
+    pool: PgPool,
+    order_id: Uuid,
+    /// The last history row sent.
+    after: i64,
+    pending: VecDeque<Event>,
+    polled: bool,
+    finished: bool,
+    until: Instant,
+}
+
+impl Feed {
+    fn into_stream(self) -> impl Stream<Item = Result<Event, Infallible>> {
+        stream::unfold(self, |mut feed| async move {
+            loop {
+                if let Some(event) = feed.pending.pop_front() {
+                    return Some((Ok(event), feed));
+                }
+                if feed.finished || Instant::now() >= feed.until {
+                    return None;
+                }
+                if feed.polled {
+                    tokio::time::sleep(POLL_EVERY).await;
+                }
+                feed.polled = true;
+                feed.poll().await;
+            }
+        })
+    }
+
+    /// Queues the history rows after the last one sent; marks the feed finished at a terminal
+    /// status. A database error is logged and the next poll tries again.
+    async fn poll(&mut self) {
+        let rows: Vec<StatusEvent> = match sqlx::query_as(
+            "SELECT id, to_status AS status, reason, at FROM order_status_history
+             WHERE order_id = $1 AND id > $2 ORDER BY id",
+        )
+        .bind(self.order_id)
+        .bind(self.after)
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(err) => {
+                tracing::warn!(order_id = %self.order_id, error = %err, "order events: polling failed");
+                return;
+            }
+        };
+        for row in rows {
+            self.after = row.id;
+            match Event::default().event("status").id(row.id.to_string()).json_data(&row) {
+                Ok(event) => self.pending.push_back(event),
+                Err(err) => tracing::warn!(order_id = %self.order_id, error = %err, "order events: encoding failed"),
+            }
+            if OrderStatus::parse(&row.status).is_some_and(OrderStatus::is_terminal) {
+                self.finished = true;
+                break;
+            }
+        }
+    }
+}

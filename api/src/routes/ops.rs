@@ -1,0 +1,574 @@
+//! The ops dashboard at `/ops` and the JSON behind it.
+//!
+//! - `/ops`: the dashboard (HTML, CSS and JS compiled into the binary from `api/assets/ops/`),
+//!   or the login form when the browser has no valid admin session.
+//! - `POST /ops/login` takes an admin token (form field or JSON `{token}`) and keeps it in the
+//!   HttpOnly cookie [`ADMIN_COOKIE`] until the token expires; `POST /ops/logout` clears it.
+//!   The [`Admin`] extractor accepts that cookie, so the dashboard's scripts call the admin API
+//!   with same-origin requests and never see the token.
+//! - `GET /api/admin/overview`: the pipeline at a glance (orders per state, queues, outbox lag,
+//!   new dead letters, stuck orders).
+//! - `GET /api/admin/orders/{id}/timeline`: one order's statuses, message hops (who sent what,
+//!   which worker handled it when), compensations and dead letters.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use axum::{
+    Router,
+    extract::{FromRequest, Request, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Redirect, Response},
+    routing::{get, post},
+};
+use chrono::{DateTime, Utc};
+use orderflow_shared::{
+    Error,
+    config::parse_duration,
+    db::orders::{self, OrderRow},
+    domain::OrderStatus,
+    messaging::{
+        MessageType,
+        stats::{QueueStat, queue_stats},
+    },
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    AppState,
+    extract::{ADMIN_COOKIE, Admin, Json, Path, Query, cookie},
+    problem::{ApiResult, Problem},
+    routes::{admin::DeadLetterView, orders::ItemView},
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/ops", get(dashboard))
+        .route("/ops/", get(|| async { Redirect::permanent("/ops") }))
+        .route("/ops/login", post(login).get(|| async { Redirect::to("/ops") }))
+        .route("/ops/logout", post(logout))
+        .route(
+            "/ops/app.css",
+            get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
+        )
+        .route(
+            "/ops/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }),
+        )
+        .route("/api/admin/overview", get(overview))
+        .route("/api/admin/orders/{id}/timeline", get(timeline))
+}
+
+const PROBLEM: &str = "application/problem+json";
+
+const INDEX_HTML: &str = include_str!("../../assets/ops/index.html");
+const LOGIN_HTML: &str = include_str!("../../assets/ops/login.html");
+const APP_CSS: &str = include_str!("../../assets/ops/app.css");
+const APP_JS: &str = include_str!("../../assets/ops/app.js");
+
+/// Everything the pages load comes from this origin; nothing inline, no frames.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                   connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
+
+// --- Pages and session ------------------------------------------------------------------------
+
+/// The dashboard for a valid admin session, else the login form.
+async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(token) = cookie(&headers, ADMIN_COOKIE) else {
+        return login_page(StatusCode::OK, None);
+    };
+    match state.keys.verify(token) {
+        Ok(principal) if principal.admin => page(StatusCode::OK, INDEX_HTML.to_owned()),
+        Ok(_) => with_cookie(
+            login_page(StatusCode::OK, Some("That session is not an admin's. Log in again.")),
+            &clear_cookie(),
+        ),
+        Err(_) => with_cookie(
+            login_page(StatusCode::OK, Some("Your session has expired. Log in again.")),
+            &clear_cookie(),
+        ),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Login {
+    /// An admin bearer token (`orderflow token --user <id> --admin`).
+    pub token: String,
+}
+
+/// Checks an admin token and keeps it in the session cookie. A form post is answered with a
+/// redirect to the dashboard (or the login form again, with the reason); a JSON post with 204
+/// (or a problem document).
+async fn login(State(state): State<AppState>, req: Request) -> Response {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let token = if json {
+        axum::Json::<Login>::from_request(req, &state)
+            .await
+            .map(|j| j.0.token)
+            .ok()
+    } else {
+        axum::Form::<Login>::from_request(req, &state)
+            .await
+            .map(|f| f.0.token)
+            .ok()
+    };
+    let token = token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+    let refuse = |status: u16, code: &'static str, message: &str| {
+        if json {
+            let title = StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("Error");
+            Problem::new(status, title, code, message).into_response()
+        } else {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+            login_page(status, Some(message))
+        }
+    };
+    let Some(token) = token else {
+        return refuse(400, "MISSING_TOKEN", "Paste an admin token to log in.");
+    };
+    let (principal, exp) = match state.keys.verify_with_expiry(&token) {
+        Ok(verified) => verified,
+        Err(err) if err.code() == Some("TOKEN_EXPIRED") => {
+            return refuse(401, "TOKEN_EXPIRED", "That token has expired.");
+        }
+        Err(_) => {
+            return refuse(
+                401,
+                "INVALID_TOKEN",
+                "That token is not valid here (malformed, or signed with another secret).",
+            );
+        }
+    };
+    if !principal.admin {
+        return refuse(
+            403,
+            "ADMIN_REQUIRED",
+            "That token is not an admin token. Create one with `orderflow token --user <id> --admin`.",
+        );
+    }
+    let max_age = exp - Utc::now().timestamp();
+    if max_age <= 0 {
+        return refuse(401, "TOKEN_EXPIRED", "That token has expired.");
+    }
+    // A verified JWT is base64url and dots only: safe inside a cookie value.
+    let set = format!("{ADMIN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}");
+    let response = if json {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        Redirect::to("/ops").into_response()
+    };
+    with_cookie(response, &set)
+}
+
+/// Ends the session.
+async fn logout() -> Response {
+    with_cookie(Redirect::to("/ops").into_response(), &clear_cookie())
+}
+
+fn clear_cookie() -> String {
+    format!("{ADMIN_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
+}
+
+fn with_cookie(mut response: Response, cookie: &str) -> Response {
+    match HeaderValue::from_str(cookie) {
+        Ok(v) => {
+            response.headers_mut().append(header::SET_COOKIE, v);
+            response
+        }
+        Err(_) => Problem::new(
+            400,
+            "Bad Request",
+            "INVALID_TOKEN",
+            "the token cannot be kept in a cookie",
+        )
+        .into_response(),
+    }
+}
+
+fn login_page(status: StatusCode, error: Option<&str>) -> Response {
+    let error = error
+        .map(|e| {
+            format!(
+                r#"<p class="error" role="alert" data-testid="login-error">{}</p>"#,
+                escape(e)
+            )
+        })
+        .unwrap_or_default();
+    page(status, LOGIN_HTML.replace("<!--error-->", &error))
+}
+
+fn page(status: StatusCode, html: String) -> Response {
+    let mut response = (status, html).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    response
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+// --- Overview ---------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(rename_all = "camelCase")]
+pub struct OverviewParams {
+    /// An order still in flight whose last change is older than this counts as stuck
+    /// (e.g. 30s, 5m; default 30s).
+    pub stuck_after: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Overview {
+    /// Orders per status; every status is present, 0 when none.
+    pub funnel: BTreeMap<String, i64>,
+    /// Every queue of the topology, from passive declares (empty when the broker is
+    /// unreachable; see `brokerError`).
+    pub queues: Vec<QueueStat>,
+    /// Why `queues` is empty, when the broker could not be asked.
+    pub broker_error: Option<String>,
+    pub outbox: OutboxLag,
+    pub dead_letters: DeadLetterCount,
+    /// Orders not CONFIRMED or CANCELLED whose last change is older than `stuckAfterSeconds`.
+    pub stuck: i64,
+    pub stuck_after_seconds: f64,
+    pub generated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxLag {
+    /// Outbox rows not yet published by the relay.
+    pub unsent: i64,
+    /// Age of the oldest unsent row; null when everything is sent.
+    pub oldest_unsent_age_seconds: Option<f64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeadLetterCount {
+    /// Dead letters not yet replayed or discarded.
+    pub new: i64,
+}
+
+/// The pipeline at a glance: orders per state, queue depths and consumers, outbox lag, new
+/// dead letters and stuck orders. Never fails because of the broker: when it cannot be
+/// reached, `queues` is empty and `brokerError` says why.
+#[utoipa::path(get, path = "/api/admin/overview", tag = "admin", security(("bearer" = []), ("admin_cookie" = [])),
+    params(OverviewParams), responses(
+    (status = 200, body = Overview),
+    (status = 400, description = "INVALID_DURATION", body = Problem, content_type = PROBLEM),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+))]
+pub async fn overview(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Query(params): Query<OverviewParams>,
+) -> ApiResult<Json<Overview>> {
+    let stuck_after = match params.stuck_after.as_deref() {
+        Some(d) => parse_duration(d).map_err(|e| Error::bad_request("INVALID_DURATION", e))?,
+        None => Duration::from_secs(30),
+    };
+    let (db, queues) = tokio::join!(
+        overview_counts(&state, stuck_after),
+        queue_stats(&state.config.amqp_url)
+    );
+    let (funnel, counts) = db?;
+    let (queues, broker_error) = match queues {
+        Ok(queues) => (queues, None),
+        Err(err) => {
+            tracing::warn!(error = %format!("{err:#}"), "queue statistics unavailable");
+            (Vec::new(), Some(format!("{err:#}")))
+        }
+    };
+    Ok(Json(Overview {
+        funnel,
+        queues,
+        broker_error,
+        outbox: OutboxLag {
+            unsent: counts.unsent,
+            oldest_unsent_age_seconds: counts.oldest_unsent_age_seconds,
+        },
+        dead_letters: DeadLetterCount { new: counts.new_dead },
+        stuck: counts.stuck,
+        stuck_after_seconds: stuck_after.as_secs_f64(),
+        generated_at: Utc::now(),
+    }))
+}
+
+#[derive(sqlx::FromRow)]
+struct Counts {
+    unsent: i64,
+    oldest_unsent_age_seconds: Option<f64>,
+    new_dead: i64,
+    stuck: i64,
+}
+
+async fn overview_counts(state: &AppState, stuck_after: Duration) -> ApiResult<(BTreeMap<String, i64>, Counts)> {
+    let mut conn = state.pool.acquire().await?;
+    let per_status: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status")
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut funnel: BTreeMap<String, i64> = OrderStatus::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect();
+    funnel.extend(per_status);
+    // Each count reads a partial or status index: unsent outbox rows, NEW dead letters and
+    // orders still in flight are few however large the tables grow.
+    let counts: Counts = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM outbox WHERE sent_at IS NULL) AS unsent,
+                (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox WHERE sent_at IS NULL)
+                    AS oldest_unsent_age_seconds,
+                (SELECT count(*) FROM dead_letters WHERE status = 'NEW') AS new_dead,
+                (SELECT count(*) FROM orders WHERE status NOT IN ('CONFIRMED', 'CANCELLED')
+                    AND updated_at < now() - $1 * interval '1 millisecond') AS stuck",
+    )
+    .bind(stuck_after.as_millis() as f64)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((funnel, counts))
+}
+
+// --- Timeline ---------------------------------------------------------------------------------
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeline {
+    pub order: TimelineOrder,
+    /// Every status change, oldest first.
+    pub history: Vec<StatusChange>,
+    /// Every message sent about the order (outbox rows, oldest first) and who handled it.
+    pub messages: Vec<MessageHop>,
+    /// Dead letters of the order's messages, oldest first.
+    pub dead_letters: Vec<DeadLetterView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TimelineOrder {
+    pub order_id: Uuid,
+    pub user_id: i64,
+    #[schema(value_type = OrderStatus)]
+    pub status: OrderStatus,
+    pub reason: Option<String>,
+    pub total_amount: i64,
+    pub discount_amount: i64,
+    pub paid_amount: i64,
+    /// What the order holds now.
+    pub stock_held: bool,
+    pub coupon_held: bool,
+    pub coupon_id: Option<i64>,
+    pub items: Vec<ItemView>,
+    pub deadline_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusChange {
+    pub from: Option<String>,
+    pub status: String,
+    pub reason: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageHop {
+    pub message_id: Uuid,
+    /// stock.reserve, payment.charge, order.confirmed, ...
+    pub message_type: String,
+    pub exchange: String,
+    pub routing_key: String,
+    /// A compensation: stock.release, coupon.restore, payment.refund, order.finish-cancel.
+    pub compensation: bool,
+    /// Sent again by an operator's dead-letter replay (same message id as an earlier hop).
+    pub replay: bool,
+    /// When the transaction that decided to send it committed its outbox row.
+    pub created_at: DateTime<Utc>,
+    /// When the relay published it (null: not yet).
+    pub sent_at: Option<DateTime<Utc>>,
+    /// Each consumer that processed it (its inbox record), in order.
+    pub handled_by: Vec<Handling>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Handling {
+    /// The worker: stock, coupon, payment, order, sales, recovery.
+    pub consumer: String,
+    pub processed_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct OutboxHop {
+    message_id: Uuid,
+    message_type: String,
+    exchange: String,
+    routing_key: String,
+    created_at: DateTime<Utc>,
+    sent_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct InboxRow {
+    consumer: String,
+    message_id: Uuid,
+    processed_at: DateTime<Utc>,
+}
+
+/// One order's life: its statuses with times, every message hop (when it was decided, when
+/// the relay published it, which worker handled it when), which hops were compensations, and
+/// its dead letters.
+#[utoipa::path(get, path = "/api/admin/orders/{id}/timeline", tag = "admin", security(("bearer" = []), ("admin_cookie" = [])),
+    params(("id" = Uuid, Path)), responses(
+    (status = 200, body = Timeline),
+    (status = 400, description = "INVALID_PATH: not a UUID", body = Problem, content_type = PROBLEM),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+    (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
+))]
+pub async fn timeline(State(state): State<AppState>, _admin: Admin, Path(id): Path<Uuid>) -> ApiResult<Json<Timeline>> {
+    let mut conn = state.pool.acquire().await?;
+    let order: OrderRow = sqlx::query_as("SELECT * FROM orders WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| Error::not_found("ORDER_NOT_FOUND", format!("order {id} does not exist")))?;
+    let items = orders::items(&mut conn, id).await?;
+    let history: Vec<StatusChange> = sqlx::query_as(
+        "SELECT from_status AS \"from\", to_status AS status, reason, at
+         FROM order_status_history WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let hops: Vec<OutboxHop> = sqlx::query_as(
+        "SELECT message_id, message_type, exchange, routing_key, created_at, sent_at
+         FROM outbox WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let message_ids: Vec<Uuid> = hops.iter().map(|h| h.message_id).collect();
+    // The inbox is keyed (consumer, message_id) and has no index on message_id alone: find
+    // the few distinct consumers by skipping through the primary key (a loose index scan),
+    // then probe the key with both arrays, instead of scanning every message ever processed.
+    let inbox: Vec<InboxRow> = sqlx::query_as(
+        "WITH RECURSIVE consumers(name) AS (
+             (SELECT consumer FROM inbox ORDER BY consumer LIMIT 1)
+             UNION ALL
+             SELECT (SELECT consumer FROM inbox WHERE consumer > c.name ORDER BY consumer LIMIT 1)
+             FROM consumers c WHERE c.name IS NOT NULL
+         )
+         SELECT consumer, message_id, processed_at FROM inbox
+         WHERE consumer = ANY(ARRAY(SELECT name FROM consumers WHERE name IS NOT NULL))
+           AND message_id = ANY($1)
+         ORDER BY processed_at, consumer",
+    )
+    .bind(&message_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let dead_letters: Vec<DeadLetterView> =
+        sqlx::query_as("SELECT * FROM dead_letters WHERE order_id = $1 ORDER BY id")
+            .bind(id)
+            .fetch_all(&mut *conn)
+            .await?;
+
+    let mut seen = std::collections::HashSet::new();
+    let messages = hops
+        .into_iter()
+        .map(|hop| MessageHop {
+            compensation: MessageType::parse(&hop.message_type).is_some_and(MessageType::is_compensation),
+            replay: !seen.insert(hop.message_id),
+            handled_by: inbox
+                .iter()
+                .filter(|i| i.message_id == hop.message_id)
+                .map(|i| Handling {
+                    consumer: i.consumer.clone(),
+                    processed_at: i.processed_at,
+                })
+                .collect(),
+            message_id: hop.message_id,
+            message_type: hop.message_type,
+            exchange: hop.exchange,
+            routing_key: hop.routing_key,
+            created_at: hop.created_at,
+            sent_at: hop.sent_at,
+        })
+        .collect();
+    let dead_letters = dead_letters
+        .into_iter()
+        .map(|mut letter| {
+            letter.body = String::from_utf8_lossy(&letter.raw_body).into_owned();
+            letter
+        })
+        .collect();
+    Ok(Json(Timeline {
+        order: TimelineOrder {
+            order_id: order.id,
+            user_id: order.user_id,
+            status: order.status,
+            reason: order.reason,
+            total_amount: order.total_amount,
+            discount_amount: order.discount_amount,
+            paid_amount: order.paid_amount,
+            stock_held: order.stock_held,
+            coupon_held: order.coupon_held,
+            coupon_id: order.coupon_id,
+            items: items
+                .into_iter()
+                .map(|i| ItemView {
+                    product_id: i.product_id,
+                    quantity: i.quantity,
+                    unit_price: i.unit_price,
+                })
+                .collect(),
+            deadline_at: order.deadline_at,
+            created_at: order.created_at,
+            updated_at: order.updated_at,
+        },
+        history,
+        messages,
+        dead_letters,
+    }))
+}
