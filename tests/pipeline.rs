@@ -1,5 +1,7 @@
 //! The order pipeline end to end, against the real PostgreSQL and RabbitMQ.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Recovery: dead letters, parked compensations, admin actions and the sweep, against the
 //! real PostgreSQL and RabbitMQ.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -109,3 +109,34 @@ impl Claim {
         Ok(())
     }
 }
+
+/// What a request under an idempotency claim produced.
+pub enum Claimed {
+    /// A retry: the first request's response, to send again; nothing was changed.
+    Replay(Stored),
+    /// A first request: its response; its effects are in the transaction.
+    Fresh(axum::response::Response),
+}
+
+/// Ends the request's transaction explicitly: commit a fresh request, roll back a replay or
+/// an error. (A dropped transaction is rolled back lazily, and until then its advisory lock
+/// would answer an immediate retry with a spurious 409.)
+pub async fn end(
+    tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    result: Result<Claimed, Error>,
+) -> Result<axum::response::Response, crate::problem::ApiError> {
+    match result {
+        Ok(Claimed::Fresh(res)) => {
+            tx.commit().await?;
+            Ok(res)
+        }
+        Ok(Claimed::Replay(stored)) => {
+            tx.rollback().await?;
+            Ok(stored.into_response())
+        }
+        Err(err) => {
+            let _ = tx.rollback().await;
+            Err(err.into())
+        }
+    }
+}

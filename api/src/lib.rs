@@ -33,6 +33,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub keys: Arc<Keys>,
     pub config: Arc<Config>,
+    /// Cancelled when the server shuts down: long-lived responses (event streams) end on it.
+    pub shutdown: CancellationToken,
 }
 
 impl AppState {
@@ -42,6 +44,7 @@ impl AppState {
             pool,
             keys: Arc::new(Keys::new(secret)),
             config,
+            shutdown: CancellationToken::new(),
         }
     }
 }
@@ -94,8 +97,10 @@ async fn track_http(req: axum::extract::Request, next: axum::middleware::Next) -
     let started = std::time::Instant::now();
     let res = next.run(req).await;
     let status = res.status().as_u16().to_string();
-    metrics::counter!(orderflow_shared::metrics::HTTP_REQUESTS, "route" => route.clone(), "status" => status).increment(1);
-    metrics::histogram!(orderflow_shared::metrics::HTTP_DURATION, "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::counter!(orderflow_shared::metrics::HTTP_REQUESTS, "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!(orderflow_shared::metrics::HTTP_DURATION, "route" => route)
+        .record(started.elapsed().as_secs_f64());
     res
 }
 
@@ -134,7 +139,8 @@ fn panic_response() -> Response {
 
 /// Serves the API on an already bound listener until `shutdown` is cancelled, then lets
 /// in-flight requests finish.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(listener: TcpListener, mut state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
+    state.shutdown = shutdown.clone();
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

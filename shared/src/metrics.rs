@@ -25,7 +25,9 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let buckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+            let buckets = [
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ];
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
                 .unwrap_or_else(|_| PrometheusBuilder::new());
@@ -47,14 +49,25 @@ pub fn render() -> String {
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status");
     describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request duration by route");
-    describe_counter!(MESSAGES, "Deliveries by queue and outcome (acked, duplicate, retried, rejected, dead_lettered)");
+    describe_counter!(
+        MESSAGES,
+        "Deliveries by queue and outcome (acked, duplicate, retried, rejected, dead_lettered)"
+    );
     describe_histogram!(STEP_DURATION, Unit::Seconds, "Time to handle one delivery, by step");
-    describe_gauge!(OUTBOX_LAG, Unit::Seconds, "Age of the oldest unsent outbox row (0 when drained)");
+    describe_gauge!(
+        OUTBOX_LAG,
+        Unit::Seconds,
+        "Age of the oldest unsent outbox row (0 when drained)"
+    );
     describe_gauge!(OUTBOX_UNSENT, "Outbox rows not yet published");
-    describe_histogram!(OUTBOX_DELAY, Unit::Seconds, "From commit of an outbox row to the broker's confirm");
+    describe_histogram!(
+        OUTBOX_DELAY,
+        Unit::Seconds,
+        "From commit of an outbox row to the broker's confirm"
+    );
     describe_gauge!(QUEUE_DEPTH, "Messages ready in each queue");
     describe_gauge!(QUEUE_CONSUMERS, "Consumers on each queue");
     describe_gauge!(ORDERS, "Orders by status");

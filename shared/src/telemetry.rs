@@ -53,9 +53,18 @@ pub fn init(format: LogFormat, provider: SdkTracerProvider) -> Telemetry {
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("orderflow"));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let _ = match format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr).with_target(false)).try_init(),
+        LogFormat::Text => registry
+            .with(fmt::layer().with_writer(std::io::stderr).with_target(false))
+            .try_init(),
         LogFormat::Json => registry
-            .with(fmt::layer().json().with_writer(std::io::stderr).flatten_event(true).with_current_span(true).with_span_list(false))
+            .with(
+                fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr)
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false),
+            )
             .try_init(),
     };
     Telemetry { provider }
@@ -75,7 +84,11 @@ pub fn current() -> Option<TraceParent> {
 
 /// Makes `parent` (a message's or request's `traceparent`) the parent of `span`.
 pub fn set_parent(span: &tracing::Span, parent: TraceParent) {
-    let flags = if parent.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+    let flags = if parent.sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
     let sc = SpanContext::new(
         TraceId::from_bytes(parent.trace_id.to_be_bytes()),
         SpanId::from_bytes(parent.span_id.to_be_bytes()),

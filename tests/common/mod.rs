@@ -2,6 +2,7 @@
 //! - its own PostgreSQL database, copied from a template migrated once per migration set;
 //! - its own RabbitMQ vhost (created through the management API), so queues never mix;
 //! - the API on port 0 and the workers it asks for, in-process, on those two.
+//!
 //! `stop()` shuts everything down gracefully and drops the database and the vhost.
 
 #![allow(dead_code, clippy::unwrap_used)]
@@ -78,7 +79,10 @@ impl TestApp {
 
     pub async fn spawn_with(opts: Options) -> Self {
         // Kept for the whole test process: the global subscriber outlives every app.
-        std::mem::forget(orderflow_shared::telemetry::init(LogFormat::Text, orderflow_shared::telemetry::provider(None).unwrap()));
+        std::mem::forget(orderflow_shared::telemetry::init(
+            LogFormat::Text,
+            orderflow_shared::telemetry::provider(None).unwrap(),
+        ));
         let id = uuid::Uuid::new_v4().simple().to_string();
         let db_name = format!("orderflow_test_{}", &id[..16]);
         let vhost = format!("orderflow-test-{}", &id[..16]);

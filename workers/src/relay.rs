@@ -108,7 +108,7 @@ async fn relay(
     loop {
         let published = publish_batch(pool, &channel, || {
             *batches += 1;
-            abort_every > 0 && *batches % abort_every == 0
+            abort_every > 0 && batches.is_multiple_of(abort_every)
         })
         .await?;
         if published as i64 >= BATCH {

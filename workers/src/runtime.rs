@@ -17,8 +17,9 @@ use lapin::{
     types::{AMQPValue, FieldTable},
 };
 use orderflow_shared::{
-    Error, Result, metrics,
+    Error, Result,
     messaging::{Envelope, MessageType},
+    metrics,
     telemetry::{self, TraceParent},
 };
 use sqlx::{PgConnection, PgPool};

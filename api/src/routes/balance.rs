@@ -20,7 +20,7 @@ use uuid::Uuid;
 use crate::{
     AppState,
     extract::{IdempotencyKey, Json, Query, User},
-    idempotency::Claim,
+    idempotency::{self, Claim, Claimed},
     page::{Page, PageParams},
     problem::{ApiResult, Problem},
 };
@@ -94,31 +94,30 @@ pub async fn charge(
     Json(req): Json<ChargeRequest>,
 ) -> ApiResult<Response> {
     let amount = ChargeAmount::parse(req.amount)?;
+    let claim = key.0.map(|key| Claim {
+        user_id: user.id(),
+        scope: "balance.charge",
+        key,
+        request: serde_json::json!({ "amount": req.amount }),
+    });
     let mut tx = state.pool.begin().await?;
-    let claim = match key.0 {
-        Some(key) => {
-            let claim = Claim {
-                user_id: user.id(),
-                scope: "balance.charge",
-                key,
-                request: serde_json::json!({ "amount": req.amount }),
-            };
-            if let Some(stored) = claim.begin(&mut tx).await? {
-                return Ok(stored.into_response());
-            }
-            Some(claim)
+    let result = async {
+        if let Some(claim) = &claim
+            && let Some(stored) = claim.begin(&mut tx).await?
+        {
+            return Ok(Claimed::Replay(stored));
         }
-        None => None,
-    };
-    let view = apply_charge(&mut tx, user.id(), amount).await?;
-    if let Some(claim) = claim {
-        let body = serde_json::to_value(&view).map_err(anyhow::Error::from)?;
-        claim
-            .finish(&mut tx, StatusCode::OK, &body, serde_json::json!({}))
-            .await?;
+        let view = apply_charge(&mut tx, user.id(), amount).await?;
+        if let Some(claim) = &claim {
+            let body = serde_json::to_value(&view).map_err(anyhow::Error::from)?;
+            claim
+                .finish(&mut tx, StatusCode::OK, &body, serde_json::json!({}))
+                .await?;
+        }
+        Ok(Claimed::Fresh(Json(view).into_response()))
     }
-    tx.commit().await?;
-    Ok(Json(view).into_response())
+    .await;
+    idempotency::end(tx, result).await
 }
 
 /// Adds `amount` in one statement (no read-then-write) and writes the ledger row.

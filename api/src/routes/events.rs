@@ -28,6 +28,7 @@ use futures_util::{Stream, stream};
 use orderflow_shared::{Error, domain::OrderStatus};
 use serde::Serialize;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -116,6 +117,7 @@ pub async fn order_events(
         polled: false,
         finished: false,
         until: Instant::now() + MAX_LIFETIME,
+        shutdown: state.shutdown.clone(),
     };
     let mut response = Sse::new(feed.into_stream())
         .keep_alive(KeepAlive::new().interval(KEEP_ALIVE_EVERY))
@@ -137,6 +139,8 @@ struct Feed {
     polled: bool,
     finished: bool,
     until: Instant,
+    /// The server is shutting down: end the stream so graceful shutdown need not wait.
+    shutdown: CancellationToken,
 }
 
 impl Feed {
@@ -146,11 +150,14 @@ impl Feed {
                 if let Some(event) = feed.pending.pop_front() {
                     return Some((Ok(event), feed));
                 }
-                if feed.finished || Instant::now() >= feed.until {
+                if feed.finished || Instant::now() >= feed.until || feed.shutdown.is_cancelled() {
                     return None;
                 }
                 if feed.polled {
-                    tokio::time::sleep(POLL_EVERY).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(POLL_EVERY) => {}
+                        _ = feed.shutdown.cancelled() => return None,
+                    }
                 }
                 feed.polled = true;
                 feed.poll().await;

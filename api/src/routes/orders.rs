@@ -29,7 +29,7 @@ use uuid::Uuid;
 use crate::{
     AppState,
     extract::{IdempotencyKey, Json, Path, Query, User},
-    idempotency::Claim,
+    idempotency::{self, Claim, Claimed},
     page::{Page, PageParams},
     problem::{ApiResult, Problem},
 };
@@ -157,8 +157,20 @@ pub async fn place(
         request: serde_json::to_value(&req).map_err(anyhow::Error::from)?,
     };
     let mut tx = state.pool.begin().await?;
-    if let Some(stored) = claim.begin(&mut tx).await? {
-        return Ok(stored.into_response());
+    let result = accept(&state, &mut tx, &user, &claim, &req).await;
+    idempotency::end(tx, result).await
+}
+
+/// Everything of accepting an order that happens inside its transaction.
+async fn accept(
+    state: &AppState,
+    tx: &mut sqlx::PgConnection,
+    user: &User,
+    claim: &Claim,
+    req: &NewOrder,
+) -> Result<Claimed, Error> {
+    if let Some(stored) = claim.begin(tx).await? {
+        return Ok(Claimed::Replay(stored));
     }
 
     let ids: Vec<i64> = req.items.iter().map(|i| i.product_id).collect();
@@ -213,11 +225,11 @@ pub async fn place(
     .bind(&unit_prices)
     .execute(&mut *tx)
     .await?;
-    orders::record_history(&mut tx, order_id, None, OrderStatus::Pending, None).await?;
+    orders::record_history(tx, order_id, None, OrderStatus::Pending, None).await?;
     let start = OutboxMessage::command(MessageType::StockReserve, order_id, Some(trace))?;
     let deadline =
         OutboxMessage::command(MessageType::OrderDeadline, order_id, Some(trace))?.with_expiration_ms(timeout_ms);
-    outbox::enqueue(&mut tx, &[start, deadline]).await?;
+    outbox::enqueue(tx, &[start, deadline]).await?;
 
     let location = format!("/api/orders/{order_id}");
     let body = Accepted {
@@ -227,20 +239,19 @@ pub async fn place(
     let json = serde_json::to_value(&body).map_err(anyhow::Error::from)?;
     claim
         .finish(
-            &mut tx,
+            tx,
             StatusCode::ACCEPTED,
             &json,
             serde_json::json!({ "location": location }),
         )
         .await?;
-    tx.commit().await?;
     tracing::info!(order_id = %order_id, total, "order accepted");
 
     let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         res.headers_mut().insert(header::LOCATION, v);
     }
-    Ok(res)
+    Ok(Claimed::Fresh(res))
 }
 
 fn validate(req: &NewOrder) -> Result<(), Error> {

@@ -39,8 +39,13 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Res
                 .with_jitter(),
         )
         .when(|e: &anyhow::Error| {
-            e.chain().any(|c| c.downcast_ref::<sqlx::Error>().is_some_and(crate::error::is_unavailable)
-                || c.downcast_ref::<sqlx::migrate::MigrateError>().is_some_and(|m| matches!(m, sqlx::migrate::MigrateError::Execute(e) if crate::error::is_unavailable(e))))
+            e.chain().any(|c| {
+                c.downcast_ref::<sqlx::Error>()
+                    .is_some_and(crate::error::is_unavailable)
+                    || c.downcast_ref::<sqlx::migrate::MigrateError>().is_some_and(
+                        |m| matches!(m, sqlx::migrate::MigrateError::Execute(e) if crate::error::is_unavailable(e)),
+                    )
+            })
         })
         .notify(|err, delay| tracing::warn!(error = %format!("{err:#}"), ?delay, "PostgreSQL not ready; retrying"))
         .await?;
