@@ -415,3 +415,47 @@ async fn the_sweep_cancels_an_order_whose_deadline_message_was_lost() {
     assert_eq!(dead, 0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_api_answers_503_problems_while_the_database_is_unreachable() {
+    // An API whose database is down (nothing listens on port 1): every route that needs it
+    // answers a 503 problem document within the pool's acquire timeout, never a hang or 500.
+    let app = common::TestApp::api_only().await;
+    let mut config = app.config.clone();
+    config.database_url = "postgres://postgres@127.0.0.1:1/orderflow".to_owned();
+    let pool = orderflow_shared::db::pool(&config.database_url, 2).unwrap();
+    let state = orderflow_api::AppState::new(pool, std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(orderflow_api::serve(listener, state, shutdown.clone()));
+    let keys = orderflow_shared::auth::Keys::new(common::JWT_SECRET);
+    let http = reqwest::Client::new();
+    for (method, path) in [
+        (Method::GET, "/api/balance"),
+        (Method::GET, "/api/products"),
+        (Method::GET, "/readyz"),
+    ] {
+        let started = Instant::now();
+        let res = http
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(keys.issue(1, false, 60).unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 503, "{path}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{path} took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(res.headers()["content-type"], "application/problem+json");
+        assert_eq!(res.headers()["retry-after"], "1");
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!(problem["code"], "SERVICE_UNAVAILABLE");
+        assert_eq!(problem["status"], 503);
+    }
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+    app.stop().await;
+}
