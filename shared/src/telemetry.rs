@@ -52,9 +52,11 @@ pub fn init(format: LogFormat, provider: SdkTracerProvider) -> Telemetry {
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,tower_http=warn"));
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("orderflow"));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
+    // Colours only for a person at a terminal, never in files or log collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr).with_target(false))
+            .with(fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_target(false))
             .try_init(),
         LogFormat::Json => registry
             .with(
