@@ -459,3 +459,49 @@ async fn the_api_answers_503_problems_while_the_database_is_unreachable() {
     server.await.unwrap().unwrap();
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_sweep_prunes_old_bookkeeping_and_keeps_what_may_still_be_needed() {
+    let app = TestApp::api_only().await;
+    sqlx::query(
+        "INSERT INTO idempotency_keys (user_id, scope, key, request, status_code, response, created_at)
+         VALUES (1, 's', 'old', '{}', 200, '{}', now() - interval '49 hours'),
+                (1, 's', 'day', '{}', 200, '{}', now() - interval '25 hours')",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO inbox (consumer, message_id, processed_at)
+         VALUES ('stock', gen_random_uuid(), now() - interval '8 days'), ('stock', gen_random_uuid(), now())",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, body, sent_at)
+         VALUES (gen_random_uuid(), 'x', 'k', 'k', '{}', now() - interval '2 days'),
+                (gen_random_uuid(), 'x', 'k', 'k', '{}', NULL)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    assert_eq!(orderflow_workers::sweep::prune(&app.pool).await.unwrap(), 3);
+    let left: (Vec<String>, i64, i64) = (
+        sqlx::query_scalar("SELECT key FROM idempotency_keys")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap(),
+        sqlx::query_scalar("SELECT count(*) FROM inbox")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap(),
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(left, (vec!["day".to_owned()], 1, 1));
+    app.stop().await;
+}

@@ -30,6 +30,9 @@ pub async fn run(
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => break,
         }
+        if let Err(err) = prune(&pool).await {
+            tracing::warn!(error = %err, "pruning old bookkeeping failed; will retry next interval");
+        }
         match sweep_once(&pool, order_timeout).await {
             Ok(n) if n.timed_out + n.redriven > 0 => {
                 tracing::warn!(
@@ -44,6 +47,28 @@ pub async fn run(
     }
     tracing::info!("sweep stopped");
     Ok(())
+}
+
+/// Rows removed per table per pass: small batches keep each delete short.
+const PRUNE_BATCH: i64 = 5_000;
+
+/// Deletes bookkeeping nobody can need any more: idempotency keys older than 48 hours (the
+/// promise is at least 24), published outbox rows older than a day, inbox records older than
+/// 7 days (a redelivery that late cannot happen: RabbitMQ redelivers on reconnect, and the
+/// delivery limit caps attempts). Safe with several recovery workers.
+pub async fn prune(pool: &PgPool) -> Result<u64> {
+    let mut removed = 0;
+    for sql in [
+        "DELETE FROM idempotency_keys WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM idempotency_keys WHERE created_at < now() - interval '48 hours' LIMIT $1))",
+        "DELETE FROM outbox WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM outbox WHERE sent_at < now() - interval '1 day' LIMIT $1))",
+        "DELETE FROM inbox WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM inbox WHERE processed_at < now() - interval '7 days' LIMIT $1))",
+    ] {
+        removed += sqlx::query(sql).bind(PRUNE_BATCH).execute(pool).await?.rows_affected();
+    }
+    Ok(removed)
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
