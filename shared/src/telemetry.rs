@@ -56,7 +56,12 @@ pub fn init(format: LogFormat, provider: SdkTracerProvider) -> Telemetry {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = match format {
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr).with_ansi(ansi).with_target(false))
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi)
+                    .with_target(false),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(
