@@ -99,7 +99,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 std::process::exit(1)
             }
         }
-        Command::Bench(args) => orderflow::bench::run(&args).await,
+        Command::Bench(args) => orderflow::bench::run(&config, &args).await,
         Command::All => serve(config, true, WorkerKind::ALL).await,
         Command::Api => serve(config, true, &[]).await,
         Command::Worker { name } => serve(config, false, &[name]).await,

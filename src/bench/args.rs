@@ -1,0 +1,419 @@
+//! The command line of `orderflow bench` and its validation into [`Settings`].
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail, ensure};
+use orderflow_shared::config::parse_duration;
+
+/// Load a running system with orders (or a coupon rush) and report throughput and latency.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Base URL of the running API.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+
+    /// Orders to submit.
+    #[arg(long, default_value_t = 1_000)]
+    pub orders: u64,
+
+    /// Distinct users placing orders (default 100; 1,000 with --coupon-rush).
+    #[arg(long)]
+    pub users: Option<u64>,
+
+    /// Distinct products ordered (each order is one line of 1-2 units).
+    #[arg(long, default_value_t = 10, conflicts_with = "hot")]
+    pub products: u64,
+
+    /// Open model: submit this many orders per second, whatever the responses do.
+    #[arg(long, conflicts_with = "concurrency")]
+    pub rate: Option<f64>,
+
+    /// Closed model: this many clients, each sending its next order after the previous
+    /// one was accepted (default 32 when --rate is not given).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+
+    /// Fraction of orders that use a coupon (0..=1).
+    #[arg(long, default_value_t = 0.0)]
+    pub coupon_share: f64,
+
+    /// All orders for one product with limited stock (--hot-stock units), one unit each.
+    #[arg(long)]
+    pub hot: bool,
+
+    /// Units of the hot product.
+    #[arg(long, default_value_t = 100, requires = "hot")]
+    pub hot_stock: i64,
+
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Also run the same order mix as one synchronous PostgreSQL transaction per order,
+    /// directly against DATABASE_URL (in a schema of its own, dropped afterwards).
+    #[arg(long, value_enum)]
+    pub baseline: Option<Baseline>,
+
+    /// Connections the baseline uses (default: --concurrency up to 16; 16 with --rate).
+    #[arg(long, requires = "baseline")]
+    pub baseline_concurrency: Option<usize>,
+
+    /// Instead of orders: --users users race for --rush-coupons coupons at once.
+    #[arg(long, conflicts_with_all = ["hot", "baseline", "rate", "coupon_share"])]
+    pub coupon_rush: bool,
+
+    /// Coupons on offer in the coupon rush.
+    #[arg(long, default_value_t = 100, requires = "coupon_rush")]
+    pub rush_coupons: u32,
+
+    /// How long to wait, after the last order was sent, for every order to be terminal.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// Pause between two polling rounds of the order observer.
+    #[arg(long, default_value = "25ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// Polling requests the observer keeps in flight at most.
+    #[arg(long, default_value_t = 8)]
+    pub poll_concurrency: usize,
+
+    /// Open model: requests in flight at most; an order that has to wait for a slot is late.
+    #[arg(long, default_value_t = 2_048)]
+    pub max_in_flight: usize,
+
+    /// Seed of the order mix (products, quantities); the same seed gives the same mix.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Baseline {
+    /// One synchronous PostgreSQL transaction per order.
+    Sync,
+}
+
+/// How orders are sent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoadModel {
+    /// Orders per second on a fixed schedule.
+    Open { rate: f64 },
+    /// A fixed number of clients, each waiting for its previous order to be accepted.
+    Closed { concurrency: usize },
+}
+
+impl LoadModel {
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Open { rate } => format!("open model, {rate} orders/s"),
+            Self::Closed { concurrency } => format!("closed model, {concurrency} clients"),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scenario {
+    Orders(OrderSettings),
+    CouponRush(RushSettings),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrderSettings {
+    pub orders: u64,
+    pub users: u64,
+    pub products: u64,
+    pub model: LoadModel,
+    pub coupon_share: f64,
+    /// `Some(stock)` for the hot-product scenario.
+    pub hot_stock: Option<i64>,
+    pub baseline_concurrency: Option<usize>,
+    pub timeout: Duration,
+    pub poll_interval: Duration,
+    pub poll_concurrency: usize,
+    pub max_in_flight: usize,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RushSettings {
+    pub users: u64,
+    pub coupons: u32,
+    /// Requests in flight at most; `None` sends every user's request at once.
+    pub concurrency: Option<usize>,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Base URL without a trailing slash.
+    pub api: String,
+    pub json: Option<PathBuf>,
+    pub scenario: Scenario,
+}
+
+/// Users per run at most: user ids are drawn from a block of this size.
+pub const MAX_USERS: u64 = 100_000;
+/// Orders per run at most (everything is kept in memory).
+pub const MAX_ORDERS: u64 = 10_000_000;
+
+impl BenchArgs {
+    pub fn validate(&self) -> anyhow::Result<Settings> {
+        let api = self.api.trim().trim_end_matches('/').to_owned();
+        let url = reqwest::Url::parse(&api).with_context(|| format!("--api {api:?} is not a URL"))?;
+        ensure!(matches!(url.scheme(), "http" | "https"), "--api must be an http:// URL");
+        ensure!(self.poll_concurrency >= 1, "--poll-concurrency must be at least 1");
+        ensure!(!self.timeout.is_zero(), "--timeout must be positive");
+        if let Some(c) = self.concurrency {
+            ensure!((1..=10_000).contains(&c), "--concurrency must be 1..=10000");
+        }
+        let scenario = if self.coupon_rush {
+            let users = self.users.unwrap_or(1_000);
+            ensure!((1..=MAX_USERS).contains(&users), "--users must be 1..={MAX_USERS}");
+            ensure!(
+                (1..=10_000_000).contains(&self.rush_coupons),
+                "--rush-coupons must be 1..=10000000"
+            );
+            Scenario::CouponRush(RushSettings {
+                users,
+                coupons: self.rush_coupons,
+                concurrency: self.concurrency,
+            })
+        } else {
+            let users = self.users.unwrap_or(100);
+            ensure!(
+                (1..=MAX_ORDERS).contains(&self.orders),
+                "--orders must be 1..={MAX_ORDERS}"
+            );
+            ensure!((1..=MAX_USERS).contains(&users), "--users must be 1..={MAX_USERS}");
+            ensure!((1..=10_000).contains(&self.products), "--products must be 1..=10000");
+            ensure!(
+                self.coupon_share.is_finite() && (0.0..=1.0).contains(&self.coupon_share),
+                "--coupon-share must be within 0..=1"
+            );
+            ensure!(self.max_in_flight >= 1, "--max-in-flight must be at least 1");
+            let model = match (self.rate, self.concurrency) {
+                (Some(_), Some(_)) => bail!("give either --rate or --concurrency, not both"),
+                (Some(rate), None) => {
+                    ensure!(
+                        rate.is_finite() && rate > 0.0 && rate <= 1e6,
+                        "--rate must be within (0, 1000000]"
+                    );
+                    LoadModel::Open { rate }
+                }
+                (None, c) => LoadModel::Closed {
+                    concurrency: c.unwrap_or(32),
+                },
+            };
+            let hot_stock = if self.hot {
+                ensure!(
+                    (0..=1_000_000_000).contains(&self.hot_stock),
+                    "--hot-stock must be 0..=1000000000"
+                );
+                Some(self.hot_stock)
+            } else {
+                None
+            };
+            let baseline_concurrency = self.baseline.map(|Baseline::Sync| {
+                self.baseline_concurrency.unwrap_or(match model {
+                    LoadModel::Closed { concurrency } => concurrency.min(16),
+                    LoadModel::Open { .. } => 16,
+                })
+            });
+            if let Some(c) = baseline_concurrency {
+                ensure!((1..=256).contains(&c), "--baseline-concurrency must be 1..=256");
+            }
+            Scenario::Orders(OrderSettings {
+                orders: self.orders,
+                users,
+                products: if self.hot { 1 } else { self.products },
+                model,
+                coupon_share: self.coupon_share,
+                hot_stock,
+                baseline_concurrency,
+                timeout: self.timeout,
+                poll_interval: self.poll_interval,
+                poll_concurrency: self.poll_concurrency,
+                max_in_flight: self.max_in_flight,
+                seed: self.seed,
+            })
+        };
+        Ok(Settings {
+            api,
+            json: self.json.clone(),
+            scenario,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: BenchArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.args)
+    }
+
+    fn settings(args: &[&str]) -> anyhow::Result<Settings> {
+        parse(args).map_err(anyhow::Error::from)?.validate()
+    }
+
+    fn orders(args: &[&str]) -> OrderSettings {
+        match settings(args).unwrap().scenario {
+            Scenario::Orders(o) => o,
+            Scenario::CouponRush(_) => panic!("expected the order scenario"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_a_closed_model_with_32_clients() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.api, "http://127.0.0.1:8080");
+        assert_eq!(s.json, None);
+        let Scenario::Orders(o) = s.scenario else { panic!() };
+        assert_eq!(o.orders, 1_000);
+        assert_eq!(o.users, 100);
+        assert_eq!(o.products, 10);
+        assert_eq!(o.model, LoadModel::Closed { concurrency: 32 });
+        assert_eq!(o.coupon_share, 0.0);
+        assert_eq!(o.hot_stock, None);
+        assert_eq!(o.baseline_concurrency, None);
+        assert_eq!(o.timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn every_flag_is_read() {
+        let s = settings(&[
+            "--api",
+            "http://localhost:9000/",
+            "--orders",
+            "2000",
+            "--users",
+            "200",
+            "--products",
+            "5",
+            "--concurrency",
+            "8",
+            "--coupon-share",
+            "0.25",
+            "--json",
+            "out.json",
+            "--baseline",
+            "sync",
+            "--timeout",
+            "30s",
+            "--poll-interval",
+            "10ms",
+            "--seed",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(s.api, "http://localhost:9000");
+        assert_eq!(s.json.as_deref(), Some(std::path::Path::new("out.json")));
+        let Scenario::Orders(o) = s.scenario else { panic!() };
+        assert_eq!((o.orders, o.users, o.products), (2_000, 200, 5));
+        assert_eq!(o.model, LoadModel::Closed { concurrency: 8 });
+        assert_eq!(o.coupon_share, 0.25);
+        assert_eq!(o.baseline_concurrency, Some(8));
+        assert_eq!(o.timeout, Duration::from_secs(30));
+        assert_eq!(o.poll_interval, Duration::from_millis(10));
+        assert_eq!(o.seed, 7);
+    }
+
+    #[test]
+    fn rate_selects_the_open_model() {
+        let o = orders(&["--rate", "250", "--baseline", "sync"]);
+        assert_eq!(o.model, LoadModel::Open { rate: 250.0 });
+        assert_eq!(o.baseline_concurrency, Some(16));
+        let o = orders(&["--rate", "250", "--baseline", "sync", "--baseline-concurrency", "4"]);
+        assert_eq!(o.baseline_concurrency, Some(4));
+    }
+
+    #[test]
+    fn rate_and_concurrency_exclude_each_other() {
+        assert!(parse(&["--rate", "10", "--concurrency", "4"]).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for bad in [
+            &["--rate", "0"][..],
+            &["--rate", "-5"],
+            &["--rate", "NaN"],
+            &["--concurrency", "0"],
+            &["--orders", "0"],
+            &["--users", "0"],
+            &["--products", "0"],
+            &["--coupon-share", "1.5"],
+            &["--coupon-share", "-0.1"],
+            &["--api", "not a url"],
+            &["--api", "ftp://host"],
+            &["--hot", "--hot-stock", "-1"],
+            &["--timeout", "0s"],
+            &["--poll-concurrency", "0"],
+        ] {
+            assert!(settings(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(parse(&["--timeout", "2h"]).is_err());
+        assert!(parse(&["--baseline", "async"]).is_err());
+    }
+
+    #[test]
+    fn hot_means_one_product_with_limited_stock() {
+        let o = orders(&["--hot", "--orders", "10000"]);
+        assert_eq!(o.products, 1);
+        assert_eq!(o.hot_stock, Some(100));
+        assert_eq!(orders(&["--hot", "--hot-stock", "5"]).hot_stock, Some(5));
+        assert!(parse(&["--hot", "--products", "3"]).is_err());
+        assert!(parse(&["--hot-stock", "5"]).is_err(), "--hot-stock needs --hot");
+    }
+
+    #[test]
+    fn coupon_rush_has_its_own_defaults_and_conflicts() {
+        let s = settings(&["--coupon-rush"]).unwrap();
+        assert_eq!(
+            s.scenario,
+            Scenario::CouponRush(RushSettings {
+                users: 1_000,
+                coupons: 100,
+                concurrency: None
+            })
+        );
+        let s = settings(&[
+            "--coupon-rush",
+            "--users",
+            "50",
+            "--rush-coupons",
+            "5",
+            "--concurrency",
+            "10",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.scenario,
+            Scenario::CouponRush(RushSettings {
+                users: 50,
+                coupons: 5,
+                concurrency: Some(10)
+            })
+        );
+        assert!(parse(&["--coupon-rush", "--hot"]).is_err());
+        assert!(parse(&["--coupon-rush", "--baseline", "sync"]).is_err());
+        assert!(parse(&["--coupon-rush", "--rate", "5"]).is_err());
+        assert!(settings(&["--coupon-rush", "--rush-coupons", "0"]).is_err());
+        assert!(
+            parse(&["--rush-coupons", "5"]).is_err(),
+            "--rush-coupons needs --coupon-rush"
+        );
+    }
+}

@@ -1,0 +1,387 @@
+//! Watching accepted orders reach a terminal state, from the outside.
+//!
+//! [`Observer`] is the seam: today [`PollObserver`] polls the public API; an observer fed by
+//! a server-sent event stream can replace it without touching the rest of the bench.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    sync::Arc,
+    time::Duration,
+};
+
+use futures_util::{StreamExt, stream};
+use reqwest::Method;
+use serde_json::Value;
+use tokio::{sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{client::Api, report::Latency};
+
+/// An accepted order to watch.
+#[derive(Debug, Clone, Copy)]
+pub struct Watch {
+    pub order_id: Uuid,
+    /// Index of the user who placed it.
+    pub user: usize,
+    /// When the 202 arrived.
+    pub accepted_at: Instant,
+}
+
+/// How an order ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Final {
+    Confirmed,
+    /// Cancelled, with its reason.
+    Cancelled(String),
+    /// Parked in a state no order should reach in a benchmark (COMPENSATION_FAILED).
+    Parked(String),
+}
+
+impl Final {
+    /// The final state of an order with `status` and `reason`, or None while it is in flight.
+    pub fn from_status(status: &str, reason: Option<&str>) -> Option<Self> {
+        match status {
+            "CONFIRMED" => Some(Self::Confirmed),
+            "CANCELLED" => Some(Self::Cancelled(reason.unwrap_or("UNKNOWN").to_owned())),
+            "COMPENSATION_FAILED" => Some(Self::Parked(status.to_owned())),
+            _ => None,
+        }
+    }
+}
+
+/// An order seen in its final state.
+#[derive(Debug, Clone)]
+pub struct Terminal {
+    pub watch: Watch,
+    pub outcome: Final,
+    pub observed_at: Instant,
+    /// From the order's own timestamps (created -> last update), when the observer sees them:
+    /// a cross-check of the observed latency that polling delay does not inflate.
+    pub recorded: Option<Duration>,
+}
+
+/// What observing cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ObserverStats {
+    /// Requests (or events) the observer needed.
+    pub requests: u64,
+    /// Requests that failed (retried in the next round).
+    pub errors: u64,
+    /// Polling rounds.
+    pub rounds: u64,
+    /// Time spent in rounds (their polling, not the pause after): a round is how late an
+    /// order can be seen terminal.
+    pub busy: Duration,
+}
+
+/// Watches every order received on `orders` until it is terminal and reports it once on
+/// `done`. Returns when `orders` is closed and nothing is left to watch, or when `stop` is
+/// cancelled (orders still unseen then are the caller's to count as timed out).
+pub trait Observer: Send + 'static {
+    fn run(
+        self,
+        orders: mpsc::UnboundedReceiver<Watch>,
+        done: mpsc::UnboundedSender<Terminal>,
+        stop: CancellationToken,
+    ) -> impl Future<Output = ObserverStats> + Send;
+}
+
+/// Polls each user's order list (`GET /api/orders`, newest first): one request covers all of
+/// a user's orders in flight, so polling costs O(users with orders in flight) per round
+/// rather than O(orders). A round polls at most `concurrency * 4` users, those whose oldest
+/// order in flight is oldest (orders finish roughly in the order they came, so these are the
+/// likeliest to be done), with at most `concurrency` requests in flight; rounds start at
+/// least `interval` apart. Short rounds keep the observation delay small even when the API is
+/// saturated and each request is slow; it is reported as `poll_round_mean_ms`.
+pub struct PollObserver {
+    pub api: Api,
+    pub tokens: Arc<Vec<String>>,
+    pub interval: Duration,
+    pub concurrency: usize,
+}
+
+/// Users polled per round for each request allowed in flight.
+const ROUND_PER_SLOT: usize = 4;
+
+/// Orders younger than this are not polled yet: the fastest tenth of the orders so far (once
+/// there are some), at most a second.
+fn min_age(took: &Latency) -> Duration {
+    if took.count() < 20 {
+        return Duration::ZERO;
+    }
+    Duration::from_secs_f64(took.quantile_ms(0.10) / 1_000.0).min(Duration::from_secs(1))
+}
+
+/// The users to poll this round: at most `max`, those whose oldest order in flight is oldest,
+/// and only when that order is at least `min_age` old at `now`.
+fn due(pending: &HashMap<usize, HashMap<Uuid, Watch>>, max: usize, min_age: Duration, now: Instant) -> Vec<usize> {
+    let mut users: Vec<(Instant, usize)> = pending
+        .iter()
+        .filter_map(|(&user, orders)| {
+            orders
+                .values()
+                .map(|w| w.accepted_at)
+                .min()
+                .map(|oldest| (oldest, user))
+        })
+        .filter(|(oldest, _)| now.saturating_duration_since(*oldest) >= min_age)
+        .collect();
+    if users.len() > max {
+        users.select_nth_unstable(max);
+        users.truncate(max);
+    }
+    users.into_iter().map(|(_, user)| user).collect()
+}
+
+/// The largest page the API serves.
+const MAX_PAGE: usize = 100;
+
+/// The page size to find `pending` in-flight orders among a user's newest: a little more
+/// than them, since some newer ones may already be done.
+pub fn page_size(pending: usize) -> usize {
+    (2 * pending + 4).clamp(10, MAX_PAGE)
+}
+
+struct UserPoll {
+    found: Vec<(Uuid, Final, Option<Duration>)>,
+    requests: u64,
+    errors: u64,
+    at: Instant,
+}
+
+impl PollObserver {
+    async fn poll_user(api: Api, token: String, wanted: HashSet<Uuid>) -> UserPoll {
+        let size = page_size(wanted.len());
+        let mut poll = UserPoll {
+            found: Vec::new(),
+            requests: 0,
+            errors: 0,
+            at: Instant::now(),
+        };
+        let mut seen = HashSet::new();
+        for page in 0.. {
+            poll.requests += 1;
+            let path = format!("/api/orders?page={page}&size={size}");
+            let reply = match api.call(Method::GET, &path, &token, None, None).await {
+                Ok(r) if r.status.is_success() => r,
+                _ => {
+                    poll.errors += 1;
+                    break;
+                }
+            };
+            poll.at = Instant::now();
+            let items = reply.body["items"].as_array().map(Vec::as_slice).unwrap_or_default();
+            for item in items {
+                let Some(id) = item["orderId"].as_str().and_then(|s| Uuid::parse_str(s).ok()) else {
+                    continue;
+                };
+                if !wanted.contains(&id) || !seen.insert(id) {
+                    continue;
+                }
+                let status = item["status"].as_str().unwrap_or_default();
+                if let Some(fin) = Final::from_status(status, item["reason"].as_str()) {
+                    poll.found.push((id, fin, recorded(item)));
+                }
+            }
+            let total = reply.body["total"].as_u64().unwrap_or(0);
+            let more = (((page + 1) * size) as u64) < total && !items.is_empty();
+            if seen.len() == wanted.len() || !more {
+                break;
+            }
+        }
+        poll
+    }
+}
+
+impl Observer for PollObserver {
+    async fn run(
+        self,
+        mut orders: mpsc::UnboundedReceiver<Watch>,
+        done: mpsc::UnboundedSender<Terminal>,
+        stop: CancellationToken,
+    ) -> ObserverStats {
+        let mut stats = ObserverStats::default();
+        let mut pending: HashMap<usize, HashMap<Uuid, Watch>> = HashMap::new();
+        // How long orders took so far: no order is polled before it is as old as the fastest
+        // tenth of them, which saves polls that could hardly find anything finished.
+        let mut took = Latency::new();
+        let mut open = true;
+        loop {
+            // Take whatever was accepted since the last round.
+            while open {
+                match orders.try_recv() {
+                    Ok(w) => {
+                        pending.entry(w.user).or_default().insert(w.order_id, w);
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            if pending.is_empty() {
+                if !open {
+                    return stats;
+                }
+                tokio::select! {
+                    w = orders.recv() => match w {
+                        Some(w) => {
+                            pending.entry(w.user).or_default().insert(w.order_id, w);
+                        }
+                        None => open = false,
+                    },
+                    () = stop.cancelled() => return stats,
+                }
+                continue;
+            }
+
+            let round_start = Instant::now();
+            let max = self.concurrency.max(1) * ROUND_PER_SLOT;
+            let polls: Vec<_> = due(&pending, max, min_age(&took), round_start)
+                .into_iter()
+                .map(|user| {
+                    let wanted: HashSet<Uuid> = pending[&user].keys().copied().collect();
+                    (
+                        user,
+                        Self::poll_user(self.api.clone(), self.tokens[user].clone(), wanted),
+                    )
+                })
+                .collect();
+            if !polls.is_empty() {
+                stats.rounds += 1;
+            }
+            let mut results = stream::iter(polls)
+                .map(|(user, fut)| async move { (user, fut.await) })
+                .buffer_unordered(self.concurrency.max(1));
+            loop {
+                let next = tokio::select! {
+                    next = results.next() => next,
+                    () = stop.cancelled() => return stats,
+                };
+                let Some((user, poll)) = next else {
+                    stats.busy += round_start.elapsed();
+                    break;
+                };
+                stats.requests += poll.requests;
+                stats.errors += poll.errors;
+                let Some(mine) = pending.get_mut(&user) else { continue };
+                for (id, outcome, recorded) in poll.found {
+                    if let Some(watch) = mine.remove(&id) {
+                        took.record(recorded.unwrap_or_else(|| poll.at.saturating_duration_since(watch.accepted_at)));
+                        let _ = done.send(Terminal {
+                            watch,
+                            outcome,
+                            observed_at: poll.at,
+                            recorded,
+                        });
+                    }
+                }
+                if mine.is_empty() {
+                    pending.remove(&user);
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(round_start + self.interval) => {}
+                () = stop.cancelled() => return stats,
+            }
+        }
+    }
+}
+
+/// `updatedAt - createdAt` of an order in the API's JSON.
+pub fn recorded(order: &Value) -> Option<Duration> {
+    let at = |k: &str| {
+        order[k]
+            .as_str()
+            .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+    };
+    (at("updatedAt")? - at("createdAt")?).to_std().ok()
+}
+
+/// Reads the order id from a 202 body.
+pub fn accepted_order_id(body: &Value) -> Option<Uuid> {
+    body["orderId"].as_str().and_then(|s| Uuid::parse_str(s).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_final_states() {
+        assert_eq!(Final::from_status("CONFIRMED", None), Some(Final::Confirmed));
+        assert_eq!(
+            Final::from_status("CANCELLED", Some("OUT_OF_STOCK")),
+            Some(Final::Cancelled("OUT_OF_STOCK".to_owned()))
+        );
+        assert_eq!(
+            Final::from_status("COMPENSATION_FAILED", None),
+            Some(Final::Parked("COMPENSATION_FAILED".to_owned()))
+        );
+        for s in ["PENDING", "STOCK_RESERVED", "COUPON_APPLIED", "PAID", "CANCELLING"] {
+            assert_eq!(Final::from_status(s, None), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn recorded_latency_comes_from_the_order_timestamps() {
+        let order =
+            serde_json::json!({"createdAt": "2026-11-21T10:00:00.100Z", "updatedAt": "2026-11-21T10:00:00.350Z"});
+        assert_eq!(recorded(&order), Some(Duration::from_millis(250)));
+        assert_eq!(
+            recorded(&serde_json::json!({"createdAt": "2026-11-21T10:00:00Z"})),
+            None
+        );
+    }
+
+    #[test]
+    fn rounds_poll_the_users_with_the_oldest_orders_first() {
+        let t0 = Instant::now();
+        let watch = |user, age_ms| Watch {
+            order_id: Uuid::new_v4(),
+            user,
+            accepted_at: t0 + Duration::from_secs(10) - Duration::from_millis(age_ms),
+        };
+        let mut pending: HashMap<usize, HashMap<Uuid, Watch>> = HashMap::new();
+        for (user, age) in [(1, 50), (1, 900), (2, 300), (3, 10), (4, 700)] {
+            let w = watch(user, age);
+            pending.entry(user).or_default().insert(w.order_id, w);
+        }
+        let now = t0 + Duration::from_secs(10);
+        let mut two = due(&pending, 2, Duration::ZERO, now);
+        two.sort_unstable();
+        assert_eq!(two, vec![1, 4]);
+        let mut all = due(&pending, 10, Duration::ZERO, now);
+        all.sort_unstable();
+        assert_eq!(all, vec![1, 2, 3, 4]);
+        // User 3's only order is 10 ms old: too young to poll when orders take 100 ms and up.
+        let mut old_enough = due(&pending, 10, Duration::from_millis(100), now);
+        old_enough.sort_unstable();
+        assert_eq!(old_enough, vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn young_orders_wait_for_the_fastest_tenth() {
+        let mut took = Latency::new();
+        assert_eq!(min_age(&took), Duration::ZERO);
+        for ms in 1..=100 {
+            took.record(Duration::from_millis(ms * 10));
+        }
+        let floor = min_age(&took); // hdrhistogram keeps 3 significant digits
+        assert!(
+            floor >= Duration::from_millis(100) && floor <= Duration::from_micros(100_100),
+            "{floor:?}"
+        );
+        for _ in 0..1_000 {
+            took.record(Duration::from_secs(30));
+        }
+        assert_eq!(min_age(&took), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn pages_grow_with_the_orders_in_flight() {
+        assert_eq!(page_size(1), 10);
+        assert_eq!(page_size(10), 24);
+        assert_eq!(page_size(1_000), 100);
+    }
+}
