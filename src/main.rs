@@ -10,7 +10,11 @@ use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "orderflow", version, about = "An order pipeline that never loses money or stock")]
+#[command(
+    name = "orderflow",
+    version,
+    about = "An order pipeline that never loses money or stock"
+)]
 struct Cli {
     #[command(flatten)]
     config: Config,
@@ -129,7 +133,9 @@ async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Res
             Ok(())
         });
     } else if let Some(addr) = config.metrics_addr {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding METRICS_ADDR {addr}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding METRICS_ADDR {addr}"))?;
         tasks.spawn(orderflow_api::serve_metrics(listener, shutdown.clone()));
     }
     orderflow_workers::spawn(&mut tasks, workers, &pool, &config, &shutdown);
