@@ -138,7 +138,14 @@ async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Res
             .with_context(|| format!("binding METRICS_ADDR {addr}"))?;
         tasks.spawn(orderflow_api::serve_metrics(listener, shutdown.clone()));
     }
-    orderflow_workers::spawn(&mut tasks, workers, &pool, &config, &shutdown);
+    // Workers get a pool of their own: a burst of deliveries waiting on a hot row's lock must
+    // not starve the API of connections (it would answer 503).
+    let worker_pool = if api && !workers.is_empty() {
+        db::pool(&config.database_url, config.db_pool_size)?
+    } else {
+        pool.clone()
+    };
+    orderflow_workers::spawn(&mut tasks, workers, &worker_pool, &config, &shutdown);
 
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("shutting down"),
@@ -159,6 +166,7 @@ async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Res
         tracing::warn!("components did not stop within 30 s");
     }
     pool.close().await;
+    worker_pool.close().await;
     tracing::info!("stopped");
     Ok(())
 }

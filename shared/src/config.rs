@@ -50,7 +50,7 @@ pub struct Config {
     #[arg(long, env = "WORKER_CONCURRENCY", global = true, default_value_t = 16)]
     pub worker_concurrency: usize,
 
-    /// Maximum PostgreSQL connections per process.
+    /// Maximum PostgreSQL connections per pool (`all` has two: the API's and the workers').
     #[arg(long, env = "DB_POOL_SIZE", global = true, default_value_t = 16)]
     pub db_pool_size: u32,
 

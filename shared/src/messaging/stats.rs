@@ -61,6 +61,9 @@ async fn declare_passively(amqp_url: &str) -> anyhow::Result<Vec<QueueStat>> {
                 Err(err) => return Err(err),
             }
         }
+        // Close the channel before the connection: closing a connection under an open
+        // channel makes lapin log an error for it.
+        let _ = channel.close(200, "bye".into()).await;
         Ok(stats)
     }
     .await;
