@@ -40,8 +40,11 @@ locked=()
 if [[ -n ${CI:-} ]]; then
   locked=(--locked)
 fi
-log "cargo build --bin orderflow"
-cargo build --bin orderflow "${locked[@]}"
+# Built together with a test target so cargo resolves the same features as `cargo nextest run`
+# (dev-dependencies enable more features): the binary the test suite already built is reused
+# instead of rebuilding the workspace with another feature set.
+log "cargo build --bin orderflow --test faults"
+cargo build --bin orderflow --test faults "${locked[@]}"
 
 mkdir -p ci-output
 exec node tests/browser/ops-dashboard.mjs
