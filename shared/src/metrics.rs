@@ -88,7 +88,16 @@ pub fn step_duration(step: &'static str, elapsed: Duration) {
 /// `interval` until `shutdown`. Runs in the API process: one sampler per deployment is
 /// enough, and every API replica reporting the same values is harmless.
 pub async fn sample_gauges(pool: PgPool, amqp_url: String, interval: Duration, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(interval);
+    // Like every process, declare the topology first (idempotent), so the passive declares
+    // below never hit a queue that no worker has declared yet.
+    if let Ok(conn) = lapin::Connection::connect(&amqp_url, lapin::ConnectionProperties::default()).await {
+        if let Ok(channel) = conn.create_channel().await {
+            let _ = crate::messaging::topology::declare(&channel).await;
+            let _ = channel.close(200, "bye".into()).await;
+        }
+        let _ = conn.close(200, "bye".into()).await;
+    }
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
