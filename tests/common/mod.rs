@@ -460,6 +460,29 @@ impl TestApp {
         }
     }
 
+    /// Waits until this process's workers have settled at least `n` deliveries with
+    /// `outcome` (acked, duplicate, retried, rejected), summed over queues: a precise "the
+    /// copies were handled", where a queue's ready count cannot see deliveries in flight.
+    pub async fn wait_outcomes(&self, outcome: &str, n: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let needle = format!("outcome=\"{outcome}\"}}");
+        loop {
+            let seen: u64 = orderflow_shared::metrics::render()
+                .lines()
+                .filter(|l| l.starts_with("orderflow_messages_total{") && l.contains(&needle))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64;
+            if seen >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {seen} of {n} deliveries ended {outcome}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Opens an AMQP channel on the test's vhost.
     pub async fn amqp(&self) -> (lapin::Connection, lapin::Channel) {
         let conn = lapin::Connection::connect(&self.config.amqp_url, lapin::ConnectionProperties::default())
