@@ -430,7 +430,11 @@ async fn verify(sys: &System, placed: &[(i64, String)], started: Instant) -> Out
             .into_iter()
             .map(|u| u.to_string())
             .collect();
-    let events = drain(sys, topology::DATA_PLATFORM_QUEUE).await;
+    let events: Vec<Value> = common::drain(&sys.amqp_url(), topology::DATA_PLATFORM_QUEUE)
+        .await
+        .into_iter()
+        .map(|(_, body)| body)
+        .collect();
     let mut by_order: HashMap<String, HashSet<String>> = HashMap::new();
     for e in &events {
         assert_eq!(e["type"], "order.confirmed");
@@ -498,47 +502,17 @@ async fn verify(sys: &System, placed: &[(i64, String)], started: Instant) -> Out
     outcome
 }
 
-/// Messages waiting in every queue the system consumes (and the dead-letter queue).
+/// Messages waiting in every queue the system consumes (and the dead-letter queue); `MAX`
+/// while the broker cannot be asked.
 async fn queue_depths(sys: &System) -> u64 {
-    let Ok(conn) = lapin::Connection::connect(&sys.amqp_url(), Default::default()).await else {
-        return u64::MAX;
-    };
-    let Ok(ch) = conn.create_channel().await else {
-        return u64::MAX;
-    };
-    let mut total = 0u64;
-    for q in topology::QUEUES {
-        if matches!(q.name, topology::DATA_PLATFORM_QUEUE | topology::DEADLINE_QUEUE) {
-            continue;
-        }
-        let opts = lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        match ch.queue_declare(q.name.into(), opts, Default::default()).await {
-            Ok(d) => total += u64::from(d.message_count()),
-            Err(_) => return u64::MAX,
-        }
+    match orderflow_shared::messaging::stats::queue_stats(&sys.amqp_url()).await {
+        Ok(stats) => stats
+            .iter()
+            .filter(|q| q.name != topology::DATA_PLATFORM_QUEUE && q.name != topology::DEADLINE_QUEUE)
+            .map(|q| u64::from(q.messages))
+            .sum(),
+        Err(_) => u64::MAX,
     }
-    let _ = conn.close(200, "bye".into()).await;
-    total
-}
-
-async fn drain(sys: &System, queue: &str) -> Vec<Value> {
-    let conn = lapin::Connection::connect(&sys.amqp_url(), Default::default())
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let mut out = Vec::new();
-    while let Some(m) = ch
-        .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
-        .await
-        .unwrap()
-    {
-        out.push(serde_json::from_slice(&m.delivery.data).unwrap());
-    }
-    let _ = conn.close(200, "bye".into()).await;
-    out
 }
 
 /// Runs one scenario: start, seed, load with `fault` running beside it, verify, stop.

@@ -80,24 +80,14 @@ async fn poison_in_every_work_queue_is_dead_lettered_recorded_and_the_queues_kee
         .as_i64()
         .unwrap();
     let (status, problem) = app
-        .call(
-            Method::POST,
-            &format!("/api/admin/dead-letters/{bad}/replay"),
-            Some(&app.admin_token()),
-            None,
-        )
+        .admin(Method::POST, &format!("/api/admin/dead-letters/{bad}/replay"))
         .await;
     assert_eq!(
         (status.as_u16(), problem["code"].as_str()),
         (409, Some("DEAD_LETTER_NOT_REPLAYABLE"))
     );
     let (status, _) = app
-        .call(
-            Method::DELETE,
-            &format!("/api/admin/dead-letters/{bad}"),
-            Some(&app.admin_token()),
-            None,
-        )
+        .admin(Method::DELETE, &format!("/api/admin/dead-letters/{bad}"))
         .await;
     assert_eq!(status.as_u16(), 204);
     let (_, page) = app.get("/api/admin/dead-letters", &app.admin_token()).await;
@@ -161,22 +151,12 @@ async fn a_step_that_keeps_failing_is_dead_lettered_and_its_order_cancelled_then
     heal(&app).await;
     let letter_id = letter["id"].as_i64().unwrap();
     let (status, replayed) = app
-        .call(
-            Method::POST,
-            &format!("/api/admin/dead-letters/{letter_id}/replay"),
-            Some(&app.admin_token()),
-            None,
-        )
+        .admin(Method::POST, &format!("/api/admin/dead-letters/{letter_id}/replay"))
         .await;
     assert_eq!(status.as_u16(), 202, "{replayed}");
     assert_eq!(replayed["status"], "REPLAYED");
     let (status, problem) = app
-        .call(
-            Method::POST,
-            &format!("/api/admin/dead-letters/{letter_id}/replay"),
-            Some(&app.admin_token()),
-            None,
-        )
+        .admin(Method::POST, &format!("/api/admin/dead-letters/{letter_id}/replay"))
         .await;
     assert_eq!(
         (status.as_u16(), problem["code"].as_str()),
@@ -212,14 +192,7 @@ async fn a_compensation_that_keeps_failing_is_parked_and_an_operator_retries_it(
     assert_eq!(parked["items"][0]["reason"], "INSUFFICIENT_BALANCE");
 
     heal(&app).await;
-    let (status, body) = app
-        .call(
-            Method::POST,
-            &format!("/api/admin/orders/{id}/retry"),
-            Some(&app.admin_token()),
-            None,
-        )
-        .await;
+    let (status, body) = app.admin(Method::POST, &format!("/api/admin/orders/{id}/retry")).await;
     assert_eq!((status.as_u16(), body["status"].as_str()), (202, Some("CANCELLING")));
     let order = app.wait_terminal(8, &id, WAIT).await;
     assert_eq!(
@@ -244,14 +217,7 @@ async fn a_compensation_that_keeps_failing_is_parked_and_an_operator_retries_it(
         ]
     );
     assert_eq!(app.stock(product).await, 5);
-    let (status, problem) = app
-        .call(
-            Method::POST,
-            &format!("/api/admin/orders/{id}/retry"),
-            Some(&app.admin_token()),
-            None,
-        )
-        .await;
+    let (status, problem) = app.admin(Method::POST, &format!("/api/admin/orders/{id}/retry")).await;
     assert_eq!(
         (status.as_u16(), problem["code"].as_str()),
         (409, Some("ORDER_NOT_RETRYABLE"))

@@ -494,18 +494,12 @@ impl TestApp {
 
     /// Takes every message currently in `queue` (acked), as (properties, body).
     pub async fn drain_queue(&self, queue: &str) -> Vec<(lapin::BasicProperties, Value)> {
-        let (conn, channel) = self.amqp().await;
-        let mut out = Vec::new();
-        while let Some(msg) = channel
-            .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
-            .await
-            .unwrap()
-        {
-            let body = serde_json::from_slice(&msg.delivery.data).unwrap_or(Value::Null);
-            out.push((msg.delivery.properties.clone(), body));
-        }
-        let _ = conn.close(200, "bye".into()).await;
-        out
+        drain(&self.config.amqp_url, queue).await
+    }
+
+    /// Calls an admin route with an admin token and no body.
+    pub async fn admin(&self, method: Method, path: &str) -> (StatusCode, Value) {
+        self.call(method, path, Some(&self.admin_token()), None).await
     }
 
     /// Calls the RabbitMQ management API.
@@ -538,6 +532,25 @@ pub fn worker_queue(kind: WorkerKind) -> Option<&'static str> {
         WorkerKind::Sales => Some(t::SALES_QUEUE),
         WorkerKind::Recovery => Some(t::EXPIRED_QUEUE),
     }
+}
+
+/// Takes every message currently in `queue` (acked), as (properties, body).
+pub async fn drain(amqp_url: &str, queue: &str) -> Vec<(lapin::BasicProperties, Value)> {
+    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(msg) = channel
+        .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let body = serde_json::from_slice(&msg.delivery.data).unwrap_or(Value::Null);
+        out.push((msg.delivery.properties.clone(), body));
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    out
 }
 
 pub fn enc(s: &str) -> String {
