@@ -102,11 +102,8 @@ pub async fn sweep_once(pool: &PgPool, order_timeout: Duration) -> Result<Swept>
     .fetch_all(&mut *tx)
     .await?;
     for order in &stalled {
-        orders::continue_compensation(&mut tx, order).await?;
-        sqlx::query("UPDATE orders SET updated_at = now() WHERE id = $1")
-            .bind(order.id)
-            .execute(&mut *tx)
-            .await?;
+        // Unchanged holdings, a fresh updated_at: the next re-drive waits a whole timeout.
+        orders::compensated(&mut tx, order).await?;
         swept.redriven += 1;
     }
     tx.commit().await?;

@@ -72,7 +72,9 @@ pub async fn items(conn: &mut PgConnection, id: Uuid) -> Result<Vec<ItemRow>> {
     .await?)
 }
 
-/// Moves a locked order from its current status to `to`, with a history row.
+/// Moves a locked order from its current status to `to`, with a history row. The order's
+/// holdings (`stock_held`, `coupon_held`, `paid_amount`, `discount_amount`) are written from
+/// `order` in the same statement, so a step records its effect and its transition at once.
 pub async fn set_status(
     conn: &mut PgConnection,
     order: &OrderRow,
@@ -80,13 +82,18 @@ pub async fn set_status(
     reason: Option<CancelReason>,
 ) -> Result<()> {
     let updated = sqlx::query(
-        "UPDATE orders SET status = $3, reason = COALESCE($4, reason), updated_at = now()
+        "UPDATE orders SET status = $3, reason = COALESCE($4, reason), stock_held = $5, coupon_held = $6,
+                           paid_amount = $7, discount_amount = $8, updated_at = now()
          WHERE id = $1 AND status = $2",
     )
     .bind(order.id)
     .bind(order.status.as_str())
     .bind(to.as_str())
     .bind(reason.map(CancelReason::as_str))
+    .bind(order.stock_held)
+    .bind(order.coupon_held)
+    .bind(order.paid_amount)
+    .bind(order.discount_amount)
     .execute(&mut *conn)
     .await?
     .rows_affected();
@@ -125,6 +132,22 @@ pub fn next_compensation(order: &OrderRow) -> MessageType {
     } else {
         MessageType::OrderFinishCancel
     }
+}
+
+/// Records what a CANCELLING order still holds after a compensation (or re-drives it
+/// unchanged) and enqueues the next compensation.
+pub async fn compensated(conn: &mut PgConnection, order: &OrderRow) -> Result<()> {
+    sqlx::query(
+        "UPDATE orders SET stock_held = $2, coupon_held = $3, paid_amount = $4, updated_at = now()
+         WHERE id = $1 AND status = 'CANCELLING'",
+    )
+    .bind(order.id)
+    .bind(order.stock_held)
+    .bind(order.coupon_held)
+    .bind(order.paid_amount)
+    .execute(&mut *conn)
+    .await?;
+    continue_compensation(conn, order).await
 }
 
 /// Enqueues the next compensation step for a CANCELLING order.

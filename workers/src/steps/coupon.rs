@@ -60,12 +60,8 @@ async fn apply(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     let kind =
         DiscountType::parse(&kind).ok_or_else(|| anyhow::anyhow!("coupon {coupon_id} has discount type {kind:?}"))?;
     let discount = domain::discount(kind, value, order.total_amount);
-    sqlx::query("UPDATE orders SET coupon_held = true, discount_amount = $2 WHERE id = $1")
-        .bind(order.id)
-        .bind(discount)
-        .execute(&mut *tx)
-        .await?;
     order.coupon_held = true;
+    order.discount_amount = discount;
     orders::set_status(tx, &order, OrderStatus::CouponApplied, None).await?;
     send_next(tx, msg, MessageType::PaymentCharge).await?;
     Ok(Outcome::Done)
@@ -85,11 +81,7 @@ async fn restore(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     .bind(order.id)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("UPDATE orders SET coupon_held = false, updated_at = now() WHERE id = $1")
-        .bind(order.id)
-        .execute(&mut *tx)
-        .await?;
     order.coupon_held = false;
-    orders::continue_compensation(tx, &order).await?;
+    orders::compensated(tx, &order).await?;
     Ok(Outcome::Done)
 }

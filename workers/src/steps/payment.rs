@@ -62,11 +62,6 @@ async fn charge(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
         }
     };
     ledger(tx, order.user_id, "PAYMENT", amount, balance, order.id).await?;
-    sqlx::query("UPDATE orders SET paid_amount = $2 WHERE id = $1")
-        .bind(order.id)
-        .bind(amount)
-        .execute(&mut *tx)
-        .await?;
     order.paid_amount = amount;
     orders::set_status(tx, &order, OrderStatus::Paid, None).await?;
     send_next(tx, msg, MessageType::OrderConfirm).await?;
@@ -89,12 +84,8 @@ async fn refund(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     .fetch_one(&mut *tx)
     .await?;
     ledger(tx, order.user_id, "REFUND", order.paid_amount, balance, order.id).await?;
-    sqlx::query("UPDATE orders SET paid_amount = 0, updated_at = now() WHERE id = $1")
-        .bind(order.id)
-        .execute(&mut *tx)
-        .await?;
     order.paid_amount = 0;
-    orders::continue_compensation(tx, &order).await?;
+    orders::compensated(tx, &order).await?;
     Ok(Outcome::Done)
 }
 

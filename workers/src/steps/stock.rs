@@ -54,10 +54,6 @@ async fn reserve(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
         return Ok(Outcome::Done);
     }
     adjust(tx, &ids, &quantities, -1).await?;
-    sqlx::query("UPDATE orders SET stock_held = true WHERE id = $1")
-        .bind(order.id)
-        .execute(&mut *tx)
-        .await?;
     order.stock_held = true;
     orders::set_status(tx, &order, OrderStatus::StockReserved, None).await?;
     let next = if order.coupon_id.is_some() {
@@ -77,12 +73,8 @@ async fn release(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     let items = orders::items(tx, order.id).await?;
     let (ids, quantities) = columns(&items);
     adjust(tx, &ids, &quantities, 1).await?;
-    sqlx::query("UPDATE orders SET stock_held = false, updated_at = now() WHERE id = $1")
-        .bind(order.id)
-        .execute(&mut *tx)
-        .await?;
     order.stock_held = false;
-    orders::continue_compensation(tx, &order).await?;
+    orders::compensated(tx, &order).await?;
     Ok(Outcome::Done)
 }
 
