@@ -200,6 +200,16 @@ async fn each_failure_reason_cancels_and_gives_everything_back() {
         (Some("CANCELLED"), Some("OUT_OF_STOCK"))
     );
     assert_eq!(history(&o1), ["PENDING", "CANCELLING", "CANCELLED"]);
+    // It held nothing, so the stock worker cancelled it in one transaction: no
+    // order.finish-cancel round trip, just the event for the data platform.
+    let sent: Vec<String> = sqlx::query_scalar(
+        "SELECT message_type FROM outbox WHERE order_id = $1::uuid AND message_type <> 'order.deadline' ORDER BY id",
+    )
+    .bind(o1["orderId"].as_str().unwrap())
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(sent, ["stock.reserve", "order.cancelled"]);
     assert_eq!(
         (o2["status"].as_str(), o2["reason"].as_str()),
         (Some("CANCELLED"), Some("COUPON_INVALID"))

@@ -262,7 +262,7 @@ async fn an_operator_finds_a_stuck_order_and_cancels_it() {
             None,
         )
         .await;
-    assert_eq!((status.as_u16(), body["status"].as_str()), (202, Some("CANCELLING")));
+    assert_eq!((status.as_u16(), body["status"].as_str()), (202, Some("CANCELLED")));
     let order = app.wait_terminal(9, &id, WAIT).await;
     assert_eq!(
         (order["status"].as_str(), order["reason"].as_str()),

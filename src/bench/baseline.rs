@@ -297,7 +297,7 @@ async fn place(pool: &PgPool, plan: &Plan, i: usize) -> anyhow::Result<Ended> {
     let mut tx = pool.begin().await?;
     // Lock the products in id order (no deadlocks) and check every line first.
     let rows: Vec<(i64, i64, i64)> =
-        sqlx::query_as("SELECT id, price, stock FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        sqlx::query_as("SELECT id, price, stock FROM products WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
             .bind(&product_ids)
             .fetch_all(&mut *tx)
             .await?;

@@ -2,7 +2,7 @@
 //! It cancels in-flight orders past their deadline whose deadline message was lost, and
 //! re-drives cancellations that made no progress for a whole ORDER_TIMEOUT (re-sending a
 //! compensation is harmless: every compensation is guarded by what the order still holds).
-//! `FOR UPDATE SKIP LOCKED` lets several recovery workers sweep at once.
+//! `FOR NO KEY UPDATE SKIP LOCKED` lets several recovery workers sweep at once.
 
 use std::time::Duration;
 
@@ -83,7 +83,7 @@ pub async fn sweep_once(pool: &PgPool, order_timeout: Duration) -> Result<Swept>
     let mut tx = pool.begin().await?;
     let overdue: Vec<OrderRow> = sqlx::query_as(
         "SELECT * FROM orders WHERE status = ANY($1) AND deadline_at < now()
-         ORDER BY deadline_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+         ORDER BY deadline_at LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED",
     )
     .bind(OrderStatus::CANCELLABLE.iter().map(|s| s.as_str()).collect::<Vec<_>>())
     .bind(BATCH)
@@ -95,7 +95,7 @@ pub async fn sweep_once(pool: &PgPool, order_timeout: Duration) -> Result<Swept>
     }
     let stalled: Vec<OrderRow> = sqlx::query_as(
         "SELECT * FROM orders WHERE status = 'CANCELLING' AND updated_at < now() - $1 * interval '1 millisecond'
-         ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+         ORDER BY updated_at LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED",
     )
     .bind(order_timeout.as_millis() as f64)
     .bind(BATCH)

@@ -218,8 +218,9 @@ function renderStuck(page) {
 function cancelOrder(id) {
   if (!window.confirm(`Cancel order ${id}?\nIt moves to CANCELLING and gives back whatever it holds.`)) return;
   act('Cancel', async () => {
-    await api('POST', `/api/admin/orders/${id}/cancel`);
-    return `Order ${id} is cancelling.`;
+    const done = await api('POST', `/api/admin/orders/${id}/cancel`);
+    // An order that held nothing yet is cancelled at once.
+    return done.status === 'CANCELLED' ? `Order ${id} is cancelled.` : `Order ${id} is cancelling.`;
   });
 }
 

@@ -171,6 +171,7 @@ pub struct OrderAction {
 }
 
 /// Cancel an in-flight order (ADMIN_CANCELLED); its compensations run as for any failure.
+/// The answer is CANCELLING, or CANCELLED at once when the order held nothing yet.
 #[utoipa::path(post, path = "/api/admin/orders/{id}/cancel", tag = "admin", security(("bearer" = [])),
     params(("id" = Uuid, Path)), responses(
     (status = 202, body = OrderAction),
@@ -185,7 +186,7 @@ pub async fn cancel_order(
     Path(id): Path<Uuid>,
 ) -> ApiResult<(StatusCode, Json<OrderAction>)> {
     let mut tx = state.pool.begin().await?;
-    if !orders::cancel(&mut tx, id, CancelReason::AdminCancelled).await? {
+    let Some(status) = orders::cancel(&mut tx, id, CancelReason::AdminCancelled).await? else {
         return Err(not_actionable(
             &mut tx,
             id,
@@ -193,15 +194,9 @@ pub async fn cancel_order(
             "only an order still in flight can be cancelled",
         )
         .await);
-    }
+    };
     tx.commit().await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(OrderAction {
-            order_id: id,
-            status: OrderStatus::Cancelling,
-        }),
-    ))
+    Ok((StatusCode::ACCEPTED, Json(OrderAction { order_id: id, status })))
 }
 
 /// Retry the compensations of an order parked as COMPENSATION_FAILED.

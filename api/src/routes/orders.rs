@@ -202,9 +202,19 @@ async fn accept(
     // The request's trace (continuing a caller's `traceparent`) becomes the order's trace.
     let trace = telemetry::current().unwrap_or_else(TraceParent::new_root);
     let timeout_ms = i64::try_from(state.config.order_timeout.as_millis()).unwrap_or(i64::MAX);
+    // The order, its lines and its first history row in one statement (foreign keys are
+    // checked at its end, when the order row exists).
+    let quantities: Vec<i32> = req.items.iter().map(|i| i.quantity).collect();
     sqlx::query(
-        "INSERT INTO orders (id, user_id, status, coupon_id, total_amount, trace_parent, deadline_at)
-         VALUES ($1, $2, 'PENDING', $3, $4, $5, now() + $6 * interval '1 millisecond')",
+        "WITH placed AS (
+             INSERT INTO orders (id, user_id, status, coupon_id, total_amount, trace_parent, deadline_at)
+             VALUES ($1, $2, 'PENDING', $3, $4, $5, now() + $6 * interval '1 millisecond')
+             RETURNING id
+         ), lines AS (
+             INSERT INTO order_items (order_id, product_id, quantity, unit_price)
+             SELECT $1, pid, qty, price FROM UNNEST($7::bigint[], $8::int[], $9::bigint[]) AS t(pid, qty, price)
+         )
+         INSERT INTO order_status_history (order_id, from_status, to_status) SELECT id, NULL, 'PENDING' FROM placed",
     )
     .bind(order_id)
     .bind(user.id())
@@ -212,20 +222,11 @@ async fn accept(
     .bind(total)
     .bind(trace.to_string())
     .bind(timeout_ms as f64)
-    .execute(&mut *tx)
-    .await?;
-    let quantities: Vec<i32> = req.items.iter().map(|i| i.quantity).collect();
-    sqlx::query(
-        "INSERT INTO order_items (order_id, product_id, quantity, unit_price)
-         SELECT $1, pid, qty, price FROM UNNEST($2::bigint[], $3::int[], $4::bigint[]) AS t(pid, qty, price)",
-    )
-    .bind(order_id)
     .bind(&ids)
     .bind(&quantities)
     .bind(&unit_prices)
     .execute(&mut *tx)
     .await?;
-    orders::record_history(tx, order_id, None, OrderStatus::Pending, None).await?;
     let start = OutboxMessage::command(MessageType::StockReserve, order_id, Some(trace))?;
     let deadline =
         OutboxMessage::command(MessageType::OrderDeadline, order_id, Some(trace))?.with_expiration_ms(timeout_ms);

@@ -12,7 +12,7 @@ use super::outbox::{self, OutboxMessage};
 use crate::{
     Result,
     domain::{CancelReason, OrderStatus},
-    messaging::MessageType,
+    messaging::{MessageType, envelope::OrderCancelledData},
     telemetry::TraceParent,
 };
 
@@ -52,10 +52,11 @@ fn names(statuses: &[OrderStatus]) -> Vec<&'static str> {
     statuses.iter().map(|s| s.as_str()).collect()
 }
 
-/// Locks the order if it is in one of the `expected` states.
+/// Locks the order if it is in one of the `expected` states (`FOR NO KEY UPDATE`: a step never
+/// changes the key, and inserts that reference the order need not wait for it).
 pub async fn lock(conn: &mut PgConnection, id: Uuid, expected: &[OrderStatus]) -> Result<Option<OrderRow>> {
     Ok(
-        sqlx::query_as("SELECT * FROM orders WHERE id = $1 AND status = ANY($2) FOR UPDATE")
+        sqlx::query_as("SELECT * FROM orders WHERE id = $1 AND status = ANY($2) FOR NO KEY UPDATE")
             .bind(id)
             .bind(names(expected))
             .fetch_optional(conn)
@@ -74,7 +75,8 @@ pub async fn items(conn: &mut PgConnection, id: Uuid) -> Result<Vec<ItemRow>> {
 
 /// Moves a locked order from its current status to `to`, with a history row. The order's
 /// holdings (`stock_held`, `coupon_held`, `paid_amount`, `discount_amount`) are written from
-/// `order` in the same statement, so a step records its effect and its transition at once.
+/// `order` in the same statement, so a step records its effect and its transition at once;
+/// the history row is written by that statement too (one round trip per transition).
 pub async fn set_status(
     conn: &mut PgConnection,
     order: &OrderRow,
@@ -82,9 +84,14 @@ pub async fn set_status(
     reason: Option<CancelReason>,
 ) -> Result<()> {
     let updated = sqlx::query(
-        "UPDATE orders SET status = $3, reason = COALESCE($4, reason), stock_held = $5, coupon_held = $6,
-                           paid_amount = $7, discount_amount = $8, updated_at = now()
-         WHERE id = $1 AND status = $2",
+        "WITH moved AS (
+             UPDATE orders SET status = $3, reason = COALESCE($4, reason), stock_held = $5, coupon_held = $6,
+                               paid_amount = $7, discount_amount = $8, updated_at = now()
+             WHERE id = $1 AND status = $2
+             RETURNING id
+         )
+         INSERT INTO order_status_history (order_id, from_status, to_status, reason)
+         SELECT id, $2, $3, $4 FROM moved",
     )
     .bind(order.id)
     .bind(order.status.as_str())
@@ -100,23 +107,6 @@ pub async fn set_status(
     if updated != 1 {
         return Err(anyhow::anyhow!("order {} left {} while locked", order.id, order.status).into());
     }
-    record_history(conn, order.id, Some(order.status), to, reason).await
-}
-
-pub async fn record_history(
-    conn: &mut PgConnection,
-    id: Uuid,
-    from: Option<OrderStatus>,
-    to: OrderStatus,
-    reason: Option<CancelReason>,
-) -> Result<()> {
-    sqlx::query("INSERT INTO order_status_history (order_id, from_status, to_status, reason) VALUES ($1, $2, $3, $4)")
-        .bind(id)
-        .bind(from.map(OrderStatus::as_str))
-        .bind(to.as_str())
-        .bind(reason.map(CancelReason::as_str))
-        .execute(conn)
-        .await?;
     Ok(())
 }
 
@@ -156,20 +146,49 @@ pub async fn continue_compensation(conn: &mut PgConnection, order: &OrderRow) ->
     outbox::enqueue(conn, &[next]).await
 }
 
-/// Moves a locked, cancellable order to CANCELLING with `reason` and starts compensation.
-pub async fn cancel_locked(conn: &mut PgConnection, order: &OrderRow, reason: CancelReason) -> Result<()> {
-    set_status(conn, order, OrderStatus::Cancelling, Some(reason)).await?;
-    continue_compensation(conn, order).await
+/// Whether the order holds nothing that a compensation would have to give back.
+pub fn holds_nothing(order: &OrderRow) -> bool {
+    !order.stock_held && !order.coupon_held && order.paid_amount == 0
 }
 
-/// Cancels the order if it is still cancellable (recovery, admin). Returns false when the
-/// order is already terminal, cancelling, or missing.
-pub async fn cancel(conn: &mut PgConnection, id: Uuid, reason: CancelReason) -> Result<bool> {
+/// Moves a locked, cancellable order to CANCELLING with `reason` and starts compensation.
+/// An order that holds nothing has nothing to compensate: it goes on to CANCELLED in the same
+/// transaction (both transitions recorded), which spares a message and a transaction for
+/// every order refused before it took anything (out of stock, timed out while PENDING).
+/// Returns the status the order is left in.
+pub async fn cancel_locked(conn: &mut PgConnection, order: &OrderRow, reason: CancelReason) -> Result<OrderStatus> {
+    set_status(conn, order, OrderStatus::Cancelling, Some(reason)).await?;
+    if holds_nothing(order) {
+        let cancelling = OrderRow {
+            status: OrderStatus::Cancelling,
+            reason: Some(reason.as_str().to_owned()),
+            ..order.clone()
+        };
+        finish_cancel(conn, &cancelling).await?;
+        return Ok(OrderStatus::Cancelled);
+    }
+    continue_compensation(conn, order).await?;
+    Ok(OrderStatus::Cancelling)
+}
+
+/// Ends a CANCELLING order that holds nothing: CANCELLED, and `order.cancelled` for the data
+/// platform (its id is fixed here, in the guarded transaction, so re-publishes keep it).
+pub async fn finish_cancel(conn: &mut PgConnection, order: &OrderRow) -> Result<()> {
+    set_status(conn, order, OrderStatus::Cancelled, None).await?;
+    let data = OrderCancelledData {
+        user_id: order.user_id,
+        reason: order.reason.clone().unwrap_or_default(),
+        cancelled_at: Utc::now(),
+    };
+    let event = OutboxMessage::new(MessageType::OrderCancelled, order.id, &data, order.trace())?;
+    outbox::enqueue(conn, &[event]).await
+}
+
+/// Cancels the order if it is still cancellable (recovery, admin). Returns the status it is
+/// left in, or None when it is already terminal, cancelling, or missing.
+pub async fn cancel(conn: &mut PgConnection, id: Uuid, reason: CancelReason) -> Result<Option<OrderStatus>> {
     match lock(conn, id, OrderStatus::CANCELLABLE).await? {
-        Some(order) => {
-            cancel_locked(conn, &order, reason).await?;
-            Ok(true)
-        }
-        None => Ok(false),
+        Some(order) => Ok(Some(cancel_locked(conn, &order, reason).await?)),
+        None => Ok(None),
     }
 }

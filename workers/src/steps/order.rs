@@ -11,7 +11,7 @@ use orderflow_shared::{
     domain::OrderStatus,
     messaging::{
         MessageType,
-        envelope::{EventItem, OrderCancelledData, OrderConfirmedData},
+        envelope::{EventItem, OrderConfirmedData},
         topology,
     },
 };
@@ -70,19 +70,12 @@ async fn finish_cancel(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome>
     let Some(order) = order else {
         return Ok(Outcome::Stale);
     };
-    if order.stock_held || order.coupon_held || order.paid_amount > 0 {
+    if orders::holds_nothing(&order) {
+        orders::finish_cancel(tx, &order).await?;
+    } else {
         // Cannot happen through the chain; refuse rather than lose what it still holds.
         tracing::error!(order_id = %order.id, "finish-cancel for an order that still holds resources; continuing compensation");
         orders::continue_compensation(tx, &order).await?;
-        return Ok(Outcome::Done);
     }
-    orders::set_status(tx, &order, OrderStatus::Cancelled, None).await?;
-    let data = OrderCancelledData {
-        user_id: order.user_id,
-        reason: order.reason.clone().unwrap_or_default(),
-        cancelled_at: Utc::now(),
-    };
-    let event = OutboxMessage::new(MessageType::OrderCancelled, order.id, &data, msg.trace)?;
-    outbox::enqueue(tx, &[event]).await?;
     Ok(Outcome::Done)
 }

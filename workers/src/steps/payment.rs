@@ -45,23 +45,29 @@ async fn charge(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
         return Ok(Outcome::Stale);
     };
     let amount = order.total_amount - order.discount_amount;
-    let balance: Option<i64> = sqlx::query_scalar(
-        "UPDATE balances SET balance = balance - $2, updated_at = now()
-         WHERE user_id = $1 AND balance >= $2 RETURNING balance",
+    // The debit and its ledger row in one statement: no row back means not enough balance.
+    let debited: Option<i64> = sqlx::query_scalar(
+        "WITH debited AS (
+             UPDATE balances SET balance = balance - $2, updated_at = now()
+             WHERE user_id = $1 AND balance >= $2 RETURNING balance
+         )
+         INSERT INTO balance_ledger (user_id, kind, amount, balance_after, order_id)
+         SELECT $1, 'PAYMENT', $2, balance, $3 FROM debited RETURNING balance_after",
     )
     .bind(order.user_id)
     .bind(amount)
+    .bind(order.id)
     .fetch_optional(&mut *tx)
     .await?;
-    let balance = match (balance, amount) {
-        (Some(b), _) => b,
-        (None, 0) => 0, // fully discounted: nothing to take from a user with no balance row
+    match (debited, amount) {
+        (Some(_), _) => {}
+        // Fully discounted: nothing to take from a user with no balance row.
+        (None, 0) => ledger(tx, order.user_id, "PAYMENT", 0, 0, order.id).await?,
         (None, _) => {
             orders::cancel_locked(tx, &order, CancelReason::InsufficientBalance).await?;
             return Ok(Outcome::Done);
         }
-    };
-    ledger(tx, order.user_id, "PAYMENT", amount, balance, order.id).await?;
+    }
     order.paid_amount = amount;
     orders::set_status(tx, &order, OrderStatus::Paid, None).await?;
     send_next(tx, msg, MessageType::OrderConfirm).await?;

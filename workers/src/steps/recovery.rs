@@ -22,7 +22,10 @@ impl Step for Expiry {
     }
 
     async fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-        if orders::cancel(tx, msg.envelope.order_id, CancelReason::Timeout).await? {
+        if orders::cancel(tx, msg.envelope.order_id, CancelReason::Timeout)
+            .await?
+            .is_some()
+        {
             tracing::warn!(order_id = %msg.envelope.order_id, "order passed its deadline; cancelling");
             Ok(Outcome::Done)
         } else {

@@ -1,6 +1,8 @@
 //! Stock: reserve all of an order's items or none (OUT_OF_STOCK), and release them when a
 //! cancelled order gives them back. Product rows are locked in id order, so concurrent
-//! orders over the same products cannot deadlock.
+//! orders over the same products cannot deadlock. They are locked `FOR NO KEY UPDATE`
+//! (stock is not a key), which leaves the foreign-key checks of orders being placed for the
+//! same products (`FOR KEY SHARE`) unblocked: accepting never waits for a reservation.
 
 use orderflow_shared::{
     Result,
@@ -35,21 +37,38 @@ async fn reserve(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     let Some(mut order) = orders::lock(tx, msg.envelope.order_id, &[OrderStatus::Pending]).await? else {
         return Ok(Outcome::Stale);
     };
-    let items = orders::items(tx, order.id).await?;
-    let (ids, quantities) = columns(&items);
-    // Lock the products in id order and check every line before taking anything.
-    let stock: Vec<(i64, i64)> =
-        sqlx::query_as("SELECT id, stock FROM products WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+    // The lines with the stock on hand as last committed. Refusing needs no lock: a
+    // committed state that cannot cover the order is a valid moment to refuse at, and nothing
+    // is written to the products. So when a product sells out, the orders that find it
+    // empty do not queue behind one another on its row.
+    let lines: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT i.product_id, i.quantity::int8, p.stock FROM order_items i JOIN products p ON p.id = i.product_id
+         WHERE i.order_id = $1 ORDER BY i.product_id",
+    )
+    .bind(order.id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let (ids, quantities): (Vec<i64>, Vec<i64>) = lines.iter().map(|&(id, qty, _)| (id, qty)).unzip();
+    let short = |on_hand: &[(i64, i64)]| {
+        ids.iter().zip(&quantities).any(|(id, qty)| {
+            on_hand
+                .iter()
+                .find(|(pid, _)| pid == id)
+                .is_none_or(|(_, stock)| stock < qty)
+        })
+    };
+    let seen: Vec<(i64, i64)> = lines.iter().map(|&(id, _, stock)| (id, stock)).collect();
+    if ids.is_empty() || short(&seen) {
+        orders::cancel_locked(tx, &order, CancelReason::OutOfStock).await?;
+        return Ok(Outcome::Done);
+    }
+    // Taking does lock: the products in id order, every line checked again before any is taken.
+    let locked: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT id, stock FROM products WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
             .bind(&ids)
             .fetch_all(&mut *tx)
             .await?;
-    let short = items.iter().any(|item| {
-        stock
-            .iter()
-            .find(|(id, _)| *id == item.product_id)
-            .is_none_or(|(_, on_hand)| *on_hand < i64::from(item.quantity))
-    });
-    if short {
+    if short(&locked) {
         orders::cancel_locked(tx, &order, CancelReason::OutOfStock).await?;
         return Ok(Outcome::Done);
     }
