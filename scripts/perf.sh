@@ -76,11 +76,12 @@ start_system() {
   exit 1
 }
 
-# CPU time (clock ticks) used so far by the processes with these pids.
+# CPU time (clock ticks) used so far by the processes with these pids and by their children
+# that have exited (PostgreSQL's postmaster collects its backends' time as they end).
 ticks() {
   local total=0 pid t
   for pid in "$@"; do
-    t=$(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)
+    t=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$pid/stat" 2>/dev/null || echo 0)
     total=$((total + t))
   done
   echo "$total"
@@ -98,7 +99,7 @@ bench() {
   start_system
   log "$name: orderflow bench $*"
   local pg_pids beam_pids before_pg before_beam before_sys machine_before
-  pg_pids=$(pgrep -x postgres | tr '\n' ' ')
+  pg_pids=$(pgrep -u postgres | tr '\n' ' ')
   beam_pids=$(pgrep -x beam.smp | tr '\n' ' ')
   before_pg=$(ticks $pg_pids) before_beam=$(ticks $beam_pids) before_sys=$(ticks "$SYSTEM_PID" "${WORKER_PIDS[@]}")
   machine_before=$(machine_ticks)
@@ -112,7 +113,7 @@ bench() {
     sleep 0.2
   done
   wait "$bench_pid"
-  pg_pids=$(pgrep -x postgres | tr '\n' ' ')
+  pg_pids=$(pgrep -u postgres | tr '\n' ' ')
   local pg=$(($(ticks $pg_pids) - before_pg)) beam=$(($(ticks $beam_pids) - before_beam))
   local sys=$(($(ticks "$SYSTEM_PID" "${WORKER_PIDS[@]}") - before_sys))
   read -r all_after idle_after <<<"$(machine_ticks)"

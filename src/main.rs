@@ -53,6 +53,11 @@ enum Command {
     },
 }
 
+// mimalloc instead of glibc malloc: the services allocate many small, short-lived buffers
+// per message and request, and glibc's malloc/free showed up in the pipeline's profiles.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let provider = match telemetry::provider(cli.config.otel_exporter_otlp_endpoint.as_deref()) {

@@ -128,6 +128,7 @@ pub async fn end(
     match result {
         Ok(Claimed::Fresh(res)) => {
             tx.commit().await?;
+            orderflow_shared::db::outbox::committed();
             Ok(res)
         }
         Ok(Claimed::Replay(stored)) => {

@@ -1,4 +1,5 @@
-//! The outbox relay: the only publisher. It takes committed outbox rows in id order
+//! The outbox relay: the only publisher. Woken after commits in its own process and
+//! polling every 20 ms otherwise, it takes committed outbox rows in id order
 //! (`FOR UPDATE SKIP LOCKED`, so several relays can run), publishes them persistent and
 //! mandatory with publisher confirms, and marks them sent only once the broker confirmed.
 //! A broker outage delays messages, never loses them; a crash between confirm and mark
@@ -12,8 +13,8 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
-use orderflow_shared::messaging::MessageType;
-use sqlx::{PgPool, postgres::PgListener};
+use orderflow_shared::{db::outbox, messaging::MessageType};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -21,8 +22,11 @@ use crate::broker;
 
 /// Rows published per round trip.
 const BATCH: i64 = 500;
-/// How often the relay looks for rows even without a notification.
-const POLL: Duration = Duration::from_millis(500);
+/// How often the relay looks for rows without being woken. Writers in the same process wake
+/// it after their commit (`outbox::committed`); rows written by other processes wait at most
+/// this long. (No PostgreSQL NOTIFY: it serialises the commits of every transaction that
+/// sends one, see migration 0005; an idle poll is one index probe.)
+const POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, sqlx::FromRow)]
 pub struct OutboxRow {
@@ -102,8 +106,6 @@ async fn relay(
 ) -> anyhow::Result<()> {
     let (conn, channel) = broker::connect(amqp_url, "relay").await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen("orderflow_outbox").await?;
     tracing::info!("relay publishing");
     loop {
         let published = publish_batch(pool, &channel, || {
@@ -118,7 +120,7 @@ async fn relay(
             break; // flushed what was committed
         }
         tokio::select! {
-            n = listener.recv() => { n?; }
+            _ = outbox::wait_committed() => {}
             _ = tokio::time::sleep(POLL) => {}
             _ = shutdown.cancelled() => {}
         }

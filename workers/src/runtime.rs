@@ -18,6 +18,7 @@ use lapin::{
 };
 use orderflow_shared::{
     Error, Result,
+    db::outbox,
     messaging::{Envelope, MessageType},
     metrics,
     telemetry::{self, TraceParent},
@@ -279,6 +280,7 @@ async fn handle_once<S: Step>(step: &S, pool: &PgPool, msg: &Incoming) -> Result
     match step.handle(&mut tx, msg).await? {
         Outcome::Done => {
             tx.commit().await?;
+            outbox::committed();
             Ok(Disposition::Acked)
         }
         Outcome::Stale => {

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use orderflow_shared::{
     Result,
-    db::orders::{self, OrderRow},
+    db::{
+        orders::{self, OrderRow},
+        outbox,
+    },
     domain::{CancelReason, OrderStatus},
 };
 use sqlx::PgPool;
@@ -107,5 +110,6 @@ pub async fn sweep_once(pool: &PgPool, order_timeout: Duration) -> Result<Swept>
         swept.redriven += 1;
     }
     tx.commit().await?;
+    outbox::committed();
     Ok(swept)
 }

@@ -196,6 +196,7 @@ pub async fn cancel_order(
         .await);
     };
     tx.commit().await?;
+    outbox::committed();
     Ok((StatusCode::ACCEPTED, Json(OrderAction { order_id: id, status })))
 }
 
@@ -226,6 +227,7 @@ pub async fn retry_compensation(
     orders::set_status(&mut tx, &order, OrderStatus::Cancelling, None).await?;
     orders::continue_compensation(&mut tx, &order).await?;
     tx.commit().await?;
+    outbox::committed();
     Ok((
         StatusCode::ACCEPTED,
         Json(OrderAction {
@@ -432,6 +434,7 @@ pub async fn replay_dead_letter(
         .await?;
     let letter = find_dead_letter(&mut tx, id, false).await?;
     tx.commit().await?;
+    outbox::committed();
     Ok((StatusCode::ACCEPTED, Json(letter)))
 }
 

@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 use sqlx::PgConnection;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 use crate::{
@@ -89,6 +90,22 @@ pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Res
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Wakes a relay running in this process.
+static COMMITTED: Notify = Notify::const_new();
+
+/// Tells a relay in this process that outbox rows were just committed, so it publishes them
+/// now instead of at its next poll. Call it after the commit; a relay in another process
+/// finds the rows at its next poll. (Not a PostgreSQL NOTIFY: that would serialise commits,
+/// see migration 0005.)
+pub fn committed() {
+    COMMITTED.notify_one();
+}
+
+/// Resolves at the next [`committed`] in this process (at once if one came since the last).
+pub async fn wait_committed() {
+    COMMITTED.notified().await;
 }
 
 /// A message to publish again exactly as it was (a dead-letter replay): same exchange,
