@@ -69,7 +69,11 @@ start_system() {
     done
   fi
   for _ in $(seq 1 120); do
-    curl -fsS -o /dev/null "$API/readyz" 2>/dev/null && return 0
+    if curl -fsS -o /dev/null "$API/readyz" 2>/dev/null; then
+      # PERF_SQL: a statement to run on the fresh database first (for experiments).
+      [[ -z ${PERF_SQL:-} ]] || psql -q "$DATABASE_URL" -c "$PERF_SQL"
+      return 0
+    fi
     sleep 0.5
   done
   log "the system did not become ready; see $OUT/system.log"
@@ -157,7 +161,7 @@ scenario_closed() {
   bench closed --concurrency 32 --orders 6000 --users 300 --coupon-share 0.2 --baseline sync
 }
 scenario_hot() {
-  bench hot --orders 10000 --users 1000 --hot --hot-stock 100 --rate 5000
+  bench hot --orders 10000 --users 1000 --hot --hot-stock 100 --rate 5000 ${HOT_ARGS:-}
 }
 scenario_rush() {
   bench rush --coupon-rush

@@ -1,6 +1,7 @@
 //! The HTTP API: an axum router over the shared state, with problem-document errors,
 //! bearer-token auth and OpenAPI.
 
+pub mod admission;
 pub mod extract;
 pub mod idempotency;
 pub mod openapi;
@@ -52,8 +53,11 @@ impl AppState {
 /// The whole HTTP surface.
 pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
+    // Twice the pool: a request also spends time outside its transaction (parsing, auth,
+    // writing the response), so this keeps every pooled connection busy and no more.
+    let admission = admission::Admission::new(2 * state.config.db_pool_size as usize);
     Router::new()
-        .merge(routes::router())
+        .merge(routes::router(admission))
         .merge(openapi::router())
         .route("/metrics", axum::routing::get(metrics_text))
         .fallback(|| async { Problem::new(404, "Not Found", "NOT_FOUND", "no such route") })

@@ -9,18 +9,26 @@ pub mod ops;
 pub mod orders;
 pub mod products;
 
-use axum::Router;
+use axum::{Router, middleware};
 
-use crate::AppState;
+use crate::{
+    AppState,
+    admission::{self, Admission},
+};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .merge(health::router())
+/// Every route. Health checks and the long-lived event streams bypass admission control;
+/// everything else waits its turn under load (see `admission`).
+pub fn router(admission: Admission) -> Router<AppState> {
+    let admitted = Router::new()
         .merge(balance::router())
         .merge(products::router())
         .merge(coupons::router())
         .merge(orders::router())
         .merge(admin::router())
         .merge(ops::router())
+        .route_layer(middleware::from_fn_with_state(admission, admission::admit));
+    Router::new()
+        .merge(health::router())
         .merge(events::router())
+        .merge(admitted)
 }

@@ -1,0 +1,84 @@
+//! Admission control: at most `2 x DB_POOL_SIZE` requests are worked on at once; the rest
+//! wait their turn, parked, before their body is read or their token checked.
+//!
+//! Without it a flood (a flash sale: thousands of connections at once) lets every request
+//! start, and the few that hold a database connection share two cores with thousands of
+//! runnable tasks: each of their round trips waits behind the others, transactions that
+//! take a few milliseconds hold a pooled connection for a hundred, and the rest time out
+//! on the pool. Measured with `orderflow bench --hot` (docs/PERFORMANCE.md): the API
+//! accepted 5x more orders per second once the holders were not competing with the crowd.
+//! A request that waits longer than [`MAX_WAIT`] is answered 503 with `Retry-After`.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    extract::{Request, State},
+    middleware::Next,
+    response::{IntoResponse, Response},
+};
+use tokio::sync::Semaphore;
+
+use crate::problem::Problem;
+
+/// How long a request may wait for its turn.
+pub const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// The permits shared by the admitted routes.
+#[derive(Clone)]
+pub struct Admission(Arc<Semaphore>);
+
+impl Admission {
+    pub fn new(in_flight: usize) -> Self {
+        Self(Arc::new(Semaphore::new(in_flight.max(1))))
+    }
+}
+
+/// Middleware: runs the request once a permit is free (FIFO), or answers 503.
+pub async fn admit(State(admission): State<Admission>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(MAX_WAIT, admission.0.clone().acquire_owned()).await {
+        Ok(Ok(_permit)) => next.run(req).await,
+        _ => Problem::new(
+            503,
+            "Service Unavailable",
+            "SERVICE_BUSY",
+            "too many requests are being served; retry shortly",
+        )
+        .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::{Router, body::Body, http::Request, routing::get};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn no_more_than_the_limit_run_at_once_and_the_rest_wait_their_turn() {
+        static RUNNING: AtomicUsize = AtomicUsize::new(0);
+        static MOST: AtomicUsize = AtomicUsize::new(0);
+        let app = Router::new()
+            .route(
+                "/",
+                get(|| async {
+                    let now = RUNNING.fetch_add(1, Ordering::SeqCst) + 1;
+                    MOST.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    RUNNING.fetch_sub(1, Ordering::SeqCst);
+                    "ok"
+                }),
+            )
+            .route_layer(axum::middleware::from_fn_with_state(Admission::new(2), admit));
+        let calls = (0..10).map(|_| {
+            let app = app.clone();
+            tokio::spawn(async move { app.oneshot(Request::new(Body::empty())).await.map(|r| r.status()) })
+        });
+        for call in futures_util::future::join_all(calls).await {
+            assert_eq!(call.ok().and_then(Result::ok).map(|s| s.as_u16()), Some(200));
+        }
+        assert_eq!(MOST.load(Ordering::SeqCst), 2);
+    }
+}
