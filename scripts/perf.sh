@@ -153,8 +153,8 @@ bench() {
 }
 
 scenario_rates() {
-  for rate in 100 200 300 400 600; do
-    bench "rate-$rate" --rate "$rate" --orders $((rate * 15)) --users 300 --coupon-share 0.2
+  for rate in 35 70 100 140 200 300; do
+    bench "rate-$rate" --rate "$rate" --orders $((rate * 20)) --users 300 --coupon-share 0.2
   done
 }
 scenario_closed() {
@@ -165,6 +165,7 @@ scenario_hot() {
 }
 scenario_rush() {
   bench rush --coupon-rush
+  bench rush-100 --coupon-rush --concurrency 100
 }
 scenario_instances() {
   for n in 1 2 4; do
@@ -178,7 +179,7 @@ printf 'scenario\torders\tcompleted/s\tpostgres\trabbitmq\torderflow\tbench\tmac
 bash scripts/services.sh
 cargo build --release --quiet
 scenarios=("$@")
-[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(rates closed hot rush)
+[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(rates closed hot rush instances)
 for s in "${scenarios[@]}"; do
   "scenario_$s"
 done

@@ -90,8 +90,9 @@ pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
         let stmt = format!("CREATE DATABASE {}", quote_ident(&name));
         match admin.execute(sqlx::AssertSqlSafe(stmt)).await {
             Ok(_) => tracing::info!(database = %name, "created database"),
-            // Another process created it at the same moment.
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            // Another process created it at the same moment: duplicate_database, or, when the
+            // two CREATEs overlap in the catalog, a unique violation on pg_database's name.
+            Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {}
             Err(e) => return Err(e).context("creating the database"),
         }
     }
