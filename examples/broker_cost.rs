@@ -21,7 +21,6 @@ use lapin::{
     types::{AMQPValue, FieldTable, ShortString},
 };
 
-
 /// CPU time in clock ticks of every `beam.smp` process (with its exited children).
 fn beam_ticks() -> u64 {
     let Ok(dir) = std::fs::read_dir("/proc") else { return 0 };
@@ -31,7 +30,12 @@ fn beam_ticks() -> u64 {
         .filter_map(|stat| {
             // Fields after "(comm) ": state is field 3, utime..cstime are fields 14..=17.
             let rest = &stat[stat.rfind(')')? + 2..];
-            let fields: Vec<u64> = rest.split_whitespace().skip(11).take(4).filter_map(|f| f.parse().ok()).collect();
+            let fields: Vec<u64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|f| f.parse().ok())
+                .collect();
             Some(fields.iter().sum::<u64>())
         })
         .sum()
@@ -60,7 +64,10 @@ async fn main() -> anyhow::Result<()> {
     let out = publisher.create_channel().await?;
     let inc = consumer.create_channel().await?;
     let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString("quorum".into()),
+    );
     out.queue_declare(
         queue.as_str().into(),
         QueueDeclareOptions {
@@ -97,7 +104,9 @@ async fn main() -> anyhow::Result<()> {
     let consume = tokio::spawn(async move {
         let mut seen = 0usize;
         while seen < n {
-            let Some(Ok(delivery)) = deliveries.next().await else { break };
+            let Some(Ok(delivery)) = deliveries.next().await else {
+                break;
+            };
             delivery.acker.ack(BasicAckOptions::default()).await?;
             seen += 1;
         }
