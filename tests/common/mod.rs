@@ -492,36 +492,6 @@ impl TestApp {
         (conn, channel)
     }
 
-    /// Sends a request and returns status, content type and the JSON body (Null if none).
-    pub async fn send(
-        app: &TestApp,
-        method: Method,
-        path: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, String, Value) {
-        let res = app.request(method, path, token, body, &[]).await;
-        let status = res.status();
-        let content_type = res
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        (status, content_type, res.json().await.unwrap_or(Value::Null))
-    }
-
-    /// Asserts a problem document (RFC 9457, with orderflow's `code`) with the given status and code.
-    pub fn assert_problem((status, content_type, body): &(StatusCode, String, Value), want: StatusCode, code: &str) {
-        assert_eq!(*status, want, "{body}");
-        assert_eq!(content_type, "application/problem+json", "{body}");
-        assert_eq!(body["code"], code, "{body}");
-        assert_eq!(body["status"], want.as_u16(), "{body}");
-        for field in ["type", "title", "detail"] {
-            assert!(body[field].is_string(), "problem without {field}: {body}");
-        }
-    }
-
     /// Takes every message currently in `queue` (acked), as (properties, body).
     pub async fn drain_queue(&self, queue: &str) -> Vec<(lapin::BasicProperties, Value)> {
         drain(&self.config.amqp_url, queue).await
