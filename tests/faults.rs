@@ -523,14 +523,17 @@ where
 {
     let sys = System::start(name, env).await;
     let done = Arc::new(AtomicBool::new(false));
-    let supervisor = tokio::spawn(sys.clone().supervise(done.clone()));
+    let injected = Arc::new(AtomicBool::new(false));
+    let supervisor = tokio::spawn(sys.clone().supervise(injected.clone()));
     sys.wait_ready().await;
     let (products, good, picky) = seed(&sys).await;
     let injector = tokio::spawn(fault(sys.clone(), done.clone()));
     let started = Instant::now();
     let placed = submit(&sys, &products, good, picky).await;
     done.store(true, Ordering::SeqCst);
+    // A fault may go on after the orders are in (to land while they settle).
     injector.await.unwrap();
+    injected.store(true, Ordering::SeqCst);
     supervisor.await.unwrap();
     // Anything still down comes back before settling (a process manager would do this).
     let done_again = Arc::new(AtomicBool::new(false));
@@ -551,7 +554,11 @@ fn confirmed(o: &Outcome) -> i64 {
 async fn fault_1_workers_killed_with_sigkill_and_restarted() {
     let outcome = scenario("1-kill-workers", &[], |sys, done| async move {
         let mut rng = Rng(42);
-        while !done.load(Ordering::SeqCst) {
+        // At least three kills, however fast the orders go in: the later ones land while
+        // they settle.
+        let mut kills = 0;
+        while !done.load(Ordering::SeqCst) || kills < 3 {
+            kills += 1;
             tokio::time::sleep(Duration::from_millis(1_500)).await;
             let victim = WORKERS[rng.below(WORKERS.len() as u64) as usize];
             sys.signal(victim, "-KILL").await; // the supervisor restarts it

@@ -50,6 +50,11 @@ pub struct Config {
     #[arg(long, env = "WORKER_CONCURRENCY", global = true, default_value_t = 16)]
     pub worker_concurrency: usize,
 
+    /// Deliveries a worker may handle in one transaction when they are already waiting
+    /// (1 turns batching off). A batch never waits to fill: at low load it is one delivery.
+    #[arg(long, env = "WORKER_BATCH", global = true, default_value_t = 32)]
+    pub worker_batch: usize,
+
     /// Maximum PostgreSQL connections per pool (`all` has two: the API's and the workers').
     #[arg(long, env = "DB_POOL_SIZE", global = true, default_value_t = 16)]
     pub db_pool_size: u32,
@@ -106,6 +111,7 @@ impl std::fmt::Debug for Config {
             .field("sweep_interval", &self.sweep_interval)
             .field("prefetch", &self.prefetch)
             .field("worker_concurrency", &self.worker_concurrency)
+            .field("worker_batch", &self.worker_batch)
             .field("db_pool_size", &self.db_pool_size)
             .field("metrics_addr", &self.metrics_addr)
             .field("log_format", &self.log_format)

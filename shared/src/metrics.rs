@@ -11,6 +11,7 @@ pub const HTTP_REQUESTS: &str = "orderflow_http_requests_total";
 pub const HTTP_DURATION: &str = "orderflow_http_request_duration_seconds";
 pub const MESSAGES: &str = "orderflow_messages_total";
 pub const STEP_DURATION: &str = "orderflow_step_duration_seconds";
+pub const STEP_BATCH: &str = "orderflow_step_batch_size";
 pub const OUTBOX_LAG: &str = "orderflow_outbox_lag_seconds";
 pub const OUTBOX_UNSENT: &str = "orderflow_outbox_unsent";
 pub const OUTBOX_DELAY: &str = "orderflow_outbox_delay_seconds";
@@ -57,6 +58,7 @@ fn describe() {
         "Deliveries by queue and outcome (acked, duplicate, retried, rejected, dead_lettered)"
     );
     describe_histogram!(STEP_DURATION, Unit::Seconds, "Time to handle one delivery, by step");
+    describe_histogram!(STEP_BATCH, "Deliveries handled per committed transaction, by step");
     describe_gauge!(
         OUTBOX_LAG,
         Unit::Seconds,
@@ -82,6 +84,11 @@ pub fn message(queue: &'static str, outcome: &'static str) {
 /// Records how long a step took for one delivery.
 pub fn step_duration(step: &'static str, elapsed: Duration) {
     metrics::histogram!(STEP_DURATION, "step" => step).record(elapsed.as_secs_f64());
+}
+
+/// Records how many deliveries one committed transaction of a step handled.
+pub fn step_batch(step: &'static str, size: usize) {
+    metrics::histogram!(STEP_BATCH, "step" => step).record(size as f64);
 }
 
 /// Samples the system-wide gauges (orders by status, dead letters, outbox, queues) every

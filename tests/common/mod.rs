@@ -38,6 +38,8 @@ pub struct Options {
     pub instances: usize,
     pub order_timeout: Duration,
     pub api: bool,
+    /// Deliveries each worker handles at once.
+    pub concurrency: usize,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             instances: 1,
             order_timeout: Duration::from_secs(60),
             api: true,
+            concurrency: 8,
         }
     }
 }
@@ -97,7 +100,8 @@ impl TestApp {
             order_timeout: opts.order_timeout,
             sweep_interval: Duration::from_secs(1),
             prefetch: 32,
-            worker_concurrency: 8,
+            worker_concurrency: opts.concurrency,
+            worker_batch: 16,
             db_pool_size: 12,
             metrics_addr: None,
             log_format: LogFormat::Text,

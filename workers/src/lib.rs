@@ -58,6 +58,7 @@ pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: Canc
         amqp_url: config.amqp_url.clone(),
         prefetch: config.prefetch,
         concurrency: config.worker_concurrency,
+        batch: config.worker_batch,
         drain_timeout: Duration::from_secs(10),
     };
     match kind {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use backon::{ExponentialBuilder, Retryable};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::{
     message::Delivery,
     options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions},
@@ -18,7 +18,7 @@ use lapin::{
 };
 use orderflow_shared::{
     Error, Result,
-    db::outbox,
+    db::{orders, outbox},
     messaging::{Envelope, MessageType},
     metrics,
     telemetry::{self, TraceParent},
@@ -26,7 +26,8 @@ use orderflow_shared::{
 use sqlx::{PgConnection, PgPool};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
+use uuid::Uuid;
 
 use crate::broker;
 
@@ -69,6 +70,28 @@ pub trait Step: Send + Sync + 'static {
     }
 
     fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> impl Future<Output = Result<Outcome>> + Send;
+
+    /// Whether deliveries that are already waiting may share one transaction (see
+    /// [`process_batch`]). A batched step's `handle` must write nothing before it returns
+    /// `Stale` or `Poison`.
+    const BATCHED: bool = true;
+
+    /// Takes every row lock the batch's messages will take, in one global order (orders by
+    /// id, then the step's own rows by key), before they are handled one by one in the
+    /// batch's transaction. Without it, two batches could lock the same rows in opposite
+    /// orders and deadlock. The default locks the messages' orders.
+    fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> impl Future<Output = Result<()>> + Send {
+        let ids = order_ids(batch);
+        async move { orders::lock_all(tx, &ids).await }
+    }
+}
+
+/// The distinct orders of a batch, sorted.
+pub fn order_ids(batch: &[&Incoming]) -> Vec<Uuid> {
+    let mut ids: Vec<Uuid> = batch.iter().map(|m| m.envelope.order_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// What happened to one delivery; used for logs and metrics.
@@ -97,6 +120,8 @@ pub struct RuntimeConfig {
     pub amqp_url: String,
     pub prefetch: u16,
     pub concurrency: usize,
+    /// Most deliveries handled in one transaction.
+    pub batch: usize,
     /// How long shutdown waits for in-flight deliveries.
     pub drain_timeout: Duration,
 }
@@ -155,14 +180,35 @@ async fn consume<S: Step>(
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let Ok(permit) = permits.clone().acquire_owned().await else { break Ok(()) };
+                    // Whatever arrived while waiting for the permit joins this delivery's
+                    // batch; a batch never waits to fill.
+                    let mut batch = vec![delivery];
+                    let mut failed = None;
+                    while batch.len() < cfg.batch {
+                        match consumer.next().now_or_never() {
+                            Some(Some(Ok(delivery))) => batch.push(delivery),
+                            Some(Some(Err(err))) => {
+                                failed = Some(err);
+                                break;
+                            }
+                            Some(None) => {
+                                failed = Some(stream_ended());
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
                     let (step, pool) = (step.clone(), pool.clone());
                     in_flight.spawn(async move {
-                        process(&*step, &pool, delivery).await;
+                        process_batch(&*step, &pool, batch).await;
                         drop(permit);
                     });
+                    if let Some(err) = failed {
+                        break Err(err);
+                    }
                 }
                 Some(Err(err)) => break Err(err),
-                None => break Err(lapin::Error::from(lapin::ErrorKind::InvalidChannelState(lapin::ChannelState::Closed, "consumer stream ended"))),
+                None => break Err(stream_ended()),
             },
             Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
                 if let Err(err) = joined {
@@ -191,43 +237,97 @@ async fn consume<S: Step>(
     result
 }
 
-/// Handles one delivery end to end and settles it with the broker.
-async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
-    let incoming = match step.decode(&delivery) {
-        Ok(incoming) if step.accepts(incoming.kind) => incoming,
-        Ok(incoming) => {
+fn stream_ended() -> lapin::Error {
+    lapin::Error::from(lapin::ErrorKind::InvalidChannelState(
+        lapin::ChannelState::Closed,
+        "consumer stream ended",
+    ))
+}
+
+/// A decoded delivery with its tracing span.
+struct Item {
+    delivery: Delivery,
+    msg: Incoming,
+    span: Span,
+}
+
+/// Decodes a delivery, or dead-letters it when it is not for this step.
+async fn accept<S: Step>(step: &S, delivery: Delivery) -> Option<Item> {
+    let msg = match step.decode(&delivery) {
+        Ok(msg) if step.accepts(msg.kind) => msg,
+        Ok(msg) => {
             tracing::warn!(
                 worker = S::NAME,
-                kind = incoming.kind.as_str(),
+                kind = msg.kind.as_str(),
                 "message type not handled here; dead-lettering"
             );
             settle(&delivery, Disposition::Rejected).await;
             metrics::message(S::QUEUE, Disposition::Rejected.label());
-            return;
+            return None;
         }
         Err(why) => {
             tracing::warn!(worker = S::NAME, %why, "undecodable message; dead-lettering");
             settle(&delivery, Disposition::Rejected).await;
             metrics::message(S::QUEUE, Disposition::Rejected.label());
-            return;
+            return None;
         }
     };
     let span = tracing::info_span!(
         "delivery",
         worker = S::NAME,
-        kind = incoming.kind.as_str(),
-        order_id = %incoming.envelope.order_id,
-        message_id = %incoming.envelope.id,
-        trace_id = incoming.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+        kind = msg.kind.as_str(),
+        order_id = %msg.envelope.order_id,
+        message_id = %msg.envelope.id,
+        trace_id = msg.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
         attempt = delivery_count(&delivery) + 1,
     );
     // The producer's span is this span's parent: one order, one trace, across processes.
-    if let Some(parent) = incoming.trace {
+    if let Some(parent) = msg.trace {
         telemetry::set_parent(&span, parent);
     }
+    Some(Item { delivery, msg, span })
+}
+
+/// Handles deliveries that arrived together. Several go through one transaction
+/// ([`handle_batch`]): one BEGIN, inbox insert and COMMIT for all of them instead of one
+/// each, which is most of a step's round trips. If that transaction fails, or one message
+/// turns out to be poison, it is rolled back and every delivery goes through on its own,
+/// with its own retries and outcome, exactly as a batch of one.
+async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Delivery>) {
+    let mut items = Vec::with_capacity(deliveries.len());
+    for delivery in deliveries {
+        items.extend(accept(step, delivery).await);
+    }
+    if items.len() > 1 && S::BATCHED {
+        let started = Instant::now();
+        match handle_batch(step, pool, &items).await {
+            Ok(Some(dispositions)) => {
+                metrics::step_batch(S::NAME, items.len());
+                for (item, disposition) in items.iter().zip(dispositions) {
+                    item.span.in_scope(|| report(disposition, None));
+                    metrics::step_duration(S::NAME, started.elapsed());
+                    settle(&item.delivery, disposition).await;
+                    metrics::message(S::QUEUE, disposition.label());
+                }
+                return;
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::warn!(worker = S::NAME, size = items.len(), error = %err, "batch failed; handling its deliveries one by one");
+            }
+        }
+    }
+    for item in items {
+        process(step, pool, item).await;
+    }
+}
+
+/// Handles one delivery in its own transaction, retrying transient failures, and settles it.
+async fn process<S: Step>(step: &S, pool: &PgPool, item: Item) {
+    let Item { delivery, msg, span } = item;
     let started = Instant::now();
     let disposition = async {
-        let attempt = || handle_once(step, pool, &incoming);
+        let attempt = || handle_once(step, pool, &msg);
         let result = attempt
             .retry(
                 ExponentialBuilder::default()
@@ -243,25 +343,99 @@ async fn process<S: Step>(step: &S, pool: &PgPool, delivery: Delivery) {
             })
             .await;
         match result {
-            Ok(Disposition::Rejected) => {
-                tracing::warn!("message cannot be processed; dead-lettering");
-                Disposition::Rejected
-            }
             Ok(d) => {
-                tracing::debug!(disposition = ?d, "processed");
+                report(d, None);
                 d
             }
             Err(err) => {
-                tracing::error!(error = %err, "step failed; returning the delivery to the queue");
+                report(Disposition::Requeued, Some(&err));
                 Disposition::Requeued
             }
         }
     }
     .instrument(span)
     .await;
+    if disposition != Disposition::Requeued {
+        metrics::step_batch(S::NAME, 1);
+    }
     metrics::step_duration(S::NAME, started.elapsed());
     settle(&delivery, disposition).await;
     metrics::message(S::QUEUE, disposition.label());
+}
+
+/// Logs what happened to a delivery (inside its span).
+fn report(disposition: Disposition, err: Option<&Error>) {
+    match (disposition, err) {
+        (Disposition::Rejected, _) => tracing::warn!("message cannot be processed; dead-lettering"),
+        (Disposition::Requeued, Some(err)) => {
+            tracing::error!(error = %err, "step failed; returning the delivery to the queue");
+        }
+        (d, _) => tracing::debug!(disposition = ?d, "processed"),
+    }
+}
+
+/// Several deliveries in one transaction: one inbox insert that also finds the duplicates,
+/// the step's locks for the whole batch in a global order, each message's step in turn (a
+/// later message sees what an earlier one did, as if they ran one after another), one
+/// commit. Returns `None` when a message is poison (the batch is rolled back and every
+/// delivery handled on its own, so only that one is dead-lettered).
+async fn handle_batch<S: Step>(step: &S, pool: &PgPool, items: &[Item]) -> Result<Option<Vec<Disposition>>> {
+    let mut tx = pool.begin().await?;
+    let ids: Vec<Uuid> = items.iter().map(|i| i.msg.envelope.id).collect();
+    let mut fresh: std::collections::HashSet<Uuid> = sqlx::query_scalar(
+        "INSERT INTO inbox (consumer, message_id) SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING
+         RETURNING message_id",
+    )
+    .bind(S::NAME)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    let mut dispositions = vec![Disposition::Duplicate; items.len()];
+    // `remove`: the same message twice in one batch is handled once.
+    let todo: Vec<usize> = (0..items.len())
+        .filter(|&i| fresh.remove(&items[i].msg.envelope.id))
+        .collect();
+    let batch: Vec<&Incoming> = todo.iter().map(|&i| &items[i].msg).collect();
+    step.lock_batch(&mut tx, &batch).await?;
+    let mut stale = Vec::new();
+    for &i in &todo {
+        match step
+            .handle(&mut tx, &items[i].msg)
+            .instrument(items[i].span.clone())
+            .await?
+        {
+            Outcome::Done => dispositions[i] = Disposition::Acked,
+            Outcome::Stale => stale.push(i),
+            Outcome::Poison(_) => return Ok(None),
+        }
+    }
+    if !stale.is_empty() {
+        // As in `handle_once`: stale for an order that does not exist at all is poison. Its
+        // inbox record goes, so that a replay of the dead letter is processed.
+        let order_ids: Vec<Uuid> = stale.iter().map(|&i| items[i].msg.envelope.order_id).collect();
+        let unknown: Vec<Uuid> = sqlx::query_scalar(
+            "WITH unknown AS (
+                 SELECT m, o FROM UNNEST($2::uuid[], $3::uuid[]) AS t(m, o)
+                 WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = o)
+             )
+             DELETE FROM inbox WHERE consumer = $1 AND message_id IN (SELECT m FROM unknown) RETURNING message_id",
+        )
+        .bind(S::NAME)
+        .bind(stale.iter().map(|&i| items[i].msg.envelope.id).collect::<Vec<_>>())
+        .bind(&order_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        for i in stale {
+            if unknown.contains(&items[i].msg.envelope.id) {
+                dispositions[i] = Disposition::Rejected;
+            }
+        }
+    }
+    tx.commit().await?;
+    outbox::committed();
+    Ok(Some(dispositions))
 }
 
 /// One attempt: a transaction with the inbox record, the step, and commit.

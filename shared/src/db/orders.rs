@@ -64,6 +64,17 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid, expected: &[OrderStatus]) -
     )
 }
 
+/// Locks every one of `ids` that exists, in id order, whatever its status: the first lock a
+/// transaction handling several orders takes, so that two such transactions (and any that
+/// lock one order) always meet in the same order and cannot deadlock.
+pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
+    sqlx::query("SELECT 1 FROM orders WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+        .bind(ids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 pub async fn items(conn: &mut PgConnection, id: Uuid) -> Result<Vec<ItemRow>> {
     Ok(sqlx::query_as(
         "SELECT product_id, quantity, unit_price FROM order_items WHERE order_id = $1 ORDER BY product_id",

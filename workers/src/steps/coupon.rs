@@ -10,7 +10,7 @@ use orderflow_shared::{
 use sqlx::PgConnection;
 
 use super::send_next;
-use crate::runtime::{Incoming, Outcome, Step};
+use crate::runtime::{Incoming, Outcome, Step, order_ids};
 
 pub struct Coupon;
 
@@ -27,6 +27,20 @@ impl Step for Coupon {
             MessageType::CouponApply => apply(tx, msg).await,
             _ => restore(tx, msg).await,
         }
+    }
+
+    /// The orders, then their users' coupons, each in key order.
+    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<()> {
+        let ids = order_ids(batch);
+        orders::lock_all(tx, &ids).await?;
+        sqlx::query(
+            "SELECT 1 FROM user_coupons uc JOIN orders o ON o.coupon_id = uc.coupon_id AND o.user_id = uc.user_id
+             WHERE o.id = ANY($1) ORDER BY uc.coupon_id, uc.user_id FOR NO KEY UPDATE OF uc",
+        )
+        .bind(&ids)
+        .execute(tx)
+        .await?;
+        Ok(())
     }
 }
 

@@ -42,6 +42,8 @@ pub struct DeadLetter {
 impl Step for DeadLetters {
     const NAME: &'static str = "dead-letters";
     const QUEUE: &'static str = topology::DEAD_LETTER_QUEUE;
+    /// Dead letters are few, and each one is logged and counted as it is handled.
+    const BATCHED: bool = false;
 
     fn accepts(&self, kind: MessageType) -> bool {
         kind == MessageType::DeadLetter

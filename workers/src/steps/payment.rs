@@ -12,7 +12,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::send_next;
-use crate::runtime::{Incoming, Outcome, Step};
+use crate::runtime::{Incoming, Outcome, Step, order_ids};
 
 pub struct Payment;
 
@@ -29,6 +29,20 @@ impl Step for Payment {
             MessageType::PaymentCharge => charge(tx, msg).await,
             _ => refund(tx, msg).await,
         }
+    }
+
+    /// The orders, then their users' balances, each in key order.
+    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<()> {
+        let ids = order_ids(batch);
+        orders::lock_all(tx, &ids).await?;
+        sqlx::query(
+            "SELECT 1 FROM balances WHERE user_id IN (SELECT user_id FROM orders WHERE id = ANY($1))
+             ORDER BY user_id FOR NO KEY UPDATE",
+        )
+        .bind(&ids)
+        .execute(tx)
+        .await?;
+        Ok(())
     }
 }
 

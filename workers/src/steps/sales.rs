@@ -2,6 +2,7 @@
 //! quantities to per-product hourly buckets. The inbox (keyed by event id) makes a
 //! re-delivered event count once.
 
+use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Result,
     messaging::{MessageType, envelope::OrderConfirmedData, topology},
@@ -36,5 +37,26 @@ impl Step for Sales {
         .execute(tx)
         .await?;
         Ok(Outcome::Done)
+    }
+
+    /// The batch's buckets in key order: missing ones are created (empty) and existing ones
+    /// locked by a no-op upsert, so two batches never take bucket rows in opposite orders.
+    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<()> {
+        let (ids, times): (Vec<i64>, Vec<DateTime<Utc>>) = batch
+            .iter()
+            .filter_map(|m| serde_json::from_value::<OrderConfirmedData>(m.envelope.data.clone()).ok())
+            .flat_map(|data| data.items.into_iter().map(move |i| (i.product_id, data.confirmed_at)))
+            .unzip();
+        sqlx::query(
+            "INSERT INTO product_sales_hourly (product_id, bucket, quantity)
+             SELECT DISTINCT pid, date_trunc('hour', at), 0 FROM UNNEST($1::bigint[], $2::timestamptz[]) AS t(pid, at)
+             ORDER BY 1, 2
+             ON CONFLICT (product_id, bucket) DO UPDATE SET quantity = product_sales_hourly.quantity",
+        )
+        .bind(&ids)
+        .bind(&times)
+        .execute(tx)
+        .await?;
+        Ok(())
     }
 }

@@ -13,7 +13,7 @@ use orderflow_shared::{
 use sqlx::PgConnection;
 
 use super::send_next;
-use crate::runtime::{Incoming, Outcome, Step};
+use crate::runtime::{Incoming, Outcome, Step, order_ids};
 
 pub struct Stock;
 
@@ -30,6 +30,20 @@ impl Step for Stock {
             MessageType::StockReserve => reserve(tx, msg).await,
             _ => release(tx, msg).await,
         }
+    }
+
+    /// The orders, then every product they contain, each in id order.
+    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<()> {
+        let ids = order_ids(batch);
+        orders::lock_all(tx, &ids).await?;
+        sqlx::query(
+            "SELECT 1 FROM products WHERE id IN (SELECT product_id FROM order_items WHERE order_id = ANY($1))
+             ORDER BY id FOR NO KEY UPDATE",
+        )
+        .bind(&ids)
+        .execute(tx)
+        .await?;
+        Ok(())
     }
 }
 

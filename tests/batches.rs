@@ -1,0 +1,132 @@
+//! Deliveries that wait together are handled in one transaction: the outcome must be exactly
+//! the one they would have had one by one, duplicates and poison included.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestApp;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `orderflow_step_batch_size` for `step`: (transactions, deliveries).
+fn batches(step: &str) -> (f64, f64) {
+    let text = orderflow_shared::metrics::render();
+    let value = |name: &str| {
+        let prefix = format!("orderflow_step_batch_size_{name}{{step=\"{step}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (value("count"), value("sum"))
+}
+
+#[tokio::test]
+async fn a_backlog_handled_in_batches_ends_exactly_as_one_by_one() {
+    use orderflow_workers::WorkerKind::*;
+    // One delivery at a time per worker, so the order of the queue is the order of the
+    // effects, and the stock worker starts late, in front of a backlog.
+    let mut app = TestApp::spawn_with(common::Options {
+        workers: vec![Relay, Coupon, Order, Sales, Recovery],
+        concurrency: 1,
+        ..Default::default()
+    })
+    .await;
+    let scarce = app.product("Scarce", 1_000, 10).await;
+    let plenty = app.product("Plenty", 500, 100).await;
+    let users: Vec<i64> = (2001..=2024).collect();
+    let broke = [2003, 2007];
+    for &user in &users {
+        if !broke.contains(&user) {
+            app.fund(user, 1_500).await;
+        }
+    }
+    // Placed one after another: the queue holds their reservations in this order.
+    let mut orders = Vec::new();
+    for &user in &users {
+        orders.push(app.order(user, &[(scarce, 1), (plenty, 1)], None).await);
+    }
+    // The first order's reservation once more (same message id), and one for no order.
+    app.wait_quiescent_outbox().await;
+    assert_eq!(app.republish_outbox(&orders[0]).await, 1);
+    let missing = uuid::Uuid::new_v4();
+    let poison_id = uuid::Uuid::now_v7();
+    let poison = json!({"id": poison_id, "type": "stock.reserve", "occurredAt": "2026-11-21T10:00:00.000Z",
+                        "orderId": missing, "data": {}});
+    app.publish_raw(
+        "orderflow.work",
+        "stock.reserve",
+        poison.to_string().as_bytes(),
+        "stock.reserve",
+    )
+    .await;
+
+    app.spawn_workers(&[Stock, Payment]).await;
+    app.wait_quiescent(WAIT).await;
+
+    // Serially: the first ten reserve the scarce product; two of them cannot pay and give
+    // their units back after the backlog has been refused; the other fourteen find none.
+    let mut outcome = Vec::new();
+    for (&user, id) in users.iter().zip(&orders) {
+        let view = app.wait_terminal(user, id, WAIT).await;
+        outcome.push((
+            user,
+            view["status"].as_str().unwrap().to_owned(),
+            view["reason"].as_str().map(str::to_owned),
+        ));
+    }
+    for (user, status, reason) in &outcome {
+        let want = match user {
+            2003 | 2007 => ("CANCELLED", Some("INSUFFICIENT_BALANCE")),
+            ..=2010 => ("CONFIRMED", None),
+            _ => ("CANCELLED", Some("OUT_OF_STOCK")),
+        };
+        assert_eq!((status.as_str(), reason.as_deref()), want, "user {user}");
+    }
+    assert_eq!(app.stock(scarce).await, 2);
+    assert_eq!(app.stock(plenty).await, 100 - 8);
+    for &user in &users {
+        let want = if user > 2010 { 1_500 } else { 0 };
+        assert_eq!(app.balance(user).await, want, "user {user}");
+    }
+    let payments: i64 = sqlx::query_scalar("SELECT count(*) FROM balance_ledger WHERE kind = 'PAYMENT'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(payments, 8);
+
+    // The copy was a duplicate; the message for no order was dead-lettered and left no inbox
+    // record (a replay of it would be handled again).
+    app.wait_outcomes("duplicate", 1).await;
+    let deadline = Instant::now() + WAIT;
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dead_letters WHERE order_id = $1")
+        .bind(missing)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+        != 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the message for no order was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM inbox WHERE consumer = 'stock' AND message_id = $1")
+        .bind(poison_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(kept, 0);
+
+    // And it did go in batches: fewer stock transactions than deliveries.
+    let (transactions, deliveries) = batches("stock");
+    assert!(
+        transactions > 0.0 && deliveries > transactions,
+        "stock: {deliveries} deliveries in {transactions} transactions"
+    );
+    app.stop().await;
+}
