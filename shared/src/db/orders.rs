@@ -4,11 +4,13 @@
 //! (`lock`), which serialises it against recovery and admin cancel; zero rows means the
 //! message is late or duplicated and the caller changes nothing.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::outbox::{self, OutboxMessage};
+use super::outbox::{self, Columns, OutboxMessage};
 use crate::{
     Result,
     domain::{CancelReason, OrderStatus},
@@ -86,36 +88,72 @@ pub async fn items(conn: &mut PgConnection, id: Uuid) -> Result<Vec<ItemRow>> {
 
 /// Moves a locked order from its current status to `to`, with a history row. The order's
 /// holdings (`stock_held`, `coupon_held`, `paid_amount`, `discount_amount`) are written from
-/// `order` in the same statement, so a step records its effect and its transition at once;
-/// the history row is written by that statement too (one round trip per transition).
+/// `order` in the same statement, so a step records its effect and its transition at once.
 pub async fn set_status(
     conn: &mut PgConnection,
     order: &OrderRow,
     to: OrderStatus,
     reason: Option<CancelReason>,
 ) -> Result<()> {
-    let updated = sqlx::query(
+    advance(conn, order, &[(to, reason)], &[]).await
+}
+
+/// One statement for a whole transition (one round trip): the order row moves from its
+/// current status along `path` (usually one status; CANCELLING then CANCELLED for an order
+/// that holds nothing) with its holdings written from `order`, a history row per hop, and
+/// `messages` into the outbox.
+static ADVANCE: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "WITH moved AS (
-             UPDATE orders SET status = $3, reason = COALESCE($4, reason), stock_held = $5, coupon_held = $6,
-                               paid_amount = $7, discount_amount = $8, updated_at = now()
-             WHERE id = $1 AND status = $2
+             UPDATE orders SET status = $10, reason = COALESCE($11, reason), stock_held = $12, coupon_held = $13,
+                               paid_amount = $14, discount_amount = $15, updated_at = now()
+             WHERE id = $8 AND status = $9
              RETURNING id
-         )
-         INSERT INTO order_status_history (order_id, from_status, to_status, reason)
-         SELECT id, $2, $3, $4 FROM moved",
+         ), history AS (
+             INSERT INTO order_status_history (order_id, from_status, to_status, reason)
+             SELECT moved.id, h.f, h.t, h.r
+             FROM moved, UNNEST($16::text[], $17::text[], $18::text[]) WITH ORDINALITY AS h(f, t, r, n)
+             ORDER BY h.n
+         ), sent AS ({})
+         SELECT count(*) FROM moved",
+        outbox::INSERT
     )
-    .bind(order.id)
-    .bind(order.status.as_str())
-    .bind(to.as_str())
-    .bind(reason.map(CancelReason::as_str))
-    .bind(order.stock_held)
-    .bind(order.coupon_held)
-    .bind(order.paid_amount)
-    .bind(order.discount_amount)
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if updated != 1 {
+});
+
+pub async fn advance(
+    conn: &mut PgConnection,
+    order: &OrderRow,
+    path: &[(OrderStatus, Option<CancelReason>)],
+    messages: &[OutboxMessage],
+) -> Result<()> {
+    let Some(&(to, _)) = path.last() else {
+        return Ok(());
+    };
+    let (mut froms, mut tos, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
+    let mut from = order.status;
+    for &(next, reason) in path {
+        froms.push(from.as_str());
+        tos.push(next.as_str());
+        reasons.push(reason.map(CancelReason::as_str));
+        from = next;
+    }
+    let moved: i64 = Columns::new(messages)
+        .bind(sqlx::query(ADVANCE.as_str()))
+        .bind(order.id)
+        .bind(order.status.as_str())
+        .bind(to.as_str())
+        .bind(path.iter().find_map(|&(_, r)| r).map(CancelReason::as_str))
+        .bind(order.stock_held)
+        .bind(order.coupon_held)
+        .bind(order.paid_amount)
+        .bind(order.discount_amount)
+        .bind(froms)
+        .bind(tos)
+        .bind(reasons)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+    if moved != 1 {
         return Err(anyhow::anyhow!("order {} left {} while locked", order.id, order.status).into());
     }
     Ok(())
@@ -164,35 +202,35 @@ pub fn holds_nothing(order: &OrderRow) -> bool {
 
 /// Moves a locked, cancellable order to CANCELLING with `reason` and starts compensation.
 /// An order that holds nothing has nothing to compensate: it goes on to CANCELLED in the same
-/// transaction (both transitions recorded), which spares a message and a transaction for
+/// statement (both transitions recorded), which spares a message and a transaction for
 /// every order refused before it took anything (out of stock, timed out while PENDING).
 /// Returns the status the order is left in.
 pub async fn cancel_locked(conn: &mut PgConnection, order: &OrderRow, reason: CancelReason) -> Result<OrderStatus> {
-    set_status(conn, order, OrderStatus::Cancelling, Some(reason)).await?;
     if holds_nothing(order) {
-        let cancelling = OrderRow {
-            status: OrderStatus::Cancelling,
-            reason: Some(reason.as_str().to_owned()),
-            ..order.clone()
-        };
-        finish_cancel(conn, &cancelling).await?;
+        let event = cancelled_event(order, reason.as_str())?;
+        let path = [(OrderStatus::Cancelling, Some(reason)), (OrderStatus::Cancelled, None)];
+        advance(conn, order, &path, &[event]).await?;
         return Ok(OrderStatus::Cancelled);
     }
-    continue_compensation(conn, order).await?;
+    let next = OutboxMessage::command(next_compensation(order), order.id, order.trace())?;
+    advance(conn, order, &[(OrderStatus::Cancelling, Some(reason))], &[next]).await?;
     Ok(OrderStatus::Cancelling)
 }
 
 /// Ends a CANCELLING order that holds nothing: CANCELLED, and `order.cancelled` for the data
 /// platform (its id is fixed here, in the guarded transaction, so re-publishes keep it).
 pub async fn finish_cancel(conn: &mut PgConnection, order: &OrderRow) -> Result<()> {
-    set_status(conn, order, OrderStatus::Cancelled, None).await?;
+    let event = cancelled_event(order, order.reason.as_deref().unwrap_or_default())?;
+    advance(conn, order, &[(OrderStatus::Cancelled, None)], &[event]).await
+}
+
+fn cancelled_event(order: &OrderRow, reason: &str) -> Result<OutboxMessage> {
     let data = OrderCancelledData {
         user_id: order.user_id,
-        reason: order.reason.clone().unwrap_or_default(),
+        reason: reason.to_owned(),
         cancelled_at: Utc::now(),
     };
-    let event = OutboxMessage::new(MessageType::OrderCancelled, order.id, &data, order.trace())?;
-    outbox::enqueue(conn, &[event]).await
+    OutboxMessage::new(MessageType::OrderCancelled, order.id, &data, order.trace())
 }
 
 /// Cancels the order if it is still cancellable (recovery, admin). Returns the status it is

@@ -2,7 +2,7 @@
 //! transaction, and published later by the relay.
 
 use serde::Serialize;
-use sqlx::PgConnection;
+use sqlx::{PgConnection, Postgres, postgres::PgArguments, query::Query};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -50,45 +50,70 @@ impl OutboxMessage {
     }
 }
 
+/// The insert behind [`enqueue`], with the messages as the arrays `$1`..`$7` (see
+/// [`Columns`]); other statements embed it to write their messages in the same round trip.
+pub const INSERT: &str =
+    "INSERT INTO outbox (message_id, exchange, routing_key, message_type, order_id, headers, body, expiration_ms)
+     SELECT m, e, k, k, o, h, b, x
+     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::jsonb[], $7::int8[])
+          AS t(m, e, k, o, h, b, x)";
+
+/// Messages as the column arrays [`INSERT`] reads.
+pub struct Columns {
+    ids: Vec<Uuid>,
+    exchanges: Vec<&'static str>,
+    keys: Vec<&'static str>,
+    order_ids: Vec<Uuid>,
+    headers: Vec<serde_json::Value>,
+    bodies: Vec<serde_json::Value>,
+    expirations: Vec<Option<i64>>,
+}
+
+impl Columns {
+    pub fn new(messages: &[OutboxMessage]) -> Self {
+        let mut columns = Self {
+            ids: Vec::with_capacity(messages.len()),
+            exchanges: Vec::with_capacity(messages.len()),
+            keys: Vec::with_capacity(messages.len()),
+            order_ids: Vec::with_capacity(messages.len()),
+            headers: Vec::with_capacity(messages.len()),
+            bodies: Vec::with_capacity(messages.len()),
+            expirations: Vec::with_capacity(messages.len()),
+        };
+        for m in messages {
+            columns.ids.push(m.message_id);
+            columns.exchanges.push(m.kind.exchange());
+            columns.keys.push(m.kind.as_str());
+            columns.order_ids.push(m.order_id);
+            columns.headers.push(match m.trace {
+                Some(t) => serde_json::json!({ "traceparent": t.to_string() }),
+                None => serde_json::json!({}),
+            });
+            columns.bodies.push(m.body.clone());
+            columns.expirations.push(m.expiration_ms);
+        }
+        columns
+    }
+
+    /// Binds the seven arrays, as `$1`..`$7` of a fresh query.
+    pub fn bind(self, query: Query<'_, Postgres, PgArguments>) -> Query<'_, Postgres, PgArguments> {
+        query
+            .bind(self.ids)
+            .bind(self.exchanges)
+            .bind(self.keys)
+            .bind(self.order_ids)
+            .bind(self.headers)
+            .bind(self.bodies)
+            .bind(self.expirations)
+    }
+}
+
 /// Writes the messages in one statement.
 pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Result<()> {
     if messages.is_empty() {
         return Ok(());
     }
-    let mut ids = Vec::with_capacity(messages.len());
-    let mut exchanges = Vec::with_capacity(messages.len());
-    let mut keys = Vec::with_capacity(messages.len());
-    let mut order_ids = Vec::with_capacity(messages.len());
-    let mut headers = Vec::with_capacity(messages.len());
-    let mut bodies = Vec::with_capacity(messages.len());
-    let mut expirations = Vec::with_capacity(messages.len());
-    for m in messages {
-        ids.push(m.message_id);
-        exchanges.push(m.kind.exchange());
-        keys.push(m.kind.as_str());
-        order_ids.push(m.order_id);
-        headers.push(match m.trace {
-            Some(t) => serde_json::json!({ "traceparent": t.to_string() }),
-            None => serde_json::json!({}),
-        });
-        bodies.push(m.body.clone());
-        expirations.push(m.expiration_ms);
-    }
-    sqlx::query(
-        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, order_id, headers, body, expiration_ms)
-         SELECT m, e, k, k, o, h, b, x
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::jsonb[], $7::int8[])
-              AS t(m, e, k, o, h, b, x)",
-    )
-    .bind(&ids)
-    .bind(&exchanges)
-    .bind(&keys)
-    .bind(&order_ids)
-    .bind(&headers)
-    .bind(&bodies)
-    .bind(&expirations)
-    .execute(conn)
-    .await?;
+    Columns::new(messages).bind(sqlx::query(INSERT)).execute(conn).await?;
     Ok(())
 }
 

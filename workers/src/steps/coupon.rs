@@ -9,7 +9,7 @@ use orderflow_shared::{
 };
 use sqlx::PgConnection;
 
-use super::send_next;
+use super::next;
 use crate::runtime::{Incoming, Outcome, Step, order_ids};
 
 pub struct Coupon;
@@ -76,8 +76,8 @@ async fn apply(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     let discount = domain::discount(kind, value, order.total_amount);
     order.coupon_held = true;
     order.discount_amount = discount;
-    orders::set_status(tx, &order, OrderStatus::CouponApplied, None).await?;
-    send_next(tx, msg, MessageType::PaymentCharge).await?;
+    let then = next(msg, MessageType::PaymentCharge)?;
+    orders::advance(tx, &order, &[(OrderStatus::CouponApplied, None)], &[then]).await?;
     Ok(Outcome::Done)
 }
 

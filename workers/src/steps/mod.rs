@@ -10,17 +10,11 @@ pub mod recovery;
 pub mod sales;
 pub mod stock;
 
-use orderflow_shared::{
-    Result,
-    db::outbox::{self, OutboxMessage},
-    messaging::MessageType,
-};
-use sqlx::PgConnection;
+use orderflow_shared::{Result, db::outbox::OutboxMessage, messaging::MessageType};
 
 use crate::runtime::Incoming;
 
-/// Enqueues the next command for the message's order, continuing its trace.
-async fn send_next(tx: &mut PgConnection, msg: &Incoming, kind: MessageType) -> Result<()> {
-    let next = OutboxMessage::command(kind, msg.envelope.order_id, msg.trace)?;
-    outbox::enqueue(tx, &[next]).await
+/// The next command for the message's order, continuing its trace.
+fn next(msg: &Incoming, kind: MessageType) -> Result<OutboxMessage> {
+    OutboxMessage::command(kind, msg.envelope.order_id, msg.trace)
 }

@@ -4,10 +4,7 @@
 use chrono::Utc;
 use orderflow_shared::{
     Result,
-    db::{
-        orders,
-        outbox::{self, OutboxMessage},
-    },
+    db::{orders, outbox::OutboxMessage},
     domain::OrderStatus,
     messaging::{
         MessageType,
@@ -41,7 +38,6 @@ async fn confirm(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     let Some(order) = orders::lock(tx, msg.envelope.order_id, &[OrderStatus::Paid]).await? else {
         return Ok(Outcome::Stale);
     };
-    orders::set_status(tx, &order, OrderStatus::Confirmed, None).await?;
     let items = orders::items(tx, order.id).await?;
     let data = OrderConfirmedData {
         user_id: order.user_id,
@@ -61,7 +57,7 @@ async fn confirm(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     };
     // The event id is fixed here, in the guarded transaction: re-publishes keep it.
     let event = OutboxMessage::new(MessageType::OrderConfirmed, order.id, &data, msg.trace)?;
-    outbox::enqueue(tx, &[event]).await?;
+    orders::advance(tx, &order, &[(OrderStatus::Confirmed, None)], &[event]).await?;
     Ok(Outcome::Done)
 }
 

@@ -11,7 +11,7 @@ use orderflow_shared::{
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::send_next;
+use super::next;
 use crate::runtime::{Incoming, Outcome, Step, order_ids};
 
 pub struct Payment;
@@ -83,8 +83,8 @@ async fn charge(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
         }
     }
     order.paid_amount = amount;
-    orders::set_status(tx, &order, OrderStatus::Paid, None).await?;
-    send_next(tx, msg, MessageType::OrderConfirm).await?;
+    let then = next(msg, MessageType::OrderConfirm)?;
+    orders::advance(tx, &order, &[(OrderStatus::Paid, None)], &[then]).await?;
     Ok(Outcome::Done)
 }
 

@@ -11,8 +11,9 @@ use orderflow_shared::{
     messaging::{MessageType, topology},
 };
 use sqlx::PgConnection;
+use uuid::Uuid;
 
-use super::send_next;
+use super::next;
 use crate::runtime::{Incoming, Outcome, Step, order_ids};
 
 pub struct Stock;
@@ -32,15 +33,27 @@ impl Step for Stock {
         }
     }
 
-    /// The orders, then every product they contain, each in id order.
+    /// The orders, then their products, each in id order. A product none of them can take
+    /// from (no stock as last committed) is left unlocked unless a release gives to it, so
+    /// that batches refusing a sold-out product do not queue behind one another on its row.
+    /// (Restocked between this lock and a reservation, it is locked out of order; a deadlock
+    /// that may cause fails the batch, which then runs one by one.)
     async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<()> {
         let ids = order_ids(batch);
         orders::lock_all(tx, &ids).await?;
+        let releasing: Vec<Uuid> = batch
+            .iter()
+            .filter(|m| m.kind == MessageType::StockRelease)
+            .map(|m| m.envelope.order_id)
+            .collect();
         sqlx::query(
-            "SELECT 1 FROM products WHERE id IN (SELECT product_id FROM order_items WHERE order_id = ANY($1))
-             ORDER BY id FOR NO KEY UPDATE",
+            "SELECT 1 FROM products p
+             WHERE p.id IN (SELECT product_id FROM order_items WHERE order_id = ANY($1))
+               AND (p.stock > 0 OR p.id IN (SELECT product_id FROM order_items WHERE order_id = ANY($2)))
+             ORDER BY p.id FOR NO KEY UPDATE",
         )
         .bind(&ids)
+        .bind(&releasing)
         .execute(tx)
         .await?;
         Ok(())
@@ -88,13 +101,12 @@ async fn reserve(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     }
     adjust(tx, &ids, &quantities, -1).await?;
     order.stock_held = true;
-    orders::set_status(tx, &order, OrderStatus::StockReserved, None).await?;
-    let next = if order.coupon_id.is_some() {
+    let then = if order.coupon_id.is_some() {
         MessageType::CouponApply
     } else {
         MessageType::PaymentCharge
     };
-    send_next(tx, msg, next).await?;
+    orders::advance(tx, &order, &[(OrderStatus::StockReserved, None)], &[next(msg, then)?]).await?;
     Ok(Outcome::Done)
 }
 
