@@ -2,7 +2,7 @@
 # Repeats the numbers in docs/PERFORMANCE.md with one command:
 #
 #   bash scripts/perf.sh            # every scenario
-#   bash scripts/perf.sh rates      # only some: rates closed hot rush instances
+#   bash scripts/perf.sh rates      # only some: rates closed accept hot rush instances
 #
 # Builds the release binary, then for each scenario starts `orderflow all` on a fresh
 # database (orderflow_perf) and RabbitMQ vhost (perf), runs `orderflow bench` against it and
@@ -47,7 +47,14 @@ start_system() {
   curl -fsS -o /dev/null -X PUT "$MGMT/vhosts/$VHOST"
   curl -fsS -o /dev/null -X PUT -H 'content-type: application/json' \
     -d '{"configure":".*","write":".*","read":".*"}' "$MGMT/permissions/$VHOST/guest"
-  if [[ $INSTANCES -eq 0 ]]; then
+  if [[ -n ${ACCEPT_ONLY:-} ]]; then
+    # Only what every order costs before any step runs: the API accepting it and the relay
+    # publishing its reservation and deadline messages.
+    "$BIN" api 2>>"$OUT/system.log" &
+    SYSTEM_PID=$!
+    "$BIN" worker relay 2>>"$OUT/system.log" &
+    WORKER_PIDS=($!)
+  elif [[ $INSTANCES -eq 0 ]]; then
     "$BIN" all 2>>"$OUT/system.log" &
     SYSTEM_PID=$!
   else
@@ -125,8 +132,10 @@ bench() {
   jq -r --arg name "$name" --argjson pg "$pg" --argjson beam "$beam" --argjson sys "$sys" \
     --argjson client "$bench_ticks" --argjson all $((all_after - all_before)) \
     --argjson idle $((idle_after - idle_before)) '
-    (if has("requests") then .requests else .confirmed + .cancelled end) as $done
-    | [$name, $done, ((.completed_per_s // .requests_per_s) * 10 | round / 10)]
+    (if has("requests") then .requests elif .confirmed + .cancelled > 0 then .confirmed + .cancelled
+     else .accepted end) as $done
+    | [$name, $done, ((if .confirmed + .cancelled > 0 then .completed_per_s else null end
+                       // .requests_per_s // .accepted_per_s) * 10 | round / 10)]
       + ([$pg, $beam, $sys, $client, $all - $idle] | map(. * 10 / $done | . * 100 | round / 100))
       + [(($all - $idle) * 100 / $all | round)]
     | @tsv' "$OUT/$name.json" >>"$OUT/cpu.tsv"
@@ -167,6 +176,11 @@ scenario_rush() {
   bench rush --coupon-rush
   bench rush-100 --coupon-rush --concurrency 100
 }
+# Accepting alone (no step workers; orders stay PENDING): per accepted order, the floor under
+# any pipeline's cost. Its completed/s column is accepted/s.
+scenario_accept() {
+  ACCEPT_ONLY=1 bench accept --concurrency 32 --orders 6000 --users 300 --coupon-share 0.2 --timeout 1s || true
+}
 scenario_instances() {
   for n in 1 2 4; do
     INSTANCES=$n bench "instances-$n" --concurrency 32 --orders 4000 --users 300 --coupon-share 0.2
@@ -179,7 +193,7 @@ printf 'scenario\torders\tcompleted/s\tpostgres\trabbitmq\torderflow\tbench\tmac
 bash scripts/services.sh
 cargo build --release --quiet
 scenarios=("$@")
-[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(rates closed hot rush instances)
+[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(rates closed accept hot rush instances)
 for s in "${scenarios[@]}"; do
   "scenario_$s"
 done

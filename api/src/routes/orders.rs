@@ -2,7 +2,7 @@
 //! the outbox rows that start the pipeline and its deadline), then read their progress.
 //! Also the popular-products view fed by the sales projection.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::LazyLock};
 
 use axum::{
     Router,
@@ -161,6 +161,24 @@ pub async fn place(
     idempotency::end(tx, result).await
 }
 
+/// Accepting an order in one statement; the outbox messages are `$1`..`$7`.
+static PLACE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH placed AS (
+             INSERT INTO orders (id, user_id, status, coupon_id, total_amount, trace_parent, deadline_at)
+             VALUES ($8, $9, 'PENDING', $10, $11, $12, now() + $13 * interval '1 millisecond')
+             RETURNING id
+         ), lines AS (
+             INSERT INTO order_items (order_id, product_id, quantity, unit_price)
+             SELECT $8, pid, qty, price FROM UNNEST($14::bigint[], $15::int[], $16::bigint[]) AS t(pid, qty, price)
+         ), history AS (
+             INSERT INTO order_status_history (order_id, from_status, to_status) SELECT id, NULL, 'PENDING' FROM placed
+         )
+         {}",
+        outbox::INSERT
+    )
+});
+
 /// Everything of accepting an order that happens inside its transaction.
 async fn accept(
     state: &AppState,
@@ -202,35 +220,26 @@ async fn accept(
     // The request's trace (continuing a caller's `traceparent`) becomes the order's trace.
     let trace = telemetry::current().unwrap_or_else(TraceParent::new_root);
     let timeout_ms = i64::try_from(state.config.order_timeout.as_millis()).unwrap_or(i64::MAX);
-    // The order, its lines and its first history row in one statement (foreign keys are
-    // checked at its end, when the order row exists).
+    // The order, its lines, its first history row and its first two messages (the
+    // reservation, and the deadline that recovery acts on) in one statement; foreign keys
+    // are checked at its end, when the order row exists.
     let quantities: Vec<i32> = req.items.iter().map(|i| i.quantity).collect();
-    sqlx::query(
-        "WITH placed AS (
-             INSERT INTO orders (id, user_id, status, coupon_id, total_amount, trace_parent, deadline_at)
-             VALUES ($1, $2, 'PENDING', $3, $4, $5, now() + $6 * interval '1 millisecond')
-             RETURNING id
-         ), lines AS (
-             INSERT INTO order_items (order_id, product_id, quantity, unit_price)
-             SELECT $1, pid, qty, price FROM UNNEST($7::bigint[], $8::int[], $9::bigint[]) AS t(pid, qty, price)
-         )
-         INSERT INTO order_status_history (order_id, from_status, to_status) SELECT id, NULL, 'PENDING' FROM placed",
-    )
-    .bind(order_id)
-    .bind(user.id())
-    .bind(req.coupon_id)
-    .bind(total)
-    .bind(trace.to_string())
-    .bind(timeout_ms as f64)
-    .bind(&ids)
-    .bind(&quantities)
-    .bind(&unit_prices)
-    .execute(&mut *tx)
-    .await?;
     let start = OutboxMessage::command(MessageType::StockReserve, order_id, Some(trace))?;
     let deadline =
         OutboxMessage::command(MessageType::OrderDeadline, order_id, Some(trace))?.with_expiration_ms(timeout_ms);
-    outbox::enqueue(tx, &[start, deadline]).await?;
+    outbox::Columns::new(&[start, deadline])
+        .bind(sqlx::query(PLACE.as_str()))
+        .bind(order_id)
+        .bind(user.id())
+        .bind(req.coupon_id)
+        .bind(total)
+        .bind(trace.to_string())
+        .bind(timeout_ms as f64)
+        .bind(&ids)
+        .bind(&quantities)
+        .bind(&unit_prices)
+        .execute(&mut *tx)
+        .await?;
 
     let location = format!("/api/orders/{order_id}");
     let body = Accepted {
