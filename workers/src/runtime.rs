@@ -1,7 +1,8 @@
 //! The one consumer runtime. A worker is only its [`Step`]; everything else lives here:
-//! connect and reconnect, declare, prefetch, bounded concurrency, decode, inbox, guarded
-//! transaction, retry of transient errors with backoff, ack after commit, reject poison,
-//! a tracing span per delivery, panic containment and graceful shutdown.
+//! connect and reconnect, declare, prefetch, bounded concurrency, batches of the deliveries
+//! already waiting, decode, inbox, guarded transaction, retry of transient errors with
+//! backoff, ack after commit, reject poison, a tracing span per delivery, panic containment
+//! and graceful shutdown.
 
 use std::{
     future::Future,
