@@ -54,6 +54,9 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Res
 
 /// A lazily connecting pool: the process starts even while PostgreSQL is down, and requests
 /// get 503 until it is back.
+/// How long a pooled connection may sit idle before it is checked again when handed out.
+const RECHECK_IDLE: Duration = Duration::from_secs(1);
+
 pub fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(url)
         .context("DATABASE_URL is not a valid PostgreSQL URL")?
@@ -64,6 +67,18 @@ pub fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(3))
         .idle_timeout(Duration::from_secs(300))
+        // sqlx checks every connection as it goes back to the pool; checking it again as it
+        // comes out is one more round trip per transaction. Only a connection that sat idle
+        // long enough to have been cut (a server restart takes longer) is checked again.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= RECHECK_IDLE {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options))
 }
 
