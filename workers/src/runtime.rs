@@ -19,7 +19,10 @@ use lapin::{
 };
 use orderflow_shared::{
     Error, Result,
-    db::{orders, outbox},
+    db::{
+        orders::{self, OrderRow},
+        outbox,
+    },
     messaging::{Envelope, MessageType},
     metrics,
     telemetry::{self, TraceParent},
@@ -51,6 +54,9 @@ pub struct Incoming {
     pub kind: MessageType,
     pub envelope: Envelope,
     pub trace: Option<TraceParent>,
+    /// The message's order as its batch locked it, before any message of the batch ran (on
+    /// the first message of each order in a batch only): the step's lock need not ask again.
+    pub locked: Option<OrderRow>,
 }
 
 /// One worker's step: given the transaction (already holding the inbox record) and the
@@ -80,8 +86,13 @@ pub trait Step: Send + Sync + 'static {
     /// Takes every row lock the batch's messages will take, in one global order (orders by
     /// id, then the step's own rows by key), before they are handled one by one in the
     /// batch's transaction. Without it, two batches could lock the same rows in opposite
-    /// orders and deadlock. The default locks the messages' orders.
-    fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> impl Future<Output = Result<()>> + Send {
+    /// orders and deadlock. Returns the orders it locked (read under the lock, so each
+    /// message's own lock can be skipped). The default locks the messages' orders.
+    fn lock_batch(
+        &self,
+        tx: &mut PgConnection,
+        batch: &[&Incoming],
+    ) -> impl Future<Output = Result<Vec<OrderRow>>> + Send {
         let ids = order_ids(batch);
         async move { orders::lock_all(tx, &ids).await }
     }
@@ -301,7 +312,7 @@ async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Deliver
     }
     if items.len() > 1 && S::BATCHED {
         let started = Instant::now();
-        match handle_batch(step, pool, &items).await {
+        match handle_batch(step, pool, &mut items).await {
             Ok(Some(dispositions)) => {
                 metrics::step_batch(S::NAME, items.len());
                 for (item, disposition) in items.iter().zip(dispositions) {
@@ -318,7 +329,9 @@ async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Deliver
             }
         }
     }
-    for item in items {
+    for mut item in items {
+        // Whatever the failed batch read is not this transaction's to trust.
+        item.msg.locked = None;
         process(step, pool, item).await;
     }
 }
@@ -380,7 +393,7 @@ fn report(disposition: Disposition, err: Option<&Error>) {
 /// later message sees what an earlier one did, as if they ran one after another), one
 /// commit. Returns `None` when a message is poison (the batch is rolled back and every
 /// delivery handled on its own, so only that one is dead-lettered).
-async fn handle_batch<S: Step>(step: &S, pool: &PgPool, items: &[Item]) -> Result<Option<Vec<Disposition>>> {
+async fn handle_batch<S: Step>(step: &S, pool: &PgPool, items: &mut [Item]) -> Result<Option<Vec<Disposition>>> {
     let mut tx = pool.begin().await?;
     let ids: Vec<Uuid> = items.iter().map(|i| i.msg.envelope.id).collect();
     let mut fresh: std::collections::HashSet<Uuid> = sqlx::query_scalar(
@@ -399,7 +412,14 @@ async fn handle_batch<S: Step>(step: &S, pool: &PgPool, items: &[Item]) -> Resul
         .filter(|&i| fresh.remove(&items[i].msg.envelope.id))
         .collect();
     let batch: Vec<&Incoming> = todo.iter().map(|&i| &items[i].msg).collect();
-    step.lock_batch(&mut tx, &batch).await?;
+    let locked = step.lock_batch(&mut tx, &batch).await?;
+    // Each row goes to the first message of its order; a later one locks again and sees
+    // what the earlier one did.
+    for row in locked {
+        if let Some(&i) = todo.iter().find(|&&i| items[i].msg.envelope.order_id == row.id) {
+            items[i].msg.locked = Some(row);
+        }
+    }
     let mut stale = Vec::new();
     for &i in &todo {
         match step
@@ -503,7 +523,12 @@ pub fn decode(delivery: &Delivery) -> Result<Incoming, String> {
     let envelope: Envelope = serde_json::from_slice(&delivery.data).map_err(|e| format!("invalid envelope: {e}"))?;
     let kind = MessageType::parse(&envelope.kind).ok_or_else(|| format!("unknown message type {:?}", envelope.kind))?;
     let trace = header_str(delivery, "traceparent").and_then(TraceParent::parse);
-    Ok(Incoming { kind, envelope, trace })
+    Ok(Incoming {
+        kind,
+        envelope,
+        trace,
+        locked: None,
+    })
 }
 
 pub fn header_str<'a>(delivery: &'a Delivery, name: &str) -> Option<&'a str> {

@@ -66,15 +66,16 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid, expected: &[OrderStatus]) -
     )
 }
 
-/// Locks every one of `ids` that exists, in id order, whatever its status: the first lock a
-/// transaction handling several orders takes, so that two such transactions (and any that
-/// lock one order) always meet in the same order and cannot deadlock.
-pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<()> {
-    sqlx::query("SELECT 1 FROM orders WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-        .bind(ids)
-        .execute(conn)
-        .await?;
-    Ok(())
+/// Locks every one of `ids` that exists, in id order, whatever its status, and returns them:
+/// the first lock a transaction handling several orders takes, so that two such transactions
+/// (and any that lock one order) always meet in the same order and cannot deadlock.
+pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<OrderRow>> {
+    Ok(
+        sqlx::query_as("SELECT * FROM orders WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+            .bind(ids)
+            .fetch_all(conn)
+            .await?,
+    )
 }
 
 pub async fn items(conn: &mut PgConnection, id: Uuid) -> Result<Vec<ItemRow>> {

@@ -9,7 +9,7 @@ use orderflow_shared::{
 };
 use sqlx::PgConnection;
 
-use super::next;
+use super::{lock, next};
 use crate::runtime::{Incoming, Outcome, Step, order_ids};
 
 pub struct Coupon;
@@ -30,9 +30,9 @@ impl Step for Coupon {
     }
 
     /// The orders, then their users' coupons, each in key order.
-    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<()> {
+    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<Vec<orders::OrderRow>> {
         let ids = order_ids(batch);
-        orders::lock_all(tx, &ids).await?;
+        let locked = orders::lock_all(tx, &ids).await?;
         sqlx::query(
             "SELECT 1 FROM user_coupons uc JOIN orders o ON o.coupon_id = uc.coupon_id AND o.user_id = uc.user_id
              WHERE o.id = ANY($1) ORDER BY uc.coupon_id, uc.user_id FOR NO KEY UPDATE OF uc",
@@ -40,12 +40,12 @@ impl Step for Coupon {
         .bind(&ids)
         .execute(tx)
         .await?;
-        Ok(())
+        Ok(locked)
     }
 }
 
 async fn apply(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let order = orders::lock(tx, msg.envelope.order_id, &[OrderStatus::StockReserved]).await?;
+    let order = lock(tx, msg, &[OrderStatus::StockReserved]).await?;
     let Some(mut order) = order else {
         return Ok(Outcome::Stale);
     };
@@ -82,7 +82,7 @@ async fn apply(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
 }
 
 async fn restore(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let order = orders::lock(tx, msg.envelope.order_id, &[OrderStatus::Cancelling]).await?;
+    let order = lock(tx, msg, &[OrderStatus::Cancelling]).await?;
     let Some(mut order) = order.filter(|o| o.coupon_held) else {
         return Ok(Outcome::Stale);
     };

@@ -64,6 +64,7 @@ impl Step for DeadLetters {
             kind: MessageType::DeadLetter,
             envelope,
             trace,
+            locked: None,
         })
     }
 

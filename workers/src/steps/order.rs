@@ -14,6 +14,7 @@ use orderflow_shared::{
 };
 use sqlx::PgConnection;
 
+use super::lock;
 use crate::runtime::{Incoming, Outcome, Step};
 
 pub struct Order;
@@ -35,7 +36,7 @@ impl Step for Order {
 }
 
 async fn confirm(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let Some(order) = orders::lock(tx, msg.envelope.order_id, &[OrderStatus::Paid]).await? else {
+    let Some(order) = lock(tx, msg, &[OrderStatus::Paid]).await? else {
         return Ok(Outcome::Stale);
     };
     let items = orders::items(tx, order.id).await?;
@@ -62,7 +63,7 @@ async fn confirm(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
 }
 
 async fn finish_cancel(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let order = orders::lock(tx, msg.envelope.order_id, &[OrderStatus::Cancelling]).await?;
+    let order = lock(tx, msg, &[OrderStatus::Cancelling]).await?;
     let Some(order) = order else {
         return Ok(Outcome::Stale);
     };

@@ -11,7 +11,7 @@ use orderflow_shared::{
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::next;
+use super::{lock, next};
 use crate::runtime::{Incoming, Outcome, Step, order_ids};
 
 pub struct Payment;
@@ -32,9 +32,9 @@ impl Step for Payment {
     }
 
     /// The orders, then their users' balances, each in key order.
-    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<()> {
+    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<Vec<orders::OrderRow>> {
         let ids = order_ids(batch);
-        orders::lock_all(tx, &ids).await?;
+        let locked = orders::lock_all(tx, &ids).await?;
         sqlx::query(
             "SELECT 1 FROM balances WHERE user_id IN (SELECT user_id FROM orders WHERE id = ANY($1))
              ORDER BY user_id FOR NO KEY UPDATE",
@@ -42,13 +42,13 @@ impl Step for Payment {
         .bind(&ids)
         .execute(tx)
         .await?;
-        Ok(())
+        Ok(locked)
     }
 }
 
 async fn charge(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
     let expected = [OrderStatus::StockReserved, OrderStatus::CouponApplied];
-    let order = orders::lock(tx, msg.envelope.order_id, &expected).await?;
+    let order = lock(tx, msg, &expected).await?;
     // Without a coupon the order comes straight from STOCK_RESERVED; with one, only after it
     // was applied.
     let ready = |o: &orders::OrderRow| match o.coupon_id {
@@ -89,7 +89,7 @@ async fn charge(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
 }
 
 async fn refund(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let order = orders::lock(tx, msg.envelope.order_id, &[OrderStatus::Cancelling]).await?;
+    let order = lock(tx, msg, &[OrderStatus::Cancelling]).await?;
     let Some(mut order) = order.filter(|o| o.paid_amount > 0) else {
         return Ok(Outcome::Stale);
     };

@@ -4,11 +4,12 @@
 use orderflow_shared::{
     Result,
     db::orders,
-    domain::CancelReason,
+    domain::{CancelReason, OrderStatus},
     messaging::{MessageType, topology},
 };
 use sqlx::PgConnection;
 
+use super::lock;
 use crate::runtime::{Incoming, Outcome, Step};
 
 pub struct Expiry;
@@ -22,14 +23,11 @@ impl Step for Expiry {
     }
 
     async fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-        if orders::cancel(tx, msg.envelope.order_id, CancelReason::Timeout)
-            .await?
-            .is_some()
-        {
-            tracing::warn!(order_id = %msg.envelope.order_id, "order passed its deadline; cancelling");
-            Ok(Outcome::Done)
-        } else {
-            Ok(Outcome::Stale)
-        }
+        let Some(order) = lock(tx, msg, OrderStatus::CANCELLABLE).await? else {
+            return Ok(Outcome::Stale);
+        };
+        tracing::warn!(order_id = %order.id, "order passed its deadline; cancelling");
+        orders::cancel_locked(tx, &order, CancelReason::Timeout).await?;
+        Ok(Outcome::Done)
     }
 }

@@ -5,6 +5,7 @@
 use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Result,
+    db::orders::OrderRow,
     messaging::{MessageType, envelope::OrderConfirmedData, topology},
 };
 use sqlx::PgConnection;
@@ -41,7 +42,7 @@ impl Step for Sales {
 
     /// The batch's buckets in key order: missing ones are created (empty) and existing ones
     /// locked by a no-op upsert, so two batches never take bucket rows in opposite orders.
-    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<()> {
+    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<Vec<OrderRow>> {
         let (ids, times): (Vec<i64>, Vec<DateTime<Utc>>) = batch
             .iter()
             .filter_map(|m| serde_json::from_value::<OrderConfirmedData>(m.envelope.data.clone()).ok())
@@ -57,6 +58,6 @@ impl Step for Sales {
         .bind(&times)
         .execute(tx)
         .await?;
-        Ok(())
+        Ok(Vec::new())
     }
 }

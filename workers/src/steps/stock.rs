@@ -13,7 +13,7 @@ use orderflow_shared::{
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::next;
+use super::{lock, next};
 use crate::runtime::{Incoming, Outcome, Step, order_ids};
 
 pub struct Stock;
@@ -38,9 +38,9 @@ impl Step for Stock {
     /// that batches refusing a sold-out product do not queue behind one another on its row.
     /// (Restocked between this lock and a reservation, it is locked out of order; a deadlock
     /// that may cause fails the batch, which then runs one by one.)
-    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<()> {
+    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<Vec<orders::OrderRow>> {
         let ids = order_ids(batch);
-        orders::lock_all(tx, &ids).await?;
+        let locked = orders::lock_all(tx, &ids).await?;
         let releasing: Vec<Uuid> = batch
             .iter()
             .filter(|m| m.kind == MessageType::StockRelease)
@@ -56,12 +56,12 @@ impl Step for Stock {
         .bind(&releasing)
         .execute(tx)
         .await?;
-        Ok(())
+        Ok(locked)
     }
 }
 
 async fn reserve(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let Some(mut order) = orders::lock(tx, msg.envelope.order_id, &[OrderStatus::Pending]).await? else {
+    let Some(mut order) = lock(tx, msg, &[OrderStatus::Pending]).await? else {
         return Ok(Outcome::Stale);
     };
     // The lines with the stock on hand as last committed. Refusing needs no lock: a
@@ -111,7 +111,7 @@ async fn reserve(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
 }
 
 async fn release(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let order = orders::lock(tx, msg.envelope.order_id, &[OrderStatus::Cancelling]).await?;
+    let order = lock(tx, msg, &[OrderStatus::Cancelling]).await?;
     let Some(mut order) = order.filter(|o| o.stock_held) else {
         return Ok(Outcome::Stale);
     };
