@@ -49,9 +49,19 @@ async fn a_backlog_handled_in_batches_ends_exactly_as_one_by_one() {
     for &user in &users {
         orders.push(app.order(user, &[(scarce, 1), (plenty, 1)], None).await);
     }
-    // The first order's reservation once more (same message id), and one for no order.
+    // The first order's reservation once more (same message id), another reservation for it
+    // (a new id: stale by the time it runs), and one for no order.
     app.wait_quiescent_outbox().await;
     assert_eq!(app.republish_outbox(&orders[0]).await, 1);
+    let again = json!({"id": uuid::Uuid::now_v7(), "type": "stock.reserve", "occurredAt": "2026-11-21T10:00:00.000Z",
+                       "orderId": orders[0], "data": {}});
+    app.publish_raw(
+        "orderflow.work",
+        "stock.reserve",
+        again.to_string().as_bytes(),
+        "stock.reserve",
+    )
+    .await;
     let missing = uuid::Uuid::new_v4();
     let poison_id = uuid::Uuid::now_v7();
     let poison = json!({"id": poison_id, "type": "stock.reserve", "occurredAt": "2026-11-21T10:00:00.000Z",
@@ -98,9 +108,9 @@ async fn a_backlog_handled_in_batches_ends_exactly_as_one_by_one() {
         .unwrap();
     assert_eq!(payments, 8);
 
-    // The copy was a duplicate; the message for no order was dead-lettered and left no inbox
-    // record (a replay of it would be handled again).
-    app.wait_outcomes("duplicate", 1).await;
+    // The copy and the late reservation changed nothing; the message for no order was
+    // dead-lettered and left no inbox record (a replay of it would be handled again).
+    app.wait_outcomes("duplicate", 2).await;
     let deadline = Instant::now() + WAIT;
     while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM dead_letters WHERE order_id = $1")
         .bind(missing)
