@@ -433,21 +433,8 @@ async fn handle_batch<S: Step>(step: &S, pool: &PgPool, items: &mut [Item]) -> R
         }
     }
     if !stale.is_empty() {
-        // As in `handle_once`: stale for an order that does not exist at all is poison. Its
-        // inbox record goes, so that a replay of the dead letter is processed.
-        let order_ids: Vec<Uuid> = stale.iter().map(|&i| items[i].msg.envelope.order_id).collect();
-        let unknown: Vec<Uuid> = sqlx::query_scalar(
-            "WITH unknown AS (
-                 SELECT m, o FROM UNNEST($2::uuid[], $3::uuid[]) AS t(m, o)
-                 WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = o)
-             )
-             DELETE FROM inbox WHERE consumer = $1 AND message_id IN (SELECT m FROM unknown) RETURNING message_id",
-        )
-        .bind(S::NAME)
-        .bind(stale.iter().map(|&i| items[i].msg.envelope.id).collect::<Vec<_>>())
-        .bind(&order_ids)
-        .fetch_all(&mut *tx)
-        .await?;
+        let stale_msgs: Vec<&Incoming> = stale.iter().map(|&i| &items[i].msg).collect();
+        let unknown = about_no_order::<S>(&mut tx, &stale_msgs).await?;
         for i in stale {
             if unknown.contains(&items[i].msg.envelope.id) {
                 dispositions[i] = Disposition::Rejected;
@@ -478,24 +465,35 @@ async fn handle_once<S: Step>(step: &S, pool: &PgPool, msg: &Incoming) -> Result
             outbox::committed();
             Ok(Disposition::Acked)
         }
-        Outcome::Stale => {
-            // Late or duplicate for an existing order: harmless. For an order that does not
-            // exist at all, the message is poison: dead-letter it so it is recorded.
-            let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM orders WHERE id = $1)")
-                .bind(msg.envelope.order_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            Ok(if exists {
-                Disposition::Duplicate
-            } else {
-                Disposition::Rejected
-            })
-        }
+        Outcome::Stale => Ok(if about_no_order::<S>(&mut tx, &[msg]).await?.is_empty() {
+            Disposition::Duplicate
+        } else {
+            Disposition::Rejected
+        }),
         Outcome::Poison(why) => {
             tracing::warn!(%why, "poison message");
             Ok(Disposition::Rejected)
         }
     }
+}
+
+/// Of these stale messages, the ids of those about an order that does not exist at all: they
+/// are poison, to be dead-lettered so they are recorded. Their inbox records go, so that a
+/// replay of the dead letter is processed (a batch commits the others' records).
+async fn about_no_order<S: Step>(tx: &mut PgConnection, stale: &[&Incoming]) -> Result<Vec<Uuid>> {
+    let (ids, order_ids): (Vec<Uuid>, Vec<Uuid>) = stale.iter().map(|m| (m.envelope.id, m.envelope.order_id)).unzip();
+    Ok(sqlx::query_scalar(
+        "WITH unknown AS (
+             SELECT m FROM UNNEST($2::uuid[], $3::uuid[]) AS t(m, o)
+             WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = o)
+         )
+         DELETE FROM inbox WHERE consumer = $1 AND message_id IN (SELECT m FROM unknown) RETURNING message_id",
+    )
+    .bind(S::NAME)
+    .bind(&ids)
+    .bind(&order_ids)
+    .fetch_all(tx)
+    .await?)
 }
 
 async fn settle(delivery: &Delivery, disposition: Disposition) {

@@ -192,8 +192,12 @@ pub async fn compensated(conn: &mut PgConnection, order: &OrderRow) -> Result<()
 
 /// Enqueues the next compensation step for a CANCELLING order.
 pub async fn continue_compensation(conn: &mut PgConnection, order: &OrderRow) -> Result<()> {
-    let next = OutboxMessage::command(next_compensation(order), order.id, order.trace())?;
-    outbox::enqueue(conn, &[next]).await
+    outbox::enqueue(conn, &[compensation(order)?]).await
+}
+
+/// The command for the next compensation a CANCELLING order needs.
+fn compensation(order: &OrderRow) -> Result<OutboxMessage> {
+    OutboxMessage::command(next_compensation(order), order.id, order.trace())
 }
 
 /// Whether the order holds nothing that a compensation would have to give back.
@@ -213,8 +217,13 @@ pub async fn cancel_locked(conn: &mut PgConnection, order: &OrderRow, reason: Ca
         advance(conn, order, &path, &[event]).await?;
         return Ok(OrderStatus::Cancelled);
     }
-    let next = OutboxMessage::command(next_compensation(order), order.id, order.trace())?;
-    advance(conn, order, &[(OrderStatus::Cancelling, Some(reason))], &[next]).await?;
+    advance(
+        conn,
+        order,
+        &[(OrderStatus::Cancelling, Some(reason))],
+        &[compensation(order)?],
+    )
+    .await?;
     Ok(OrderStatus::Cancelling)
 }
 
