@@ -69,7 +69,7 @@ start_system() {
     # PostgreSQL allows 100 connections: the step workers share ~40 between them.
     local per=$((8 / INSTANCES > 2 ? 8 / INSTANCES : 2))
     for _ in $(seq 1 "$INSTANCES"); do
-      for kind in stock coupon payment order sales; do
+      for kind in stock coupon payment order; do
         DB_POOL_SIZE=$per WORKER_CONCURRENCY=$per "$BIN" worker "$kind" 2>>"$OUT/system.log" &
         WORKER_PIDS+=($!)
       done

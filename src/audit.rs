@@ -181,7 +181,7 @@ pub async fn audit(pool: &PgPool, amqp_url: Option<&str>, opts: &AuditArgs) -> a
     // must be on it; later ones may be missed by the read.
     let published: Option<BTreeSet<String>> = if opts.allow_in_flight && !opts.skip_events {
         let sent: Vec<String> = sqlx::query_scalar(
-            "SELECT order_id::text FROM outbox WHERE message_type = 'order.confirmed' AND sent_at IS NOT NULL",
+            "SELECT order_ids[1]::text FROM outbox WHERE message_type = 'order.confirmed' AND sent_at IS NOT NULL",
         )
         .fetch_all(pool)
         .await
@@ -273,7 +273,7 @@ async fn counts(tx: &mut PgConnection) -> anyhow::Result<Value> {
                     'coupons', (SELECT count(*) FROM coupons),
                     'userCoupons', (SELECT count(*) FROM user_coupons),
                     'ledgerEntries', (SELECT count(*) FROM balance_ledger),
-                    'outboxUnsent', (SELECT count(*) FROM outbox WHERE sent_at IS NULL))",
+                    'outboxUnsent', (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND discarded_at IS NULL))",
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -736,9 +736,10 @@ async fn liveness(
                                    'reason', reason, 'deadlineAt', deadline_at)
          FROM orders WHERE status NOT IN ('CONFIRMED', 'CANCELLED')
          UNION ALL
-         SELECT jsonb_build_object('kind', 'outbox_unsent', 'outboxId', id, 'messageType', message_type,
-                                   'orderId', order_id, 'createdAt', created_at)
-         FROM outbox WHERE sent_at IS NULL"
+         SELECT jsonb_build_object('kind', CASE WHEN parked_at IS NULL THEN 'outbox_unsent' ELSE 'outbox_parked' END,
+                                   'outboxId', id, 'messageType', message_type, 'orderIds', order_ids,
+                                   'createdAt', created_at, 'lastError', last_error)
+         FROM outbox WHERE sent_at IS NULL AND discarded_at IS NULL"
     ))
     .bind(limit(max));
     let mut check = listed(tx, "liveness", query).await?;

@@ -329,7 +329,7 @@ async fn orders_in_flight_and_dead_letters_fail_liveness_unless_in_flight_is_all
     // records dead letters or cancels the order.
     use orderflow_workers::WorkerKind::*;
     let app = TestApp::spawn_with(common::Options {
-        workers: vec![Relay, Stock, Coupon, Payment, Sales],
+        workers: vec![Relay, Stock, Coupon, Payment],
         order_timeout: Duration::from_secs(600),
         ..Default::default()
     })
@@ -542,7 +542,7 @@ async fn a_paid_order_cancelled_by_its_deadline_audits_clean() {
     // back; the late confirm is refused once the order worker starts.
     use orderflow_workers::WorkerKind::*;
     let mut app = TestApp::spawn_with(common::Options {
-        workers: vec![Relay, Stock, Coupon, Payment, Sales, Recovery],
+        workers: vec![Relay, Stock, Coupon, Payment, Recovery],
         order_timeout: Duration::from_secs(1),
         ..Default::default()
     })

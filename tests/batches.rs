@@ -30,7 +30,7 @@ async fn a_backlog_handled_in_batches_ends_exactly_as_one_by_one() {
     // One delivery at a time per worker, so the order of the queue is the order of the
     // effects, and the stock worker starts late, in front of a backlog.
     let mut app = TestApp::spawn_with(common::Options {
-        workers: vec![Relay, Coupon, Order, Sales, Recovery],
+        workers: vec![Relay, Coupon, Order, Recovery],
         concurrency: 1,
         ..Default::default()
     })
@@ -138,5 +138,78 @@ async fn a_backlog_handled_in_batches_ends_exactly_as_one_by_one() {
         transactions > 0.0 && deliveries > transactions,
         "stock: {deliveries} deliveries in {transactions} transactions"
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn one_poison_order_in_a_message_about_several_never_cancels_its_neighbours() {
+    use orderflow_workers::WorkerKind::*;
+    // No stock worker yet: the three orders wait at PENDING while their reservations are
+    // replaced by one message naming all three and an order that does not exist.
+    let mut app = TestApp::spawn_with(common::Options {
+        workers: vec![Relay, Coupon, Payment, Order, Recovery],
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Neighbours", 1_000, 10).await;
+    let mut orders = Vec::new();
+    for user in 3001..=3003 {
+        app.fund(user, 1_000).await;
+        orders.push(app.order(user, &[(product, 1)], None).await);
+    }
+    app.wait_quiescent_outbox().await;
+    let (conn, channel) = app.amqp().await;
+    channel
+        .queue_purge("orderflow.stock".into(), Default::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    // The middle order cannot be reserved (a stand-in for any failure that is its own).
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "ALTER TABLE orders ADD CONSTRAINT poison CHECK (id <> '{}' OR status <> 'STOCK_RESERVED')",
+        orders[1]
+    )))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let missing = uuid::Uuid::now_v7();
+    let mut named: Vec<String> = orders.clone();
+    named.push(missing.to_string());
+    let message = json!({"id": uuid::Uuid::now_v7(), "type": "stock.reserve", "occurredAt": "2026-11-30T10:00:00.000Z",
+                         "data": {"orderIds": named}});
+    app.publish_raw(
+        "orderflow.work",
+        "stock.reserve",
+        message.to_string().as_bytes(),
+        "stock.reserve",
+    )
+    .await;
+    app.spawn_workers(&[Stock]).await;
+
+    // The neighbours go through; the poison order fails alone until its own message is
+    // dead-lettered, which cancels it; the missing order is dead-lettered alone.
+    assert_eq!(app.wait_terminal(3001, &orders[0], WAIT).await["status"], "CONFIRMED");
+    assert_eq!(app.wait_terminal(3003, &orders[2], WAIT).await["status"], "CONFIRMED");
+    let poisoned = app.wait_terminal(3002, &orders[1], WAIT).await;
+    assert_eq!(
+        (poisoned["status"].as_str(), poisoned["reason"].as_str()),
+        (Some("CANCELLED"), Some("PROCESSING_FAILED"))
+    );
+    app.wait_quiescent(WAIT).await;
+    assert_eq!(app.stock(product).await, 8);
+    assert_eq!(app.balance(3002).await, 1_000);
+    let letters: Vec<(Vec<uuid::Uuid>, String)> =
+        sqlx::query_as("SELECT order_ids, reason FROM dead_letters ORDER BY order_ids[1]")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let mut want = vec![
+        (vec![orders[1].parse().unwrap()], "delivery_limit".to_owned()),
+        (vec![missing], "rejected".to_owned()),
+    ];
+    want.sort();
+    let mut got = letters;
+    got.sort();
+    assert_eq!(got, want);
     app.stop().await;
 }

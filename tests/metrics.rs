@@ -69,12 +69,7 @@ async fn metrics_count_requests_messages_steps_orders_and_queues() {
         Some(1.0)
     );
     assert!(text.contains("orderflow_http_request_duration_seconds_bucket{route=\"/api/orders\""));
-    for queue in [
-        "orderflow.stock",
-        "orderflow.payment",
-        "orderflow.order",
-        "orderflow.sales",
-    ] {
+    for queue in ["orderflow.stock", "orderflow.payment", "orderflow.order"] {
         let line = format!("orderflow_messages_total{{queue=\"{queue}\",outcome=\"acked\"}}");
         assert_eq!(sample(&text, &line), Some(1.0), "{line}");
     }

@@ -63,7 +63,7 @@ async fn every_consumer_span_continues_the_producers_trace() {
     let deliveries = loop {
         let spans = exporter.get_finished_spans().unwrap();
         let deliveries: Vec<_> = spans.into_iter().filter(|s| s.name == "delivery").collect();
-        if deliveries.len() >= 4 {
+        if deliveries.len() >= 3 {
             break deliveries;
         }
         assert!(
@@ -85,6 +85,6 @@ async fn every_consumer_span_continues_the_producers_trace() {
         workers.extend(worker);
     }
     workers.sort();
-    assert_eq!(workers, ["order", "payment", "sales", "stock"]);
+    assert_eq!(workers, ["order", "payment", "stock"]);
     app.stop().await;
 }

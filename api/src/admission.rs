@@ -1,5 +1,8 @@
 //! Admission control: at most `2 x DB_POOL_SIZE` requests are worked on at once; the rest
-//! wait their turn, parked, before their body is read or their token checked.
+//! wait their turn, parked, before their body is read or their token checked. Order
+//! placements (`POST /api/orders`) have a turn of their own and many more of them run at once:
+//! they hold no connection while they wait for their group commit (`crate::accept`), and the
+//! more of them wait together, the larger the batch that shares one transaction.
 //!
 //! Without it a flood (a flash sale: thousands of connections at once) lets every request
 //! start, and the few that hold a database connection share two cores with thousands of
@@ -25,17 +28,29 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10);
 
 /// The permits shared by the admitted routes.
 #[derive(Clone)]
-pub struct Admission(Arc<Semaphore>);
+pub struct Admission {
+    general: Arc<Semaphore>,
+    placements: Arc<Semaphore>,
+}
 
 impl Admission {
-    pub fn new(in_flight: usize) -> Self {
-        Self(Arc::new(Semaphore::new(in_flight.max(1))))
+    /// `in_flight` requests at once, and `placements` order placements besides.
+    pub fn new(in_flight: usize, placements: usize) -> Self {
+        Self {
+            general: Arc::new(Semaphore::new(in_flight.max(1))),
+            placements: Arc::new(Semaphore::new(placements.max(1))),
+        }
     }
 }
 
 /// Middleware: runs the request once a permit is free (FIFO), or answers 503.
 pub async fn admit(State(admission): State<Admission>, req: Request, next: Next) -> Response {
-    match tokio::time::timeout(MAX_WAIT, admission.0.clone().acquire_owned()).await {
+    let permits = if req.method() == axum::http::Method::POST && req.uri().path() == "/api/orders" {
+        &admission.placements
+    } else {
+        &admission.general
+    };
+    match tokio::time::timeout(MAX_WAIT, permits.clone().acquire_owned()).await {
         Ok(Ok(_permit)) => next.run(req).await,
         _ => Problem::new(
             503,
@@ -71,7 +86,7 @@ mod tests {
                     "ok"
                 }),
             )
-            .route_layer(axum::middleware::from_fn_with_state(Admission::new(2), admit));
+            .route_layer(axum::middleware::from_fn_with_state(Admission::new(2, 2), admit));
         let calls = (0..10).map(|_| {
             let app = app.clone();
             tokio::spawn(async move { app.oneshot(Request::new(Body::empty())).await.map(|r| r.status()) })

@@ -55,34 +55,11 @@ pub struct Claim {
 impl Claim {
     /// Claims the key for this transaction. `Some(stored)` means: replay it, do nothing else.
     pub async fn begin(&self, conn: &mut PgConnection) -> Result<Option<Stored>> {
-        let lock_name = format!("{}\u{1f}{}\u{1f}{}", self.user_id, self.scope, self.key);
-        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(&lock_name)
-            .fetch_one(&mut *conn)
-            .await?;
-        if !locked {
-            return Err(Error::conflict(
-                "IDEMPOTENCY_KEY_IN_USE",
-                "a request with this Idempotency-Key is still being processed; retry shortly",
-            ));
-        }
-        let stored: Option<Stored> = sqlx::query_as(
-            "SELECT request, status_code, response, headers FROM idempotency_keys
-             WHERE user_id = $1 AND scope = $2 AND key = $3",
-        )
-        .bind(self.user_id)
-        .bind(self.scope)
-        .bind(&self.key)
-        .fetch_optional(&mut *conn)
-        .await?;
-        match stored {
-            Some(s) if s.request == self.request => Ok(Some(s)),
-            Some(_) => Err(Error::unprocessable(
-                "IDEMPOTENCY_KEY_REUSED",
-                "this Idempotency-Key was used with a different request",
-            )),
-            None => Ok(None),
-        }
+        claim_all(conn, &[self]).await?.pop().unwrap_or(Ok(None))
+    }
+
+    fn lock_name(&self) -> String {
+        format!("{}\u{1f}{}\u{1f}{}", self.user_id, self.scope, self.key)
     }
 
     /// Stores the first request's response, in the same transaction as its effect.
@@ -108,6 +85,87 @@ impl Claim {
         .await?;
         Ok(())
     }
+}
+
+/// Claims several keys for this transaction at once, in two statements whatever their number
+/// (group commit): per claim, `Ok(Some(stored))` to replay, `Ok(None)` for a first request,
+/// 409 `IDEMPOTENCY_KEY_IN_USE` while another request holds the key (including an earlier
+/// claim in `claims` with the same user, scope and key), 422 `IDEMPOTENCY_KEY_REUSED` for
+/// the key with another request.
+pub async fn claim_all(conn: &mut PgConnection, claims: &[&Claim]) -> Result<Vec<Result<Option<Stored>>>> {
+    let in_use = || {
+        Error::conflict(
+            "IDEMPOTENCY_KEY_IN_USE",
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+        )
+    };
+    let mut results: Vec<Result<Option<Stored>>> = Vec::with_capacity(claims.len());
+    let mut seen = std::collections::HashSet::new();
+    let mut names = Vec::new();
+    let mut asked = Vec::new();
+    for (i, claim) in claims.iter().enumerate() {
+        let name = claim.lock_name();
+        if seen.insert(name.clone()) {
+            names.push(name);
+            asked.push(i);
+            results.push(Ok(None));
+        } else {
+            results.push(Err(in_use()));
+        }
+    }
+    // The in-flight check first, then the lookup in a statement of its own: it must see
+    // whatever a previous holder of the lock committed before releasing it.
+    let locked: Vec<bool> =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended(k, 0)) FROM UNNEST($1::text[]) AS k")
+            .bind(&names)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut lookup = Vec::new();
+    for (&i, got) in asked.iter().zip(locked) {
+        if got {
+            lookup.push(i);
+        } else {
+            results[i] = Err(in_use());
+        }
+    }
+    if lookup.is_empty() {
+        return Ok(results);
+    }
+    let users: Vec<i64> = lookup.iter().map(|&i| claims[i].user_id).collect();
+    let scopes: Vec<&str> = lookup.iter().map(|&i| claims[i].scope).collect();
+    let keys: Vec<&str> = lookup.iter().map(|&i| claims[i].key.as_str()).collect();
+    let stored: Vec<(i64, Stored)> = sqlx::query_as::<_, StoredAt>(
+        "SELECT t.n - 1 AS at, s.request, s.status_code, s.response, s.headers
+         FROM UNNEST($1::int8[], $2::text[], $3::text[]) WITH ORDINALITY AS t(uid, scope, key, n)
+         JOIN idempotency_keys s ON s.user_id = t.uid AND s.scope = t.scope AND s.key = t.key",
+    )
+    .bind(&users)
+    .bind(&scopes)
+    .bind(&keys)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|s| (s.at, s.stored))
+    .collect();
+    for (at, stored) in stored {
+        let i = lookup[at as usize];
+        results[i] = if stored.request == claims[i].request {
+            Ok(Some(stored))
+        } else {
+            Err(Error::unprocessable(
+                "IDEMPOTENCY_KEY_REUSED",
+                "this Idempotency-Key was used with a different request",
+            ))
+        };
+    }
+    Ok(results)
+}
+
+#[derive(sqlx::FromRow)]
+struct StoredAt {
+    at: i64,
+    #[sqlx(flatten)]
+    stored: Stored,
 }
 
 /// What a request under an idempotency claim produced.

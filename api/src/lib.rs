@@ -1,6 +1,7 @@
 //! The HTTP API: an axum router over the shared state, with problem-document errors,
 //! bearer-token auth and OpenAPI.
 
+pub mod accept;
 pub mod admission;
 pub mod extract;
 pub mod idempotency;
@@ -36,12 +37,15 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Cancelled when the server shuts down: long-lived responses (event streams) end on it.
     pub shutdown: CancellationToken,
+    /// Order acceptance, group-committed (needs a tokio runtime when built).
+    pub acceptor: accept::Acceptor,
 }
 
 impl AppState {
     pub fn new(pool: PgPool, config: Arc<Config>) -> Self {
         let (secret, _) = config.jwt_secret();
         Self {
+            acceptor: accept::Acceptor::start(pool.clone(), config.order_timeout),
             pool,
             keys: Arc::new(Keys::new(secret)),
             config,
@@ -55,7 +59,10 @@ pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     // Twice the pool: a request also spends time outside its transaction (parsing, auth,
     // writing the response), so this keeps every pooled connection busy and no more.
-    let admission = admission::Admission::new(2 * state.config.db_pool_size as usize);
+    let admission = admission::Admission::new(
+        2 * state.config.db_pool_size as usize,
+        accept::MAX_BATCH * accept::WRITERS,
+    );
     Router::new()
         .merge(routes::router(admission))
         .merge(openapi::router())

@@ -95,6 +95,15 @@ impl ApiError {
     pub fn to_problem(&self) -> Problem {
         match &self.0 {
             Error::Client { kind, code, detail } => Problem::new(kind.status(), kind.title(), code, detail.clone()),
+            Error::Race(why) => {
+                tracing::warn!(%why, "transaction lost a race");
+                Problem::new(
+                    503,
+                    "Service Unavailable",
+                    "SERVICE_UNAVAILABLE",
+                    "the request met a concurrent change; retry shortly",
+                )
+            }
             Error::Unavailable(err) => {
                 tracing::warn!(error = %err, "database unavailable");
                 Problem::new(

@@ -17,6 +17,8 @@ pub enum ErrorKind {
     Gone,
     PayloadTooLarge,
     Unprocessable,
+    /// A dependency other than the database (the broker) cannot be asked now.
+    ServiceUnavailable,
 }
 
 impl ErrorKind {
@@ -30,6 +32,7 @@ impl ErrorKind {
             Self::Gone => 410,
             Self::PayloadTooLarge => 413,
             Self::Unprocessable => 422,
+            Self::ServiceUnavailable => 503,
         }
     }
 
@@ -43,6 +46,7 @@ impl ErrorKind {
             Self::Gone => "Gone",
             Self::PayloadTooLarge => "Content Too Large",
             Self::Unprocessable => "Unprocessable Content",
+            Self::ServiceUnavailable => "Service Unavailable",
         }
     }
 }
@@ -59,6 +63,10 @@ pub enum Error {
     /// The database cannot be reached right now; retry later (HTTP 503).
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// The transaction lost a race (for example, stock it planned on was taken since it read
+    /// it): rolled back, the same work retried at once succeeds or decides otherwise.
+    #[error("lost a race, retry: {0}")]
+    Race(String),
     /// Anything else: a bug or an unexpected failure. Logged, never shown.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -93,6 +101,9 @@ impl Error {
     pub fn unprocessable(code: &'static str, detail: impl fmt::Display) -> Self {
         Self::client(ErrorKind::Unprocessable, code, detail)
     }
+    pub fn unavailable(code: &'static str, detail: impl fmt::Display) -> Self {
+        Self::client(ErrorKind::ServiceUnavailable, code, detail)
+    }
 
     /// The stable code of a client error, if this is one.
     pub fn code(&self) -> Option<&'static str> {
@@ -104,18 +115,26 @@ impl Error {
 
     /// True when retrying the same operation later may succeed (database or network down).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::Race(_))
     }
 }
 
 impl From<sqlx::Error> for Error {
     fn from(err: sqlx::Error) -> Self {
-        if is_unavailable(&err) {
+        if is_race(&err) {
+            Self::Race(err.to_string())
+        } else if is_unavailable(&err) {
             Self::Unavailable(err)
         } else {
             Self::Internal(anyhow::Error::new(err))
         }
     }
+}
+
+/// Whether a database error means the transaction lost to a concurrent one (40001
+/// serialization failure, 40P01 deadlock): the same transaction retried can succeed.
+pub fn is_race(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().is_some_and(|c| matches!(&*c, "40001" | "40P01")))
 }
 
 /// Whether a database error means "the database is not reachable now" rather than "this

@@ -15,6 +15,8 @@ pub const STEP_BATCH: &str = "orderflow_step_batch_size";
 pub const OUTBOX_LAG: &str = "orderflow_outbox_lag_seconds";
 pub const OUTBOX_UNSENT: &str = "orderflow_outbox_unsent";
 pub const OUTBOX_DELAY: &str = "orderflow_outbox_delay_seconds";
+pub const OUTBOX_PARKED: &str = "orderflow_outbox_parked";
+pub const ACCEPT_BATCH: &str = "orderflow_accept_batch_size";
 pub const QUEUE_DEPTH: &str = "orderflow_queue_depth";
 pub const QUEUE_CONSUMERS: &str = "orderflow_queue_consumers";
 pub const ORDERS: &str = "orderflow_orders";
@@ -58,7 +60,7 @@ fn describe() {
         "Deliveries by queue and outcome (acked, duplicate, retried, rejected, dead_lettered)"
     );
     describe_histogram!(STEP_DURATION, Unit::Seconds, "Time to handle one delivery, by step");
-    describe_histogram!(STEP_BATCH, "Deliveries handled per committed transaction, by step");
+    describe_histogram!(STEP_BATCH, "Orders handled per committed transaction, by step");
     describe_gauge!(
         OUTBOX_LAG,
         Unit::Seconds,
@@ -70,6 +72,11 @@ fn describe() {
         Unit::Seconds,
         "From commit of an outbox row to the broker's confirm"
     );
+    describe_gauge!(
+        OUTBOX_PARKED,
+        "Outbox rows the broker kept refusing, parked for an operator (retry or discard)"
+    );
+    describe_histogram!(ACCEPT_BATCH, "Orders accepted per transaction (group commit)");
     describe_gauge!(QUEUE_DEPTH, "Messages ready in each queue");
     describe_gauge!(QUEUE_CONSUMERS, "Consumers on each queue");
     describe_gauge!(ORDERS, "Orders by status");
@@ -86,7 +93,7 @@ pub fn step_duration(step: &'static str, elapsed: Duration) {
     metrics::histogram!(STEP_DURATION, "step" => step).record(elapsed.as_secs_f64());
 }
 
-/// Records how many deliveries one committed transaction of a step handled.
+/// Records how many orders one committed transaction of a step handled.
 pub fn step_batch(step: &'static str, size: usize) {
     metrics::histogram!(STEP_BATCH, "step" => step).record(size as f64);
 }
@@ -134,15 +141,20 @@ async fn sample_database(pool: &PgPool) -> crate::Result<()> {
         let n = counts.iter().find(|(s, _)| s == status.as_str()).map_or(0, |(_, n)| *n);
         metrics::gauge!(ORDERS, "status" => status.as_str()).set(n as f64);
     }
-    let (dead, unsent, lag): (i64, i64, f64) = sqlx::query_as(
+    // Unsent and lag cover what the relay still has to publish; parked rows wait for an
+    // operator and are counted on their own.
+    let (dead, unsent, lag, parked): (i64, i64, f64, i64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM dead_letters WHERE status = 'NEW'),
-                (SELECT count(*) FROM outbox WHERE sent_at IS NULL),
-                coalesce((SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox WHERE sent_at IS NULL), 0)",
+                (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL),
+                coalesce((SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox
+                          WHERE sent_at IS NULL AND parked_at IS NULL), 0),
+                (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL AND sent_at IS NULL AND discarded_at IS NULL)",
     )
     .fetch_one(pool)
     .await?;
     metrics::gauge!(DEAD_LETTERS).set(dead as f64);
     metrics::gauge!(OUTBOX_UNSENT).set(unsent as f64);
     metrics::gauge!(OUTBOX_LAG).set(lag);
+    metrics::gauge!(OUTBOX_PARKED).set(parked as f64);
     Ok(())
 }

@@ -333,7 +333,7 @@ impl TestApp {
         loop {
             let (open, unsent): (i64, i64) = sqlx::query_as(
                 "SELECT (SELECT count(*) FROM orders WHERE status NOT IN ('CONFIRMED', 'CANCELLED')),
-                        (SELECT count(*) FROM outbox WHERE sent_at IS NULL)",
+                        (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND discarded_at IS NULL)",
             )
             .fetch_one(&self.pool)
             .await
@@ -355,12 +355,12 @@ impl TestApp {
         self.wait_for_consumers(workers).await;
     }
 
-    /// Publishes every outbox row of `order_id` once more, exactly as the relay would (same
+    /// Publishes every outbox row about `order_id` once more, exactly as the relay would (same
     /// message id, body and properties): what a redelivery or a relay crash produces.
     pub async fn republish_outbox(&self, order_id: &str) -> usize {
         let rows: Vec<orderflow_workers::relay::OutboxRow> = sqlx::query_as(
-            "SELECT id, message_id, exchange, routing_key, message_type, order_id, headers, body, expiration_ms, created_at
-             FROM outbox WHERE order_id = $1::uuid AND message_type <> 'order.deadline' ORDER BY id",
+            "SELECT id, message_id, exchange, routing_key, message_type, order_ids, headers, body, expiration_ms, created_at
+             FROM outbox WHERE order_ids @> ARRAY[$1::uuid] AND message_type <> 'order.deadline' ORDER BY id",
         )
         .bind(order_id)
         .fetch_all(&self.pool)
@@ -369,7 +369,7 @@ impl TestApp {
         let (conn, channel) = self.amqp().await;
         channel.confirm_select(Default::default()).await.unwrap();
         for row in &rows {
-            let body = serde_json::to_vec(&row.body).unwrap();
+            let body = &row.body;
             let confirm = channel
                 .basic_publish(
                     row.exchange.as_str().into(),
@@ -378,7 +378,7 @@ impl TestApp {
                         mandatory: orderflow_workers::relay::mandatory(&row.message_type),
                         immediate: false,
                     },
-                    &body,
+                    body,
                     orderflow_workers::relay::properties(row),
                 )
                 .await
@@ -452,10 +452,11 @@ impl TestApp {
     pub async fn wait_quiescent_outbox(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let unsent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
-                .fetch_one(&self.pool)
-                .await
-                .unwrap();
+            let unsent: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE sent_at IS NULL AND discarded_at IS NULL")
+                    .fetch_one(&self.pool)
+                    .await
+                    .unwrap();
             if unsent == 0 {
                 return;
             }
@@ -533,7 +534,6 @@ pub fn worker_queue(kind: WorkerKind) -> Option<&'static str> {
         WorkerKind::Coupon => Some(t::COUPON_QUEUE),
         WorkerKind::Payment => Some(t::PAYMENT_QUEUE),
         WorkerKind::Order => Some(t::ORDER_QUEUE),
-        WorkerKind::Sales => Some(t::SALES_QUEUE),
         WorkerKind::Recovery => Some(t::EXPIRED_QUEUE),
     }
 }

@@ -16,8 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     runtime::{RuntimeConfig, Step},
     steps::{
-        coupon::Coupon, dead_letters::DeadLetters, order::Order, payment::Payment, recovery::Expiry, sales::Sales,
-        stock::Stock,
+        coupon::Coupon, dead_letters::DeadLetters, order::Order, payment::Payment, recovery::Expiry, stock::Stock,
     },
 };
 
@@ -32,10 +31,8 @@ pub enum WorkerKind {
     Coupon,
     /// Charges and refunds balances.
     Payment,
-    /// Confirms orders and finishes cancellations.
+    /// Confirms orders (counting their units for popular products) and finishes cancellations.
     Order,
-    /// Projects confirmed orders into popular-product buckets.
-    Sales,
     /// Cancels orders past their deadline, records dead letters, sweeps for stuck orders.
     Recovery,
 }
@@ -47,7 +44,6 @@ impl WorkerKind {
         Self::Coupon,
         Self::Payment,
         Self::Order,
-        Self::Sales,
         Self::Recovery,
     ];
 }
@@ -67,7 +63,6 @@ pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: Canc
         WorkerKind::Coupon => consume(Coupon, pool, cfg, shutdown).await,
         WorkerKind::Payment => consume(Payment, pool, cfg, shutdown).await,
         WorkerKind::Order => consume(Order, pool, cfg, shutdown).await,
-        WorkerKind::Sales => consume(Sales, pool, cfg, shutdown).await,
         WorkerKind::Recovery => {
             let (expiry, dead, sweep) = tokio::join!(
                 consume(Expiry, pool.clone(), cfg.clone(), shutdown.clone()),

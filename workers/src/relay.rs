@@ -1,15 +1,24 @@
 //! The outbox relay: the only publisher. Woken after commits in its own process and
 //! polling every 20 ms otherwise, it takes committed outbox rows in id order
-//! (`FOR UPDATE SKIP LOCKED`, so several relays can run), publishes them persistent and
-//! mandatory with publisher confirms, and marks them sent only once the broker confirmed.
-//! A broker outage delays messages, never loses them; a crash between confirm and mark
-//! re-publishes with the same message id, which consumers' inboxes absorb.
+//! (`FOR UPDATE SKIP LOCKED`, so several relays can run and publish in parallel), publishes
+//! them persistent and mandatory with publisher confirms, and marks them sent only once the
+//! broker confirmed. A broker outage delays messages, never loses them; a crash between
+//! confirm and mark re-publishes with the same message id, which consumers' inboxes absorb.
+//!
+//! A row the broker refuses (no such exchange, unroutable, nacked, or any publish after which
+//! the broker closes the channel: too large, not allowed) never holds back the rows behind
+//! it: it is retried on its own schedule (`retry_at`), and after [`MAX_ATTEMPTS`] it is parked
+//! with its reason for an operator (`/api/admin/outbox`: retry or discard), counted in the
+//! overview and the `orderflow_outbox_parked` gauge. When the broker closes the channel in
+//! the middle of a batch, the rows not yet confirmed are published again one at a time on
+//! fresh channels, to tell the row that caused it from the ones that merely shared its
+//! channel.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use lapin::{
-    BasicProperties, Channel, Confirmation,
+    BasicProperties, Channel, Confirmation, Connection,
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
@@ -27,6 +36,8 @@ const BATCH: i64 = 500;
 /// this long. (No PostgreSQL NOTIFY: it serialises the commits of every transaction that
 /// sends one, see migration 0005; an idle poll is one index probe.)
 const POLL: Duration = Duration::from_millis(20);
+/// Publishes of one row the broker refused before the row is parked for an operator.
+pub const MAX_ATTEMPTS: i32 = 3;
 
 #[derive(Debug, sqlx::FromRow)]
 pub struct OutboxRow {
@@ -35,9 +46,9 @@ pub struct OutboxRow {
     pub exchange: String,
     pub routing_key: String,
     pub message_type: String,
-    pub order_id: Option<Uuid>,
+    pub order_ids: Vec<Uuid>,
     pub headers: serde_json::Value,
-    pub body: serde_json::Value,
+    pub body: Vec<u8>,
     pub expiration_ms: Option<i64>,
     pub created_at: DateTime<Utc>,
 }
@@ -60,7 +71,7 @@ pub fn properties(row: &OutboxRow) -> BasicProperties {
         .with_timestamp(row.created_at.timestamp().max(0) as u64)
         .with_app_id("orderflow".into())
         .with_headers(headers);
-    if let Some(order_id) = row.order_id {
+    if let [order_id] = row.order_ids.as_slice() {
         props = props.with_correlation_id(order_id.to_string().into());
     }
     if let Some(ms) = row.expiration_ms {
@@ -81,9 +92,14 @@ pub async fn run(pool: PgPool, amqp_url: String, abort_every: u32, shutdown: Can
     let mut backoff = broker::reconnect_backoff();
     let mut batches = 0u32;
     loop {
-        match relay(&pool, &amqp_url, abort_every, &mut batches, &shutdown).await {
+        let mut published = false;
+        match relay(&pool, &amqp_url, abort_every, &mut batches, &mut published, &shutdown).await {
             Ok(()) => break,
             Err(err) => {
+                if published {
+                    // It worked for a while: the next failure starts from a short delay again.
+                    backoff = broker::reconnect_backoff();
+                }
                 let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                 tracing::warn!(error = %err, ?delay, "relay failed; retrying");
                 tokio::select! {
@@ -102,18 +118,21 @@ async fn relay(
     amqp_url: &str,
     abort_every: u32,
     batches: &mut u32,
+    published: &mut bool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let (conn, channel) = broker::connect(amqp_url, "relay").await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    let mut publisher = Publisher { conn, channel };
     tracing::info!("relay publishing");
     loop {
-        let published = publish_batch(pool, &channel, || {
+        let taken = publish_batch(pool, &mut publisher, || {
             *batches += 1;
             abort_every > 0 && batches.is_multiple_of(abort_every)
         })
         .await?;
-        if published as i64 >= BATCH {
+        *published |= taken > 0;
+        if taken as i64 >= BATCH {
             continue; // more may be waiting
         }
         if shutdown.is_cancelled() {
@@ -125,23 +144,50 @@ async fn relay(
             _ = shutdown.cancelled() => {}
         }
     }
-    let _ = channel.close(200, "bye".into()).await;
-    let _ = conn.close(200, "bye".into()).await;
+    let _ = publisher.channel.close(200, "bye".into()).await;
+    let _ = publisher.conn.close(200, "bye".into()).await;
     Ok(())
 }
 
-/// Publishes one batch and marks what the broker confirmed. Returns how many were taken.
-/// `crash_after_confirm` (asked once per non-empty batch) aborts the process in the worst
-/// place: confirmed by the broker, not yet marked sent.
+/// A connection and its confirm-mode channel; the channel is replaced when the broker closes
+/// it over one message.
+pub struct Publisher {
+    pub conn: Connection,
+    pub channel: Channel,
+}
+
+impl Publisher {
+    async fn reopen(&mut self) -> lapin::Result<()> {
+        let channel = self.conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        self.channel = channel;
+        Ok(())
+    }
+}
+
+/// What became of one row's publish.
+enum Published {
+    Confirmed,
+    /// The broker refused this row; the reason is kept with the row.
+    Refused(String),
+    /// The channel failed (maybe over another row): unknown for this one.
+    Unknown(lapin::Error),
+}
+
+/// Publishes one batch and marks what the broker confirmed; rows it refused get their next
+/// attempt scheduled (or are parked). Returns how many rows were taken. An error means the
+/// connection is gone. `crash_after_confirm` (asked once per non-empty batch) aborts the
+/// process in the worst place: confirmed by the broker, not yet marked sent.
 pub async fn publish_batch(
     pool: &PgPool,
-    channel: &Channel,
+    publisher: &mut Publisher,
     crash_after_confirm: impl FnOnce() -> bool,
 ) -> anyhow::Result<usize> {
     let mut tx = pool.begin().await?;
     let rows: Vec<OutboxRow> = sqlx::query_as(
-        "SELECT id, message_id, exchange, routing_key, message_type, order_id, headers, body, expiration_ms, created_at
-         FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        "SELECT id, message_id, exchange, routing_key, message_type, order_ids, headers, body, expiration_ms, created_at
+         FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL AND (retry_at IS NULL OR retry_at <= now())
+         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(BATCH)
     .fetch_all(&mut *tx)
@@ -152,52 +198,119 @@ pub async fn publish_batch(
     // Publish all, then await the confirms (they may arrive out of order).
     let mut pending = Vec::with_capacity(rows.len());
     for row in &rows {
-        let body = serde_json::to_vec(&row.body)?;
-        let confirm = channel
-            .basic_publish(
-                row.exchange.as_str().into(),
-                row.routing_key.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: mandatory(&row.message_type),
-                    immediate: false,
-                },
-                &body,
-                properties(row),
-            )
-            .await?;
-        pending.push((row.id, confirm));
+        pending.push(publish(&publisher.channel, row).await);
     }
-    let now = chrono::Utc::now();
+    let now = Utc::now();
     for row in &rows {
         let delay = (now - row.created_at).to_std().unwrap_or_default();
         metrics::histogram!(orderflow_shared::metrics::OUTBOX_DELAY).record(delay.as_secs_f64());
     }
-    let mut sent = Vec::with_capacity(rows.len());
-    let mut failed = 0usize;
-    for (id, confirm) in pending {
-        match confirm.await? {
-            Confirmation::Ack(None) => sent.push(id),
-            Confirmation::Ack(Some(returned)) => {
-                failed += 1;
-                tracing::error!(outbox_id = id, reply = %returned.reply_text, "message was unroutable; will retry");
+    let mut results = Vec::with_capacity(rows.len());
+    for confirm in pending {
+        results.push(match confirm {
+            Ok(confirm) => outcome(confirm.await),
+            Err(err) => Published::Unknown(err),
+        });
+    }
+    // The broker closed the channel over some row: find which, one row at a time.
+    if results.iter().any(|r| matches!(r, Published::Unknown(_))) {
+        for (row, result) in rows.iter().zip(results.iter_mut()) {
+            if let Published::Unknown(err) = result {
+                if !publisher.conn.status().connected() {
+                    return Err(anyhow::anyhow!("lost the broker connection: {err}"));
+                }
+                if !publisher.channel.status().connected() {
+                    publisher.reopen().await?;
+                }
+                *result = match publish(&publisher.channel, row).await {
+                    Ok(confirm) => outcome(confirm.await),
+                    Err(err) => Published::Unknown(err),
+                };
+                if let Published::Unknown(err) = result {
+                    if !publisher.conn.status().connected() {
+                        return Err(anyhow::anyhow!("lost the broker connection: {err}"));
+                    }
+                    *result = Published::Refused(format!("the broker closed the channel: {err}"));
+                }
             }
-            Confirmation::Nack(_) | Confirmation::NotRequested => {
-                failed += 1;
-                tracing::warn!(outbox_id = id, "broker did not confirm a message; will retry");
-            }
+        }
+        if !publisher.channel.status().connected() {
+            publisher.reopen().await?;
         }
     }
     if crash_after_confirm() {
         tracing::error!(batch = rows.len(), "fault injection: aborting between confirm and mark");
         std::process::abort();
     }
+    let mut sent = Vec::with_capacity(rows.len());
+    let (mut refused, mut reasons) = (Vec::new(), Vec::new());
+    for (row, result) in rows.iter().zip(results) {
+        match result {
+            Published::Confirmed => sent.push(row.id),
+            Published::Refused(why) => {
+                tracing::warn!(outbox_id = row.id, message_type = %row.message_type, exchange = %row.exchange,
+                    routing_key = %row.routing_key, reason = %why, "the broker refused a message; it will be retried on its own");
+                refused.push(row.id);
+                reasons.push(why);
+            }
+            Published::Unknown(err) => return Err(err.into()),
+        }
+    }
     sqlx::query("UPDATE outbox SET sent_at = clock_timestamp() WHERE id = ANY($1)")
         .bind(&sent)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await?;
-    if failed > 0 {
-        anyhow::bail!("{failed} of {} messages were not confirmed", rows.len());
+    if !refused.is_empty() {
+        let parked: Vec<i64> = sqlx::query_scalar::<_, Option<i64>>(
+            "UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.why,
+                 retry_at = now() + least(power(2, o.attempts), 60) * interval '1 second',
+                 parked_at = CASE WHEN o.attempts + 1 >= $3 THEN now() END
+             FROM UNNEST($1::bigint[], $2::text[]) AS f(id, why)
+             WHERE o.id = f.id
+             RETURNING CASE WHEN o.parked_at IS NOT NULL THEN o.id END",
+        )
+        .bind(&refused)
+        .bind(&reasons)
+        .bind(MAX_ATTEMPTS)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+        for id in parked {
+            tracing::error!(
+                outbox_id = id,
+                "a message the broker keeps refusing was parked for an operator"
+            );
+        }
     }
+    tx.commit().await?;
     Ok(rows.len())
+}
+
+async fn publish(channel: &Channel, row: &OutboxRow) -> lapin::Result<lapin::PublisherConfirm> {
+    channel
+        .basic_publish(
+            row.exchange.as_str().into(),
+            row.routing_key.as_str().into(),
+            BasicPublishOptions {
+                mandatory: mandatory(&row.message_type),
+                immediate: false,
+            },
+            &row.body,
+            properties(row),
+        )
+        .await
+}
+
+fn outcome(confirm: lapin::Result<Confirmation>) -> Published {
+    match confirm {
+        Ok(Confirmation::Ack(None)) => Published::Confirmed,
+        Ok(Confirmation::Ack(Some(returned))) => {
+            Published::Refused(format!("unroutable: {} {}", returned.reply_code, returned.reply_text))
+        }
+        Ok(Confirmation::Nack(_)) => Published::Refused("the broker nacked it".to_owned()),
+        Ok(Confirmation::NotRequested) => Published::Refused("no publisher confirm".to_owned()),
+        Err(err) => Published::Unknown(err),
+    }
 }

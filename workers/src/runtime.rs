@@ -5,6 +5,7 @@
 //! and graceful shutdown.
 
 use std::{
+    collections::HashSet,
     future::Future,
     sync::Arc,
     time::{Duration, Instant},
@@ -19,10 +20,7 @@ use lapin::{
 };
 use orderflow_shared::{
     Error, Result,
-    db::{
-        orders::{self, OrderRow},
-        outbox,
-    },
+    db::outbox::{self, OutboxMessage},
     messaging::{Envelope, MessageType},
     metrics,
     telemetry::{self, TraceParent},
@@ -35,16 +33,19 @@ use uuid::Uuid;
 
 use crate::broker;
 
-/// What a step decided.
+/// What a step did with one message of its batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The effect and the next messages are written; commit.
+    /// Its effect and the next messages are written (for at least one of its orders).
     Done,
-    /// The order is not in the state this message expects (late or duplicate): change
-    /// nothing, ack.
+    /// Nothing to do: every order it names is in another state (late or duplicate).
     Stale,
-    /// The message can never be processed (its data does not fit its type): change
-    /// nothing, dead-letter it.
+    /// These orders it names do not exist; the others were handled. A message about one
+    /// order is dead-lettered (recorded for an operator); a message about several sends each
+    /// missing order on as a message of its own, to be dead-lettered alone.
+    Missing(Vec<Uuid>),
+    /// The message can never be processed (its data does not fit its type): nothing was
+    /// written for it; dead-letter it.
     Poison(String),
 }
 
@@ -54,13 +55,12 @@ pub struct Incoming {
     pub kind: MessageType,
     pub envelope: Envelope,
     pub trace: Option<TraceParent>,
-    /// The message's order as its batch locked it, before any message of the batch ran (on
-    /// the first message of each order in a batch only): the step's lock need not ask again.
-    pub locked: Option<OrderRow>,
+    /// The orders a command concerns (empty for other messages).
+    pub order_ids: Vec<Uuid>,
 }
 
-/// One worker's step: given the transaction (already holding the inbox record) and the
-/// message, apply the effect and enqueue what comes next.
+/// One worker's step: given the transaction (already holding the inbox records) and the
+/// messages that arrived together, apply their effects and enqueue what comes next.
 pub trait Step: Send + Sync + 'static {
     /// Inbox consumer name and log name.
     const NAME: &'static str;
@@ -71,40 +71,41 @@ pub trait Step: Send + Sync + 'static {
     fn accepts(&self, kind: MessageType) -> bool;
 
     /// Turns a delivery into a message; an error dead-letters it. The default reads the
-    /// orderflow envelope.
+    /// orderflow envelope of a command.
     fn decode(&self, delivery: &Delivery) -> Result<Incoming, String> {
         decode(delivery)
     }
 
-    fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> impl Future<Output = Result<Outcome>> + Send;
-
-    /// Whether deliveries that are already waiting may share one transaction (see
-    /// [`process_batch`]). A batched step's `handle` must write nothing before it returns
-    /// `Stale` or `Poison`.
-    const BATCHED: bool = true;
-
-    /// Takes every row lock the batch's messages will take, in one global order (orders by
-    /// id, then the step's own rows by key), before they are handled one by one in the
-    /// batch's transaction. Without it, two batches could lock the same rows in opposite
-    /// orders and deadlock. Returns the orders it locked (read under the lock, so each
-    /// message's own lock can be skipped). The default locks the messages' orders.
-    fn lock_batch(
+    /// Handles the batch's messages in the caller's transaction, with a constant number of
+    /// statements however many orders they name, with the outcome of handling their orders
+    /// one after another (serial equivalence; tests/batches.rs). Returns one outcome per
+    /// message. Must write nothing for a message it calls `Poison`. `attempt` counts the
+    /// transactions this batch already lost a race in ([`Error::Race`]): a step may plan
+    /// optimistically at first and take its locks up front on a retry.
+    fn handle(
         &self,
         tx: &mut PgConnection,
         batch: &[&Incoming],
-    ) -> impl Future<Output = Result<Vec<OrderRow>>> + Send {
-        let ids = order_ids(batch);
-        async move { orders::lock_all(tx, &ids).await }
+        attempt: u32,
+    ) -> impl Future<Output = Result<Vec<Outcome>>> + Send;
+
+    /// Whether deliveries that are already waiting may share one transaction.
+    const BATCHED: bool = true;
+
+    /// The queue has no delivery limit (nothing bounds its redeliveries): after
+    /// [`PARK_AFTER_ATTEMPTS`] failed attempts a message is handed to [`park`](Self::park)
+    /// instead of being returned to the queue again.
+    const UNBOUNDED_QUEUE: bool = false;
+
+    /// Keeps a message that cannot be handled where an operator sees it (only called when
+    /// [`UNBOUNDED_QUEUE`](Self::UNBOUNDED_QUEUE)).
+    fn park(&self, _tx: &mut PgConnection, _msg: &Incoming, _error: &str) -> impl Future<Output = Result<()>> + Send {
+        async { Err(anyhow::anyhow!("{} cannot park messages", Self::NAME).into()) }
     }
 }
 
-/// The distinct orders of a batch, sorted.
-pub fn order_ids(batch: &[&Incoming]) -> Vec<Uuid> {
-    let mut ids: Vec<Uuid> = batch.iter().map(|m| m.envelope.order_id).collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
+/// Attempts at a message on a queue without a delivery limit before it is parked.
+pub const PARK_AFTER_ATTEMPTS: i64 = 3;
 
 /// What happened to one delivery; used for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -184,6 +185,7 @@ async fn consume<S: Step>(
     tracing::info!(worker = S::NAME, queue = S::QUEUE, "consuming");
 
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+    let most = if S::BATCHED { cfg.batch.max(1) } else { 1 };
     let mut in_flight = JoinSet::new();
     let result = loop {
         tokio::select! {
@@ -196,7 +198,7 @@ async fn consume<S: Step>(
                     // batch; a batch never waits to fill.
                     let mut batch = vec![delivery];
                     let mut failed = None;
-                    while batch.len() < cfg.batch {
+                    while batch.len() < most {
                         match consumer.next().now_or_never() {
                             Some(Some(Ok(delivery))) => batch.push(delivery),
                             Some(Some(Err(err))) => {
@@ -288,7 +290,8 @@ async fn accept<S: Step>(step: &S, delivery: Delivery) -> Option<Item> {
         "delivery",
         worker = S::NAME,
         kind = msg.kind.as_str(),
-        order_id = %msg.envelope.order_id,
+        orders = msg.order_ids.len(),
+        order_id = msg.envelope.order_id.map(|o| o.to_string()).unwrap_or_default(),
         message_id = %msg.envelope.id,
         trace_id = msg.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
         attempt = delivery_count(&delivery) + 1,
@@ -300,81 +303,131 @@ async fn accept<S: Step>(step: &S, delivery: Delivery) -> Option<Item> {
     Some(Item { delivery, msg, span })
 }
 
-/// Handles deliveries that arrived together. Several go through one transaction
-/// ([`handle_batch`]): one BEGIN, inbox insert and COMMIT for all of them instead of one
-/// each, which is most of a step's round trips. If that transaction fails, or one message
-/// turns out to be poison, it is rolled back and every delivery goes through on its own,
-/// with its own retries and outcome, exactly as a batch of one.
+/// Handles deliveries that arrived together, in one transaction ([`handle`]): one BEGIN,
+/// inbox insert, set of step statements and COMMIT for all their orders. If that fails, each
+/// delivery goes on alone ([`isolate`]), so a message that cannot be handled never takes its
+/// neighbours down with it.
 async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Delivery>) {
     let mut items = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         items.extend(accept(step, delivery).await);
     }
-    if items.len() > 1 && S::BATCHED {
-        let started = Instant::now();
-        match handle_batch(step, pool, &mut items).await {
-            Ok(Some(dispositions)) => {
-                metrics::step_batch(S::NAME, items.len());
-                for (item, disposition) in items.iter().zip(dispositions) {
-                    item.span.in_scope(|| report(disposition, None));
-                    metrics::step_duration(S::NAME, started.elapsed());
-                    settle(&item.delivery, disposition).await;
-                    metrics::message(S::QUEUE, disposition.label());
-                }
-                return;
-            }
-            Ok(None) => {}
-            Err(err) => {
-                tracing::warn!(worker = S::NAME, size = items.len(), error = %err, "batch failed; handling its deliveries one by one");
-            }
-        }
+    if items.is_empty() {
+        return;
     }
-    for mut item in items {
-        // Whatever the failed batch read is not this transaction's to trust.
-        item.msg.locked = None;
-        process(step, pool, item).await;
+    let started = Instant::now();
+    let together = items.len() > 1 || items[0].msg.order_ids.len() > 1;
+    if together {
+        let mut attempt = 0;
+        let err = loop {
+            match handle(step, pool, &items, attempt).await {
+                Ok(dispositions) => {
+                    finish::<S>(&items, &dispositions, started).await;
+                    return;
+                }
+                // A lost race or a deadlock: the same batch again, at once.
+                Err(err @ Error::Race(_)) if attempt < RACE_RETRIES => {
+                    tracing::debug!(worker = S::NAME, error = %err, attempt, "batch lost a race; retrying it");
+                    attempt += 1;
+                }
+                Err(err) => break err,
+            }
+        };
+        tracing::warn!(worker = S::NAME, deliveries = items.len(), error = %err,
+            "batch failed; handling its deliveries one by one");
+    }
+    for item in items {
+        isolate(step, pool, item).await;
     }
 }
 
-/// Handles one delivery in its own transaction, retrying transient failures, and settles it.
-async fn process<S: Step>(step: &S, pool: &PgPool, item: Item) {
-    let Item { delivery, msg, span } = item;
+/// How often a batch that lost a race is tried again before its deliveries go on alone.
+const RACE_RETRIES: u32 = 3;
+
+/// Acks, rejects or returns each delivery as decided, with logs and metrics.
+async fn finish<S: Step>(items: &[Item], dispositions: &[Disposition], started: Instant) {
+    let orders: usize = items.iter().map(|i| i.msg.order_ids.len().max(1)).sum();
+    if dispositions.iter().any(|d| *d != Disposition::Requeued) {
+        metrics::step_batch(S::NAME, orders);
+    }
+    for (item, &disposition) in items.iter().zip(dispositions) {
+        item.span.in_scope(|| report(disposition, None));
+        metrics::step_duration(S::NAME, started.elapsed());
+        settle(&item.delivery, disposition).await;
+        metrics::message(S::QUEUE, disposition.label());
+    }
+}
+
+/// One delivery on its own: a message about several orders is split into one message per
+/// order (each then has its own attempts and, if need be, its own dead letter); a message
+/// about one order is handled alone, transient failures retried with backoff, then returned
+/// to the queue (its delivery limit counts the attempts). On a queue without a delivery
+/// limit, a message that keeps failing is parked.
+async fn isolate<S: Step>(step: &S, pool: &PgPool, item: Item) {
     let started = Instant::now();
-    let disposition = async {
-        let attempt = || handle_once(step, pool, &msg);
-        let result = attempt
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(50))
-                    .with_max_delay(Duration::from_secs(2))
-                    .with_max_times(5)
-                    .with_jitter(),
-            )
-            .when(Error::is_transient)
-            .notify(|err, delay| {
-                metrics::message(S::QUEUE, "retried");
-                tracing::warn!(error = %err, ?delay, "transient failure; retrying");
-            })
-            .await;
-        match result {
-            Ok(d) => {
-                report(d, None);
-                d
-            }
-            Err(err) => {
-                report(Disposition::Requeued, Some(&err));
-                Disposition::Requeued
-            }
+    let items = std::slice::from_ref(&item);
+    let tries = std::sync::atomic::AtomicU32::new(0);
+    let attempt = || async {
+        let attempt = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if item.msg.order_ids.len() > 1 {
+            split::<S>(pool, &item.msg).await
+        } else {
+            Ok(handle(step, pool, items, attempt).await?[0])
+        }
+    };
+    let result = attempt
+        .retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(2))
+                .with_max_times(5)
+                .with_jitter(),
+        )
+        .when(Error::is_transient)
+        .notify(|err, delay| {
+            metrics::message(S::QUEUE, "retried");
+            item.span
+                .in_scope(|| tracing::warn!(error = %err, ?delay, "transient failure; retrying"));
+        })
+        .instrument(item.span.clone())
+        .await;
+    let disposition = match result {
+        Ok(d) => d,
+        Err(err) if S::UNBOUNDED_QUEUE && delivery_count(&item.delivery) + 1 >= PARK_AFTER_ATTEMPTS => {
+            park(step, pool, &item, &err).await
+        }
+        Err(err) => {
+            item.span.in_scope(|| report(Disposition::Requeued, Some(&err)));
+            Disposition::Requeued
+        }
+    };
+    finish::<S>(items, &[disposition], started).await;
+}
+
+/// Keeps a message that failed too often on a queue without a delivery limit (see
+/// [`Step::park`]); if even that fails, it goes back to the queue.
+async fn park<S: Step>(step: &S, pool: &PgPool, item: &Item, err: &Error) -> Disposition {
+    let why = format!("{err:#}");
+    let parked = async {
+        let mut tx = pool.begin().await?;
+        step.park(&mut tx, &item.msg, &why).await?;
+        tx.commit().await?;
+        Ok::<_, Error>(())
+    }
+    .await;
+    match parked {
+        Ok(()) => {
+            item.span
+                .in_scope(|| tracing::error!(error = %why, "message failed every attempt; parked for an operator"));
+            Disposition::Acked
+        }
+        Err(park_err) => {
+            item.span.in_scope(|| {
+                tracing::error!(error = %why, park_error = %park_err, "message failed and could not be parked; returning it")
+            });
+            Disposition::Requeued
         }
     }
-    .instrument(span)
-    .await;
-    if disposition != Disposition::Requeued {
-        metrics::step_batch(S::NAME, 1);
-    }
-    metrics::step_duration(S::NAME, started.elapsed());
-    settle(&delivery, disposition).await;
-    metrics::message(S::QUEUE, disposition.label());
 }
 
 /// Logs what happened to a delivery (inside its span).
@@ -388,15 +441,14 @@ fn report(disposition: Disposition, err: Option<&Error>) {
     }
 }
 
-/// Several deliveries in one transaction: one inbox insert that also finds the duplicates,
-/// the step's locks for the whole batch in a global order, each message's step in turn (a
-/// later message sees what an earlier one did, as if they ran one after another), one
-/// commit. Returns `None` when a message is poison (the batch is rolled back and every
-/// delivery handled on its own, so only that one is dead-lettered).
-async fn handle_batch<S: Step>(step: &S, pool: &PgPool, items: &mut [Item]) -> Result<Option<Vec<Disposition>>> {
+/// One transaction for the deliveries: one inbox insert that also finds the duplicates (the
+/// same message twice in the batch counts once), the step for the fresh ones, what their
+/// outcomes need (missing orders sent on alone, inbox records of rejected messages removed
+/// so that a replay of their dead letter is handled), one commit.
+async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) -> Result<Vec<Disposition>> {
     let mut tx = pool.begin().await?;
     let ids: Vec<Uuid> = items.iter().map(|i| i.msg.envelope.id).collect();
-    let mut fresh: std::collections::HashSet<Uuid> = sqlx::query_scalar(
+    let mut fresh: HashSet<Uuid> = sqlx::query_scalar(
         "INSERT INTO inbox (consumer, message_id) SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING
          RETURNING message_id",
     )
@@ -407,47 +459,58 @@ async fn handle_batch<S: Step>(step: &S, pool: &PgPool, items: &mut [Item]) -> R
     .into_iter()
     .collect();
     let mut dispositions = vec![Disposition::Duplicate; items.len()];
-    // `remove`: the same message twice in one batch is handled once.
     let todo: Vec<usize> = (0..items.len())
         .filter(|&i| fresh.remove(&items[i].msg.envelope.id))
         .collect();
+    if todo.is_empty() {
+        return Ok(dispositions);
+    }
     let batch: Vec<&Incoming> = todo.iter().map(|&i| &items[i].msg).collect();
-    let locked = step.lock_batch(&mut tx, &batch).await?;
-    // Each row goes to the first message of its order; a later one locks again and sees
-    // what the earlier one did.
-    for row in locked {
-        if let Some(&i) = todo.iter().find(|&&i| items[i].msg.envelope.order_id == row.id) {
-            items[i].msg.locked = Some(row);
-        }
-    }
-    let mut stale = Vec::new();
-    for &i in &todo {
-        match step
-            .handle(&mut tx, &items[i].msg)
-            .instrument(items[i].span.clone())
-            .await?
-        {
-            Outcome::Done => dispositions[i] = Disposition::Acked,
-            Outcome::Stale => stale.push(i),
-            Outcome::Poison(_) => return Ok(None),
-        }
-    }
-    if !stale.is_empty() {
-        let stale_msgs: Vec<&Incoming> = stale.iter().map(|&i| &items[i].msg).collect();
-        let unknown = about_no_order::<S>(&mut tx, &stale_msgs).await?;
-        for i in stale {
-            if unknown.contains(&items[i].msg.envelope.id) {
-                dispositions[i] = Disposition::Rejected;
+    let outcomes = step
+        .handle(&mut tx, &batch, attempt)
+        .instrument(items[todo[0]].span.clone())
+        .await?;
+    let mut forget = Vec::new();
+    let mut alone = Vec::new();
+    for (&i, outcome) in todo.iter().zip(outcomes) {
+        let msg = &items[i].msg;
+        dispositions[i] = match outcome {
+            Outcome::Done => Disposition::Acked,
+            Outcome::Stale => Disposition::Duplicate,
+            Outcome::Poison(why) => {
+                items[i].span.in_scope(|| tracing::warn!(%why, "poison message"));
+                forget.push(msg.envelope.id);
+                Disposition::Rejected
             }
-        }
+            Outcome::Missing(_) if msg.order_ids.len() <= 1 => {
+                forget.push(msg.envelope.id);
+                Disposition::Rejected
+            }
+            Outcome::Missing(missing) => {
+                items[i]
+                    .span
+                    .in_scope(|| tracing::warn!(orders = ?missing, "message names orders that do not exist; sending them on alone"));
+                alone.extend(split_messages(msg, &missing)?);
+                Disposition::Acked
+            }
+        };
     }
+    if !forget.is_empty() {
+        sqlx::query("DELETE FROM inbox WHERE consumer = $1 AND message_id = ANY($2)")
+            .bind(S::NAME)
+            .bind(&forget)
+            .execute(&mut *tx)
+            .await?;
+    }
+    outbox::enqueue(&mut tx, &alone).await?;
     tx.commit().await?;
     outbox::committed();
-    Ok(Some(dispositions))
+    Ok(dispositions)
 }
 
-/// One attempt: a transaction with the inbox record, the step, and commit.
-async fn handle_once<S: Step>(step: &S, pool: &PgPool, msg: &Incoming) -> Result<Disposition> {
+/// Splits a message about several orders into one message per order, in one transaction
+/// with its inbox record (a redelivered original is then a duplicate).
+async fn split<S: Step>(pool: &PgPool, msg: &Incoming) -> Result<Disposition> {
     let mut tx = pool.begin().await?;
     let fresh = sqlx::query("INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
         .bind(S::NAME)
@@ -459,41 +522,26 @@ async fn handle_once<S: Step>(step: &S, pool: &PgPool, msg: &Incoming) -> Result
     if !fresh {
         return Ok(Disposition::Duplicate);
     }
-    match step.handle(&mut tx, msg).await? {
-        Outcome::Done => {
-            tx.commit().await?;
-            outbox::committed();
-            Ok(Disposition::Acked)
-        }
-        Outcome::Stale => Ok(if about_no_order::<S>(&mut tx, &[msg]).await?.is_empty() {
-            Disposition::Duplicate
-        } else {
-            Disposition::Rejected
-        }),
-        Outcome::Poison(why) => {
-            tracing::warn!(%why, "poison message");
-            Ok(Disposition::Rejected)
-        }
-    }
+    outbox::enqueue(&mut tx, &split_messages(msg, &msg.order_ids)?).await?;
+    tx.commit().await?;
+    outbox::committed();
+    tracing::warn!(
+        orders = msg.order_ids.len(),
+        "split a message that failed into one message per order"
+    );
+    Ok(Disposition::Acked)
 }
 
-/// Of these stale messages, the ids of those about an order that does not exist at all: they
-/// are poison, to be dead-lettered so they are recorded. Their inbox records go, so that a
-/// replay of the dead letter is processed (a batch commits the others' records).
-async fn about_no_order<S: Step>(tx: &mut PgConnection, stale: &[&Incoming]) -> Result<Vec<Uuid>> {
-    let (ids, order_ids): (Vec<Uuid>, Vec<Uuid>) = stale.iter().map(|m| (m.envelope.id, m.envelope.order_id)).unzip();
-    Ok(sqlx::query_scalar(
-        "WITH unknown AS (
-             SELECT m FROM UNNEST($2::uuid[], $3::uuid[]) AS t(m, o)
-             WHERE NOT EXISTS (SELECT 1 FROM orders WHERE id = o)
-         )
-         DELETE FROM inbox WHERE consumer = $1 AND message_id IN (SELECT m FROM unknown) RETURNING message_id",
-    )
-    .bind(S::NAME)
-    .bind(&ids)
-    .bind(&order_ids)
-    .fetch_all(tx)
-    .await?)
+/// One message of the same type per order, each with an id derived from the original's (so
+/// that splitting the same message twice makes the same messages, which inboxes absorb).
+fn split_messages(msg: &Incoming, orders: &[Uuid]) -> Result<Vec<OutboxMessage>> {
+    orders
+        .iter()
+        .map(|&order| {
+            OutboxMessage::command(msg.kind, order, msg.trace)?
+                .with_id(Uuid::new_v5(&msg.envelope.id, order.as_bytes()))
+        })
+        .collect()
 }
 
 async fn settle(delivery: &Delivery, disposition: Disposition) {
@@ -516,16 +564,18 @@ async fn settle(delivery: &Delivery, disposition: Disposition) {
     }
 }
 
-/// Reads the orderflow envelope and the `traceparent` header.
+/// Reads the orderflow envelope of a command (its orders in `data.orderIds`) and the
+/// `traceparent` header.
 pub fn decode(delivery: &Delivery) -> Result<Incoming, String> {
     let envelope: Envelope = serde_json::from_slice(&delivery.data).map_err(|e| format!("invalid envelope: {e}"))?;
     let kind = MessageType::parse(&envelope.kind).ok_or_else(|| format!("unknown message type {:?}", envelope.kind))?;
+    let order_ids = envelope.command_orders()?;
     let trace = header_str(delivery, "traceparent").and_then(TraceParent::parse);
     Ok(Incoming {
         kind,
         envelope,
         trace,
-        locked: None,
+        order_ids,
     })
 }
 

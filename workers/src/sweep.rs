@@ -9,7 +9,7 @@ use std::time::Duration;
 use orderflow_shared::{
     Result,
     db::{
-        orders::{self, OrderRow},
+        orders::{OrderRow, Transitions},
         outbox,
     },
     domain::{CancelReason, OrderStatus},
@@ -56,7 +56,7 @@ pub async fn run(
 const PRUNE_BATCH: i64 = 5_000;
 
 /// Deletes bookkeeping nobody can need any more: idempotency keys older than 48 hours (the
-/// promise is at least 24), published outbox rows older than a day, inbox records older than
+/// promise is at least 24), outbox rows published or discarded over a day ago, inbox records older than
 /// 7 days (a redelivery that late cannot happen: RabbitMQ redelivers on reconnect, and the
 /// delivery limit caps attempts). Safe with several recovery workers.
 pub async fn prune(pool: &PgPool) -> Result<u64> {
@@ -66,6 +66,8 @@ pub async fn prune(pool: &PgPool) -> Result<u64> {
              SELECT ctid FROM idempotency_keys WHERE created_at < now() - interval '48 hours' LIMIT $1))",
         "DELETE FROM outbox WHERE ctid = ANY(ARRAY(
              SELECT ctid FROM outbox WHERE sent_at < now() - interval '1 day' LIMIT $1))",
+        "DELETE FROM outbox WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM outbox WHERE discarded_at < now() - interval '1 day' LIMIT $1))",
         "DELETE FROM inbox WHERE ctid = ANY(ARRAY(
              SELECT ctid FROM inbox WHERE processed_at < now() - interval '7 days' LIMIT $1))",
     ] {
@@ -92,9 +94,10 @@ pub async fn sweep_once(pool: &PgPool, order_timeout: Duration) -> Result<Swept>
     .bind(BATCH)
     .fetch_all(&mut *tx)
     .await?;
-    for order in &overdue {
-        orders::cancel_locked(&mut tx, order, CancelReason::Timeout).await?;
-        swept.timed_out += 1;
+    let mut moves = Transitions::new();
+    swept.timed_out = overdue.len();
+    for order in overdue {
+        moves.cancel(order, CancelReason::Timeout)?;
     }
     let stalled: Vec<OrderRow> = sqlx::query_as(
         "SELECT * FROM orders WHERE status = 'CANCELLING' AND updated_at < now() - $1 * interval '1 millisecond'
@@ -104,11 +107,12 @@ pub async fn sweep_once(pool: &PgPool, order_timeout: Duration) -> Result<Swept>
     .bind(BATCH)
     .fetch_all(&mut *tx)
     .await?;
-    for order in &stalled {
+    swept.redriven = stalled.len();
+    for order in stalled {
         // Unchanged holdings, a fresh updated_at: the next re-drive waits a whole timeout.
-        orders::compensated(&mut tx, order).await?;
-        swept.redriven += 1;
+        moves.compensated(order);
     }
+    moves.apply(&mut tx).await?;
     tx.commit().await?;
     outbox::committed();
     Ok(swept)

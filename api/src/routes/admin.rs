@@ -16,6 +16,10 @@ use orderflow_shared::{
         outbox::{self, Replay},
     },
     domain::{CancelReason, OrderStatus},
+    messaging::{
+        stats::{self, Destination},
+        topology,
+    },
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -39,6 +43,9 @@ pub fn router() -> Router<AppState> {
             get(show_dead_letter).delete(discard_dead_letter),
         )
         .route("/api/admin/dead-letters/{id}/replay", post(replay_dead_letter))
+        .route("/api/admin/outbox/parked", get(list_parked))
+        .route("/api/admin/outbox/{id}", axum::routing::delete(discard_parked))
+        .route("/api/admin/outbox/{id}/retry", post(retry_parked))
 }
 
 const PROBLEM: &str = "application/problem+json";
@@ -224,8 +231,9 @@ pub async fn retry_compensation(
         )
         .await);
     };
-    orders::set_status(&mut tx, &order, OrderStatus::Cancelling, None).await?;
-    orders::continue_compensation(&mut tx, &order).await?;
+    let mut moves = orders::Transitions::new();
+    moves.reopen(order, OrderStatus::Cancelling);
+    moves.apply(&mut tx).await?;
     tx.commit().await?;
     outbox::committed();
     Ok((
@@ -272,13 +280,19 @@ pub struct DeadLetterView {
     pub id: i64,
     pub message_id: Option<String>,
     pub message_type: Option<String>,
+    /// The order, when the message was about one.
     pub order_id: Option<Uuid>,
+    /// Every order the message named (a command may name several).
+    pub order_ids: Vec<Uuid>,
     pub source_queue: Option<String>,
     pub exchange: Option<String>,
     pub routing_key: Option<String>,
     /// delivery_limit, rejected or expired.
     pub reason: Option<String>,
     pub death_count: i64,
+    /// The AMQP headers as JSON; values JSON cannot hold as they are appear as one-key
+    /// objects: `{"$bytes": "<hex>"}` (NUL, invalid UTF-8, byte arrays), `{"$decimal": ...}`,
+    /// `{"$timestamp": seconds}`, `{"$float": "NaN"}`.
     pub headers: serde_json::Value,
     /// The body as text (invalid UTF-8 replaced).
     #[sqlx(skip)]
@@ -375,16 +389,18 @@ pub async fn show_dead_letter(
     Ok(Json(find_dead_letter(&mut conn, id, false).await?))
 }
 
-/// Publish a dead letter again to where it died, with its original message id (consumers'
-/// inboxes keep the replay idempotent). Only a NEW dead letter with a JSON body can be
-/// replayed.
+/// Publish a dead letter again to the queue it died in (through the default exchange, so it
+/// reaches that queue whatever exchange first carried it), with its original message id and
+/// body bytes (consumers' inboxes keep the replay idempotent). Only a NEW dead letter whose
+/// destination exists now can be replayed: the broker is asked when the operator asks.
 #[utoipa::path(post, path = "/api/admin/dead-letters/{id}/replay", tag = "admin", security(("bearer" = [])),
     params(("id" = i64, Path)), responses(
     (status = 202, body = DeadLetterView),
     (status = 401, body = Problem, content_type = PROBLEM),
     (status = 403, body = Problem, content_type = PROBLEM),
     (status = 404, description = "DEAD_LETTER_NOT_FOUND", body = Problem, content_type = PROBLEM),
-    (status = 409, description = "DEAD_LETTER_RESOLVED or DEAD_LETTER_NOT_REPLAYABLE", body = Problem, content_type = PROBLEM),
+    (status = 409, description = "DEAD_LETTER_RESOLVED, or DEAD_LETTER_NOT_REPLAYABLE: its queue (or exchange) does not exist or does not route its routing key", body = Problem, content_type = PROBLEM),
+    (status = 503, description = "BROKER_UNAVAILABLE: the broker could not be asked", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn replay_dead_letter(
     State(state): State<AppState>,
@@ -400,21 +416,25 @@ pub async fn replay_dead_letter(
         )
         .into());
     }
-    let not_replayable = |why: &str| Error::conflict("DEAD_LETTER_NOT_REPLAYABLE", why.to_owned());
-    let body: serde_json::Value = serde_json::from_slice(&letter.raw_body)
-        .map_err(|_| not_replayable("its body is not JSON; discard it instead"))?;
-    let (Some(exchange), Some(routing_key)) = (letter.exchange.clone(), letter.routing_key.clone()) else {
-        return Err(not_replayable("where it was published is unknown").into());
-    };
+    // Bytes that are not even JSON can only be refused again: discard those instead.
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&letter.raw_body).is_err() {
+        return Err(Error::conflict(
+            "DEAD_LETTER_NOT_REPLAYABLE",
+            "its body is not JSON, so no worker can take it; discard it instead",
+        )
+        .into());
+    }
+    let (exchange, routing_key) = destination(&state, &letter).await?;
     let message_id = letter
         .message_id
         .as_deref()
         .and_then(|m| m.parse().ok())
         .unwrap_or_else(Uuid::now_v7);
-    let headers = match letter.headers.get("traceparent") {
-        Some(tp) => serde_json::json!({ "traceparent": tp }),
-        None => serde_json::json!({}),
-    };
+    // Which dead letter this replays: if it dies again, that is a new death, recorded anew.
+    let mut headers = serde_json::json!({ REPLAY_OF: id.to_string() });
+    if let Some(tp) = letter.headers.get("traceparent").filter(|tp| tp.is_string()) {
+        headers["traceparent"] = tp.clone();
+    }
     outbox::enqueue_replay(
         &mut tx,
         &Replay {
@@ -422,9 +442,9 @@ pub async fn replay_dead_letter(
             message_type: letter.message_type.clone().unwrap_or_else(|| routing_key.clone()),
             exchange,
             routing_key,
-            order_id: letter.order_id,
+            order_ids: letter.order_ids.clone(),
             headers,
-            body,
+            body: letter.raw_body.clone(),
         },
     )
     .await?;
@@ -436,6 +456,42 @@ pub async fn replay_dead_letter(
     tx.commit().await?;
     outbox::committed();
     Ok((StatusCode::ACCEPTED, Json(letter)))
+}
+
+/// The header naming the dead letter a message replays.
+pub const REPLAY_OF: &str = "x-orderflow-replay-of";
+
+/// Where a replay goes: the queue the letter died in, through the default exchange, if that
+/// queue exists; else the exchange and routing key it was published with, if that exchange
+/// exists and (for orderflow's own exchanges, whose bindings are known) routes the key.
+async fn destination(state: &AppState, letter: &DeadLetterView) -> Result<(String, String), Error> {
+    let not_replayable = |why: String| Error::conflict("DEAD_LETTER_NOT_REPLAYABLE", why);
+    let ask = |destination| async move {
+        stats::exists(&state.config.amqp_url, destination).await.map_err(|err| {
+            tracing::warn!(error = %format!("{err:#}"), "cannot ask the broker about a replay's destination");
+            Error::unavailable("BROKER_UNAVAILABLE", "the broker could not be asked; retry shortly")
+        })
+    };
+    if let Some(queue) = letter.source_queue.as_deref().filter(|q| !q.is_empty()) {
+        if ask(Destination::Queue(queue)).await? {
+            return Ok((String::new(), queue.to_owned()));
+        }
+        return Err(not_replayable(format!(
+            "the queue it died in, {queue:?}, does not exist"
+        )));
+    }
+    let (Some(exchange), Some(routing_key)) = (letter.exchange.clone(), letter.routing_key.clone()) else {
+        return Err(not_replayable("where it was published is unknown".to_owned()));
+    };
+    if !exchange.is_empty() && !ask(Destination::Exchange(&exchange)).await? {
+        return Err(not_replayable(format!("its exchange {exchange:?} does not exist")));
+    }
+    if topology::EXCHANGES.iter().any(|(name, _)| *name == exchange) && !topology::routes(&exchange, &routing_key) {
+        return Err(not_replayable(format!(
+            "exchange {exchange:?} routes nothing with routing key {routing_key:?}"
+        )));
+    }
+    Ok((exchange, routing_key))
 }
 
 /// Discard a dead letter (kept, marked DISCARDED, for the record).
@@ -467,4 +523,148 @@ pub async fn discard_dead_letter(
         .await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+// --- Parked outbox rows -------------------------------------------------------------------------
+
+/// An outbox row the relay parked after the broker refused it [`relay::MAX_ATTEMPTS`] times
+/// (no such exchange, unroutable, nacked, channel closed over it). The rows behind it kept
+/// flowing; it waits here for an operator.
+///
+/// [`relay::MAX_ATTEMPTS`]: ../../orderflow_workers/relay/constant.MAX_ATTEMPTS.html
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct ParkedMessage {
+    pub id: i64,
+    pub message_id: Uuid,
+    /// stock.reserve, order.confirmed, ... (or whatever a replayed dead letter said).
+    pub message_type: String,
+    pub exchange: String,
+    pub routing_key: String,
+    pub order_ids: Vec<Uuid>,
+    /// Publishes the broker refused.
+    pub attempts: i32,
+    /// The broker's last refusal.
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub parked_at: Option<DateTime<Utc>>,
+    /// The body as text (invalid UTF-8 replaced).
+    #[sqlx(skip)]
+    pub body: String,
+    #[serde(skip)]
+    #[sqlx(rename = "body")]
+    pub raw_body: Vec<u8>,
+}
+
+impl ParkedMessage {
+    fn with_text(mut self) -> Self {
+        self.body = String::from_utf8_lossy(&self.raw_body).into_owned();
+        self
+    }
+}
+
+const PARKED: &str = "parked_at IS NOT NULL AND sent_at IS NULL AND discarded_at IS NULL";
+
+/// Outbox rows parked by the relay, oldest first.
+#[utoipa::path(get, path = "/api/admin/outbox/parked", tag = "admin", security(("bearer" = [])), params(PageParams), responses(
+    (status = 200, body = Page<ParkedMessage>),
+    (status = 400, body = Problem, content_type = PROBLEM),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+))]
+pub async fn list_parked(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Query(page): Query<PageParams>,
+) -> ApiResult<Json<Page<ParkedMessage>>> {
+    let (limit, offset) = page.limit_offset()?;
+    let rows: Vec<ParkedMessage> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT * FROM outbox WHERE {PARKED} ORDER BY id LIMIT $1 OFFSET $2"
+    )))
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&state.pool)
+    .await?;
+    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM outbox WHERE {PARKED}"
+    )))
+    .fetch_one(&state.pool)
+    .await?;
+    Ok(Json(Page::new(
+        rows.into_iter().map(ParkedMessage::with_text).collect(),
+        page,
+        total,
+    )))
+}
+
+/// Publish a parked row again: it goes back to the relay with its attempts reset.
+#[utoipa::path(post, path = "/api/admin/outbox/{id}/retry", tag = "admin", security(("bearer" = [])),
+    params(("id" = i64, Path)), responses(
+    (status = 202, body = ParkedMessage),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+    (status = 404, description = "OUTBOX_MESSAGE_NOT_FOUND", body = Problem, content_type = PROBLEM),
+    (status = 409, description = "OUTBOX_MESSAGE_NOT_PARKED: published, waiting for the relay, or discarded", body = Problem, content_type = PROBLEM),
+))]
+pub async fn retry_parked(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<i64>,
+) -> ApiResult<(StatusCode, Json<ParkedMessage>)> {
+    let row: Option<ParkedMessage> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE outbox SET parked_at = NULL, retry_at = NULL, attempts = 0 WHERE id = $1 AND {PARKED} RETURNING *"
+    )))
+    .bind(id)
+    .fetch_optional(&state.pool)
+    .await?;
+    let row = row.ok_or(not_parked(&state, id).await)?;
+    outbox::committed();
+    Ok((StatusCode::ACCEPTED, Json(row.with_text())))
+}
+
+/// Give up on a parked row: it is kept, marked discarded, and never published. (The orders
+/// it would have moved are cancelled at their deadline.)
+#[utoipa::path(delete, path = "/api/admin/outbox/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = i64, Path)), responses(
+    (status = 204, description = "discarded"),
+    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 403, body = Problem, content_type = PROBLEM),
+    (status = 404, description = "OUTBOX_MESSAGE_NOT_FOUND", body = Problem, content_type = PROBLEM),
+    (status = 409, description = "OUTBOX_MESSAGE_NOT_PARKED", body = Problem, content_type = PROBLEM),
+))]
+pub async fn discard_parked(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<i64>,
+) -> ApiResult<StatusCode> {
+    let discarded = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE outbox SET discarded_at = now() WHERE id = $1 AND {PARKED}"
+    )))
+    .bind(id)
+    .execute(&state.pool)
+    .await?
+    .rows_affected();
+    if discarded == 0 {
+        return Err(not_parked(&state, id).await.into());
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// 404 for no such row, else 409.
+async fn not_parked(state: &AppState, id: i64) -> Error {
+    match sqlx::query_scalar::<_, i64>("SELECT id FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&state.pool)
+        .await
+    {
+        Ok(Some(_)) => Error::conflict(
+            "OUTBOX_MESSAGE_NOT_PARKED",
+            format!("outbox message {id} is not parked (published, pending or discarded)"),
+        ),
+        Ok(None) => Error::not_found(
+            "OUTBOX_MESSAGE_NOT_FOUND",
+            format!("outbox message {id} does not exist"),
+        ),
+        Err(err) => err.into(),
+    }
 }

@@ -278,10 +278,12 @@ pub struct Overview {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutboxLag {
-    /// Outbox rows not yet published by the relay.
+    /// Outbox rows the relay has yet to publish (parked ones not included).
     pub unsent: i64,
-    /// Age of the oldest unsent row; null when everything is sent.
+    /// Age of the oldest of those; null when everything is sent.
     pub oldest_unsent_age_seconds: Option<f64>,
+    /// Rows the broker kept refusing, parked for an operator (`/api/admin/outbox/parked`).
+    pub parked: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -328,6 +330,7 @@ pub async fn overview(
         outbox: OutboxLag {
             unsent: counts.unsent,
             oldest_unsent_age_seconds: counts.oldest_unsent_age_seconds,
+            parked: counts.parked,
         },
         dead_letters: DeadLetterCount { new: counts.new_dead },
         stuck: counts.stuck,
@@ -340,6 +343,7 @@ pub async fn overview(
 struct Counts {
     unsent: i64,
     oldest_unsent_age_seconds: Option<f64>,
+    parked: i64,
     new_dead: i64,
     stuck: i64,
 }
@@ -354,9 +358,11 @@ async fn overview_counts(state: &AppState, stuck_after: Duration) -> ApiResult<(
     // Each count reads a partial or status index: unsent outbox rows, NEW dead letters and
     // orders still in flight are few however large the tables grow.
     let counts: Counts = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM outbox WHERE sent_at IS NULL) AS unsent,
-                (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox WHERE sent_at IS NULL)
-                    AS oldest_unsent_age_seconds,
+        "SELECT (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL) AS unsent,
+                (SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox
+                    WHERE sent_at IS NULL AND parked_at IS NULL) AS oldest_unsent_age_seconds,
+                (SELECT count(*) FROM outbox
+                    WHERE parked_at IS NOT NULL AND sent_at IS NULL AND discarded_at IS NULL) AS parked,
                 (SELECT count(*) FROM dead_letters WHERE status = 'NEW') AS new_dead,
                 (SELECT count(*) FROM orders WHERE status NOT IN ('CONFIRMED', 'CANCELLED')
                     AND updated_at < now() - $1 * interval '1 millisecond') AS stuck",
@@ -434,7 +440,7 @@ pub struct MessageHop {
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Handling {
-    /// The worker: stock, coupon, payment, order, sales, recovery.
+    /// The worker: stock, coupon, payment, order, recovery.
     pub consumer: String,
     pub processed_at: DateTime<Utc>,
 }
@@ -484,7 +490,7 @@ pub async fn timeline(State(state): State<AppState>, _admin: Admin, Path(id): Pa
     .await?;
     let hops: Vec<OutboxHop> = sqlx::query_as(
         "SELECT message_id, message_type, exchange, routing_key, created_at, sent_at
-         FROM outbox WHERE order_id = $1 ORDER BY id",
+         FROM outbox WHERE order_ids @> ARRAY[$1]::uuid[] ORDER BY id",
     )
     .bind(id)
     .fetch_all(&mut *conn)
@@ -509,7 +515,7 @@ pub async fn timeline(State(state): State<AppState>, _admin: Admin, Path(id): Pa
     .fetch_all(&mut *conn)
     .await?;
     let dead_letters: Vec<DeadLetterView> =
-        sqlx::query_as("SELECT * FROM dead_letters WHERE order_id = $1 ORDER BY id")
+        sqlx::query_as("SELECT * FROM dead_letters WHERE order_id = $1 OR $1 = ANY(order_ids) ORDER BY id")
             .bind(id)
             .fetch_all(&mut *conn)
             .await?;

@@ -1,8 +1,10 @@
-//! Orders: accept at once as PENDING (one transaction: order, items, first history row and
-//! the outbox rows that start the pipeline and its deadline), then read their progress.
-//! Also the popular-products view fed by the sales projection.
+//! Orders: accept at once as PENDING (group commit, `crate::accept`: the order, its items,
+//! first history row and idempotency record, and the messages that start the pipeline and its
+//! deadline, in a transaction shared with the requests that arrived together), then read their
+//! progress.
+//! Also the popular-products view, counted when orders are confirmed.
 
-use std::{collections::HashSet, sync::LazyLock};
+use std::collections::HashSet;
 
 use axum::{
     Router,
@@ -14,12 +16,8 @@ use axum::{
 use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Error,
-    db::{
-        orders,
-        outbox::{self, OutboxMessage},
-    },
+    db::orders,
     domain::{MAX_LINE_QUANTITY, MAX_ORDER_LINES, OrderStatus},
-    messaging::MessageType,
     telemetry::{self, TraceParent},
 };
 use serde::{Deserialize, Serialize};
@@ -27,9 +25,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::{
-    AppState,
+    AppState, accept,
     extract::{IdempotencyKey, Json, Path, Query, User},
-    idempotency::{self, Claim, Claimed},
+    idempotency::Claim,
     page::{Page, PageParams},
     problem::{ApiResult, Problem},
 };
@@ -150,118 +148,36 @@ pub async fn place(
 ) -> ApiResult<Response> {
     let key = key.required()?;
     validate(&req)?;
-    let claim = Claim {
-        user_id: user.id(),
-        scope: "orders.place",
-        key,
-        request: serde_json::to_value(&req).map_err(anyhow::Error::from)?,
+    let request = accept::Request {
+        claim: Claim {
+            user_id: user.id(),
+            scope: "orders.place",
+            key,
+            request: serde_json::to_value(&req).map_err(anyhow::Error::from)?,
+        },
+        lines: req.items.iter().map(|i| (i.product_id, i.quantity)).collect(),
+        coupon_id: req.coupon_id,
+        // The request's trace (continuing a caller's `traceparent`) becomes the order's trace.
+        trace: telemetry::current().unwrap_or_else(TraceParent::new_root),
     };
-    let mut tx = state.pool.begin().await?;
-    let result = accept(&state, &mut tx, &user, &claim, &req).await;
-    idempotency::end(tx, result).await
-}
-
-/// Accepting an order in one statement; the outbox messages are `$1`..`$7`.
-static PLACE: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH placed AS (
-             INSERT INTO orders (id, user_id, status, coupon_id, total_amount, trace_parent, deadline_at)
-             VALUES ($8, $9, 'PENDING', $10, $11, $12, now() + $13 * interval '1 millisecond')
-             RETURNING id
-         ), lines AS (
-             INSERT INTO order_items (order_id, product_id, quantity, unit_price)
-             SELECT $8, pid, qty, price FROM UNNEST($14::bigint[], $15::int[], $16::bigint[]) AS t(pid, qty, price)
-         ), history AS (
-             INSERT INTO order_status_history (order_id, from_status, to_status) SELECT id, NULL, 'PENDING' FROM placed
-         )
-         {}",
-        outbox::INSERT
-    )
-});
-
-/// Everything of accepting an order that happens inside its transaction.
-async fn accept(
-    state: &AppState,
-    tx: &mut sqlx::PgConnection,
-    user: &User,
-    claim: &Claim,
-    req: &NewOrder,
-) -> Result<Claimed, Error> {
-    if let Some(stored) = claim.begin(tx).await? {
-        return Ok(Claimed::Replay(stored));
+    match state.acceptor.accept(request).await? {
+        accept::Accepted::Replay(stored) => Ok(stored.into_response()),
+        accept::Accepted::Fresh { order_id, total } => {
+            tracing::info!(order_id = %order_id, total, "order accepted");
+            let mut res = (
+                StatusCode::ACCEPTED,
+                Json(Accepted {
+                    order_id,
+                    status: OrderStatus::Pending,
+                }),
+            )
+                .into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("/api/orders/{order_id}")) {
+                res.headers_mut().insert(header::LOCATION, v);
+            }
+            Ok(res)
+        }
     }
-
-    let ids: Vec<i64> = req.items.iter().map(|i| i.product_id).collect();
-    let prices: Vec<(i64, i64)> = sqlx::query_as("SELECT id, price FROM products WHERE id = ANY($1)")
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-    let mut unit_prices = Vec::with_capacity(req.items.len());
-    let mut total: i64 = 0;
-    for item in &req.items {
-        let price = prices
-            .iter()
-            .find(|(id, _)| *id == item.product_id)
-            .map(|(_, p)| *p)
-            .ok_or_else(|| {
-                Error::not_found(
-                    "PRODUCT_NOT_FOUND",
-                    format!("product {} does not exist", item.product_id),
-                )
-            })?;
-        unit_prices.push(price);
-        total = price
-            .checked_mul(i64::from(item.quantity))
-            .and_then(|line| total.checked_add(line))
-            .ok_or_else(|| Error::bad_request("ORDER_TOO_LARGE", "the order total is too large"))?;
-    }
-
-    let order_id = Uuid::now_v7();
-    // The request's trace (continuing a caller's `traceparent`) becomes the order's trace.
-    let trace = telemetry::current().unwrap_or_else(TraceParent::new_root);
-    let timeout_ms = i64::try_from(state.config.order_timeout.as_millis()).unwrap_or(i64::MAX);
-    // The order, its lines, its first history row and its first two messages (the
-    // reservation, and the deadline that recovery acts on) in one statement; foreign keys
-    // are checked at its end, when the order row exists.
-    let quantities: Vec<i32> = req.items.iter().map(|i| i.quantity).collect();
-    let start = OutboxMessage::command(MessageType::StockReserve, order_id, Some(trace))?;
-    let deadline =
-        OutboxMessage::command(MessageType::OrderDeadline, order_id, Some(trace))?.with_expiration_ms(timeout_ms);
-    outbox::Columns::new(&[start, deadline])
-        .bind(sqlx::query(PLACE.as_str()))
-        .bind(order_id)
-        .bind(user.id())
-        .bind(req.coupon_id)
-        .bind(total)
-        .bind(trace.to_string())
-        .bind(timeout_ms as f64)
-        .bind(&ids)
-        .bind(&quantities)
-        .bind(&unit_prices)
-        .execute(&mut *tx)
-        .await?;
-
-    let location = format!("/api/orders/{order_id}");
-    let body = Accepted {
-        order_id,
-        status: OrderStatus::Pending,
-    };
-    let json = serde_json::to_value(&body).map_err(anyhow::Error::from)?;
-    claim
-        .finish(
-            tx,
-            StatusCode::ACCEPTED,
-            &json,
-            serde_json::json!({ "location": location }),
-        )
-        .await?;
-    tracing::info!(order_id = %order_id, total, "order accepted");
-
-    let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        res.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(Claimed::Fresh(res))
 }
 
 fn validate(req: &NewOrder) -> Result<(), Error> {

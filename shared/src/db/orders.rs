@@ -1,10 +1,12 @@
-//! Orders: guarded state transitions with history, and the compensation chain.
+//! Orders: guarded state transitions with history, and the compensation chain, set-based.
 //!
-//! Every transition is guarded by the expected status. A step first locks the order row
-//! (`lock`), which serialises it against recovery and admin cancel; zero rows means the
-//! message is late or duplicated and the caller changes nothing.
+//! A transaction that moves orders first locks them (`lock_all`, in id order, which
+//! serialises it against recovery, admin cancel and other batches), decides in Rust what each
+//! one does, and writes every move, history row and outbox message of the batch in one
+//! statement ([`Transitions::apply`]). Every move is guarded by the status it was read in;
+//! zero rows for a locked order cannot happen and fails the transaction.
 
-use std::sync::LazyLock;
+use std::{collections::BTreeMap, sync::LazyLock};
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, Row};
@@ -45,6 +47,7 @@ impl OrderRow {
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct ItemRow {
+    pub order_id: Uuid,
     pub product_id: i64,
     pub quantity: i32,
     pub unit_price: i64,
@@ -66,9 +69,10 @@ pub async fn lock(conn: &mut PgConnection, id: Uuid, expected: &[OrderStatus]) -
     )
 }
 
-/// Locks every one of `ids` that exists, in id order, whatever its status, and returns them:
-/// the first lock a transaction handling several orders takes, so that two such transactions
-/// (and any that lock one order) always meet in the same order and cannot deadlock.
+/// Locks every one of `ids` that exists, in id order, whatever its status, and returns them
+/// in id order: the first lock a transaction handling several orders takes, so that two such
+/// transactions (and any that lock one order) always meet in the same order and cannot
+/// deadlock.
 pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<OrderRow>> {
     Ok(
         sqlx::query_as("SELECT * FROM orders WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
@@ -79,85 +83,18 @@ pub async fn lock_all(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<Order
 }
 
 pub async fn items(conn: &mut PgConnection, id: Uuid) -> Result<Vec<ItemRow>> {
+    items_of(conn, &[id]).await
+}
+
+/// The lines of every one of `ids`, by order then product.
+pub async fn items_of(conn: &mut PgConnection, ids: &[Uuid]) -> Result<Vec<ItemRow>> {
     Ok(sqlx::query_as(
-        "SELECT product_id, quantity, unit_price FROM order_items WHERE order_id = $1 ORDER BY product_id",
+        "SELECT order_id, product_id, quantity, unit_price FROM order_items
+         WHERE order_id = ANY($1) ORDER BY order_id, product_id",
     )
-    .bind(id)
+    .bind(ids)
     .fetch_all(conn)
     .await?)
-}
-
-/// Moves a locked order from its current status to `to`, with a history row. The order's
-/// holdings (`stock_held`, `coupon_held`, `paid_amount`, `discount_amount`) are written from
-/// `order` in the same statement, so a step records its effect and its transition at once.
-pub async fn set_status(
-    conn: &mut PgConnection,
-    order: &OrderRow,
-    to: OrderStatus,
-    reason: Option<CancelReason>,
-) -> Result<()> {
-    advance(conn, order, &[(to, reason)], &[]).await
-}
-
-/// One statement for a whole transition (one round trip): the order row moves from its
-/// current status along `path` (usually one status; CANCELLING then CANCELLED for an order
-/// that holds nothing) with its holdings written from `order`, a history row per hop, and
-/// `messages` into the outbox.
-static ADVANCE: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH moved AS (
-             UPDATE orders SET status = $10, reason = COALESCE($11, reason), stock_held = $12, coupon_held = $13,
-                               paid_amount = $14, discount_amount = $15, updated_at = now()
-             WHERE id = $8 AND status = $9
-             RETURNING id
-         ), history AS (
-             INSERT INTO order_status_history (order_id, from_status, to_status, reason)
-             SELECT moved.id, h.f, h.t, h.r
-             FROM moved, UNNEST($16::text[], $17::text[], $18::text[]) WITH ORDINALITY AS h(f, t, r, n)
-             ORDER BY h.n
-         ), sent AS ({})
-         SELECT count(*) FROM moved",
-        outbox::INSERT
-    )
-});
-
-pub async fn advance(
-    conn: &mut PgConnection,
-    order: &OrderRow,
-    path: &[(OrderStatus, Option<CancelReason>)],
-    messages: &[OutboxMessage],
-) -> Result<()> {
-    let Some(&(to, _)) = path.last() else {
-        return Ok(());
-    };
-    let (mut froms, mut tos, mut reasons) = (Vec::new(), Vec::new(), Vec::new());
-    let mut from = order.status;
-    for &(next, reason) in path {
-        froms.push(from.as_str());
-        tos.push(next.as_str());
-        reasons.push(reason.map(CancelReason::as_str));
-        from = next;
-    }
-    let moved: i64 = Columns::new(messages)
-        .bind(sqlx::query(ADVANCE.as_str()))
-        .bind(order.id)
-        .bind(order.status.as_str())
-        .bind(to.as_str())
-        .bind(path.iter().find_map(|&(_, r)| r).map(CancelReason::as_str))
-        .bind(order.stock_held)
-        .bind(order.coupon_held)
-        .bind(order.paid_amount)
-        .bind(order.discount_amount)
-        .bind(froms)
-        .bind(tos)
-        .bind(reasons)
-        .fetch_one(&mut *conn)
-        .await?
-        .try_get(0)?;
-    if moved != 1 {
-        return Err(anyhow::anyhow!("order {} left {} while locked", order.id, order.status).into());
-    }
-    Ok(())
 }
 
 /// The next compensation a CANCELLING order needs, driven by what it still holds:
@@ -174,65 +111,248 @@ pub fn next_compensation(order: &OrderRow) -> MessageType {
     }
 }
 
-/// Records what a CANCELLING order still holds after a compensation (or re-drives it
-/// unchanged) and enqueues the next compensation.
-pub async fn compensated(conn: &mut PgConnection, order: &OrderRow) -> Result<()> {
-    sqlx::query(
-        "UPDATE orders SET stock_held = $2, coupon_held = $3, paid_amount = $4, updated_at = now()
-         WHERE id = $1 AND status = 'CANCELLING'",
-    )
-    .bind(order.id)
-    .bind(order.stock_held)
-    .bind(order.coupon_held)
-    .bind(order.paid_amount)
-    .execute(&mut *conn)
-    .await?;
-    continue_compensation(conn, order).await
-}
-
-/// Enqueues the next compensation step for a CANCELLING order.
-pub async fn continue_compensation(conn: &mut PgConnection, order: &OrderRow) -> Result<()> {
-    outbox::enqueue(conn, &[compensation(order)?]).await
-}
-
-/// The command for the next compensation a CANCELLING order needs.
-fn compensation(order: &OrderRow) -> Result<OutboxMessage> {
-    OutboxMessage::command(next_compensation(order), order.id, order.trace())
-}
-
 /// Whether the order holds nothing that a compensation would have to give back.
 pub fn holds_nothing(order: &OrderRow) -> bool {
     !order.stock_held && !order.coupon_held && order.paid_amount == 0
 }
 
-/// Moves a locked, cancellable order to CANCELLING with `reason` and starts compensation.
-/// An order that holds nothing has nothing to compensate: it goes on to CANCELLED in the same
-/// statement (both transitions recorded), which spares a message and a transaction for
-/// every order refused before it took anything (out of stock, timed out while PENDING).
-/// Returns the status the order is left in.
-pub async fn cancel_locked(conn: &mut PgConnection, order: &OrderRow, reason: CancelReason) -> Result<OrderStatus> {
-    if holds_nothing(order) {
-        let event = cancelled_event(order, reason.as_str())?;
-        let path = [(OrderStatus::Cancelling, Some(reason)), (OrderStatus::Cancelled, None)];
-        advance(conn, order, &path, &[event]).await?;
-        return Ok(OrderStatus::Cancelled);
-    }
-    advance(
-        conn,
-        order,
-        &[(OrderStatus::Cancelling, Some(reason))],
-        &[compensation(order)?],
-    )
-    .await?;
-    Ok(OrderStatus::Cancelling)
+/// One order's move: its row as locked, with the holdings it will have written in; the
+/// statuses it passes through (empty: holdings only, status unchanged, no history row).
+struct Move {
+    order: OrderRow,
+    path: Vec<(OrderStatus, Option<CancelReason>)>,
 }
 
-/// Ends a CANCELLING order that holds nothing: CANCELLED, and `order.cancelled` for the data
-/// platform (its id is fixed here, in the guarded transaction, so re-publishes keep it).
-pub async fn finish_cancel(conn: &mut PgConnection, order: &OrderRow) -> Result<()> {
-    let event = cancelled_event(order, order.reason.as_deref().unwrap_or_default())?;
-    advance(conn, order, &[(OrderStatus::Cancelled, None)], &[event]).await
+/// The moves, history rows and messages of one transaction, written by [`apply`](Self::apply)
+/// in one statement. Commands to the same step are grouped: one message per kind carries
+/// every order that needs it.
+#[derive(Default)]
+pub struct Transitions {
+    moves: Vec<Move>,
+    commands: BTreeMap<&'static str, (MessageType, Vec<Uuid>, Option<TraceParent>)>,
+    messages: Vec<OutboxMessage>,
 }
+
+impl Transitions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many orders move.
+    pub fn len(&self) -> usize {
+        self.moves.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.moves.is_empty()
+    }
+
+    /// Moves a locked order (holdings as it will hold them) to `to`, then sends it `then`.
+    pub fn advance(&mut self, order: OrderRow, to: OrderStatus, then: Option<MessageType>) {
+        if let Some(kind) = then {
+            self.command(kind, &order);
+        }
+        self.moves.push(Move {
+            order,
+            path: vec![(to, None)],
+        });
+    }
+
+    /// Moves a locked, cancellable order to CANCELLING with `reason` and starts its
+    /// compensation. An order that holds nothing has nothing to compensate: it goes on to
+    /// CANCELLED in the same statement (both hops recorded) with its `order.cancelled`, which
+    /// spares a message and a transaction for every order refused before it took anything.
+    /// Returns the status the order is left in.
+    pub fn cancel(&mut self, order: OrderRow, reason: CancelReason) -> Result<OrderStatus> {
+        if holds_nothing(&order) {
+            self.messages.push(cancelled_event(&order, reason.as_str())?);
+            self.moves.push(Move {
+                order,
+                path: vec![(OrderStatus::Cancelling, Some(reason)), (OrderStatus::Cancelled, None)],
+            });
+            return Ok(OrderStatus::Cancelled);
+        }
+        self.command(next_compensation(&order), &order);
+        self.moves.push(Move {
+            order,
+            path: vec![(OrderStatus::Cancelling, Some(reason))],
+        });
+        Ok(OrderStatus::Cancelling)
+    }
+
+    /// Records what a CANCELLING order still holds after a compensation (or re-drives it
+    /// unchanged) and sends the next compensation.
+    pub fn compensated(&mut self, order: OrderRow) {
+        self.command(next_compensation(&order), &order);
+        self.moves.push(Move {
+            order,
+            path: Vec::new(),
+        });
+    }
+
+    /// Ends a CANCELLING order that holds nothing: CANCELLED, and `order.cancelled` for the
+    /// data platform (its id is fixed here, in the guarded transaction, so re-publishes
+    /// keep it).
+    pub fn finish_cancel(&mut self, order: OrderRow) -> Result<()> {
+        let reason = order.reason.clone().unwrap_or_default();
+        self.messages.push(cancelled_event(&order, &reason)?);
+        self.moves.push(Move {
+            order,
+            path: vec![(OrderStatus::Cancelled, None)],
+        });
+        Ok(())
+    }
+
+    /// Parks a CANCELLING order whose compensation keeps failing: COMPENSATION_FAILED, until
+    /// an operator retries it ([`reopen`](Self::reopen)).
+    pub fn park(&mut self, order: OrderRow) {
+        self.moves.push(Move {
+            order,
+            path: vec![(OrderStatus::CompensationFailed, None)],
+        });
+    }
+
+    /// Moves a locked order to `to` (e.g. an operator's retry of a parked compensation) and
+    /// sends the next compensation.
+    pub fn reopen(&mut self, order: OrderRow, to: OrderStatus) {
+        self.command(next_compensation(&order), &order);
+        self.moves.push(Move {
+            order,
+            path: vec![(to, None)],
+        });
+    }
+
+    /// A message written with the moves (e.g. a public event built by the step).
+    pub fn message(&mut self, message: OutboxMessage) {
+        self.messages.push(message);
+    }
+
+    fn command(&mut self, kind: MessageType, order: &OrderRow) {
+        let entry = self
+            .commands
+            .entry(kind.as_str())
+            .or_insert_with(|| (kind, Vec::new(), order.trace()));
+        entry.1.push(order.id);
+    }
+
+    /// Writes every move (guarded by the status each order was locked in), its history rows
+    /// and the messages, in one statement. Fails if an order left its status while locked.
+    pub async fn apply(self, conn: &mut PgConnection) -> Result<()> {
+        let mut messages = self.messages;
+        for (kind, ids, trace) in self.commands.into_values() {
+            messages.extend(OutboxMessage::commands(kind, &ids, trace)?);
+        }
+        if self.moves.is_empty() {
+            return outbox::enqueue(conn, &messages).await;
+        }
+        let n = self.moves.len();
+        let mut m = MoveColumns::with_capacity(n);
+        for mv in &self.moves {
+            let o = &mv.order;
+            let to = mv.path.last().map_or(o.status, |&(s, _)| s);
+            m.ids.push(o.id);
+            m.from.push(o.status.as_str());
+            m.to.push(to.as_str());
+            m.reason
+                .push(mv.path.iter().find_map(|&(_, r)| r).map(CancelReason::as_str));
+            m.stock_held.push(o.stock_held);
+            m.coupon_held.push(o.coupon_held);
+            m.paid.push(o.paid_amount);
+            m.discount.push(o.discount_amount);
+            let mut from = o.status;
+            for &(next, reason) in &mv.path {
+                m.h_ids.push(o.id);
+                m.h_from.push(from.as_str());
+                m.h_to.push(next.as_str());
+                m.h_reason.push(reason.map(CancelReason::as_str));
+                from = next;
+            }
+        }
+        let moved: i64 = Columns::new(&messages)
+            .bind(sqlx::query(APPLY.as_str()))
+            .bind(m.ids)
+            .bind(m.from)
+            .bind(m.to)
+            .bind(m.reason)
+            .bind(m.stock_held)
+            .bind(m.coupon_held)
+            .bind(m.paid)
+            .bind(m.discount)
+            .bind(m.h_ids)
+            .bind(m.h_from)
+            .bind(m.h_to)
+            .bind(m.h_reason)
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        if moved != n as i64 {
+            return Err(anyhow::anyhow!("{} of {n} orders left their status while locked", n as i64 - moved).into());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct MoveColumns {
+    ids: Vec<Uuid>,
+    from: Vec<&'static str>,
+    to: Vec<&'static str>,
+    reason: Vec<Option<&'static str>>,
+    stock_held: Vec<bool>,
+    coupon_held: Vec<bool>,
+    paid: Vec<i64>,
+    discount: Vec<i64>,
+    h_ids: Vec<Uuid>,
+    h_from: Vec<&'static str>,
+    h_to: Vec<&'static str>,
+    h_reason: Vec<Option<&'static str>>,
+}
+
+impl MoveColumns {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            ids: Vec::with_capacity(n),
+            from: Vec::with_capacity(n),
+            to: Vec::with_capacity(n),
+            reason: Vec::with_capacity(n),
+            stock_held: Vec::with_capacity(n),
+            coupon_held: Vec::with_capacity(n),
+            paid: Vec::with_capacity(n),
+            discount: Vec::with_capacity(n),
+            h_ids: Vec::with_capacity(n),
+            h_from: Vec::with_capacity(n),
+            h_to: Vec::with_capacity(n),
+            h_reason: Vec::with_capacity(n),
+        }
+    }
+}
+
+/// One statement for a batch of transitions (one round trip): every order moves from the
+/// status it was locked in, with its holdings written; a history row per hop, in order; the
+/// messages into the outbox (`$1`..`$7`). Returns how many orders moved.
+static APPLY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH m AS (
+             SELECT * FROM UNNEST($8::uuid[], $9::text[], $10::text[], $11::text[], $12::bool[], $13::bool[],
+                                  $14::int8[], $15::int8[])
+                 AS m(id, from_status, to_status, reason, stock_held, coupon_held, paid_amount, discount_amount)
+         ), moved AS (
+             UPDATE orders o SET status = m.to_status, reason = COALESCE(m.reason, o.reason),
+                                 stock_held = m.stock_held, coupon_held = m.coupon_held,
+                                 paid_amount = m.paid_amount, discount_amount = m.discount_amount, updated_at = now()
+             FROM m WHERE o.id = m.id AND o.status = m.from_status
+             RETURNING o.id
+         ), history AS (
+             INSERT INTO order_status_history (order_id, from_status, to_status, reason)
+             SELECT h.id, h.f, h.t, h.r
+             FROM UNNEST($16::uuid[], $17::text[], $18::text[], $19::text[]) WITH ORDINALITY AS h(id, f, t, r, n)
+             WHERE h.id IN (SELECT id FROM moved)
+             ORDER BY h.n
+         ), sent AS ({})
+         SELECT count(*) FROM moved",
+        outbox::INSERT
+    )
+});
 
 fn cancelled_event(order: &OrderRow, reason: &str) -> Result<OutboxMessage> {
     let data = OrderCancelledData {
@@ -240,14 +360,17 @@ fn cancelled_event(order: &OrderRow, reason: &str) -> Result<OutboxMessage> {
         reason: reason.to_owned(),
         cancelled_at: Utc::now(),
     };
-    OutboxMessage::new(MessageType::OrderCancelled, order.id, &data, order.trace())
+    OutboxMessage::event(MessageType::OrderCancelled, order.id, &data, order.trace())
 }
 
 /// Cancels the order if it is still cancellable (recovery, admin). Returns the status it is
 /// left in, or None when it is already terminal, cancelling, or missing.
 pub async fn cancel(conn: &mut PgConnection, id: Uuid, reason: CancelReason) -> Result<Option<OrderStatus>> {
-    match lock(conn, id, OrderStatus::CANCELLABLE).await? {
-        Some(order) => Ok(Some(cancel_locked(conn, &order, reason).await?)),
-        None => Ok(None),
-    }
+    let Some(order) = lock(conn, id, OrderStatus::CANCELLABLE).await? else {
+        return Ok(None);
+    };
+    let mut moves = Transitions::new();
+    let status = moves.cancel(order, reason)?;
+    moves.apply(conn).await?;
+    Ok(Some(status))
 }

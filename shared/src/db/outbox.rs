@@ -1,5 +1,5 @@
 //! The transactional outbox: what a transaction decides to send is written here, in that
-//! transaction, and published later by the relay.
+//! transaction, and published later by the relay. A row holds the exact bytes to publish.
 
 use serde::Serialize;
 use sqlx::{PgConnection, Postgres, postgres::PgArguments, query::Query};
@@ -8,7 +8,10 @@ use uuid::Uuid;
 
 use crate::{
     Result,
-    messaging::{Envelope, MessageType},
+    messaging::{
+        Envelope, MessageType,
+        envelope::{CommandData, MAX_ORDERS_PER_COMMAND},
+    },
     telemetry::TraceParent,
 };
 
@@ -16,32 +19,83 @@ use crate::{
 pub struct OutboxMessage {
     pub message_id: Uuid,
     pub kind: MessageType,
-    pub order_id: Uuid,
+    /// The orders the message concerns (one for an event; one or more for a command).
+    pub order_ids: Vec<Uuid>,
     pub trace: Option<TraceParent>,
-    pub body: serde_json::Value,
+    /// The serialized envelope, published as is.
+    pub body: Vec<u8>,
     /// Per-message expiration (deadline messages only).
     pub expiration_ms: Option<i64>,
 }
 
 impl OutboxMessage {
-    /// A message of `kind` about `order_id`. It carries the trace context of the span that
-    /// sends it (a worker's delivery span, the API's request span), or else `parent` (the
-    /// order's own trace, for senders outside any span such as the recovery sweep).
-    pub fn new<T: Serialize>(kind: MessageType, order_id: Uuid, data: &T, parent: Option<TraceParent>) -> Result<Self> {
+    /// A public event about one order. It carries the order's own trace (`parent`), or else
+    /// that of the span that sends it.
+    pub fn event<T: Serialize>(
+        kind: MessageType,
+        order_id: Uuid,
+        data: &T,
+        parent: Option<TraceParent>,
+    ) -> Result<Self> {
+        Self::build(
+            kind,
+            Some(order_id),
+            vec![order_id],
+            data,
+            parent.or_else(crate::telemetry::current),
+        )
+    }
+
+    /// Commands of `kind` for `order_ids` (sorted as given), one message per
+    /// [`MAX_ORDERS_PER_COMMAND`]: the handler reads everything else from the order rows. They
+    /// carry the trace of the span that sends them (a worker's delivery span, the API's
+    /// request), or else `parent` (for senders outside any span, such as the recovery sweep).
+    pub fn commands(kind: MessageType, order_ids: &[Uuid], parent: Option<TraceParent>) -> Result<Vec<Self>> {
+        let trace = crate::telemetry::current().or(parent);
+        order_ids
+            .chunks(MAX_ORDERS_PER_COMMAND)
+            .map(|ids| {
+                let data = CommandData {
+                    order_ids: ids.to_vec(),
+                };
+                let single = (ids.len() == 1).then(|| ids[0]);
+                Self::build(kind, single, ids.to_vec(), &data, trace)
+            })
+            .collect()
+    }
+
+    /// One command of `kind` for one order (see [`commands`](Self::commands)).
+    pub fn command(kind: MessageType, order_id: Uuid, parent: Option<TraceParent>) -> Result<Self> {
+        let mut one = Self::commands(kind, &[order_id], parent)?;
+        one.pop().ok_or_else(|| anyhow::anyhow!("no command built").into())
+    }
+
+    fn build<T: Serialize>(
+        kind: MessageType,
+        order_id: Option<Uuid>,
+        order_ids: Vec<Uuid>,
+        data: &T,
+        trace: Option<TraceParent>,
+    ) -> Result<Self> {
         let envelope = Envelope::new(kind, order_id, data);
         Ok(Self {
             message_id: envelope.id,
             kind,
-            order_id,
-            trace: crate::telemetry::current().or(parent),
-            body: serde_json::to_value(&envelope).map_err(anyhow::Error::from)?,
+            order_ids,
+            trace,
+            body: serde_json::to_vec(&envelope).map_err(anyhow::Error::from)?,
             expiration_ms: None,
         })
     }
 
-    /// A command whose handler reads everything it needs from the order row.
-    pub fn command(kind: MessageType, order_id: Uuid, parent: Option<TraceParent>) -> Result<Self> {
-        Self::new(kind, order_id, &serde_json::json!({}), parent)
+    /// The same message with another id: deterministic, so that splitting the same message
+    /// twice yields the same ids and consumers' inboxes absorb the repeat.
+    pub fn with_id(mut self, id: Uuid) -> Result<Self> {
+        let mut envelope: Envelope = serde_json::from_slice(&self.body).map_err(anyhow::Error::from)?;
+        envelope.id = id;
+        self.body = serde_json::to_vec(&envelope).map_err(anyhow::Error::from)?;
+        self.message_id = id;
+        Ok(self)
     }
 
     pub fn with_expiration_ms(mut self, ms: i64) -> Self {
@@ -53,9 +107,9 @@ impl OutboxMessage {
 /// The insert behind [`enqueue`], with the messages as the arrays `$1`..`$7` (see
 /// [`Columns`]); other statements embed it to write their messages in the same round trip.
 pub const INSERT: &str =
-    "INSERT INTO outbox (message_id, exchange, routing_key, message_type, order_id, headers, body, expiration_ms)
-     SELECT m, e, k, k, o, h, b, x
-     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::jsonb[], $7::int8[])
+    "INSERT INTO outbox (message_id, exchange, routing_key, message_type, order_ids, headers, body, expiration_ms)
+     SELECT m, e, k, k, o::uuid[], h, b, x
+     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::bytea[], $7::int8[])
           AS t(m, e, k, o, h, b, x)";
 
 /// Messages as the column arrays [`INSERT`] reads.
@@ -63,9 +117,11 @@ pub struct Columns {
     ids: Vec<Uuid>,
     exchanges: Vec<&'static str>,
     keys: Vec<&'static str>,
-    order_ids: Vec<Uuid>,
+    /// Each message's orders as a PostgreSQL array literal (arrays of arrays must be
+    /// rectangular, so they travel as text and are cast back).
+    order_ids: Vec<String>,
     headers: Vec<serde_json::Value>,
-    bodies: Vec<serde_json::Value>,
+    bodies: Vec<Vec<u8>>,
     expirations: Vec<Option<i64>>,
 }
 
@@ -84,7 +140,7 @@ impl Columns {
             columns.ids.push(m.message_id);
             columns.exchanges.push(m.kind.exchange());
             columns.keys.push(m.kind.as_str());
-            columns.order_ids.push(m.order_id);
+            columns.order_ids.push(array_literal(&m.order_ids));
             columns.headers.push(match m.trace {
                 Some(t) => serde_json::json!({ "traceparent": t.to_string() }),
                 None => serde_json::json!({}),
@@ -106,6 +162,19 @@ impl Columns {
             .bind(self.bodies)
             .bind(self.expirations)
     }
+}
+
+fn array_literal(ids: &[Uuid]) -> String {
+    let mut s = String::with_capacity(2 + ids.len() * 37);
+    s.push('{');
+    for (i, id) in ids.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&id.to_string());
+    }
+    s.push('}');
+    s
 }
 
 /// Writes the messages in one statement.
@@ -133,32 +202,54 @@ pub async fn wait_committed() {
     COMMITTED.notified().await;
 }
 
-/// A message to publish again exactly as it was (a dead-letter replay): same exchange,
-/// routing key, message id and body, so consumers' inboxes keep it idempotent.
+/// A message to publish again exactly as it was (a dead-letter replay): the original body
+/// bytes and message id (consumers' inboxes keep it idempotent), to `exchange` with
+/// `routing_key`.
 #[derive(Debug, Clone)]
 pub struct Replay {
     pub message_id: Uuid,
     pub exchange: String,
     pub routing_key: String,
     pub message_type: String,
-    pub order_id: Option<Uuid>,
+    pub order_ids: Vec<Uuid>,
     pub headers: serde_json::Value,
-    pub body: serde_json::Value,
+    pub body: Vec<u8>,
 }
 
 pub async fn enqueue_replay(conn: &mut PgConnection, replay: &Replay) -> Result<()> {
     sqlx::query(
-        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, order_id, headers, body)
+        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, order_ids, headers, body)
          VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
     .bind(replay.message_id)
     .bind(&replay.exchange)
     .bind(&replay.routing_key)
     .bind(&replay.message_type)
-    .bind(replay.order_id)
+    .bind(&replay.order_ids)
     .bind(&replay.headers)
     .bind(&replay.body)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_chunked_and_carry_their_orders() -> anyhow::Result<()> {
+        let ids: Vec<Uuid> = (0..MAX_ORDERS_PER_COMMAND + 1).map(|_| Uuid::now_v7()).collect();
+        let messages = OutboxMessage::commands(MessageType::StockReserve, &ids, None)?;
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[1].order_ids, vec![ids[MAX_ORDERS_PER_COMMAND]]);
+        let envelope: Envelope = serde_json::from_slice(&messages[1].body)?;
+        assert_eq!(envelope.order_id, Some(ids[MAX_ORDERS_PER_COMMAND]));
+        assert_eq!(envelope.command_orders(), Ok(vec![ids[MAX_ORDERS_PER_COMMAND]]));
+        let first: Envelope = serde_json::from_slice(&messages[0].body)?;
+        assert_eq!(first.order_id, None);
+        assert_eq!(first.command_orders().map(|o| o.len()), Ok(MAX_ORDERS_PER_COMMAND));
+        assert_eq!(array_literal(&ids[..2]), format!("{{{},{}}}", ids[0], ids[1]));
+        Ok(())
+    }
 }

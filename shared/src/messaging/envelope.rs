@@ -1,6 +1,11 @@
 //! The message envelope, internal and public alike:
-//! `{"id", "type", "occurredAt", "orderId", "data": {...}}` with AMQP properties
-//! `message_id` = id, `type`, `correlation_id` = order id, and a `traceparent` header.
+//! `{"id", "type", "occurredAt", "orderId"?, "data": {...}}` with AMQP properties
+//! `message_id` = id, `type`, `correlation_id` = the order id (when the message is about one
+//! order), and a `traceparent` header.
+//!
+//! Public events are about one order each (`orderId`). Internal commands name the orders they
+//! concern in `data.orderIds` (one accept batch's reservations travel in one message); a
+//! command about exactly one order also carries `orderId`.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -16,12 +21,14 @@ pub struct Envelope<T = serde_json::Value> {
     pub kind: String,
     #[serde(with = "millis")]
     pub occurred_at: DateTime<Utc>,
-    pub order_id: Uuid,
+    /// The order the message is about; absent on a command about several orders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<Uuid>,
     pub data: T,
 }
 
 impl<T> Envelope<T> {
-    pub fn new(kind: MessageType, order_id: Uuid, data: T) -> Self {
+    pub fn new(kind: MessageType, order_id: Option<Uuid>, data: T) -> Self {
         Self {
             id: Uuid::now_v7(),
             kind: kind.as_str().to_owned(),
@@ -29,6 +36,41 @@ impl<T> Envelope<T> {
             order_id,
             data,
         }
+    }
+}
+
+/// Most orders one command message carries (the relay and the broker handle one message per
+/// batch of orders instead of one per order; larger batches are split into several).
+pub const MAX_ORDERS_PER_COMMAND: usize = 500;
+
+/// The `data` of every internal command: the orders it concerns, each handled on its own
+/// (outcome, retries and dead-lettering are per order). A message from before batching has
+/// `data: {}` and its one order in `orderId`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandData {
+    #[serde(default)]
+    pub order_ids: Vec<Uuid>,
+}
+
+impl Envelope {
+    /// The orders a command names: `data.orderIds`, or else the envelope's `orderId`.
+    /// An error when `data` is not a command's.
+    pub fn command_orders(&self) -> Result<Vec<Uuid>, String> {
+        let data: CommandData =
+            serde_json::from_value(self.data.clone()).map_err(|e| format!("invalid command data: {e}"))?;
+        let ids = match (data.order_ids.is_empty(), self.order_id) {
+            (false, _) => data.order_ids,
+            (true, Some(id)) => vec![id],
+            (true, None) => return Err("the command names no order".to_owned()),
+        };
+        if ids.len() > MAX_ORDERS_PER_COMMAND {
+            return Err(format!(
+                "the command names {} orders (at most {MAX_ORDERS_PER_COMMAND})",
+                ids.len()
+            ));
+        }
+        Ok(ids)
     }
 }
 
@@ -149,7 +191,7 @@ mod tests {
 
     #[test]
     fn envelope_is_camel_case_with_millisecond_times() -> anyhow::Result<()> {
-        let mut env = Envelope::new(MessageType::StockReserve, Uuid::nil(), serde_json::json!({}));
+        let mut env = Envelope::new(MessageType::StockReserve, Some(Uuid::nil()), serde_json::json!({}));
         env.occurred_at = DateTime::parse_from_rfc3339("2026-11-21T10:00:00.123456Z")?.with_timezone(&Utc);
         let v = serde_json::to_value(&env)?;
         assert_eq!(v["type"], "stock.reserve");
@@ -157,6 +199,33 @@ mod tests {
         assert_eq!(v["orderId"], "00000000-0000-0000-0000-000000000000");
         let back: Envelope = serde_json::from_value(v)?;
         assert_eq!(back.kind, "stock.reserve");
+        assert_eq!(back.command_orders(), Ok(vec![Uuid::nil()]));
+        Ok(())
+    }
+
+    #[test]
+    fn a_command_names_its_orders_in_data_and_never_none_or_too_many() -> anyhow::Result<()> {
+        let ids = vec![Uuid::now_v7(), Uuid::now_v7()];
+        let env = Envelope::new(
+            MessageType::PaymentCharge,
+            None,
+            serde_json::to_value(CommandData { order_ids: ids.clone() })?,
+        );
+        let v = serde_json::to_value(&env)?;
+        assert!(v.get("orderId").is_none());
+        let back: Envelope = serde_json::from_value(v)?;
+        assert_eq!(back.command_orders(), Ok(ids));
+        let none = Envelope::new(MessageType::PaymentCharge, None, serde_json::json!({}));
+        assert!(none.command_orders().is_err());
+        let not_a_command = Envelope::new(MessageType::PaymentCharge, None, serde_json::json!({"orderIds": 7}));
+        assert!(not_a_command.command_orders().is_err());
+        let many = vec![Uuid::nil(); MAX_ORDERS_PER_COMMAND + 1];
+        let too_many = Envelope::new(
+            MessageType::PaymentCharge,
+            None,
+            serde_json::to_value(CommandData { order_ids: many })?,
+        );
+        assert!(too_many.command_orders().is_err());
         Ok(())
     }
 

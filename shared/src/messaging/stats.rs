@@ -32,10 +32,70 @@ pub async fn queue_stats(amqp_url: &str) -> anyhow::Result<Vec<QueueStat>> {
         .with_context(|| format!("the broker at {} did not answer in time", redact_url(amqp_url)))?
 }
 
-async fn declare_passively(amqp_url: &str) -> anyhow::Result<Vec<QueueStat>> {
-    let conn = Connection::connect(amqp_url, ConnectionProperties::default())
+async fn connect(amqp_url: &str) -> anyhow::Result<Connection> {
+    Connection::connect(amqp_url, ConnectionProperties::default())
         .await
-        .with_context(|| format!("cannot connect to the broker at {}", redact_url(amqp_url)))?;
+        .with_context(|| format!("cannot connect to the broker at {}", redact_url(amqp_url)))
+}
+
+/// Something a message can be published to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination<'a> {
+    Queue(&'a str),
+    Exchange(&'a str),
+}
+
+/// Whether the broker knows `destination` now (a passive declare on a connection of its own).
+/// Fails when the broker cannot be reached or does not answer within a few seconds.
+pub async fn exists(amqp_url: &str, destination: Destination<'_>) -> anyhow::Result<bool> {
+    let probe = async {
+        let conn = connect(amqp_url).await?;
+        let channel = conn.create_channel().await?;
+        let declared = match destination {
+            Destination::Queue(name) => channel
+                .queue_declare(
+                    name.into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|_| ()),
+            Destination::Exchange(name) => {
+                channel
+                    .exchange_declare(
+                        name.into(),
+                        lapin::ExchangeKind::Direct,
+                        lapin::options::ExchangeDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+        };
+        let found = match declared {
+            Ok(()) => {
+                let _ = channel.close(200, "bye".into()).await;
+                true
+            }
+            // 404: the broker closed the channel.
+            Err(err) if err.is_amqp_soft_error() => false,
+            Err(err) => return Err(anyhow::Error::from(err)),
+        };
+        let _ = conn.close(200, "bye".into()).await;
+        Ok(found)
+    };
+    tokio::time::timeout(STATS_TIMEOUT, probe)
+        .await
+        .with_context(|| format!("the broker at {} did not answer in time", redact_url(amqp_url)))?
+}
+
+async fn declare_passively(amqp_url: &str) -> anyhow::Result<Vec<QueueStat>> {
+    let conn = connect(amqp_url).await?;
     let result = async {
         let mut channel = conn.create_channel().await?;
         let mut stats = Vec::with_capacity(QUEUES.len());

@@ -5,7 +5,7 @@
 //! | exchange | kind | routing keys | queue |
 //! |---|---|---|---|
 //! | `orderflow.work` | direct | `stock.*`, `coupon.*`, `payment.*`, `order.confirm`, `order.finish-cancel` | one quorum queue per worker |
-//! | `orderflow.events` | topic | `order.confirmed`, `order.cancelled` | `data-platform.orders` (confirmed), `orderflow.sales` (confirmed) |
+//! | `orderflow.events` | topic | `order.confirmed`, `order.cancelled` | `data-platform.orders` (confirmed) |
 //! | `orderflow.deadline` | direct | `order.deadline` | `orderflow.deadline` (no consumer; expires into `orderflow.expired`) |
 //! | `orderflow.expired` | fanout | | `orderflow.recovery.expired` |
 //! | `orderflow.dlx` | fanout | | `orderflow.dead-letters` |
@@ -26,7 +26,6 @@ pub const STOCK_QUEUE: &str = "orderflow.stock";
 pub const COUPON_QUEUE: &str = "orderflow.coupon";
 pub const PAYMENT_QUEUE: &str = "orderflow.payment";
 pub const ORDER_QUEUE: &str = "orderflow.order";
-pub const SALES_QUEUE: &str = "orderflow.sales";
 pub const DEADLINE_QUEUE: &str = "orderflow.deadline";
 pub const EXPIRED_QUEUE: &str = "orderflow.recovery.expired";
 pub const DEAD_LETTER_QUEUE: &str = "orderflow.dead-letters";
@@ -81,12 +80,6 @@ pub const QUEUES: &[QueueSpec] = &[
         name: ORDER_QUEUE,
         exchange: WORK_EXCHANGE,
         routing_keys: &["order.confirm", "order.finish-cancel"],
-        kind: QueueKind::Work,
-    },
-    QueueSpec {
-        name: SALES_QUEUE,
-        exchange: EVENTS_EXCHANGE,
-        routing_keys: &["order.confirmed"],
         kind: QueueKind::Work,
     },
     QueueSpec {
@@ -153,6 +146,16 @@ impl QueueSpec {
     }
 }
 
+/// Whether `exchange` (one of [`EXCHANGES`]) routes `routing_key` to one of [`QUEUES`].
+pub fn routes(exchange: &str, routing_key: &str) -> bool {
+    let fanout = EXCHANGES
+        .iter()
+        .any(|(name, kind)| *name == exchange && *kind == ExchangeKind::Fanout);
+    QUEUES
+        .iter()
+        .any(|q| q.exchange == exchange && (fanout || q.routing_keys.contains(&routing_key)))
+}
+
 /// Declares every exchange, queue and binding. Idempotent: safe in every process at start.
 pub async fn declare(channel: &Channel) -> lapin::Result<()> {
     for (name, kind) in EXCHANGES {
@@ -192,4 +195,19 @@ pub async fn declare(channel: &Channel) -> lapin::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_exchanges_route_what_is_bound_and_nothing_else() {
+        assert!(routes(WORK_EXCHANGE, "stock.reserve"));
+        assert!(routes(EVENTS_EXCHANGE, "order.confirmed"));
+        assert!(!routes(EVENTS_EXCHANGE, "order.cancelled"));
+        assert!(!routes(WORK_EXCHANGE, "stock.unknown"));
+        assert!(routes(DEAD_LETTER_EXCHANGE, "anything"));
+        assert!(!routes("legacy", "stock.reserve"));
+    }
 }

@@ -1,16 +1,21 @@
-//! Coupon: apply the order's coupon (owner, AVAILABLE, not expired, minimum order amount;
-//! otherwise COUPON_INVALID), and restore it when a cancelled order gives it back.
+//! Coupon: apply each order's coupon (owner, AVAILABLE, not expired, minimum order amount;
+//! otherwise COUPON_INVALID), and restore it when a cancelled order gives it back, for a
+//! whole batch at once: restores first, then applies in order-id order (two orders of one
+//! user with the same coupon: the first takes it, the second finds it used).
+
+use std::collections::HashMap;
 
 use orderflow_shared::{
     Result,
-    db::orders,
+    db::orders::{OrderRow, Transitions},
     domain::{self, CancelReason, DiscountType, OrderStatus},
     messaging::{MessageType, topology},
 };
 use sqlx::PgConnection;
+use uuid::Uuid;
 
-use super::{lock, next};
-use crate::runtime::{Incoming, Outcome, Step, order_ids};
+use super::Locked;
+use crate::runtime::{Incoming, Outcome, Step};
 
 pub struct Coupon;
 
@@ -22,80 +27,98 @@ impl Step for Coupon {
         matches!(kind, MessageType::CouponApply | MessageType::CouponRestore)
     }
 
-    async fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-        match msg.kind {
-            MessageType::CouponApply => apply(tx, msg).await,
-            _ => restore(tx, msg).await,
+    async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
+        let mut locked = Locked::lock(tx, batch).await?;
+        let restoring = locked.take(MessageType::CouponRestore, |o| {
+            o.status == OrderStatus::Cancelling && o.coupon_held
+        });
+        let applying = locked.take(MessageType::CouponApply, |o| {
+            o.status == OrderStatus::StockReserved && o.coupon_id.is_some()
+        });
+        let mut moves = Transitions::new();
+        if !restoring.is_empty() {
+            restore(tx, &restoring).await?;
+            for mut order in restoring {
+                order.coupon_held = false;
+                moves.compensated(order);
+            }
         }
-    }
-
-    /// The orders, then their users' coupons, each in key order.
-    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<Vec<orders::OrderRow>> {
-        let ids = order_ids(batch);
-        let locked = orders::lock_all(tx, &ids).await?;
-        sqlx::query(
-            "SELECT 1 FROM user_coupons uc JOIN orders o ON o.coupon_id = uc.coupon_id AND o.user_id = uc.user_id
-             WHERE o.id = ANY($1) ORDER BY uc.coupon_id, uc.user_id FOR NO KEY UPDATE OF uc",
-        )
-        .bind(&ids)
-        .execute(tx)
-        .await?;
-        Ok(locked)
+        if !applying.is_empty() {
+            let mut taken = apply(tx, &applying).await?;
+            for mut order in applying {
+                match taken.remove(&order.id) {
+                    Some((kind, value)) => {
+                        let kind = DiscountType::parse(&kind).ok_or_else(|| {
+                            anyhow::anyhow!("coupon of order {} has discount type {kind:?}", order.id)
+                        })?;
+                        order.coupon_held = true;
+                        order.discount_amount = domain::discount(kind, value, order.total_amount);
+                        moves.advance(order, OrderStatus::CouponApplied, Some(MessageType::PaymentCharge));
+                    }
+                    None => {
+                        moves.cancel(order, CancelReason::CouponInvalid)?;
+                    }
+                }
+            }
+        }
+        moves.apply(tx).await?;
+        Ok(locked.outcomes())
     }
 }
 
-async fn apply(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let order = lock(tx, msg, &[OrderStatus::StockReserved]).await?;
-    let Some(mut order) = order else {
-        return Ok(Outcome::Stale);
-    };
-    let Some(coupon_id) = order.coupon_id else {
-        return Ok(Outcome::Stale);
-    };
-    // One guarded statement: only the owner's AVAILABLE, unexpired coupon, for an order
-    // total (before discount) that meets the minimum.
-    let taken: Option<(String, i64)> = sqlx::query_as(
-        "UPDATE user_coupons uc SET status = 'USED', order_id = $3, used_at = now()
-         FROM coupons c
-         WHERE c.id = uc.coupon_id AND uc.coupon_id = $1 AND uc.user_id = $2 AND uc.status = 'AVAILABLE'
-           AND (c.expires_at IS NULL OR c.expires_at > now()) AND c.min_order_amount <= $4
-         RETURNING c.discount_type, c.discount_value",
+/// Marks each order's coupon USED, in one guarded statement: only the owner's AVAILABLE,
+/// unexpired coupon, for an order total (before discount) that meets the minimum; of two
+/// orders wanting the same user coupon, the lower order id. The user coupons are locked in
+/// key order first (two batches never lock them in opposite orders). Returns, per order that
+/// got its coupon, the discount type and value.
+async fn apply(tx: &mut PgConnection, orders: &[OrderRow]) -> Result<HashMap<Uuid, (String, i64)>> {
+    let ids: Vec<Uuid> = orders.iter().map(|o| o.id).collect();
+    let coupons: Vec<i64> = orders.iter().map(|o| o.coupon_id.unwrap_or_default()).collect();
+    let users: Vec<i64> = orders.iter().map(|o| o.user_id).collect();
+    let totals: Vec<i64> = orders.iter().map(|o| o.total_amount).collect();
+    let rows: Vec<(Uuid, String, i64)> = sqlx::query_as(
+        "WITH t AS (
+             SELECT DISTINCT ON (cid, uid) * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[])
+                 AS t(oid, cid, uid, total)
+             ORDER BY cid, uid, oid
+         ), locked AS (
+             SELECT uc.id FROM user_coupons uc JOIN t ON uc.coupon_id = t.cid AND uc.user_id = t.uid
+             ORDER BY uc.coupon_id, uc.user_id FOR NO KEY UPDATE OF uc
+         )
+         UPDATE user_coupons uc SET status = 'USED', order_id = t.oid, used_at = now()
+         FROM t, coupons c
+         WHERE uc.id IN (SELECT id FROM locked) AND uc.coupon_id = t.cid AND uc.user_id = t.uid
+           AND c.id = uc.coupon_id AND uc.status = 'AVAILABLE'
+           AND (c.expires_at IS NULL OR c.expires_at > now()) AND c.min_order_amount <= t.total
+         RETURNING t.oid, c.discount_type, c.discount_value",
     )
-    .bind(coupon_id)
-    .bind(order.user_id)
-    .bind(order.id)
-    .bind(order.total_amount)
-    .fetch_optional(&mut *tx)
+    .bind(&ids)
+    .bind(&coupons)
+    .bind(&users)
+    .bind(&totals)
+    .fetch_all(tx)
     .await?;
-    let Some((kind, value)) = taken else {
-        orders::cancel_locked(tx, &order, CancelReason::CouponInvalid).await?;
-        return Ok(Outcome::Done);
-    };
-    let kind =
-        DiscountType::parse(&kind).ok_or_else(|| anyhow::anyhow!("coupon {coupon_id} has discount type {kind:?}"))?;
-    let discount = domain::discount(kind, value, order.total_amount);
-    order.coupon_held = true;
-    order.discount_amount = discount;
-    let then = next(msg, MessageType::PaymentCharge)?;
-    orders::advance(tx, &order, &[(OrderStatus::CouponApplied, None)], &[then]).await?;
-    Ok(Outcome::Done)
+    Ok(rows.into_iter().map(|(id, kind, value)| (id, (kind, value))).collect())
 }
 
-async fn restore(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let order = lock(tx, msg, &[OrderStatus::Cancelling]).await?;
-    let Some(mut order) = order.filter(|o| o.coupon_held) else {
-        return Ok(Outcome::Stale);
-    };
+/// Makes each order's coupon AVAILABLE again, in one statement (locked in key order).
+async fn restore(tx: &mut PgConnection, orders: &[OrderRow]) -> Result<()> {
+    let ids: Vec<Uuid> = orders.iter().map(|o| o.id).collect();
+    let coupons: Vec<i64> = orders.iter().map(|o| o.coupon_id.unwrap_or_default()).collect();
+    let users: Vec<i64> = orders.iter().map(|o| o.user_id).collect();
     sqlx::query(
-        "UPDATE user_coupons SET status = 'AVAILABLE', order_id = NULL, used_at = NULL
-         WHERE coupon_id = $1 AND user_id = $2 AND order_id = $3",
+        "WITH t AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[]) AS t(oid, cid, uid)),
+         locked AS (
+             SELECT uc.id FROM user_coupons uc JOIN t ON uc.coupon_id = t.cid AND uc.user_id = t.uid AND uc.order_id = t.oid
+             ORDER BY uc.coupon_id, uc.user_id FOR NO KEY UPDATE OF uc
+         )
+         UPDATE user_coupons SET status = 'AVAILABLE', order_id = NULL, used_at = NULL
+         WHERE id IN (SELECT id FROM locked)",
     )
-    .bind(order.coupon_id)
-    .bind(order.user_id)
-    .bind(order.id)
-    .execute(&mut *tx)
+    .bind(&ids)
+    .bind(&coupons)
+    .bind(&users)
+    .execute(tx)
     .await?;
-    order.coupon_held = false;
-    orders::compensated(tx, &order).await?;
-    Ok(Outcome::Done)
+    Ok(())
 }

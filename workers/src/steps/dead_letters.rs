@@ -1,16 +1,27 @@
 //! Dead letters: everything a work queue gave up on (delivery limit reached, or rejected as
 //! undecodable, unknown or about no known order) lands in one queue. The recovery worker
 //! records each one (source queue, routing key, headers, body, death count, reason, time)
-//! and acts for its order: a failed forward step cancels the order (PROCESSING_FAILED); a
-//! failed compensation parks it as COMPENSATION_FAILED for an operator to retry.
+//! and acts for its orders: a failed forward step cancels them (PROCESSING_FAILED); a failed
+//! compensation parks them as COMPENSATION_FAILED for an operator to retry.
+//!
+//! Whatever a broker message can carry is recorded: the body as bytes, the headers as JSON in
+//! which a value JSON or PostgreSQL cannot hold as it is (a string with NUL or invalid UTF-8,
+//! a byte array, a decimal, a timestamp, a non-finite float) becomes a one-key marker object
+//! (`{"$bytes": "<hex>"}`, `{"$decimal": {"scale", "value"}}`, `{"$timestamp": seconds}`,
+//! `{"$float": "NaN"}`), and text columns have NUL replaced by U+FFFD. A letter that still
+//! cannot be recorded after a few attempts is parked as a bare record (body, reason) rather
+//! than redelivered forever: the dead-letter queue has no delivery limit of its own.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use chrono::{DateTime, Utc};
-use lapin::{message::Delivery, types::AMQPValue};
+use lapin::{
+    message::Delivery,
+    types::{AMQPValue, FieldTable},
+};
 use orderflow_shared::{
     Result,
-    db::orders,
+    db::orders::{Transitions, lock_all},
     domain::{CancelReason, OrderStatus},
     messaging::{Envelope, MessageType, topology},
 };
@@ -28,7 +39,8 @@ pub struct DeadLetters;
 pub struct DeadLetter {
     pub message_id: Option<String>,
     pub message_type: Option<String>,
-    pub order_id: Option<Uuid>,
+    /// The orders it concerns: the command's `orderIds`, or its one order.
+    pub order_ids: Vec<Uuid>,
     pub source_queue: Option<String>,
     pub exchange: Option<String>,
     pub routing_key: Option<String>,
@@ -44,6 +56,8 @@ impl Step for DeadLetters {
     const QUEUE: &'static str = topology::DEAD_LETTER_QUEUE;
     /// Dead letters are few, and each one is logged and counted as it is handled.
     const BATCHED: bool = false;
+    /// Nothing bounds this queue's redeliveries: a letter that keeps failing is parked.
+    const UNBOUNDED_QUEUE: bool = true;
 
     fn accepts(&self, kind: MessageType) -> bool {
         kind == MessageType::DeadLetter
@@ -56,7 +70,7 @@ impl Step for DeadLetters {
             id: fingerprint(&letter),
             kind: MessageType::DeadLetter.as_str().to_owned(),
             occurred_at: letter.dead_at.unwrap_or_else(Utc::now),
-            order_id: letter.order_id.unwrap_or(Uuid::nil()),
+            order_id: letter.order_ids.first().copied(),
             data: serde_json::to_value(&letter).map_err(|e| e.to_string())?,
         };
         let trace = header_str(delivery, "traceparent").and_then(orderflow_shared::telemetry::TraceParent::parse);
@@ -64,108 +78,155 @@ impl Step for DeadLetters {
             kind: MessageType::DeadLetter,
             envelope,
             trace,
-            locked: None,
+            order_ids: Vec::new(),
         })
     }
 
-    async fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-        let letter: DeadLetter = serde_json::from_value(msg.envelope.data.clone()).map_err(anyhow::Error::from)?;
+    async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for msg in batch {
+            record(tx, msg).await?;
+            outcomes.push(Outcome::Done);
+        }
+        Ok(outcomes)
+    }
+
+    /// A bare record: the fingerprint, the body, what little text is certain, and why the
+    /// full record failed.
+    async fn park(&self, tx: &mut PgConnection, msg: &Incoming, error: &str) -> Result<()> {
+        let letter = letter(msg)?;
         sqlx::query(
-            "INSERT INTO dead_letters (fingerprint, message_id, message_type, order_id, source_queue, exchange,
-                                       routing_key, reason, death_count, headers, body, dead_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+            "INSERT INTO dead_letters (fingerprint, message_id, source_queue, reason, death_count, headers, body)
+             VALUES ($1, $2, $3, 'unrecordable', $4, $5, $6)
              ON CONFLICT (fingerprint) DO NOTHING",
         )
         .bind(msg.envelope.id)
-        .bind(&letter.message_id)
-        .bind(&letter.message_type)
-        .bind(letter.order_id)
-        .bind(&letter.source_queue)
-        .bind(&letter.exchange)
-        .bind(&letter.routing_key)
-        .bind(&letter.reason)
+        .bind(letter.message_id.as_deref().map(pg_text))
+        .bind(letter.source_queue.as_deref().map(pg_text))
         .bind(letter.death_count)
-        .bind(&letter.headers)
+        .bind(json!({ "$unrecordable": pg_text(error) }))
         .bind(&letter.body)
-        .bind(letter.dead_at)
-        .execute(&mut *tx)
+        .execute(tx)
         .await?;
-        metrics::counter!(
-            orderflow_shared::metrics::MESSAGES,
-            "queue" => letter.source_queue.clone().unwrap_or_default(),
-            "outcome" => "dead_lettered"
-        )
-        .increment(1);
-        tracing::warn!(
-            order_id = ?letter.order_id,
-            queue = ?letter.source_queue,
-            kind = ?letter.message_type,
-            reason = ?letter.reason,
-            "dead letter recorded"
-        );
-        if let Some(order_id) = letter.order_id {
-            let kind = letter.message_type.as_deref().and_then(MessageType::parse);
-            if kind.is_some_and(MessageType::is_compensation) {
-                if let Some(order) = orders::lock(tx, order_id, &[OrderStatus::Cancelling]).await? {
-                    orders::set_status(tx, &order, OrderStatus::CompensationFailed, None).await?;
-                }
-            } else if kind.is_some_and(|k| k.queue().is_some()) {
-                orders::cancel(tx, order_id, CancelReason::ProcessingFailed).await?;
-            }
-        }
-        Ok(Outcome::Done)
+        Ok(())
     }
+}
+
+fn letter(msg: &Incoming) -> Result<DeadLetter> {
+    Ok(serde_json::from_value(msg.envelope.data.clone()).map_err(anyhow::Error::from)?)
+}
+
+/// Records the letter once and acts for its orders.
+async fn record(tx: &mut PgConnection, msg: &Incoming) -> Result<()> {
+    let letter = letter(msg)?;
+    let fresh = sqlx::query(
+        "INSERT INTO dead_letters (fingerprint, message_id, message_type, order_id, order_ids, source_queue, exchange,
+                                   routing_key, reason, death_count, headers, body, dead_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+         ON CONFLICT (fingerprint) DO NOTHING",
+    )
+    .bind(msg.envelope.id)
+    .bind(&letter.message_id)
+    .bind(&letter.message_type)
+    .bind((letter.order_ids.len() == 1).then(|| letter.order_ids[0]))
+    .bind(&letter.order_ids)
+    .bind(&letter.source_queue)
+    .bind(&letter.exchange)
+    .bind(&letter.routing_key)
+    .bind(&letter.reason)
+    .bind(letter.death_count)
+    .bind(&letter.headers)
+    .bind(&letter.body)
+    .bind(letter.dead_at)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected()
+        == 1;
+    if !fresh {
+        return Ok(());
+    }
+    metrics::counter!(
+        orderflow_shared::metrics::MESSAGES,
+        "queue" => letter.source_queue.clone().unwrap_or_default(),
+        "outcome" => "dead_lettered"
+    )
+    .increment(1);
+    tracing::warn!(
+        orders = ?letter.order_ids,
+        queue = ?letter.source_queue,
+        kind = ?letter.message_type,
+        reason = ?letter.reason,
+        "dead letter recorded"
+    );
+    let kind = letter.message_type.as_deref().and_then(MessageType::parse);
+    if letter.order_ids.is_empty() || kind.is_none_or(|k| k.queue().is_none() || k == MessageType::DeadLetter) {
+        return Ok(());
+    }
+    let mut moves = Transitions::new();
+    for order in lock_all(tx, &letter.order_ids).await? {
+        if kind.is_some_and(MessageType::is_compensation) {
+            if order.status == OrderStatus::Cancelling {
+                moves.park(order);
+            }
+        } else if OrderStatus::CANCELLABLE.contains(&order.status) {
+            moves.cancel(order, CancelReason::ProcessingFailed)?;
+        }
+    }
+    moves.apply(tx).await
 }
 
 /// Reads what the broker tells about a dead letter (`x-death`, RabbitMQ's own headers).
 fn read(delivery: &Delivery) -> DeadLetter {
     let props = &delivery.properties;
-    let headers = props
-        .headers()
-        .as_ref()
-        .map(|h| table_to_json(h.inner()))
-        .unwrap_or(Value::Null);
+    let headers = props.headers().as_ref().map(table_to_json).unwrap_or(Value::Null);
     let death = headers["x-death"].get(0).cloned().unwrap_or(Value::Null);
-    let envelope: Option<Value> = serde_json::from_slice(&delivery.data).ok();
-    let order_id = props
-        .correlation_id()
+    let envelope: Option<Envelope> = serde_json::from_slice(&delivery.data).ok();
+    let order_ids = envelope
         .as_ref()
-        .and_then(|c| c.as_str().parse().ok())
+        .and_then(|e| e.command_orders().ok())
+        .or_else(|| envelope.as_ref().and_then(|e| e.order_id).map(|id| vec![id]))
         .or_else(|| {
-            envelope
+            props
+                .correlation_id()
                 .as_ref()
-                .and_then(|e| e["orderId"].as_str())
-                .and_then(|s| s.parse().ok())
-        });
-    let text = |v: &Value| v.as_str().map(str::to_owned);
+                .and_then(|c| c.as_str().parse().ok())
+                .map(|id| vec![id])
+        })
+        .unwrap_or_default();
+    let text = |v: &Value| v.as_str().map(pg_text);
     DeadLetter {
-        message_id: props.message_id().as_ref().map(|m| m.to_string()),
+        message_id: props.message_id().as_ref().map(|m| pg_text(m.as_str())),
         message_type: props
             .kind()
             .as_ref()
-            .map(|k| k.to_string())
-            .or_else(|| envelope.as_ref().and_then(|e| text(&e["type"]))),
-        order_id,
+            .map(|k| pg_text(k.as_str()))
+            .or_else(|| envelope.as_ref().map(|e| pg_text(&e.kind))),
+        order_ids,
         source_queue: text(&death["queue"]).or_else(|| text(&headers["x-first-death-queue"])),
         exchange: text(&death["exchange"]).or_else(|| text(&headers["x-first-death-exchange"])),
         routing_key: death["routing-keys"]
             .get(0)
             .and_then(text)
-            .or_else(|| Some(delivery.routing_key.to_string())),
+            .or_else(|| Some(pg_text(delivery.routing_key.as_str()))),
         reason: text(&death["reason"]).or_else(|| text(&headers["x-first-death-reason"])),
         death_count: death["count"].as_i64().unwrap_or(1),
         headers,
         body: delivery.data.clone(),
-        dead_at: death["time"].as_i64().and_then(|t| DateTime::from_timestamp(t, 0)),
+        dead_at: death["time"]["$timestamp"]
+            .as_i64()
+            .and_then(|t| DateTime::from_timestamp(t, 0)),
     }
 }
 
 /// One death of one message: the same (message, queue, count, reason) read twice is
-/// recorded once.
+/// recorded once. A replay (an operator's, marked with the dead letter it replays) that dies
+/// again is a new death.
 fn fingerprint(letter: &DeadLetter) -> Uuid {
+    let replay_of = letter.headers["x-orderflow-replay-of"].as_str();
     let half = |salt: u8| {
         let mut h = DefaultHasher::new();
         salt.hash(&mut h);
+        replay_of.hash(&mut h);
         letter.message_id.hash(&mut h);
         if letter.message_id.is_none() {
             letter.body.hash(&mut h);
@@ -178,8 +239,21 @@ fn fingerprint(letter: &DeadLetter) -> Uuid {
     Uuid::from_u64_pair(half(1), half(2))
 }
 
-fn table_to_json(table: &std::collections::BTreeMap<lapin::types::ShortString, AMQPValue>) -> Value {
-    Value::Object(table.iter().map(|(k, v)| (k.to_string(), value_to_json(v))).collect())
+/// Text PostgreSQL can store: NUL (which `text` and `jsonb` cannot hold) becomes U+FFFD.
+pub fn pg_text(s: &str) -> String {
+    s.replace('\0', "\u{FFFD}")
+}
+
+/// An AMQP field table as JSON that PostgreSQL's `jsonb` can hold, losslessly (see the module
+/// documentation for the markers).
+pub fn table_to_json(table: &FieldTable) -> Value {
+    Value::Object(
+        table
+            .inner()
+            .iter()
+            .map(|(k, v)| (pg_text(k.as_str()), value_to_json(v)))
+            .collect(),
+    )
 }
 
 fn value_to_json(v: &AMQPValue) -> Value {
@@ -192,28 +266,50 @@ fn value_to_json(v: &AMQPValue) -> Value {
         AMQPValue::LongInt(n) => json!(n),
         AMQPValue::LongUInt(n) => json!(n),
         AMQPValue::LongLongInt(n) => json!(n),
-        AMQPValue::Float(f) => json!(f),
-        AMQPValue::Double(f) => json!(f),
-        AMQPValue::DecimalValue(d) => json!(format!("{d:?}")),
-        AMQPValue::ShortString(s) => json!(s.as_str()),
-        AMQPValue::LongString(s) => json!(String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::Float(f) => float(f64::from(*f)),
+        AMQPValue::Double(f) => float(*f),
+        AMQPValue::DecimalValue(d) => json!({"$decimal": {"scale": d.scale, "value": d.value}}),
+        AMQPValue::ShortString(s) => text_or_bytes(s.as_str().as_bytes()),
+        AMQPValue::LongString(s) => text_or_bytes(s.as_bytes()),
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value_to_json).collect()),
-        AMQPValue::Timestamp(t) => json!(t),
-        AMQPValue::FieldTable(t) => table_to_json(t.inner()),
-        AMQPValue::ByteArray(b) => json!(String::from_utf8_lossy(b.as_slice())),
+        AMQPValue::Timestamp(t) => json!({ "$timestamp": t }),
+        AMQPValue::FieldTable(t) => table_to_json(t),
+        AMQPValue::ByteArray(b) => json!({ "$bytes": hex(b.as_slice()) }),
         AMQPValue::Void => Value::Null,
     }
 }
 
+fn float(f: f64) -> Value {
+    if f.is_finite() {
+        json!(f)
+    } else {
+        json!({ "$float": f.to_string() })
+    }
+}
+
+/// UTF-8 without NUL as a string; anything else as hex bytes.
+fn text_or_bytes(bytes: &[u8]) -> Value {
+    match std::str::from_utf8(bytes) {
+        Ok(s) if !s.contains('\0') => json!(s),
+        _ => json!({ "$bytes": hex(bytes) }),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
+    use lapin::types::{ByteArray, DecimalValue, FieldArray, LongString, ShortString};
+
     use super::*;
 
     fn letter(id: Option<&str>, count: i64) -> DeadLetter {
         DeadLetter {
             message_id: id.map(str::to_owned),
             message_type: Some("stock.reserve".into()),
-            order_id: None,
+            order_ids: Vec::new(),
             source_queue: Some("orderflow.stock".into()),
             exchange: Some("orderflow.work".into()),
             routing_key: Some("stock.reserve".into()),
@@ -230,5 +326,48 @@ mod tests {
         assert_eq!(fingerprint(&letter(Some("a"), 1)), fingerprint(&letter(Some("a"), 1)));
         assert_ne!(fingerprint(&letter(Some("a"), 1)), fingerprint(&letter(Some("a"), 2)));
         assert_ne!(fingerprint(&letter(Some("a"), 1)), fingerprint(&letter(Some("b"), 1)));
+    }
+
+    #[test]
+    fn every_amqp_field_type_becomes_json_postgres_can_hold() {
+        let mut nested = FieldTable::default();
+        nested.insert(
+            ShortString::from("n\0ul"),
+            AMQPValue::LongString(LongString::from(&b"a\0b"[..])),
+        );
+        let mut table = FieldTable::default();
+        let mut put = |k: &str, v| {
+            table.insert(ShortString::from(k), v);
+        };
+        put("nul", AMQPValue::LongString(LongString::from(&b"a\0b"[..])));
+        put(
+            "latin1",
+            AMQPValue::LongString(LongString::from(&[0xe9u8, 0x74, 0xe9][..])),
+        );
+        put("text", AMQPValue::LongString(LongString::from("plain")));
+        put("bytes", AMQPValue::ByteArray(ByteArray::from(vec![0u8, 255])));
+        put(
+            "decimal",
+            AMQPValue::DecimalValue(DecimalValue { scale: 2, value: 12345 }),
+        );
+        put("at", AMQPValue::Timestamp(1_764_000_000));
+        put("nan", AMQPValue::Double(f64::NAN));
+        put(
+            "list",
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Boolean(true), AMQPValue::Void])),
+        );
+        put("table", AMQPValue::FieldTable(nested));
+        let v = table_to_json(&table);
+        assert_eq!(v["nul"], json!({"$bytes": "610062"}));
+        assert_eq!(v["latin1"], json!({"$bytes": "e974e9"}));
+        assert_eq!(v["text"], json!("plain"));
+        assert_eq!(v["bytes"], json!({"$bytes": "00ff"}));
+        assert_eq!(v["decimal"], json!({"$decimal": {"scale": 2, "value": 12345}}));
+        assert_eq!(v["at"], json!({"$timestamp": 1_764_000_000}));
+        assert_eq!(v["nan"], json!({"$float": "NaN"}));
+        assert_eq!(v["list"], json!([true, null]));
+        assert_eq!(v["table"], json!({"n\u{FFFD}ul": {"$bytes": "610062"}}));
+        // No NUL survives anywhere in the text, so jsonb accepts it.
+        assert!(!v.to_string().contains("\\u0000"));
     }
 }

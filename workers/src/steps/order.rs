@@ -1,10 +1,20 @@
-//! Order: confirm a paid order and publish `order.confirmed` to the data platform; finish a
-//! cancellation once every compensation has run and publish `order.cancelled`.
+//! Order: confirm paid orders, publish one `order.confirmed` per order to the data platform and
+//! count their units in the popular-products projection; finish cancellations once every
+//! compensation has run and publish `order.cancelled`. A whole batch at once.
+//!
+//! The projection (hourly buckets per product) is written in the confirming transaction, so an
+//! order is counted exactly when it is confirmed, once; its rows are written last, in key
+//! order, so concurrent batches hold a bucket only for one statement and the commit.
 
-use chrono::Utc;
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Result,
-    db::{orders, outbox::OutboxMessage},
+    db::{
+        orders::{self, Transitions},
+        outbox::OutboxMessage,
+    },
     domain::OrderStatus,
     messaging::{
         MessageType,
@@ -13,8 +23,9 @@ use orderflow_shared::{
     },
 };
 use sqlx::PgConnection;
+use uuid::Uuid;
 
-use super::lock;
+use super::Locked;
 use crate::runtime::{Incoming, Outcome, Step};
 
 pub struct Order;
@@ -27,52 +38,83 @@ impl Step for Order {
         matches!(kind, MessageType::OrderConfirm | MessageType::OrderFinishCancel)
     }
 
-    async fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-        match msg.kind {
-            MessageType::OrderConfirm => confirm(tx, msg).await,
-            _ => finish_cancel(tx, msg).await,
+    async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
+        let mut locked = Locked::lock(tx, batch).await?;
+        let finishing = locked.take(MessageType::OrderFinishCancel, |o| o.status == OrderStatus::Cancelling);
+        let confirming = locked.take(MessageType::OrderConfirm, |o| o.status == OrderStatus::Paid);
+        let mut moves = Transitions::new();
+        for order in finishing {
+            if orders::holds_nothing(&order) {
+                moves.finish_cancel(order)?;
+            } else {
+                // Cannot happen through the chain; refuse rather than lose what it still holds.
+                tracing::error!(order_id = %order.id, "finish-cancel for an order that still holds resources; continuing compensation");
+                moves.compensated(order);
+            }
         }
+        let mut sold: BTreeMap<i64, i64> = BTreeMap::new();
+        let confirmed_at = Utc::now();
+        if !confirming.is_empty() {
+            let ids: Vec<Uuid> = confirming.iter().map(|o| o.id).collect();
+            let mut items: HashMap<Uuid, Vec<orders::ItemRow>> = HashMap::with_capacity(ids.len());
+            for item in orders::items_of(tx, &ids).await? {
+                items.entry(item.order_id).or_default().push(item);
+            }
+            for order in confirming {
+                let lines: Vec<EventItem> = items
+                    .remove(&order.id)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|i| {
+                        *sold.entry(i.product_id).or_default() += i64::from(i.quantity);
+                        EventItem {
+                            product_id: i.product_id,
+                            quantity: i.quantity,
+                            unit_price: i.unit_price,
+                        }
+                    })
+                    .collect();
+                let data = OrderConfirmedData {
+                    user_id: order.user_id,
+                    coupon_id: order.coupon_id,
+                    items: lines,
+                    total_amount: order.total_amount,
+                    discount_amount: order.discount_amount,
+                    paid_amount: order.paid_amount,
+                    confirmed_at,
+                };
+                // The event id is fixed here, in the guarded transaction: re-publishes keep it.
+                moves.message(OutboxMessage::event(
+                    MessageType::OrderConfirmed,
+                    order.id,
+                    &data,
+                    order.trace(),
+                )?);
+                moves.advance(order, OrderStatus::Confirmed, None);
+            }
+        }
+        moves.apply(tx).await?;
+        count_sales(tx, &sold, confirmed_at).await?;
+        Ok(locked.outcomes())
     }
 }
 
-async fn confirm(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let Some(order) = lock(tx, msg, &[OrderStatus::Paid]).await? else {
-        return Ok(Outcome::Stale);
-    };
-    let items = orders::items(tx, order.id).await?;
-    let data = OrderConfirmedData {
-        user_id: order.user_id,
-        coupon_id: order.coupon_id,
-        items: items
-            .into_iter()
-            .map(|i| EventItem {
-                product_id: i.product_id,
-                quantity: i.quantity,
-                unit_price: i.unit_price,
-            })
-            .collect(),
-        total_amount: order.total_amount,
-        discount_amount: order.discount_amount,
-        paid_amount: order.paid_amount,
-        confirmed_at: Utc::now(),
-    };
-    // The event id is fixed here, in the guarded transaction: re-publishes keep it.
-    let event = OutboxMessage::new(MessageType::OrderConfirmed, order.id, &data, msg.trace)?;
-    orders::advance(tx, &order, &[(OrderStatus::Confirmed, None)], &[event]).await?;
-    Ok(Outcome::Done)
-}
-
-async fn finish_cancel(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let order = lock(tx, msg, &[OrderStatus::Cancelling]).await?;
-    let Some(order) = order else {
-        return Ok(Outcome::Stale);
-    };
-    if orders::holds_nothing(&order) {
-        orders::finish_cancel(tx, &order).await?;
-    } else {
-        // Cannot happen through the chain; refuse rather than lose what it still holds.
-        tracing::error!(order_id = %order.id, "finish-cancel for an order that still holds resources; continuing compensation");
-        orders::continue_compensation(tx, &order).await?;
+/// Adds the units to their products' hourly buckets, in key order, in one statement.
+async fn count_sales(tx: &mut PgConnection, sold: &BTreeMap<i64, i64>, at: DateTime<Utc>) -> Result<()> {
+    if sold.is_empty() {
+        return Ok(());
     }
-    Ok(Outcome::Done)
+    let (ids, quantities): (Vec<i64>, Vec<i64>) = sold.iter().map(|(p, q)| (*p, *q)).unzip();
+    sqlx::query(
+        "INSERT INTO product_sales_hourly (product_id, bucket, quantity)
+         SELECT pid, date_trunc('hour', $3::timestamptz), qty FROM UNNEST($1::bigint[], $2::bigint[]) AS t(pid, qty)
+         ORDER BY pid
+         ON CONFLICT (product_id, bucket) DO UPDATE SET quantity = product_sales_hourly.quantity + EXCLUDED.quantity",
+    )
+    .bind(&ids)
+    .bind(&quantities)
+    .bind(at)
+    .execute(tx)
+    .await?;
+    Ok(())
 }

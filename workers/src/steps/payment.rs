@@ -1,18 +1,25 @@
-//! Payment: debit the balance with a PAYMENT ledger row (INSUFFICIENT_BALANCE when it cannot
-//! cover the amount), and refund with a REFUND row when a cancelled order gives it back.
-//! The debit is one guarded statement (`balance >= amount`); there is no read-then-write.
+//! Payment: debit each order's amount from its user's balance with a PAYMENT ledger row
+//! (INSUFFICIENT_BALANCE when the balance cannot cover it), and refund with a REFUND row when
+//! a cancelled order gives it back, for a whole batch at once.
+//!
+//! The batch's serial order: refunds first, then charges in order-id order. A debit is guarded
+//! by `balance >= amount` in its `WHERE` clause, never read-then-write; the charges run in
+//! rounds, the n-th round taking each user's n-th charge, so one statement per round debits
+//! every user at once and a user's second order sees what the first left (usually one round).
+
+use std::collections::{HashMap, HashSet};
 
 use orderflow_shared::{
     Result,
-    db::orders,
+    db::orders::{OrderRow, Transitions},
     domain::{CancelReason, OrderStatus},
     messaging::{MessageType, topology},
 };
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{lock, next};
-use crate::runtime::{Incoming, Outcome, Step, order_ids};
+use super::Locked;
+use crate::runtime::{Incoming, Outcome, Step};
 
 pub struct Payment;
 
@@ -24,107 +31,115 @@ impl Step for Payment {
         matches!(kind, MessageType::PaymentCharge | MessageType::PaymentRefund)
     }
 
-    async fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-        match msg.kind {
-            MessageType::PaymentCharge => charge(tx, msg).await,
-            _ => refund(tx, msg).await,
+    async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
+        let mut locked = Locked::lock(tx, batch).await?;
+        let refunding = locked.take(MessageType::PaymentRefund, |o| {
+            o.status == OrderStatus::Cancelling && o.paid_amount > 0
+        });
+        // Without a coupon an order comes straight from STOCK_RESERVED; with one, only after
+        // it was applied.
+        let charging = locked.take(MessageType::PaymentCharge, |o| match o.coupon_id {
+            Some(_) => o.status == OrderStatus::CouponApplied,
+            None => o.status == OrderStatus::StockReserved,
+        });
+        let mut moves = Transitions::new();
+        if !refunding.is_empty() {
+            refund(tx, &refunding).await?;
+            for mut order in refunding {
+                order.paid_amount = 0;
+                moves.compensated(order);
+            }
         }
-    }
-
-    /// The orders, then their users' balances, each in key order.
-    async fn lock_batch(&self, tx: &mut PgConnection, batch: &[&Incoming]) -> Result<Vec<orders::OrderRow>> {
-        let ids = order_ids(batch);
-        let locked = orders::lock_all(tx, &ids).await?;
-        sqlx::query(
-            "SELECT 1 FROM balances WHERE user_id IN (SELECT user_id FROM orders WHERE id = ANY($1))
-             ORDER BY user_id FOR NO KEY UPDATE",
-        )
-        .bind(&ids)
-        .execute(tx)
-        .await?;
-        Ok(locked)
+        if !charging.is_empty() {
+            let paid = charge(tx, &charging).await?;
+            for mut order in charging {
+                if paid.contains(&order.id) {
+                    order.paid_amount = order.total_amount - order.discount_amount;
+                    moves.advance(order, OrderStatus::Paid, Some(MessageType::OrderConfirm));
+                } else {
+                    moves.cancel(order, CancelReason::InsufficientBalance)?;
+                }
+            }
+        }
+        moves.apply(tx).await?;
+        Ok(locked.outcomes())
     }
 }
 
-async fn charge(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let expected = [OrderStatus::StockReserved, OrderStatus::CouponApplied];
-    let order = lock(tx, msg, &expected).await?;
-    // Without a coupon the order comes straight from STOCK_RESERVED; with one, only after it
-    // was applied.
-    let ready = |o: &orders::OrderRow| match o.coupon_id {
-        Some(_) => o.status == OrderStatus::CouponApplied,
-        None => o.status == OrderStatus::StockReserved,
-    };
-    let Some(mut order) = order.filter(ready) else {
-        return Ok(Outcome::Stale);
-    };
-    let amount = order.total_amount - order.discount_amount;
-    // The debit and its ledger row in one statement: no row back means not enough balance.
-    let debited: Option<i64> = sqlx::query_scalar(
-        "WITH debited AS (
-             UPDATE balances SET balance = balance - $2, updated_at = now()
-             WHERE user_id = $1 AND balance >= $2 RETURNING balance
+/// Debits every order (in id order) that its user's balance covers; returns those paid.
+async fn charge(tx: &mut PgConnection, orders: &[OrderRow]) -> Result<HashSet<Uuid>> {
+    // Round n holds each user's n-th charge.
+    let mut rounds: Vec<Vec<&OrderRow>> = Vec::new();
+    let mut seen: HashMap<i64, usize> = HashMap::new();
+    for order in orders {
+        let n = seen.entry(order.user_id).or_default();
+        if rounds.len() <= *n {
+            rounds.push(Vec::new());
+        }
+        rounds[*n].push(order);
+        *n += 1;
+    }
+    let mut paid = HashSet::new();
+    for round in rounds {
+        let users: Vec<i64> = round.iter().map(|o| o.user_id).collect();
+        let amounts: Vec<i64> = round.iter().map(|o| o.total_amount - o.discount_amount).collect();
+        let ids: Vec<Uuid> = round.iter().map(|o| o.id).collect();
+        // The debits and their ledger rows in one statement; balances locked in user order.
+        // A fully discounted order costs nothing, even to a user with no balance row yet.
+        let debited: Vec<Uuid> = sqlx::query_scalar(
+            "WITH t AS (SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::uuid[]) AS t(uid, amt, oid)),
+             locked AS (
+                 SELECT b.user_id FROM balances b JOIN t ON t.uid = b.user_id ORDER BY b.user_id FOR NO KEY UPDATE OF b
+             ),
+             debited AS (
+                 UPDATE balances b SET balance = b.balance - t.amt, updated_at = now() FROM t
+                 WHERE b.user_id = t.uid AND b.user_id IN (SELECT user_id FROM locked) AND b.balance >= t.amt
+                 RETURNING t.oid, t.uid, t.amt, b.balance
+             ),
+             free AS (
+                 SELECT t.oid, t.uid, t.amt, 0::int8 AS balance FROM t
+                 WHERE t.amt = 0 AND NOT EXISTS (SELECT 1 FROM balances b WHERE b.user_id = t.uid)
+             ),
+             paid AS (SELECT * FROM debited UNION ALL SELECT * FROM free),
+             ledger AS (
+                 INSERT INTO balance_ledger (user_id, kind, amount, balance_after, order_id)
+                 SELECT uid, 'PAYMENT', amt, balance, oid FROM paid
+             )
+             SELECT oid FROM paid",
+        )
+        .bind(&users)
+        .bind(&amounts)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        paid.extend(debited);
+    }
+    Ok(paid)
+}
+
+/// Gives every order its payment back, in one statement: one upsert per user (in user order)
+/// and a REFUND row per order with the balance after it. A refund is never refused, even when
+/// it lifts a balance over the charge cap.
+async fn refund(tx: &mut PgConnection, orders: &[OrderRow]) -> Result<()> {
+    let users: Vec<i64> = orders.iter().map(|o| o.user_id).collect();
+    let amounts: Vec<i64> = orders.iter().map(|o| o.paid_amount).collect();
+    let ids: Vec<Uuid> = orders.iter().map(|o| o.id).collect();
+    sqlx::query(
+        "WITH t AS (SELECT * FROM UNNEST($1::bigint[], $2::bigint[], $3::uuid[]) AS t(uid, amt, oid)),
+         per_user AS (SELECT uid, sum(amt)::int8 AS total FROM t GROUP BY uid),
+         credited AS (
+             INSERT INTO balances (user_id, balance) SELECT uid, total FROM per_user ORDER BY uid
+             ON CONFLICT (user_id) DO UPDATE SET balance = balances.balance + EXCLUDED.balance, updated_at = now()
+             RETURNING user_id, balance
          )
          INSERT INTO balance_ledger (user_id, kind, amount, balance_after, order_id)
-         SELECT $1, 'PAYMENT', $2, balance, $3 FROM debited RETURNING balance_after",
+         SELECT t.uid, 'REFUND', t.amt,
+                c.balance - p.total + sum(t.amt) OVER (PARTITION BY t.uid ORDER BY t.oid), t.oid
+         FROM t JOIN credited c ON c.user_id = t.uid JOIN per_user p ON p.uid = t.uid",
     )
-    .bind(order.user_id)
-    .bind(amount)
-    .bind(order.id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    match (debited, amount) {
-        (Some(_), _) => {}
-        // Fully discounted: nothing to take from a user with no balance row.
-        (None, 0) => ledger(tx, order.user_id, "PAYMENT", 0, 0, order.id).await?,
-        (None, _) => {
-            orders::cancel_locked(tx, &order, CancelReason::InsufficientBalance).await?;
-            return Ok(Outcome::Done);
-        }
-    }
-    order.paid_amount = amount;
-    let then = next(msg, MessageType::OrderConfirm)?;
-    orders::advance(tx, &order, &[(OrderStatus::Paid, None)], &[then]).await?;
-    Ok(Outcome::Done)
-}
-
-async fn refund(tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-    let order = lock(tx, msg, &[OrderStatus::Cancelling]).await?;
-    let Some(mut order) = order.filter(|o| o.paid_amount > 0) else {
-        return Ok(Outcome::Stale);
-    };
-    // A refund is never refused, even above the charge cap.
-    let balance: i64 = sqlx::query_scalar(
-        "INSERT INTO balances (user_id, balance) VALUES ($1, $2)
-         ON CONFLICT (user_id) DO UPDATE SET balance = balances.balance + EXCLUDED.balance, updated_at = now()
-         RETURNING balance",
-    )
-    .bind(order.user_id)
-    .bind(order.paid_amount)
-    .fetch_one(&mut *tx)
-    .await?;
-    ledger(tx, order.user_id, "REFUND", order.paid_amount, balance, order.id).await?;
-    order.paid_amount = 0;
-    orders::compensated(tx, &order).await?;
-    Ok(Outcome::Done)
-}
-
-async fn ledger(
-    tx: &mut PgConnection,
-    user_id: i64,
-    kind: &str,
-    amount: i64,
-    balance_after: i64,
-    order_id: Uuid,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO balance_ledger (user_id, kind, amount, balance_after, order_id) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(user_id)
-    .bind(kind)
-    .bind(amount)
-    .bind(balance_after)
-    .bind(order_id)
+    .bind(&users)
+    .bind(&amounts)
+    .bind(&ids)
     .execute(tx)
     .await?;
     Ok(())

@@ -1,15 +1,15 @@
-//! Recovery: an order whose deadline message expired while it was still in flight is
-//! cancelled with reason TIMEOUT, and its compensations run.
+//! Recovery: the orders of an expired deadline message (one per accept batch) that are still
+//! in flight are cancelled with reason TIMEOUT, and their compensations run.
 
 use orderflow_shared::{
     Result,
-    db::orders,
+    db::orders::Transitions,
     domain::{CancelReason, OrderStatus},
     messaging::{MessageType, topology},
 };
 use sqlx::PgConnection;
 
-use super::lock;
+use super::Locked;
 use crate::runtime::{Incoming, Outcome, Step};
 
 pub struct Expiry;
@@ -22,12 +22,17 @@ impl Step for Expiry {
         kind == MessageType::OrderDeadline
     }
 
-    async fn handle(&self, tx: &mut PgConnection, msg: &Incoming) -> Result<Outcome> {
-        let Some(order) = lock(tx, msg, OrderStatus::CANCELLABLE).await? else {
-            return Ok(Outcome::Stale);
-        };
-        tracing::warn!(order_id = %order.id, "order passed its deadline; cancelling");
-        orders::cancel_locked(tx, &order, CancelReason::Timeout).await?;
-        Ok(Outcome::Done)
+    async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
+        let mut locked = Locked::lock(tx, batch).await?;
+        let overdue = locked.take(MessageType::OrderDeadline, |o| {
+            OrderStatus::CANCELLABLE.contains(&o.status)
+        });
+        let mut moves = Transitions::new();
+        for order in overdue {
+            tracing::warn!(order_id = %order.id, "order passed its deadline; cancelling");
+            moves.cancel(order, CancelReason::Timeout)?;
+        }
+        moves.apply(tx).await?;
+        Ok(locked.outcomes())
     }
 }

@@ -1,0 +1,300 @@
+//! Group commit of order acceptances. `POST /api/orders` hands its validated request to the
+//! [`Acceptor`]; requests that arrive while a write is in flight share the next transaction:
+//! one statement set (claim every idempotency key, look up every stored response, read every
+//! price, then one insert of every order, line, history row, idempotency record and of the
+//! batch's two messages: one `stock.reserve` and one `order.deadline` naming all its orders)
+//! and one commit for the whole batch. Nothing waits for a batch to fill: at low load a batch
+//! is one request. Each request still gets exactly its own answer (accepted, replayed, 409
+//! key in flight, 422 key reused, 404 unknown product, 400 total too large). If the batch's
+//! transaction fails, its requests are written again one per transaction, so one request's
+//! failure is only its own.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::http::StatusCode;
+use orderflow_shared::{
+    Error, Result,
+    db::outbox::{self, OutboxMessage},
+    domain::OrderStatus,
+    messaging::MessageType,
+    telemetry::TraceParent,
+};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::idempotency::{self, Claim, Stored};
+
+/// Most requests one transaction accepts.
+pub const MAX_BATCH: usize = 512;
+/// Accept transactions in flight at once: while one commits, the next batch gathers.
+pub const WRITERS: usize = 4;
+
+/// A validated order request, as the handler hands it over.
+#[derive(Debug)]
+pub struct Request {
+    /// The idempotency claim: user, scope, key and the request as a retry must repeat it.
+    pub claim: Claim,
+    /// (product id, quantity) per line, each product once.
+    pub lines: Vec<(i64, i32)>,
+    pub coupon_id: Option<i64>,
+    /// The request's trace, which becomes the order's.
+    pub trace: TraceParent,
+}
+
+/// What accepting produced.
+#[derive(Debug)]
+pub enum Accepted {
+    /// A new order, now PENDING.
+    Fresh { order_id: Uuid, total: i64 },
+    /// A retry: the first request's response, to send again; nothing was changed.
+    Replay(Stored),
+}
+
+struct Pending {
+    request: Request,
+    reply: oneshot::Sender<Result<Accepted>>,
+}
+
+/// The handle requests are accepted through (cheap to clone).
+#[derive(Clone)]
+pub struct Acceptor {
+    queue: mpsc::UnboundedSender<Pending>,
+}
+
+impl Acceptor {
+    /// Starts the writer that drains the queue (on the current tokio runtime). It stops when
+    /// every handle is dropped.
+    pub fn start(pool: PgPool, order_timeout: Duration) -> Self {
+        let (queue, requests) = mpsc::unbounded_channel();
+        let timeout_ms = i64::try_from(order_timeout.as_millis()).unwrap_or(i64::MAX);
+        tokio::spawn(dispatch(requests, pool, timeout_ms));
+        Self { queue }
+    }
+
+    /// Accepts one order request in the next batch's transaction.
+    pub async fn accept(&self, request: Request) -> Result<Accepted> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Pending { request, reply })
+            .map_err(|_| anyhow::anyhow!("the order acceptor has stopped"))?;
+        answer
+            .await
+            .map_err(|_| anyhow::anyhow!("the order acceptor dropped a request"))?
+    }
+}
+
+/// Takes whatever is waiting (up to [`MAX_BATCH`]) as soon as a writer is free.
+async fn dispatch(mut requests: mpsc::UnboundedReceiver<Pending>, pool: PgPool, timeout_ms: i64) {
+    let writers = Arc::new(Semaphore::new(WRITERS));
+    loop {
+        let Ok(writer) = writers.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = requests.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            write(&pool, batch, timeout_ms).await;
+            drop(writer);
+        });
+    }
+}
+
+/// Writes a batch and answers each of its requests; if the batch's transaction fails, each
+/// request is written again alone.
+async fn write(pool: &PgPool, batch: Vec<Pending>, timeout_ms: i64) {
+    metrics::histogram!(orderflow_shared::metrics::ACCEPT_BATCH).record(batch.len() as f64);
+    let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
+    let answers = match write_batch(pool, &requests, timeout_ms).await {
+        Ok(answers) => answers,
+        Err(err) if batch.len() > 1 => {
+            tracing::warn!(requests = batch.len(), error = %err, "accept batch failed; writing its requests one by one");
+            let mut answers = Vec::with_capacity(batch.len());
+            for request in &requests {
+                answers.push(match write_batch(pool, &[*request], timeout_ms).await {
+                    Ok(mut one) => one.pop().unwrap_or_else(|| Err(anyhow::anyhow!("no answer").into())),
+                    Err(err) => Err(err),
+                });
+            }
+            answers
+        }
+        Err(err) => vec![Err(err)],
+    };
+    for (pending, answer) in batch.into_iter().zip(answers) {
+        // A requester that went away (client disconnected) no longer needs its answer.
+        let _ = pending.reply.send(answer);
+    }
+}
+
+/// One transaction for the batch; the outer error fails the whole batch, the inner ones
+/// answer single requests.
+async fn write_batch(pool: &PgPool, requests: &[&Request], timeout_ms: i64) -> Result<Vec<Result<Accepted>>> {
+    let mut tx = pool.begin().await?;
+    let claims: Vec<&Claim> = requests.iter().map(|r| &r.claim).collect();
+    let mut answers: Vec<Result<Accepted>> = idempotency::claim_all(&mut tx, &claims)
+        .await?
+        .into_iter()
+        .map(|claimed| match claimed {
+            Ok(Some(stored)) => Ok(Accepted::Replay(stored)),
+            // A first request: decided below.
+            Ok(None) => Ok(Accepted::Fresh {
+                order_id: Uuid::nil(),
+                total: 0,
+            }),
+            Err(err) => Err(err),
+        })
+        .collect();
+    let fresh: Vec<usize> = (0..requests.len())
+        .filter(|&i| matches!(answers[i], Ok(Accepted::Fresh { .. })))
+        .collect();
+    if !fresh.is_empty() {
+        let mut product_ids: Vec<i64> = fresh
+            .iter()
+            .flat_map(|&i| requests[i].lines.iter().map(|(p, _)| *p))
+            .collect();
+        product_ids.sort_unstable();
+        product_ids.dedup();
+        let prices: HashMap<i64, i64> = sqlx::query_as("SELECT id, price FROM products WHERE id = ANY($1)")
+            .bind(&product_ids)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .collect();
+        let mut placed = Placed::default();
+        for &i in &fresh {
+            answers[i] = placed.add(requests[i], &prices);
+        }
+        placed.insert(&mut tx, timeout_ms).await?;
+    }
+    tx.commit().await?;
+    outbox::committed();
+    Ok(answers)
+}
+
+/// The batch's new orders as the column arrays of [`PLACE`].
+#[derive(Default)]
+struct Placed {
+    ids: Vec<Uuid>,
+    users: Vec<i64>,
+    coupons: Vec<Option<i64>>,
+    totals: Vec<i64>,
+    traces: Vec<String>,
+    line_orders: Vec<Uuid>,
+    line_products: Vec<i64>,
+    line_quantities: Vec<i32>,
+    line_prices: Vec<i64>,
+    keys: Vec<String>,
+    scopes: Vec<&'static str>,
+    requests: Vec<serde_json::Value>,
+    responses: Vec<serde_json::Value>,
+    headers: Vec<serde_json::Value>,
+    first_trace: Option<TraceParent>,
+}
+
+impl Placed {
+    /// Prices an order at today's prices; 404 for an unknown product, 400 for a total that
+    /// does not fit in whole won.
+    fn add(&mut self, request: &Request, prices: &HashMap<i64, i64>) -> Result<Accepted> {
+        let mut total: i64 = 0;
+        let mut unit_prices = Vec::with_capacity(request.lines.len());
+        for &(product, quantity) in &request.lines {
+            let price = *prices
+                .get(&product)
+                .ok_or_else(|| Error::not_found("PRODUCT_NOT_FOUND", format!("product {product} does not exist")))?;
+            unit_prices.push(price);
+            total = price
+                .checked_mul(i64::from(quantity))
+                .and_then(|line| total.checked_add(line))
+                .ok_or_else(|| Error::bad_request("ORDER_TOO_LARGE", "the order total is too large"))?;
+        }
+        let order_id = Uuid::now_v7();
+        for (&(product, quantity), price) in request.lines.iter().zip(unit_prices) {
+            self.line_orders.push(order_id);
+            self.line_products.push(product);
+            self.line_quantities.push(quantity);
+            self.line_prices.push(price);
+        }
+        self.ids.push(order_id);
+        self.users.push(request.claim.user_id);
+        self.coupons.push(request.coupon_id);
+        self.totals.push(total);
+        self.traces.push(request.trace.to_string());
+        self.first_trace.get_or_insert(request.trace);
+        self.keys.push(request.claim.key.clone());
+        self.scopes.push(request.claim.scope);
+        self.requests.push(request.claim.request.clone());
+        self.responses
+            .push(serde_json::json!({ "orderId": order_id, "status": OrderStatus::Pending }));
+        self.headers
+            .push(serde_json::json!({ "location": format!("/api/orders/{order_id}") }));
+        Ok(Accepted::Fresh { order_id, total })
+    }
+
+    async fn insert(self, tx: &mut PgConnection, timeout_ms: i64) -> Result<()> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        // The batch's reservation and its deadline (recovery acts on it when it expires).
+        let mut messages = OutboxMessage::commands(MessageType::StockReserve, &self.ids, self.first_trace)?;
+        messages.extend(
+            OutboxMessage::commands(MessageType::OrderDeadline, &self.ids, self.first_trace)?
+                .into_iter()
+                .map(|m| m.with_expiration_ms(timeout_ms)),
+        );
+        outbox::Columns::new(&messages)
+            .bind(sqlx::query(PLACE.as_str()))
+            .bind(&self.ids)
+            .bind(&self.users)
+            .bind(&self.coupons)
+            .bind(&self.totals)
+            .bind(&self.traces)
+            .bind(timeout_ms as f64)
+            .bind(&self.line_orders)
+            .bind(&self.line_products)
+            .bind(&self.line_quantities)
+            .bind(&self.line_prices)
+            .bind(&self.keys)
+            .bind(&self.scopes)
+            .bind(&self.requests)
+            .bind(StatusCode::ACCEPTED.as_u16() as i16)
+            .bind(&self.responses)
+            .bind(&self.headers)
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Accepting a batch of orders in one statement; the outbox messages are `$1`..`$7`. Foreign
+/// keys are checked at the statement's end, when the order rows exist.
+static PLACE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH placed AS (
+             INSERT INTO orders (id, user_id, status, coupon_id, total_amount, trace_parent, deadline_at)
+             SELECT id, uid, 'PENDING', cid, total, tp, now() + $13 * interval '1 millisecond'
+             FROM UNNEST($8::uuid[], $9::int8[], $10::int8[], $11::int8[], $12::text[]) AS t(id, uid, cid, total, tp)
+             RETURNING id
+         ), lines AS (
+             INSERT INTO order_items (order_id, product_id, quantity, unit_price)
+             SELECT * FROM UNNEST($14::uuid[], $15::int8[], $16::int4[], $17::int8[])
+         ), history AS (
+             INSERT INTO order_status_history (order_id, from_status, to_status) SELECT id, NULL, 'PENDING' FROM placed
+         ), keys AS (
+             INSERT INTO idempotency_keys (user_id, scope, key, request, status_code, response, headers)
+             SELECT uid, scope, key, request, $21, response, headers
+             FROM UNNEST($9::int8[], $18::text[], $19::text[], $20::jsonb[], $22::jsonb[], $23::jsonb[])
+                 AS t(uid, key, scope, request, response, headers)
+         )
+         {}",
+        outbox::INSERT
+    )
+});

@@ -1,0 +1,471 @@
+//! Hostile broker input, against the real PostgreSQL and RabbitMQ: outbox rows the broker
+//! refuses, dead letters carrying whatever an AMQP message can, replays whose destination is
+//! gone. None of them may hold back other messages, loop, or answer 500.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestApp;
+use lapin::{
+    BasicProperties, ExchangeKind,
+    options::{BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable, LongString, ShortString},
+};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn parked(app: &TestApp) -> Vec<Value> {
+    let (status, page) = app.get("/api/admin/outbox/parked", &app.admin_token()).await;
+    assert_eq!(status, 200, "{page}");
+    page["items"].as_array().unwrap().clone()
+}
+
+async fn wait_parked(app: &TestApp, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let rows = parked(app).await;
+        if rows.len() >= n {
+            return rows;
+        }
+        assert!(Instant::now() < deadline, "only {} of {n} rows parked", rows.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn insert_outbox(app: &TestApp, exchange: &str, routing_key: &str) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, body)
+         VALUES (gen_random_uuid(), $1, $2, 'stock.reserve', '{}') RETURNING id",
+    )
+    .bind(exchange)
+    .bind(routing_key)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+async fn declare_exchange(app: &TestApp, name: &str) {
+    let (conn, channel) = app.amqp().await;
+    channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+async fn metric(name: &str) -> Option<f64> {
+    orderflow_shared::metrics::render()
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn rows_the_broker_refuses_are_set_aside_and_a_hundred_orders_behind_them_confirm() {
+    let app = TestApp::spawn().await;
+    // Ahead of every order: a row for an exchange that does not exist (the broker closes the
+    // channel over it) and one for an exchange that exists but routes nothing (returned).
+    declare_exchange(&app, "unbound").await;
+    let missing = insert_outbox(&app, "legacy", "stock.reserve").await;
+    let unroutable = insert_outbox(&app, "unbound", "nowhere").await;
+
+    let product = app.product("Behind poison", 100, 1_000).await;
+    for user in 1..=100 {
+        app.fund(user, 1_000).await;
+    }
+    let started = Instant::now();
+    let orders = futures_util::future::join_all((1..=100).map(|user| {
+        let app = &app;
+        async move { (user, app.order(user, &[(product, 1)], None).await) }
+    }))
+    .await;
+    for (user, id) in &orders {
+        assert_eq!(app.wait_terminal(*user, id, WAIT).await["status"], "CONFIRMED");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(15),
+        "100 orders took {took:?} behind the poison"
+    );
+    assert_eq!(app.stock(product).await, 900);
+
+    // Each poison row was tried on its own schedule, then parked with its reason.
+    let rows = wait_parked(&app, 2).await;
+    assert_eq!(rows.len(), 2);
+    let row = |id: i64| rows.iter().find(|r| r["id"] == id).unwrap().clone();
+    let (gone, nowhere) = (row(missing), row(unroutable));
+    assert_eq!(gone["attempts"], orderflow_workers::relay::MAX_ATTEMPTS);
+    assert!(gone["lastError"].as_str().unwrap().contains("NOT_FOUND"), "{gone}");
+    assert_eq!(nowhere["attempts"], orderflow_workers::relay::MAX_ATTEMPTS);
+    assert!(nowhere["lastError"].as_str().unwrap().contains("NO_ROUTE"), "{nowhere}");
+    let (_, overview) = app.get("/api/admin/overview", &app.admin_token()).await;
+    assert_eq!(overview["outbox"]["parked"], 2);
+    assert_eq!(overview["outbox"]["unsent"], 0);
+    let deadline = Instant::now() + WAIT;
+    while metric("orderflow_outbox_parked ").await != Some(2.0) {
+        assert!(Instant::now() < deadline, "the parked gauge never showed 2");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // An operator binds a queue to the second exchange and retries it; discards the first.
+    let (conn, channel) = app.amqp().await;
+    channel
+        .queue_declare(
+            "catch-all".into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            "catch-all".into(),
+            "unbound".into(),
+            "nowhere".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    let (status, body) = app
+        .admin(Method::POST, &format!("/api/admin/outbox/{unroutable}/retry"))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let (status, _) = app.admin(Method::DELETE, &format!("/api/admin/outbox/{missing}")).await;
+    assert_eq!(status, 204);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let sent: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT sent_at FROM outbox WHERE id = $1")
+                .bind(unroutable)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        if sent.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the retried row was never published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.drain_queue("catch-all").await.len(), 1);
+    assert!(parked(&app).await.is_empty());
+    for (method, path, want, code) in [
+        (
+            Method::DELETE,
+            format!("/api/admin/outbox/{missing}"),
+            409,
+            "OUTBOX_MESSAGE_NOT_PARKED",
+        ),
+        (
+            Method::POST,
+            format!("/api/admin/outbox/{unroutable}/retry"),
+            409,
+            "OUTBOX_MESSAGE_NOT_PARKED",
+        ),
+        (
+            Method::POST,
+            "/api/admin/outbox/999999/retry".to_owned(),
+            404,
+            "OUTBOX_MESSAGE_NOT_FOUND",
+        ),
+    ] {
+        let (status, problem) = app.admin(method, &path).await;
+        assert_eq!(
+            (status.as_u16(), problem["code"].as_str()),
+            (want, Some(code)),
+            "{path}"
+        );
+    }
+    // Discarded is not unsent: the system is at rest.
+    app.wait_quiescent(WAIT).await;
+    app.stop().await;
+}
+
+/// Headers of every AMQP field type, with the strings PostgreSQL cannot store as text.
+fn hostile_headers() -> FieldTable {
+    let mut nested = FieldTable::default();
+    nested.insert("deep".into(), AMQPValue::LongString(LongString::from(&b"x\0y"[..])));
+    let mut headers = FieldTable::default();
+    let mut put = |k: &str, v| {
+        headers.insert(ShortString::from(k), v);
+    };
+    put("x-note", AMQPValue::LongString(LongString::from(&b"a\0b"[..])));
+    put(
+        "x-latin1",
+        AMQPValue::LongString(LongString::from(&[0x63u8, 0x61, 0x66, 0xe9][..])),
+    );
+    put("x-bytes", AMQPValue::ByteArray(ByteArray::from(vec![0u8, 1, 255])));
+    put(
+        "x-decimal",
+        AMQPValue::DecimalValue(DecimalValue { scale: 3, value: 1234 }),
+    );
+    put("x-at", AMQPValue::Timestamp(1_764_460_800));
+    // (RabbitMQ itself refuses non-finite floats: the recorder's marker for them is unit-tested.)
+    put("x-double", AMQPValue::Double(1.5));
+    put(
+        "x-list",
+        AMQPValue::FieldArray(FieldArray::from(vec![
+            AMQPValue::LongInt(-7),
+            AMQPValue::Boolean(false),
+            AMQPValue::Void,
+        ])),
+    );
+    put("x-table", AMQPValue::FieldTable(nested));
+    put("x-large", AMQPValue::LongString(LongString::from("z".repeat(100_000))));
+    headers
+}
+
+async fn publish(app: &TestApp, exchange: &str, key: &str, body: &[u8], headers: FieldTable, id: &str) {
+    let (conn, channel) = app.amqp().await;
+    channel.confirm_select(Default::default()).await.unwrap();
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            key.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default()
+                .with_message_id(id.into())
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+async fn wait_letters(app: &TestApp, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, page) = app
+            .get("/api/admin/dead-letters?size=100&status=ALL", &app.admin_token())
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let items = page["items"].as_array().unwrap().clone();
+        if items.len() >= n {
+            return items;
+        }
+        assert!(Instant::now() < deadline, "only {} of {n} dead letters", items.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_dead_letter_with_nul_bytes_and_every_field_type_is_recorded_once_and_nothing_loops() {
+    let app = TestApp::spawn().await;
+    publish(
+        &app,
+        "",
+        "orderflow.stock",
+        b"{not json",
+        hostile_headers(),
+        "hostile-1",
+    )
+    .await;
+    let letters = wait_letters(&app, 1).await;
+    let letter = &letters[0];
+    assert_eq!(
+        (letter["sourceQueue"].as_str(), letter["reason"].as_str()),
+        (Some("orderflow.stock"), Some("rejected"))
+    );
+    assert_eq!(letter["body"], "{not json");
+    let h = &letter["headers"];
+    assert_eq!(h["x-note"], json!({"$bytes": "610062"}));
+    assert_eq!(h["x-latin1"], json!({"$bytes": "636166e9"}));
+    assert_eq!(h["x-bytes"], json!({"$bytes": "0001ff"}));
+    assert_eq!(h["x-decimal"], json!({"$decimal": {"scale": 3, "value": 1234}}));
+    assert_eq!(h["x-at"], json!({"$timestamp": 1_764_460_800}));
+    assert_eq!(h["x-double"], json!(1.5));
+    assert_eq!(h["x-list"], json!([-7, false, null]));
+    assert_eq!(h["x-table"], json!({"deep": {"$bytes": "780079"}}));
+    assert_eq!(h["x-large"].as_str().map(str::len), Some(100_000));
+
+    // Recorded once, acked: nothing is redelivered, nothing waits in the dead-letter queue.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(count, 1);
+    let queues = orderflow_shared::messaging::stats::queue_stats(&app.config.amqp_url)
+        .await
+        .unwrap();
+    let dlq = queues.iter().find(|q| q.name == "orderflow.dead-letters").unwrap();
+    assert_eq!(dlq.messages, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_cannot_be_recorded_is_parked_after_a_few_attempts_not_redelivered_forever() {
+    let app = TestApp::spawn().await;
+    // Recording fails for this letter (a stand-in for any non-transient failure); the bare
+    // record the recorder falls back to is let through.
+    sqlx::query(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.message_id = 'doomed' AND NEW.reason IS DISTINCT FROM 'unrecordable' THEN
+             RAISE EXCEPTION 'injected failure';
+           END IF;
+           RETURN NEW;
+         END $$",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query("CREATE TRIGGER refuse BEFORE INSERT ON dead_letters FOR EACH ROW EXECUTE FUNCTION refuse()")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    publish(
+        &app,
+        "",
+        "orderflow.stock",
+        b"\xff\xfe not even utf-8",
+        FieldTable::default(),
+        "doomed",
+    )
+    .await;
+    let letters = wait_letters(&app, 1).await;
+    let letter = &letters[0];
+    assert_eq!(letter["reason"], "unrecordable");
+    assert_eq!(letter["messageId"], "doomed");
+    assert!(
+        letter["headers"]["$unrecordable"]
+            .as_str()
+            .unwrap()
+            .contains("injected failure"),
+        "{letter}"
+    );
+    let body: Vec<u8> = sqlx::query_scalar("SELECT body FROM dead_letters")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(body, b"\xff\xfe not even utf-8");
+    // It stays parked: acked, not redelivered.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let queues = orderflow_shared::messaging::stats::queue_stats(&app.config.amqp_url)
+        .await
+        .unwrap();
+    assert_eq!(
+        queues
+            .iter()
+            .find(|q| q.name == "orderflow.dead-letters")
+            .unwrap()
+            .messages,
+        0
+    );
+    app.stop().await;
+}
+
+async fn replay(app: &TestApp, id: i64) -> (u16, Value) {
+    let (status, body) = app
+        .admin(Method::POST, &format!("/api/admin/dead-letters/{id}/replay"))
+        .await;
+    (status.as_u16(), body)
+}
+
+#[tokio::test]
+async fn replays_publish_the_original_bytes_to_where_the_letter_died_or_answer_409_never_500() {
+    let app = TestApp::spawn().await;
+    // A stock.reserve for no order, with a NUL inside its JSON, published through an exchange
+    // of its own that is then deleted: dead-lettered from orderflow.stock.
+    let (conn, channel) = app.amqp().await;
+    channel
+        .exchange_declare(
+            "legacy".into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            "orderflow.stock".into(),
+            "legacy".into(),
+            "stock.reserve".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let id = uuid::Uuid::now_v7();
+    let body = format!(
+        r#"{{"id":"{id}","type":"stock.reserve","occurredAt":"2026-11-30T10:00:00.000Z","orderId":"{}","data":{{"note":"a\u0000b"}}}}"#,
+        uuid::Uuid::now_v7()
+    );
+    publish(
+        &app,
+        "legacy",
+        "stock.reserve",
+        body.as_bytes(),
+        FieldTable::default(),
+        &id.to_string(),
+    )
+    .await;
+    let letters = wait_letters(&app, 1).await;
+    assert_eq!(letters[0]["exchange"], "legacy");
+    channel
+        .exchange_delete("legacy".into(), Default::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+
+    // Replayed to the queue it died in, byte for byte: it dies there again (no such order),
+    // and the second record holds the very same bytes.
+    let first = letters[0]["id"].as_i64().unwrap();
+    let (status, replayed) = replay(&app, first).await;
+    assert_eq!(status, 202, "{replayed}");
+    assert_eq!(replayed["status"], "REPLAYED");
+    let letters = wait_letters(&app, 2).await;
+    let bodies: Vec<Vec<u8>> = sqlx::query_scalar("SELECT body FROM dead_letters ORDER BY id")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(bodies, [body.as_bytes().to_vec(), body.as_bytes().to_vec()]);
+    assert!(letters.iter().all(|l| l["sourceQueue"] == "orderflow.stock"));
+    // Meanwhile the pipeline flows.
+    let product = app.product("After replay", 1_000, 5).await;
+    app.fund(8, 1_000).await;
+    let order = app.order(8, &[(product, 1)], None).await;
+    assert_eq!(app.wait_terminal(8, &order, WAIT).await["status"], "CONFIRMED");
+
+    // Destinations that are gone or route nothing are refused when asked.
+    for (queue, exchange, key) in [
+        (Some("orderflow.gone"), None, None),
+        (None, Some("legacy"), Some("stock.reserve")),
+        (None, Some("orderflow.work"), Some("nothing.here")),
+        (None, None, None),
+    ] {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO dead_letters (fingerprint, source_queue, exchange, routing_key, body)
+             VALUES (gen_random_uuid(), $1, $2, $3, '{}') RETURNING id",
+        )
+        .bind(queue)
+        .bind(exchange)
+        .bind(key)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        let (status, problem) = replay(&app, id).await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (409, Some("DEAD_LETTER_NOT_REPLAYABLE")),
+            "{queue:?} {exchange:?} {key:?}: {problem}"
+        );
+    }
+    app.wait_quiescent(WAIT).await;
+    app.stop().await;
+}
