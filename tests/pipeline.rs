@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::TestApp;
 use orderflow_shared::messaging::topology::DATA_PLATFORM_QUEUE;
-use serde_json::json;
+use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -178,6 +178,7 @@ async fn each_failure_reason_cancels_and_gives_everything_back() {
     // User 31: out of stock (wants 2 of 1). Has a coupon the order never reaches.
     // User 32: coupon invalid (order below the coupon's minimum). Stock must come back.
     // User 33: insufficient balance, with a valid coupon. Stock and coupon must come back.
+    app.capture("cancelled", "orderflow.events", "order.cancelled").await;
     for user in [31, 32, 33] {
         let (status, _) = app
             .post(&format!("/api/coupons/{coupon}/issue"), &app.token(user), json!({}))
@@ -247,6 +248,29 @@ async fn each_failure_reason_cancels_and_gives_everything_back() {
         app.drain_queue(DATA_PLATFORM_QUEUE).await.is_empty(),
         "a cancelled order never produces order.confirmed"
     );
+    // Each order.cancelled says why and what was given back.
+    let events = app.drain_queue("cancelled").await;
+    assert_eq!(events.len(), 3);
+    let event = |o: &Value| events.iter().find(|(_, b)| b["orderId"] == o["orderId"]).unwrap().1["data"].clone();
+    let (e1, e2, e3) = (event(&o1), event(&o2), event(&o3));
+    assert_eq!(
+        (e1["userId"].as_i64(), e1["reason"].as_str()),
+        (Some(31), Some("OUT_OF_STOCK"))
+    );
+    assert_eq!(
+        e1["returned"],
+        json!({"items": [], "couponId": null, "refundedAmount": 0})
+    );
+    assert_eq!(e2["reason"], "COUPON_INVALID");
+    assert_eq!(
+        e2["returned"],
+        json!({"items": [{"productId": plenty, "quantity": 2, "unitPrice": 10_000}], "couponId": null, "refundedAmount": 0})
+    );
+    assert_eq!(e3["reason"], "INSUFFICIENT_BALANCE");
+    assert_eq!(
+        e3["returned"],
+        json!({"items": [{"productId": plenty, "quantity": 6, "unitPrice": 10_000}], "couponId": coupon, "refundedAmount": 0})
+    );
     app.stop().await;
 }
 
@@ -269,6 +293,7 @@ async fn a_paid_order_that_times_out_is_refunded_and_the_late_confirm_is_refused
     app.post(&format!("/api/coupons/{coupon}/issue"), &app.token(41), json!({}))
         .await;
     app.fund(41, 20_000).await;
+    app.capture("cancelled", "orderflow.events", "order.cancelled").await;
 
     let id = app.order(41, &[(product, 2)], Some(coupon)).await;
     app.wait_order_row(&id, WAIT, |o| {
@@ -295,6 +320,13 @@ async fn a_paid_order_that_times_out_is_refunded_and_the_late_confirm_is_refused
     );
     app.wait_quiescent(WAIT).await;
     assert_eq!(app.balance(41).await, 20_000);
+    let cancelled = app.drain_queue("cancelled").await;
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0].1["data"]["reason"], "TIMEOUT");
+    assert_eq!(
+        cancelled[0].1["data"]["returned"],
+        json!({"items": [{"productId": product, "quantity": 2, "unitPrice": 5_000}], "couponId": coupon, "refundedAmount": 9_000})
+    );
     let entries = ledger(&app, 41).await;
     let order_uuid: uuid::Uuid = id.parse().unwrap();
     assert_eq!(

@@ -488,6 +488,27 @@ impl TestApp {
         }
     }
 
+    /// Declares queue `name` bound to `exchange` with `key` (e.g. to capture the public
+    /// `order.cancelled`, which no orderflow queue receives); read it with `drain_queue`.
+    pub async fn capture(&self, name: &str, exchange: &str, key: &str) {
+        let (conn, channel) = self.amqp().await;
+        channel
+            .queue_declare(name.into(), Default::default(), Default::default())
+            .await
+            .unwrap();
+        channel
+            .queue_bind(
+                name.into(),
+                exchange.into(),
+                key.into(),
+                Default::default(),
+                Default::default(),
+            )
+            .await
+            .unwrap();
+        let _ = conn.close(200, "bye".into()).await;
+    }
+
     /// Opens an AMQP channel on the test's vhost.
     pub async fn amqp(&self) -> (lapin::Connection, lapin::Channel) {
         let conn = lapin::Connection::connect(&self.config.amqp_url, lapin::ConnectionProperties::default())

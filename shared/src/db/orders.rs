@@ -16,7 +16,10 @@ use super::outbox::{self, Columns, OutboxMessage};
 use crate::{
     Result,
     domain::{CancelReason, OrderStatus},
-    messaging::{MessageType, envelope::OrderCancelledData},
+    messaging::{
+        MessageType,
+        envelope::{OrderCancelledData, Returned},
+    },
     telemetry::TraceParent,
 };
 
@@ -165,7 +168,8 @@ impl Transitions {
     /// Returns the status the order is left in.
     pub fn cancel(&mut self, order: OrderRow, reason: CancelReason) -> Result<OrderStatus> {
         if holds_nothing(&order) {
-            self.messages.push(cancelled_event(&order, reason.as_str())?);
+            self.messages
+                .push(cancelled_event(&order, reason.as_str(), Returned::default())?);
             self.moves.push(Move {
                 order,
                 path: vec![(OrderStatus::Cancelling, Some(reason)), (OrderStatus::Cancelled, None)],
@@ -191,11 +195,11 @@ impl Transitions {
     }
 
     /// Ends a CANCELLING order that holds nothing: CANCELLED, and `order.cancelled` for the
-    /// data platform (its id is fixed here, in the guarded transaction, so re-publishes
-    /// keep it).
-    pub fn finish_cancel(&mut self, order: OrderRow) -> Result<()> {
+    /// data platform with what its compensations gave back (its id is fixed here, in the
+    /// guarded transaction, so re-publishes keep it).
+    pub fn finish_cancel(&mut self, order: OrderRow, returned: Returned) -> Result<()> {
         let reason = order.reason.clone().unwrap_or_default();
-        self.messages.push(cancelled_event(&order, &reason)?);
+        self.messages.push(cancelled_event(&order, &reason, returned)?);
         self.moves.push(Move {
             order,
             path: vec![(OrderStatus::Cancelled, None)],
@@ -354,10 +358,11 @@ static APPLY: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
-fn cancelled_event(order: &OrderRow, reason: &str) -> Result<OutboxMessage> {
+fn cancelled_event(order: &OrderRow, reason: &str, returned: Returned) -> Result<OutboxMessage> {
     let data = OrderCancelledData {
         user_id: order.user_id,
         reason: reason.to_owned(),
+        returned,
         cancelled_at: Utc::now(),
     };
     OutboxMessage::event(MessageType::OrderCancelled, order.id, &data, order.trace())

@@ -175,14 +175,28 @@ pub struct EventItem {
     pub unit_price: i64,
 }
 
-/// The `data` of `order.cancelled`.
+/// The `data` of `order.cancelled`: why, and everything the order gave back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderCancelledData {
     pub user_id: i64,
+    /// OUT_OF_STOCK, COUPON_INVALID, INSUFFICIENT_BALANCE, TIMEOUT, PROCESSING_FAILED,
+    /// ADMIN_CANCELLED or USER_CANCELLED.
     pub reason: String,
+    pub returned: Returned,
     #[serde(with = "millis")]
     pub cancelled_at: DateTime<Utc>,
+}
+
+/// What a cancelled order gave back: the units it had reserved (empty if it never reserved
+/// any), the coupon it had used (made available again), the amount refunded to the balance
+/// (whole won).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Returned {
+    pub items: Vec<EventItem>,
+    pub coupon_id: Option<i64>,
+    pub refunded_amount: i64,
 }
 
 #[cfg(test)]

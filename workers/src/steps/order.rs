@@ -18,7 +18,7 @@ use orderflow_shared::{
     domain::OrderStatus,
     messaging::{
         MessageType,
-        envelope::{EventItem, OrderConfirmedData},
+        envelope::{EventItem, OrderConfirmedData, Returned},
         topology,
     },
 };
@@ -43,9 +43,11 @@ impl Step for Order {
         let finishing = locked.take(MessageType::OrderFinishCancel, |o| o.status == OrderStatus::Cancelling);
         let confirming = locked.take(MessageType::OrderConfirm, |o| o.status == OrderStatus::Paid);
         let mut moves = Transitions::new();
+        let mut returned = given_back(tx, &finishing).await?;
         for order in finishing {
             if orders::holds_nothing(&order) {
-                moves.finish_cancel(order)?;
+                let returned = returned.remove(&order.id).unwrap_or_default();
+                moves.finish_cancel(order, returned)?;
             } else {
                 // Cannot happen through the chain; refuse rather than lose what it still holds.
                 tracing::error!(order_id = %order.id, "finish-cancel for an order that still holds resources; continuing compensation");
@@ -97,6 +99,50 @@ impl Step for Order {
         count_sales(tx, &sold, confirmed_at).await?;
         Ok(locked.outcomes())
     }
+}
+
+/// What each cancelled order's compensations gave back: its units if it had reserved stock,
+/// its coupon if it had applied one, the sum of its refunds. Two statements for the batch.
+async fn given_back(tx: &mut PgConnection, finishing: &[orders::OrderRow]) -> Result<HashMap<Uuid, Returned>> {
+    if finishing.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let ids: Vec<Uuid> = finishing.iter().map(|o| o.id).collect();
+    let held: Vec<(Uuid, bool, bool, i64)> = sqlx::query_as(
+        "SELECT o.id,
+                EXISTS (SELECT 1 FROM order_status_history h WHERE h.order_id = o.id AND h.to_status = 'STOCK_RESERVED'),
+                EXISTS (SELECT 1 FROM order_status_history h WHERE h.order_id = o.id AND h.to_status = 'COUPON_APPLIED'),
+                coalesce((SELECT sum(amount) FROM balance_ledger l WHERE l.order_id = o.id AND l.kind = 'REFUND'), 0)::int8
+         FROM UNNEST($1::uuid[]) AS o(id)",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    let stocked: Vec<Uuid> = held.iter().filter(|h| h.1).map(|h| h.0).collect();
+    let mut items: HashMap<Uuid, Vec<EventItem>> = HashMap::new();
+    for i in orders::items_of(tx, &stocked).await? {
+        items.entry(i.order_id).or_default().push(EventItem {
+            product_id: i.product_id,
+            quantity: i.quantity,
+            unit_price: i.unit_price,
+        });
+    }
+    let coupons: HashMap<Uuid, Option<i64>> = finishing.iter().map(|o| (o.id, o.coupon_id)).collect();
+    Ok(held
+        .into_iter()
+        .map(|(id, _, coupon, refunded)| {
+            let returned = Returned {
+                items: items.remove(&id).unwrap_or_default(),
+                coupon_id: if coupon {
+                    coupons.get(&id).copied().flatten()
+                } else {
+                    None
+                },
+                refunded_amount: refunded,
+            };
+            (id, returned)
+        })
+        .collect())
 }
 
 /// Adds the units to their products' hourly buckets, in key order, in one statement.
