@@ -17,19 +17,21 @@ COPY Cargo.toml Cargo.lock ./
 COPY api/Cargo.toml api/
 COPY workers/Cargo.toml workers/
 COPY shared/Cargo.toml shared/
-RUN mkdir -p src api/src workers/src shared/src \
+COPY bench/Cargo.toml bench/
+RUN mkdir -p src api/src workers/src shared/src bench/src \
  && echo 'fn main() {}' > src/main.rs \
- && touch api/src/lib.rs workers/src/lib.rs shared/src/lib.rs \
+ && touch api/src/lib.rs workers/src/lib.rs shared/src/lib.rs bench/src/lib.rs \
  && cargo build --release --locked \
- && rm -rf src api/src workers/src shared/src
+ && rm -rf src api/src workers/src shared/src bench/src
 
 # 2. The real sources. Touch them so cargo never mistakes them for the placeholders above.
 COPY src src
 COPY api api
 COPY workers workers
 COPY shared shared
+COPY bench bench
 COPY migrations migrations
-RUN find src api workers shared -name '*.rs' -exec touch {} + \
+RUN find src api workers shared bench -name '*.rs' -exec touch {} + \
  && cargo build --release --locked \
  && install -m 0755 target/release/orderflow /usr/local/bin/orderflow
 

@@ -87,78 +87,37 @@ start_system() {
   exit 1
 }
 
-# CPU time (clock ticks) used so far by the processes with these pids and by their children
-# that have exited (PostgreSQL's postmaster collects its backends' time as they end).
-ticks() {
-  local total=0 pid t
-  for pid in "$@"; do
-    t=$(awk '{print $14 + $15 + $16 + $17}' "/proc/$pid/stat" 2>/dev/null || echo 0)
-    total=$((total + t))
-  done
-  echo "$total"
-}
-machine_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $5 + $6 + $7 + $8, $5 + $6}' /proc/stat; }
-
-# Runs one bench against a fresh system and appends where the CPU went to $OUT/cpu.tsv, in
-# core-milliseconds per finished order: PostgreSQL (its processes alive at the end), RabbitMQ
-# (beam), orderflow (the system's processes), the bench client, the whole machine; and how
-# busy the machine was (% of both cores). Covers the bench's setup too. A run with a
-# baseline gets a second row: the machine's CPU per order during the baseline phase.
+# Runs one bench against a fresh system and appends its rows to $OUT/cpu.tsv, from the bench's
+# JSON report: completed orders per second, the CPU each process group used per finished order
+# in core-milliseconds (the bench reads /proc over the measured phase: PostgreSQL including
+# backends that exited, RabbitMQ's beam.smp, the system's processes named by pid, the bench
+# itself, the whole machine), how busy the machine was (% of both cores), and how long
+# PostgreSQL sessions waited per finished order on heavyweight locks and on LWLocks (sampled
+# wait events, --pg-waits). A run with a baseline gets a second row for the baseline's phase.
 bench() {
   local name=$1
   shift
   start_system
   log "$name: orderflow bench $*"
-  local pg_pids beam_pids before_pg before_beam before_sys machine_before
-  pg_pids=$(pgrep -u postgres | tr '\n' ' ')
-  beam_pids=$(pgrep -x beam.smp | tr '\n' ' ')
-  before_pg=$(ticks $pg_pids) before_beam=$(ticks $beam_pids) before_sys=$(ticks "$SYSTEM_PID" "${WORKER_PIDS[@]}")
-  machine_before=$(machine_ticks)
-  "$BIN" bench --api "$API" --json "$OUT/$name.json" "$@" &
-  local bench_pid=$! bench_ticks=0
-  local samples="$OUT/$name.samples"
-  : >"$samples"
-  while kill -0 "$bench_pid" 2>/dev/null; do
-    bench_ticks=$(ticks "$bench_pid")
-    echo "$(date +%s%N) $(machine_ticks)" >>"$samples"
-    sleep 0.2
-  done
-  wait "$bench_pid"
-  pg_pids=$(pgrep -u postgres | tr '\n' ' ')
-  local pg=$(($(ticks $pg_pids) - before_pg)) beam=$(($(ticks $beam_pids) - before_beam))
-  local sys=$(($(ticks "$SYSTEM_PID" "${WORKER_PIDS[@]}") - before_sys))
-  read -r all_after idle_after <<<"$(machine_ticks)"
-  read -r all_before idle_before <<<"$machine_before"
-  jq -r --arg name "$name" --argjson pg "$pg" --argjson beam "$beam" --argjson sys "$sys" \
-    --argjson client "$bench_ticks" --argjson all $((all_after - all_before)) \
-    --argjson idle $((idle_after - idle_before)) '
-    (if has("requests") then .requests elif .confirmed + .cancelled > 0 then .confirmed + .cancelled
-     else .accepted end) as $done
-    | [$name, $done, ((if .confirmed + .cancelled > 0 then .completed_per_s else null end
-                       // .requests_per_s // .accepted_per_s) * 10 | round / 10)]
-      + ([$pg, $beam, $sys, $client, $all - $idle] | map(. * 10 / $done | . * 100 | round / 100))
-      + [(($all - $idle) * 100 / $all | round)]
-    | @tsv' "$OUT/$name.json" >>"$OUT/cpu.tsv"
-  # The synchronous baseline is the bench's last phase: the machine's CPU over its final
-  # baseline_duration_s seconds, per baseline order.
-  local base_s base_n
-  base_s=$(jq -r '.baseline_duration_s // 0' "$OUT/$name.json")
-  base_n=$(jq -r '.baseline_orders // 0' "$OUT/$name.json")
-  if [[ $base_n != 0 ]]; then
-    # The per-process columns above span both phases; the machine's CPU is split here.
-    sed -i '$d' "$OUT/cpu.tsv"
-    awk -v name="$name" -v secs="$base_s" -v n="$base_n" -v rate="$(jq -r '.baseline_completed_per_s' "$OUT/$name.json")" \
-      -v done="$(jq -r '.confirmed + .cancelled' "$OUT/$name.json")" -v prate="$(jq -r '.completed_per_s' "$OUT/$name.json")" '
-      { t[NR] = $1; all[NR] = $2; idle[NR] = $3 }
-      END {
-        from = 1
-        for (i = 1; i <= NR; i++) if (t[i] >= t[NR] - secs * 1e9) { from = i; break }
-        busy = (all[from] - all[1]) - (idle[from] - idle[1])
-        printf "%s\t%d\t%.1f\t-\t-\t-\t-\t%.2f\t%d\n", name, done, prate, busy * 10 / done, busy * 100 / (all[from] - all[1])
-        busy = (all[NR] - all[from]) - (idle[NR] - idle[from])
-        printf "%s-baseline\t%d\t%.1f\t-\t-\t-\t-\t%.2f\t%d\n", name, n, rate, busy * 10 / n, busy * 100 / (all[NR] - all[from])
-      }' "$samples" >>"$OUT/cpu.tsv"
-  fi
+  local pids
+  pids=$(IFS=,; echo "$SYSTEM_PID${WORKER_PIDS[*]:+,${WORKER_PIDS[*]}}")
+  "$BIN" bench --api "$API" --json "$OUT/$name.json" --system-pids "$pids" --pg-waits "$@"
+  jq -r --arg name "$name" '
+    def num: if . == null then "-" else . * 100 | round / 100 end;
+    def row($n; $done; $rate; $cpu; $waits):
+      [$n, $done, ($rate * 10 | round / 10)]
+      + ([$cpu.core_ms_per_order | .postgres, .rabbitmq, .orderflow, .bench, .machine] | map(num))
+      + [($cpu.machine_busy_pct | if . == null then "-" else round end)]
+      + ([$waits.lock_ms_per_order, $waits.lwlock_ms_per_order] | map(num))
+      | @tsv;
+    if has("requests") then row($name; .requests; .requests_per_s; .cpu; .pg_waits)
+    else
+      row($name; .cpu.orders // (if .confirmed + .cancelled > 0 then .confirmed + .cancelled else .accepted end);
+          (if .confirmed + .cancelled > 0 then .completed_per_s else .accept_per_s end); .cpu; .pg_waits),
+      (select(has("baseline_orders"))
+       | row("\($name)-baseline"; .baseline_confirmed + .baseline_cancelled; .baseline_completed_per_s;
+             .baseline_cpu; .baseline_pg_waits))
+    end' "$OUT/$name.json" >>"$OUT/cpu.tsv"
 }
 
 scenario_rates() {
@@ -169,17 +128,20 @@ scenario_rates() {
 scenario_closed() {
   bench closed --concurrency 32 --orders 6000 --users 300 --coupon-share 0.2 --baseline sync
 }
+# With the baseline: its duration_s against the pipeline's is the hot-product target.
 scenario_hot() {
-  bench hot --orders 10000 --users 1000 --hot --hot-stock 100 --rate 5000 ${HOT_ARGS:-}
+  bench hot --orders 10000 --users 1000 --hot --hot-stock 100 --rate 5000 --baseline sync ${HOT_ARGS:-}
 }
 scenario_rush() {
   bench rush --coupon-rush
   bench rush-100 --coupon-rush --concurrency 100
 }
 # Accepting alone (no step workers; orders stay PENDING): per accepted order, the floor under
-# any pipeline's cost. Its completed/s column is accepted/s.
+# any pipeline's cost. Its completed/s column is accepted/s; accept_ratio in its JSON is
+# accepted/s over the baseline's completed/s.
 scenario_accept() {
-  ACCEPT_ONLY=1 bench accept --concurrency 32 --orders 6000 --users 300 --coupon-share 0.2 --timeout 1s || true
+  ACCEPT_ONLY=1 bench accept --concurrency 32 --orders 6000 --users 300 --coupon-share 0.2 --timeout 1s \
+    --baseline sync || true
 }
 scenario_instances() {
   for n in 1 2 4; do
@@ -189,7 +151,7 @@ scenario_instances() {
 
 mkdir -p "$OUT"
 : >"$OUT/system.log"
-printf 'scenario\torders\tcompleted/s\tpostgres\trabbitmq\torderflow\tbench\tmachine\tbusy%%\n' >"$OUT/cpu.tsv"
+printf 'scenario\torders\tcompleted/s\tpostgres\trabbitmq\torderflow\tbench\tmachine\tbusy%%\tlock-ms\tlwlock-ms\n' >"$OUT/cpu.tsv"
 bash scripts/services.sh
 cargo build --release --quiet
 scenarios=("$@")
@@ -199,4 +161,4 @@ for s in "${scenarios[@]}"; do
 done
 stop_system
 column -t -s $'\t' "$OUT/cpu.tsv" >&2
-log "reports in $OUT/ (CPU per finished order: $OUT/cpu.tsv)"
+log "reports in $OUT/ (CPU and lock waits per finished order: $OUT/cpu.tsv)"

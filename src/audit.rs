@@ -23,7 +23,6 @@ use lapin::{
     types::FieldTable,
 };
 use orderflow_shared::{
-    config::Config,
     db,
     domain::{BALANCE_MAX, OrderStatus},
     messaging::topology::{DATA_PLATFORM_QUEUE, DEAD_LETTER_QUEUE},
@@ -160,11 +159,11 @@ impl Report {
 }
 
 /// Runs the audit and prints the report; Ok(true) when clean.
-pub async fn run(config: &Config, args: &AuditArgs) -> anyhow::Result<bool> {
-    let pool = db::pool(&config.database_url, 2)?;
+pub async fn run(database_url: &str, amqp_url: &str, args: &AuditArgs) -> anyhow::Result<bool> {
+    let pool = db::pool(database_url, 2)?;
     // Logs share stdout with the report: keep sqlx's slow-statement warnings out of it.
     pool.set_connect_options((*pool.connect_options()).clone().disable_statement_logging());
-    let report = audit(&pool, Some(&config.amqp_url), args).await;
+    let report = audit(&pool, Some(amqp_url), args).await;
     pool.close().await;
     let report = report?;
     println!("{}", serde_json::to_string_pretty(&report.to_json())?);

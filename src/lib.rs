@@ -1,5 +1,4 @@
-//! Tooling that ships in the `orderflow` binary beside the API and the workers:
-//! the invariant audit and the benchmark.
+//! Tooling that ships in the `orderflow` binary beside the API and the workers: the invariant
+//! audit. (The benchmark is its own crate, `orderflow-bench`, in `bench/`.)
 
 pub mod audit;
-pub mod bench;

@@ -4,11 +4,18 @@ use std::{process::ExitCode, sync::Arc};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use orderflow_shared::{auth::Keys, config::Config, db, telemetry};
+use orderflow_shared::{
+    auth::Keys,
+    config::{self, Config, LogFormat},
+    db, telemetry,
+};
 use orderflow_workers::WorkerKind;
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
+/// The server processes (`all`, `api`, `worker`, `migrate`) take the whole configuration
+/// ([`Config`]: every setting of the README's table, as a flag or its environment variable);
+/// the tools take only what they use, so `orderflow bench --help` shows the bench's own flags.
 #[derive(Parser)]
 #[command(
     name = "orderflow",
@@ -16,8 +23,6 @@ use tokio_util::sync::CancellationToken;
     about = "An order pipeline that never loses money or stock"
 )]
 struct Cli {
-    #[command(flatten)]
-    config: Config,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,20 +30,31 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// The API and every worker in one process.
-    All,
+    All(Config),
     /// The HTTP API only.
-    Api,
+    Api(Config),
     /// One worker.
     Worker {
         #[arg(value_enum)]
         name: WorkerKind,
+        #[command(flatten)]
+        config: Config,
     },
     /// Create the database if missing and apply migrations, then exit.
-    Migrate,
+    Migrate(Config),
     /// Check every invariant (stock, ledger, coupons, orders, events); exit 1 on violations.
-    Audit(orderflow::audit::AuditArgs),
-    /// Load a running system with orders and report throughput and latency.
-    Bench(orderflow::bench::BenchArgs),
+    Audit {
+        /// PostgreSQL URL of the system's database.
+        #[arg(long, env = "DATABASE_URL", default_value = config::DEFAULT_DATABASE_URL)]
+        database_url: String,
+        /// RabbitMQ URL (the data-platform events check reads its queue).
+        #[arg(long, env = "AMQP_URL", default_value = config::DEFAULT_AMQP_URL)]
+        amqp_url: String,
+        #[command(flatten)]
+        args: orderflow::audit::AuditArgs,
+    },
+    /// Load a running system with orders and report throughput, latency and CPU per order.
+    Bench(orderflow_bench::BenchArgs),
     /// Print a signed bearer token.
     Token {
         /// The user id (`sub`), a positive integer.
@@ -50,7 +66,23 @@ enum Command {
         /// Seconds until it expires.
         #[arg(long, default_value_t = 86_400)]
         ttl: i64,
+        /// HS256 secret the system verifies tokens with. Unset: the development secret.
+        #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
     },
+}
+
+impl Command {
+    /// Log format and trace export: the servers' from their configuration, plain text and no
+    /// export for the tools.
+    fn telemetry(&self) -> (LogFormat, Option<&str>) {
+        match self {
+            Self::All(c) | Self::Api(c) | Self::Migrate(c) | Self::Worker { config: c, .. } => {
+                (c.log_format, c.otel_exporter_otlp_endpoint.as_deref())
+            }
+            Self::Audit { .. } | Self::Bench(_) | Self::Token { .. } => (LogFormat::Text, None),
+        }
+    }
 }
 
 // mimalloc instead of glibc malloc: the services allocate many small, short-lived buffers
@@ -60,14 +92,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let provider = match telemetry::provider(cli.config.otel_exporter_otlp_endpoint.as_deref()) {
+    let (log_format, otlp_endpoint) = cli.command.telemetry();
+    let provider = match telemetry::provider(otlp_endpoint) {
         Ok(p) => p,
         Err(err) => {
             eprintln!("cannot set up trace export: {err:#}");
             return ExitCode::FAILURE;
         }
     };
-    let _telemetry = telemetry::init(cli.config.log_format, provider);
+    let _telemetry = telemetry::init(log_format, provider);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
@@ -86,32 +119,43 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = cli.config;
     match cli.command {
-        Command::Token { user, admin, ttl } => {
-            let (secret, default) = config.jwt_secret();
-            if default {
-                eprintln!("warning: JWT_SECRET is not set; signing with the development secret");
-            }
+        Command::Token {
+            user,
+            admin,
+            ttl,
+            jwt_secret,
+        } => {
+            let secret = match jwt_secret.as_deref() {
+                Some(s) if !s.is_empty() => s,
+                _ => {
+                    eprintln!("warning: JWT_SECRET is not set; signing with the development secret");
+                    config::DEV_JWT_SECRET
+                }
+            };
             println!("{}", Keys::new(secret).issue(user, admin, ttl)?);
             Ok(())
         }
-        Command::Migrate => {
+        Command::Migrate(config) => {
             db::connect_and_migrate(&config.database_url, 2).await?;
             tracing::info!("migrations applied");
             Ok(())
         }
-        Command::Audit(args) => {
-            if orderflow::audit::run(&config, &args).await? {
+        Command::Audit {
+            database_url,
+            amqp_url,
+            args,
+        } => {
+            if orderflow::audit::run(&database_url, &amqp_url, &args).await? {
                 Ok(())
             } else {
                 std::process::exit(1)
             }
         }
-        Command::Bench(args) => orderflow::bench::run(&config, &args).await,
-        Command::All => serve(config, true, WorkerKind::ALL).await,
-        Command::Api => serve(config, true, &[]).await,
-        Command::Worker { name } => serve(config, false, &[name]).await,
+        Command::Bench(args) => orderflow_bench::run(&args).await,
+        Command::All(config) => serve(config, true, WorkerKind::ALL).await,
+        Command::Api(config) => serve(config, true, &[]).await,
+        Command::Worker { name, config } => serve(config, false, &[name]).await,
     }
 }
 
@@ -192,4 +236,85 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    fn help(command: &str) -> String {
+        let mut cli = Cli::command();
+        cli.find_subcommand_mut(command).unwrap().render_long_help().to_string()
+    }
+
+    #[test]
+    fn the_tools_show_only_what_they_use() {
+        let server_only = [
+            "HTTP_ADDR",
+            "ORDER_TIMEOUT",
+            "SWEEP_INTERVAL",
+            "PREFETCH",
+            "WORKER_CONCURRENCY",
+            "WORKER_BATCH",
+            "DB_POOL_SIZE",
+            "METRICS_ADDR",
+            "LOG_FORMAT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ];
+        for (tool, uses, not) in [
+            ("bench", &["DATABASE_URL", "JWT_SECRET"][..], &["AMQP_URL"][..]),
+            ("audit", &["DATABASE_URL", "AMQP_URL"], &["JWT_SECRET"]),
+            ("token", &["JWT_SECRET"], &["DATABASE_URL", "AMQP_URL"]),
+        ] {
+            let help = help(tool);
+            for var in uses {
+                assert!(help.contains(&format!("[env: {var}")), "{tool} lacks {var}:\n{help}");
+            }
+            for var in server_only.iter().chain(not) {
+                assert!(!help.contains(var), "{tool} shows {var}:\n{help}");
+            }
+        }
+        for server in ["all", "api", "worker", "migrate"] {
+            let help = help(server);
+            for var in server_only.iter().chain(&["DATABASE_URL", "AMQP_URL", "JWT_SECRET"]) {
+                assert!(help.contains(var), "{server} lacks {var}:\n{help}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_servers_take_every_setting_as_a_flag() {
+        let cli = Cli::try_parse_from([
+            "orderflow",
+            "worker",
+            "relay",
+            "--prefetch",
+            "5",
+            "--order-timeout",
+            "2s",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        let Command::Worker { name, config } = &cli.command else {
+            panic!("expected the worker command");
+        };
+        assert_eq!(*name, WorkerKind::Relay);
+        assert_eq!(config.prefetch, 5);
+        assert_eq!(config.order_timeout, Duration::from_secs(2));
+        assert_eq!(cli.command.telemetry().0, LogFormat::Json);
+        // A server setting means nothing to a tool, and is refused there.
+        assert!(Cli::try_parse_from(["orderflow", "bench", "--prefetch", "5"]).is_err());
+    }
 }

@@ -1,5 +1,6 @@
 //! `orderflow bench` end to end: a tiny run against the real system must account for every
-//! order, and its baseline and coupon rush must add up too. Timings are not asserted.
+//! order, and its baseline and coupon rush must add up too; the report's rates, ratios, CPU and
+//! wait figures must be present and consistent. Timings are not asserted.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -7,7 +8,8 @@ mod common;
 
 use clap::Parser;
 use common::TestApp;
-use orderflow::bench::{BenchArgs, Outcome, execute};
+use orderflow_bench::{BenchArgs, Outcome, execute};
+use serde_json::Value;
 
 #[derive(Parser)]
 struct Cli {
@@ -16,10 +18,69 @@ struct Cli {
 }
 
 fn args(app: &TestApp, extra: &[&str]) -> BenchArgs {
-    let base = ["bench", "--api", app.base.as_str(), "--timeout", "60s"];
+    let base = [
+        "bench",
+        "--api",
+        app.base.as_str(),
+        "--timeout",
+        "60s",
+        "--database-url",
+        app.config.database_url.as_str(),
+        "--jwt-secret",
+        app.config.jwt_secret().0,
+    ];
     Cli::try_parse_from(base.iter().chain(extra))
         .expect("valid bench arguments")
         .args
+}
+
+/// A CPU report (JSON) divides by `orders` of kind `per`, and every figure in it that could be
+/// read is a non-negative number.
+fn assert_cpu(cpu: &Value, orders: u64, per: &str) {
+    if cpu.is_null() {
+        return; // no /proc here
+    }
+    assert_eq!(cpu["orders"].as_u64(), Some(orders), "{cpu}");
+    assert_eq!(cpu["per"], per, "{cpu}");
+    assert!(cpu["seconds"].as_f64().unwrap() >= 0.0, "{cpu}");
+    for k in ["postgres", "rabbitmq", "orderflow", "bench", "machine"] {
+        let v = &cpu["core_ms_per_order"][k];
+        assert!(v.is_null() || v.as_f64().unwrap() >= 0.0, "{k} in {cpu}");
+    }
+    // The bench can always read itself, and the machine.
+    assert!(cpu["core_ms_per_order"]["bench"].is_number(), "{cpu}");
+    assert!(cpu["core_ms_per_order"]["machine"].is_number(), "{cpu}");
+    // Null only when not one clock tick passed.
+    let busy = &cpu["machine_busy_pct"];
+    assert!(
+        busy.is_null() || (0.0..=100.0).contains(&busy.as_f64().unwrap()),
+        "{cpu}"
+    );
+}
+
+/// A wait report (JSON): per `orders` of kind `per`, non-negative, its totals matching its
+/// events.
+fn assert_waits(waits: &Value, orders: u64, per: &str) {
+    assert_eq!(waits["orders"].as_u64(), Some(orders), "{waits}");
+    assert_eq!(waits["per"], per, "{waits}");
+    assert_eq!(waits["interval_ms"].as_f64(), Some(50.0), "{waits}");
+    let lock = waits["lock_ms_per_order"].as_f64().unwrap();
+    let lwlock = waits["lwlock_ms_per_order"].as_f64().unwrap();
+    assert!(lock >= 0.0 && lwlock >= 0.0, "{waits}");
+    let events = waits["by_event_ms_per_order"].as_object().unwrap();
+    let of = |ty: &str| -> f64 {
+        events
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ty}:")))
+            .map(|(_, v)| v.as_f64().unwrap())
+            .sum()
+    };
+    // Rounded per event and in total: equal within the rounding.
+    assert!(
+        (of("Lock") - lock).abs() < 0.01 && (of("LWLock") - lwlock).abs() < 0.01,
+        "{waits}"
+    );
+    assert!(events.values().all(|v| v.as_f64().unwrap() > 0.0), "{waits}");
 }
 
 #[tokio::test]
@@ -44,9 +105,10 @@ async fn a_small_bench_accounts_for_every_order() {
             "sync",
             "--json",
             &json_arg,
+            "--pg-waits",
         ],
     );
-    orderflow::bench::run(&app.config, &args).await.expect("the bench runs");
+    orderflow_bench::run(&args).await.expect("the bench runs");
 
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
@@ -70,7 +132,25 @@ async fn a_small_bench_accounts_for_every_order() {
     // The baseline ran the same mix, in a schema of its own that is gone again.
     assert_eq!(n("baseline_orders"), 50);
     assert_eq!(n("baseline_confirmed"), 50, "{report}");
-    assert!(report["baseline_ratio"].as_f64().unwrap() > 0.0);
+    // Every target of issue 13 from this one file: rates, ratios, CPU and lock waits.
+    let f = |k: &str| report[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {report}"));
+    assert!(
+        f("accept_per_s") > 0.0 && f("baseline_completed_per_s") > 0.0,
+        "{report}"
+    );
+    let close = |a: f64, b: f64| (a - b).abs() <= 0.001 + b.abs() * 0.01;
+    assert!(
+        close(f("ratio"), f("completed_per_s") / f("baseline_completed_per_s")),
+        "{report}"
+    );
+    assert!(
+        close(f("accept_ratio"), f("accept_per_s") / f("baseline_completed_per_s")),
+        "{report}"
+    );
+    assert_cpu(&report["cpu"], 50, "completed");
+    assert_cpu(&report["baseline_cpu"], 50, "completed");
+    assert_waits(&report["pg_waits"], 50, "completed");
+    assert_waits(&report["baseline_pg_waits"], 50, "completed");
     let leftover: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'orderflow_bench_sync_%'")
             .fetch_one(&app.pool)
@@ -103,7 +183,7 @@ async fn a_hot_product_run_in_the_open_model_sells_exactly_its_stock() {
             "5",
         ],
     );
-    let Outcome::Orders(report) = execute(&app.config, &args).await.expect("the bench runs") else {
+    let Outcome::Orders(report) = execute(&args).await.expect("the bench runs") else {
         panic!("expected an order report");
     };
     assert_eq!(
@@ -114,6 +194,8 @@ async fn a_hot_product_run_in_the_open_model_sells_exactly_its_stock() {
     assert_eq!(report.confirmed, 5, "{report:?}");
     assert_eq!(report.cancelled_by_reason.get("OUT_OF_STOCK"), Some(&35), "{report:?}");
     assert_eq!(report.model, "open");
+    assert!(report.pg_waits.is_none(), "not asked for");
+    assert_cpu(&serde_json::to_value(&report.cpu).unwrap(), 40, "completed");
     app.stop().await;
 }
 
@@ -121,12 +203,13 @@ async fn a_hot_product_run_in_the_open_model_sells_exactly_its_stock() {
 async fn a_coupon_rush_issues_exactly_the_coupons_on_offer() {
     let app = TestApp::api_only().await;
     let args = args(&app, &["--coupon-rush", "--users", "60", "--rush-coupons", "10"]);
-    let Outcome::CouponRush(report) = execute(&app.config, &args).await.expect("the rush runs") else {
+    let Outcome::CouponRush(report) = execute(&args).await.expect("the rush runs") else {
         panic!("expected a rush report");
     };
     assert_eq!(report.issued, 10, "{report:?}");
     assert_eq!(report.issued_verified, 10, "{report:?}");
     assert_eq!(report.sold_out, 50, "{report:?}");
     assert_eq!(report.errors, 0, "{report:?}");
+    assert_cpu(&serde_json::to_value(&report.cpu).unwrap(), 60, "requests");
     app.stop().await;
 }

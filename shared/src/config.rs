@@ -5,6 +5,10 @@ use std::{net::SocketAddr, time::Duration};
 
 /// The secret used when JWT_SECRET is not set: fine on a laptop, logged as a warning.
 pub const DEV_JWT_SECRET: &str = "orderflow-dev-secret-do-not-use-in-production";
+/// DATABASE_URL when unset (also the default of the tools: audit, bench).
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/orderflow";
+/// AMQP_URL when unset.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 #[derive(Clone, clap::Args)]
 pub struct Config {
@@ -12,8 +16,7 @@ pub struct Config {
     #[arg(
         long,
         env = "DATABASE_URL",
-        global = true,
-        default_value = "postgres://postgres@127.0.0.1:5432/orderflow"
+        default_value = DEFAULT_DATABASE_URL
     )]
     pub database_url: String,
 
@@ -21,65 +24,58 @@ pub struct Config {
     #[arg(
         long,
         env = "AMQP_URL",
-        global = true,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = DEFAULT_AMQP_URL
     )]
     pub amqp_url: String,
 
     /// Address the HTTP API listens on.
-    #[arg(long, env = "HTTP_ADDR", global = true, default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 
     /// HS256 secret for bearer tokens. Unset: a development default (logged as a warning).
-    #[arg(long, env = "JWT_SECRET", global = true, hide_env_values = true)]
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
     /// How long an order may stay in flight before recovery cancels it (e.g. 60s, 500ms).
-    #[arg(long, env = "ORDER_TIMEOUT", global = true, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "ORDER_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub order_timeout: Duration,
 
     /// How often the recovery sweep looks for orders past their deadline.
-    #[arg(long, env = "SWEEP_INTERVAL", global = true, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub sweep_interval: Duration,
 
     /// Unacknowledged deliveries the broker may push to each consumer.
-    #[arg(long, env = "PREFETCH", global = true, default_value_t = 64)]
+    #[arg(long, env = "PREFETCH", default_value_t = 64)]
     pub prefetch: u16,
 
     /// Deliveries each worker processes at once.
-    #[arg(long, env = "WORKER_CONCURRENCY", global = true, default_value_t = 16)]
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 16)]
     pub worker_concurrency: usize,
 
     /// Deliveries a worker may handle in one transaction when they are already waiting
     /// (1 turns batching off). A batch never waits to fill: at low load it is one delivery.
-    #[arg(long, env = "WORKER_BATCH", global = true, default_value_t = 32)]
+    #[arg(long, env = "WORKER_BATCH", default_value_t = 32)]
     pub worker_batch: usize,
 
     /// Maximum PostgreSQL connections per pool (`all` has two: the API's and the workers').
-    #[arg(long, env = "DB_POOL_SIZE", global = true, default_value_t = 16)]
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: u32,
 
     /// Address of a worker process's metrics listener (the API serves /metrics itself).
-    #[arg(long, env = "METRICS_ADDR", global = true)]
+    #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 
     /// Log format: text or json.
-    #[arg(long, env = "LOG_FORMAT", global = true, default_value = "text")]
+    #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
     /// OTLP/HTTP endpoint for traces; tracing export is off when unset.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otel_exporter_otlp_endpoint: Option<String>,
 
     /// Fault injection, for the fault suite only: the relay aborts its process after the
     /// broker confirmed every Nth batch and before marking it sent (0: never).
-    #[arg(
-        long,
-        env = "ORDERFLOW_FAULT_RELAY_ABORT_EVERY",
-        global = true,
-        default_value_t = 0,
-        hide = true
-    )]
+    #[arg(long, env = "ORDERFLOW_FAULT_RELAY_ABORT_EVERY", default_value_t = 0, hide = true)]
     pub fault_relay_abort_every: u32,
 }
 

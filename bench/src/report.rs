@@ -5,6 +5,8 @@ use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::{cpu::CpuReport, waits::WaitReport};
+
 /// Latencies in microseconds, 3 significant digits (0.1% error), up to an hour.
 #[derive(Debug, Clone)]
 pub struct Latency(Histogram<u64>);
@@ -113,7 +115,7 @@ pub struct Report {
     pub completed_per_s: f64,
     /// How long sending took, and accepted orders per second over it.
     pub send_duration_s: f64,
-    pub accepted_per_s: f64,
+    pub accept_per_s: f64,
 
     pub accept_p50_ms: f64,
     pub accept_p95_ms: f64,
@@ -138,6 +140,12 @@ pub struct Report {
     /// How long a polling round took on average: about how late a terminal state is seen.
     pub poll_round_mean_ms: f64,
 
+    /// CPU per order by process, from the first order sent until the last one was terminal
+    /// (null where /proc cannot be read).
+    pub cpu: Option<CpuReport>,
+    /// With `--pg-waits`: what PostgreSQL sessions waited on, per order, over the same span.
+    pub pg_waits: Option<WaitReport>,
+
     #[serde(flatten)]
     pub baseline: Option<BaselineReport>,
 }
@@ -157,8 +165,14 @@ pub struct BaselineReport {
     pub baseline_p95_ms: f64,
     pub baseline_p99_ms: f64,
     pub baseline_max_ms: f64,
+    /// CPU per completed baseline order while its orders ran (not while its data loaded).
+    pub baseline_cpu: Option<CpuReport>,
+    pub baseline_pg_waits: Option<WaitReport>,
     /// The pipeline's `completed_per_s` divided by the baseline's.
-    pub baseline_ratio: f64,
+    pub ratio: f64,
+    /// The pipeline's `accept_per_s` divided by the baseline's `completed_per_s`: the target
+    /// of a run that only accepts (no step workers).
+    pub accept_ratio: f64,
 }
 
 /// The parts of a report that are measured (counts come separately).
@@ -192,17 +206,20 @@ impl Report {
         self.duration_s = r3(m.duration.as_secs_f64());
         self.completed_per_s = r3(per_second(self.confirmed + self.cancelled, m.duration));
         self.send_duration_s = r3(m.send_duration.as_secs_f64());
-        self.accepted_per_s = r3(per_second(self.accepted, m.send_duration));
+        self.accept_per_s = r3(per_second(self.accepted, m.send_duration));
         self.max_send_lag_ms = r3(m.max_send_lag.as_secs_f64() * 1_000.0);
     }
 
-    /// Attaches the baseline and the ratio.
+    /// Attaches the baseline and the ratios.
     pub fn with_baseline(mut self, mut b: BaselineReport) -> Self {
-        b.baseline_ratio = if b.baseline_completed_per_s > 0.0 {
-            r3(self.completed_per_s / b.baseline_completed_per_s)
-        } else {
-            0.0
+        let ratio = |x: f64| {
+            if b.baseline_completed_per_s > 0.0 {
+                r3(x / b.baseline_completed_per_s)
+            } else {
+                0.0
+            }
         };
+        (b.ratio, b.accept_ratio) = (ratio(self.completed_per_s), ratio(self.accept_per_s));
         self.baseline = Some(b);
         self
     }
@@ -312,13 +329,14 @@ impl Report {
         let _ = writeln!(
             out,
             "  {:<22} {:>10.1} orders/s over {:.2} s",
-            "accept rate", self.accepted_per_s, self.send_duration_s
+            "accept rate", self.accept_per_s, self.send_duration_s
         );
         let _ = writeln!(
             out,
             "  {:<22} {:>10} requests, {} rounds of {:.0} ms on average, {} errors",
             "observer polling", self.poll_requests, self.poll_rounds, self.poll_round_mean_ms, self.poll_errors
         );
+        costs(&mut out, "", self.cpu.as_ref(), self.pg_waits.as_ref());
         if let Some(b) = &self.baseline {
             let _ = writeln!(out);
             let _ = writeln!(
@@ -337,10 +355,21 @@ impl Report {
                 "  {:<22} {:>10.1} orders/s",
                 "baseline completed", b.baseline_completed_per_s
             );
+            costs(
+                &mut out,
+                "baseline ",
+                b.baseline_cpu.as_ref(),
+                b.baseline_pg_waits.as_ref(),
+            );
             let _ = writeln!(
                 out,
-                "  {:<22} {:>10.3} (pipeline / baseline)",
-                "ratio", b.baseline_ratio
+                "  {:<22} {:>10.3} (pipeline completed/s / baseline)",
+                "ratio", b.ratio
+            );
+            let _ = writeln!(
+                out,
+                "  {:<22} {:>10.3} (pipeline accepted/s / baseline completed/s)",
+                "accept ratio", b.accept_ratio
             );
             if self.model == "open" {
                 let _ = writeln!(
@@ -350,6 +379,36 @@ impl Report {
             }
         }
         out
+    }
+}
+
+/// The CPU and wait lines of the table, when measured.
+fn costs(out: &mut String, phase: &str, cpu: Option<&CpuReport>, waits: Option<&WaitReport>) {
+    let ms = |x: Option<f64>| x.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+    if let Some(c) = cpu {
+        let m = &c.core_ms_per_order;
+        let busy = c
+            .machine_busy_pct
+            .map(|b| format!(", machine {b:.0}% busy"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {phase}CPU per {} order, core-ms: postgres {}, rabbitmq {}, orderflow {}, bench {}, machine {} (over {:.2} s{busy})",
+            c.per,
+            ms(m.postgres),
+            ms(m.rabbitmq),
+            ms(m.orderflow),
+            ms(m.bench),
+            ms(m.machine),
+            c.seconds,
+        );
+    }
+    if let Some(w) = waits {
+        let _ = writeln!(
+            out,
+            "  {phase}PostgreSQL waits per {} order: Lock {:.3} ms, LWLock {:.3} ms ({} samples every {} ms)",
+            w.per, w.lock_ms_per_order, w.lwlock_ms_per_order, w.samples, w.interval_ms
+        );
     }
 }
 
@@ -376,6 +435,9 @@ pub struct RushReport {
     pub p95_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// CPU per request by process while the requests ran.
+    pub cpu: Option<CpuReport>,
+    pub pg_waits: Option<WaitReport>,
 }
 
 impl RushReport {
@@ -428,6 +490,7 @@ impl RushReport {
         let _ = writeln!(out, "  {:<22} {:>10}{errors}", "errors", self.errors);
         let _ = writeln!(out, "  {:<22} {:>10.2} s", "duration", self.duration_s);
         let _ = writeln!(out, "  {:<22} {:>10.1} requests/s", "throughput", self.requests_per_s);
+        costs(&mut out, "", self.cpu.as_ref(), self.pg_waits.as_ref());
         out
     }
 }
@@ -505,7 +568,7 @@ mod tests {
             duration_s: 0.0,
             completed_per_s: 0.0,
             send_duration_s: 0.0,
-            accepted_per_s: 0.0,
+            accept_per_s: 0.0,
             accept_p50_ms: 0.0,
             accept_p95_ms: 0.0,
             accept_p99_ms: 0.0,
@@ -522,6 +585,8 @@ mod tests {
             poll_errors: 0,
             poll_rounds: 12,
             poll_round_mean_ms: 0.0,
+            cpu: None,
+            pg_waits: None,
             baseline: None,
         };
         r.measure(&Measured {
@@ -540,7 +605,7 @@ mod tests {
         let r = sample();
         assert_eq!(r.duration_s, 2.0);
         assert_eq!(r.completed_per_s, 49.0); // (90 + 8) / 2 s
-        assert_eq!(r.accepted_per_s, 66.0); // 99 / 1.5 s
+        assert_eq!(r.accept_per_s, 66.0); // 99 / 1.5 s
         assert!(close(r.accept_p50_ms, 50.0) && close(r.accept_p99_ms, 99.0));
         assert!(close(r.e2e_p50_ms, 500.0) && close(r.e2e_p95_ms, 950.0) && close(r.e2e_p99_ms, 990.0));
     }
@@ -565,10 +630,9 @@ mod tests {
             assert!(json[field].is_number(), "{field} missing: {json}");
         }
         assert_eq!(json["cancelled_by_reason"]["OUT_OF_STOCK"], 8);
-        assert!(
-            json.get("baseline_ratio").is_none(),
-            "no baseline fields without a baseline"
-        );
+        assert!(json.get("ratio").is_none(), "no baseline fields without a baseline");
+        assert!(json["accept_per_s"].is_number(), "{json}");
+        assert!(json["cpu"].is_null() && json["pg_waits"].is_null(), "{json}");
 
         let with = sample().with_baseline(BaselineReport {
             baseline_concurrency: 32,
@@ -583,11 +647,15 @@ mod tests {
             baseline_p95_ms: 2.0,
             baseline_p99_ms: 3.0,
             baseline_max_ms: 4.0,
-            baseline_ratio: 0.0,
+            baseline_cpu: None,
+            baseline_pg_waits: None,
+            ratio: 0.0,
+            accept_ratio: 0.0,
         });
         let json = serde_json::to_value(&with).unwrap();
         assert_eq!(json["baseline_completed_per_s"], 196.0);
-        assert_eq!(json["baseline_ratio"], 0.25); // 49 / 196
+        assert_eq!(json["ratio"], 0.25); // 49 / 196
+        assert_eq!(json["accept_ratio"], 0.337); // 66 / 196
         assert_eq!(json["orders"], 100);
     }
 
@@ -628,6 +696,8 @@ mod tests {
             p95_ms: 0.0,
             p99_ms: 0.0,
             max_ms: 0.0,
+            cpu: None,
+            pg_waits: None,
         };
         r.measure(&latency_of(1..=100), Duration::from_millis(500));
         assert_eq!(r.requests_per_s, 2_000.0);

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{
+    meter::Meter,
     plan::{self, COUPON_DISCOUNT, Plan},
     report::{BaselineReport, Latency, per_second},
 };
@@ -117,6 +118,7 @@ pub async fn run(
     plan: Arc<Plan>,
     concurrency: usize,
     bar: ProgressBar,
+    meter: &Meter,
 ) -> anyhow::Result<BaselineReport> {
     let schema = format!("orderflow_bench_sync_{}", &Uuid::new_v4().simple().to_string()[..12]);
     let mut admin = PgConnection::connect(database_url)
@@ -126,7 +128,7 @@ pub async fn run(
         .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {}", quote_ident(&schema))))
         .await
         .context("creating the baseline schema")?;
-    let result = run_in(database_url, &schema, plan, concurrency, bar).await;
+    let result = run_in(database_url, &schema, plan, concurrency, bar, meter).await;
     let dropped = admin
         .execute(sqlx::AssertSqlSafe(format!(
             "DROP SCHEMA {} CASCADE",
@@ -145,6 +147,7 @@ async fn run_in(
     plan: Arc<Plan>,
     concurrency: usize,
     bar: ProgressBar,
+    meter: &Meter,
 ) -> anyhow::Result<BaselineReport> {
     let options = PgConnectOptions::from_str(database_url)
         .context("DATABASE_URL is not a valid PostgreSQL URL")?
@@ -160,6 +163,7 @@ async fn run_in(
     let n = plan.orders.len();
     let next = Arc::new(AtomicUsize::new(0));
     let tally = Arc::new(Mutex::new(Tally::default()));
+    let start_mark = meter.mark();
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency.min(n.max(1)))
         .map(|_| {
@@ -197,6 +201,7 @@ async fn run_in(
         let _ = w.await;
     }
     let duration = started.elapsed();
+    let end_mark = meter.mark();
     bar.finish_and_clear();
     pool.close().await;
 
@@ -204,6 +209,7 @@ async fn run_in(
     let cancelled: u64 = tally.cancelled.values().sum();
     let p = tally.latency.summary();
     let r3 = |x: f64| (x * 1_000.0).round() / 1_000.0;
+    let costs = meter.costs(&start_mark, &end_mark, tally.confirmed + cancelled, "completed");
     Ok(BaselineReport {
         baseline_concurrency: concurrency,
         baseline_orders: n as u64,
@@ -217,7 +223,10 @@ async fn run_in(
         baseline_p95_ms: r3(p.p95_ms),
         baseline_p99_ms: r3(p.p99_ms),
         baseline_max_ms: r3(p.max_ms),
-        baseline_ratio: 0.0,
+        baseline_cpu: costs.cpu,
+        baseline_pg_waits: costs.pg_waits,
+        ratio: 0.0,
+        accept_ratio: 0.0,
     })
 }
 

@@ -13,12 +13,13 @@ use tokio::time::Instant;
 use super::{
     args::RushSettings,
     client::{Api, transport_label},
+    meter::Meter,
     progress::Progress,
     report::{Latency, RushReport},
     setup,
 };
 
-pub async fn run(api: &Api, s: &RushSettings, progress: &Progress) -> anyhow::Result<RushReport> {
+pub async fn run(api: &Api, s: &RushSettings, progress: &Progress, meter: &Meter) -> anyhow::Result<RushReport> {
     let users = usize::try_from(s.users).context("--users")?;
     let base = setup::user_id_base(s.users);
     let admin = setup::admin_token(api, base)?;
@@ -31,6 +32,7 @@ pub async fn run(api: &Api, s: &RushSettings, progress: &Progress) -> anyhow::Re
     let path = Arc::new(format!("/api/coupons/{coupon_id}/issue"));
 
     let bar = progress.bar("issue", s.users);
+    let start_mark = meter.mark();
     let started = Instant::now();
     let requests = tokens.iter().cloned().map(|token| {
         let (api, path, bar) = (api.clone(), path.clone(), bar.clone());
@@ -58,6 +60,7 @@ pub async fn run(api: &Api, s: &RushSettings, progress: &Progress) -> anyhow::Re
         Some(c) => stream::iter(requests).buffer_unordered(c).collect().await,
     };
     let duration = started.elapsed();
+    let end_mark = meter.mark();
     bar.finish_and_clear();
 
     let mut latency = Latency::new();
@@ -106,7 +109,12 @@ pub async fn run(api: &Api, s: &RushSettings, progress: &Progress) -> anyhow::Re
         p95_ms: 0.0,
         p99_ms: 0.0,
         max_ms: 0.0,
+        cpu: None,
+        pg_waits: None,
     };
     report.measure(&latency, duration);
+    let costs = meter.costs(&start_mark, &end_mark, report.requests, "requests");
+    report.cpu = costs.cpu;
+    report.pg_waits = costs.pg_waits;
     Ok(report)
 }

@@ -3,14 +3,25 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail, ensure};
-use orderflow_shared::config::parse_duration;
+use orderflow_shared::config::{DEFAULT_DATABASE_URL, DEV_JWT_SECRET, parse_duration};
 
 /// Load a running system with orders (or a coupon rush) and report throughput and latency.
-#[derive(Debug, Clone, clap::Args)]
+// No Debug: it holds the JWT secret.
+#[derive(Clone, clap::Args)]
 pub struct BenchArgs {
     /// Base URL of the running API.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub api: String,
+
+    /// The HS256 secret the system verifies bearer tokens with: the bench signs its users'
+    /// tokens. Unset: the development secret (the system's default too).
+    #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// The system's PostgreSQL database: the baseline runs there (in a schema of its own)
+    /// and --pg-waits samples its sessions. Nothing else is read from it.
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
+    pub database_url: String,
 
     /// Orders to submit.
     #[arg(long, default_value_t = 1_000)]
@@ -85,6 +96,21 @@ pub struct BenchArgs {
     /// Seed of the order mix (products, quantities); the same seed gives the same mix.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+
+    /// The system's processes, for its CPU per order (comma-separated pids). Default: every
+    /// process named `orderflow` on this machine except the bench itself. CPU is read from
+    /// /proc, so only for a system on the bench's machine.
+    #[arg(long, value_delimiter = ',', value_name = "PID,...")]
+    pub system_pids: Vec<u32>,
+
+    /// Sample the wait events of the sessions on DATABASE_URL's database (pg_stat_activity)
+    /// and report the time they spent waiting on locks per completed order.
+    #[arg(long)]
+    pub pg_waits: bool,
+
+    /// How often --pg-waits samples.
+    #[arg(long, default_value = "50ms", value_parser = parse_duration, requires = "pg_waits")]
+    pub pg_waits_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -150,6 +176,10 @@ pub struct Settings {
     pub api: String,
     pub json: Option<PathBuf>,
     pub scenario: Scenario,
+    /// The system's pids for CPU accounting; empty: found by name.
+    pub system_pids: Vec<u32>,
+    /// `Some(interval)`: sample PostgreSQL wait events that often.
+    pub pg_waits: Option<Duration>,
 }
 
 /// Users per run at most: user ids are drawn from a block of this size.
@@ -238,11 +268,28 @@ impl BenchArgs {
                 seed: self.seed,
             })
         };
+        let pg_waits = self.pg_waits.then_some(self.pg_waits_interval);
+        if let Some(every) = pg_waits {
+            ensure!(
+                (Duration::from_millis(5)..=Duration::from_secs(10)).contains(&every),
+                "--pg-waits-interval must be within 5ms..=10s"
+            );
+        }
         Ok(Settings {
             api,
             json: self.json.clone(),
             scenario,
+            system_pids: self.system_pids.clone(),
+            pg_waits,
         })
+    }
+
+    /// The JWT secret to sign with, and whether it is the development default.
+    pub fn jwt_secret(&self) -> (&str, bool) {
+        match self.jwt_secret.as_deref() {
+            Some(s) if !s.is_empty() => (s, false),
+            _ => (DEV_JWT_SECRET, true),
+        }
     }
 }
 
@@ -289,6 +336,8 @@ mod tests {
         assert_eq!(o.hot_stock, None);
         assert_eq!(o.baseline_concurrency, None);
         assert_eq!(o.timeout, Duration::from_secs(120));
+        assert_eq!(s.system_pids, Vec::<u32>::new());
+        assert_eq!(s.pg_waits, None);
     }
 
     #[test]
@@ -316,6 +365,11 @@ mod tests {
             "10ms",
             "--seed",
             "7",
+            "--system-pids",
+            "12,34",
+            "--pg-waits",
+            "--pg-waits-interval",
+            "100ms",
         ])
         .unwrap();
         assert_eq!(s.api, "http://localhost:9000");
@@ -328,6 +382,25 @@ mod tests {
         assert_eq!(o.timeout, Duration::from_secs(30));
         assert_eq!(o.poll_interval, Duration::from_millis(10));
         assert_eq!(o.seed, 7);
+        assert_eq!(s.system_pids, vec![12, 34]);
+        assert_eq!(s.pg_waits, Some(Duration::from_millis(100)));
+        assert_eq!(
+            settings(&["--pg-waits"]).unwrap().pg_waits,
+            Some(Duration::from_millis(50))
+        );
+        assert!(
+            parse(&["--pg-waits-interval", "10ms"]).is_err(),
+            "--pg-waits-interval needs --pg-waits"
+        );
+    }
+
+    #[test]
+    fn the_connections_are_the_benchs_own_flags() {
+        let a = parse(&["--database-url", "postgres://x@h/db", "--jwt-secret", "s3cret"]).unwrap();
+        assert_eq!(a.database_url, "postgres://x@h/db");
+        assert_eq!(a.jwt_secret(), ("s3cret", false));
+        let a = parse(&["--jwt-secret", ""]).unwrap();
+        assert_eq!(a.jwt_secret(), (DEV_JWT_SECRET, true));
     }
 
     #[test]
@@ -361,6 +434,7 @@ mod tests {
             &["--hot", "--hot-stock", "-1"],
             &["--timeout", "0s"],
             &["--poll-concurrency", "0"],
+            &["--pg-waits", "--pg-waits-interval", "1ms"],
         ] {
             assert!(settings(bad).is_err(), "{bad:?} was accepted");
         }

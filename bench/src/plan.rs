@@ -166,7 +166,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::bench::args::LoadModel;
+    use crate::args::LoadModel;
 
     fn settings(orders: u64, users: u64, share: f64, hot: Option<i64>) -> OrderSettings {
         OrderSettings {

@@ -1,4 +1,6 @@
-//! `orderflow bench`: load against a running system.
+//! `orderflow bench`: load against a running system, through its HTTP API only (plus
+//! DATABASE_URL for the synchronous baseline and `--pg-waits`). Its own crate, linked into
+//! the `orderflow` binary: tooling, kept apart from the product's code.
 //!
 //! 1. Setup through the public API ([`setup`]): products, coupons, balances, issued coupons,
 //!    for an order mix fixed beforehand ([`plan`]).
@@ -8,25 +10,29 @@
 //!    terminal, giving end-to-end latency (202 -> terminal state seen).
 //! 4. Optionally the synchronous baseline ([`baseline`]) over the same mix, directly against
 //!    DATABASE_URL, and the ratio between the two.
-//! 5. Report ([`report`]): a table on stdout and, with `--json FILE`, a JSON file.
+//! 5. Report ([`report`]): a table on stdout and, with `--json FILE`, a JSON file. Each phase
+//!    (the pipeline's load, the baseline, the rush) is also metered ([`meter`]): CPU by
+//!    process from /proc ([`cpu`]) and, with `--pg-waits`, PostgreSQL wait events ([`waits`]).
 //!
 //! `--coupon-rush` runs [`rush`] instead.
 
 pub mod args;
 mod baseline;
 mod client;
+pub mod cpu;
 mod load;
+mod meter;
 pub mod observe;
 mod plan;
 mod progress;
 pub mod report;
 mod rush;
 mod setup;
+pub mod waits;
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::Context;
-use orderflow_shared::config::Config;
 use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -34,6 +40,7 @@ pub use self::args::BenchArgs;
 use self::{
     args::{LoadModel, OrderSettings, Scenario},
     client::Api,
+    meter::Meter,
     observe::{Final, Observer, PollObserver},
     plan::Plan,
     progress::Progress,
@@ -65,8 +72,8 @@ impl Outcome {
 }
 
 /// Runs the benchmark, prints the table and writes the JSON report if asked.
-pub async fn run(config: &Config, args: &BenchArgs) -> anyhow::Result<()> {
-    let outcome = execute(config, args).await?;
+pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let outcome = execute(args).await?;
     println!("{}", outcome.table());
     if let Some(path) = &args.json {
         let json = outcome.to_json()?;
@@ -77,24 +84,30 @@ pub async fn run(config: &Config, args: &BenchArgs) -> anyhow::Result<()> {
 }
 
 /// Runs the benchmark and returns its report (nothing printed but progress).
-pub async fn execute(config: &Config, args: &BenchArgs) -> anyhow::Result<Outcome> {
+pub async fn execute(args: &BenchArgs) -> anyhow::Result<Outcome> {
     let settings = args.validate()?;
-    let (secret, default) = config.jwt_secret();
+    let (secret, default) = args.jwt_secret();
     if default {
         eprintln!("warning: JWT_SECRET is not set; signing with the development secret, as the system must too");
     }
     let progress = Progress::new();
-    match &settings.scenario {
-        Scenario::Orders(s) => orders(config, &settings.api, secret, s, &progress)
-            .await
-            .map(Outcome::Orders),
-        Scenario::CouponRush(s) => {
-            let connections = s.concurrency.unwrap_or(usize::try_from(s.users).unwrap_or(1_000));
-            let api = Api::new(&settings.api, secret, connections)?;
-            api.health().await?;
-            rush::run(&api, s, &progress).await.map(Outcome::CouponRush)
+    let meter = Meter::start(&settings, &args.database_url).await?;
+    let outcome: anyhow::Result<Outcome> = async {
+        match &settings.scenario {
+            Scenario::Orders(s) => orders(&args.database_url, &settings.api, secret, s, &progress, &meter)
+                .await
+                .map(Outcome::Orders),
+            Scenario::CouponRush(s) => {
+                let connections = s.concurrency.unwrap_or(usize::try_from(s.users).unwrap_or(1_000));
+                let api = Api::new(&settings.api, secret, connections)?;
+                api.health().await?;
+                rush::run(&api, s, &progress, &meter).await.map(Outcome::CouponRush)
+            }
         }
     }
+    .await;
+    meter.stop().await;
+    outcome
 }
 
 /// Terminal states as the observer saw them.
@@ -110,11 +123,12 @@ struct Seen {
 }
 
 async fn orders(
-    config: &Config,
+    database_url: &str,
     api_url: &str,
     secret: &str,
     s: &OrderSettings,
     progress: &Progress,
+    meter: &Meter,
 ) -> anyhow::Result<Report> {
     let plan = Arc::new(Plan::new(s));
     let n = plan.orders.len() as u64;
@@ -168,6 +182,7 @@ async fn orders(
         seen
     });
 
+    let load_mark = meter.mark();
     let started = Instant::now();
     let sent = load::send_all(
         api.clone(),
@@ -189,6 +204,7 @@ async fn orders(
     };
     let seen = collecting.await.context("collecting terminal states failed")?;
     let ended = Instant::now();
+    let end_mark = meter.mark();
 
     let cancelled: u64 = seen.cancelled.values().sum();
     let parked: u64 = seen.parked.values().sum();
@@ -233,7 +249,7 @@ async fn orders(
         duration_s: 0.0,
         completed_per_s: 0.0,
         send_duration_s: 0.0,
-        accepted_per_s: 0.0,
+        accept_per_s: 0.0,
         accept_p50_ms: 0.0,
         accept_p95_ms: 0.0,
         accept_p99_ms: 0.0,
@@ -254,6 +270,8 @@ async fn orders(
         } else {
             0.0
         },
+        cpu: None,
+        pg_waits: None,
         baseline: None,
     };
     report.measure(&Measured {
@@ -264,10 +282,20 @@ async fn orders(
         send_duration: sent.duration,
         max_send_lag: sent.max_lag,
     });
+    // Per completed order; per accepted one when none completed (no step workers running).
+    let completed = report.confirmed + report.cancelled;
+    let (count, per) = if completed > 0 {
+        (completed, "completed")
+    } else {
+        (report.accepted, "accepted")
+    };
+    let costs = meter.costs(&load_mark, &end_mark, count, per);
+    report.cpu = costs.cpu;
+    report.pg_waits = costs.pg_waits;
 
     if let Some(connections) = s.baseline_concurrency {
         let bar = progress.bar("baseline", n);
-        let b = baseline::run(&config.database_url, plan.clone(), connections, bar)
+        let b = baseline::run(database_url, plan.clone(), connections, bar, meter)
             .await
             .context("the synchronous baseline failed")?;
         report = report.with_baseline(b);
