@@ -30,6 +30,9 @@ else
   cargo test --workspace "${locked[@]}" "$@"
 fi
 
+# --- docker-compose.yml: valid (also with the cluster profile), refuses to start without JWT_SECRET
+bash scripts/compose-check.sh
+
 # --- Browser test: the ops dashboard in headless Chromium ---------------------------------------
 # Logs in, sees the funnel and a dead letter, replays it, follows the order to a terminal state.
 # Screenshots land in ci-output/.
