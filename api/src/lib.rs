@@ -7,6 +7,7 @@ pub mod idempotency;
 pub mod openapi;
 pub mod page;
 pub mod problem;
+pub mod rate_limit;
 pub mod routes;
 
 use std::sync::Arc;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Cancelled when the server shuts down: long-lived responses (event streams) end on it.
     pub shutdown: CancellationToken,
+    /// Per-user limits of the write routes (`None`: off, RATE_LIMIT_WRITES=0).
+    pub rate_limits: Option<Arc<rate_limit::RateLimits>>,
 }
 
 impl AppState {
@@ -44,6 +47,7 @@ impl AppState {
         Self {
             pool,
             keys: Arc::new(Keys::new(secret)),
+            rate_limits: rate_limit::from_config(config.rate_limit_writes, config.rate_limit_window),
             config,
             shutdown: CancellationToken::new(),
         }
@@ -60,6 +64,8 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::router(admission))
         .merge(openapi::router())
         .route("/metrics", axum::routing::get(metrics_text))
+        // Outside admission control: an over-limit write is refused without waiting its turn.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), rate_limit::limit))
         .fallback(|| async { Problem::new(404, "Not Found", "NOT_FOUND", "no such route") })
         .method_not_allowed_fallback(|| async {
             Problem::new(

@@ -17,12 +17,15 @@ pub struct Config {
     )]
     pub database_url: String,
 
-    /// RabbitMQ URL; a vhost in the path is honoured (`%2f` is the default vhost).
+    /// RabbitMQ URL; a vhost in the path is honoured (`%2f` is the default vhost). Several
+    /// nodes of one cluster: comma-separated URLs; a process connects to a live one (random
+    /// order) and moves to another when it dies.
     #[arg(
         long,
         env = "AMQP_URL",
         global = true,
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        value_parser = crate::messaging::nodes::parse_amqp_urls
     )]
     pub amqp_url: String,
 
@@ -71,6 +74,23 @@ pub struct Config {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
     pub otel_exporter_otlp_endpoint: Option<String>,
 
+    /// Per-user rate limit on each write route (`POST /api/orders`, `POST /api/balance/charge`,
+    /// `POST /api/coupons/{id}/issue`): requests one user may send to one route per
+    /// RATE_LIMIT_WINDOW, all at once at most, then one more every window/limit (GCRA). Over
+    /// it: 429 `RATE_LIMITED` (RFC 6585) with `Retry-After`. 0 turns the limits off.
+    #[arg(
+        long,
+        env = "RATE_LIMIT_WRITES",
+        global = true,
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(0..=1_000_000)
+    )]
+    pub rate_limit_writes: u32,
+
+    /// The window of RATE_LIMIT_WRITES: whole seconds, 1s..=1h (e.g. 10s, 1m).
+    #[arg(long, env = "RATE_LIMIT_WINDOW", global = true, default_value = "10s", value_parser = parse_rate_window)]
+    pub rate_limit_window: Duration,
+
     /// Fault injection, for the fault suite only: the relay aborts its process after the
     /// broker confirmed every Nth batch and before marking it sent (0: never).
     #[arg(
@@ -115,12 +135,18 @@ impl std::fmt::Debug for Config {
             .field("db_pool_size", &self.db_pool_size)
             .field("metrics_addr", &self.metrics_addr)
             .field("log_format", &self.log_format)
+            .field("rate_limit_writes", &self.rate_limit_writes)
+            .field("rate_limit_window", &self.rate_limit_window)
             .finish_non_exhaustive()
     }
 }
 
-/// Replaces the password of `scheme://user:password@host` with `***`.
+/// Replaces the password of `scheme://user:password@host` with `***`, in each URL of a
+/// comma-separated list.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -151,6 +177,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// A rate-limit window: a duration of whole seconds within 1 s..=1 h (the IETF RateLimit
+/// fields give windows in whole seconds).
+pub fn parse_rate_window(s: &str) -> Result<Duration, String> {
+    let window = parse_duration(s)?;
+    if window.subsec_nanos() != 0 || !(1..=3_600).contains(&window.as_secs()) {
+        return Err(format!("invalid rate-limit window {s:?}: whole seconds within 1s..=1h"));
+    }
+    Ok(window)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,10 +202,24 @@ mod tests {
     }
 
     #[test]
+    fn rate_windows_are_whole_seconds_up_to_an_hour() {
+        assert_eq!(parse_rate_window("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_rate_window("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_rate_window("60m"), Ok(Duration::from_secs(3_600)));
+        assert!(parse_rate_window("0s").is_err());
+        assert!(parse_rate_window("1500ms").is_err());
+        assert!(parse_rate_window("61m").is_err());
+    }
+
+    #[test]
     fn urls_are_redacted() {
         assert_eq!(
             redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
             "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("amqp://a:one@h1/%2f,amqp://b:two@h2/%2f"),
+            "amqp://a:***@h1/%2f,amqp://b:***@h2/%2f"
         );
         assert_eq!(
             redact_url("postgres://postgres@127.0.0.1/db"),
