@@ -201,6 +201,34 @@ mod tests {
         assert!(parse_duration("abc").is_err());
     }
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("orderflow").chain(args.iter().copied())).map(|c| c.config)
+    }
+
+    #[test]
+    fn rate_limits_and_broker_lists_are_flags_with_defaults() {
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(defaults.rate_limit_writes, 100);
+        assert_eq!(defaults.rate_limit_window, Duration::from_secs(10));
+        let off = parse(&["--rate-limit-writes", "0", "--rate-limit-window", "1m"]).unwrap();
+        assert_eq!(
+            (off.rate_limit_writes, off.rate_limit_window),
+            (0, Duration::from_secs(60))
+        );
+        assert!(parse(&["--rate-limit-writes", "1000001"]).is_err());
+        assert!(parse(&["--rate-limit-window", "250ms"]).is_err());
+        let list = "amqp://g:g@h1:5672/%2f,amqp://g:g@h2:5672/%2f";
+        assert_eq!(parse(&["--amqp-url", list]).unwrap().amqp_url, list);
+        assert!(parse(&["--amqp-url", "amqp://g:g@h1/%2f,nonsense://x"]).is_err());
+    }
+
     #[test]
     fn rate_windows_are_whole_seconds_up_to_an_hour() {
         assert_eq!(parse_rate_window("10s"), Ok(Duration::from_secs(10)));
