@@ -276,9 +276,22 @@ async fn a_refused_user_is_accepted_again_after_retry_after() {
     app.stop().await;
 }
 
+/// RATE_LIMIT_WRITES and RATE_LIMIT_WINDOW as `orderflow` parses them with no flag given.
+fn production_defaults() -> (u32, Duration) {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: orderflow_shared::config::Config,
+    }
+    let config = <Cli as clap::Parser>::try_parse_from(["orderflow"]).unwrap().config;
+    (config.rate_limit_writes, config.rate_limit_window)
+}
+
 #[tokio::test]
 async fn the_defaults_leave_a_coupon_rush_and_a_busy_shopper_alone() {
-    let app = TestApp::api_only().await;
+    let (quota, window) = production_defaults();
+    assert_eq!((quota, window), (100, Duration::from_secs(10)));
+    let app = app_with(quota, window).await;
     // A rush: 200 users, one request each, all at once.
     let coupon = app
         .coupon(json!({"name": "rush", "discountType": "PERCENT", "discountValue": 10, "quantity": 50}))
