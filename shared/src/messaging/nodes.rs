@@ -55,9 +55,14 @@ pub fn parse_amqp_urls(list: &str) -> Result<String, String> {
 }
 
 /// Connects to the first node of `list` (in a fresh random order) that accepts a connection
-/// within [`CONNECT_TIMEOUT`]. Fails with the last node's error when none does.
+/// within [`CONNECT_TIMEOUT`]. Fails with the last node's error when none does. A single URL
+/// is connected to exactly as `lapin::Connection::connect` does (no timeout of ours: there is
+/// no other node to try).
 pub async fn connect(list: &str, props: ConnectionProperties) -> lapin::Result<Connection> {
     let urls = shuffled(list);
+    if let [url] = urls[..] {
+        return Connection::connect(url, props).await;
+    }
     let mut last = lapin::Error::from(io::Error::new(io::ErrorKind::InvalidInput, "AMQP_URL lists no URI"));
     for (i, url) in urls.iter().enumerate() {
         match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props.clone())).await {
