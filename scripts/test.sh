@@ -30,10 +30,19 @@ else
   cargo test --workspace "${locked[@]}" "$@"
 fi
 
+# --- docker-compose.yml: valid (also with the cluster profile), refuses to start without JWT_SECRET
+bash scripts/compose-check.sh
+
 # --- Browser test: the ops dashboard in headless Chromium ---------------------------------------
 # Logs in, sees the funnel and a dead letter, replays it, follows the order to a terminal state.
 # Screenshots land in ci-output/.
 bash scripts/browser-test.sh
+
+# --- A three-node RabbitMQ cluster (scripts/cluster.sh, its own node names and ports next to the
+# default node): orders complete while the node holding most connections is killed. About 3 min.
+if [[ -z ${SKIP_CLUSTER:-} ]]; then
+  cargo nextest run --profile ci "${locked[@]}" --test cluster --run-ignored only
+fi
 
 # --- Fault-injection suite -----------------------------------------------------------------------
 # tests/faults.rs runs the system as separate processes under a few thousand orders and injects

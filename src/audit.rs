@@ -487,7 +487,7 @@ async fn read_broker(url: Option<&str>, events: bool, dead_letters: bool) -> Bro
         return not_read("no broker to read");
     };
     let props = ConnectionProperties::default().with_connection_name("orderflow-audit".into());
-    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(url, props)).await {
+    let conn = match tokio::time::timeout(CONNECT_TIMEOUT, orderflow_shared::messaging::connect(url, props)).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(err)) => return not_read(&format!("broker unreachable: {err}")),
         Err(_) => return not_read("broker unreachable: connecting timed out"),

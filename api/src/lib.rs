@@ -8,6 +8,7 @@ pub mod idempotency;
 pub mod openapi;
 pub mod page;
 pub mod problem;
+pub mod rate_limit;
 pub mod routes;
 
 use std::sync::Arc;
@@ -39,6 +40,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Order acceptance, group-committed (needs a tokio runtime when built).
     pub acceptor: accept::Acceptor,
+    /// Per-user limits of the write routes (`None`: off, RATE_LIMIT_WRITES=0).
+    pub rate_limits: Option<Arc<rate_limit::RateLimits>>,
 }
 
 impl AppState {
@@ -48,6 +51,7 @@ impl AppState {
             acceptor: accept::Acceptor::start(pool.clone(), config.order_timeout),
             pool,
             keys: Arc::new(Keys::new(secret)),
+            rate_limits: rate_limit::from_config(config.rate_limit_writes, config.rate_limit_window),
             config,
             shutdown: CancellationToken::new(),
         }
@@ -67,6 +71,8 @@ pub fn router(state: AppState) -> Router {
         .merge(routes::router(admission))
         .merge(openapi::router())
         .route("/metrics", axum::routing::get(metrics_text))
+        // Outside admission control: an over-limit write is refused without waiting its turn.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), rate_limit::limit))
         .fallback(|| async { Problem::new(404, "Not Found", "NOT_FOUND", "no such route") })
         .method_not_allowed_fallback(|| async {
             Problem::new(

@@ -20,11 +20,14 @@ pub struct Config {
     )]
     pub database_url: String,
 
-    /// RabbitMQ URL; a vhost in the path is honoured (`%2f` is the default vhost).
+    /// RabbitMQ URL; a vhost in the path is honoured (`%2f` is the default vhost). Several
+    /// nodes of one cluster: comma-separated URLs; a process connects to a live one (random
+    /// order) and moves to another when it dies.
     #[arg(
         long,
         env = "AMQP_URL",
-        default_value = DEFAULT_AMQP_URL
+        default_value = DEFAULT_AMQP_URL,
+        value_parser = crate::messaging::nodes::parse_amqp_urls
     )]
     pub amqp_url: String,
 
@@ -73,6 +76,22 @@ pub struct Config {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otel_exporter_otlp_endpoint: Option<String>,
 
+    /// Per-user rate limit on each write route (`POST /api/orders`, `POST /api/balance/charge`,
+    /// `POST /api/coupons/{id}/issue`): requests one user may send to one route per
+    /// RATE_LIMIT_WINDOW, all at once at most, then one more every window/limit (GCRA). Over
+    /// it: 429 `RATE_LIMITED` (RFC 6585) with `Retry-After`. 0 turns the limits off.
+    #[arg(
+        long,
+        env = "RATE_LIMIT_WRITES",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(0..=1_000_000)
+    )]
+    pub rate_limit_writes: u32,
+
+    /// The window of RATE_LIMIT_WRITES: whole seconds, 1s..=1h (e.g. 10s, 1m).
+    #[arg(long, env = "RATE_LIMIT_WINDOW", default_value = "10s", value_parser = parse_rate_window)]
+    pub rate_limit_window: Duration,
+
     /// Fault injection, for the fault suite only: the relay aborts its process after the
     /// broker confirmed every Nth batch and before marking it sent (0: never).
     #[arg(long, env = "ORDERFLOW_FAULT_RELAY_ABORT_EVERY", default_value_t = 0, hide = true)]
@@ -111,12 +130,18 @@ impl std::fmt::Debug for Config {
             .field("db_pool_size", &self.db_pool_size)
             .field("metrics_addr", &self.metrics_addr)
             .field("log_format", &self.log_format)
+            .field("rate_limit_writes", &self.rate_limit_writes)
+            .field("rate_limit_window", &self.rate_limit_window)
             .finish_non_exhaustive()
     }
 }
 
-/// Replaces the password of `scheme://user:password@host` with `***`.
+/// Replaces the password of `scheme://user:password@host` with `***`, in each URL of a
+/// comma-separated list.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -147,6 +172,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// A rate-limit window: a duration of whole seconds within 1 s..=1 h (the IETF RateLimit
+/// fields give windows in whole seconds).
+pub fn parse_rate_window(s: &str) -> Result<Duration, String> {
+    let window = parse_duration(s)?;
+    if window.subsec_nanos() != 0 || !(1..=3_600).contains(&window.as_secs()) {
+        return Err(format!("invalid rate-limit window {s:?}: whole seconds within 1s..=1h"));
+    }
+    Ok(window)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,11 +196,53 @@ mod tests {
         assert!(parse_duration("abc").is_err());
     }
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("orderflow").chain(args.iter().copied())).map(|c| c.config)
+    }
+
+    #[test]
+    fn rate_limits_and_broker_lists_are_flags_with_defaults() {
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(defaults.rate_limit_writes, 100);
+        assert_eq!(defaults.rate_limit_window, Duration::from_secs(10));
+        let off = parse(&["--rate-limit-writes", "0", "--rate-limit-window", "1m"]).unwrap();
+        assert_eq!(
+            (off.rate_limit_writes, off.rate_limit_window),
+            (0, Duration::from_secs(60))
+        );
+        assert!(parse(&["--rate-limit-writes", "1000001"]).is_err());
+        assert!(parse(&["--rate-limit-window", "250ms"]).is_err());
+        let list = "amqp://g:g@h1:5672/%2f,amqp://g:g@h2:5672/%2f";
+        assert_eq!(parse(&["--amqp-url", list]).unwrap().amqp_url, list);
+        assert!(parse(&["--amqp-url", "amqp://g:g@h1/%2f,nonsense://x"]).is_err());
+    }
+
+    #[test]
+    fn rate_windows_are_whole_seconds_up_to_an_hour() {
+        assert_eq!(parse_rate_window("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_rate_window("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_rate_window("60m"), Ok(Duration::from_secs(3_600)));
+        assert!(parse_rate_window("0s").is_err());
+        assert!(parse_rate_window("1500ms").is_err());
+        assert!(parse_rate_window("61m").is_err());
+    }
+
     #[test]
     fn urls_are_redacted() {
         assert_eq!(
             redact_url("amqp://guest:guest@127.0.0.1:5672/%2f"),
             "amqp://guest:***@127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            redact_url("amqp://a:one@h1/%2f,amqp://b:two@h2/%2f"),
+            "amqp://a:***@h1/%2f,amqp://b:***@h2/%2f"
         );
         assert_eq!(
             redact_url("postgres://postgres@127.0.0.1/db"),

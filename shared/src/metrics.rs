@@ -104,11 +104,8 @@ pub fn step_batch(step: &'static str, size: usize) {
 pub async fn sample_gauges(pool: PgPool, amqp_url: String, interval: Duration, shutdown: CancellationToken) {
     // Like every process, declare the topology first (idempotent), so the passive declares
     // below never hit a queue that no worker has declared yet.
-    if let Ok(conn) = lapin::Connection::connect(&amqp_url, lapin::ConnectionProperties::default()).await {
-        if let Ok(channel) = conn.create_channel().await {
-            let _ = crate::messaging::topology::declare(&channel).await;
-            let _ = channel.close(200, "bye".into()).await;
-        }
+    if let Ok(conn) = crate::messaging::connect(&amqp_url, lapin::ConnectionProperties::default()).await {
+        let _ = crate::messaging::topology::declare(&conn).await;
         let _ = conn.close(200, "bye".into()).await;
     }
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);

@@ -40,6 +40,32 @@ pub struct Options {
     pub api: bool,
     /// Deliveries each worker handles at once.
     pub concurrency: usize,
+    /// RATE_LIMIT_WRITES and RATE_LIMIT_WINDOW. By default far above what any test writes for
+    /// one user (some fire 100+ charges for one user at once to test races, which the
+    /// production default of 100 per 10 s would refuse), so the layer runs in every test
+    /// without refusing anything; `tests/rate_limits.rs` sets its own and checks the defaults.
+    pub rate_limit: (u32, Duration),
+    /// Where the test's vhost lives: the local default node unless a test brings a cluster.
+    pub broker: Broker,
+}
+
+/// A RabbitMQ deployment to put a test's vhost on.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    /// Each node's AMQP URL without a path (`amqp://guest:guest@127.0.0.1:5672`); the test's
+    /// AMQP_URL lists them all, with its vhost.
+    pub nodes: Vec<String>,
+    /// A management API base URL of the deployment (any node of a cluster).
+    pub management: String,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Self {
+            nodes: vec!["amqp://guest:guest@127.0.0.1:5672".to_owned()],
+            management: RABBIT_MGMT.to_owned(),
+        }
+    }
 }
 
 impl Default for Options {
@@ -50,6 +76,8 @@ impl Default for Options {
             order_timeout: Duration::from_secs(60),
             api: true,
             concurrency: 8,
+            rate_limit: (1_000_000, Duration::from_secs(10)),
+            broker: Broker::default(),
         }
     }
 }
@@ -60,6 +88,8 @@ pub struct TestApp {
     pub config: Config,
     pub db_name: String,
     pub vhost: String,
+    /// The management API of the broker the vhost lives on.
+    pub management: String,
     pub http: reqwest::Client,
     pub keys: Keys,
     shutdown: CancellationToken,
@@ -90,11 +120,17 @@ impl TestApp {
         let db_name = format!("orderflow_test_{}", &id[..16]);
         let vhost = format!("orderflow-test-{}", &id[..16]);
         create_database(&db_name).await;
-        create_vhost(&vhost).await;
+        create_vhost_at(&opts.broker.management, &vhost).await;
 
         let config = Config {
             database_url: format!("{PG_BASE}/{db_name}"),
-            amqp_url: format!("amqp://guest:guest@127.0.0.1:5672/{vhost}"),
+            amqp_url: opts
+                .broker
+                .nodes
+                .iter()
+                .map(|node| format!("{node}/{vhost}"))
+                .collect::<Vec<_>>()
+                .join(","),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             jwt_secret: Some(JWT_SECRET.to_owned()),
             order_timeout: opts.order_timeout,
@@ -107,16 +143,17 @@ impl TestApp {
             log_format: LogFormat::Text,
             otel_exporter_otlp_endpoint: None,
             fault_relay_abort_every: 0,
+            rate_limit_writes: opts.rate_limit.0,
+            rate_limit_window: opts.rate_limit.1,
         };
         let pool = orderflow_shared::db::pool(&config.database_url, config.db_pool_size).unwrap();
         // Declare the topology once before the workers start, so they never race each
         // other creating the same quorum queues in a fresh vhost.
         {
-            let conn = lapin::Connection::connect(&config.amqp_url, lapin::ConnectionProperties::default())
+            let conn = orderflow_shared::messaging::connect(&config.amqp_url, lapin::ConnectionProperties::default())
                 .await
                 .unwrap();
-            let channel = conn.create_channel().await.unwrap();
-            orderflow_shared::messaging::topology::declare(&channel).await.unwrap();
+            orderflow_shared::messaging::topology::declare(&conn).await.unwrap();
             let _ = conn.close(200, "bye".into()).await;
         }
         let shutdown = CancellationToken::new();
@@ -147,6 +184,7 @@ impl TestApp {
             config,
             db_name,
             vhost,
+            management: opts.broker.management.clone(),
             http,
             keys: Keys::new(JWT_SECRET),
             shutdown,
@@ -164,7 +202,7 @@ impl TestApp {
         let queues: Vec<&str> = workers.iter().filter_map(|w| worker_queue(*w)).collect();
         let (conn, channel) = self.amqp().await;
         // Declare first (idempotent) so a passive declare never hits a missing queue.
-        orderflow_shared::messaging::topology::declare(&channel).await.unwrap();
+        orderflow_shared::messaging::topology::declare(&conn).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         for queue in queues {
             loop {
@@ -511,7 +549,7 @@ impl TestApp {
 
     /// Opens an AMQP channel on the test's vhost.
     pub async fn amqp(&self) -> (lapin::Connection, lapin::Channel) {
-        let conn = lapin::Connection::connect(&self.config.amqp_url, lapin::ConnectionProperties::default())
+        let conn = orderflow_shared::messaging::connect(&self.config.amqp_url, lapin::ConnectionProperties::default())
             .await
             .unwrap();
         let channel = conn.create_channel().await.unwrap();
@@ -530,7 +568,7 @@ impl TestApp {
 
     /// Calls the RabbitMQ management API.
     pub async fn mgmt(&self, method: Method, path: &str) -> Value {
-        mgmt(method, path, None).await
+        mgmt_at(&self.management, method, path, None).await
     }
 
     /// Shuts down gracefully and removes the database and the vhost.
@@ -541,7 +579,13 @@ impl TestApp {
         })
         .await;
         self.pool.close().await;
-        let _ = mgmt(Method::DELETE, &format!("/api/vhosts/{}", enc(&self.vhost)), None).await;
+        let _ = mgmt_at(
+            &self.management,
+            Method::DELETE,
+            &format!("/api/vhosts/{}", enc(&self.vhost)),
+            None,
+        )
+        .await;
         drop_database(&self.db_name).await;
     }
 }
@@ -591,7 +635,7 @@ pub fn assert_problem((status, content_type, body): &(StatusCode, String, Value)
 
 /// Takes every message currently in `queue` (acked), as (properties, body).
 pub async fn drain(amqp_url: &str, queue: &str) -> Vec<(lapin::BasicProperties, Value)> {
-    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default())
+    let conn = orderflow_shared::messaging::connect(amqp_url, lapin::ConnectionProperties::default())
         .await
         .unwrap();
     let channel = conn.create_channel().await.unwrap();
@@ -613,9 +657,14 @@ pub fn enc(s: &str) -> String {
 }
 
 pub async fn mgmt(method: Method, path: &str, body: Option<Value>) -> Value {
+    mgmt_at(RABBIT_MGMT, method, path, body).await
+}
+
+/// A call to the management API at `base` (`http://127.0.0.1:15672`).
+pub async fn mgmt_at(base: &str, method: Method, path: &str, body: Option<Value>) -> Value {
     let client = reqwest::Client::new();
     let mut req = client
-        .request(method, format!("{RABBIT_MGMT}{path}"))
+        .request(method, format!("{base}{path}"))
         .basic_auth("guest", Some("guest"));
     if let Some(b) = body {
         req = req.json(&b);
@@ -629,8 +678,14 @@ pub async fn mgmt(method: Method, path: &str, body: Option<Value>) -> Value {
 }
 
 pub async fn create_vhost(vhost: &str) {
-    mgmt(Method::PUT, &format!("/api/vhosts/{}", enc(vhost)), None).await;
-    mgmt(
+    create_vhost_at(RABBIT_MGMT, vhost).await;
+}
+
+/// Creates `vhost` (guest may do everything in it) through the management API at `base`.
+pub async fn create_vhost_at(base: &str, vhost: &str) {
+    mgmt_at(base, Method::PUT, &format!("/api/vhosts/{}", enc(vhost)), None).await;
+    mgmt_at(
+        base,
         Method::PUT,
         &format!("/api/permissions/{}/guest", enc(vhost)),
         Some(json!({"configure": ".*", "write": ".*", "read": ".*"})),

@@ -5,14 +5,17 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use lapin::{Channel, Connection, ConnectionProperties};
-use orderflow_shared::messaging::topology;
+use orderflow_shared::messaging::{self, topology};
 
-/// Opens a connection and a channel, and declares the topology on it.
+/// Opens a connection to a live node of `url` (AMQP_URL: one URI, or several nodes of one
+/// cluster, comma-separated, tried in a fresh random order each time), declares the topology
+/// and opens a channel. A reconnect after a node died calls this again and so lands on
+/// another node.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<(Connection, Channel)> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let conn = Connection::connect(url, props).await?;
+    let conn = messaging::connect(url, props).await?;
+    topology::declare(&conn).await?;
     let channel = conn.create_channel().await?;
-    topology::declare(&channel).await?;
     Ok((conn, channel))
 }
 

@@ -86,6 +86,8 @@ pub async fn get_balance(State(state): State<AppState>, user: User) -> ApiResult
         (status = 401, body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "IDEMPOTENCY_KEY_REUSED", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "RATE_LIMITED: over the per-user limit of this route (RATE_LIMIT_WRITES per RATE_LIMIT_WINDOW)", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "whole seconds until a request is accepted again"), ("RateLimit-Policy" = String, description = "draft-ietf-httpapi-ratelimit-headers-10, e.g. \"orders\";q=100;w=10"), ("RateLimit" = String, description = "e.g. \"orders\";r=0;t=3"))),
     ))]
 pub async fn charge(
     State(state): State<AppState>,

@@ -2,7 +2,9 @@
 //! (exchanges, queues, bindings, arguments) and queue statistics.
 
 pub mod envelope;
+pub mod nodes;
 pub mod stats;
 pub mod topology;
 
 pub use envelope::{Envelope, MessageType};
+pub use nodes::connect;

@@ -23,7 +23,8 @@ pub struct QueueStat {
     pub consumers: u32,
 }
 
-/// Opens one connection, declares every queue of [`QUEUES`] passively, closes. A queue the
+/// Opens one connection (to any live node of `amqp_url`, which may list several), declares
+/// every queue of [`QUEUES`] passively, closes. A queue the
 /// broker does not know (never declared in this vhost) is left out. Fails when the broker
 /// cannot be reached or does not answer within a few seconds.
 pub async fn queue_stats(amqp_url: &str) -> anyhow::Result<Vec<QueueStat>> {
@@ -33,7 +34,7 @@ pub async fn queue_stats(amqp_url: &str) -> anyhow::Result<Vec<QueueStat>> {
 }
 
 async fn connect(amqp_url: &str) -> anyhow::Result<Connection> {
-    Connection::connect(amqp_url, ConnectionProperties::default())
+    super::connect(amqp_url, ConnectionProperties::default())
         .await
         .with_context(|| format!("cannot connect to the broker at {}", redact_url(amqp_url)))
 }

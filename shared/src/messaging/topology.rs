@@ -2,6 +2,13 @@
 //! depend on configuration (ORDER_TIMEOUT is a per-message expiration), so a redeploy never
 //! has to delete a queue.
 //!
+//! On a cluster: every queue is created with three replicas (`x-quorum-initial-group-size`)
+//! and its leader on the least loaded node (`x-queue-leader-locator=balanced`). RabbitMQ 3.10
+//! checks both for equivalence on a redeclare (as it does `x-delivery-limit`, the
+//! dead-letter arguments, `x-max-length` and `x-overflow`): a queue created without them
+//! answers a redeclare with them PRECONDITION_FAILED. So [`declare`] creates missing queues
+//! only and leaves existing ones as they are.
+//!
 //! | exchange | kind | routing keys | queue |
 //! |---|---|---|---|
 //! | `orderflow.work` | direct | `stock.*`, `coupon.*`, `payment.*`, `order.confirm`, `order.finish-cancel` | one quorum queue per worker |
@@ -11,8 +18,9 @@
 //! | `orderflow.dlx` | fanout | | `orderflow.dead-letters` |
 
 use lapin::{
-    Channel, ExchangeKind,
+    Connection, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    protocol::{AMQPErrorKind, AMQPSoftError},
     types::{AMQPValue, FieldTable, ShortString},
 };
 
@@ -34,6 +42,8 @@ pub const DATA_PLATFORM_QUEUE: &str = "data-platform.orders";
 
 /// Attempts (deliveries) before a work message is dead-lettered.
 pub const DELIVERY_LIMIT: i64 = 10;
+/// Replicas of each quorum queue when it is created (capped by the cluster's size).
+pub const QUORUM_INITIAL_GROUP_SIZE: i64 = 3;
 /// Upper bound on a work queue's length; needed by at-least-once dead lettering, which keeps
 /// unconfirmed dead letters in the source queue.
 pub const MAX_QUEUE_LENGTH: i64 = 1_000_000;
@@ -123,6 +133,15 @@ impl QueueSpec {
             args.insert(ShortString::from(k), v);
         };
         set("x-queue-type", AMQPValue::LongString("quorum".into()));
+        // Cluster placement, fixed (never from configuration): three replicas (a majority
+        // survives one lost node; fewer nodes cap it), the leader on the node with the
+        // fewest leaders, so the queues' leaders spread over a three-node cluster instead of
+        // all landing on the node the first process happened to connect to.
+        set(
+            "x-quorum-initial-group-size",
+            AMQPValue::LongLongInt(QUORUM_INITIAL_GROUP_SIZE),
+        );
+        set("x-queue-leader-locator", AMQPValue::LongString("balanced".into()));
         match self.kind {
             QueueKind::Work => {
                 set("x-delivery-limit", AMQPValue::LongLongInt(DELIVERY_LIMIT));
@@ -157,7 +176,16 @@ pub fn routes(exchange: &str, routing_key: &str) -> bool {
 }
 
 /// Declares every exchange, queue and binding. Idempotent: safe in every process at start.
-pub async fn declare(channel: &Channel) -> lapin::Result<()> {
+///
+/// A queue that exists already is left exactly as it is (a passive declare, then only its
+/// bindings): its arguments were fixed when it was created, and RabbitMQ refuses a redeclare
+/// whose arguments differ (PRECONDITION_FAILED), so arguments added since (the cluster
+/// placement ones) apply to queues created from now on without breaking a running
+/// deployment. A queue that does not exist is created with [`QueueSpec::arguments`]; two
+/// processes creating it at once declare the same arguments, which RabbitMQ accepts.
+/// Opens its own channels (a passive declare of a missing queue closes its channel).
+pub async fn declare(conn: &Connection) -> lapin::Result<()> {
+    let mut channel = conn.create_channel().await?;
     for (name, kind) in EXCHANGES {
         channel
             .exchange_declare(
@@ -172,16 +200,31 @@ pub async fn declare(channel: &Channel) -> lapin::Result<()> {
             .await?;
     }
     for q in QUEUES {
-        channel
-            .queue_declare(
-                q.name.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                q.arguments(),
-            )
-            .await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            durable: true,
+            ..Default::default()
+        };
+        match channel
+            .queue_declare(q.name.into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(err) if is_not_found(&err) => {
+                channel = conn.create_channel().await?;
+                channel
+                    .queue_declare(
+                        q.name.into(),
+                        QueueDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        q.arguments(),
+                    )
+                    .await?;
+            }
+            Err(err) => return Err(err),
+        }
         for key in q.routing_keys {
             channel
                 .queue_bind(
@@ -194,7 +237,13 @@ pub async fn declare(channel: &Channel) -> lapin::Result<()> {
                 .await?;
         }
     }
+    let _ = channel.close(200, "topology declared".into()).await;
     Ok(())
+}
+
+fn is_not_found(err: &lapin::Error) -> bool {
+    matches!(err.kind(), lapin::ErrorKind::ProtocolError(e)
+        if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
 }
 
 #[cfg(test)]
