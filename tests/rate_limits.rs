@@ -126,7 +126,7 @@ async fn orders_past_the_quota_are_refused_with_the_fields_and_leave_nothing_beh
     assert_eq!(
         count(
             &app,
-            "SELECT count(*) FROM outbox WHERE order_id IN (SELECT id FROM orders WHERE user_id = $1)",
+            "SELECT count(*) FROM outbox WHERE order_ids && ARRAY(SELECT id FROM orders WHERE user_id = $1)",
             101
         )
         .await,
