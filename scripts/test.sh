@@ -19,6 +19,10 @@ if [[ -n ${CI:-} ]]; then
   locked=(--locked)
 fi
 
+# --- AsyncAPI: the messages' document, checked by the official parser (a few seconds) ------------
+# Also installs the pinned parser that tests/asyncapi.rs validates captured messages with.
+bash scripts/asyncapi.sh
+
 # --- Parallel suite: unit + integration tests ----------------------------------------------------
 # Each integration test owns a fresh database and a fresh RabbitMQ vhost, so they run in parallel.
 # (nextest does not run doctests; the workspace has none. Add `cargo test --workspace --doc` here

@@ -1,8 +1,9 @@
 //! The HTTP API: an axum router over the shared state, with problem-document errors,
-//! bearer-token auth and OpenAPI.
+//! bearer-token auth, OpenAPI and AsyncAPI.
 
 pub mod accept;
 pub mod admission;
+pub mod asyncapi;
 pub mod extract;
 pub mod idempotency;
 pub mod openapi;
@@ -70,6 +71,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(routes::router(admission))
         .merge(openapi::router())
+        .merge(asyncapi::router())
         .route("/metrics", axum::routing::get(metrics_text))
         // Outside admission control: an over-limit write is refused without waiting its turn.
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), rate_limit::limit))

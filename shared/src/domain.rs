@@ -82,8 +82,11 @@ pub fn discount(kind: DiscountType, value: i64, total: i64) -> i64 {
     raw.clamp(0, total.max(0))
 }
 
+// `$s` is a `tt`, not a `literal`: a `literal` fragment reaches derive macros wrapped in an
+// invisible group, which utoipa's serde-attribute parser skips, so the schema would list the
+// variants' Rust names ("Pending") instead of their serialized names ("PENDING").
 macro_rules! string_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident = $s:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $s:tt),+ $(,)? }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
         pub enum $name {
@@ -189,6 +192,28 @@ mod tests {
             discount(DiscountType::Percent, 33, i64::MAX / 2),
             (i128::from(i64::MAX / 2) * 33 / 100) as i64
         );
+    }
+
+    #[test]
+    fn schemas_list_the_serialized_names() {
+        use utoipa::PartialSchema;
+        fn names(schema: utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>) -> serde_json::Value {
+            serde_json::to_value(schema).unwrap_or_default()["enum"].clone()
+        }
+        let all = |v: &[&str]| serde_json::json!(v);
+        assert_eq!(
+            names(OrderStatus::schema()),
+            all(&OrderStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        );
+        assert_eq!(
+            names(CancelReason::schema()),
+            all(&CancelReason::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        );
+        assert_eq!(
+            names(LedgerKind::schema()),
+            all(&LedgerKind::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+        );
+        assert_eq!(names(DiscountType::schema()), all(&["FIXED", "PERCENT"]));
     }
 
     #[test]

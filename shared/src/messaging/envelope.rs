@@ -9,21 +9,34 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::topology;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The body of every message orderflow sends, internal command or public event: JSON,
+/// camelCase.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Envelope<T = serde_json::Value> {
+    /// The message id, a UUIDv7, also sent as the AMQP `message_id`. It stays the same when
+    /// the message is published again (at-least-once delivery): consumers dedupe by it.
     pub id: Uuid,
+    /// The message type, which is also the routing key and the AMQP `type` property.
     #[serde(rename = "type")]
     pub kind: String,
+    /// When the message was written: RFC 3339 in UTC with milliseconds and `Z`
+    /// (`2026-11-21T10:00:00.123Z`).
     #[serde(with = "millis")]
+    #[schema(pattern = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")]
     pub occurred_at: DateTime<Utc>,
-    /// The order the message is about; absent on a command about several orders.
+    /// The order the message is about, also sent as the AMQP `correlation_id`. Every event
+    /// carries it, and so does a command about exactly one order; a command about several
+    /// orders has none (they are in `data.orderIds`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_id: Option<Uuid>,
+    /// What the message says; its shape depends on `type`.
+    #[schema(value_type = Object)]
     pub data: T,
 }
 
@@ -46,10 +59,14 @@ pub const MAX_ORDERS_PER_COMMAND: usize = 500;
 /// The `data` of every internal command: the orders it concerns, each handled on its own
 /// (outcome, retries and dead-lettering are per order). A message from before batching has
 /// `data: {}` and its one order in `orderId`.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CommandData {
+    /// The orders the command concerns, 1 to 500 (`MAX_ORDERS_PER_COMMAND`); the handler
+    /// reads everything else from the order rows. orderflow always sends it; a consumer still
+    /// accepts a command without it (`data: {}`) when the envelope names its one order.
     #[serde(default)]
+    #[schema(min_items = 1, max_items = 500)]
     pub order_ids: Vec<Uuid>,
 }
 
@@ -153,49 +170,70 @@ impl MessageType {
     }
 }
 
-/// The `data` of `order.confirmed`: the data platform's contract (DESIGN.md §3).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The `data` of `order.confirmed`: the data platform's contract. Amounts
+/// are whole won (KRW has no minor unit): `totalAmount - discountAmount = paidAmount`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderConfirmedData {
+    /// The user who placed the order.
     pub user_id: i64,
+    /// The coupon the order used, or null.
+    #[schema(required = true)]
     pub coupon_id: Option<i64>,
+    /// The order's lines, at the prices of the moment it was placed.
     pub items: Vec<EventItem>,
+    /// The sum of `quantity x unitPrice` over the lines, in whole won.
     pub total_amount: i64,
+    /// What the coupon took off, in whole won (0 without a coupon; never above the total).
     pub discount_amount: i64,
+    /// What the balance was charged, in whole won.
     pub paid_amount: i64,
+    /// When the order was confirmed: RFC 3339 in UTC with milliseconds and `Z`.
     #[serde(with = "millis")]
+    #[schema(pattern = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")]
     pub confirmed_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One line of an order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EventItem {
     pub product_id: i64,
+    /// Units of the product, at least 1.
+    #[schema(minimum = 1)]
     pub quantity: i32,
+    /// The product's price when the order was placed, in whole won.
     pub unit_price: i64,
 }
 
 /// The `data` of `order.cancelled`: why, and everything the order gave back.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderCancelledData {
+    /// The user who placed the order.
     pub user_id: i64,
-    /// OUT_OF_STOCK, COUPON_INVALID, INSUFFICIENT_BALANCE, TIMEOUT, PROCESSING_FAILED,
-    /// ADMIN_CANCELLED or USER_CANCELLED.
+    /// Why the order was cancelled.
+    #[schema(value_type = crate::domain::CancelReason)]
     pub reason: String,
     pub returned: Returned,
+    /// When the order was cancelled: RFC 3339 in UTC with milliseconds and `Z`.
     #[serde(with = "millis")]
+    #[schema(pattern = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")]
     pub cancelled_at: DateTime<Utc>,
 }
 
 /// What a cancelled order gave back: the units it had reserved (empty if it never reserved
 /// any), the coupon it had used (made available again), the amount refunded to the balance
 /// (whole won).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Returned {
+    /// The units put back in stock (empty when the order never reserved any).
     pub items: Vec<EventItem>,
+    /// The coupon made available again, or null.
+    #[schema(required = true)]
     pub coupon_id: Option<i64>,
+    /// The amount refunded to the balance, in whole won (0 when the order was never paid).
     pub refunded_amount: i64,
 }
 

@@ -1,6 +1,8 @@
 //! Messaging: the envelope every message carries, the message types, the broker topology
-//! (exchanges, queues, bindings, arguments) and queue statistics.
+//! (exchanges, queues, bindings, arguments), queue statistics, and the AsyncAPI document that
+//! describes them all.
 
+pub mod asyncapi;
 pub mod envelope;
 pub mod nodes;
 pub mod stats;
