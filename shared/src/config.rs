@@ -51,8 +51,11 @@ pub struct Config {
     #[arg(long, env = "PREFETCH", default_value_t = 64)]
     pub prefetch: u16,
 
-    /// Deliveries each worker processes at once.
-    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 16)]
+    /// Transactions (batches of deliveries) each worker runs at once. Few: a step's batch
+    /// handles every order waiting with a constant number of statements, and concurrent
+    /// batches of one step mostly meet on the same rows (products, buckets); while one
+    /// commits, the next one gathers.
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 2)]
     pub worker_concurrency: usize,
 
     /// Deliveries a worker may handle in one transaction when they are already waiting

@@ -22,7 +22,10 @@ use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
-use orderflow_shared::{db::outbox, messaging::MessageType};
+use orderflow_shared::{
+    db::outbox,
+    messaging::{MessageType, envelope},
+};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -64,12 +67,12 @@ pub fn properties(row: &OutboxRow) -> BasicProperties {
         }
     }
     let mut props = BasicProperties::default()
-        .with_content_type("application/json".into())
+        .with_content_type(envelope::CONTENT_TYPE.into())
         .with_delivery_mode(2)
         .with_message_id(row.message_id.to_string().into())
         .with_type(row.message_type.as_str().into())
         .with_timestamp(row.created_at.timestamp().max(0) as u64)
-        .with_app_id("orderflow".into())
+        .with_app_id(envelope::APP_ID.into())
         .with_headers(headers);
     if let [order_id] = row.order_ids.as_slice() {
         props = props.with_correlation_id(order_id.to_string().into());

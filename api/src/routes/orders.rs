@@ -262,20 +262,30 @@ pub async fn list(
     Query(params): Query<PageParams>,
 ) -> ApiResult<Json<Page<OrderSummary>>> {
     let (limit, offset) = params.limit_offset()?;
-    let rows: Vec<orders::OrderRow> =
-        sqlx::query_as("SELECT * FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3")
-            .bind(user.id())
-            .bind(limit)
-            .bind(offset)
-            .fetch_all(&state.pool)
-            .await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE user_id = $1")
-        .bind(user.id())
-        .fetch_one(&state.pool)
-        .await?;
+    // The page and the total in one round trip (clients poll this route); a page past the end
+    // has no row to carry the total, so it is asked for on its own.
+    let mut conn = state.pool.acquire().await?;
+    let rows: Vec<Listed> = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders WHERE user_id = $1) AS total, o.*
+         FROM orders o WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
+    )
+    .bind(user.id())
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&mut *conn)
+    .await?;
+    let total: i64 = match rows.first() {
+        Some(row) => row.total,
+        None => {
+            sqlx::query_scalar("SELECT count(*) FROM orders WHERE user_id = $1")
+                .bind(user.id())
+                .fetch_one(&mut *conn)
+                .await?
+        }
+    };
     let items = rows
         .into_iter()
-        .map(|o| OrderSummary {
+        .map(|Listed { order: o, .. }| OrderSummary {
             order_id: o.id,
             status: o.status,
             reason: o.reason,
@@ -288,6 +298,13 @@ pub async fn list(
         })
         .collect();
     Ok(Json(Page::new(items, params, total)))
+}
+
+#[derive(sqlx::FromRow)]
+struct Listed {
+    total: i64,
+    #[sqlx(flatten)]
+    order: orders::OrderRow,
 }
 
 /// The top 5 products by units in CONFIRMED orders over the last 72 hours. Sales are kept in

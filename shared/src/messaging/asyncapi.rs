@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use utoipa::{PartialSchema, ToSchema, openapi::RefOr, openapi::schema::Schema};
 
 use super::{
-    envelope::{CommandData, Envelope, MessageType, OrderCancelledData, OrderConfirmedData},
+    envelope::{APP_ID, CONTENT_TYPE, CommandData, Envelope, MessageType, OrderCancelledData, OrderConfirmedData},
     topology::{self, QueueSpec},
 };
 
@@ -58,7 +58,7 @@ pub fn document() -> Value {
             "description": INFO,
             "license": {"name": "MIT OR Apache-2.0"},
         },
-        "defaultContentType": "application/json",
+        "defaultContentType": CONTENT_TYPE,
         "servers": {
             "rabbitmq": {
                 "host": "localhost:5672",
@@ -509,7 +509,7 @@ fn message(kind: MessageType) -> Value {
         "name": key,
         "title": title,
         "summary": description,
-        "contentType": "application/json",
+        "contentType": CONTENT_TYPE,
         "correlationId": {
             "description": correlation,
             "location": "$message.payload#/orderId",
@@ -580,7 +580,7 @@ fn amqp_properties() -> Value {
                         headers are the message's `headers`).",
         "required": ["content_type", "delivery_mode", "message_id", "type", "timestamp", "app_id"],
         "properties": {
-            "content_type": { "type": "string", "const": "application/json" },
+            "content_type": { "type": "string", "const": CONTENT_TYPE },
             "delivery_mode": {
                 "type": "integer",
                 "const": 2,
@@ -602,7 +602,7 @@ fn amqp_properties() -> Value {
                 "description": "When the message was written to the outbox, in seconds since the \
                                 Unix epoch.",
             },
-            "app_id": { "type": "string", "const": "orderflow" },
+            "app_id": { "type": "string", "const": APP_ID },
             "correlation_id": {
                 "type": "string",
                 "format": "uuid",

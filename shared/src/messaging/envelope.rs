@@ -52,6 +52,11 @@ impl<T> Envelope<T> {
     }
 }
 
+/// The AMQP `content_type` of every orderflow message.
+pub const CONTENT_TYPE: &str = "application/json";
+/// The AMQP `app_id` of every orderflow message.
+pub const APP_ID: &str = "orderflow";
+
 /// Most orders one command message carries (the relay and the broker handle one message per
 /// batch of orders instead of one per order; larger batches are split into several).
 pub const MAX_ORDERS_PER_COMMAND: usize = 500;
