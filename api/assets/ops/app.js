@@ -140,6 +140,7 @@ function renderTiles(overview) {
     ['tile-stuck', 'stuck-count', number(overview.stuck), overview.stuck > 0],
     ['tile-outbox', 'outbox-unsent', number(overview.outbox.unsent), lag !== null && lag > 5],
     ['tile-dead', 'dead-count', number(overview.deadLetters.new), overview.deadLetters.new > 0],
+    ['tile-parked', 'parked-count', number(overview.outbox.parked), overview.outbox.parked > 0],
   ];
   for (const [tile, testid, value, alert] of tiles) {
     $(tile).classList.toggle('alert', alert);
@@ -306,6 +307,39 @@ function discard(id) {
   });
 }
 
+// --- Parked outbox rows ----------------------------------------------------------------------
+
+function renderParked(page) {
+  const rows = page.items.map((p) => el('tr', { dataset: { testid: `parked-${p.id}`, id: String(p.id) } },
+    el('td', { className: 'num', text: String(p.id) }),
+    el('td', { className: 'mono', text: p.messageType }),
+    el('td', { className: 'mono', text: `${p.exchange || '(default)'} / ${p.routingKey}` }),
+    el('td', { className: 'num', text: number(p.orderIds.length) }),
+    el('td', { text: `${p.lastError || '?'} (×${p.attempts})` }),
+    el('td', { text: p.parkedAt ? `${age(secondsSince(p.parkedAt))} ago` : '–' }),
+    el('td', { className: 'actions' },
+      button('Retry', `retry-parked-${p.id}`, () => retryParked(p.id), 'primary'),
+      button('Discard', `discard-parked-${p.id}`, () => discardParked(p.id), 'danger'))));
+  $('parked-rows').replaceChildren(...rows);
+  $('parked-table').hidden = rows.length === 0;
+  $('parked-empty').hidden = rows.length !== 0;
+}
+
+function retryParked(id) {
+  act('Retry', async () => {
+    const row = await api('POST', `/api/admin/outbox/${id}/retry`);
+    return `Outbox message #${id} (${row.messageType}) goes back to the relay.`;
+  });
+}
+
+function discardParked(id) {
+  if (!window.confirm(`Discard outbox message #${id}? It is never published; its orders are cancelled at their deadline.`)) return;
+  act('Discard', async () => {
+    await api('DELETE', `/api/admin/outbox/${id}`);
+    return `Outbox message #${id} discarded.`;
+  });
+}
+
 // --- Order timeline -------------------------------------------------------------------------
 
 /** Statuses, message hops and dead letters, merged in the order they happened. A hop is placed
@@ -412,6 +446,7 @@ async function refreshAll() {
     }),
     api('GET', `/api/admin/orders?stuck=true&olderThan=${STUCK_AFTER}&size=20`).then(renderStuck),
     api('GET', '/api/admin/dead-letters?status=NEW&size=20').then(renderDeadLetters),
+    api('GET', '/api/admin/outbox/parked?size=20').then(renderParked),
     loadTimeline(),
   ]);
   const failed = results.find((r) => r.status === 'rejected');
