@@ -2,7 +2,8 @@
 //! wait their turn, parked, before their body is read or their token checked. Order
 //! placements (`POST /api/orders`) have a turn of their own and many more of them run at once:
 //! they hold no connection while they wait for their group commit (`crate::accept`), and the
-//! more of them wait together, the larger the batch that shares one transaction.
+//! more of them wait together, the larger the batch that shares one transaction. Requests
+//! that asked to wait (`Prefer: wait`) have a third, large allowance.
 //!
 //! Without it a flood (a flash sale: thousands of connections at once) lets every request
 //! start, and the few that hold a database connection share two cores with thousands of
@@ -31,7 +32,12 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10);
 pub struct Admission {
     general: Arc<Semaphore>,
     placements: Arc<Semaphore>,
+    waiting: Arc<Semaphore>,
 }
+
+/// Requests that asked to wait (`Prefer: wait`) admitted at once: they spend nearly all their
+/// time asleep, holding no connection (`crate::wait`).
+pub const WAITING: usize = 4_096;
 
 impl Admission {
     /// `in_flight` requests at once, and `placements` order placements besides.
@@ -39,13 +45,16 @@ impl Admission {
         Self {
             general: Arc::new(Semaphore::new(in_flight.max(1))),
             placements: Arc::new(Semaphore::new(placements.max(1))),
+            waiting: Arc::new(Semaphore::new(WAITING)),
         }
     }
 }
 
 /// Middleware: runs the request once a permit is free (FIFO), or answers 503.
 pub async fn admit(State(admission): State<Admission>, req: Request, next: Next) -> Response {
-    let permits = if req.method() == axum::http::Method::POST && req.uri().path() == "/api/orders" {
+    let permits = if crate::wait::preferred_wait(req.headers()).is_some() {
+        &admission.waiting
+    } else if req.method() == axum::http::Method::POST && req.uri().path() == "/api/orders" {
         &admission.placements
     } else {
         &admission.general

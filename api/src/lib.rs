@@ -11,6 +11,7 @@ pub mod page;
 pub mod problem;
 pub mod rate_limit;
 pub mod routes;
+pub mod wait;
 
 use std::sync::Arc;
 
@@ -41,6 +42,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Order acceptance, group-committed (needs a tokio runtime when built).
     pub acceptor: accept::Acceptor,
+    /// Requests waiting for an order to move (`Prefer: wait`).
+    pub watcher: wait::Watcher,
     /// Per-user limits of the write routes (`None`: off, RATE_LIMIT_WRITES=0).
     pub rate_limits: Option<Arc<rate_limit::RateLimits>>,
 }
@@ -50,6 +53,7 @@ impl AppState {
         let (secret, _) = config.jwt_secret();
         Self {
             acceptor: accept::Acceptor::start(pool.clone(), config.order_timeout),
+            watcher: wait::Watcher::start(pool.clone()),
             pool,
             keys: Arc::new(Keys::new(secret)),
             rate_limits: rate_limit::from_config(config.rate_limit_writes, config.rate_limit_window),

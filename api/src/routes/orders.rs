@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use axum::{
     Router,
     extract::State,
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -30,6 +30,7 @@ use crate::{
     idempotency::Claim,
     page::{Page, PageParams},
     problem::{ApiResult, Problem},
+    wait::{self, Until},
 };
 
 pub fn router() -> Router<AppState> {
@@ -128,12 +129,20 @@ pub struct PopularProduct {
 }
 
 /// Place an order. It is accepted at once as PENDING and carried through stock, coupon and
-/// payment asynchronously; poll `Location` for its status.
+/// payment asynchronously; poll `Location` for its status, or send `Prefer: wait=N`
+/// (RFC 7240, N seconds, at most 30) to be answered 201 with the whole order as soon as it is
+/// CONFIRMED or CANCELLED, or the usual 202 once N seconds passed.
 #[utoipa::path(post, path = "/api/orders", tag = "orders", security(("bearer" = [])),
-    params(("Idempotency-Key" = String, Header, description = "required; a retry with the same key and body replays the first response")),
+    params(
+        ("Idempotency-Key" = String, Header, description = "required; a retry with the same key and body replays the first response (with `Prefer: wait`, the order as it is now)"),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer up to N seconds (at most 30) until the order is CONFIRMED or CANCELLED"),
+    ),
     request_body = NewOrder,
     responses(
-        (status = 202, body = Accepted, headers(("Location" = String, description = "/api/orders/{id}"))),
+        (status = 201, body = OrderView, description = "with `Prefer: wait`: the order, done within the wait",
+            headers(("Location" = String, description = "/api/orders/{id}"), ("Preference-Applied" = String, description = "wait=N"))),
+        (status = 202, body = Accepted, headers(("Location" = String, description = "/api/orders/{id}"),
+            ("Preference-Applied" = Option<String>, description = "wait=N when the request waited"))),
         (status = 400, description = "IDEMPOTENCY_KEY_REQUIRED, INVALID_ORDER or malformed input", body = Problem, content_type = PROBLEM),
         (status = 401, body = Problem, content_type = PROBLEM),
         (status = 404, description = "PRODUCT_NOT_FOUND", body = Problem, content_type = PROBLEM),
@@ -146,10 +155,12 @@ pub async fn place(
     State(state): State<AppState>,
     user: User,
     key: IdempotencyKey,
+    headers: HeaderMap,
     Json(req): Json<NewOrder>,
 ) -> ApiResult<Response> {
     let key = key.required()?;
     validate(&req)?;
+    let wait = wait::preferred_wait(&headers);
     let request = accept::Request {
         claim: Claim {
             user_id: user.id(),
@@ -162,23 +173,45 @@ pub async fn place(
         // The request's trace (continuing a caller's `traceparent`) becomes the order's trace.
         trace: telemetry::current().unwrap_or_else(TraceParent::new_root),
     };
-    match state.acceptor.accept(request).await? {
-        accept::Accepted::Replay(stored) => Ok(stored.into_response()),
+    let order_id = match state.acceptor.accept(request).await? {
         accept::Accepted::Fresh { order_id, total } => {
             tracing::info!(order_id = %order_id, total, "order accepted");
-            let mut res = (
-                StatusCode::ACCEPTED,
-                Json(Accepted {
-                    order_id,
-                    status: OrderStatus::Pending,
-                }),
-            )
-                .into_response();
-            if let Ok(v) = HeaderValue::from_str(&format!("/api/orders/{order_id}")) {
-                res.headers_mut().insert(header::LOCATION, v);
-            }
-            Ok(res)
+            order_id
         }
+        // A retry answers as the first request did; a retry that waits, with the order as it
+        // is now.
+        accept::Accepted::Replay(stored) => match (wait, stored.response["orderId"].as_str().map(str::parse)) {
+            (Some(_), Some(Ok(order_id))) => order_id,
+            _ => return Ok(stored.into_response()),
+        },
+    };
+    let Some(wait) = wait else {
+        return Ok(accepted(order_id, OrderStatus::Pending, None));
+    };
+    state.watcher.wait(order_id, Until::Terminal, wait).await;
+    let order = view(&state, user, order_id).await?;
+    if !order.status.is_terminal() {
+        return Ok(accepted(order_id, order.status, Some(wait)));
+    }
+    let mut res = (StatusCode::CREATED, Json(order)).into_response();
+    with_location(&mut res, order_id);
+    res.headers_mut().insert("preference-applied", wait::applied(wait));
+    Ok(res)
+}
+
+/// 202 with the order's id, its status and `Location`.
+fn accepted(order_id: Uuid, status: OrderStatus, waited: Option<std::time::Duration>) -> Response {
+    let mut res = (StatusCode::ACCEPTED, Json(Accepted { order_id, status })).into_response();
+    with_location(&mut res, order_id);
+    if let Some(wait) = waited {
+        res.headers_mut().insert("preference-applied", wait::applied(wait));
+    }
+    res
+}
+
+fn with_location(res: &mut Response, order_id: Uuid) {
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/orders/{order_id}")) {
+        res.headers_mut().insert(header::LOCATION, v);
     }
 }
 
@@ -206,14 +239,41 @@ fn validate(req: &NewOrder) -> Result<(), Error> {
 }
 
 /// One of the caller's orders, with its items and status history (another user's order is 404).
+/// With `Prefer: wait=N` (RFC 7240, N seconds, at most 30) the answer waits until the order's
+/// status changes (or N seconds pass); a terminal order is answered at once.
 #[utoipa::path(get, path = "/api/orders/{id}", tag = "orders", security(("bearer" = [])),
-    params(("id" = Uuid, Path)), responses(
-    (status = 200, body = OrderView),
+    params(("id" = Uuid, Path),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer up to N seconds (at most 30) until the status changes")),
+    responses(
+    (status = 200, body = OrderView, headers(("Preference-Applied" = Option<String>, description = "wait=N when the request waited"))),
     (status = 400, body = Problem, content_type = PROBLEM),
     (status = 401, body = Problem, content_type = PROBLEM),
     (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
 ))]
-pub async fn show(State(state): State<AppState>, user: User, Path(id): Path<Uuid>) -> ApiResult<Json<OrderView>> {
+pub async fn show(
+    State(state): State<AppState>,
+    user: User,
+    Path(id): Path<Uuid>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let order = view(&state, user, id).await?;
+    let Some(wait) = wait::preferred_wait(&headers) else {
+        return Ok(Json(order).into_response());
+    };
+    // A terminal order cannot change any more: no reason to hold the answer.
+    let order = if order.status.is_terminal() {
+        order
+    } else {
+        state.watcher.wait(id, Until::Leaves(order.status), wait).await;
+        view(&state, user, id).await?
+    };
+    let mut res = Json(order).into_response();
+    res.headers_mut().insert("preference-applied", wait::applied(wait));
+    Ok(res)
+}
+
+/// One of the user's orders as `GET /api/orders/{id}` shows it; 404 for another user's.
+pub async fn view(state: &AppState, user: User, id: Uuid) -> Result<OrderView, Error> {
     let mut conn = state.pool.acquire().await?;
     let order: Option<orders::OrderRow> = sqlx::query_as("SELECT * FROM orders WHERE id = $1 AND user_id = $2")
         .bind(id)
@@ -228,7 +288,7 @@ pub async fn show(State(state): State<AppState>, user: User, Path(id): Path<Uuid
     .bind(id)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(Json(OrderView {
+    Ok(OrderView {
         order_id: order.id,
         status: order.status,
         reason: order.reason,
@@ -247,7 +307,7 @@ pub async fn show(State(state): State<AppState>, user: User, Path(id): Path<Uuid
         history,
         created_at: order.created_at,
         updated_at: order.updated_at,
-    }))
+    })
 }
 
 /// The caller's orders, newest first.

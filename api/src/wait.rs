@@ -1,0 +1,211 @@
+//! `Prefer: wait=N` (RFC 7240 §4.3): a request may ask the server to hold its answer until the
+//! order it concerns changes status or is done, up to N seconds ([`MAX_WAIT`] at most).
+//!
+//! Waiting requests do not poll the database each: they register with the [`Watcher`] and
+//! sleep. One task per API process checks every watched order in one query per tick
+//! ([`TICK`]), only while someone is waiting, and wakes the requests whose order moved. So a
+//! thousand waiting requests cost one small query per tick and their idle connections, not a
+//! thousand queries.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::http::{HeaderMap, HeaderValue};
+use orderflow_shared::domain::OrderStatus;
+use sqlx::PgPool;
+use tokio::sync::{Notify, oneshot};
+use uuid::Uuid;
+
+/// The longest wait a request may ask for; a larger `wait` is served as this.
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+/// How often the watched orders are checked while someone waits.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// The `wait` preference of a request (RFC 7240): `Prefer: wait=N`, N in whole seconds,
+/// capped at [`MAX_WAIT`]. `None` without one (or with one that is not a number of seconds:
+/// a preference the server does not understand is ignored, §2).
+pub fn preferred_wait(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|pref| {
+            // A preference is `token [ BWS "=" BWS word ] *( OWS ";" [ OWS parameter ] )`.
+            let first = pref.split(';').next()?.trim();
+            let (name, value) = first.split_once('=')?;
+            if !name.trim().eq_ignore_ascii_case("wait") {
+                return None;
+            }
+            value.trim().trim_matches('"').parse::<u64>().ok()
+        })
+        .next()
+        .map(|secs| Duration::from_secs(secs).min(MAX_WAIT))
+}
+
+/// `Preference-Applied: wait=N` for a wait that was honoured (RFC 7240 §3).
+pub fn applied(wait: Duration) -> HeaderValue {
+    HeaderValue::from_str(&format!("wait={}", wait.as_secs())).unwrap_or(HeaderValue::from_static("wait"))
+}
+
+/// What a waiting request waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// The order is in another status than this one.
+    Leaves(OrderStatus),
+    /// The order is CONFIRMED or CANCELLED.
+    Terminal,
+}
+
+impl Until {
+    fn met(self, status: OrderStatus) -> bool {
+        match self {
+            Self::Leaves(from) => status != from,
+            Self::Terminal => status.is_terminal(),
+        }
+    }
+}
+
+struct Waiter {
+    until: Until,
+    wake: oneshot::Sender<()>,
+}
+
+/// Registers waiting requests and wakes them when their order moves (cheap to clone).
+#[derive(Clone)]
+pub struct Watcher {
+    waiting: Arc<Mutex<HashMap<Uuid, Vec<Waiter>>>>,
+    someone: Arc<Notify>,
+}
+
+impl Watcher {
+    /// Starts the checking task on the current tokio runtime; it ends with the last handle.
+    pub fn start(pool: PgPool) -> Self {
+        let watcher = Self {
+            waiting: Arc::default(),
+            someone: Arc::default(),
+        };
+        tokio::spawn(watch(Arc::downgrade(&watcher.waiting), watcher.someone.clone(), pool));
+        watcher
+    }
+
+    /// Waits until `order` meets `until`, or `timeout`. Returns whether it did (the caller
+    /// reads the order again either way).
+    pub async fn wait(&self, order: Uuid, until: Until, timeout: Duration) -> bool {
+        let (wake, woken) = oneshot::channel();
+        {
+            let Ok(mut waiting) = self.waiting.lock() else {
+                return false;
+            };
+            waiting.entry(order).or_default().push(Waiter { until, wake });
+        }
+        self.someone.notify_one();
+        let met = matches!(tokio::time::timeout(timeout, woken).await, Ok(Ok(())));
+        if !met && let Ok(mut waiting) = self.waiting.lock() {
+            // Timed out: forget the waiter (and the order, if it was the last).
+            if let Some(list) = waiting.get_mut(&order) {
+                list.retain(|w| !w.wake.is_closed());
+                if list.is_empty() {
+                    waiting.remove(&order);
+                }
+            }
+        }
+        met
+    }
+}
+
+/// One query per tick for every watched order, while any is watched.
+async fn watch(waiting: std::sync::Weak<Mutex<HashMap<Uuid, Vec<Waiter>>>>, someone: Arc<Notify>, pool: PgPool) {
+    loop {
+        let Some(map) = waiting.upgrade() else {
+            return;
+        };
+        let ids: Vec<Uuid> = match map.lock() {
+            Ok(waiting) => waiting.keys().copied().collect(),
+            Err(_) => return,
+        };
+        drop(map);
+        if ids.is_empty() {
+            // Nobody waits: sleep until someone does (or the next tick, to notice shutdown).
+            let _ = tokio::time::timeout(Duration::from_secs(1), someone.notified()).await;
+            continue;
+        }
+        tokio::time::sleep(TICK).await;
+        let statuses: Vec<(Uuid, String)> = match sqlx::query_as("SELECT id, status FROM orders WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&pool)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(err) => {
+                tracing::debug!(error = %err, "could not check waited-for orders");
+                continue;
+            }
+        };
+        let Some(map) = waiting.upgrade() else {
+            return;
+        };
+        let Ok(mut waiting) = map.lock() else {
+            return;
+        };
+        for (id, status) in statuses {
+            let Some(status) = OrderStatus::parse(&status) else {
+                continue;
+            };
+            if let Some(list) = waiting.get_mut(&id) {
+                let (met, rest): (Vec<Waiter>, Vec<Waiter>) = list.drain(..).partition(|w| w.until.met(status));
+                for waiter in met {
+                    let _ = waiter.wake.send(());
+                }
+                list.extend(rest.into_iter().filter(|w| !w.wake.is_closed()));
+                if list.is_empty() {
+                    waiting.remove(&id);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefer(values: &[&str]) -> Option<Duration> {
+        let mut headers = HeaderMap::new();
+        for v in values {
+            headers.append(
+                "prefer",
+                HeaderValue::from_str(v).unwrap_or(HeaderValue::from_static("")),
+            );
+        }
+        preferred_wait(&headers)
+    }
+
+    #[test]
+    fn the_wait_preference_is_read_as_rfc_7240_writes_it() {
+        assert_eq!(prefer(&["wait=5"]), Some(Duration::from_secs(5)));
+        assert_eq!(prefer(&["respond-async, wait=10"]), Some(Duration::from_secs(10)));
+        assert_eq!(
+            prefer(&["handling=lenient", "Wait = 3 ; x=y"]),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(prefer(&["wait=\"7\""]), Some(Duration::from_secs(7)));
+        assert_eq!(prefer(&["wait=3600"]), Some(MAX_WAIT));
+        assert_eq!(prefer(&["wait=0"]), Some(Duration::ZERO));
+        assert_eq!(prefer(&["wait=soon"]), None);
+        assert_eq!(prefer(&["wait=-1"]), None);
+        assert_eq!(prefer(&["respond-async"]), None);
+        assert_eq!(prefer(&[]), None);
+    }
+
+    #[test]
+    fn a_waiter_is_met_by_a_change_or_an_end() {
+        assert!(Until::Leaves(OrderStatus::Pending).met(OrderStatus::StockReserved));
+        assert!(!Until::Leaves(OrderStatus::Pending).met(OrderStatus::Pending));
+        assert!(Until::Terminal.met(OrderStatus::Cancelled));
+        assert!(!Until::Terminal.met(OrderStatus::Paid));
+    }
+}
