@@ -8,6 +8,7 @@ pub mod openapi;
 pub mod page;
 pub mod problem;
 pub mod routes;
+pub mod views;
 
 use std::sync::Arc;
 

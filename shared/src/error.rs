@@ -16,6 +16,7 @@ pub enum ErrorKind {
     Conflict,
     Gone,
     PayloadTooLarge,
+    UnsupportedMediaType,
     Unprocessable,
 }
 
@@ -29,6 +30,7 @@ impl ErrorKind {
             Self::Conflict => 409,
             Self::Gone => 410,
             Self::PayloadTooLarge => 413,
+            Self::UnsupportedMediaType => 415,
             Self::Unprocessable => 422,
         }
     }
@@ -42,6 +44,7 @@ impl ErrorKind {
             Self::Conflict => "Conflict",
             Self::Gone => "Gone",
             Self::PayloadTooLarge => "Content Too Large",
+            Self::UnsupportedMediaType => "Unsupported Media Type",
             Self::Unprocessable => "Unprocessable Content",
         }
     }

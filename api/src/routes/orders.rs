@@ -11,7 +11,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Error,
     db::{
@@ -32,6 +31,7 @@ use crate::{
     idempotency::{self, Claim, Claimed},
     page::{Page, PageParams},
     problem::{ApiResult, Problem},
+    views::{self, HistoryView, OrderSummary, OrderView},
 };
 
 pub fn router() -> Router<AppState> {
@@ -43,20 +43,26 @@ pub fn router() -> Router<AppState> {
 
 const PROBLEM: &str = "application/problem+json";
 
+/// An order: 1..=50 lines, each product at most once.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewOrder {
-    /// 1..=50 lines, each product at most once.
+    /// 1..=50 lines; a product on two lines is 422 `DUPLICATE_ORDER_LINE`.
+    #[schema(min_items = 1, max_items = 50)]
     pub items: Vec<NewItem>,
-    /// A coupon the caller holds (checked by the coupon worker).
+    /// A coupon the caller holds (checked by the coupon worker: one it does not hold cancels
+    /// the order with COUPON_INVALID).
+    #[schema(minimum = 1)]
     pub coupon_id: Option<i64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewItem {
+    #[schema(minimum = 1)]
     pub product_id: i64,
-    /// 1..=1,000.
+    /// Units, 1..=1,000.
+    #[schema(minimum = 1, maximum = 1000)]
     pub quantity: i32,
 }
 
@@ -66,57 +72,6 @@ pub struct Accepted {
     pub order_id: Uuid,
     #[schema(value_type = OrderStatus)]
     pub status: OrderStatus,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct OrderView {
-    pub order_id: Uuid,
-    #[schema(value_type = OrderStatus)]
-    pub status: OrderStatus,
-    /// Why it was cancelled (OUT_OF_STOCK, COUPON_INVALID, INSUFFICIENT_BALANCE, TIMEOUT,
-    /// PROCESSING_FAILED, ADMIN_CANCELLED).
-    pub reason: Option<String>,
-    pub items: Vec<ItemView>,
-    pub total_amount: i64,
-    pub discount_amount: i64,
-    /// What the order currently holds of the caller's money (0 once refunded).
-    pub paid_amount: i64,
-    pub coupon_id: Option<i64>,
-    pub history: Vec<HistoryView>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ItemView {
-    pub product_id: i64,
-    pub quantity: i32,
-    /// The price when the order was accepted.
-    pub unit_price: i64,
-}
-
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
-pub struct HistoryView {
-    pub status: String,
-    pub reason: Option<String>,
-    pub at: DateTime<Utc>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct OrderSummary {
-    pub order_id: Uuid,
-    #[schema(value_type = OrderStatus)]
-    pub status: OrderStatus,
-    pub reason: Option<String>,
-    pub total_amount: i64,
-    pub discount_amount: i64,
-    pub paid_amount: i64,
-    pub coupon_id: Option<i64>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
@@ -130,17 +85,25 @@ pub struct PopularProduct {
 }
 
 /// Place an order. It is accepted at once as PENDING and carried through stock, coupon and
-/// payment asynchronously; poll `Location` for its status.
-#[utoipa::path(post, path = "/api/orders", tag = "orders", security(("bearer" = [])),
-    params(("Idempotency-Key" = String, Header, description = "required; a retry with the same key and body replays the first response")),
+/// payment asynchronously; poll `Location` (or stream its events) for its status.
+#[utoipa::path(post, path = "/api/orders", operation_id = "placeOrder", tag = "orders", security(("bearer" = [])),
+    params(("Idempotency-Key" = String, Header, pattern = r#"^(?:[!#-~]{1,255}|"[!#-~]{1,255}")$"#,
+        description = "required: 1..=255 visible ASCII characters other than `\"`, optionally in double quotes. \
+                       A retry with the same key and body replays the first response")),
     request_body = NewOrder,
     responses(
-        (status = 202, body = Accepted, headers(("Location" = String, description = "/api/orders/{id}"))),
-        (status = 400, description = "IDEMPOTENCY_KEY_REQUIRED, INVALID_ORDER or malformed input", body = Problem, content_type = PROBLEM),
-        (status = 401, body = Problem, content_type = PROBLEM),
+        (status = 202, description = "accepted as PENDING", body = Accepted,
+            headers(("Location" = String, description = "/api/orders/{orderId}")),
+            links(
+                ("getOrder" = (operation_id = "getOrder", parameters(("id" = "$response.body#/orderId")))),
+                ("streamOrderEvents" = (operation_id = "streamOrderEvents", parameters(("id" = "$response.body#/orderId")))),
+                ("getOrderTimeline" = (operation_id = "getOrderTimeline", parameters(("id" = "$response.body#/orderId")))),
+                ("cancelOrder" = (operation_id = "cancelOrder", parameters(("id" = "$response.body#/orderId")))),
+            )),
+        (status = 400, description = "IDEMPOTENCY_KEY_REQUIRED, INVALID_IDEMPOTENCY_KEY, INVALID_ORDER, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
         (status = 404, description = "PRODUCT_NOT_FOUND", body = Problem, content_type = PROBLEM),
-        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = PROBLEM),
-        (status = 422, description = "IDEMPOTENCY_KEY_REUSED", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE: a request with this key is still being processed", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used with another body; DUPLICATE_ORDER_LINE: a product on two lines", body = Problem, content_type = PROBLEM),
     ))]
 pub async fn place(
     State(state): State<AppState>,
@@ -264,12 +227,14 @@ async fn accept(
     Ok(Claimed::Fresh(res))
 }
 
+/// The rules of the schema (lines, ids, quantities; 400 `INVALID_ORDER`), then the one rule a
+/// schema cannot state: each product at most once (422 `DUPLICATE_ORDER_LINE`, RFC 9110
+/// §15.5.21: well-formed, valid by the schema, and still not processable).
 fn validate(req: &NewOrder) -> Result<(), Error> {
     let invalid = |detail: String| Err(Error::bad_request("INVALID_ORDER", detail));
     if req.items.is_empty() || req.items.len() > MAX_ORDER_LINES {
         return invalid(format!("an order has 1 to {MAX_ORDER_LINES} lines"));
     }
-    let mut seen = HashSet::new();
     for item in &req.items {
         if item.product_id <= 0 {
             return invalid(format!("productId {} is not a valid id", item.product_id));
@@ -277,22 +242,27 @@ fn validate(req: &NewOrder) -> Result<(), Error> {
         if !(1..=MAX_LINE_QUANTITY).contains(&item.quantity) {
             return invalid(format!("quantity must be 1 to {MAX_LINE_QUANTITY}"));
         }
-        if !seen.insert(item.product_id) {
-            return invalid(format!("product {} appears on more than one line", item.product_id));
-        }
     }
     if req.coupon_id.is_some_and(|c| c <= 0) {
         return invalid("couponId is not a valid id".to_owned());
+    }
+    let mut seen = HashSet::new();
+    for item in &req.items {
+        if !seen.insert(item.product_id) {
+            return Err(Error::unprocessable(
+                "DUPLICATE_ORDER_LINE",
+                format!("product {} appears on more than one line", item.product_id),
+            ));
+        }
     }
     Ok(())
 }
 
 /// One of the caller's orders, with its items and status history (another user's order is 404).
-#[utoipa::path(get, path = "/api/orders/{id}", tag = "orders", security(("bearer" = [])),
-    params(("id" = Uuid, Path)), responses(
-    (status = 200, body = OrderView),
-    (status = 400, body = Problem, content_type = PROBLEM),
-    (status = 401, body = Problem, content_type = PROBLEM),
+#[utoipa::path(get, path = "/api/orders/{id}", operation_id = "getOrder", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "the order id")), responses(
+    (status = 200, description = "the order", body = OrderView),
+    (status = 400, description = "INVALID_PATH: the id is not a UUID", body = Problem, content_type = PROBLEM),
     (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn show(State(state): State<AppState>, user: User, Path(id): Path<Uuid>) -> ApiResult<Json<OrderView>> {
@@ -311,32 +281,18 @@ pub async fn show(State(state): State<AppState>, user: User, Path(id): Path<Uuid
     .fetch_all(&mut *conn)
     .await?;
     Ok(Json(OrderView {
-        order_id: order.id,
-        status: order.status,
-        reason: order.reason,
-        items: items
-            .into_iter()
-            .map(|i| ItemView {
-                product_id: i.product_id,
-                quantity: i.quantity,
-                unit_price: i.unit_price,
-            })
-            .collect(),
-        total_amount: order.total_amount,
-        discount_amount: order.discount_amount,
-        paid_amount: order.paid_amount,
-        coupon_id: order.coupon_id,
+        order: OrderSummary::from(&order),
+        items: views::items(items),
         history,
-        created_at: order.created_at,
-        updated_at: order.updated_at,
     }))
 }
 
 /// The caller's orders, newest first.
-#[utoipa::path(get, path = "/api/orders", tag = "orders", security(("bearer" = [])), params(PageParams), responses(
-    (status = 200, body = Page<OrderSummary>),
-    (status = 400, body = Problem, content_type = PROBLEM),
-    (status = 401, body = Problem, content_type = PROBLEM),
+#[utoipa::path(get, path = "/api/orders", operation_id = "listOrders", tag = "orders", security(("bearer" = [])),
+    params(PageParams), responses(
+    (status = 200, description = "a page of the caller's orders", body = Page<OrderSummary>,
+        links(("getOrder" = (operation_id = "getOrder", parameters(("id" = "$response.body#/items/0/orderId")))))),
+    (status = 400, description = "INVALID_PAGE, INVALID_PAGE_SIZE or INVALID_QUERY", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn list(
     State(state): State<AppState>,
@@ -355,27 +311,14 @@ pub async fn list(
         .bind(user.id())
         .fetch_one(&state.pool)
         .await?;
-    let items = rows
-        .into_iter()
-        .map(|o| OrderSummary {
-            order_id: o.id,
-            status: o.status,
-            reason: o.reason,
-            total_amount: o.total_amount,
-            discount_amount: o.discount_amount,
-            paid_amount: o.paid_amount,
-            coupon_id: o.coupon_id,
-            created_at: o.created_at,
-            updated_at: o.updated_at,
-        })
-        .collect();
+    let items = rows.iter().map(OrderSummary::from).collect();
     Ok(Json(Page::new(items, params, total)))
 }
 
 /// The top 5 products by units in CONFIRMED orders over the last 72 hours. Sales are kept in
 /// hourly buckets, so the window's start is rounded down to the hour.
-#[utoipa::path(get, path = "/api/products/popular", tag = "products", responses(
-    (status = 200, body = Vec<PopularProduct>),
+#[utoipa::path(get, path = "/api/products/popular", operation_id = "getPopularProducts", tag = "products", responses(
+    (status = 200, description = "at most 5 products, most units first", body = Vec<PopularProduct>),
 ))]
 pub async fn popular(State(state): State<AppState>) -> ApiResult<Json<Vec<PopularProduct>>> {
     let top: Vec<PopularProduct> = sqlx::query_as(
