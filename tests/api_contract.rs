@@ -145,6 +145,64 @@ async fn an_idempotency_key_may_be_quoted_and_is_the_same_key() {
     app.stop().await;
 }
 
+/// A JSON Schema `integer` is any number with a zero fractional part: `1000.0` and `1e3` are
+/// the amount 1000; `1000.5` is not an integer, and integers beyond ±(2^53 − 1) (RFC 7493
+/// §2.2) are not read at all.
+#[tokio::test]
+async fn integers_are_read_as_json_schema_defines_them() {
+    let app = TestApp::api_only().await;
+    let token = app.token(31);
+    let charge = |body: &'static str| {
+        let (app, token) = (&app, &token);
+        async move {
+            let res = app
+                .http
+                .post(app.url("/api/balance/charge"))
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (res.status(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = charge(r#"{"amount": 1000.0}"#).await;
+    assert_eq!(
+        (status, &body),
+        (StatusCode::OK, &json!({"userId": 31, "balance": 1_000}))
+    );
+    let (status, body) = charge(r#"{"amount": 1e3}"#).await;
+    assert_eq!(
+        (status, &body),
+        (StatusCode::OK, &json!({"userId": 31, "balance": 2_000}))
+    );
+    for bad in [
+        r#"{"amount": 1000.5}"#,
+        r#"{"amount": 9007199254740992}"#,
+        r#"{"amount": 1e16}"#,
+    ] {
+        let (status, body) = charge(bad).await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("INVALID_BODY")),
+            "{bad}"
+        );
+    }
+    // The first rule broken, in the shop's order, for a float-spelled integer too.
+    let (status, body) = charge(r#"{"amount": 123.0}"#).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("INVALID_AMOUNT_UNIT"))
+    );
+    let rows: Vec<i64> = sqlx::query_scalar("SELECT amount FROM balance_ledger WHERE user_id = 31 ORDER BY id")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, [1_000, 1_000]);
+    app.stop().await;
+}
+
 /// What `orderflow` says about a flag or environment variable.
 fn orderflow(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_orderflow"));
@@ -329,7 +387,15 @@ async fn the_openapi_document_states_every_constraint_and_answer() {
     );
     let key = param("/api/orders", "post", "Idempotency-Key");
     assert_eq!(key["pattern"], orderflow_api::extract::IDEMPOTENCY_KEY_PATTERN);
+    assert_eq!(
+        param("/api/orders/{id}", "get", "id")["pattern"],
+        orderflow_api::openapi::UUID_PATTERN
+    );
     let coupon = &doc["components"]["schemas"]["NewCoupon"]["oneOf"];
+    assert_eq!(
+        coupon[0]["properties"]["expiresAt"]["pattern"],
+        orderflow_api::json::DATE_TIME_PATTERN
+    );
     assert_eq!(coupon[0]["properties"]["discountValue"]["maximum"], 1_000_000_000);
     assert_eq!(coupon[1]["properties"]["discountValue"]["maximum"], 100);
     // The duration pattern is the parser's grammar and bound.

@@ -448,7 +448,8 @@ async fn malformed_bodies_are_400_problems_never_500() {
         (Some("nonsense"), b"{\"amount\": 1000}", "INVALID_CONTENT_TYPE"),
         // JSON of the wrong shape or out of range.
         (json_ct, b"{\"amount\": \"1000\"}", "INVALID_BODY"),
-        (json_ct, b"{\"amount\": 1000.0}", "INVALID_BODY"),
+        (json_ct, b"{\"amount\": 1000.5}", "INVALID_BODY"),
+        (json_ct, b"{\"amount\": 1e-3}", "INVALID_BODY"),
         (json_ct, b"{\"amount\": 1e30}", "INVALID_BODY"),
         (json_ct, b"{\"amount\": 99999999999999999999}", "INVALID_BODY"),
         (json_ct, b"{\"amount\": -99999999999999999999}", "INVALID_BODY"),

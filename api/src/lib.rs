@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod extract;
 pub mod idempotency;
+pub mod json;
 pub mod openapi;
 pub mod page;
 pub mod problem;

@@ -76,7 +76,7 @@ use crate::{AppState, problem::Problem, routes};
         routes::ops::overview,
         routes::ops::timeline,
     ),
-    components(schemas(crate::problem::Problem)),
+    components(schemas(crate::problem::Problem, routes::admin::DeadLetterStatusFilter)),
     modifiers(&BearerAuth),
     tags(
         (name = "balance", description = "Balance and its ledger"),
@@ -143,6 +143,9 @@ pub fn document() -> Value {
     DOCUMENT.clone()
 }
 
+/// A UUID as RFC 9562 §4 spells it (hyphenated, either case).
+pub const UUID_PATTERN: &str = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$";
+
 const PROBLEM: &str = "application/problem+json";
 const METHODS: &[&str] = &["get", "put", "post", "delete", "options", "head", "patch", "trace"];
 
@@ -202,6 +205,8 @@ fn complete(doc: &mut Value) {
         components.insert("responses".into(), shared);
     }
     split_new_coupon(doc);
+    sse_events(doc);
+    let uuid_pattern = Value::from(UUID_PATTERN);
 
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
@@ -220,6 +225,28 @@ fn complete(doc: &mut Value) {
                 .get("security")
                 .and_then(Value::as_array)
                 .is_some_and(|s| !s.is_empty());
+            // A path, query or header value is never JSON null, and `format: uuid` is only an
+            // annotation in JSON Schema 2020-12: a pattern makes it a constraint.
+            for param in op
+                .get_mut("parameters")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                let Some(schema) = param.get_mut("schema").and_then(Value::as_object_mut) else {
+                    continue;
+                };
+                if let Some(types) = schema.get_mut("type").and_then(Value::as_array_mut) {
+                    types.retain(|t| t != "null");
+                    if let [only] = types.as_slice() {
+                        let only = only.clone();
+                        schema.insert("type".into(), only);
+                    }
+                }
+                if schema.get("format").and_then(Value::as_str) == Some("uuid") {
+                    schema.entry("pattern").or_insert_with(|| uuid_pattern.clone());
+                }
+            }
             let mut add = Vec::new();
             if has_params || has_body {
                 add.push(("400", "BadRequest"));
@@ -274,6 +301,28 @@ fn complete(doc: &mut Value) {
             }
         }
     }
+}
+
+/// A `text/event-stream` response is a sequence of events: its schema describes one event
+/// (`event`, `id`, `data`; the convention OpenAPI 3.2 names `itemSchema`), whose `data` is a
+/// JSON document of the schema the route names (`contentSchema`).
+fn sse_events(doc: &mut Value) {
+    let Some(content) =
+        doc.pointer_mut("/paths/~1api~1orders~1{id}~1events/get/responses/200/content/text~1event-stream")
+    else {
+        return;
+    };
+    let data = content.get("schema").cloned().unwrap_or(Value::Null);
+    content["schema"] = json!({
+        "description": "one server-sent event (comment lines that keep the connection alive are not events)",
+        "type": "object",
+        "required": ["event", "id", "data"],
+        "properties": {
+            "event": { "type": "string", "const": "status" },
+            "id": { "type": "string", "pattern": "^[0-9]+$", "description": "the status change's sequence number; send it back as Last-Event-ID to resume" },
+            "data": { "type": "string", "contentMediaType": "application/json", "contentSchema": data },
+        },
+    });
 }
 
 /// `discountValue` is 1..=1,000,000,000 won for a FIXED coupon and 1..=100 for a PERCENT one:

@@ -89,12 +89,26 @@ pub fn discount(kind: DiscountType, value: i64, total: i64) -> i64 {
 }
 
 macro_rules! string_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident = $s:literal),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+    ($(#[doc = $doc:literal])* $name:ident { $($variant:ident = $s:literal),+ $(,)? }) => {
+        $(#[doc = $doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         pub enum $name {
             $(#[serde(rename = $s)] $variant),+
         }
+
+        // Written out rather than derived: the derive does not see `serde(rename)` through
+        // this macro and would document the Rust variant names instead of the wire values.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::Type::String)
+                    .description(Some(concat!($($doc, "\n"),*).trim()))
+                    .enum_values(Some([$($s),+]))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
 
         impl $name {
             pub const ALL: &[Self] = &[$(Self::$variant),+];
@@ -204,6 +218,16 @@ mod tests {
             discount(DiscountType::Percent, 33, i64::MAX / 2),
             (i128::from(i64::MAX / 2) * 33 / 100) as i64
         );
+    }
+
+    #[test]
+    fn enums_are_documented_with_their_wire_values() {
+        let schema = serde_json::to_value(<OrderStatus as utoipa::PartialSchema>::schema()).unwrap_or_default();
+        let wire: Vec<String> = OrderStatus::ALL.iter().map(|s| s.as_str().to_owned()).collect();
+        assert_eq!(schema["enum"], serde_json::json!(wire));
+        assert_eq!(schema["type"], "string");
+        let schema = serde_json::to_value(<CancelReason as utoipa::PartialSchema>::schema()).unwrap_or_default();
+        assert_eq!(schema["enum"][0], "OUT_OF_STOCK");
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub struct ChargeRequest {
     /// `AMOUNT_ABOVE_MAXIMUM`; then 409 `BALANCE_LIMIT_EXCEEDED` when the balance would pass
     /// 10,000,000.
     #[schema(example = 10_000, minimum = 1000, maximum = 100000, multiple_of = 10)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub amount: i64,
 }
 

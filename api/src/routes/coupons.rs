@@ -46,21 +46,36 @@ pub struct NewCoupon {
     /// Won for FIXED (1..=1,000,000,000), percent for PERCENT (1..=100); else 400
     /// `INVALID_DISCOUNT`.
     #[schema(minimum = 1, maximum = 1000000000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub discount_value: i64,
     /// How many may ever be issued, 1..=10,000,000 (400 `INVALID_QUANTITY`).
     #[schema(minimum = 1, maximum = 10000000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub quantity: i32,
     /// Issuing starts then (at once when absent).
+    #[schema(
+        pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
+    )]
+    #[serde(default, deserialize_with = "crate::json::opt_date_time")]
     pub issue_starts_at: Option<DateTime<Utc>>,
     /// Issuing ends then (never when absent); must be after `issueStartsAt` (422
     /// `INVALID_ISSUE_WINDOW`).
+    #[schema(
+        pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
+    )]
+    #[serde(default, deserialize_with = "crate::json::opt_date_time")]
     pub issue_ends_at: Option<DateTime<Utc>>,
     /// Issued coupons are usable until then (forever when absent). Must lie in the future and
     /// after `issueStartsAt` (422 `INVALID_EXPIRES_AT`); an expired coupon is no longer issued.
+    #[schema(
+        pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
+    )]
+    #[serde(default, deserialize_with = "crate::json::opt_date_time")]
     pub expires_at: Option<DateTime<Utc>>,
     /// Orders below this total (before discount) cannot use the coupon; whole won,
     /// 0..=1,000,000,000,000 (400 `INVALID_MIN_ORDER_AMOUNT`).
     #[schema(minimum = 0, maximum = 1000000000000.0)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub min_order_amount: Option<i64>,
 }
 

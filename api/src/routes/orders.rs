@@ -52,17 +52,20 @@ pub struct NewOrder {
     pub items: Vec<NewItem>,
     /// A coupon the caller holds (checked by the coupon worker: one it does not hold cancels
     /// the order with COUPON_INVALID).
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub coupon_id: Option<i64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewItem {
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub product_id: i64,
     /// Units, 1..=1,000.
     #[schema(minimum = 1, maximum = 1000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub quantity: i32,
 }
 

@@ -59,9 +59,11 @@ pub struct NewProduct {
     pub name: String,
     /// Whole won, 0..=1,000,000,000 (400 `INVALID_PRICE`).
     #[schema(minimum = 0, maximum = 1000000000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub price: i64,
     /// Units, 0..=1,000,000,000 (400 `INVALID_STOCK`).
     #[schema(minimum = 0, maximum = 1000000000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub stock: i64,
 }
 
@@ -69,6 +71,7 @@ pub struct NewProduct {
 pub struct Restock {
     /// Units to add, 1..=1,000,000 (400 `INVALID_QUANTITY`).
     #[schema(minimum = 1, maximum = 1000000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub quantity: i64,
 }
 
