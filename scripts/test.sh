@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: unit tests and the integration tests against the real
-# PostgreSQL and RabbitMQ. Starts those two first if they are down. Idempotent.
+# PostgreSQL and RabbitMQ, the dashboard's browser test, the API's contract test, then the fault
+# suite. Starts PostgreSQL and RabbitMQ first if they are down. Idempotent.
 #
 #   bash scripts/test.sh             # everything
 #   bash scripts/test.sh coupon      # extra arguments go to `cargo nextest run` (e.g. a filter)
@@ -41,6 +42,12 @@ bash scripts/compose-check.sh
 # Logs in, sees the funnel and a dead letter, replays it, follows the order to a terminal state.
 # Screenshots land in ci-output/.
 bash scripts/browser-test.sh
+
+# --- Contract test: the API against its OpenAPI document ------------------------------------------
+# openapi-spec-validator validates /openapi.json; schemathesis (`--checks all`, seeded, a bounded
+# number of examples per operation) must find 0 failures with an admin token and with a user
+# token. Both tools pinned in tests/contract/requirements.txt. Reports land in ci-output/contract/.
+bash scripts/contract-test.sh
 
 # --- A three-node RabbitMQ cluster (scripts/cluster.sh, its own node names and ports next to the
 # default node): orders complete while the node holding most connections is killed. About 3 min.

@@ -63,8 +63,9 @@ enum Command {
         /// Add `role: "admin"`.
         #[arg(long)]
         admin: bool,
-        /// Seconds until it expires.
-        #[arg(long, default_value_t = 86_400)]
+        /// Seconds until it expires (at most 10 years).
+        #[arg(long, default_value_t = 86_400,
+              value_parser = clap::value_parser!(i64).range(1..=orderflow_shared::auth::MAX_TOKEN_TTL_SECS))]
         ttl: i64,
         /// HS256 secret the system verifies tokens with. Unset: the development secret.
         #[arg(long, env = "JWT_SECRET", hide_env_values = true)]

@@ -134,10 +134,21 @@ async fn charge_rules_refuse_with_exact_codes_and_change_nothing() {
         (10, "AMOUNT_BELOW_MINIMUM"),
         (0, "AMOUNT_BELOW_MINIMUM"),
         (-1_000, "AMOUNT_BELOW_MINIMUM"),
-        (i64::MIN, "AMOUNT_BELOW_MINIMUM"),
+        (-9_007_199_254_740_990, "AMOUNT_BELOW_MINIMUM"),
+        // The first rule broken in the shop's order wins: unit, minimum, maximum.
+        (123, "INVALID_AMOUNT_UNIT"),
+        (999, "INVALID_AMOUNT_UNIT"),
+        (-5, "INVALID_AMOUNT_UNIT"),
+        (100_005, "INVALID_AMOUNT_UNIT"),
+        (9_007_199_254_740_991, "INVALID_AMOUNT_UNIT"),
+        // Integers beyond I-JSON's exact range (RFC 7493 §2.2) are not read at all.
+        (i64::MIN, "INVALID_BODY"),
+        (i64::MAX, "INVALID_BODY"),
+        (9_007_199_254_740_992, "INVALID_BODY"),
         (100_010, "AMOUNT_ABOVE_MAXIMUM"),
         (1_000_000, "AMOUNT_ABOVE_MAXIMUM"),
-        (9_223_372_036_854_775_800, "AMOUNT_ABOVE_MAXIMUM"),
+        (9_007_199_254_740_990, "AMOUNT_ABOVE_MAXIMUM"),
+        (9_223_372_036_854_775_800, "INVALID_BODY"),
     ];
     for (amount, code) in cases {
         let (status, ct, body) = charge(&app, 8, json!(amount)).await;
@@ -170,7 +181,7 @@ async fn the_balance_may_reach_exactly_ten_million_and_no_more() {
 
     // 9,999,000 + 1,010 = 10,000,010: over the cap.
     let (status, ct, body) = charge(&app, 9, json!(1_010)).await;
-    assert_problem(status, &ct, &body, StatusCode::BAD_REQUEST, "BALANCE_LIMIT_EXCEEDED");
+    assert_problem(status, &ct, &body, StatusCode::CONFLICT, "BALANCE_LIMIT_EXCEEDED");
     assert_eq!(db_state(&app, 9).await, (9_999_000, 100, 9_999_000));
 
     // Exactly 10,000,000 is allowed.
@@ -180,7 +191,7 @@ async fn the_balance_may_reach_exactly_ten_million_and_no_more() {
 
     // Full: even the smallest charge is refused, and nothing changes.
     let (status, ct, body) = charge(&app, 9, json!(1_000)).await;
-    assert_problem(status, &ct, &body, StatusCode::BAD_REQUEST, "BALANCE_LIMIT_EXCEEDED");
+    assert_problem(status, &ct, &body, StatusCode::CONFLICT, "BALANCE_LIMIT_EXCEEDED");
     assert_eq!(app.balance(9).await, 10_000_000);
     assert_eq!(db_state(&app, 9).await, (10_000_000, 101, 10_000_000));
     let (_, history) = app.get("/api/balance/history?size=1", &app.token(9)).await;
@@ -253,11 +264,27 @@ async fn history_is_newest_first_and_paginated() {
     assert_eq!(after, [15_000, 10_000, 6_000, 3_000, 1_000]);
     assert_eq!((body["page"].as_i64(), body["size"].as_i64()), (Some(0), Some(20)));
 
-    // Size is capped at 100; zero and malformed values are 400 problems.
-    let (status, body) = app.get("/api/balance/history?size=1000", &token).await;
-    assert_eq!((status, &body["size"]), (StatusCode::OK, &json!(100)), "{body}");
-    let (status, ct, _, body) = send(&app, Method::GET, "/api/balance/history?size=0", &token, None, &[]).await;
-    assert_problem(status, &ct, &body, StatusCode::BAD_REQUEST, "INVALID_PAGE_SIZE");
+    // Size is 1..=100 and page 0..=1,000,000: outside, a 400 problem (never clamped);
+    // malformed values too.
+    for (query, code) in [
+        ("size=0", "INVALID_PAGE_SIZE"),
+        ("size=101", "INVALID_PAGE_SIZE"),
+        ("size=1000", "INVALID_PAGE_SIZE"),
+        ("size=2147483648", "INVALID_PAGE_SIZE"),
+        ("page=1000001", "INVALID_PAGE"),
+        ("page=4294967295&size=100", "INVALID_PAGE"),
+    ] {
+        let (status, ct, _, body) = send(
+            &app,
+            Method::GET,
+            &format!("/api/balance/history?{query}"),
+            &token,
+            None,
+            &[],
+        )
+        .await;
+        assert_problem(status, &ct, &body, StatusCode::BAD_REQUEST, code);
+    }
     for query in ["page=-1", "size=abc", "page=1.5", "page=99999999999999999999"] {
         let (status, ct, _, body) = send(
             &app,
@@ -270,8 +297,8 @@ async fn history_is_newest_first_and_paginated() {
         .await;
         assert_problem(status, &ct, &body, StatusCode::BAD_REQUEST, "INVALID_QUERY");
     }
-    // A far page is simply empty.
-    let (status, body) = app.get("/api/balance/history?page=4294967295&size=100", &token).await;
+    // The farthest page is simply empty.
+    let (status, body) = app.get("/api/balance/history?page=1000000&size=100", &token).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["items"], json!([]));
     app.stop().await;
@@ -365,7 +392,7 @@ async fn an_idempotent_charge_applies_once_and_replays_the_first_response() {
         &key,
     )
     .await;
-    assert_problem(status, &ct, &body, StatusCode::BAD_REQUEST, "BALANCE_LIMIT_EXCEEDED");
+    assert_problem(status, &ct, &body, StatusCode::CONFLICT, "BALANCE_LIMIT_EXCEEDED");
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM idempotency_keys WHERE user_id = 23")
         .fetch_one(&app.pool)
         .await
@@ -503,7 +530,7 @@ async fn simultaneous_charges_near_the_cap_stop_exactly_at_it() {
     let ok = results.iter().filter(|(s, _)| *s == StatusCode::OK).count();
     let refused = results
         .iter()
-        .filter(|(s, b)| *s == StatusCode::BAD_REQUEST && b["code"] == "BALANCE_LIMIT_EXCEEDED")
+        .filter(|(s, b)| *s == StatusCode::CONFLICT && b["code"] == "BALANCE_LIMIT_EXCEEDED")
         .count();
     assert_eq!((ok, refused), (50, 50));
     assert_eq!(app.balance(42).await, 10_000_000);

@@ -283,16 +283,39 @@ async fn bad_credentials_are_401_problems() {
         .unwrap();
     assert_eq!(rows, 0);
 
-    // The auth scheme is case-insensitive (RFC 9110), and a hand-made valid token works.
-    let reply = raw(
-        &app,
-        Method::GET,
-        "/api/balance",
-        &[("authorization", &format!("bearer {valid}"))],
-        None,
-    )
-    .await;
-    assert_eq!(reply.status, StatusCode::OK);
+    // The auth scheme is case-insensitive (RFC 9110 §11.1), and a hand-made valid token works.
+    for scheme in ["bearer", "BEARER", "BeArEr"] {
+        let reply = raw(
+            &app,
+            Method::GET,
+            "/api/balance",
+            &[("authorization", &format!("{scheme} {valid}"))],
+            None,
+        )
+        .await;
+        assert_eq!(
+            (reply.status, &reply.body),
+            (StatusCode::OK, &json!({"userId": 5, "balance": 0})),
+            "{scheme}"
+        );
+    }
+    // Only the scheme: the token itself is still compared exactly, and other schemes fail.
+    for authorization in [
+        format!("BEARER {}", valid.to_uppercase()),
+        format!("Bearers {valid}"),
+        format!("Bear {valid}"),
+        format!("Token {valid}"),
+    ] {
+        let reply = raw(
+            &app,
+            Method::GET,
+            "/api/balance",
+            &[("authorization", &authorization)],
+            None,
+        )
+        .await;
+        assert_problem(&reply, StatusCode::UNAUTHORIZED, "INVALID_TOKEN");
+    }
     let hand = sign(
         Algorithm::HS256,
         &json!({"sub": "8", "exp": exp, "nbf": exp - 7_200, "iat": exp - 7_200}),
@@ -425,7 +448,8 @@ async fn malformed_bodies_are_400_problems_never_500() {
         (Some("nonsense"), b"{\"amount\": 1000}", "INVALID_CONTENT_TYPE"),
         // JSON of the wrong shape or out of range.
         (json_ct, b"{\"amount\": \"1000\"}", "INVALID_BODY"),
-        (json_ct, b"{\"amount\": 1000.0}", "INVALID_BODY"),
+        (json_ct, b"{\"amount\": 1000.5}", "INVALID_BODY"),
+        (json_ct, b"{\"amount\": 1e-3}", "INVALID_BODY"),
         (json_ct, b"{\"amount\": 1e30}", "INVALID_BODY"),
         (json_ct, b"{\"amount\": 99999999999999999999}", "INVALID_BODY"),
         (json_ct, b"{\"amount\": -99999999999999999999}", "INVALID_BODY"),
@@ -449,7 +473,13 @@ async fn malformed_bodies_are_400_problems_never_500() {
             String::from_utf8_lossy(&body),
             reply.body
         );
-        assert_problem(&reply, StatusCode::BAD_REQUEST, code);
+        // A body in another format is 415 Unsupported Media Type (RFC 9110 §15.5.16).
+        let status = if code == "INVALID_CONTENT_TYPE" {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        } else {
+            StatusCode::BAD_REQUEST
+        };
+        assert_problem(&reply, status, code);
     }
     // A charset parameter is fine.
     let (headers, body) = charge(Some("application/json; charset=utf-8"), b"{\"amount\": 1000}");
@@ -524,7 +554,7 @@ async fn malformed_bodies_are_400_problems_never_500() {
         Some(b"{}".to_vec()),
     )
     .await;
-    assert_problem(&reply, StatusCode::BAD_REQUEST, "INVALID_CONTENT_TYPE");
+    assert_problem(&reply, StatusCode::UNSUPPORTED_MEDIA_TYPE, "INVALID_CONTENT_TYPE");
 
     // Out-of-range and non-numeric path and query values.
     for path in [

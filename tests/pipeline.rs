@@ -601,10 +601,11 @@ async fn orders_are_validated_before_anything_is_stored() {
             400,
             "INVALID_ORDER",
         ),
+        // Valid by the schema, refused by the one rule it cannot state.
         (
             json!({"items": [{"productId": product, "quantity": 1}, {"productId": product, "quantity": 2}]}),
-            400,
-            "INVALID_ORDER",
+            422,
+            "DUPLICATE_ORDER_LINE",
         ),
         (
             json!({"items": (0..51).map(|i| json!({"productId": i + 1, "quantity": 1})).collect::<Vec<_>>()}),

@@ -113,6 +113,8 @@ fn same_origin(headers: &HeaderMap) -> bool {
     }
 }
 
+/// The token of `Authorization: Bearer <token>` (RFC 6750 §2.1). The scheme is matched
+/// case-insensitively (RFC 9110 §11.1), so `bearer` and `BEARER` work too.
 fn bearer(headers: &HeaderMap) -> Result<&str, Error> {
     let value = headers
         .get(header::AUTHORIZATION)
@@ -120,15 +122,22 @@ fn bearer(headers: &HeaderMap) -> Result<&str, Error> {
     value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
         .filter(|t| !t.is_empty())
         .ok_or_else(|| Error::unauthorized("INVALID_TOKEN", "the Authorization header is not a bearer token"))
 }
 
-/// The optional `Idempotency-Key` header: 1..=255 visible ASCII characters.
+/// The optional `Idempotency-Key` header: 1..=255 visible ASCII characters other than `"`,
+/// optionally in double quotes (the IETF draft makes the key a structured-field string,
+/// `"..."`; most clients send it bare). Exactly [`IDEMPOTENCY_KEY_PATTERN`]; anything else is a
+/// 400 `INVALID_IDEMPOTENCY_KEY`.
 #[derive(Debug, Clone)]
 pub struct IdempotencyKey(pub Option<String>);
+
+/// [`IdempotencyKey`]'s grammar as an OpenAPI `pattern`.
+pub const IDEMPOTENCY_KEY_PATTERN: &str = r#"^(?:[!#-~]{1,255}|"[!#-~]{1,255}")$"#;
 
 impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = ApiError;
@@ -140,12 +149,16 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
         let key = value
             .to_str()
             .ok()
-            .map(|k| k.trim().trim_matches('"'))
-            .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic()))
+            .map(|k| {
+                k.strip_prefix('"')
+                    .and_then(|k| k.strip_suffix('"'))
+                    .unwrap_or(k)
+            })
+            .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic() && b != b'"'))
             .ok_or_else(|| {
                 Error::bad_request(
                     "INVALID_IDEMPOTENCY_KEY",
-                    "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                    "Idempotency-Key must be 1 to 255 visible ASCII characters other than '\"', optionally in double quotes",
                 )
             })?;
         Ok(Self(Some(key.to_owned())))

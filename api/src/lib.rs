@@ -6,11 +6,13 @@ pub mod admission;
 pub mod asyncapi;
 pub mod extract;
 pub mod idempotency;
+pub mod json;
 pub mod openapi;
 pub mod page;
 pub mod problem;
 pub mod rate_limit;
 pub mod routes;
+pub mod views;
 pub mod wait;
 
 use std::sync::Arc;

@@ -1,38 +1,54 @@
-//! Pagination: `?page=0&size=20`, size capped at 100.
+//! Pagination: `?page=0&size=20` on every listing.
+//!
+//! `page` is zero-based, `0..=`[`MAX_PAGE`]; `size` is `1..=`[`MAX_PAGE_SIZE`]. Anything else
+//! is refused, never clamped: 400 `INVALID_PAGE` or `INVALID_PAGE_SIZE` (and `INVALID_QUERY`
+//! for what is not a whole number at all), exactly as the OpenAPI document says. The offset
+//! `page * size` is at most 10^8, so it can never overflow on its way to SQL.
 
 use orderflow_shared::Error;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 pub const MAX_PAGE_SIZE: u32 = 100;
+/// The deepest page: 100 million rows at the largest size, far past any listing here.
+pub const MAX_PAGE: u32 = 1_000_000;
+pub const DEFAULT_PAGE_SIZE: u32 = 20;
 
+/// `page` and `size`; extracted on its own (`Query<PageParams>`) next to a route's other query
+/// parameters.
 #[derive(Debug, Clone, Copy, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PageParams {
-    /// Zero-based page number.
+    /// Zero-based page number, 0..=1,000,000.
     #[serde(default)]
+    #[param(minimum = 0, maximum = 1_000_000, default = 0)]
     pub page: u32,
-    /// Items per page, 1..=100 (larger values are capped at 100).
+    /// Items per page, 1..=100.
     #[serde(default = "default_size")]
+    #[param(minimum = 1, maximum = 100, default = 20)]
     pub size: u32,
 }
 
 fn default_size() -> u32 {
-    20
+    DEFAULT_PAGE_SIZE
 }
 
 impl PageParams {
-    /// (limit, offset), validated.
+    /// (limit, offset) for SQL, or 400 `INVALID_PAGE_SIZE` / `INVALID_PAGE`.
     pub fn limit_offset(&self) -> Result<(i64, i64), Error> {
-        if self.size == 0 {
-            return Err(Error::bad_request("INVALID_PAGE_SIZE", "size must be at least 1"));
+        if !(1..=MAX_PAGE_SIZE).contains(&self.size) {
+            return Err(Error::bad_request(
+                "INVALID_PAGE_SIZE",
+                format!("size must be 1..={MAX_PAGE_SIZE}"),
+            ));
         }
-        let size = self.size.min(MAX_PAGE_SIZE);
-        Ok((i64::from(size), i64::from(self.page) * i64::from(size)))
-    }
-
-    pub fn size(&self) -> u32 {
-        self.size.clamp(1, MAX_PAGE_SIZE)
+        if self.page > MAX_PAGE {
+            return Err(Error::bad_request(
+                "INVALID_PAGE",
+                format!("page must be 0..={MAX_PAGE}"),
+            ));
+        }
+        Ok((i64::from(self.size), i64::from(self.page) * i64::from(self.size)))
     }
 }
 
@@ -40,7 +56,9 @@ impl PageParams {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
+    /// The page asked for (zero-based).
     pub page: u32,
+    /// The size asked for; `items` has at most this many.
     pub size: u32,
     /// Items across all pages.
     pub total: i64,
@@ -51,8 +69,27 @@ impl<T> Page<T> {
         Self {
             items,
             page: params.page,
-            size: params.size(),
+            size: params.size,
             total,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paging_is_refused_outside_its_bounds_never_clamped() {
+        let lo = |page, size| PageParams { page, size }.limit_offset();
+        assert_eq!(lo(0, 20).ok(), Some((20, 0)));
+        assert_eq!(lo(3, 100).ok(), Some((100, 300)));
+        assert_eq!(lo(MAX_PAGE, MAX_PAGE_SIZE).ok(), Some((100, 100_000_000)));
+        let code = |page, size| lo(page, size).err().and_then(|e| e.code());
+        assert_eq!(code(0, 0), Some("INVALID_PAGE_SIZE"));
+        assert_eq!(code(0, 101), Some("INVALID_PAGE_SIZE"));
+        assert_eq!(code(0, u32::MAX), Some("INVALID_PAGE_SIZE"));
+        assert_eq!(code(MAX_PAGE + 1, 1), Some("INVALID_PAGE"));
+        assert_eq!(code(u32::MAX, 100), Some("INVALID_PAGE"));
     }
 }

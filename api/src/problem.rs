@@ -135,11 +135,15 @@ impl From<JsonRejection> for ApiError {
                 "the request body is larger than this API accepts",
             ));
         }
-        let (code, detail) = match &rejection {
-            JsonRejection::MissingJsonContentType(_) => (
+        // A body in another format is 415 (RFC 9110 §15.5.16), not a malformed request.
+        if let JsonRejection::MissingJsonContentType(_) = rejection {
+            return Self(Error::client(
+                ErrorKind::UnsupportedMediaType,
                 "INVALID_CONTENT_TYPE",
-                "expected a request body with Content-Type: application/json".to_owned(),
-            ),
+                "expected a request body with Content-Type: application/json",
+            ));
+        }
+        let (code, detail) = match &rejection {
             JsonRejection::JsonSyntaxError(e) => (
                 "MALFORMED_JSON",
                 format!("the body is not valid JSON: {}", e.body_text()),

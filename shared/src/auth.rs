@@ -21,6 +21,9 @@ pub struct Principal {
     pub admin: bool,
 }
 
+/// The longest lifetime `orderflow token --ttl` may ask for: 10 years, in seconds.
+pub const MAX_TOKEN_TTL_SECS: i64 = 10 * 366 * 24 * 3600;
+
 #[derive(Clone)]
 pub struct Keys {
     encoding: EncodingKey,
@@ -42,7 +45,9 @@ impl Keys {
         }
     }
 
-    /// Signs a token for `user_id`, valid for `ttl_secs`.
+    /// Signs a token for `user_id`, valid for `ttl_secs` (negative: already expired, for
+    /// tests). `ttl_secs` must lie within +-[`MAX_TOKEN_TTL_SECS`]: `exp` is computed with
+    /// checked arithmetic and never wraps.
     pub fn issue(&self, user_id: i64, admin: bool, ttl_secs: i64) -> Result<String> {
         if user_id <= 0 {
             return Err(Error::bad_request(
@@ -50,9 +55,19 @@ impl Keys {
                 "user id must be a positive integer",
             ));
         }
+        if !(-MAX_TOKEN_TTL_SECS..=MAX_TOKEN_TTL_SECS).contains(&ttl_secs) {
+            return Err(Error::bad_request(
+                "INVALID_TTL",
+                format!("a token lives at most {MAX_TOKEN_TTL_SECS} seconds (10 years)"),
+            ));
+        }
+        let exp = chrono::Utc::now()
+            .timestamp()
+            .checked_add(ttl_secs)
+            .ok_or_else(|| Error::bad_request("INVALID_TTL", "the token's expiry is out of range"))?;
         let claims = Claims {
             sub: user_id.to_string(),
-            exp: chrono::Utc::now().timestamp() + ttl_secs,
+            exp,
             role: admin.then(|| "admin".to_owned()),
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
@@ -123,6 +138,14 @@ mod tests {
             Some("INVALID_TOKEN")
         );
         assert!(keys.issue(0, false, 60).is_err());
+        // A lifetime that would overflow `exp` is refused, never wrapped into the past.
+        for ttl in [i64::MAX, i64::MIN, MAX_TOKEN_TTL_SECS + 1] {
+            assert_eq!(
+                keys.issue(1, false, ttl).err().and_then(|e| e.code()),
+                Some("INVALID_TTL")
+            );
+        }
+        assert!(keys.issue(1, false, MAX_TOKEN_TTL_SECS).is_ok());
         Ok(())
     }
 }

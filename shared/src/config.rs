@@ -3,12 +3,38 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use clap::builder::RangedU64ValueParser;
+
+use crate::Error;
+
 /// The secret used when JWT_SECRET is not set: fine on a laptop, logged as a warning.
 pub const DEV_JWT_SECRET: &str = "orderflow-dev-secret-do-not-use-in-production";
 /// DATABASE_URL when unset (also the default of the tools: audit, bench).
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/orderflow";
 /// AMQP_URL when unset.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// ORDER_TIMEOUT bounds. Below 100 ms every order would time out before its first step; a
+/// day is far past any order's honest processing time (and the deadline message's per-message
+/// TTL stays far below RabbitMQ's limit).
+pub const ORDER_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(24 * 3600));
+/// SWEEP_INTERVAL bounds: a timer period of zero is meaningless (and tokio's `interval` panics
+/// on it); a sweep less often than hourly leaves timed-out orders in flight for too long.
+pub const SWEEP_INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
+/// The longest duration a query string may ask for (`stuckAfter`, `olderThan`): 7 days.
+/// Such a filter only ever compares with the last change of an order still in flight, and an
+/// order is cancelled after ORDER_TIMEOUT (at most a day): a week covers every honest
+/// question and keeps `now() - duration` far inside PostgreSQL's timestamp range.
+pub const MAX_QUERY_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The longest duration any other flag may ask for (`orderflow bench --timeout`, ...): 7 days.
+pub const MAX_DURATION: Duration = MAX_QUERY_DURATION;
+
+/// WORKER_CONCURRENCY at most: permits of a semaphore, each a transaction in flight.
+pub const MAX_WORKER_CONCURRENCY: u64 = 1_024;
+/// WORKER_BATCH at most: deliveries in one transaction's arrays.
+pub const MAX_WORKER_BATCH: u64 = 1_000;
+/// DB_POOL_SIZE at most (PostgreSQL's own default `max_connections` is 100).
+pub const MAX_DB_POOL_SIZE: u64 = 1_000;
 
 #[derive(Clone, clap::Args)]
 pub struct Config {
@@ -39,32 +65,38 @@ pub struct Config {
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
-    /// How long an order may stay in flight before recovery cancels it (e.g. 60s, 500ms).
-    #[arg(long, env = "ORDER_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    /// How long an order may stay in flight before recovery cancels it (e.g. 60s, 500ms);
+    /// 100ms..=24h.
+    #[arg(long, env = "ORDER_TIMEOUT", default_value = "60s", value_parser = parse_order_timeout)]
     pub order_timeout: Duration,
 
-    /// How often the recovery sweep looks for orders past their deadline.
-    #[arg(long, env = "SWEEP_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    /// How often the recovery sweep looks for orders past their deadline; 100ms..=1h.
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "10s", value_parser = parse_sweep_interval)]
     pub sweep_interval: Duration,
 
     /// Unacknowledged deliveries the broker may push to each consumer.
     #[arg(long, env = "PREFETCH", default_value_t = 64)]
     pub prefetch: u16,
 
-    /// Transactions (batches of deliveries) each worker runs at once. Few: a step's batch
-    /// handles every order waiting with a constant number of statements, and concurrent
+    /// Transactions (batches of deliveries) each worker runs at once; 1..=1024. Few: a step's
+    /// batch handles every order waiting with a constant number of statements, and concurrent
     /// batches of one step mostly meet on the same rows (products, buckets); while one
     /// commits, the next one gathers.
-    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 2)]
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 2,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_WORKER_CONCURRENCY))]
     pub worker_concurrency: usize,
 
     /// Deliveries a worker may handle in one transaction when they are already waiting
     /// (1 turns batching off). A batch never waits to fill: at low load it is one delivery.
-    #[arg(long, env = "WORKER_BATCH", default_value_t = 32)]
+    /// 1..=1000.
+    #[arg(long, env = "WORKER_BATCH", default_value_t = 32,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_WORKER_BATCH))]
     pub worker_batch: usize,
 
-    /// Maximum PostgreSQL connections per pool (`all` has two: the API's and the workers').
-    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 16)]
+    /// Maximum PostgreSQL connections per pool (`all` has two: the API's and the workers');
+    /// 1..=1000.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 16,
+          value_parser = RangedU64ValueParser::<u32>::new().range(1..=MAX_DB_POOL_SIZE))]
     pub db_pool_size: u32,
 
     /// Address of a worker process's metrics listener (the API serves /metrics itself).
@@ -157,21 +189,111 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// Parses `250ms`, `60s`, `5m` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
+/// Parses a duration: a whole number without sign or leading zeros, then a unit `ms`, `s`
+/// or `m` (none: seconds), e.g. `250ms`, `60s`, `5m`, `30`. The number is multiplied with
+/// checked arithmetic, and the result must lie within `min..=max`: a number too large for
+/// `u64` or a product that overflows is out of range, never wrapped.
+///
+/// [`duration_pattern`] is the same grammar and bounds as a regular expression.
+pub fn parse_duration_within(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        _ => return Err(format!("invalid duration {s:?}: expected e.g. 500ms, 60s, 5m")),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 60s, 5m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration unit in {s:?}: use ms, s or m")),
+    if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) {
+        return Err(format!("invalid duration {s:?}: expected e.g. 500ms, 60s, 5m"));
+    }
+    let out_of_range = || format!("duration {s:?} is out of range: {}..={}", show(min), show(max));
+    // Only digits are left, so the one way to fail is a number too large for u64.
+    let n: u64 = digits.parse().map_err(|_| out_of_range())?;
+    let ms = n.checked_mul(unit_ms).ok_or_else(out_of_range)?;
+    let duration = Duration::from_millis(ms);
+    if duration < min || duration > max {
+        return Err(out_of_range());
+    }
+    Ok(duration)
+}
+
+/// [`parse_duration_within`] `0..=`[`MAX_DURATION`], surrounding whitespace ignored: for flags.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    parse_duration_within(s.trim(), Duration::ZERO, MAX_DURATION)
+}
+
+/// ORDER_TIMEOUT: [`ORDER_TIMEOUT_RANGE`].
+pub fn parse_order_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration_within(s.trim(), ORDER_TIMEOUT_RANGE.0, ORDER_TIMEOUT_RANGE.1)
+}
+
+/// SWEEP_INTERVAL: [`SWEEP_INTERVAL_RANGE`].
+pub fn parse_sweep_interval(s: &str) -> Result<Duration, String> {
+    parse_duration_within(s.trim(), SWEEP_INTERVAL_RANGE.0, SWEEP_INTERVAL_RANGE.1)
+}
+
+/// A duration from a query string (`stuckAfter`, `olderThan`): exactly the grammar of
+/// [`parse_duration_within`] (no whitespace), `0..=`[`MAX_QUERY_DURATION`]; anything else is a
+/// 400 `INVALID_DURATION`.
+pub fn query_duration(s: &str) -> Result<Duration, Error> {
+    parse_duration_within(s, Duration::ZERO, MAX_QUERY_DURATION).map_err(|e| Error::bad_request("INVALID_DURATION", e))
+}
+
+/// A regular expression (ECMA-262, anchored) that matches exactly the strings
+/// [`parse_duration_within`] accepts with `min` zero and this `max`: for an OpenAPI `pattern`.
+pub fn duration_pattern(max: Duration) -> String {
+    let ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+    format!(
+        "^(?:(?:{})s?|(?:{})ms|(?:{})m)$",
+        up_to(ms / 1_000),
+        up_to(ms),
+        up_to(ms / 60_000)
+    )
+}
+
+/// An alternation matching the decimal numbers `0..=n` without leading zeros.
+fn up_to(n: u64) -> String {
+    let digits: Vec<u8> = n.to_string().bytes().map(|b| b - b'0').collect();
+    let k = digits.len();
+    let mut alternatives = vec!["0".to_owned()];
+    if k >= 2 {
+        // Every number with fewer digits than n.
+        alternatives.push(format!("[1-9][0-9]{{0,{}}}", k - 2));
+    }
+    // Numbers with as many digits as n: n's first i digits, then a smaller digit, then any.
+    for (i, &d) in digits.iter().enumerate() {
+        let low = u8::from(i == 0);
+        if d > low {
+            let class = if d - 1 == low {
+                low.to_string()
+            } else {
+                format!("[{low}-{}]", d - 1)
+            };
+            let prefix: String = digits[..i].iter().map(|d| char::from(b'0' + d)).collect();
+            let rest = k - i - 1;
+            let tail = if rest > 0 {
+                format!("[0-9]{{{rest}}}")
+            } else {
+                String::new()
+            };
+            alternatives.push(format!("{prefix}{class}{tail}"));
+        }
+    }
+    if n > 0 {
+        alternatives.push(n.to_string());
+    }
+    alternatives.join("|")
+}
+
+/// `90s`, `1500ms`, `2m`: the largest unit that shows the duration exactly.
+fn show(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(60_000) && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1_000) {
+        format!("{}s", ms / 1_000)
+    } else {
+        format!("{ms}ms")
     }
 }
 
@@ -187,16 +309,118 @@ pub fn parse_rate_window(s: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration(" 60s "), Ok(Duration::from_secs(60)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert!(parse_duration("2h").is_err());
-        assert!(parse_duration("abc").is_err());
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in [
+            "2h", "abc", "", "s", "-1s", "+1s", "1.5s", "060s", "1 s", "1S", "1sec", "ms",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn durations_never_overflow_or_wrap() {
+        // 307445734561825861 minutes is 2^64 + 44 seconds' worth of milliseconds: the
+        // multiplication used to wrap to 44 s.
+        for huge in [
+            "300000000000s",
+            "18446744073709551615s",
+            "18446744073709551616",
+            "307445734561825861m",
+            "99999999999999999999999999ms",
+            "604801s",
+        ] {
+            let err = query_duration(huge).err().and_then(|e| e.code());
+            assert_eq!(err, Some("INVALID_DURATION"), "{huge}");
+            assert!(parse_duration(huge).is_err(), "{huge}");
+        }
+        assert_eq!(query_duration("604800s").ok(), Some(MAX_QUERY_DURATION));
+        assert_eq!(query_duration("10080m").ok(), Some(MAX_QUERY_DURATION));
+        assert_eq!(query_duration("604800000ms").ok(), Some(MAX_QUERY_DURATION));
+        assert!(query_duration("604800001ms").is_err());
+        assert!(query_duration("10081m").is_err());
+        // No trimming in a query string: the schema's pattern has no room for spaces.
+        assert!(query_duration(" 5s").is_err());
+    }
+
+    #[test]
+    fn config_durations_are_bounded() {
+        assert_eq!(parse_order_timeout("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_order_timeout("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_order_timeout("1440m"), Ok(Duration::from_secs(86_400)));
+        for bad in [
+            "0",
+            "99ms",
+            "1441m",
+            "86401",
+            "18446744073709551615s",
+            "307445734561825861m",
+        ] {
+            let err = parse_order_timeout(bad).unwrap_err();
+            assert!(err.contains("out of range: 100ms..=1440m"), "{bad}: {err}");
+        }
+        assert_eq!(parse_sweep_interval("10s"), Ok(Duration::from_secs(10)));
+        for bad in ["0", "0ms", "61m", "3601s"] {
+            assert!(parse_sweep_interval(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The OpenAPI pattern and the parser agree on every string near every boundary.
+    #[test]
+    fn the_duration_pattern_matches_exactly_what_parses() {
+        for max in [
+            MAX_QUERY_DURATION,
+            Duration::from_secs(1),
+            Duration::from_millis(999),
+            Duration::from_secs(90),
+            Duration::from_secs(100_000),
+            Duration::ZERO,
+        ] {
+            let pattern = duration_pattern(max);
+            let re = regex::Regex::new(&pattern).unwrap();
+            let ms = max.as_millis() as u64;
+            let mut numbers: Vec<String> = vec!["".into(), "00".into(), "01".into(), "007".into()];
+            for base in [
+                0,
+                1,
+                ms / 60_000,
+                ms / 1_000,
+                ms,
+                u64::MAX / 1_000,
+                u64::MAX / 60_000,
+                u64::MAX,
+            ] {
+                for delta in 0..12u64 {
+                    numbers.push(base.saturating_add(delta).to_string());
+                    numbers.push(base.saturating_sub(delta).to_string());
+                }
+                // Same length as base, other digits.
+                numbers.push(base.to_string().replace(|c: char| c != '0', "9"));
+            }
+            numbers.extend((0..2_000u64).map(|n| n.to_string()));
+            numbers.push("18446744073709551616".into());
+            numbers.push("99999999999999999999999".into());
+            for n in &numbers {
+                for unit in ["", "s", "ms", "m", "h", " s", "S"] {
+                    let s = format!("{n}{unit}");
+                    assert_eq!(
+                        re.is_match(&s),
+                        parse_duration_within(&s, Duration::ZERO, max).is_ok(),
+                        "{s:?} against {pattern}"
+                    );
+                }
+            }
+        }
     }
 
     #[derive(clap::Parser)]

@@ -20,7 +20,19 @@ pub const MAX_LINE_QUANTITY: i32 = 1_000;
 pub struct ChargeAmount(i64);
 
 impl ChargeAmount {
+    /// Checks the charge rules in the order the shop lists them (DESIGN.md §4) and reports
+    /// the first one broken: `INVALID_AMOUNT_UNIT` (not a multiple of 10), then
+    /// `AMOUNT_BELOW_MINIMUM` (under 1,000), then `AMOUNT_ABOVE_MAXIMUM` (over 100,000).
+    /// The last rule, the balance cap, needs the balance and is checked by the charge itself
+    /// (409 `BALANCE_LIMIT_EXCEEDED`). So `123` breaks both the unit and the minimum and is
+    /// `INVALID_AMOUNT_UNIT`.
     pub fn parse(amount: i64) -> Result<Self> {
+        if amount % CHARGE_UNIT != 0 {
+            return Err(Error::bad_request(
+                "INVALID_AMOUNT_UNIT",
+                format!("a charge must be a multiple of {CHARGE_UNIT} won"),
+            ));
+        }
         if amount < CHARGE_MIN {
             return Err(Error::bad_request(
                 "AMOUNT_BELOW_MINIMUM",
@@ -31,12 +43,6 @@ impl ChargeAmount {
             return Err(Error::bad_request(
                 "AMOUNT_ABOVE_MAXIMUM",
                 format!("a charge must be at most {CHARGE_MAX} won"),
-            ));
-        }
-        if amount % CHARGE_UNIT != 0 {
-            return Err(Error::bad_request(
-                "INVALID_AMOUNT_UNIT",
-                format!("a charge must be a multiple of {CHARGE_UNIT} won"),
             ));
         }
         Ok(Self(amount))
@@ -86,12 +92,26 @@ pub fn discount(kind: DiscountType, value: i64, total: i64) -> i64 {
 // invisible group, which utoipa's serde-attribute parser skips, so the schema would list the
 // variants' Rust names ("Pending") instead of their serialized names ("PENDING").
 macro_rules! string_enum {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident = $s:tt),+ $(,)? }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+    ($(#[doc = $doc:literal])* $name:ident { $($variant:ident = $s:literal),+ $(,)? }) => {
+        $(#[doc = $doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
         pub enum $name {
             $(#[serde(rename = $s)] $variant),+
         }
+
+        // Written out rather than derived: the derive does not see `serde(rename)` through
+        // this macro and would document the Rust variant names instead of the wire values.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::Type::String)
+                    .description(Some(concat!($($doc, "\n"),*).trim()))
+                    .enum_values(Some([$($s),+]))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
 
         impl $name {
             pub const ALL: &[Self] = &[$(Self::$variant),+];
@@ -173,12 +193,21 @@ mod tests {
         assert_eq!(ChargeAmount::parse(1_000).map(ChargeAmount::get).ok(), Some(1_000));
         assert_eq!(ChargeAmount::parse(100_000).map(ChargeAmount::get).ok(), Some(100_000));
         let code = |n| ChargeAmount::parse(n).err().and_then(|e| e.code());
-        assert_eq!(code(999), Some("AMOUNT_BELOW_MINIMUM"));
+        assert_eq!(code(990), Some("AMOUNT_BELOW_MINIMUM"));
         assert_eq!(code(0), Some("AMOUNT_BELOW_MINIMUM"));
         assert_eq!(code(-1_000), Some("AMOUNT_BELOW_MINIMUM"));
         assert_eq!(code(100_010), Some("AMOUNT_ABOVE_MAXIMUM"));
+        assert_eq!(code(i64::MAX - 7), Some("AMOUNT_ABOVE_MAXIMUM"));
         assert_eq!(code(1_005), Some("INVALID_AMOUNT_UNIT"));
-        assert_eq!(code(i64::MAX), Some("AMOUNT_ABOVE_MAXIMUM"));
+        // The first broken rule in the shop's order wins: unit, minimum, maximum.
+        assert_eq!(code(123), Some("INVALID_AMOUNT_UNIT"));
+        assert_eq!(code(999), Some("INVALID_AMOUNT_UNIT"));
+        assert_eq!(code(1), Some("INVALID_AMOUNT_UNIT"));
+        assert_eq!(code(-5), Some("INVALID_AMOUNT_UNIT"));
+        assert_eq!(code(100_001), Some("INVALID_AMOUNT_UNIT"));
+        assert_eq!(code(i64::MAX), Some("INVALID_AMOUNT_UNIT"));
+        assert_eq!(code(i64::MIN), Some("INVALID_AMOUNT_UNIT"));
+        assert_eq!(code(i64::MIN + 8), Some("AMOUNT_BELOW_MINIMUM"));
     }
 
     #[test]
@@ -195,25 +224,13 @@ mod tests {
     }
 
     #[test]
-    fn schemas_list_the_serialized_names() {
-        use utoipa::PartialSchema;
-        fn names(schema: utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>) -> serde_json::Value {
-            serde_json::to_value(schema).unwrap_or_default()["enum"].clone()
-        }
-        let all = |v: &[&str]| serde_json::json!(v);
-        assert_eq!(
-            names(OrderStatus::schema()),
-            all(&OrderStatus::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>())
-        );
-        assert_eq!(
-            names(CancelReason::schema()),
-            all(&CancelReason::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>())
-        );
-        assert_eq!(
-            names(LedgerKind::schema()),
-            all(&LedgerKind::ALL.iter().map(|s| s.as_str()).collect::<Vec<_>>())
-        );
-        assert_eq!(names(DiscountType::schema()), all(&["FIXED", "PERCENT"]));
+    fn enums_are_documented_with_their_wire_values() {
+        let schema = serde_json::to_value(<OrderStatus as utoipa::PartialSchema>::schema()).unwrap_or_default();
+        let wire: Vec<String> = OrderStatus::ALL.iter().map(|s| s.as_str().to_owned()).collect();
+        assert_eq!(schema["enum"], serde_json::json!(wire));
+        assert_eq!(schema["type"], "string");
+        let schema = serde_json::to_value(<CancelReason as utoipa::PartialSchema>::schema()).unwrap_or_default();
+        assert_eq!(schema["enum"][0], "OUT_OF_STOCK");
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub enum ErrorKind {
     Conflict,
     Gone,
     PayloadTooLarge,
+    UnsupportedMediaType,
     Unprocessable,
     /// A dependency other than the database (the broker) cannot be asked now.
     ServiceUnavailable,
@@ -31,6 +32,7 @@ impl ErrorKind {
             Self::Conflict => 409,
             Self::Gone => 410,
             Self::PayloadTooLarge => 413,
+            Self::UnsupportedMediaType => 415,
             Self::Unprocessable => 422,
             Self::ServiceUnavailable => 503,
         }
@@ -45,6 +47,7 @@ impl ErrorKind {
             Self::Conflict => "Conflict",
             Self::Gone => "Gone",
             Self::PayloadTooLarge => "Content Too Large",
+            Self::UnsupportedMediaType => "Unsupported Media Type",
             Self::Unprocessable => "Unprocessable Content",
             Self::ServiceUnavailable => "Service Unavailable",
         }

@@ -10,7 +10,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Error,
-    config::parse_duration,
+    config::query_duration,
     db::{
         orders::{self, OrderRow},
         outbox::{self, Replay},
@@ -30,6 +30,7 @@ use crate::{
     extract::{Admin, Json, Path, Query},
     page::{Page, PageParams},
     problem::{ApiResult, Problem},
+    views::AdminOrder,
 };
 
 pub fn router() -> Router<AppState> {
@@ -50,80 +51,41 @@ pub fn router() -> Router<AppState> {
 
 const PROBLEM: &str = "application/problem+json";
 
+/// The filters of `GET /api/admin/orders` (paging is [`PageParams`]).
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct OrderFilter {
-    /// Only orders in this state (e.g. PENDING, CANCELLING, COMPENSATION_FAILED).
+    /// Only orders in this state.
+    #[param(value_type = Option<OrderStatus>)]
     pub status: Option<String>,
-    /// Only orders last changed longer ago than this (e.g. 30s, 5m).
+    /// Only orders last changed longer ago than this: a whole number and a unit `ms`, `s` or
+    /// `m` (none: seconds), e.g. `30s`, `5m`; at most 7 days. Out of range or malformed: 400
+    /// `INVALID_DURATION`.
+    #[param(schema_with = crate::openapi::query_duration_schema)]
     pub older_than: Option<String>,
     /// Only orders still in flight (not CONFIRMED or CANCELLED).
     #[serde(default)]
     pub stuck: bool,
-    #[serde(default)]
-    pub page: u32,
-    #[serde(default = "default_size")]
-    pub size: u32,
-}
-
-fn default_size() -> u32 {
-    20
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct AdminOrder {
-    pub order_id: Uuid,
-    pub user_id: i64,
-    #[schema(value_type = OrderStatus)]
-    pub status: OrderStatus,
-    pub reason: Option<String>,
-    pub total_amount: i64,
-    pub paid_amount: i64,
-    pub stock_held: bool,
-    pub coupon_held: bool,
-    pub coupon_id: Option<i64>,
-    pub deadline_at: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl From<OrderRow> for AdminOrder {
-    fn from(o: OrderRow) -> Self {
-        Self {
-            order_id: o.id,
-            user_id: o.user_id,
-            status: o.status,
-            reason: o.reason,
-            total_amount: o.total_amount,
-            paid_amount: o.paid_amount,
-            stock_held: o.stock_held,
-            coupon_held: o.coupon_held,
-            coupon_id: o.coupon_id,
-            deadline_at: o.deadline_at,
-            created_at: o.created_at,
-            updated_at: o.updated_at,
-        }
-    }
 }
 
 /// Orders by state and age, oldest change first: where to look for stuck ones.
-#[utoipa::path(get, path = "/api/admin/orders", tag = "admin", security(("bearer" = [])), params(OrderFilter), responses(
-    (status = 200, body = Page<AdminOrder>),
-    (status = 400, body = Problem, content_type = PROBLEM),
-    (status = 401, body = Problem, content_type = PROBLEM),
-    (status = 403, body = Problem, content_type = PROBLEM),
+#[utoipa::path(get, path = "/api/admin/orders", operation_id = "listAdminOrders", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])), params(OrderFilter, PageParams), responses(
+    (status = 200, description = "a page of orders", body = Page<AdminOrder>,
+        links(
+            ("getOrderTimeline" = (operation_id = "getOrderTimeline", parameters(("id" = "$response.body#/items/0/orderId")))),
+            ("cancelOrder" = (operation_id = "cancelOrder", parameters(("id" = "$response.body#/items/0/orderId")))),
+            ("retryCompensation" = (operation_id = "retryCompensation", parameters(("id" = "$response.body#/items/0/orderId")))),
+        )),
+    (status = 400, description = "INVALID_STATUS, INVALID_DURATION, INVALID_PAGE, INVALID_PAGE_SIZE or INVALID_QUERY", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn list_orders(
     State(state): State<AppState>,
     _admin: Admin,
     Query(filter): Query<OrderFilter>,
+    Query(page): Query<PageParams>,
 ) -> ApiResult<Json<Page<AdminOrder>>> {
-    let page = PageParams {
-        page: filter.page,
-        size: filter.size,
-    };
     let (limit, offset) = page.limit_offset()?;
     let status = match filter.status.as_deref() {
         Some(s) => Some(
@@ -133,12 +95,9 @@ pub async fn list_orders(
         ),
         None => None,
     };
+    // At most 7 days in milliseconds: exact in an f64, and far inside PostgreSQL's range.
     let older_ms = match filter.older_than.as_deref() {
-        Some(d) => Some(
-            parse_duration(d)
-                .map_err(|e| Error::bad_request("INVALID_DURATION", e))?
-                .as_millis() as f64,
-        ),
+        Some(d) => Some(query_duration(d)?.as_millis() as f64),
         None => None,
     };
     const WHERE: &str = "($1::text IS NULL OR status = $1)
@@ -163,7 +122,7 @@ pub async fn list_orders(
     .fetch_one(&state.pool)
     .await?;
     Ok(Json(Page::new(
-        rows.into_iter().map(AdminOrder::from).collect(),
+        rows.iter().map(AdminOrder::from).collect(),
         page,
         total,
     )))
@@ -179,11 +138,12 @@ pub struct OrderAction {
 
 /// Cancel an in-flight order (ADMIN_CANCELLED); its compensations run as for any failure.
 /// The answer is CANCELLING, or CANCELLED at once when the order held nothing yet.
-#[utoipa::path(post, path = "/api/admin/orders/{id}/cancel", tag = "admin", security(("bearer" = [])),
-    params(("id" = Uuid, Path)), responses(
-    (status = 202, body = OrderAction),
-    (status = 401, body = Problem, content_type = PROBLEM),
-    (status = 403, body = Problem, content_type = PROBLEM),
+#[utoipa::path(post, path = "/api/admin/orders/{id}/cancel", operation_id = "cancelOrder", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
+    params(("id" = Uuid, Path, description = "the order id")), responses(
+    (status = 202, description = "moved to CANCELLING (or CANCELLED at once when it held nothing)", body = OrderAction,
+        links(("getOrderTimeline" = (operation_id = "getOrderTimeline", parameters(("id" = "$request.path.id")))))),
+    (status = 400, description = "INVALID_PATH: the id is not a UUID", body = Problem, content_type = PROBLEM),
     (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
     (status = 409, description = "ORDER_NOT_CANCELLABLE: already confirmed, cancelled or cancelling", body = Problem, content_type = PROBLEM),
 ))]
@@ -208,11 +168,11 @@ pub async fn cancel_order(
 }
 
 /// Retry the compensations of an order parked as COMPENSATION_FAILED.
-#[utoipa::path(post, path = "/api/admin/orders/{id}/retry", tag = "admin", security(("bearer" = [])),
-    params(("id" = Uuid, Path)), responses(
-    (status = 202, body = OrderAction),
-    (status = 401, body = Problem, content_type = PROBLEM),
-    (status = 403, body = Problem, content_type = PROBLEM),
+#[utoipa::path(post, path = "/api/admin/orders/{id}/retry", operation_id = "retryCompensation", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
+    params(("id" = Uuid, Path, description = "the order id")), responses(
+    (status = 202, description = "moved back to CANCELLING; the compensations it still needs are sent again", body = OrderAction),
+    (status = 400, description = "INVALID_PATH: the id is not a UUID", body = Problem, content_type = PROBLEM),
     (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
     (status = 409, description = "ORDER_NOT_RETRYABLE: not COMPENSATION_FAILED", body = Problem, content_type = PROBLEM),
 ))]
@@ -263,15 +223,23 @@ async fn not_actionable(
     }
 }
 
+/// The filter of `GET /api/admin/dead-letters` (paging is [`PageParams`]).
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct DeadLetterFilter {
-    /// NEW (default), REPLAYED, DISCARDED or ALL.
+    /// Which dead letters: NEW (the default), REPLAYED, DISCARDED or ALL.
+    #[param(value_type = Option<DeadLetterStatusFilter>)]
     pub status: Option<String>,
-    #[serde(default)]
-    pub page: u32,
-    #[serde(default = "default_size")]
-    pub size: u32,
+}
+
+/// The values of `status` in `GET /api/admin/dead-letters`.
+#[derive(Debug, ToSchema)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum DeadLetterStatusFilter {
+    NEW,
+    REPLAYED,
+    DISCARDED,
+    ALL,
 }
 
 #[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
@@ -315,21 +283,22 @@ impl DeadLetterView {
 }
 
 /// Dead letters, newest first.
-#[utoipa::path(get, path = "/api/admin/dead-letters", tag = "admin", security(("bearer" = [])), params(DeadLetterFilter), responses(
-    (status = 200, body = Page<DeadLetterView>),
-    (status = 400, body = Problem, content_type = PROBLEM),
-    (status = 401, body = Problem, content_type = PROBLEM),
-    (status = 403, body = Problem, content_type = PROBLEM),
+#[utoipa::path(get, path = "/api/admin/dead-letters", operation_id = "listDeadLetters", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])), params(DeadLetterFilter, PageParams), responses(
+    (status = 200, description = "a page of dead letters", body = Page<DeadLetterView>,
+        links(
+            ("getDeadLetter" = (operation_id = "getDeadLetter", parameters(("id" = "$response.body#/items/0/id")))),
+            ("replayDeadLetter" = (operation_id = "replayDeadLetter", parameters(("id" = "$response.body#/items/0/id")))),
+            ("discardDeadLetter" = (operation_id = "discardDeadLetter", parameters(("id" = "$response.body#/items/0/id")))),
+        )),
+    (status = 400, description = "INVALID_STATUS, INVALID_PAGE, INVALID_PAGE_SIZE or INVALID_QUERY", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn list_dead_letters(
     State(state): State<AppState>,
     _admin: Admin,
     Query(filter): Query<DeadLetterFilter>,
+    Query(page): Query<PageParams>,
 ) -> ApiResult<Json<Page<DeadLetterView>>> {
-    let page = PageParams {
-        page: filter.page,
-        size: filter.size,
-    };
     let (limit, offset) = page.limit_offset()?;
     let status = match filter.status.as_deref().unwrap_or("NEW") {
         "ALL" => None,
@@ -373,11 +342,11 @@ async fn find_dead_letter(conn: &mut sqlx::PgConnection, id: i64, lock: bool) ->
 }
 
 /// One dead letter with its headers and body.
-#[utoipa::path(get, path = "/api/admin/dead-letters/{id}", tag = "admin", security(("bearer" = [])),
-    params(("id" = i64, Path)), responses(
-    (status = 200, body = DeadLetterView),
-    (status = 401, body = Problem, content_type = PROBLEM),
-    (status = 403, body = Problem, content_type = PROBLEM),
+#[utoipa::path(get, path = "/api/admin/dead-letters/{id}", operation_id = "getDeadLetter", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
+    params(("id" = i64, Path, minimum = 1, description = "the dead letter's id")), responses(
+    (status = 200, description = "the dead letter", body = DeadLetterView),
+    (status = 400, description = "INVALID_PATH: the id is not a whole number within int64", body = Problem, content_type = PROBLEM),
     (status = 404, description = "DEAD_LETTER_NOT_FOUND", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn show_dead_letter(
@@ -392,12 +361,13 @@ pub async fn show_dead_letter(
 /// Publish a dead letter again to the queue it died in (through the default exchange, so it
 /// reaches that queue whatever exchange first carried it), with its original message id and
 /// body bytes (consumers' inboxes keep the replay idempotent). Only a NEW dead letter whose
-/// destination exists now can be replayed: the broker is asked when the operator asks.
-#[utoipa::path(post, path = "/api/admin/dead-letters/{id}/replay", tag = "admin", security(("bearer" = [])),
-    params(("id" = i64, Path)), responses(
-    (status = 202, body = DeadLetterView),
-    (status = 401, body = Problem, content_type = PROBLEM),
-    (status = 403, body = Problem, content_type = PROBLEM),
+/// body is JSON and whose destination exists now can be replayed: the broker is asked when
+/// the operator asks.
+#[utoipa::path(post, path = "/api/admin/dead-letters/{id}/replay", operation_id = "replayDeadLetter", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
+    params(("id" = i64, Path, minimum = 1, description = "the dead letter's id")), responses(
+    (status = 202, description = "published again (through the outbox); the dead letter is now REPLAYED", body = DeadLetterView),
+    (status = 400, description = "INVALID_PATH: the id is not a whole number within int64", body = Problem, content_type = PROBLEM),
     (status = 404, description = "DEAD_LETTER_NOT_FOUND", body = Problem, content_type = PROBLEM),
     (status = 409, description = "DEAD_LETTER_RESOLVED, or DEAD_LETTER_NOT_REPLAYABLE: its queue (or exchange) does not exist or does not route its routing key", body = Problem, content_type = PROBLEM),
     (status = 503, description = "BROKER_UNAVAILABLE: the broker could not be asked", body = Problem, content_type = PROBLEM),
@@ -495,11 +465,11 @@ async fn destination(state: &AppState, letter: &DeadLetterView) -> Result<(Strin
 }
 
 /// Discard a dead letter (kept, marked DISCARDED, for the record).
-#[utoipa::path(delete, path = "/api/admin/dead-letters/{id}", tag = "admin", security(("bearer" = [])),
-    params(("id" = i64, Path)), responses(
-    (status = 204, description = "discarded"),
-    (status = 401, body = Problem, content_type = PROBLEM),
-    (status = 403, body = Problem, content_type = PROBLEM),
+#[utoipa::path(delete, path = "/api/admin/dead-letters/{id}", operation_id = "discardDeadLetter", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
+    params(("id" = i64, Path, minimum = 1, description = "the dead letter's id")), responses(
+    (status = 204, description = "discarded (kept, marked DISCARDED)"),
+    (status = 400, description = "INVALID_PATH: the id is not a whole number within int64", body = Problem, content_type = PROBLEM),
     (status = 404, description = "DEAD_LETTER_NOT_FOUND", body = Problem, content_type = PROBLEM),
     (status = 409, description = "DEAD_LETTER_RESOLVED", body = Problem, content_type = PROBLEM),
 ))]

@@ -25,6 +25,8 @@ use crate::{
     problem::{ApiResult, Problem},
 };
 
+const PROBLEM: &str = "application/problem+json";
+
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/balance", get(get_balance))
@@ -42,8 +44,12 @@ pub struct BalanceView {
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ChargeRequest {
-    /// Whole won: a multiple of 10 within 1,000..=100,000.
-    #[schema(example = 10_000)]
+    /// Whole won: a multiple of 10 within 1,000..=100,000. The first rule broken, in this
+    /// order, is the answer: 400 `INVALID_AMOUNT_UNIT`, `AMOUNT_BELOW_MINIMUM`,
+    /// `AMOUNT_ABOVE_MAXIMUM`; then 409 `BALANCE_LIMIT_EXCEEDED` when the balance would pass
+    /// 10,000,000.
+    #[schema(example = 10_000, minimum = 1000, maximum = 100000, multiple_of = 10)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub amount: i64,
 }
 
@@ -60,9 +66,8 @@ pub struct LedgerEntry {
 }
 
 /// The caller's balance (0 for a user never seen).
-#[utoipa::path(get, path = "/api/balance", tag = "balance", security(("bearer" = [])), responses(
-    (status = 200, body = BalanceView),
-    (status = 401, body = Problem, content_type = "application/problem+json"),
+#[utoipa::path(get, path = "/api/balance", operation_id = "getBalance", tag = "balance", security(("bearer" = [])), responses(
+    (status = 200, description = "the caller's balance", body = BalanceView),
 ))]
 pub async fn get_balance(State(state): State<AppState>, user: User) -> ApiResult<Json<BalanceView>> {
     let balance: Option<i64> = sqlx::query_scalar("SELECT balance FROM balances WHERE user_id = $1")
@@ -77,17 +82,16 @@ pub async fn get_balance(State(state): State<AppState>, user: User) -> ApiResult
 
 /// Charges the caller's balance. With an `Idempotency-Key`, a retried charge applies once and
 /// replays the first response.
-#[utoipa::path(post, path = "/api/balance/charge", tag = "balance", security(("bearer" = [])),
-    params(("Idempotency-Key" = Option<String>, Header, description = "makes a retried charge apply once")),
+#[utoipa::path(post, path = "/api/balance/charge", operation_id = "chargeBalance", tag = "balance", security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, pattern = r#"^(?:[!#-~]{1,255}|"[!#-~]{1,255}")$"#,
+        description = "optional: 1..=255 visible ASCII characters other than `\"`, optionally in double quotes; \
+                       makes a retried charge apply once")),
     request_body = ChargeRequest,
     responses(
-        (status = 200, body = BalanceView),
-        (status = 400, description = "INVALID_AMOUNT_UNIT, AMOUNT_BELOW_MINIMUM, AMOUNT_ABOVE_MAXIMUM, BALANCE_LIMIT_EXCEEDED or malformed input", body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "IDEMPOTENCY_KEY_REUSED", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "RATE_LIMITED: over the per-user limit of this route (RATE_LIMIT_WRITES per RATE_LIMIT_WINDOW)", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "whole seconds until a request is accepted again"), ("RateLimit-Policy" = String, description = "draft-ietf-httpapi-ratelimit-headers-10, e.g. \"orders\";q=100;w=10"), ("RateLimit" = String, description = "e.g. \"orders\";r=0;t=3"))),
+        (status = 200, description = "charged; the new balance", body = BalanceView),
+        (status = 400, description = "INVALID_AMOUNT_UNIT, AMOUNT_BELOW_MINIMUM, AMOUNT_ABOVE_MAXIMUM (the first rule broken, in that order), INVALID_IDEMPOTENCY_KEY, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "BALANCE_LIMIT_EXCEEDED: the balance would pass 10,000,000; IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used with another amount", body = Problem, content_type = PROBLEM),
     ))]
 pub async fn charge(
     State(state): State<AppState>,
@@ -135,8 +139,10 @@ async fn apply_charge(conn: &mut PgConnection, user_id: i64, amount: ChargeAmoun
     .bind(BALANCE_MAX)
     .fetch_optional(&mut *conn)
     .await?;
+    // A conflict with the balance as it is (RFC 9110 §15.5.10), not a malformed request: the
+    // same charge succeeds once the balance has been spent down.
     let balance = balance.ok_or_else(|| {
-        Error::bad_request(
+        Error::conflict(
             "BALANCE_LIMIT_EXCEEDED",
             format!("the balance may not exceed {BALANCE_MAX} won"),
         )
@@ -151,12 +157,11 @@ async fn apply_charge(conn: &mut PgConnection, user_id: i64, amount: ChargeAmoun
 }
 
 /// The caller's ledger, newest first.
-#[utoipa::path(get, path = "/api/balance/history", tag = "balance", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/balance/history", operation_id = "listBalanceHistory", tag = "balance", security(("bearer" = [])),
     params(PageParams),
     responses(
-        (status = 200, body = Page<LedgerEntry>),
-        (status = 400, body = Problem, content_type = "application/problem+json"),
-        (status = 401, body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "a page of the caller's ledger", body = Page<LedgerEntry>),
+        (status = 400, description = "INVALID_PAGE, INVALID_PAGE_SIZE or INVALID_QUERY", body = Problem, content_type = PROBLEM),
     ))]
 pub async fn history(
     State(state): State<AppState>,

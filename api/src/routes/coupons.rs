@@ -29,21 +29,53 @@ pub fn router() -> Router<AppState> {
         .route("/api/coupons/{coupon_id}/issue", post(issue))
 }
 
+/// A new coupon. In the OpenAPI document this schema is split by `discountType` into two
+/// (`oneOf`), so that `discountValue`'s range can differ: 1..=1,000,000,000 won for FIXED,
+/// 1..=100 for PERCENT (see `openapi::split_new_coupon`). `name` is stored trimmed.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewCoupon {
+    /// 1..=200 characters, no control characters, not blank (400 `INVALID_NAME`).
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub name: String,
     pub discount_type: DiscountType,
-    /// Won for FIXED, 1..=100 for PERCENT.
+    /// Won for FIXED (1..=1,000,000,000), percent for PERCENT (1..=100); else 400
+    /// `INVALID_DISCOUNT`.
+    #[schema(minimum = 1, maximum = 1000000000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub discount_value: i64,
-    /// How many may ever be issued.
+    /// How many may ever be issued, 1..=10,000,000 (400 `INVALID_QUANTITY`).
+    #[schema(minimum = 1, maximum = 10000000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub quantity: i32,
+    /// Issuing starts then (at once when absent).
+    #[schema(
+        pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
+    )]
+    #[serde(default, deserialize_with = "crate::json::opt_date_time")]
     pub issue_starts_at: Option<DateTime<Utc>>,
+    /// Issuing ends then (never when absent); must be after `issueStartsAt` (422
+    /// `INVALID_ISSUE_WINDOW`).
+    #[schema(
+        pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
+    )]
+    #[serde(default, deserialize_with = "crate::json::opt_date_time")]
     pub issue_ends_at: Option<DateTime<Utc>>,
     /// Issued coupons are usable until then (forever when absent). Must lie in the future and
-    /// after `issueStartsAt`; an expired coupon is no longer issued.
+    /// after `issueStartsAt` (422 `INVALID_EXPIRES_AT`); an expired coupon is no longer issued.
+    #[schema(
+        pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
+    )]
+    #[serde(default, deserialize_with = "crate::json::opt_date_time")]
     pub expires_at: Option<DateTime<Utc>>,
-    /// Orders below this total (before discount) cannot use the coupon.
+    /// Orders below this total (before discount) cannot use the coupon; whole won,
+    /// 0..=1,000,000,000,000 (400 `INVALID_MIN_ORDER_AMOUNT`).
+    #[schema(minimum = 0, maximum = 1000000000000.0)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub min_order_amount: Option<i64>,
 }
 
@@ -91,11 +123,12 @@ pub struct UserCoupon {
 const PROBLEM: &str = "application/problem+json";
 
 /// Create a coupon (admin).
-#[utoipa::path(post, path = "/api/admin/coupons", tag = "admin", security(("bearer" = [])), request_body = NewCoupon, responses(
-    (status = 201, body = Coupon),
-    (status = 400, body = Problem, content_type = PROBLEM),
-    (status = 401, body = Problem, content_type = PROBLEM),
-    (status = 403, body = Problem, content_type = PROBLEM),
+#[utoipa::path(post, path = "/api/admin/coupons", operation_id = "createCoupon", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])), request_body = NewCoupon, responses(
+    (status = 201, description = "created", body = Coupon,
+        links(("issueCoupon" = (operation_id = "issueCoupon", parameters(("coupon_id" = "$response.body#/id")))))),
+    (status = 400, description = "INVALID_NAME, INVALID_DISCOUNT, INVALID_QUANTITY, INVALID_MIN_ORDER_AMOUNT, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
+    (status = 422, description = "INVALID_ISSUE_WINDOW: issueStartsAt is not before issueEndsAt; INVALID_EXPIRES_AT: expiresAt is not in the future or not after issueStartsAt (rules between fields and the clock, which a schema cannot state)", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn create(
     State(state): State<AppState>,
@@ -123,10 +156,12 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(coupon)))
 }
 
+/// The rules of the schema first (400), then those between fields and the clock (422, RFC
+/// 9110 §15.5.21: the content is valid by the schema and still cannot be processed).
 fn validate(req: &NewCoupon) -> Result<(), Error> {
     let bad = |code, detail: &str| Err(Error::bad_request(code, detail));
     let name = req.name.trim();
-    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+    if name.is_empty() || req.name.chars().count() > 200 || req.name.chars().any(char::is_control) {
         return bad(
             "INVALID_NAME",
             "name must be 1 to 200 characters, without control characters",
@@ -144,20 +179,6 @@ fn validate(req: &NewCoupon) -> Result<(), Error> {
     if !(1..=10_000_000).contains(&req.quantity) {
         return bad("INVALID_QUANTITY", "quantity must be 1..=10,000,000");
     }
-    if let (Some(start), Some(end)) = (req.issue_starts_at, req.issue_ends_at)
-        && start >= end
-    {
-        return bad("INVALID_ISSUE_WINDOW", "issueStartsAt must be before issueEndsAt");
-    }
-    if let Some(expires) = req.expires_at {
-        // A coupon that is dead on arrival could only be issued unusable.
-        if expires <= Utc::now() || req.issue_starts_at.is_some_and(|start| expires <= start) {
-            return bad(
-                "INVALID_EXPIRES_AT",
-                "expiresAt must be in the future and after issueStartsAt",
-            );
-        }
-    }
     if req
         .min_order_amount
         .is_some_and(|m| !(0..=1_000_000_000_000).contains(&m))
@@ -166,6 +187,23 @@ fn validate(req: &NewCoupon) -> Result<(), Error> {
             "INVALID_MIN_ORDER_AMOUNT",
             "minOrderAmount must be 0..=1,000,000,000,000 won",
         );
+    }
+    if let (Some(start), Some(end)) = (req.issue_starts_at, req.issue_ends_at)
+        && start >= end
+    {
+        return Err(Error::unprocessable(
+            "INVALID_ISSUE_WINDOW",
+            "issueStartsAt must be before issueEndsAt",
+        ));
+    }
+    if let Some(expires) = req.expires_at {
+        // A coupon that is dead on arrival could only be issued unusable.
+        if expires <= Utc::now() || req.issue_starts_at.is_some_and(|start| expires <= start) {
+            return Err(Error::unprocessable(
+                "INVALID_EXPIRES_AT",
+                "expiresAt must be in the future and after issueStartsAt",
+            ));
+        }
     }
     Ok(())
 }
@@ -180,10 +218,10 @@ struct IssueCheck {
 }
 
 /// Issue one unit of a coupon to the caller, first come, first served.
-#[utoipa::path(post, path = "/api/coupons/{coupon_id}/issue", tag = "coupons", security(("bearer" = [])),
-    params(("coupon_id" = i64, Path)), responses(
-    (status = 201, body = IssuedCoupon),
-    (status = 401, body = Problem, content_type = PROBLEM),
+#[utoipa::path(post, path = "/api/coupons/{coupon_id}/issue", operation_id = "issueCoupon", tag = "coupons", security(("bearer" = [])),
+    params(("coupon_id" = i64, Path, minimum = 1, description = "the coupon id")), responses(
+    (status = 201, description = "issued to the caller", body = IssuedCoupon),
+    (status = 400, description = "INVALID_PATH: the id is not a whole number within int64", body = Problem, content_type = PROBLEM),
     (status = 403, description = "COUPON_NOT_ISSUABLE: outside the issue window, or expired", body = Problem, content_type = PROBLEM),
     (status = 404, description = "COUPON_NOT_FOUND", body = Problem, content_type = PROBLEM),
     (status = 409, description = "COUPON_ALREADY_ISSUED", body = Problem, content_type = PROBLEM),
@@ -267,9 +305,8 @@ pub async fn issue(
 }
 
 /// The caller's coupons with their status (AVAILABLE, USED or EXPIRED).
-#[utoipa::path(get, path = "/api/coupons", tag = "coupons", security(("bearer" = [])), responses(
-    (status = 200, body = Vec<UserCoupon>),
-    (status = 401, body = Problem, content_type = PROBLEM),
+#[utoipa::path(get, path = "/api/coupons", operation_id = "listMyCoupons", tag = "coupons", security(("bearer" = [])), responses(
+    (status = 200, description = "the caller's coupons, newest first", body = Vec<UserCoupon>),
 ))]
 pub async fn mine(State(state): State<AppState>, user: User) -> ApiResult<Json<Vec<UserCoupon>>> {
     let coupons: Vec<UserCoupon> = sqlx::query_as(

@@ -67,17 +67,17 @@ pub struct StatusEvent {
 /// CANCELLED (or after 10 minutes; reconnect with `Last-Event-ID` to resume). Comment lines
 /// keep idle connections alive. Another user's order is 404. Reconnecting with the id of the
 /// terminal event answers 204, which tells an `EventSource` to stop.
-#[utoipa::path(get, path = "/api/orders/{id}/events", tag = "orders", security(("bearer" = [])),
+#[utoipa::path(get, path = "/api/orders/{id}/events", operation_id = "streamOrderEvents", tag = "orders", security(("bearer" = [])),
     params(
-        ("id" = Uuid, Path),
-        ("Last-Event-ID" = Option<i64>, Header, description = "resume after this event id"),
+        ("id" = Uuid, Path, description = "the order id"),
+        ("Last-Event-ID" = Option<i64>, Header, minimum = 0,
+            description = "resume after this event id (a whole number, as the stream sent it); else 400 `INVALID_LAST_EVENT_ID`"),
     ),
     responses(
         (status = 200, content_type = "text/event-stream", body = StatusEvent,
             description = "a stream of `event: status` messages, each `data` a StatusEvent"),
         (status = 204, description = "nothing left to send: the order is terminal and the client has seen it"),
-        (status = 400, body = Problem, content_type = PROBLEM),
-        (status = 401, body = Problem, content_type = PROBLEM),
+        (status = 400, description = "INVALID_PATH: the id is not a UUID; INVALID_LAST_EVENT_ID", body = Problem, content_type = PROBLEM),
         (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
     ))]
 pub async fn order_events(
@@ -92,11 +92,22 @@ pub async fn order_events(
         .fetch_optional(&state.pool)
         .await?;
     let status = status.ok_or_else(|| Error::not_found("ORDER_NOT_FOUND", format!("order {id} does not exist")))?;
-    let after = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<i64>().ok())
-        .unwrap_or(0);
+    let after = match headers.get("last-event-id") {
+        None => 0,
+        // Only ids this stream sent (history row ids) come back from an EventSource.
+        Some(v) => v
+            .to_str()
+            .ok()
+            .filter(|v| !v.starts_with('+'))
+            .and_then(|v| v.parse::<i64>().ok())
+            .filter(|id| *id >= 0)
+            .ok_or_else(|| {
+                Error::bad_request(
+                    "INVALID_LAST_EVENT_ID",
+                    "Last-Event-ID must be a whole number the stream sent",
+                )
+            })?,
+    };
     let terminal = OrderStatus::parse(&status).is_some_and(OrderStatus::is_terminal);
     if terminal && after > 0 {
         let more: bool =

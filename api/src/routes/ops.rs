@@ -23,7 +23,7 @@ use axum::{
 use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Error,
-    config::parse_duration,
+    config::query_duration,
     db::orders::{self, OrderRow},
     domain::OrderStatus,
     messaging::{
@@ -39,7 +39,8 @@ use crate::{
     AppState,
     extract::{ADMIN_COOKIE, Admin, Json, Path, Query, cookie},
     problem::{ApiResult, Problem},
-    routes::{admin::DeadLetterView, orders::ItemView},
+    routes::admin::DeadLetterView,
+    views::{self, OrderHoldings, OrderSummary, TimelineOrder},
 };
 
 pub fn router() -> Router<AppState> {
@@ -252,8 +253,10 @@ fn escape(text: &str) -> String {
 #[into_params(parameter_in = Query)]
 #[serde(rename_all = "camelCase")]
 pub struct OverviewParams {
-    /// An order still in flight whose last change is older than this counts as stuck
-    /// (e.g. 30s, 5m; default 30s).
+    /// An order still in flight whose last change is older than this counts as stuck: a whole
+    /// number and a unit `ms`, `s` or `m` (none: seconds), e.g. `30s`, `5m`; at most 7 days;
+    /// default 30s. Out of range or malformed: 400 `INVALID_DURATION`.
+    #[param(schema_with = crate::openapi::query_duration_schema)]
     pub stuck_after: Option<String>,
 }
 
@@ -295,12 +298,11 @@ pub struct DeadLetterCount {
 /// The pipeline at a glance: orders per state, queue depths and consumers, outbox lag, new
 /// dead letters and stuck orders. Never fails because of the broker: when it cannot be
 /// reached, `queues` is empty and `brokerError` says why.
-#[utoipa::path(get, path = "/api/admin/overview", tag = "admin", security(("bearer" = []), ("admin_cookie" = [])),
+#[utoipa::path(get, path = "/api/admin/overview", operation_id = "getOverview", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
     params(OverviewParams), responses(
-    (status = 200, body = Overview),
-    (status = 400, description = "INVALID_DURATION", body = Problem, content_type = PROBLEM),
-    (status = 401, body = Problem, content_type = PROBLEM),
-    (status = 403, body = Problem, content_type = PROBLEM),
+    (status = 200, description = "the pipeline now", body = Overview),
+    (status = 400, description = "INVALID_DURATION or INVALID_QUERY", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn overview(
     State(state): State<AppState>,
@@ -308,7 +310,7 @@ pub async fn overview(
     Query(params): Query<OverviewParams>,
 ) -> ApiResult<Json<Overview>> {
     let stuck_after = match params.stuck_after.as_deref() {
-        Some(d) => parse_duration(d).map_err(|e| Error::bad_request("INVALID_DURATION", e))?,
+        Some(d) => query_duration(d)?,
         None => Duration::from_secs(30),
     };
     let (db, queues) = tokio::join!(
@@ -387,27 +389,6 @@ pub struct Timeline {
     pub dead_letters: Vec<DeadLetterView>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct TimelineOrder {
-    pub order_id: Uuid,
-    pub user_id: i64,
-    #[schema(value_type = OrderStatus)]
-    pub status: OrderStatus,
-    pub reason: Option<String>,
-    pub total_amount: i64,
-    pub discount_amount: i64,
-    pub paid_amount: i64,
-    /// What the order holds now.
-    pub stock_held: bool,
-    pub coupon_held: bool,
-    pub coupon_id: Option<i64>,
-    pub items: Vec<ItemView>,
-    pub deadline_at: DateTime<Utc>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
 #[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusChange {
@@ -465,12 +446,11 @@ struct InboxRow {
 /// One order's life: its statuses with times, every message hop (when it was decided, when
 /// the relay published it, which worker handled it when), which hops were compensations, and
 /// its dead letters.
-#[utoipa::path(get, path = "/api/admin/orders/{id}/timeline", tag = "admin", security(("bearer" = []), ("admin_cookie" = [])),
-    params(("id" = Uuid, Path)), responses(
-    (status = 200, body = Timeline),
-    (status = 400, description = "INVALID_PATH: not a UUID", body = Problem, content_type = PROBLEM),
-    (status = 401, body = Problem, content_type = PROBLEM),
-    (status = 403, body = Problem, content_type = PROBLEM),
+#[utoipa::path(get, path = "/api/admin/orders/{id}/timeline", operation_id = "getOrderTimeline", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
+    params(("id" = Uuid, Path, description = "the order id")), responses(
+    (status = 200, description = "the order's life so far", body = Timeline),
+    (status = 400, description = "INVALID_PATH: the id is not a UUID", body = Problem, content_type = PROBLEM),
     (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn timeline(State(state): State<AppState>, _admin: Admin, Path(id): Path<Uuid>) -> ApiResult<Json<Timeline>> {
@@ -551,27 +531,9 @@ pub async fn timeline(State(state): State<AppState>, _admin: Admin, Path(id): Pa
         .collect();
     Ok(Json(Timeline {
         order: TimelineOrder {
-            order_id: order.id,
-            user_id: order.user_id,
-            status: order.status,
-            reason: order.reason,
-            total_amount: order.total_amount,
-            discount_amount: order.discount_amount,
-            paid_amount: order.paid_amount,
-            stock_held: order.stock_held,
-            coupon_held: order.coupon_held,
-            coupon_id: order.coupon_id,
-            items: items
-                .into_iter()
-                .map(|i| ItemView {
-                    product_id: i.product_id,
-                    quantity: i.quantity,
-                    unit_price: i.unit_price,
-                })
-                .collect(),
-            deadline_at: order.deadline_at,
-            created_at: order.created_at,
-            updated_at: order.updated_at,
+            order: OrderSummary::from(&order),
+            holdings: OrderHoldings::from(&order),
+            items: views::items(items),
         },
         history,
         messages,

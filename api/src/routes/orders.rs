@@ -13,7 +13,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Error,
     db::orders,
@@ -30,6 +29,7 @@ use crate::{
     idempotency::Claim,
     page::{Page, PageParams},
     problem::{ApiResult, Problem},
+    views::{self, HistoryView, OrderSummary, OrderView},
     wait::{self, Until},
 };
 
@@ -42,20 +42,29 @@ pub fn router() -> Router<AppState> {
 
 const PROBLEM: &str = "application/problem+json";
 
+/// An order: 1..=50 lines, each product at most once.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewOrder {
-    /// 1..=50 lines, each product at most once.
+    /// 1..=50 lines; a product on two lines is 422 `DUPLICATE_ORDER_LINE`.
+    #[schema(min_items = 1, max_items = 50)]
     pub items: Vec<NewItem>,
-    /// A coupon the caller holds (checked by the coupon worker).
+    /// A coupon the caller holds (checked by the coupon worker: one it does not hold cancels
+    /// the order with COUPON_INVALID).
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub coupon_id: Option<i64>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewItem {
+    #[schema(minimum = 1, maximum = 9007199254740991_i64)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub product_id: i64,
-    /// 1..=1,000.
+    /// Units, 1..=1,000.
+    #[schema(minimum = 1, maximum = 1000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub quantity: i32,
 }
 
@@ -65,57 +74,6 @@ pub struct Accepted {
     pub order_id: Uuid,
     #[schema(value_type = OrderStatus)]
     pub status: OrderStatus,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct OrderView {
-    pub order_id: Uuid,
-    #[schema(value_type = OrderStatus)]
-    pub status: OrderStatus,
-    /// Why it was cancelled (OUT_OF_STOCK, COUPON_INVALID, INSUFFICIENT_BALANCE, TIMEOUT,
-    /// PROCESSING_FAILED, ADMIN_CANCELLED).
-    pub reason: Option<String>,
-    pub items: Vec<ItemView>,
-    pub total_amount: i64,
-    pub discount_amount: i64,
-    /// What the order currently holds of the caller's money (0 once refunded).
-    pub paid_amount: i64,
-    pub coupon_id: Option<i64>,
-    pub history: Vec<HistoryView>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct ItemView {
-    pub product_id: i64,
-    pub quantity: i32,
-    /// The price when the order was accepted.
-    pub unit_price: i64,
-}
-
-#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
-pub struct HistoryView {
-    pub status: String,
-    pub reason: Option<String>,
-    pub at: DateTime<Utc>,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct OrderSummary {
-    pub order_id: Uuid,
-    #[schema(value_type = OrderStatus)]
-    pub status: OrderStatus,
-    pub reason: Option<String>,
-    pub total_amount: i64,
-    pub discount_amount: i64,
-    pub paid_amount: i64,
-    pub coupon_id: Option<i64>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
@@ -129,27 +87,34 @@ pub struct PopularProduct {
 }
 
 /// Place an order. It is accepted at once as PENDING and carried through stock, coupon and
-/// payment asynchronously; poll `Location` for its status, or send `Prefer: wait=N`
-/// (RFC 7240, N seconds, at most 30) to be answered 201 with the whole order as soon as it is
-/// CONFIRMED or CANCELLED, or the usual 202 once N seconds passed.
-#[utoipa::path(post, path = "/api/orders", tag = "orders", security(("bearer" = [])),
-    params(
-        ("Idempotency-Key" = String, Header, description = "required; a retry with the same key and body replays the first response (with `Prefer: wait`, the order as it is now)"),
-        ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer up to N seconds (at most 30) until the order is CONFIRMED or CANCELLED"),
-    ),
+/// payment asynchronously; poll `Location` (or stream its events) for its status, or send
+/// `Prefer: wait=N` (RFC 7240, N seconds, at most 30) to be answered 201 with the whole order as
+/// soon as it is CONFIRMED or CANCELLED, or the usual 202 once N seconds passed.
+#[utoipa::path(post, path = "/api/orders", operation_id = "placeOrder", tag = "orders", security(("bearer" = [])),
+    params(("Idempotency-Key" = String, Header, pattern = r#"^(?:[!#-~]{1,255}|"[!#-~]{1,255}")$"#,
+        description = "required: 1..=255 visible ASCII characters other than `\"`, optionally in double quotes. \
+                       A retry with the same key and body replays the first response (with `Prefer: wait`, \
+                       the order as it is now)"),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240 §4.3, N whole seconds, at most 30): hold \
+                       the answer until the order is CONFIRMED or CANCELLED, or N seconds passed")),
     request_body = NewOrder,
     responses(
-        (status = 201, body = OrderView, description = "with `Prefer: wait`: the order, done within the wait",
-            headers(("Location" = String, description = "/api/orders/{id}"), ("Preference-Applied" = String, description = "wait=N"))),
-        (status = 202, body = Accepted, headers(("Location" = String, description = "/api/orders/{id}"),
-            ("Preference-Applied" = Option<String>, description = "wait=N when the request waited"))),
-        (status = 400, description = "IDEMPOTENCY_KEY_REQUIRED, INVALID_ORDER or malformed input", body = Problem, content_type = PROBLEM),
-        (status = 401, body = Problem, content_type = PROBLEM),
+        (status = 201, description = "with `Prefer: wait`: the order, done within the wait", body = OrderView,
+            headers(("Location" = String, description = "/api/orders/{orderId}"),
+                ("Preference-Applied" = String, description = "wait=N (RFC 7240 §3)"))),
+        (status = 202, description = "accepted; PENDING (or, after a wait, the status it has reached)", body = Accepted,
+            headers(("Location" = String, description = "/api/orders/{orderId}"),
+                ("Preference-Applied" = Option<String>, description = "wait=N when the request waited (RFC 7240 §3)")),
+            links(
+                ("getOrder" = (operation_id = "getOrder", parameters(("id" = "$response.body#/orderId")))),
+                ("streamOrderEvents" = (operation_id = "streamOrderEvents", parameters(("id" = "$response.body#/orderId")))),
+                ("getOrderTimeline" = (operation_id = "getOrderTimeline", parameters(("id" = "$response.body#/orderId")))),
+                ("cancelOrder" = (operation_id = "cancelOrder", parameters(("id" = "$response.body#/orderId")))),
+            )),
+        (status = 400, description = "IDEMPOTENCY_KEY_REQUIRED, INVALID_IDEMPOTENCY_KEY, INVALID_ORDER, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
         (status = 404, description = "PRODUCT_NOT_FOUND", body = Problem, content_type = PROBLEM),
-        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = PROBLEM),
-        (status = 422, description = "IDEMPOTENCY_KEY_REUSED", body = Problem, content_type = PROBLEM),
-        (status = 429, description = "RATE_LIMITED: over the per-user limit of this route (RATE_LIMIT_WRITES per RATE_LIMIT_WINDOW)", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "whole seconds until a request is accepted again"), ("RateLimit-Policy" = String, description = "draft-ietf-httpapi-ratelimit-headers-10, e.g. \"orders\";q=100;w=10"), ("RateLimit" = String, description = "e.g. \"orders\";r=0;t=3"))),
+        (status = 409, description = "IDEMPOTENCY_KEY_IN_USE: a request with this key is still being processed", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used with another body; DUPLICATE_ORDER_LINE: a product on two lines", body = Problem, content_type = PROBLEM),
     ))]
 pub async fn place(
     State(state): State<AppState>,
@@ -190,8 +155,8 @@ pub async fn place(
     };
     state.watcher.wait(order_id, Until::Terminal, wait).await;
     let order = view(&state, user, order_id).await?;
-    if !order.status.is_terminal() {
-        return Ok(accepted(order_id, order.status, Some(wait)));
+    if !order.order.status.is_terminal() {
+        return Ok(accepted(order_id, order.order.status, Some(wait)));
     }
     let mut res = (StatusCode::CREATED, Json(order)).into_response();
     with_location(&mut res, order_id);
@@ -215,12 +180,14 @@ fn with_location(res: &mut Response, order_id: Uuid) {
     }
 }
 
+/// The rules of the schema (lines, ids, quantities; 400 `INVALID_ORDER`), then the one rule a
+/// schema cannot state: each product at most once (422 `DUPLICATE_ORDER_LINE`, RFC 9110
+/// §15.5.21: well-formed, valid by the schema, and still not processable).
 fn validate(req: &NewOrder) -> Result<(), Error> {
     let invalid = |detail: String| Err(Error::bad_request("INVALID_ORDER", detail));
     if req.items.is_empty() || req.items.len() > MAX_ORDER_LINES {
         return invalid(format!("an order has 1 to {MAX_ORDER_LINES} lines"));
     }
-    let mut seen = HashSet::new();
     for item in &req.items {
         if item.product_id <= 0 {
             return invalid(format!("productId {} is not a valid id", item.product_id));
@@ -228,12 +195,18 @@ fn validate(req: &NewOrder) -> Result<(), Error> {
         if !(1..=MAX_LINE_QUANTITY).contains(&item.quantity) {
             return invalid(format!("quantity must be 1 to {MAX_LINE_QUANTITY}"));
         }
-        if !seen.insert(item.product_id) {
-            return invalid(format!("product {} appears on more than one line", item.product_id));
-        }
     }
     if req.coupon_id.is_some_and(|c| c <= 0) {
         return invalid("couponId is not a valid id".to_owned());
+    }
+    let mut seen = HashSet::new();
+    for item in &req.items {
+        if !seen.insert(item.product_id) {
+            return Err(Error::unprocessable(
+                "DUPLICATE_ORDER_LINE",
+                format!("product {} appears on more than one line", item.product_id),
+            ));
+        }
     }
     Ok(())
 }
@@ -241,13 +214,14 @@ fn validate(req: &NewOrder) -> Result<(), Error> {
 /// One of the caller's orders, with its items and status history (another user's order is 404).
 /// With `Prefer: wait=N` (RFC 7240, N seconds, at most 30) the answer waits until the order's
 /// status changes (or N seconds pass); a terminal order is answered at once.
-#[utoipa::path(get, path = "/api/orders/{id}", tag = "orders", security(("bearer" = [])),
-    params(("id" = Uuid, Path),
-        ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240): hold the answer up to N seconds (at most 30) until the status changes")),
+#[utoipa::path(get, path = "/api/orders/{id}", operation_id = "getOrder", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "the order id"),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (RFC 7240 §4.3, N whole seconds, at most 30): hold \
+                       the answer until the order's status changes, or N seconds passed")),
     responses(
-    (status = 200, body = OrderView, headers(("Preference-Applied" = Option<String>, description = "wait=N when the request waited"))),
-    (status = 400, body = Problem, content_type = PROBLEM),
-    (status = 401, body = Problem, content_type = PROBLEM),
+    (status = 200, description = "the order", body = OrderView,
+        headers(("Preference-Applied" = Option<String>, description = "wait=N when the request waited (RFC 7240 §3)"))),
+    (status = 400, description = "INVALID_PATH: the id is not a UUID", body = Problem, content_type = PROBLEM),
     (status = 404, description = "ORDER_NOT_FOUND", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn show(
@@ -261,10 +235,10 @@ pub async fn show(
         return Ok(Json(order).into_response());
     };
     // A terminal order cannot change any more: no reason to hold the answer.
-    let order = if order.status.is_terminal() {
+    let order = if order.order.status.is_terminal() {
         order
     } else {
-        state.watcher.wait(id, Until::Leaves(order.status), wait).await;
+        state.watcher.wait(id, Until::Leaves(order.order.status), wait).await;
         view(&state, user, id).await?
     };
     let mut res = Json(order).into_response();
@@ -289,32 +263,18 @@ pub async fn view(state: &AppState, user: User, id: Uuid) -> Result<OrderView, E
     .fetch_all(&mut *conn)
     .await?;
     Ok(OrderView {
-        order_id: order.id,
-        status: order.status,
-        reason: order.reason,
-        items: items
-            .into_iter()
-            .map(|i| ItemView {
-                product_id: i.product_id,
-                quantity: i.quantity,
-                unit_price: i.unit_price,
-            })
-            .collect(),
-        total_amount: order.total_amount,
-        discount_amount: order.discount_amount,
-        paid_amount: order.paid_amount,
-        coupon_id: order.coupon_id,
+        order: OrderSummary::from(&order),
+        items: views::items(items),
         history,
-        created_at: order.created_at,
-        updated_at: order.updated_at,
     })
 }
 
 /// The caller's orders, newest first.
-#[utoipa::path(get, path = "/api/orders", tag = "orders", security(("bearer" = [])), params(PageParams), responses(
-    (status = 200, body = Page<OrderSummary>),
-    (status = 400, body = Problem, content_type = PROBLEM),
-    (status = 401, body = Problem, content_type = PROBLEM),
+#[utoipa::path(get, path = "/api/orders", operation_id = "listOrders", tag = "orders", security(("bearer" = [])),
+    params(PageParams), responses(
+    (status = 200, description = "a page of the caller's orders", body = Page<OrderSummary>,
+        links(("getOrder" = (operation_id = "getOrder", parameters(("id" = "$response.body#/items/0/orderId")))))),
+    (status = 400, description = "INVALID_PAGE, INVALID_PAGE_SIZE or INVALID_QUERY", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn list(
     State(state): State<AppState>,
@@ -343,20 +303,7 @@ pub async fn list(
                 .await?
         }
     };
-    let items = rows
-        .into_iter()
-        .map(|Listed { order: o, .. }| OrderSummary {
-            order_id: o.id,
-            status: o.status,
-            reason: o.reason,
-            total_amount: o.total_amount,
-            discount_amount: o.discount_amount,
-            paid_amount: o.paid_amount,
-            coupon_id: o.coupon_id,
-            created_at: o.created_at,
-            updated_at: o.updated_at,
-        })
-        .collect();
+    let items = rows.iter().map(|r| OrderSummary::from(&r.order)).collect();
     Ok(Json(Page::new(items, params, total)))
 }
 
@@ -369,8 +316,8 @@ struct Listed {
 
 /// The top 5 products by units in CONFIRMED orders over the last 72 hours. Sales are kept in
 /// hourly buckets, so the window's start is rounded down to the hour.
-#[utoipa::path(get, path = "/api/products/popular", tag = "products", responses(
-    (status = 200, body = Vec<PopularProduct>),
+#[utoipa::path(get, path = "/api/products/popular", operation_id = "getPopularProducts", tag = "products", responses(
+    (status = 200, description = "at most 5 products, most units first", body = Vec<PopularProduct>),
 ))]
 pub async fn popular(State(state): State<AppState>) -> ApiResult<Json<Vec<PopularProduct>>> {
     let top: Vec<PopularProduct> = sqlx::query_as(

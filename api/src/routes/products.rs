@@ -14,9 +14,11 @@ use utoipa::{IntoParams, ToSchema};
 use crate::{
     AppState,
     extract::{Admin, Json, Path, Query},
-    page::{MAX_PAGE_SIZE, Page},
+    page::{Page, PageParams},
     problem::{ApiResult, Problem},
 };
+
+const PROBLEM: &str = "application/problem+json";
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -35,60 +37,69 @@ pub struct Product {
     pub stock: i64,
 }
 
+/// The filter of `GET /api/products` (paging is [`PageParams`]).
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
-    #[serde(default)]
-    pub page: u32,
-    /// 1..=100; larger values are capped at 100.
-    #[serde(default = "default_size")]
-    pub size: u32,
-    /// Case-insensitive substring of the product name.
+    /// Case-insensitive substring of the product name: at most 100 characters, no control
+    /// characters (400 `INVALID_KEYWORD`); blank means no filter.
+    #[param(max_length = 100, pattern = r"^[^\u0000-\u001f\u007f-\u009f]*$")]
     pub keyword: Option<String>,
 }
 
-fn default_size() -> u32 {
-    20
-}
-
+/// A new product. `name` is stored trimmed.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct NewProduct {
+    /// 1..=200 characters, no control characters, not blank (400 `INVALID_NAME`).
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = r"^[^\u0000-\u001f\u007f-\u009f]*[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000][^\u0000-\u001f\u007f-\u009f]*$"
+    )]
     pub name: String,
+    /// Whole won, 0..=1,000,000,000 (400 `INVALID_PRICE`).
+    #[schema(minimum = 0, maximum = 1000000000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub price: i64,
+    /// Units, 0..=1,000,000,000 (400 `INVALID_STOCK`).
+    #[schema(minimum = 0, maximum = 1000000000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub stock: i64,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct Restock {
-    /// Units to add, 1..=1,000,000.
+    /// Units to add, 1..=1,000,000 (400 `INVALID_QUANTITY`).
+    #[schema(minimum = 1, maximum = 1000000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub quantity: i64,
 }
 
 /// Browse products, optionally filtered by a name keyword.
-#[utoipa::path(get, path = "/api/products", tag = "products", params(ListParams), responses(
-    (status = 200, body = Page<Product>),
-    (status = 400, body = Problem, content_type = "application/problem+json"),
+#[utoipa::path(get, path = "/api/products", operation_id = "listProducts", tag = "products", params(ListParams, PageParams), responses(
+    (status = 200, description = "a page of products, by id", body = Page<Product>,
+        links(("getProduct" = (operation_id = "getProduct", parameters(("id" = "$response.body#/items/0/id")))))),
+    (status = 400, description = "INVALID_KEYWORD, INVALID_PAGE, INVALID_PAGE_SIZE or INVALID_QUERY", body = Problem, content_type = PROBLEM),
 ))]
-pub async fn list(State(state): State<AppState>, Query(params): Query<ListParams>) -> ApiResult<Json<Page<Product>>> {
-    let page = crate::page::PageParams {
-        page: params.page,
-        size: params.size,
-    };
+pub async fn list(
+    State(state): State<AppState>,
+    Query(params): Query<ListParams>,
+    Query(page): Query<PageParams>,
+) -> ApiResult<Json<Page<Product>>> {
     let (limit, offset) = page.limit_offset()?;
-    let pattern = match params.keyword.as_deref().map(str::trim) {
-        Some(k) if !k.is_empty() => {
-            if k.chars().count() > 100 || k.chars().any(char::is_control) {
-                return Err(Error::bad_request(
-                    "INVALID_KEYWORD",
-                    "keyword may be at most 100 characters, without control characters",
-                )
-                .into());
-            }
-            // Lower-cased by PostgreSQL, like the names it is compared with: Rust's and the
-            // database's case mappings differ for some characters (e.g. 'İ').
-            Some(format!("%{}%", escape_like(k)))
-        }
-        _ => None,
+    let keyword = params.keyword.as_deref().unwrap_or_default();
+    if keyword.chars().count() > 100 || keyword.chars().any(char::is_control) {
+        return Err(Error::bad_request(
+            "INVALID_KEYWORD",
+            "keyword may be at most 100 characters, without control characters",
+        )
+        .into());
+    }
+    let pattern = match keyword.trim() {
+        "" => None,
+        // Lower-cased by PostgreSQL, like the names it is compared with: Rust's and the
+        // database's case mappings differ for some characters (e.g. 'İ').
+        k => Some(format!("%{}%", escape_like(k))),
     };
     let items: Vec<Product> = sqlx::query_as(
         "SELECT id, name, price, stock FROM products
@@ -105,7 +116,6 @@ pub async fn list(State(state): State<AppState>, Query(params): Query<ListParams
             .bind(&pattern)
             .fetch_one(&state.pool)
             .await?;
-    debug_assert!(page.size() <= MAX_PAGE_SIZE);
     Ok(Json(Page::new(items, page, total)))
 }
 
@@ -115,10 +125,11 @@ fn escape_like(s: &str) -> String {
 }
 
 /// One product.
-#[utoipa::path(get, path = "/api/products/{id}", tag = "products", params(("id" = i64, Path)), responses(
-    (status = 200, body = Product),
-    (status = 400, body = Problem, content_type = "application/problem+json"),
-    (status = 404, description = "PRODUCT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+#[utoipa::path(get, path = "/api/products/{id}", operation_id = "getProduct", tag = "products",
+    params(("id" = i64, Path, minimum = 1, description = "the product id")), responses(
+    (status = 200, description = "the product", body = Product),
+    (status = 400, description = "INVALID_PATH: the id is not a whole number within int64", body = Problem, content_type = PROBLEM),
+    (status = 404, description = "PRODUCT_NOT_FOUND", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn show(State(state): State<AppState>, Path(id): Path<i64>) -> ApiResult<Json<Product>> {
     let product: Option<Product> = sqlx::query_as("SELECT id, name, price, stock FROM products WHERE id = $1")
@@ -133,11 +144,14 @@ fn not_found(id: i64) -> Error {
 }
 
 /// Create a product (admin).
-#[utoipa::path(post, path = "/api/admin/products", tag = "admin", security(("bearer" = [])), request_body = NewProduct, responses(
-    (status = 201, body = Product),
-    (status = 400, body = Problem, content_type = "application/problem+json"),
-    (status = 401, body = Problem, content_type = "application/problem+json"),
-    (status = 403, body = Problem, content_type = "application/problem+json"),
+#[utoipa::path(post, path = "/api/admin/products", operation_id = "createProduct", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])), request_body = NewProduct, responses(
+    (status = 201, description = "created", body = Product,
+        links(
+            ("getProduct" = (operation_id = "getProduct", parameters(("id" = "$response.body#/id")))),
+            ("restockProduct" = (operation_id = "restockProduct", parameters(("id" = "$response.body#/id")))),
+        )),
+    (status = 400, description = "INVALID_NAME, INVALID_PRICE, INVALID_STOCK, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn create(
     State(state): State<AppState>,
@@ -145,7 +159,7 @@ pub async fn create(
     Json(req): Json<NewProduct>,
 ) -> ApiResult<(StatusCode, Json<Product>)> {
     let name = req.name.trim();
-    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+    if name.is_empty() || req.name.chars().count() > 200 || req.name.chars().any(char::is_control) {
         return Err(Error::bad_request(
             "INVALID_NAME",
             "name must be 1 to 200 characters, without control characters",
@@ -171,13 +185,12 @@ pub async fn create(
 }
 
 /// Add stock to a product (admin).
-#[utoipa::path(post, path = "/api/admin/products/{id}/restock", tag = "admin", security(("bearer" = [])),
-    params(("id" = i64, Path)), request_body = Restock, responses(
-    (status = 200, body = Product),
-    (status = 400, body = Problem, content_type = "application/problem+json"),
-    (status = 401, body = Problem, content_type = "application/problem+json"),
-    (status = 403, body = Problem, content_type = "application/problem+json"),
-    (status = 404, description = "PRODUCT_NOT_FOUND", body = Problem, content_type = "application/problem+json"),
+#[utoipa::path(post, path = "/api/admin/products/{id}/restock", operation_id = "restockProduct", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
+    params(("id" = i64, Path, minimum = 1, description = "the product id")), request_body = Restock, responses(
+    (status = 200, description = "restocked; the product now", body = Product),
+    (status = 400, description = "INVALID_QUANTITY, INVALID_PATH, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
+    (status = 404, description = "PRODUCT_NOT_FOUND", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn restock(
     State(state): State<AppState>,
