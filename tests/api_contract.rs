@@ -223,10 +223,19 @@ fn orderflow(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, Strin
 /// never a panic, never a wrapped value.
 #[test]
 fn flags_and_environment_variables_are_bounded_at_startup() {
-    // The positive control: defaults and in-range values start (`token` needs no services).
-    let (code, stdout, stderr) = orderflow(&["token", "--user", "1"], &[("ORDER_TIMEOUT", "5m")]);
-    assert_eq!(code, Some(0), "{stderr}");
-    assert_eq!(stdout.trim().split('.').count(), 3, "not a JWT: {stdout}");
+    // The settings are read by the commands that run the system; `migrate` reads them first,
+    // then stops at once on a DATABASE_URL that is not one (exit 1, no service touched).
+    let migrate = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut args = vec!["migrate"];
+        args.extend_from_slice(extra);
+        let mut env = env.to_vec();
+        env.push(("DATABASE_URL", "not-a-database-url"));
+        orderflow(&args, &env)
+    };
+    // The positive control: in-range values get past the settings.
+    let (code, _, stderr) = migrate(&[], &[("ORDER_TIMEOUT", "5m"), ("WORKER_BATCH", "1000")]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
 
     let cases: &[(&str, &str, &str)] = &[
         ("ORDER_TIMEOUT", "--order-timeout", "18446744073709551615s"),
@@ -244,15 +253,15 @@ fn flags_and_environment_variables_are_bounded_at_startup() {
         ("DB_POOL_SIZE", "--db-pool-size", "4294967296"),
     ];
     for (var, flag, value) in cases {
-        let (code, _, stderr) = orderflow(&["token", "--user", "1"], &[(var, value)]);
+        let (code, _, stderr) = migrate(&[], &[(var, value)]);
         assert_eq!(code, Some(2), "{var}={value}: {stderr}");
         assert!(stderr.contains(flag), "{var}={value}: {stderr}");
         assert!(!stderr.contains("panicked"), "{var}={value}: {stderr}");
-        let (code, _, stderr) = orderflow(&[flag, value, "token", "--user", "1"], &[]);
+        let (code, _, stderr) = migrate(&[flag, value], &[]);
         assert_eq!(code, Some(2), "{flag} {value}: {stderr}");
         assert!(!stderr.contains("panicked"), "{flag} {value}: {stderr}");
     }
-    let (_, _, stderr) = orderflow(&["token", "--user", "1"], &[("ORDER_TIMEOUT", "307445734561825861m")]);
+    let (_, _, stderr) = migrate(&[], &[("ORDER_TIMEOUT", "307445734561825861m")]);
     assert!(stderr.contains("out of range: 100ms..=1440m"), "{stderr}");
 
     // A token's lifetime reaches `now + ttl`.
@@ -317,7 +326,7 @@ async fn the_openapi_document_states_every_constraint_and_answer() {
             }
         }
     }
-    assert_eq!(operation_ids.len(), 26);
+    assert_eq!(operation_ids.len(), 29);
     // 429 with Retry-After on the rate-limited writes; Retry-After on every 503.
     for (path, method) in [
         ("/api/orders", "post"),

@@ -2,8 +2,9 @@
 //! wait their turn, parked, before their body is read or their token checked. Order
 //! placements (`POST /api/orders`) have a turn of their own and many more of them run at once:
 //! they hold no connection while they wait for their group commit (`crate::accept`), and the
-//! more of them wait together, the larger the batch that shares one transaction. Requests
-//! that asked to wait (`Prefer: wait`) have a third, large allowance.
+//! more of them wait together, the larger the batch that shares one transaction. A request that
+//! asked to wait (`Prefer: wait`) gives its turn back while it sleeps and takes it again to
+//! finish ([`Turn`]).
 //!
 //! Without it a flood (a flash sale: thousands of connections at once) lets every request
 //! start, and the few that hold a database connection share two cores with thousands of
@@ -13,16 +14,17 @@
 //! accepted 5x more orders per second once the holders were not competing with the crowd.
 //! A request that waits longer than [`MAX_WAIT`] is answered 503 with `Retry-After`.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use axum::{
     extract::{Request, State},
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use tokio::sync::Semaphore;
-
-use crate::problem::Problem;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// How long a request may wait for its turn.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
@@ -32,12 +34,7 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10);
 pub struct Admission {
     general: Arc<Semaphore>,
     placements: Arc<Semaphore>,
-    waiting: Arc<Semaphore>,
 }
-
-/// Requests that asked to wait (`Prefer: wait`) admitted at once: they spend nearly all their
-/// time asleep, holding no connection (`crate::wait`).
-pub const WAITING: usize = 4_096;
 
 impl Admission {
     /// `in_flight` requests at once, and `placements` order placements besides.
@@ -45,29 +42,60 @@ impl Admission {
         Self {
             general: Arc::new(Semaphore::new(in_flight.max(1))),
             placements: Arc::new(Semaphore::new(placements.max(1))),
-            waiting: Arc::new(Semaphore::new(WAITING)),
         }
     }
 }
 
+/// An admitted request's turn (a request extension). A handler that sleeps (`Prefer: wait`)
+/// gives it back first ([`pause`](Self::pause)) and takes it again before it works on
+/// ([`resume`](Self::resume)), so sleeping requests never keep working ones out.
+#[derive(Clone)]
+pub struct Turn {
+    permits: Arc<Semaphore>,
+    held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+}
+
+impl Turn {
+    pub fn pause(&self) {
+        if let Ok(mut held) = self.held.lock() {
+            held.take();
+        }
+    }
+
+    /// Waits for a turn again (at most [`MAX_WAIT`]); an error is the 503 `SERVICE_BUSY`.
+    pub async fn resume(&self) -> Result<(), orderflow_shared::Error> {
+        let permit = tokio::time::timeout(MAX_WAIT, self.permits.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(busy)?;
+        if let Ok(mut held) = self.held.lock() {
+            *held = Some(permit);
+        }
+        Ok(())
+    }
+}
+
+fn busy() -> orderflow_shared::Error {
+    orderflow_shared::Error::unavailable("SERVICE_BUSY", "too many requests are being served; retry shortly")
+}
+
 /// Middleware: runs the request once a permit is free (FIFO), or answers 503.
-pub async fn admit(State(admission): State<Admission>, req: Request, next: Next) -> Response {
-    let permits = if crate::wait::preferred_wait(req.headers()).is_some() {
-        &admission.waiting
-    } else if req.method() == axum::http::Method::POST && req.uri().path() == "/api/orders" {
+pub async fn admit(State(admission): State<Admission>, mut req: Request, next: Next) -> Response {
+    let permits = if req.method() == axum::http::Method::POST && req.uri().path() == "/api/orders" {
         &admission.placements
     } else {
         &admission.general
     };
     match tokio::time::timeout(MAX_WAIT, permits.clone().acquire_owned()).await {
-        Ok(Ok(_permit)) => next.run(req).await,
-        _ => Problem::new(
-            503,
-            "Service Unavailable",
-            "SERVICE_BUSY",
-            "too many requests are being served; retry shortly",
-        )
-        .into_response(),
+        Ok(Ok(permit)) => {
+            req.extensions_mut().insert(Turn {
+                permits: permits.clone(),
+                held: Arc::new(Mutex::new(Some(permit))),
+            });
+            next.run(req).await
+        }
+        _ => crate::problem::ApiError(busy()).into_response(),
     }
 }
 

@@ -195,8 +195,24 @@ fn complete(doc: &mut Value) {
             json!({}),
         ),
         "TooManyRequests": problem(
-            "RATE_LIMITED: this user sent too many writes; retry after `Retry-After` seconds",
-            retry_after.clone(),
+            "RATE_LIMITED: this user sent too many writes to this route (RATE_LIMIT_WRITES per \
+             RATE_LIMIT_WINDOW, RFC 6585); retry after `Retry-After` seconds",
+            {
+                let mut headers = retry_after.clone();
+                headers["RateLimit-Policy"] = json!({
+                    "description": "the route's quota (draft-ietf-httpapi-ratelimit-headers-10), \
+                                    e.g. `\"orders\";q=100;w=10`",
+                    "required": true,
+                    "schema": { "type": "string" },
+                });
+                headers["RateLimit"] = json!({
+                    "description": "requests left and seconds until one is accepted again \
+                                    (draft-ietf-httpapi-ratelimit-headers-10), e.g. `\"orders\";r=0;t=3`",
+                    "required": true,
+                    "schema": { "type": "string" },
+                });
+                headers
+            },
         ),
         "ServiceUnavailable": problem(
             "SERVICE_BUSY: too many requests are in flight, or SERVICE_UNAVAILABLE: the database cannot be \

@@ -19,6 +19,8 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, oneshot};
 use uuid::Uuid;
 
+use crate::admission::Turn;
+
 /// The longest wait a request may ask for; a larger `wait` is served as this.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// How often the watched orders are checked while someone waits.
@@ -90,6 +92,26 @@ impl Watcher {
         };
         tokio::spawn(watch(Arc::downgrade(&watcher.waiting), watcher.someone.clone(), pool));
         watcher
+    }
+
+    /// Waits until `order` meets `until`, or `timeout`, with the request's admission turn
+    /// given back meanwhile (taken again before returning: an error is the 503 of a full
+    /// house). Returns whether the order met `until` (the caller reads it again either way).
+    pub async fn wait_turn(
+        &self,
+        turn: Option<&Turn>,
+        order: Uuid,
+        until: Until,
+        timeout: Duration,
+    ) -> Result<bool, orderflow_shared::Error> {
+        if let Some(turn) = turn {
+            turn.pause();
+        }
+        let met = self.wait(order, until, timeout).await;
+        if let Some(turn) = turn {
+            turn.resume().await?;
+        }
+        Ok(met)
     }
 
     /// Waits until `order` meets `until`, or `timeout`. Returns whether it did (the caller

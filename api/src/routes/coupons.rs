@@ -226,8 +226,6 @@ struct IssueCheck {
     (status = 404, description = "COUPON_NOT_FOUND", body = Problem, content_type = PROBLEM),
     (status = 409, description = "COUPON_ALREADY_ISSUED", body = Problem, content_type = PROBLEM),
     (status = 410, description = "COUPON_SOLD_OUT", body = Problem, content_type = PROBLEM),
-        (status = 429, description = "RATE_LIMITED: over the per-user limit of this route (RATE_LIMIT_WRITES per RATE_LIMIT_WINDOW)", body = Problem, content_type = "application/problem+json",
-            headers(("Retry-After" = u64, description = "whole seconds until a request is accepted again"), ("RateLimit-Policy" = String, description = "draft-ietf-httpapi-ratelimit-headers-10, e.g. \"orders\";q=100;w=10"), ("RateLimit" = String, description = "e.g. \"orders\";r=0;t=3"))),
 ))]
 pub async fn issue(
     State(state): State<AppState>,

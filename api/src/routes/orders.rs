@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 
 use axum::{
-    Router,
+    Extension, Router,
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 use crate::{
     AppState, accept,
+    admission::Turn,
     extract::{IdempotencyKey, Json, Path, Query, User},
     idempotency::Claim,
     page::{Page, PageParams},
@@ -121,6 +122,7 @@ pub async fn place(
     user: User,
     key: IdempotencyKey,
     headers: HeaderMap,
+    turn: Option<Extension<Turn>>,
     Json(req): Json<NewOrder>,
 ) -> ApiResult<Response> {
     let key = key.required()?;
@@ -153,7 +155,10 @@ pub async fn place(
     let Some(wait) = wait else {
         return Ok(accepted(order_id, OrderStatus::Pending, None));
     };
-    state.watcher.wait(order_id, Until::Terminal, wait).await;
+    state
+        .watcher
+        .wait_turn(turn.as_deref(), order_id, Until::Terminal, wait)
+        .await?;
     let order = view(&state, user, order_id).await?;
     if !order.order.status.is_terminal() {
         return Ok(accepted(order_id, order.order.status, Some(wait)));
@@ -229,6 +234,7 @@ pub async fn show(
     user: User,
     Path(id): Path<Uuid>,
     headers: HeaderMap,
+    turn: Option<Extension<Turn>>,
 ) -> ApiResult<Response> {
     let order = view(&state, user, id).await?;
     let Some(wait) = wait::preferred_wait(&headers) else {
@@ -238,7 +244,10 @@ pub async fn show(
     let order = if order.order.status.is_terminal() {
         order
     } else {
-        state.watcher.wait(id, Until::Leaves(order.order.status), wait).await;
+        state
+            .watcher
+            .wait_turn(turn.as_deref(), id, Until::Leaves(order.order.status), wait)
+            .await?;
         view(&state, user, id).await?
     };
     let mut res = Json(order).into_response();
