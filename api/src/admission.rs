@@ -89,11 +89,16 @@ pub async fn admit(State(admission): State<Admission>, mut req: Request, next: N
     };
     match tokio::time::timeout(MAX_WAIT, permits.clone().acquire_owned()).await {
         Ok(Ok(permit)) => {
-            req.extensions_mut().insert(Turn {
+            let turn = Turn {
                 permits: permits.clone(),
                 held: Arc::new(Mutex::new(Some(permit))),
-            });
-            next.run(req).await
+            };
+            // The extension is dropped with the request, before the handler's body runs; the
+            // turn is held here until the response is ready (or the handler pauses it).
+            req.extensions_mut().insert(turn.clone());
+            let response = next.run(req).await;
+            drop(turn);
+            response
         }
         _ => crate::problem::ApiError(busy()).into_response(),
     }
