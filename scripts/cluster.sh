@@ -6,6 +6,11 @@
 #                                     # The LAST line of output is the AMQP_URL of all three.
 #   bash scripts/cluster.sh status    # each node up or down, and the cluster as node 1 sees it
 #   bash scripts/cluster.sh stop      # stops the three nodes and removes their data and logs
+#   bash scripts/cluster.sh stop-node 2   # stops one node gracefully, data kept (it stays a member:
+#                                     # `start` brings it back); waits first until no quorum queue
+#                                     # needs it for its majority, as a rolling restart must
+#   bash scripts/cluster.sh start-node 2  # starts one member that was stopped (or killed) and waits
+#                                     # until it serves again; quicker than `start`, which checks all
 #
 # node               AMQP                management        distribution
 # orderflow-1@localhost  127.0.0.1:5681  127.0.0.1:15681  25681
@@ -211,6 +216,32 @@ stop() {
   log "stopped; removed $DIR"
 }
 
+# Starts node $1, already a member of the cluster (stopped or killed since `start` joined it),
+# and waits until it serves AMQP and management again; prints the AMQP_URL last, like `start`.
+start_one() {
+  local i=$1
+  [[ $i =~ ^[1-3]$ ]] || die "start-node takes a node number: 1, 2 or 3"
+  [[ -d $(node_dir "$i")/mnesia ]] || die "$(node_name "$i") was never started: use start"
+  start_node "$i"
+  wait_until 120 "$(node_name "$i")" ctl "$i" await_startup
+  wait_until 60 "$(node_name "$i") AMQP listener" tcp_open "$(amqp_port "$i")"
+  wait_until 60 "$(node_name "$i") management API" tcp_open "$(mgmt_port "$i")"
+  url
+}
+
+stop_node() {
+  local i=$1
+  [[ $i =~ ^[1-3]$ ]] || die "stop-node takes a node number: 1, 2 or 3"
+  if ! running "$i"; then
+    log "$(node_name "$i") is not running"
+    return
+  fi
+  wait_until 120 "$(node_name "$i") not quorum-critical" \
+    as_node "$i" rabbitmq-queues -q -n "$(node_name "$i")" check_if_node_is_quorum_critical
+  log "stopping $(node_name "$i")"
+  ctl "$i" shutdown >&2
+}
+
 status() {
   local i any=0
   for i in "${NODES[@]}"; do
@@ -230,10 +261,12 @@ status() {
 case ${1:-} in
   start) start ;;
   stop) stop ;;
+  stop-node) stop_node "${2:-}" ;;
+  start-node) start_one "${2:-}" ;;
   status) status ;;
   url) url ;;
   *)
-    echo "usage: $0 start|stop|status|url" >&2
+    echo "usage: $0 start|stop|stop-node N|start-node N|status|url" >&2
     exit 2
     ;;
 esac

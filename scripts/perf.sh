@@ -2,7 +2,10 @@
 # Repeats the numbers in docs/PERFORMANCE.md with one command:
 #
 #   bash scripts/perf.sh            # every scenario
-#   bash scripts/perf.sh rates      # only some: rates closed accept hot rush instances
+#   bash scripts/perf.sh rates      # only some: rates closed accept hot rush instances cluster
+#   PERF_BIN=target/debug/orderflow PERF_ORDERS=300 bash scripts/perf.sh cluster
+#                                   # a quick check that a scenario runs (debug build, few orders):
+#                                   # its numbers mean nothing
 #
 # Builds the release binary, then for each scenario starts `orderflow all` on a fresh
 # database (orderflow_perf) and RabbitMQ vhost (perf), runs `orderflow bench` against it and
@@ -13,8 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 readonly PORT=18200 DB=orderflow_perf VHOST=perf
-readonly PG=postgres://postgres@127.0.0.1:5432 MGMT=http://guest:guest@127.0.0.1:15672/api
-readonly OUT=target/perf BIN=target/release/orderflow
+readonly PG=postgres://postgres@127.0.0.1:5432
+readonly OUT=target/perf BIN=${PERF_BIN:-target/release/orderflow}
+# The broker's management API, where the vhost is made (the cluster scenario points it at the cluster).
+MGMT=http://guest:guest@127.0.0.1:15672/api
 export JWT_SECRET=perf-secret DATABASE_URL="$PG/$DB" AMQP_URL="amqp://guest:guest@127.0.0.1:5672/$VHOST"
 export HTTP_ADDR=127.0.0.1:$PORT LOG_FORMAT=text RUST_LOG=warn
 API=http://127.0.0.1:$PORT
@@ -37,7 +42,15 @@ stop_system() {
     SYSTEM_PID=
   fi
 }
-trap stop_system EXIT
+# Stops the three-node cluster if the cluster scenario started it.
+CLUSTER_STARTED=0
+stop_cluster() {
+  if ((CLUSTER_STARTED)); then
+    bash scripts/cluster.sh stop
+    CLUSTER_STARTED=0
+  fi
+}
+trap 'stop_system; stop_cluster' EXIT
 
 # A fresh database and vhost, then the whole system in the background, waiting until ready.
 start_system() {
@@ -145,15 +158,32 @@ scenario_accept() {
 }
 scenario_instances() {
   for n in 1 2 4; do
-    INSTANCES=$n bench "instances-$n" --concurrency 32 --orders 4000 --users 300 --coupon-share 0.2
+    INSTANCES=$n bench "instances-$n" --concurrency 32 --orders "${PERF_ORDERS:-4000}" --users 300 --coupon-share 0.2
   done
+}
+# The broker's share: the same closed bench on the default node, then on the three-node cluster of
+# scripts/cluster.sh (its default names and ports; started here if it is down and stopped again
+# after), every process given the three addresses. Quorum queues then replicate every message to
+# three nodes on the same two cores; the rabbitmq column counts every beam.smp, all nodes together.
+scenario_cluster() {
+  local orders=${PERF_ORDERS:-6000} url amqp=$AMQP_URL mgmt=$MGMT
+  bench cluster-1node --concurrency 32 --orders "$orders" --users 300 --coupon-share 0.2
+  stop_system
+  bash scripts/cluster.sh status 2>/dev/null | grep -q '^running nodes: 3$' || CLUSTER_STARTED=1
+  url=$(bash scripts/cluster.sh start | tail -n 1)
+  AMQP_URL=${url//\/%2f//$VHOST}
+  MGMT=http://guest:guest@127.0.0.1:15681/api
+  bench cluster-3nodes --concurrency 32 --orders "$orders" --users 300 --coupon-share 0.2
+  stop_system
+  AMQP_URL=$amqp MGMT=$mgmt
+  stop_cluster
 }
 
 mkdir -p "$OUT"
 : >"$OUT/system.log"
 printf 'scenario\torders\tcompleted/s\tpostgres\trabbitmq\torderflow\tbench\tmachine\tbusy%%\tlock-ms\tlwlock-ms\n' >"$OUT/cpu.tsv"
 bash scripts/services.sh
-cargo build --release --quiet
+if [[ -z ${PERF_BIN:-} ]]; then cargo build --release --quiet; fi
 scenarios=("$@")
 [[ ${#scenarios[@]} -gt 0 ]] || scenarios=(rates closed accept hot rush instances)
 for s in "${scenarios[@]}"; do

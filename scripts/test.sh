@@ -49,18 +49,34 @@ bash scripts/browser-test.sh
 # token. Both tools pinned in tests/contract/requirements.txt. Reports land in ci-output/contract/.
 bash scripts/contract-test.sh
 
-# --- A three-node RabbitMQ cluster (scripts/cluster.sh, its own node names and ports next to the
-# default node): orders complete while the node holding most connections is killed. About 3 min.
+# --- A three-node RabbitMQ cluster (scripts/cluster.sh with the tests' own node names, ports and
+# directory, next to the default node; tests/common/cluster.rs), started once here for every test
+# that needs it and stopped afterwards (also when a test fails):
+#   - tests/cluster.rs: orders complete while the node holding the relay is killed;
+#   - the fault suite's cluster scenarios (tests/faults.rs, fault_7.. fault_10: the work queues'
+#     leader killed, a node stopped past ORDER_TIMEOUT, a rolling restart, connections cut with
+#     deliveries unacked; 5,000 orders each), one at a time.
+# About 10 min in all. SKIP_CLUSTER=1 leaves all of it out.
 if [[ -z ${SKIP_CLUSTER:-} ]]; then
+  cluster=(env ORDERFLOW_CLUSTER_NAME=orderflow-test ORDERFLOW_CLUSTER_PORT=5690
+    ORDERFLOW_CLUSTER_DIR="${TMPDIR:-/tmp}/orderflow-cluster-test" bash scripts/cluster.sh)
+  trap '"${cluster[@]}" stop >/dev/null 2>&1 || true' EXIT
+  "${cluster[@]}" start >/dev/null
   cargo nextest run --profile ci "${locked[@]}" --test cluster --run-ignored only
+  cargo nextest run --profile ci "${locked[@]}" --test faults --run-ignored only --test-threads 1 --no-capture \
+    -E 'test(/^fault_[0-9]+_cluster_/)'
+  "${cluster[@]}" stop >/dev/null
+  trap - EXIT
 fi
 
 # --- Fault-injection suite -----------------------------------------------------------------------
-# tests/faults.rs runs the system as separate processes under a few thousand orders and injects
-# one fault per scenario (killed workers, RabbitMQ and PostgreSQL restarts, poison, a paused
-# worker, a relay crash between confirm and mark). It restarts the shared PostgreSQL and
-# RabbitMQ, so it runs after everything else, one test at a time. Its tests are #[ignore]d, so
-# the parallel run above skips them. docs/RELIABILITY.md has the scenarios and their numbers.
+# tests/faults.rs runs the system as separate processes under 5,000 orders and injects one fault
+# per scenario (killed workers, RabbitMQ and PostgreSQL restarts, poison, a paused worker, a relay
+# crash between confirm and mark). It restarts the shared PostgreSQL and RabbitMQ, so it runs
+# after everything else, one test at a time. Its tests are #[ignore]d, so the parallel run above
+# skips them; its cluster scenarios ran in the cluster block. docs/RELIABILITY.md has the
+# scenarios and their numbers. SKIP_FAULTS=1 leaves it out.
 if [[ -z ${SKIP_FAULTS:-} ]]; then
-  cargo nextest run --profile ci "${locked[@]}" --test faults --run-ignored only --test-threads 1 --no-capture
+  cargo nextest run --profile ci "${locked[@]}" --test faults --run-ignored only --test-threads 1 --no-capture \
+    -E 'not test(/^fault_[0-9]+_cluster_/)'
 fi

@@ -6,8 +6,10 @@
 //! order completes, its event on the data platform's queue.
 //!
 //! Starting three nodes takes a minute on a busy 2-core machine, so the test is ignored in
-//! the parallel run; `scripts/test.sh` runs it on its own:
-//! `cargo nextest run --profile ci --test cluster --run-ignored only`.
+//! the parallel run; `scripts/test.sh` starts the cluster once for it and the fault suite's
+//! cluster scenarios and runs it on its own:
+//! `cargo nextest run --profile ci --test cluster --run-ignored only` (run alone, it starts
+//! the cluster itself and stops it at the end).
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -15,59 +17,19 @@ mod common;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
     process::Command,
     time::{Duration, Instant},
 };
 
-use common::{Broker, Options, TestApp, worker_queue};
+use common::{
+    Broker, Options, TestApp,
+    cluster::{self, Cluster, management, node_name, script},
+    worker_queue,
+};
 use orderflow::audit::{self, AuditArgs};
 use orderflow_shared::messaging::topology::{DATA_PLATFORM_QUEUE, QUEUES};
 use orderflow_workers::WorkerKind;
 use reqwest::Method;
-
-/// This test's cluster: not the default ports, names or directory of `cluster.sh`, so a
-/// cluster a developer started by hand is left alone.
-const NAME: &str = "orderflow-test";
-const PORT: u16 = 5690;
-
-fn dir() -> PathBuf {
-    std::env::temp_dir().join("orderflow-cluster-test")
-}
-
-fn script(command: &str) -> String {
-    let out = Command::new("bash")
-        .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/cluster.sh"))
-        .arg(command)
-        .env("ORDERFLOW_CLUSTER_NAME", NAME)
-        .env("ORDERFLOW_CLUSTER_PORT", PORT.to_string())
-        .env("ORDERFLOW_CLUSTER_DIR", dir())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "cluster.sh {command}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Stops the cluster (and removes its data) however the test ends.
-struct Cluster;
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        script("stop");
-    }
-}
-
-fn node_name(i: u16) -> String {
-    format!("{NAME}-{i}@localhost")
-}
-
-fn management(i: u16) -> String {
-    format!("http://127.0.0.1:{}", PORT + 10_000 + i)
-}
 
 async fn connections_by_node(mgmt: &str, vhost: &str) -> BTreeMap<String, Vec<String>> {
     let list = common::mgmt_at(
@@ -180,18 +142,15 @@ async fn place_orders(app: &TestApp, users: &[i64], product: i64, n: usize) -> V
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "starts a three-node RabbitMQ cluster (about a minute); scripts/test.sh runs it alone"]
 async fn orders_complete_when_the_node_holding_the_relay_is_killed() {
-    let started = Instant::now();
-    let out = script("start");
-    let _cluster = Cluster;
-    let url = out.lines().last().unwrap().to_owned();
+    let cluster = Cluster::ensure();
+    let url = cluster.url.clone();
     let nodes: Vec<String> = url
         .split(',')
         .map(|u| u.strip_suffix("/%2f").unwrap().to_owned())
         .collect();
     assert_eq!(nodes.len(), 3, "{url}");
-    println!("cluster.sh start: {:?}, AMQP_URL {url}", started.elapsed());
     // Idempotent: a second start changes nothing and prints the same URL.
-    assert_eq!(script("start").lines().last(), Some(url.as_str()));
+    assert_eq!(script(&["start"]).lines().last(), Some(url.as_str()));
 
     let app = TestApp::spawn_with(Options {
         broker: Broker {
@@ -255,11 +214,11 @@ async fn orders_complete_when_the_node_holding_the_relay_is_killed() {
         "connections by node before the kill: {before:?}; killing {victim} ({} of them)",
         names.len()
     );
-    let pid = std::fs::read_to_string(dir().join(format!("node-{i}/rabbitmq.pid"))).unwrap();
+    let pid = cluster::pid(i).unwrap();
     let killed = Instant::now();
     assert!(
         Command::new("kill")
-            .args(["-9", pid.trim()])
+            .args(["-9", &pid.to_string()])
             .status()
             .unwrap()
             .success()
@@ -326,9 +285,9 @@ async fn orders_complete_when_the_node_holding_the_relay_is_killed() {
 
     // The dead node comes back through the same idempotent start and rejoins its cluster.
     let restarted = Instant::now();
-    assert_eq!(script("start").lines().last(), Some(url.as_str()));
+    assert_eq!(script(&["start"]).lines().last(), Some(url.as_str()));
     println!("{victim} back in {:?}", restarted.elapsed());
-    let status = script("status");
+    let status = script(&["status"]);
     assert!(status.contains("running nodes: 3"), "{status}");
     app.stop().await;
 }

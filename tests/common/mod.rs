@@ -7,6 +7,8 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod cluster;
+
 use std::{
     collections::hash_map::DefaultHasher,
     hash::{Hash, Hasher},
