@@ -11,13 +11,13 @@ use axum::{
     extract::State,
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Error,
-    db::orders,
-    domain::{MAX_LINE_QUANTITY, MAX_ORDER_LINES, OrderStatus},
+    db::orders::{self, OwnerCancel},
+    domain::{CancelReason, MAX_LINE_QUANTITY, MAX_ORDER_LINES, OrderStatus},
     telemetry::{self, TraceParent},
 };
 use serde::{Deserialize, Serialize};
@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::{
     AppState, accept,
     extract::{IdempotencyKey, Json, Path, Query, User},
-    idempotency::Claim,
+    idempotency::{self, Claim, Claimed},
     page::{Page, PageParams},
     problem::{ApiResult, Problem},
 };
@@ -36,6 +36,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/orders", get(list).post(place))
         .route("/api/orders/{id}", get(show))
+        .route("/api/orders/{id}/cancel", post(cancel))
         .route("/api/products/popular", get(popular))
 }
 
@@ -73,7 +74,7 @@ pub struct OrderView {
     #[schema(value_type = OrderStatus)]
     pub status: OrderStatus,
     /// Why it was cancelled (OUT_OF_STOCK, COUPON_INVALID, INSUFFICIENT_BALANCE, TIMEOUT,
-    /// PROCESSING_FAILED, ADMIN_CANCELLED).
+    /// PROCESSING_FAILED, ADMIN_CANCELLED, USER_CANCELLED).
     pub reason: Option<String>,
     pub items: Vec<ItemView>,
     pub total_amount: i64,
@@ -229,6 +230,121 @@ pub async fn show(State(state): State<AppState>, user: User, Path(id): Path<Uuid
     .fetch_all(&mut *conn)
     .await?;
     Ok(Json(OrderView {
+        order_id: order.id,
+        status: order.status,
+        reason: order.reason,
+        items: items
+            .into_iter()
+            .map(|i| ItemView {
+                product_id: i.product_id,
+                quantity: i.quantity,
+                unit_price: i.unit_price,
+            })
+            .collect(),
+        total_amount: order.total_amount,
+        discount_amount: order.discount_amount,
+        paid_amount: order.paid_amount,
+        coupon_id: order.coupon_id,
+        history,
+        created_at: order.created_at,
+        updated_at: order.updated_at,
+    }))
+}
+
+/// Cancel one of the caller's orders while it is in flight (reason USER_CANCELLED). It gives
+/// back everything it holds exactly as any cancellation does (refund, coupon, stock, each by
+/// the worker that owns it); the answer is the order as `GET /api/orders/{id}` shows it, in
+/// the transaction that cancelled it: CANCELLING, or CANCELLED at once when it held nothing
+/// yet. A cancel that loses the race with the pipeline (the order worker confirmed the order
+/// first) is answered 409 and changes nothing; a 202 means the order will end CANCELLED.
+///
+/// `Idempotency-Key` is optional: cancelling is idempotent in effect (a second cancel is a
+/// 409 and changes nothing), and with a key a retry replays the first 202 instead
+/// (`Idempotent-Replayed: true`); the key with another order is 422, while the first request
+/// is in flight 409. Only a 202 is stored under the key.
+#[utoipa::path(post, path = "/api/orders/{id}/cancel", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path),
+           ("Idempotency-Key" = Option<String>, Header, description = "optional; a retry with the same key and order replays the first 202")),
+    responses(
+        (status = 202, description = "cancelled: CANCELLING (compensations running) or CANCELLED (it held nothing)", body = OrderView,
+            headers(("Location" = String, description = "/api/orders/{id}"))),
+        (status = 400, description = "INVALID_PATH, INVALID_IDEMPOTENCY_KEY", body = Problem, content_type = PROBLEM),
+        (status = 401, body = Problem, content_type = PROBLEM),
+        (status = 404, description = "ORDER_NOT_FOUND (also for another user's order)", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "ORDER_NOT_CANCELLABLE: CONFIRMED, CANCELLED, CANCELLING or COMPENSATION_FAILED; IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used to cancel another order", body = Problem, content_type = PROBLEM),
+        (status = 429, description = "RATE_LIMITED: over the per-user limit of this route (RATE_LIMIT_WRITES per RATE_LIMIT_WINDOW)", body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "whole seconds until a request is accepted again"), ("RateLimit-Policy" = String, description = "draft-ietf-httpapi-ratelimit-headers-10, e.g. \"order-cancels\";q=100;w=10"), ("RateLimit" = String, description = "e.g. \"order-cancels\";r=0;t=3"))),
+    ))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    user: User,
+    key: IdempotencyKey,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Response> {
+    let claim = key.0.map(|key| Claim {
+        user_id: user.id(),
+        scope: "orders.cancel",
+        key,
+        request: serde_json::json!({ "orderId": id }),
+    });
+    let mut tx = state.pool.begin().await?;
+    let result = async {
+        if let Some(claim) = &claim
+            && let Some(stored) = claim.begin(&mut tx).await?
+        {
+            return Ok(Claimed::Replay(stored));
+        }
+        match orders::cancel_owned(&mut tx, id, user.id(), CancelReason::UserCancelled).await? {
+            OwnerCancel::Cancelled(status) => tracing::info!(order_id = %id, %status, "order cancelled by its owner"),
+            OwnerCancel::NotCancellable(status) => {
+                return Err(Error::conflict(
+                    "ORDER_NOT_CANCELLABLE",
+                    format!("order {id} is {status}; only an order still in flight can be cancelled"),
+                ));
+            }
+            OwnerCancel::NotFound => return Err(order_not_found(id)),
+        }
+        let view = view(&mut tx, id, user.id()).await?.ok_or_else(|| order_not_found(id))?;
+        let body = serde_json::to_value(&view).map_err(anyhow::Error::from)?;
+        let location = format!("/api/orders/{id}");
+        if let Some(claim) = &claim {
+            let headers = serde_json::json!({ "location": location });
+            claim.finish(&mut tx, StatusCode::ACCEPTED, &body, headers).await?;
+        }
+        let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            res.headers_mut().insert(header::LOCATION, v);
+        }
+        Ok(Claimed::Fresh(res))
+    }
+    .await;
+    idempotency::end(tx, result).await
+}
+
+fn order_not_found(id: Uuid) -> Error {
+    Error::not_found("ORDER_NOT_FOUND", format!("order {id} does not exist"))
+}
+
+/// Order `id` of user `user_id` as `GET /api/orders/{id}` shows it (None: no such order, or
+/// another user's), read on `conn` (inside a transaction: as that transaction sees it).
+pub async fn view(conn: &mut sqlx::PgConnection, id: Uuid, user_id: i64) -> Result<Option<OrderView>, Error> {
+    let order: Option<orders::OrderRow> = sqlx::query_as("SELECT * FROM orders WHERE id = $1 AND user_id = $2")
+        .bind(id)
+        .bind(user_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(order) = order else {
+        return Ok(None);
+    };
+    let items = orders::items(conn, id).await?;
+    let history: Vec<HistoryView> = sqlx::query_as(
+        "SELECT to_status AS status, reason, at FROM order_status_history WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Some(OrderView {
         order_id: order.id,
         status: order.status,
         reason: order.reason,
