@@ -587,3 +587,47 @@ async fn the_command_line_runs_the_same_replay_and_api_processes_resume_one_nobo
     assert_eq!(per_replay[&stopped.id.to_string()].len(), 1);
     Arc::into_inner(app).unwrap().stop().await;
 }
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_replay_routes() {
+    let app = TestApp::api_only().await;
+    let (status, doc) = app.call(Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let paths = &doc["paths"];
+    for (path, method, statuses) in [
+        ("/api/admin/events/replay", "post", &["202", "400", "401", "403"][..]),
+        ("/api/admin/events/replays", "get", &["200", "400", "401", "403"]),
+        ("/api/admin/events/replays/{id}", "get", &["200", "401", "403", "404"]),
+        (
+            "/api/admin/events/replays/{id}/cancel",
+            "post",
+            &["200", "401", "403", "404", "409"],
+        ),
+    ] {
+        let op = &paths[path][method];
+        assert!(op.is_object(), "{method} {path} missing");
+        for status in statuses {
+            assert!(op["responses"].get(*status).is_some(), "{method} {path} lacks {status}");
+        }
+    }
+    assert!(paths["/api/admin/events/replay"]["post"]["requestBody"].is_object());
+    let replay = &doc["components"]["schemas"]["Replay"]["properties"];
+    for field in [
+        "id",
+        "state",
+        "from",
+        "to",
+        "total",
+        "enqueued",
+        "published",
+        "parked",
+        "startedAt",
+        "finishedAt",
+    ] {
+        assert!(replay.get(field).is_some(), "Replay schema lacks {field}: {replay}");
+    }
+    for internal in ["pending", "cursorAt", "leaseOwner"] {
+        assert!(replay.get(internal).is_none(), "Replay schema shows {internal}");
+    }
+    app.stop().await;
+}

