@@ -4,7 +4,8 @@
 //!
 //! ```sh
 //! cargo nextest run --profile ci --test replay_measure --run-ignored only --no-capture
-//! REPLAY_EVENTS=20000 LIVE_RATE=50 cargo nextest run ... # defaults: 5,000 events, 40 orders/s
+//! REPLAY_EVENTS=20000 LIVE_RATE=50 REPLAY_SETTINGS=100:100,20:20 cargo nextest run ...
+//! # defaults: 5,000 events, 40 orders/s, settings (chunkSize:pauseMs) 100:100,20:20,1000:0
 //! ```
 //!
 //! The whole system runs in the test process (API, relay, every worker), against the local
@@ -203,12 +204,23 @@ async fn replay_rate_and_live_order_latency() {
     let live = load.await.unwrap();
     let e2e = e2e_ms(&app, &live.ids).await;
     println!("{}", line("no replay", None, &live, &e2e));
-    for (chunk, pause) in [(100, 100), (500, 100), (1_000, 0)] {
+    let settings = std::env::var("REPLAY_SETTINGS").unwrap_or_else(|_| "100:100,20:20,1000:0".to_owned());
+    for setting in settings.split(',') {
+        let (chunk, pause) = setting.split_once(':').unwrap();
+        let (chunk, pause): (i64, i64) = (chunk.parse().unwrap(), pause.parse().unwrap());
         let (r, live, e2e) = replay_under_load(&app, product, rate, from, to, chunk, pause).await;
         println!(
             "{}",
             line(&format!("replay chunk {chunk}, pause {pause} ms"), Some(r), &live, &e2e)
         );
     }
+    // The baseline again, to see how much the machine drifted meanwhile.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(live_load(app.clone(), product, rate, stopped));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop.send(true).unwrap();
+    let live = load.await.unwrap();
+    let e2e = e2e_ms(&app, &live.ids).await;
+    println!("{}", line("no replay (again)", None, &live, &e2e));
     Arc::into_inner(app).unwrap().stop().await;
 }

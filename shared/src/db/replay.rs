@@ -12,9 +12,11 @@
 //! - **Through the outbox, in chunks.** A replay writes at most `chunkSize` events at a time
 //!   into the outbox (same message id, same body bytes, the original headers plus
 //!   [`REPLAY_HEADER`] naming the replay), waits until the relay has published them (or parked
-//!   the ones the broker refuses), pauses `pauseMs`, and goes on from a keyset cursor
-//!   (`confirmed_at, order_id`). So it is never more than one chunk ahead of live traffic in the
-//!   relay's queue, and its rate is bounded by `chunkSize / (publish time + pauseMs)`.
+//!   the ones the broker refuses), pauses `pauseMs`, waits while more than a chunk's worth of
+//!   other messages wait for the relay (live orders first: the replay never makes a backlog
+//!   grow), and goes on from a keyset cursor (`confirmed_at, order_id`). So it is never more
+//!   than one chunk ahead of live traffic in the relay's queue, and its rate is at most
+//!   `chunkSize / (publish time + pauseMs)`.
 //! - **Progress and cancel.** The `event_replays` row says the state (RUNNING, DONE,
 //!   CANCELLED), the window, `total` (events in the window when it was created), `enqueued`,
 //!   `published`, `parked`, when it started and finished. Cancelling takes effect before the
@@ -63,6 +65,8 @@ pub const RESUME_EVERY: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 /// How often a pausing runner looks whether its replay was cancelled.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// How often a runner that gives way to a relay backlog looks again.
+const BACKLOG_POLL: Duration = Duration::from_millis(50);
 /// How often a runner that waits for the relay renews its lease.
 const RENEW_EVERY: Duration = Duration::from_secs(5);
 
@@ -315,7 +319,7 @@ pub async fn run(
                 break;
             }
             // After a full chunk there may be more: let live traffic through first.
-            if full && !pause(pool, id, Duration::from_millis(replay.pause_ms as u64), shutdown).await? {
+            if full && !give_way(pool, &replay, owner, shutdown).await? {
                 break;
             }
         }
@@ -400,17 +404,7 @@ async fn wait_published(
             .await?);
         }
         if renewed.elapsed() >= RENEW_EVERY {
-            let kept = sqlx::query(
-                "UPDATE event_replays SET lease_until = now() + $3 * interval '1 millisecond'
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(replay.id)
-            .bind(owner)
-            .bind(LEASE.as_millis() as f64)
-            .execute(pool)
-            .await?
-            .rows_affected();
-            if kept == 0 {
+            if !renew(pool, replay.id, owner).await? {
                 return Ok(None);
             }
             renewed = tokio::time::Instant::now();
@@ -422,27 +416,65 @@ async fn wait_published(
     }
 }
 
-/// Sleeps `pause`, looking every [`CHECK_EVERY`] whether the replay was cancelled meanwhile
-/// (then it returns at once: the next chunk's transaction sees it). False on `shutdown`.
-async fn pause(pool: &PgPool, id: i64, pause: Duration, shutdown: &CancellationToken) -> Result<bool> {
-    let until = tokio::time::Instant::now() + pause;
+/// Gives way to live traffic before the next chunk: sleeps the replay's pause, then waits
+/// while more than a chunk's worth of messages wait for the relay (it is behind; live orders
+/// go first, the replay never makes a backlog grow). Meanwhile it looks every
+/// [`CHECK_EVERY`] whether the replay was cancelled (then it returns at once: the next
+/// chunk's transaction sees it) and renews the lease. False on `shutdown` or a lost lease.
+async fn give_way(pool: &PgPool, replay: &Replay, owner: Uuid, shutdown: &CancellationToken) -> Result<bool> {
+    let paused_until = tokio::time::Instant::now() + Duration::from_millis(replay.pause_ms.max(0) as u64);
+    let mut renewed = tokio::time::Instant::now();
     loop {
-        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let left = paused_until.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
-            return Ok(true);
+            let backlog: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL LIMIT $1) AS t",
+            )
+            .bind(i64::from(replay.chunk_size) + 1)
+            .fetch_one(pool)
+            .await?;
+            if backlog <= i64::from(replay.chunk_size) {
+                return Ok(true);
+            }
         }
+        let nap = if left.is_zero() {
+            BACKLOG_POLL
+        } else {
+            left.min(CHECK_EVERY)
+        };
         tokio::select! {
-            _ = tokio::time::sleep(left.min(CHECK_EVERY)) => {}
+            _ = tokio::time::sleep(nap) => {}
             _ = shutdown.cancelled() => return Ok(false),
         }
         let running: bool = sqlx::query_scalar("SELECT state = 'RUNNING' FROM event_replays WHERE id = $1")
-            .bind(id)
+            .bind(replay.id)
             .fetch_one(pool)
             .await?;
         if !running {
             return Ok(true);
         }
+        if renewed.elapsed() >= RENEW_EVERY {
+            if !renew(pool, replay.id, owner).await? {
+                return Ok(false);
+            }
+            renewed = tokio::time::Instant::now();
+        }
     }
+}
+
+/// Extends `owner`'s lease; false when it no longer holds it.
+async fn renew(pool: &PgPool, id: i64, owner: Uuid) -> Result<bool> {
+    let kept = sqlx::query(
+        "UPDATE event_replays SET lease_until = now() + $3 * interval '1 millisecond'
+         WHERE id = $1 AND lease_owner = $2",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(LEASE.as_millis() as f64)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(kept > 0)
 }
 
 /// Writes the next chunk of the window into the outbox and moves the cursor past it, in one
