@@ -92,11 +92,25 @@ async fn e2e_ms(app: &TestApp, ids: &[String]) -> Vec<f64> {
     ms
 }
 
-fn line(phase: &str, rate: Option<f64>, live: &Live, e2e: &[f64]) -> String {
+/// How long the live orders' messages waited for the relay (written to published), sorted.
+async fn relay_ms(app: &TestApp, ids: &[String]) -> Vec<f64> {
+    let mut ms: Vec<f64> = sqlx::query_scalar(
+        "SELECT (extract(epoch FROM sent_at - created_at) * 1000)::float8 FROM outbox
+         WHERE order_ids && $1::text[]::uuid[] AND sent_at IS NOT NULL",
+    )
+    .bind(ids)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    ms.sort_by(f64::total_cmp);
+    ms
+}
+
+fn line(phase: &str, rate: Option<f64>, live: &Live, e2e: &[f64], relay: &[f64]) -> String {
     let mut accept = live.accept_ms.clone();
     accept.sort_by(f64::total_cmp);
     format!(
-        "| {phase} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} / {:.1} / {:.1} |",
+        "| {phase} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} / {:.1} / {:.1} | {:.1} / {:.1} |",
         rate.map_or("-".to_owned(), |r| format!("{r:.0}")),
         live.ids.len(),
         percentile(&accept, 0.5),
@@ -105,11 +119,25 @@ fn line(phase: &str, rate: Option<f64>, live: &Live, e2e: &[f64]) -> String {
         percentile(e2e, 0.95),
         percentile(e2e, 0.99),
         e2e.last().copied().unwrap_or(f64::NAN),
+        percentile(relay, 0.5),
+        percentile(relay, 0.99),
     )
 }
 
+/// Live orders alone for 8 s; prints their line.
+async fn baseline(app: &Arc<TestApp>, product: i64, rate: u64) {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let load = tokio::spawn(live_load(app.clone(), product, rate, stopped));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop.send(true).unwrap();
+    let live = load.await.unwrap();
+    let e2e = e2e_ms(app, &live.ids).await;
+    let relay = relay_ms(app, &live.ids).await;
+    println!("{}", line("no replay", None, &live, &e2e, &relay));
+}
+
 /// Runs a replay of `[from, to)` with `chunk`/`pause` under live load; returns (events/s,
-/// live orders, their end-to-end latencies).
+/// live orders, their end-to-end latencies, their messages' waits for the relay).
 async fn replay_under_load(
     app: &Arc<TestApp>,
     product: i64,
@@ -118,7 +146,7 @@ async fn replay_under_load(
     to: DateTime<Utc>,
     chunk: i64,
     pause: i64,
-) -> (f64, Live, Vec<f64>) {
+) -> (f64, Live, Vec<f64>, Vec<f64>) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(live_load(app.clone(), product, rate, stopped));
     let body = json!({
@@ -153,7 +181,8 @@ async fn replay_under_load(
         - done["startedAt"].as_str().unwrap().parse::<DateTime<Utc>>().unwrap();
     let rate = done["published"].as_f64().unwrap() / (took.num_microseconds().unwrap() as f64 / 1e6);
     let e2e = e2e_ms(app, &live.ids).await;
-    (rate, live, e2e)
+    let relay = relay_ms(app, &live.ids).await;
+    (rate, live, e2e, relay)
 }
 
 #[tokio::test]
@@ -194,33 +223,21 @@ async fn replay_rate_and_live_order_latency() {
     .unwrap();
 
     println!("replay of {events} events, live orders at {rate}/s (debug build unless run with --release)");
-    println!("| phase | replay events/s | live orders | accept p50 / p99 ms | end-to-end p50 / p95 / p99 / max ms |");
-    println!("|---|---|---|---|---|");
-    // Baseline: live orders alone, for 8 s.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn(live_load(app.clone(), product, rate, stopped));
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    stop.send(true).unwrap();
-    let live = load.await.unwrap();
-    let e2e = e2e_ms(&app, &live.ids).await;
-    println!("{}", line("no replay", None, &live, &e2e));
+    println!(
+        "| phase | replay events/s | live orders | accept p50 / p99 ms | end-to-end p50 / p95 / p99 / max ms | relay wait p50 / p99 ms |"
+    );
+    println!("|---|---|---|---|---|---|");
+    // Each replay between two baselines (live orders alone for 8 s): the machine is shared,
+    // and only a replay compared with its neighbours says something.
+    baseline(&app, product, rate).await;
     let settings = std::env::var("REPLAY_SETTINGS").unwrap_or_else(|_| "100:100,20:20,1000:0".to_owned());
     for setting in settings.split(',') {
         let (chunk, pause) = setting.split_once(':').unwrap();
         let (chunk, pause): (i64, i64) = (chunk.parse().unwrap(), pause.parse().unwrap());
-        let (r, live, e2e) = replay_under_load(&app, product, rate, from, to, chunk, pause).await;
-        println!(
-            "{}",
-            line(&format!("replay chunk {chunk}, pause {pause} ms"), Some(r), &live, &e2e)
-        );
+        let (r, live, e2e, relay) = replay_under_load(&app, product, rate, from, to, chunk, pause).await;
+        let phase = format!("replay chunk {chunk}, pause {pause} ms");
+        println!("{}", line(&phase, Some(r), &live, &e2e, &relay));
+        baseline(&app, product, rate).await;
     }
-    // The baseline again, to see how much the machine drifted meanwhile.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn(live_load(app.clone(), product, rate, stopped));
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    stop.send(true).unwrap();
-    let live = load.await.unwrap();
-    let e2e = e2e_ms(&app, &live.ids).await;
-    println!("{}", line("no replay (again)", None, &live, &e2e));
     Arc::into_inner(app).unwrap().stop().await;
 }
