@@ -323,7 +323,7 @@ pub async fn run(
                 break;
             }
         }
-        replay = next_chunk(pool, id).await?;
+        replay = next_chunk(pool, id, owner).await?;
         progress(&replay);
         if replay.state != ReplayState::Running || replay.lease_owner != Some(owner) {
             break;
@@ -479,15 +479,15 @@ async fn renew(pool: &PgPool, id: i64, owner: Uuid) -> Result<bool> {
 
 /// Writes the next chunk of the window into the outbox and moves the cursor past it, in one
 /// transaction that first locks the replay row (so a cancel that committed before it stops
-/// it, and a runner that lost its lease writes nothing). An empty chunk ends the replay
+/// it, and a runner that lost its lease to another writes nothing and stops). An empty chunk ends the replay
 /// (DONE). Returns the replay as it is left.
-async fn next_chunk(pool: &PgPool, id: i64) -> Result<Replay> {
+async fn next_chunk(pool: &PgPool, id: i64, owner: Uuid) -> Result<Replay> {
     let mut tx = pool.begin().await?;
     let replay: Replay = sqlx::query_as("SELECT * FROM event_replays WHERE id = $1 FOR UPDATE")
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
-    if replay.state != ReplayState::Running {
+    if replay.state != ReplayState::Running || replay.lease_owner != Some(owner) {
         tx.rollback().await?;
         return Ok(replay);
     }
