@@ -1,4 +1,5 @@
 //! Tooling that ships in the `orderflow` binary beside the API and the workers: the invariant
-//! audit. (The benchmark is its own crate, `orderflow-bench`, in `bench/`.)
+//! audit and event replays. (The benchmark is its own crate, `orderflow-bench`, in `bench/`.)
 
 pub mod audit;
+pub mod events;

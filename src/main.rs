@@ -53,6 +53,11 @@ enum Command {
         #[command(flatten)]
         args: orderflow::audit::AuditArgs,
     },
+    /// Public events: replay `order.confirmed` for a window, with the original event ids.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
     /// Load a running system with orders and report throughput, latency and CPU per order.
     Bench(orderflow_bench::BenchArgs),
     /// Print a signed bearer token.
@@ -73,6 +78,20 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Publish again, through the outbox and with their original event ids and bodies, the
+    /// order.confirmed events of the orders confirmed in [--from, --to). Prints its progress
+    /// as JSON lines; Ctrl-C cancels it. A relay must be running to publish.
+    Replay {
+        /// PostgreSQL URL of the system's database.
+        #[arg(long, env = "DATABASE_URL", default_value = config::DEFAULT_DATABASE_URL)]
+        database_url: String,
+        #[command(flatten)]
+        args: orderflow::events::ReplayArgs,
+    },
+}
+
 impl Command {
     /// Log format and trace export: the servers' from their configuration, plain text and no
     /// export for the tools.
@@ -81,7 +100,7 @@ impl Command {
             Self::All(c) | Self::Api(c) | Self::Migrate(c) | Self::Worker { config: c, .. } => {
                 (c.log_format, c.otel_exporter_otlp_endpoint.as_deref())
             }
-            Self::Audit { .. } | Self::Bench(_) | Self::Token { .. } => (LogFormat::Text, None),
+            Self::Audit { .. } | Self::Bench(_) | Self::Token { .. } | Self::Events { .. } => (LogFormat::Text, None),
         }
     }
 }
@@ -152,6 +171,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 std::process::exit(1)
             }
+        }
+        Command::Events {
+            command: EventsCommand::Replay { database_url, args },
+        } => {
+            let stop = CancellationToken::new();
+            let on_signal = stop.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                on_signal.cancel();
+            });
+            let mut last = None;
+            let ended = orderflow::events::replay(&database_url, &args, &stop, |r| {
+                // One line per change of progress.
+                let line = (r.state, r.enqueued, r.published, r.parked);
+                if last != Some(line) {
+                    last = Some(line);
+                    if let Ok(json) = serde_json::to_string(r) {
+                        println!("{json}");
+                    }
+                }
+            })
+            .await?;
+            if ended.state == orderflow_shared::db::replay::ReplayState::Cancelled {
+                eprintln!("replay {} cancelled", ended.id);
+            }
+            Ok(())
         }
         Command::Bench(args) => orderflow_bench::run(&args).await,
         Command::All(config) => serve(config, true, WorkerKind::ALL).await,
@@ -291,6 +336,40 @@ mod tests {
             for var in server_only.iter().chain(&["DATABASE_URL", "AMQP_URL", "JWT_SECRET"]) {
                 assert!(help.contains(var), "{server} lacks {var}:\n{help}");
             }
+        }
+    }
+
+    #[test]
+    fn events_replay_takes_a_window_and_only_the_database() {
+        let cli = Cli::try_parse_from([
+            "orderflow",
+            "events",
+            "replay",
+            "--from",
+            "2026-11-21T10:00:00Z",
+            "--to",
+            "2026-11-21T11:00:00Z",
+            "--chunk-size",
+            "50",
+        ])
+        .unwrap();
+        let Command::Events {
+            command: EventsCommand::Replay { args, .. },
+        } = &cli.command
+        else {
+            panic!("expected events replay");
+        };
+        assert_eq!((args.chunk_size, args.pause_ms, args.detach), (50, 100, false));
+        let mut cli = Cli::command();
+        let help = cli
+            .find_subcommand_mut("events")
+            .and_then(|e| e.find_subcommand_mut("replay"))
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("[env: DATABASE_URL"), "{help}");
+        for var in ["AMQP_URL", "JWT_SECRET", "HTTP_ADDR"] {
+            assert!(!help.contains(var), "events replay shows {var}:\n{help}");
         }
     }
 

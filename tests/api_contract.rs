@@ -326,7 +326,7 @@ async fn the_openapi_document_states_every_constraint_and_answer() {
             }
         }
     }
-    assert_eq!(operation_ids.len(), 29);
+    assert_eq!(operation_ids.len(), 34);
     // 429 with Retry-After on the rate-limited writes; Retry-After on every 503.
     for (path, method) in [
         ("/api/orders", "post"),

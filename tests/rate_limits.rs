@@ -207,6 +207,21 @@ async fn each_write_route_has_its_own_quota_and_reads_and_admin_writes_have_none
     }
     assert_refused(&place(&app, &token, product).await, "orders", 3, 30, 10);
 
+    // Cancels: a quota of their own (the orders used none of it); a refused cancel is
+    // answered before the order is even looked up.
+    let missing = uuid::Uuid::now_v7();
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let answer = send(&app, &format!("/api/orders/{missing}/cancel"), &token, json!({}), &[]).await;
+        if answer.status == StatusCode::TOO_MANY_REQUESTS {
+            assert_refused(&answer, "order-cancels", 3, 30, 10);
+        } else {
+            assert_eq!(answer.header("ratelimit-policy"), Some("\"order-cancels\";q=3;w=30"));
+        }
+        statuses.push(answer.status.as_u16());
+    }
+    assert_eq!(statuses, [404, 404, 404, 429, 429]);
+
     // Reads are never limited and carry no fields.
     for _ in 0..10 {
         let res = app.request(Method::GET, "/api/balance", Some(&token), None, &[]).await;

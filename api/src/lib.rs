@@ -163,9 +163,15 @@ fn panic_response() -> Response {
 }
 
 /// Serves the API on an already bound listener until `shutdown` is cancelled, then lets
-/// in-flight requests finish.
+/// in-flight requests finish. Also resumes event replays left RUNNING by a runner that is gone
+/// (`orderflow_shared::db::replay::resume`).
 pub async fn serve(listener: TcpListener, mut state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
     state.shutdown = shutdown.clone();
+    // Event replays whose runner died (another API process, `orderflow events replay`) go on here.
+    tokio::spawn(orderflow_shared::db::replay::resume(
+        state.pool.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

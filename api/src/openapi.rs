@@ -63,6 +63,7 @@ use crate::{AppState, problem::Problem, routes};
         routes::coupons::mine,
         routes::orders::place,
         routes::orders::show,
+        routes::orders::cancel,
         routes::orders::list,
         routes::orders::popular,
         routes::events::order_events,
@@ -76,6 +77,10 @@ use crate::{AppState, problem::Problem, routes};
         routes::admin::list_parked,
         routes::admin::retry_parked,
         routes::admin::discard_parked,
+        routes::replays::start,
+        routes::replays::list,
+        routes::replays::show,
+        routes::replays::cancel,
         routes::ops::overview,
         routes::ops::timeline,
     ),
@@ -122,6 +127,7 @@ impl Modify for BearerAuth {
 /// (method, path template).
 pub const RATE_LIMITED: &[(&str, &str)] = &[
     ("post", "/api/orders"),
+    ("post", "/api/orders/{id}/cancel"),
     ("post", "/api/balance/charge"),
     ("post", "/api/coupons/{coupon_id}/issue"),
 ];

@@ -1,5 +1,5 @@
-//! Per-user rate limits on the write routes, so that one user cannot send orders, charges or
-//! coupon requests as fast as a connection allows (OWASP API4:2023, unrestricted resource
+//! Per-user rate limits on the write routes, so that one user cannot send orders, cancels,
+//! charges or coupon requests as fast as a connection allows (OWASP API4:2023, unrestricted resource
 //! consumption).
 //!
 //! | route | policy |
@@ -7,6 +7,7 @@
 //! | `POST /api/orders` | `"orders"` |
 //! | `POST /api/balance/charge` | `"charges"` |
 //! | `POST /api/coupons/{coupon_id}/issue` | `"coupon-issues"` |
+//! | `POST /api/orders/{id}/cancel` | `"order-cancels"` |
 //!
 //! Each policy allows one user `RATE_LIMIT_WRITES` requests per `RATE_LIMIT_WINDOW`
 //! (defaults: 100 per 10 s): all of them at once, then one more every window/limit (GCRA, the
@@ -76,7 +77,7 @@ struct Limited {
 
 /// The limited routes. The integration tests (`tests/rate_limits.rs`) send to each of them,
 /// so a renamed route cannot silently drop out of this table.
-const LIMITED: [Limited; 3] = [
+const LIMITED: [Limited; 4] = [
     Limited {
         method: Method::POST,
         path: "/api/orders",
@@ -91,6 +92,11 @@ const LIMITED: [Limited; 3] = [
         method: Method::POST,
         path: "/api/coupons/{coupon_id}/issue",
         policy: "coupon-issues",
+    },
+    Limited {
+        method: Method::POST,
+        path: "/api/orders/{id}/cancel",
+        policy: "order-cancels",
     },
 ];
 

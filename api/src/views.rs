@@ -27,7 +27,7 @@ pub struct OrderSummary {
     #[schema(value_type = OrderStatus)]
     pub status: OrderStatus,
     /// Why it is cancelling or cancelled (OUT_OF_STOCK, COUPON_INVALID, INSUFFICIENT_BALANCE,
-    /// TIMEOUT, PROCESSING_FAILED, ADMIN_CANCELLED); null otherwise.
+    /// TIMEOUT, PROCESSING_FAILED, ADMIN_CANCELLED, USER_CANCELLED); null otherwise.
     pub reason: Option<String>,
     /// Sum of the lines at the prices of acceptance, before discount.
     pub total_amount: i64,

@@ -164,7 +164,9 @@ impl OrderStatus {
 }
 
 string_enum! {
-    /// Why an order was cancelled.
+    /// Why an order was cancelled (`orders.reason`, checked by the database too: migration
+    /// `20261201000101_user_cancelled.sql`). USER_CANCELLED: by its owner
+    /// (`POST /api/orders/{id}/cancel`); ADMIN_CANCELLED: by an operator.
     CancelReason {
         OutOfStock = "OUT_OF_STOCK",
         CouponInvalid = "COUPON_INVALID",
@@ -172,6 +174,7 @@ string_enum! {
         Timeout = "TIMEOUT",
         ProcessingFailed = "PROCESSING_FAILED",
         AdminCancelled = "ADMIN_CANCELLED",
+        UserCancelled = "USER_CANCELLED",
     }
 }
 

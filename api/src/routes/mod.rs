@@ -8,6 +8,7 @@ pub mod health;
 pub mod ops;
 pub mod orders;
 pub mod products;
+pub mod replays;
 
 use axum::{Router, middleware};
 
@@ -25,6 +26,7 @@ pub fn router(admission: Admission) -> Router<AppState> {
         .merge(coupons::router())
         .merge(orders::router())
         .merge(admin::router())
+        .merge(replays::router())
         .merge(ops::router())
         .route_layer(middleware::from_fn_with_state(admission, admission::admit));
     Router::new()

@@ -11,12 +11,12 @@ use axum::{
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use orderflow_shared::{
     Error,
-    db::orders,
-    domain::{MAX_LINE_QUANTITY, MAX_ORDER_LINES, OrderStatus},
+    db::orders::{self, OwnerCancel},
+    domain::{CancelReason, MAX_LINE_QUANTITY, MAX_ORDER_LINES, OrderStatus},
     telemetry::{self, TraceParent},
 };
 use serde::{Deserialize, Serialize};
@@ -27,7 +27,7 @@ use crate::{
     AppState, accept,
     admission::Turn,
     extract::{IdempotencyKey, Json, Path, Query, User},
-    idempotency::Claim,
+    idempotency::{self, Claim, Claimed},
     page::{Page, PageParams},
     problem::{ApiResult, Problem},
     views::{self, HistoryView, OrderSummary, OrderView},
@@ -38,6 +38,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/orders", get(list).post(place))
         .route("/api/orders/{id}", get(show))
+        .route("/api/orders/{id}/cancel", post(cancel))
         .route("/api/products/popular", get(popular))
 }
 
@@ -110,7 +111,7 @@ pub struct PopularProduct {
                 ("getOrder" = (operation_id = "getOrder", parameters(("id" = "$response.body#/orderId")))),
                 ("streamOrderEvents" = (operation_id = "streamOrderEvents", parameters(("id" = "$response.body#/orderId")))),
                 ("getOrderTimeline" = (operation_id = "getOrderTimeline", parameters(("id" = "$response.body#/orderId")))),
-                ("cancelOrder" = (operation_id = "cancelOrder", parameters(("id" = "$response.body#/orderId")))),
+                ("cancelMyOrder" = (operation_id = "cancelMyOrder", parameters(("id" = "$response.body#/orderId")))),
             )),
         (status = 400, description = "IDEMPOTENCY_KEY_REQUIRED, INVALID_IDEMPOTENCY_KEY, INVALID_ORDER, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
         (status = 404, description = "PRODUCT_NOT_FOUND", body = Problem, content_type = PROBLEM),
@@ -258,24 +259,110 @@ pub async fn show(
 /// One of the user's orders as `GET /api/orders/{id}` shows it; 404 for another user's.
 pub async fn view(state: &AppState, user: User, id: Uuid) -> Result<OrderView, Error> {
     let mut conn = state.pool.acquire().await?;
+    read_view(&mut conn, id, user.id())
+        .await?
+        .ok_or_else(|| order_not_found(id))
+}
+
+/// Cancel one of the caller's orders while it is in flight (reason USER_CANCELLED). It gives
+/// back everything it holds exactly as any cancellation does (refund, coupon, stock, each by
+/// the worker that owns it); the answer is the order as `GET /api/orders/{id}` shows it, in
+/// the transaction that cancelled it: CANCELLING, or CANCELLED at once when it held nothing
+/// yet. A cancel that loses the race with the pipeline (the order worker confirmed the order
+/// first) is answered 409 and changes nothing; a 202 means the order will end CANCELLED.
+///
+/// `Idempotency-Key` is optional: cancelling is idempotent in effect (a second cancel is a
+/// 409 and changes nothing), and with a key a retry replays the first 202 instead
+/// (`Idempotent-Replayed: true`); the key with another order is 422, while the first request
+/// is in flight 409. Only a 202 is stored under the key.
+#[utoipa::path(post, path = "/api/orders/{id}/cancel", operation_id = "cancelMyOrder", tag = "orders", security(("bearer" = [])),
+    params(("id" = Uuid, Path, description = "the order id"),
+           ("Idempotency-Key" = Option<String>, Header, pattern = r#"^(?:[!#-~]{1,255}|"[!#-~]{1,255}")$"#,
+            description = "optional: 1..=255 visible ASCII characters other than `\"`, optionally in double quotes; \
+                           a retry with the same key and order replays the first 202")),
+    responses(
+        (status = 202, description = "cancelled: CANCELLING (compensations running) or CANCELLED (it held nothing)", body = OrderView,
+            headers(("Location" = String, description = "/api/orders/{id}"))),
+        (status = 400, description = "INVALID_PATH: the id is not a UUID; INVALID_IDEMPOTENCY_KEY", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "ORDER_NOT_FOUND (also for another user's order)", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "ORDER_NOT_CANCELLABLE: CONFIRMED, CANCELLED, CANCELLING or COMPENSATION_FAILED; IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used to cancel another order", body = Problem, content_type = PROBLEM),
+    ))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    user: User,
+    key: IdempotencyKey,
+    Path(id): Path<Uuid>,
+) -> ApiResult<Response> {
+    let claim = key.0.map(|key| Claim {
+        user_id: user.id(),
+        scope: "orders.cancel",
+        key,
+        request: serde_json::json!({ "orderId": id }),
+    });
+    let mut tx = state.pool.begin().await?;
+    let result = async {
+        if let Some(claim) = &claim
+            && let Some(stored) = claim.begin(&mut tx).await?
+        {
+            return Ok(Claimed::Replay(stored));
+        }
+        match orders::cancel_owned(&mut tx, id, user.id(), CancelReason::UserCancelled).await? {
+            OwnerCancel::Cancelled(status) => tracing::info!(order_id = %id, %status, "order cancelled by its owner"),
+            OwnerCancel::NotCancellable(status) => {
+                return Err(Error::conflict(
+                    "ORDER_NOT_CANCELLABLE",
+                    format!("order {id} is {status}; only an order still in flight can be cancelled"),
+                ));
+            }
+            OwnerCancel::NotFound => return Err(order_not_found(id)),
+        }
+        let view = read_view(&mut tx, id, user.id())
+            .await?
+            .ok_or_else(|| order_not_found(id))?;
+        let body = serde_json::to_value(&view).map_err(anyhow::Error::from)?;
+        let location = format!("/api/orders/{id}");
+        if let Some(claim) = &claim {
+            let headers = serde_json::json!({ "location": location });
+            claim.finish(&mut tx, StatusCode::ACCEPTED, &body, headers).await?;
+        }
+        let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            res.headers_mut().insert(header::LOCATION, v);
+        }
+        Ok(Claimed::Fresh(res))
+    }
+    .await;
+    idempotency::end(tx, result).await
+}
+
+fn order_not_found(id: Uuid) -> Error {
+    Error::not_found("ORDER_NOT_FOUND", format!("order {id} does not exist"))
+}
+
+/// Order `id` of user `user_id` as `GET /api/orders/{id}` shows it (None: no such order, or
+/// another user's), read on `conn` (inside a transaction: as that transaction sees it).
+pub async fn read_view(conn: &mut sqlx::PgConnection, id: Uuid, user_id: i64) -> Result<Option<OrderView>, Error> {
     let order: Option<orders::OrderRow> = sqlx::query_as("SELECT * FROM orders WHERE id = $1 AND user_id = $2")
         .bind(id)
-        .bind(user.id())
+        .bind(user_id)
         .fetch_optional(&mut *conn)
         .await?;
-    let order = order.ok_or_else(|| Error::not_found("ORDER_NOT_FOUND", format!("order {id} does not exist")))?;
-    let items = orders::items(&mut conn, id).await?;
+    let Some(order) = order else {
+        return Ok(None);
+    };
+    let items = orders::items(conn, id).await?;
     let history: Vec<HistoryView> = sqlx::query_as(
         "SELECT to_status AS status, reason, at FROM order_status_history WHERE order_id = $1 ORDER BY id",
     )
     .bind(id)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(OrderView {
+    Ok(Some(OrderView {
         order: OrderSummary::from(&order),
         items: views::items(items),
         history,
-    })
+    }))
 }
 
 /// The caller's orders, newest first.

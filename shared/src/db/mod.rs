@@ -4,6 +4,7 @@
 
 pub mod orders;
 pub mod outbox;
+pub mod replay;
 
 use std::{str::FromStr, time::Duration};
 

@@ -379,3 +379,48 @@ pub async fn cancel(conn: &mut PgConnection, id: Uuid, reason: CancelReason) -> 
     moves.apply(conn).await?;
     Ok(Some(status))
 }
+
+/// What [`cancel_owned`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnerCancel {
+    /// Cancelled: the status it is left in (CANCELLING, or CANCELLED when it held nothing).
+    Cancelled(OrderStatus),
+    /// The caller's order, but no longer cancellable: its status (CONFIRMED, CANCELLED,
+    /// CANCELLING or COMPENSATION_FAILED).
+    NotCancellable(OrderStatus),
+    /// No such order, or another user's (the two are not told apart).
+    NotFound,
+}
+
+/// Cancels order `id` of user `user_id` with `reason` if it is still cancellable, exactly as
+/// [`cancel`] does (compensation driven by what it holds).
+///
+/// The order row is locked first, whatever its status (`FOR NO KEY UPDATE`, the lock every
+/// step takes): a step that holds it finishes first and the status read here is the one it
+/// committed; a step that comes after finds the order CANCELLING or CANCELLED and its
+/// message stale. So a PAID order is cancelled only if the order worker has not confirmed it,
+/// and then its confirm is stale: a cancel either wins (and the order ends CANCELLED, with
+/// everything given back) or is told the order is no longer cancellable.
+pub async fn cancel_owned(
+    conn: &mut PgConnection,
+    id: Uuid,
+    user_id: i64,
+    reason: CancelReason,
+) -> Result<OwnerCancel> {
+    let order: Option<OrderRow> =
+        sqlx::query_as("SELECT * FROM orders WHERE id = $1 AND user_id = $2 FOR NO KEY UPDATE")
+            .bind(id)
+            .bind(user_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some(order) = order else {
+        return Ok(OwnerCancel::NotFound);
+    };
+    if !OrderStatus::CANCELLABLE.contains(&order.status) {
+        return Ok(OwnerCancel::NotCancellable(order.status));
+    }
+    let mut moves = Transitions::new();
+    let status = moves.cancel(order, reason)?;
+    moves.apply(conn).await?;
+    Ok(OwnerCancel::Cancelled(status))
+}

@@ -98,6 +98,14 @@ impl OutboxMessage {
         Ok(self)
     }
 
+    /// The AMQP headers it is published with (as the outbox stores them).
+    pub fn headers(&self) -> serde_json::Value {
+        match self.trace {
+            Some(t) => serde_json::json!({ "traceparent": t.to_string() }),
+            None => serde_json::json!({}),
+        }
+    }
+
     pub fn with_expiration_ms(mut self, ms: i64) -> Self {
         self.expiration_ms = Some(ms);
         self
@@ -141,10 +149,7 @@ impl Columns {
             columns.exchanges.push(m.kind.exchange());
             columns.keys.push(m.kind.as_str());
             columns.order_ids.push(array_literal(&m.order_ids));
-            columns.headers.push(match m.trace {
-                Some(t) => serde_json::json!({ "traceparent": t.to_string() }),
-                None => serde_json::json!({}),
-            });
+            columns.headers.push(m.headers());
             columns.bodies.push(m.body.clone());
             columns.expirations.push(m.expiration_ms);
         }

@@ -55,6 +55,7 @@ impl Step for Order {
             }
         }
         let mut sold: BTreeMap<i64, i64> = BTreeMap::new();
+        let mut events = Vec::new();
         let confirmed_at = Utc::now();
         if !confirming.is_empty() {
             let ids: Vec<Uuid> = confirming.iter().map(|o| o.id).collect();
@@ -86,17 +87,14 @@ impl Step for Order {
                     confirmed_at,
                 };
                 // The event id is fixed here, in the guarded transaction: re-publishes keep it.
-                moves.message(OutboxMessage::event(
-                    MessageType::OrderConfirmed,
-                    order.id,
-                    &data,
-                    order.trace(),
-                )?);
+                let event = OutboxMessage::event(MessageType::OrderConfirmed, order.id, &data, order.trace())?;
+                events.push(event.clone());
+                moves.message(event);
                 moves.advance(order, OrderStatus::Confirmed, None);
             }
         }
         moves.apply(tx).await?;
-        count_sales(tx, &sold, confirmed_at).await?;
+        record(tx, &events, &sold, confirmed_at).await?;
         Ok(locked.outcomes())
     }
 }
@@ -145,14 +143,30 @@ async fn given_back(tx: &mut PgConnection, finishing: &[orders::OrderRow]) -> Re
         .collect())
 }
 
-/// Adds the units to their products' hourly buckets, in key order, in one statement.
-async fn count_sales(tx: &mut PgConnection, sold: &BTreeMap<i64, i64>, at: DateTime<Utc>) -> Result<()> {
-    if sold.is_empty() {
+/// In one statement: keeps each confirmed order's event as first published (`confirmed_events`,
+/// what an event replay sends again, with its id and bytes), and adds the units to their
+/// products' hourly buckets, in key order.
+async fn record(
+    tx: &mut PgConnection,
+    events: &[OutboxMessage],
+    sold: &BTreeMap<i64, i64>,
+    at: DateTime<Utc>,
+) -> Result<()> {
+    if events.is_empty() {
         return Ok(());
     }
     let (ids, quantities): (Vec<i64>, Vec<i64>) = sold.iter().map(|(p, q)| (*p, *q)).unzip();
+    let orders: Vec<Uuid> = events.iter().flat_map(|e| e.order_ids.first().copied()).collect();
+    let event_ids: Vec<Uuid> = events.iter().map(|e| e.message_id).collect();
+    let headers: Vec<serde_json::Value> = events.iter().map(OutboxMessage::headers).collect();
+    let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
     sqlx::query(
-        "INSERT INTO product_sales_hourly (product_id, bucket, quantity)
+        "WITH kept AS (
+             INSERT INTO confirmed_events (order_id, event_id, confirmed_at, headers, body)
+             SELECT o, e, $3, h, b FROM UNNEST($4::uuid[], $5::uuid[], $6::jsonb[], $7::bytea[]) AS t(o, e, h, b)
+             ON CONFLICT (order_id) DO NOTHING
+         )
+         INSERT INTO product_sales_hourly (product_id, bucket, quantity)
          SELECT pid, date_trunc('hour', $3::timestamptz), qty FROM UNNEST($1::bigint[], $2::bigint[]) AS t(pid, qty)
          ORDER BY pid
          ON CONFLICT (product_id, bucket) DO UPDATE SET quantity = product_sales_hourly.quantity + EXCLUDED.quantity",
@@ -160,6 +174,10 @@ async fn count_sales(tx: &mut PgConnection, sold: &BTreeMap<i64, i64>, at: DateT
     .bind(&ids)
     .bind(&quantities)
     .bind(at)
+    .bind(&orders)
+    .bind(&event_ids)
+    .bind(&headers)
+    .bind(&bodies)
     .execute(tx)
     .await?;
     Ok(())

@@ -1,0 +1,86 @@
+//! `orderflow events replay --from ... --to ...`: the same replay as
+//! `POST /api/admin/events/replay` (`orderflow_shared::db::replay`), run from the command line.
+//! It needs only the database: the replayed events go through the outbox, so a relay
+//! (`orderflow all` or `orderflow worker relay`) publishes them.
+//!
+//! In the foreground (the default) it prints the replay's progress as JSON lines on stdout
+//! and exits when it is DONE; Ctrl-C cancels it (what it had written to the outbox is still
+//! published). With `--detach` it creates the replay, prints it and exits: the API processes
+//! run it (they resume RUNNING replays nobody holds within a few seconds).
+
+use anyhow::Context;
+use orderflow_shared::db::{
+    self,
+    replay::{self, DEFAULT_CHUNK_SIZE, DEFAULT_PAUSE_MS, Plan, Replay},
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReplayArgs {
+    /// Start of the window (inclusive) on the events' confirmedAt, RFC 3339
+    /// (e.g. 2026-11-21T10:00:00Z).
+    #[arg(long)]
+    pub from: String,
+    /// End of the window (exclusive), RFC 3339; at most 31 days after --from. An end in the
+    /// future is cut at now.
+    #[arg(long)]
+    pub to: String,
+    /// Events written to the outbox at a time (1..=1000).
+    #[arg(long, default_value_t = i64::from(DEFAULT_CHUNK_SIZE))]
+    pub chunk_size: i64,
+    /// Pause after each chunk is published, in milliseconds (0..=10000).
+    #[arg(long, default_value_t = i64::from(DEFAULT_PAUSE_MS))]
+    pub pause_ms: i64,
+    /// Create the replay and exit; the API processes run it.
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// Creates the replay and (unless `--detach`) runs it until it is DONE, or until `stop` (then
+/// it is cancelled and this returns once the runner has stopped). `progress` gets the replay after each step. Returns the replay as it ended.
+pub async fn replay(
+    database_url: &str,
+    args: &ReplayArgs,
+    stop: &CancellationToken,
+    mut progress: impl FnMut(&Replay),
+) -> anyhow::Result<Replay> {
+    let plan = Plan::parse(
+        &args.from,
+        &args.to,
+        Some(args.chunk_size),
+        Some(args.pause_ms),
+        chrono::Utc::now(),
+    )?;
+    let pool = db::pool(database_url, 2)?;
+    let result = async {
+        let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
+        if args.detach {
+            let created = replay::create(&mut conn, &plan, "cli", None).await?;
+            progress(&created);
+            return Ok(created);
+        }
+        let owner = uuid::Uuid::new_v4();
+        let created = replay::create(&mut conn, &plan, "cli", Some(owner)).await?;
+        drop(conn);
+        // Stopping cancels the replay in the database, where the runner sees it before its next
+        // chunk (after counting the one in flight), as it would an operator's cancel.
+        let never = CancellationToken::new();
+        let run = replay::run(&pool, created.id, owner, &never, &mut progress);
+        tokio::pin!(run);
+        let ran = tokio::select! {
+            ran = &mut run => ran?,
+            () = stop.cancelled() => {
+                match replay::cancel(&mut *pool.acquire().await?, created.id).await {
+                    Ok(_) => {}
+                    Err(err) if err.code() == Some("REPLAY_NOT_RUNNING") => {}
+                    Err(err) => return Err(err.into()),
+                }
+                run.await?
+            }
+        };
+        Ok(ran.unwrap_or(created))
+    }
+    .await;
+    pool.close().await;
+    result
+}
