@@ -433,7 +433,7 @@ async fn the_openapi_document_states_every_constraint_and_answer() {
     assert_eq!(links("/api/admin/coupons", "post", "201"), ["issueCoupon"]);
     assert_eq!(
         links("/api/orders", "post", "202"),
-        ["cancelOrder", "getOrder", "getOrderTimeline", "streamOrderEvents"]
+        ["cancelMyOrder", "getOrder", "getOrderTimeline", "streamOrderEvents"]
     );
     assert_eq!(
         links("/api/admin/dead-letters", "get", "200"),
