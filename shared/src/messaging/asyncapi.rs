@@ -639,6 +639,13 @@ fn message_headers() -> Value {
                 "pattern": "^[0-9]+$",
                 "description": "Only on an operator's replay of a dead letter: that dead letter's id.",
             },
+            "x-orderflow-event-replay": {
+                "type": "string",
+                "pattern": "^[0-9]+$",
+                "description": "Only on an `order.confirmed` published again by an event replay \
+                                (`POST /api/admin/events/replay`): the replay's id. The event's \
+                                `id` and bytes are the original's, so dedup by `id` absorbs it.",
+            },
             "x-delivery-count": {
                 "type": "integer",
                 "description": "Added by RabbitMQ on a redelivery from a quorum queue: the \
