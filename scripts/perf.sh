@@ -18,6 +18,9 @@ cd "$(dirname "$0")/.."
 readonly PORT=18200 DB=orderflow_perf VHOST=perf
 readonly PG=postgres://postgres@127.0.0.1:5432
 readonly OUT=target/perf BIN=${PERF_BIN:-target/release/orderflow}
+# The binary that runs the system (the bench is always $BIN): another build's, to compare two
+# builds with the same bench, e.g. PERF_SYSTEM_BIN=../before/target/release/orderflow.
+readonly SYS=${PERF_SYSTEM_BIN:-$BIN}
 # The broker's management API, where the vhost is made (the cluster scenario points it at the cluster).
 MGMT=http://guest:guest@127.0.0.1:15672/api
 export JWT_SECRET=perf-secret DATABASE_URL="$PG/$DB" AMQP_URL="amqp://guest:guest@127.0.0.1:5672/$VHOST"
@@ -63,27 +66,27 @@ start_system() {
   if [[ -n ${ACCEPT_ONLY:-} ]]; then
     # Only what every order costs before any step runs: the API accepting it and the relay
     # publishing its reservation and deadline messages.
-    "$BIN" api 2>>"$OUT/system.log" &
+    "$SYS" api 2>>"$OUT/system.log" &
     SYSTEM_PID=$!
-    "$BIN" worker relay 2>>"$OUT/system.log" &
+    "$SYS" worker relay 2>>"$OUT/system.log" &
     WORKER_PIDS=($!)
   elif [[ $INSTANCES -eq 0 ]]; then
-    "$BIN" all 2>>"$OUT/system.log" &
+    "$SYS" all 2>>"$OUT/system.log" &
     SYSTEM_PID=$!
   else
     # The API, one relay and one recovery worker, and INSTANCES processes of every step
     # worker, as separate processes (their CPU is counted as orderflow's).
-    "$BIN" api 2>>"$OUT/system.log" &
+    "$SYS" api 2>>"$OUT/system.log" &
     SYSTEM_PID=$!
-    "$BIN" worker relay 2>>"$OUT/system.log" &
+    "$SYS" worker relay 2>>"$OUT/system.log" &
     WORKER_PIDS=($!)
-    "$BIN" worker recovery 2>>"$OUT/system.log" &
+    "$SYS" worker recovery 2>>"$OUT/system.log" &
     WORKER_PIDS+=($!)
     # PostgreSQL allows 100 connections: the step workers share ~40 between them.
     local per=$((8 / INSTANCES > 2 ? 8 / INSTANCES : 2))
     for _ in $(seq 1 "$INSTANCES"); do
       for kind in stock coupon payment order; do
-        DB_POOL_SIZE=$per WORKER_CONCURRENCY=$per "$BIN" worker "$kind" 2>>"$OUT/system.log" &
+        DB_POOL_SIZE=$per WORKER_CONCURRENCY=$per "$SYS" worker "$kind" 2>>"$OUT/system.log" &
         WORKER_PIDS+=($!)
       done
     done
@@ -134,12 +137,14 @@ bench() {
 }
 
 scenario_rates() {
-  for rate in 35 70 100 140 200 300; do
+  for rate in 35 140 350 700 1000 1400; do
     bench "rate-$rate" --rate "$rate" --orders $((rate * 20)) --users 300 --coupon-share 0.2
   done
 }
 scenario_closed() {
   bench closed --concurrency 32 --orders 6000 --users 300 --coupon-share 0.2 --baseline sync
+  # The plain mix the Performance II issue states its first target with.
+  bench closed-64 --concurrency 64 --orders 3000 --baseline sync
 }
 # With the baseline: its duration_s against the pipeline's is the hot-product target.
 scenario_hot() {
