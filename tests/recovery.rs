@@ -425,3 +425,52 @@ async fn the_sweep_prunes_old_bookkeeping_and_keeps_what_may_still_be_needed() {
     assert_eq!(left, (vec!["day".to_owned()], 1, 1));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn with_autovacuum_off_the_recovery_worker_analyzes_tables_that_grew() {
+    let app = TestApp::api_only().await;
+    let autovacuum: String = sqlx::query_scalar("SELECT current_setting('autovacuum')")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let analyzed = orderflow_workers::statistics::analyze_stale(&app.pool).await.unwrap();
+    if autovacuum == "on" {
+        // Autovacuum keeps the statistics; the worker leaves them alone.
+        assert_eq!(analyzed, None);
+        app.stop().await;
+        return;
+    }
+    sqlx::query(
+        "INSERT INTO products (name, price, stock, initial_stock)
+         SELECT 'p' || n, 100, 1, 1 FROM generate_series(1, 500) AS n",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // pg_stat counters are sent when a transaction ends; give the collector a moment.
+    let deadline = Instant::now() + WAIT;
+    let tables = loop {
+        let tables = orderflow_workers::statistics::analyze_stale(&app.pool)
+            .await
+            .unwrap()
+            .unwrap();
+        if tables.iter().any(|t| t.ends_with(".products")) {
+            break tables;
+        }
+        assert!(Instant::now() < deadline, "products was never analyzed: {tables:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(tables.iter().any(|t| t.ends_with(".products")), "{tables:?}");
+    let reltuples: f32 = sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE relname = 'products'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(reltuples, 500.0);
+    // Analyzed, it is not analyzed again until it changes.
+    let again = orderflow_workers::statistics::analyze_stale(&app.pool)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!again.iter().any(|t| t.ends_with(".products")), "{again:?}");
+    app.stop().await;
+}

@@ -3,6 +3,7 @@
 pub mod broker;
 pub mod relay;
 pub mod runtime;
+pub mod statistics;
 pub mod steps;
 pub mod sweep;
 
@@ -33,7 +34,8 @@ pub enum WorkerKind {
     Payment,
     /// Confirms orders (counting their units for popular products) and finishes cancellations.
     Order,
-    /// Cancels orders past their deadline, records dead letters, sweeps for stuck orders.
+    /// Cancels orders past their deadline, records dead letters, sweeps for stuck orders (and
+    /// keeps the planner's statistics when autovacuum is off).
     Recovery,
 }
 
@@ -64,12 +66,18 @@ pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: Canc
         WorkerKind::Payment => consume(Payment, pool, cfg, shutdown).await,
         WorkerKind::Order => consume(Order, pool, cfg, shutdown).await,
         WorkerKind::Recovery => {
-            let (expiry, dead, sweep) = tokio::join!(
+            let (expiry, dead, sweep, statistics) = tokio::join!(
                 consume(Expiry, pool.clone(), cfg.clone(), shutdown.clone()),
                 consume(DeadLetters, pool.clone(), cfg, shutdown.clone()),
-                sweep::run(pool, config.sweep_interval, config.order_timeout, shutdown),
+                sweep::run(
+                    pool.clone(),
+                    config.sweep_interval,
+                    config.order_timeout,
+                    shutdown.clone()
+                ),
+                statistics::run(pool, shutdown),
             );
-            expiry.and(dead).and(sweep)
+            expiry.and(dead).and(sweep).and(statistics)
         }
     }
 }
