@@ -405,6 +405,15 @@ async fn the_openapi_document_states_every_constraint_and_answer() {
         coupon[0]["properties"]["expiresAt"]["pattern"],
         orderflow_api::json::DATE_TIME_PATTERN
     );
+    for field in ["from", "to"] {
+        let time = &schema("NewReplay")[field];
+        assert_eq!(time["format"], "date-time", "NewReplay.{field}");
+        assert_eq!(
+            time["pattern"],
+            orderflow_api::json::DATE_TIME_PATTERN,
+            "NewReplay.{field}"
+        );
+    }
     assert_eq!(coupon[0]["properties"]["discountValue"]["maximum"], 1_000_000_000);
     assert_eq!(coupon[1]["properties"]["discountValue"]["maximum"], 100);
     // The duration pattern is the parser's grammar and bound.

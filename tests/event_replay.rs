@@ -375,6 +375,23 @@ async fn a_replay_shows_its_progress_stops_when_cancelled_and_refuses_bad_reques
         StatusCode::BAD_REQUEST,
         "INVALID_TIME",
     );
+    // The schema's one spelling: no impossible dates, no lower-case `t`, no surrounding blanks.
+    for time in ["0000-00-00T00:00:00Z", "2026-11-21t10:00:00Z", " 2026-11-21T10:00:00Z"] {
+        assert_problem(
+            &bad(json!({"from": time, "to": rfc3339(now)})).await,
+            StatusCode::BAD_REQUEST,
+            "INVALID_TIME",
+        );
+    }
+    // Integers as JSON Schema reads them: 100.0 is 100.
+    let (month_ago, day_later) = (now - chrono::TimeDelta::days(30), now - chrono::TimeDelta::days(29));
+    let accepted = bad(json!({"from": rfc3339(month_ago), "to": rfc3339(day_later), "chunkSize": 100.0})).await;
+    assert_eq!(
+        (accepted.0, accepted.2["total"].as_i64()),
+        (StatusCode::ACCEPTED, Some(0)),
+        "{}",
+        accepted.2
+    );
     assert_problem(
         &bad(json!({"from": rfc3339(now), "to": 42})).await,
         StatusCode::BAD_REQUEST,
@@ -441,7 +458,10 @@ async fn a_replay_shows_its_progress_stops_when_cancelled_and_refuses_bad_reques
         .fetch_one(&app.pool)
         .await
         .unwrap();
-    assert_eq!(replays, 1, "no refused request created a replay");
+    assert_eq!(
+        replays, 2,
+        "no refused request created a replay (the first and chunkSize 100.0 did)"
+    );
     Arc::into_inner(app).unwrap().stop().await;
 }
 

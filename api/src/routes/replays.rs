@@ -11,7 +11,10 @@ use axum::{
     routing::{get, post},
 };
 use chrono::Utc;
-use orderflow_shared::db::replay::{self, Plan, Replay};
+use orderflow_shared::{
+    Error,
+    db::replay::{self, Plan, Replay},
+};
 use serde::Deserialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -39,6 +42,7 @@ pub struct NewReplay {
     /// Start of the window (inclusive) on the events' `data.confirmedAt`, RFC 3339.
     #[schema(
         example = "2026-11-21T10:00:00Z",
+        format = DateTime,
         pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
     )]
     pub from: String,
@@ -46,14 +50,17 @@ pub struct NewReplay {
     /// future is cut at the moment the replay starts.
     #[schema(
         example = "2026-11-21T12:00:00Z",
+        format = DateTime,
         pattern = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-5][0-9](\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})$"
     )]
     pub to: String,
     /// Events written to the outbox at a time, 1..=1,000 (default 100).
     #[schema(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub chunk_size: Option<i64>,
     /// Pause after each chunk is published, 0..=10,000 ms (default 100).
     #[schema(minimum = 0, maximum = 10000)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub pause_ms: Option<i64>,
 }
 
@@ -74,6 +81,12 @@ pub struct NewReplay {
         (status = 422, description = "INVALID_WINDOW: `from` is not before `to` (cut at now); WINDOW_TOO_LONG: over 31 days", body = Problem, content_type = PROBLEM),
     ))]
 pub async fn start(State(state): State<AppState>, admin: Admin, Json(req): Json<NewReplay>) -> ApiResult<Response> {
+    // The schema's one spelling (json::date_time), before the shared parser (which the CLI
+    // also uses, and which is lenient about surrounding blanks).
+    for (name, value) in [("from", &req.from), ("to", &req.to)] {
+        crate::json::date_time::<serde::de::value::Error>(value)
+            .map_err(|e| Error::bad_request("INVALID_TIME", format!("{name}: {e}")))?;
+    }
     let plan = Plan::parse(&req.from, &req.to, req.chunk_size, req.pause_ms, Utc::now())?;
     let owner = Uuid::new_v4();
     let created = replay::create(
