@@ -2,7 +2,7 @@
 # Repeats the numbers in docs/PERFORMANCE.md with one command:
 #
 #   bash scripts/perf.sh            # every scenario
-#   bash scripts/perf.sh rates      # only some: rates closed accept hot rush instances cluster
+#   bash scripts/perf.sh rates      # only some: rates closed accept hot rush instances observe cluster
 #   PERF_BIN=target/debug/orderflow PERF_ORDERS=300 bash scripts/perf.sh cluster
 #                                   # a quick check that a scenario runs (debug build, few orders):
 #                                   # its numbers mean nothing
@@ -166,6 +166,13 @@ scenario_instances() {
     INSTANCES=$n bench "instances-$n" --concurrency 32 --orders "${PERF_ORDERS:-4000}" --users 300 --coupon-share 0.2
   done
 }
+# What watching orders costs the system: the same open-model run observed by polling each user's
+# order list, then by long-polling each order with `Prefer: wait` (RFC 7240).
+scenario_observe() {
+  for how in poll wait; do
+    bench "observe-$how" --rate 350 --orders 7000 --users 300 --coupon-share 0.2 --observe "$how"
+  done
+}
 # The broker's share: the same closed bench on the default node, then on the three-node cluster of
 # scripts/cluster.sh (its default names and ports; started here if it is down and stopped again
 # after), every process given the three addresses. Quorum queues then replicate every message to
@@ -190,7 +197,7 @@ printf 'scenario\torders\tcompleted/s\tpostgres\trabbitmq\torderflow\tbench\tmac
 bash scripts/services.sh
 if [[ -z ${PERF_BIN:-} ]]; then cargo build --release --quiet; fi
 scenarios=("$@")
-[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(rates closed accept hot rush instances)
+[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(rates closed accept hot rush instances observe)
 for s in "${scenarios[@]}"; do
   "scenario_$s"
 done

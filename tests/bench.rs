@@ -181,6 +181,11 @@ async fn a_hot_product_run_in_the_open_model_sells_exactly_its_stock() {
             "--hot",
             "--hot-stock",
             "5",
+            // Watched by long-polls, fewer slots than orders: the rest wait their turn.
+            "--observe",
+            "wait",
+            "--wait-connections",
+            "10",
         ],
     );
     let Outcome::Orders(report) = execute(&args).await.expect("the bench runs") else {
@@ -194,6 +199,14 @@ async fn a_hot_product_run_in_the_open_model_sells_exactly_its_stock() {
     assert_eq!(report.confirmed, 5, "{report:?}");
     assert_eq!(report.cancelled_by_reason.get("OUT_OF_STOCK"), Some(&35), "{report:?}");
     assert_eq!(report.model, "open");
+    assert_eq!(
+        (report.observe, report.poll_errors, report.poll_rounds),
+        ("wait", 0, 0),
+        "{report:?}"
+    );
+    // At least one long-poll per order, and not a poll loop: each answers a status change
+    // (PENDING, then at most the steps and the cancel) or the 30 s wait.
+    assert!((40..=40 * 6).contains(&report.poll_requests), "{report:?}");
     assert!(report.pg_waits.is_none(), "not asked for");
     assert_cpu(&serde_json::to_value(&report.cpu).unwrap(), 40, "completed");
     app.stop().await;

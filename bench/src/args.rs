@@ -89,6 +89,17 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 8)]
     pub poll_concurrency: usize,
 
+    /// How the bench learns that an order is terminal: `poll` each user's order list, or
+    /// `wait` on each order (`GET /api/orders/{id}` with `Prefer: wait=30`, RFC 7240), which
+    /// the API answers when the order's status changes.
+    #[arg(long, value_enum, default_value_t = Observe::Poll)]
+    pub observe: Observe,
+
+    /// With `--observe wait`: requests waiting at once at most (each holds a connection);
+    /// orders beyond wait for a slot, oldest first.
+    #[arg(long, default_value_t = 1_000)]
+    pub wait_connections: usize,
+
     /// Open model: requests in flight at most; an order that has to wait for a slot is late.
     #[arg(long, default_value_t = 2_048)]
     pub max_in_flight: usize,
@@ -111,6 +122,15 @@ pub struct BenchArgs {
     /// How often --pg-waits samples.
     #[arg(long, default_value = "50ms", value_parser = parse_duration, requires = "pg_waits")]
     pub pg_waits_interval: Duration,
+}
+
+/// How accepted orders are watched until they are terminal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Observe {
+    /// Poll each user's order list (`GET /api/orders`), backing off on old orders.
+    Poll,
+    /// Long-poll each order (`GET /api/orders/{id}`, `Prefer: wait=30`).
+    Wait,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -157,6 +177,8 @@ pub struct OrderSettings {
     pub timeout: Duration,
     pub poll_interval: Duration,
     pub poll_concurrency: usize,
+    pub observe: Observe,
+    pub wait_connections: usize,
     pub max_in_flight: usize,
     pub seed: u64,
 }
@@ -193,6 +215,10 @@ impl BenchArgs {
         let url = reqwest::Url::parse(&api).with_context(|| format!("--api {api:?} is not a URL"))?;
         ensure!(matches!(url.scheme(), "http" | "https"), "--api must be an http:// URL");
         ensure!(self.poll_concurrency >= 1, "--poll-concurrency must be at least 1");
+        ensure!(
+            (1..=10_000).contains(&self.wait_connections),
+            "--wait-connections must be 1..=10000"
+        );
         ensure!(!self.timeout.is_zero(), "--timeout must be positive");
         if let Some(c) = self.concurrency {
             ensure!((1..=10_000).contains(&c), "--concurrency must be 1..=10000");
@@ -264,6 +290,8 @@ impl BenchArgs {
                 timeout: self.timeout,
                 poll_interval: self.poll_interval,
                 poll_concurrency: self.poll_concurrency,
+                observe: self.observe,
+                wait_connections: self.wait_connections,
                 max_in_flight: self.max_in_flight,
                 seed: self.seed,
             })
@@ -363,6 +391,10 @@ mod tests {
             "30s",
             "--poll-interval",
             "10ms",
+            "--observe",
+            "wait",
+            "--wait-connections",
+            "300",
             "--seed",
             "7",
             "--system-pids",
@@ -381,6 +413,7 @@ mod tests {
         assert_eq!(o.baseline_concurrency, Some(8));
         assert_eq!(o.timeout, Duration::from_secs(30));
         assert_eq!(o.poll_interval, Duration::from_millis(10));
+        assert_eq!((o.observe, o.wait_connections), (Observe::Wait, 300));
         assert_eq!(o.seed, 7);
         assert_eq!(s.system_pids, vec![12, 34]);
         assert_eq!(s.pg_waits, Some(Duration::from_millis(100)));

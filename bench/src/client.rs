@@ -81,6 +81,22 @@ impl Api {
         Ok(Reply { status, body })
     }
 
+    /// `GET path` with `Prefer: wait=N` (RFC 7240 §4.3, N whole seconds): the API holds the
+    /// answer until what it concerns changes or N seconds pass.
+    pub async fn get_waiting(&self, path: &str, token: &str, wait: Duration) -> Result<Reply, reqwest::Error> {
+        let res = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header("prefer", format!("wait={}", wait.as_secs()))
+            .send()
+            .await?;
+        let status = res.status();
+        let bytes = res.bytes().await?;
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(Reply { status, body })
+    }
+
     /// A setup call that must answer `want`.
     pub async fn expect(
         &self,

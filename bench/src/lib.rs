@@ -38,10 +38,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::args::BenchArgs;
 use self::{
-    args::{LoadModel, OrderSettings, Scenario},
+    args::{LoadModel, Observe, OrderSettings, Scenario},
     client::Api,
     meter::Meter,
-    observe::{Final, Observer, PollObserver},
+    observe::{Final, Observer, PollObserver, WaitObserver},
     plan::Plan,
     progress::Progress,
     report::{Latency, Measured, Report, RushReport},
@@ -110,6 +110,9 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Outcome> {
     outcome
 }
 
+/// How long `--observe wait` asks the API to hold each request (its maximum).
+const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Terminal states as the observer saw them.
 #[derive(Default)]
 struct Seen {
@@ -136,7 +139,11 @@ async fn orders(
         LoadModel::Closed { concurrency } => concurrency,
         LoadModel::Open { .. } => s.max_in_flight.min(1_024),
     };
-    let api = Api::new(api_url, secret, senders + s.poll_concurrency)?;
+    let watchers = match s.observe {
+        Observe::Poll => s.poll_concurrency,
+        Observe::Wait => s.wait_connections,
+    };
+    let api = Api::new(api_url, secret, senders + watchers)?;
     api.health().await?;
     let fixture = Arc::new(
         setup::run(&api, &plan, progress)
@@ -147,13 +154,27 @@ async fn orders(
     let (watch_tx, watch_rx) = mpsc::unbounded_channel();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let stop = CancellationToken::new();
-    let observer = PollObserver {
-        api: api.clone(),
-        tokens: Arc::new(fixture.tokens.clone()),
-        interval: s.poll_interval,
-        concurrency: s.poll_concurrency,
+    let tokens = Arc::new(fixture.tokens.clone());
+    let mut observing = match s.observe {
+        Observe::Poll => tokio::spawn(
+            PollObserver {
+                api: api.clone(),
+                tokens,
+                interval: s.poll_interval,
+                concurrency: s.poll_concurrency,
+            }
+            .run(watch_rx, done_tx, stop.clone()),
+        ),
+        Observe::Wait => tokio::spawn(
+            WaitObserver {
+                api: api.clone(),
+                tokens,
+                connections: s.wait_connections,
+                wait: WAIT,
+            }
+            .run(watch_rx, done_tx, stop.clone()),
+        ),
     };
-    let mut observing = tokio::spawn(observer.run(watch_rx, done_tx, stop.clone()));
     let sent_bar = progress.bar("sent", n);
     let done_bar = progress.bar("terminal", n);
     let collecting = tokio::spawn(async move {
@@ -262,6 +283,10 @@ async fn orders(
         recorded_p95_ms: 0.0,
         recorded_p99_ms: 0.0,
         recorded_max_ms: 0.0,
+        observe: match s.observe {
+            Observe::Poll => "poll",
+            Observe::Wait => "wait",
+        },
         poll_requests: observed.requests,
         poll_errors: observed.errors,
         poll_rounds: observed.rounds,

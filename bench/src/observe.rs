@@ -1,7 +1,8 @@
 //! Watching accepted orders reach a terminal state, from the outside.
 //!
-//! [`Observer`] is the seam: today [`PollObserver`] polls the public API; an observer fed by
-//! a server-sent event stream can replace it without touching the rest of the bench.
+//! [`Observer`] is the seam: [`PollObserver`] polls each user's order list, [`WaitObserver`]
+//! long-polls each order with `Prefer: wait` (RFC 7240); `--observe` picks one, and the
+//! report's request count and CPU per order compare what each costs the system.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -13,7 +14,11 @@ use std::{
 use futures_util::{StreamExt, stream};
 use reqwest::Method;
 use serde_json::Value;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{Semaphore, mpsc},
+    task::JoinSet,
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -310,6 +315,106 @@ impl Observer for PollObserver {
                 () = stop.cancelled() => return stats,
             }
         }
+    }
+}
+
+/// Long-polls each order: `GET /api/orders/{id}` with `Prefer: wait=N` (RFC 7240), which the
+/// API answers when the order's status changes (or after N seconds); a status that is not
+/// final yet is asked about again at once. At most `connections` requests wait at once, each
+/// holding a connection; orders beyond wait for a slot in the order they were accepted. A
+/// failed request is retried after [`WAIT_RETRY`].
+pub struct WaitObserver {
+    pub api: Api,
+    pub tokens: Arc<Vec<String>>,
+    pub connections: usize,
+    pub wait: Duration,
+}
+
+/// Pause before a failed long-poll is sent again.
+const WAIT_RETRY: Duration = Duration::from_millis(100);
+
+impl WaitObserver {
+    /// Waits on one order until it is final; returns (requests, errors).
+    async fn follow(
+        api: Api,
+        token: String,
+        watch: Watch,
+        wait: Duration,
+        slots: Arc<Semaphore>,
+        done: mpsc::UnboundedSender<Terminal>,
+    ) -> (u64, u64) {
+        let Ok(_slot) = slots.acquire_owned().await else {
+            return (0, 0);
+        };
+        let path = format!("/api/orders/{}", watch.order_id);
+        let (mut requests, mut errors) = (0, 0);
+        loop {
+            requests += 1;
+            match api.get_waiting(&path, &token, wait).await {
+                Ok(r) if r.status.is_success() => {
+                    let status = r.body["status"].as_str().unwrap_or_default();
+                    if let Some(outcome) = Final::from_status(status, r.body["reason"].as_str()) {
+                        let _ = done.send(Terminal {
+                            watch,
+                            outcome,
+                            observed_at: Instant::now(),
+                            recorded: recorded(&r.body),
+                        });
+                        return (requests, errors);
+                    }
+                }
+                _ => {
+                    errors += 1;
+                    tokio::time::sleep(WAIT_RETRY).await;
+                }
+            }
+        }
+    }
+}
+
+impl Observer for WaitObserver {
+    async fn run(
+        self,
+        mut orders: mpsc::UnboundedReceiver<Watch>,
+        done: mpsc::UnboundedSender<Terminal>,
+        stop: CancellationToken,
+    ) -> ObserverStats {
+        let slots = Arc::new(Semaphore::new(self.connections.max(1)));
+        let mut following = JoinSet::new();
+        let mut stats = ObserverStats::default();
+        let mut open = true;
+        let started = Instant::now();
+        loop {
+            if !open && following.is_empty() {
+                break;
+            }
+            tokio::select! {
+                w = orders.recv(), if open => match w {
+                    Some(w) => {
+                        following.spawn(Self::follow(
+                            self.api.clone(),
+                            self.tokens[w.user].clone(),
+                            w,
+                            self.wait,
+                            slots.clone(),
+                            done.clone(),
+                        ));
+                    }
+                    None => open = false,
+                },
+                Some(r) = following.join_next() => {
+                    let (requests, errors) = r.unwrap_or_default();
+                    stats.requests += requests;
+                    stats.errors += errors;
+                }
+                () = stop.cancelled() => {
+                    following.abort_all();
+                    break;
+                }
+            }
+        }
+        stats.busy = started.elapsed();
+        stats
     }
 }
 

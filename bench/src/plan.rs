@@ -180,6 +180,8 @@ mod tests {
             timeout: Duration::from_secs(1),
             poll_interval: Duration::from_millis(10),
             poll_concurrency: 1,
+            observe: crate::args::Observe::Poll,
+            wait_connections: 1,
             max_in_flight: 1,
             seed: 1,
         }

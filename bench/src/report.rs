@@ -132,8 +132,11 @@ pub struct Report {
     pub recorded_p99_ms: f64,
     pub recorded_max_ms: f64,
 
-    /// What observing cost: polling requests and rounds (the e2e resolution is about
-    /// `duration_s / poll_rounds`).
+    /// How orders were watched: `poll` (users' order lists) or `wait` (`Prefer: wait` on each
+    /// order).
+    pub observe: &'static str,
+    /// What observing cost: requests (with `wait`, long-polls) and polling rounds (the e2e
+    /// resolution is about `duration_s / poll_rounds`; none with `wait`).
     pub poll_requests: u64,
     pub poll_errors: u64,
     pub poll_rounds: u64,
@@ -331,11 +334,20 @@ impl Report {
             "  {:<22} {:>10.1} orders/s over {:.2} s",
             "accept rate", self.accept_per_s, self.send_duration_s
         );
-        let _ = writeln!(
-            out,
-            "  {:<22} {:>10} requests, {} rounds of {:.0} ms on average, {} errors",
-            "observer polling", self.poll_requests, self.poll_rounds, self.poll_round_mean_ms, self.poll_errors
-        );
+        let per_order = self.poll_requests as f64 / (self.confirmed + self.cancelled).max(1) as f64;
+        if self.observe == "wait" {
+            let _ = writeln!(
+                out,
+                "  {:<22} {:>10} requests ({per_order:.2} per order) with Prefer: wait, {} errors",
+                "observer waiting", self.poll_requests, self.poll_errors
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  {:<22} {:>10} requests ({per_order:.2} per order), {} rounds of {:.0} ms on average, {} errors",
+                "observer polling", self.poll_requests, self.poll_rounds, self.poll_round_mean_ms, self.poll_errors
+            );
+        }
         costs(&mut out, "", self.cpu.as_ref(), self.pg_waits.as_ref());
         if let Some(b) = &self.baseline {
             let _ = writeln!(out);
@@ -581,6 +593,7 @@ mod tests {
             recorded_p95_ms: 0.0,
             recorded_p99_ms: 0.0,
             recorded_max_ms: 0.0,
+            observe: "poll",
             poll_requests: 40,
             poll_errors: 0,
             poll_rounds: 12,
