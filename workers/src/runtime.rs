@@ -149,9 +149,15 @@ pub async fn run<S: Step>(
     let step = Arc::new(step);
     let mut backoff = broker::reconnect_backoff();
     while !shutdown.is_cancelled() {
-        match consume(step.clone(), &pool, &cfg, &shutdown).await {
+        let mut consumed = false;
+        match consume(step.clone(), &pool, &cfg, &shutdown, &mut consumed).await {
             Ok(()) => break,
             Err(err) => {
+                // A connection that got as far as consuming starts the back-off over: the
+                // next node of a cluster is tried at once, not after the last outage's delay.
+                if consumed {
+                    backoff = broker::reconnect_backoff();
+                }
                 let delay = backoff.next().unwrap_or(Duration::from_secs(5));
                 tracing::warn!(worker = S::NAME, error = %err, ?delay, "consumer lost its broker connection; reconnecting");
                 tokio::select! {
@@ -165,12 +171,14 @@ pub async fn run<S: Step>(
     Ok(())
 }
 
-/// One connection's life: returns Ok on shutdown, Err when the connection or channel fails.
+/// One connection's life: returns Ok on shutdown, Err when the connection or channel fails;
+/// sets `consumed` once it consumes.
 async fn consume<S: Step>(
     step: Arc<S>,
     pool: &PgPool,
     cfg: &RuntimeConfig,
     shutdown: &CancellationToken,
+    consumed: &mut bool,
 ) -> lapin::Result<()> {
     let (conn, channel) = broker::connect(&cfg.amqp_url, S::NAME).await?;
     channel.basic_qos(cfg.prefetch, BasicQosOptions::default()).await?;
@@ -183,6 +191,7 @@ async fn consume<S: Step>(
         )
         .await?;
     tracing::info!(worker = S::NAME, queue = S::QUEUE, "consuming");
+    *consumed = true;
 
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
     let most = if S::BATCHED { cfg.batch.max(1) } else { 1 };
