@@ -63,6 +63,36 @@ async fn declare_exchange(app: &TestApp, name: &str) {
     let _ = conn.close(200, "bye".into()).await;
 }
 
+/// Declares queue `queue` (classic, with `args`: an integer, or -1 for `reject-publish` as
+/// `x-overflow`) and binds it to `exchange` with `key`.
+async fn bind_queue(app: &TestApp, queue: &str, exchange: &str, key: &str, args: &[(&str, i64)]) {
+    let (conn, channel) = app.amqp().await;
+    let mut table = FieldTable::default();
+    for (k, v) in args {
+        let value = if *v < 0 {
+            AMQPValue::LongString("reject-publish".into())
+        } else {
+            AMQPValue::LongLongInt(*v)
+        };
+        table.insert((*k).into(), value);
+    }
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::default(), table)
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+}
+
 async fn metric(name: &str) -> Option<f64> {
     orderflow_shared::metrics::render()
         .lines()
@@ -77,6 +107,17 @@ async fn rows_the_broker_refuses_are_set_aside_and_a_hundred_orders_behind_them_
     declare_exchange(&app, "unbound").await;
     let missing = insert_outbox(&app, "legacy", "stock.reserve").await;
     let unroutable = insert_outbox(&app, "unbound", "nowhere").await;
+    // And one the broker nacks ("not now": a queue that is full and rejects publishes, as a
+    // quorum queue without a leader does while a node is down): retried, not parked.
+    bind_queue(
+        &app,
+        "full",
+        "unbound",
+        "full",
+        &[("x-max-length", 0), ("x-overflow", -1)],
+    )
+    .await;
+    let nacked = insert_outbox(&app, "unbound", "full").await;
 
     let product = app.product("Behind poison", 100, 1_000).await;
     for user in 1..=100 {
@@ -107,14 +148,48 @@ async fn rows_the_broker_refuses_are_set_aside_and_a_hundred_orders_behind_them_
     assert!(gone["lastError"].as_str().unwrap().contains("NOT_FOUND"), "{gone}");
     assert_eq!(nowhere["attempts"], orderflow_workers::relay::MAX_ATTEMPTS);
     assert!(nowhere["lastError"].as_str().unwrap().contains("NO_ROUTE"), "{nowhere}");
+    // Past the refusals that park a row, the nacked one is still being retried.
+    let deadline = Instant::now() + WAIT;
+    let (attempts, parked_at, last_error) = loop {
+        let row: (i32, Option<chrono::DateTime<chrono::Utc>>, Option<String>) =
+            sqlx::query_as("SELECT attempts, parked_at, last_error FROM outbox WHERE id = $1")
+                .bind(nacked)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        if row.0 > orderflow_workers::relay::MAX_ATTEMPTS || row.1.is_some() {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "the nacked row was not retried: {row:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(attempts < orderflow_workers::relay::MAX_NACKED_ATTEMPTS, "{attempts}");
+    assert_eq!(parked_at, None, "a nack is the broker's 'not now'");
+    assert!(
+        last_error.as_deref().unwrap_or_default().contains("nacked"),
+        "{last_error:?}"
+    );
     let (_, overview) = app.get("/api/admin/overview", &app.admin_token()).await;
     assert_eq!(overview["outbox"]["parked"], 2);
-    assert_eq!(overview["outbox"]["unsent"], 0);
+    assert_eq!(overview["outbox"]["unsent"], 1, "{overview}");
     let deadline = Instant::now() + WAIT;
     while metric("orderflow_outbox_parked ").await != Some(2.0) {
         assert!(Instant::now() < deadline, "the parked gauge never showed 2");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // The full queue makes room: the nacked row goes out on its next try, with no operator.
+    let (conn, channel) = app.amqp().await;
+    channel
+        .queue_purge("full".into(), lapin::options::QueuePurgeOptions::default())
+        .await
+        .unwrap();
+    channel
+        .queue_delete("full".into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    bind_queue(&app, "full", "unbound", "full", &[]).await;
 
     // An operator binds a queue to the second exchange and retries it; discards the first.
     let (conn, channel) = app.amqp().await;
@@ -158,6 +233,21 @@ async fn rows_the_broker_refuses_are_set_aside_and_a_hundred_orders_behind_them_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(app.drain_queue("catch-all").await.len(), 1);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let sent: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT sent_at FROM outbox WHERE id = $1")
+                .bind(nacked)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        if sent.is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the nacked row was never published");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(app.drain_queue("full").await.len(), 1);
     assert!(parked(&app).await.is_empty());
     for (method, path, want, code) in [
         (

@@ -7,12 +7,15 @@
 //!
 //! A row the broker refuses (no such exchange, unroutable, nacked, or any publish after which
 //! the broker closes the channel: too large, not allowed) never holds back the rows behind
-//! it: it is retried on its own schedule (`retry_at`), and after [`MAX_ATTEMPTS`] it is parked
+//! it: it is retried on its own schedule (`retry_at`), and after [`MAX_ATTEMPTS`] (a nack,
+//! which is the broker's "not now", after [`MAX_NACKED_ATTEMPTS`]) it is parked
 //! with its reason for an operator (`/api/admin/outbox`: retry or discard), counted in the
 //! overview and the `orderflow_outbox_parked` gauge. When the broker closes the channel in
 //! the middle of a batch, the rows not yet confirmed are published again one at a time on
 //! fresh channels, to tell the row that caused it from the ones that merely shared its
-//! channel.
+//! channel. After a nack the relay also opens a fresh channel: when a node of a cluster dies,
+//! a channel can keep nacking a quorum queue whose leader moved (seen for 30 s and more on
+//! RabbitMQ 3.10), while a new channel finds the new leader at once.
 
 use std::time::Duration;
 
@@ -41,6 +44,14 @@ const BATCH: i64 = 500;
 const POLL: Duration = Duration::from_millis(20);
 /// Publishes of one row the broker refused before the row is parked for an operator.
 pub const MAX_ATTEMPTS: i32 = 3;
+/// Longest pause before a refused row is tried again, in seconds (the pause doubles from 1 s).
+const MAX_RETRY_DELAY_S: i32 = 60;
+/// The same two for a row the broker nacked: a nack says it could not take the message *now*
+/// (a quorum queue electing a leader or without a majority while a node is down, or full with
+/// `reject-publish`), so the row is tried again at least every 5 s, to go out soon after the
+/// queue is back, for about ten minutes before an operator is asked.
+pub const MAX_NACKED_ATTEMPTS: i32 = 120;
+const MAX_NACKED_RETRY_DELAY_S: i32 = 5;
 
 #[derive(Debug, sqlx::FromRow)]
 pub struct OutboxRow {
@@ -171,8 +182,12 @@ impl Publisher {
 /// What became of one row's publish.
 enum Published {
     Confirmed,
-    /// The broker refused this row; the reason is kept with the row.
-    Refused(String),
+    /// The broker refused this row; the reason is kept with the row. `nack`: it only said
+    /// "not now" (see [`MAX_NACKED_ATTEMPTS`]).
+    Refused {
+        why: String,
+        nack: bool,
+    },
     /// The channel failed (maybe over another row): unknown for this one.
     Unknown(lapin::Error),
 }
@@ -233,7 +248,7 @@ pub async fn publish_batch(
                     if !publisher.conn.status().connected() {
                         return Err(anyhow::anyhow!("lost the broker connection: {err}"));
                     }
-                    *result = Published::Refused(format!("the broker closed the channel: {err}"));
+                    *result = Published::refused(format!("the broker closed the channel: {err}"));
                 }
             }
         }
@@ -241,20 +256,36 @@ pub async fn publish_batch(
             publisher.reopen().await?;
         }
     }
+    // A nack may come from the channel's own view of a queue whose leader moved (a node of a
+    // cluster died): the next batch goes out on a fresh channel, which looks the leader up anew.
+    let nacked = results
+        .iter()
+        .any(|r| matches!(r, Published::Refused { nack: true, .. }));
+    if nacked {
+        let _ = publisher.channel.close(200, "nacked; reopening".into()).await;
+        publisher.reopen().await?;
+    }
     if crash_after_confirm() {
         tracing::error!(batch = rows.len(), "fault injection: aborting between confirm and mark");
         std::process::abort();
     }
     let mut sent = Vec::with_capacity(rows.len());
-    let (mut refused, mut reasons) = (Vec::new(), Vec::new());
+    let (mut refused, mut reasons, mut limits, mut delays) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (row, result) in rows.iter().zip(results) {
         match result {
             Published::Confirmed => sent.push(row.id),
-            Published::Refused(why) => {
+            Published::Refused { why, nack } => {
                 tracing::warn!(outbox_id = row.id, message_type = %row.message_type, exchange = %row.exchange,
                     routing_key = %row.routing_key, reason = %why, "the broker refused a message; it will be retried on its own");
                 refused.push(row.id);
                 reasons.push(why);
+                let (most, max_delay) = if nack {
+                    (MAX_NACKED_ATTEMPTS, MAX_NACKED_RETRY_DELAY_S)
+                } else {
+                    (MAX_ATTEMPTS, MAX_RETRY_DELAY_S)
+                };
+                limits.push(most);
+                delays.push(max_delay);
             }
             Published::Unknown(err) => return Err(err.into()),
         }
@@ -266,15 +297,16 @@ pub async fn publish_batch(
     if !refused.is_empty() {
         let parked: Vec<i64> = sqlx::query_scalar::<_, Option<i64>>(
             "UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.why,
-                 retry_at = now() + least(power(2, o.attempts), 60) * interval '1 second',
-                 parked_at = CASE WHEN o.attempts + 1 >= $3 THEN now() END
-             FROM UNNEST($1::bigint[], $2::text[]) AS f(id, why)
+                 retry_at = now() + least(power(2, least(o.attempts, 30)), f.max_delay) * interval '1 second',
+                 parked_at = CASE WHEN o.attempts + 1 >= f.most THEN now() END
+             FROM UNNEST($1::bigint[], $2::text[], $3::int[], $4::int[]) AS f(id, why, most, max_delay)
              WHERE o.id = f.id
              RETURNING CASE WHEN o.parked_at IS NOT NULL THEN o.id END",
         )
         .bind(&refused)
         .bind(&reasons)
-        .bind(MAX_ATTEMPTS)
+        .bind(&limits)
+        .bind(&delays)
         .fetch_all(&mut *tx)
         .await?
         .into_iter()
@@ -306,14 +338,25 @@ async fn publish(channel: &Channel, row: &OutboxRow) -> lapin::Result<lapin::Pub
         .await
 }
 
+impl Published {
+    /// A refusal that says something about the message (no exchange, no queue bound, too
+    /// large, not allowed): parked after [`MAX_ATTEMPTS`].
+    fn refused(why: String) -> Self {
+        Self::Refused { why, nack: false }
+    }
+}
+
 fn outcome(confirm: lapin::Result<Confirmation>) -> Published {
     match confirm {
         Ok(Confirmation::Ack(None)) => Published::Confirmed,
         Ok(Confirmation::Ack(Some(returned))) => {
-            Published::Refused(format!("unroutable: {} {}", returned.reply_code, returned.reply_text))
+            Published::refused(format!("unroutable: {} {}", returned.reply_code, returned.reply_text))
         }
-        Ok(Confirmation::Nack(_)) => Published::Refused("the broker nacked it".to_owned()),
-        Ok(Confirmation::NotRequested) => Published::Refused("no publisher confirm".to_owned()),
+        Ok(Confirmation::Nack(_)) => Published::Refused {
+            why: "the broker nacked it (a queue without a leader or a majority, or full)".to_owned(),
+            nack: true,
+        },
+        Ok(Confirmation::NotRequested) => Published::refused("no publisher confirm".to_owned()),
         Err(err) => Published::Unknown(err),
     }
 }

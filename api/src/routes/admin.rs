@@ -498,10 +498,12 @@ pub async fn discard_dead_letter(
 // --- Parked outbox rows -------------------------------------------------------------------------
 
 /// An outbox row the relay parked after the broker refused it [`relay::MAX_ATTEMPTS`] times
-/// (no such exchange, unroutable, nacked, channel closed over it). The rows behind it kept
-/// flowing; it waits here for an operator.
+/// (no such exchange, unroutable, channel closed over it) or nacked it
+/// [`relay::MAX_NACKED_ATTEMPTS`] times (retried every 5 s at most: about ten minutes of "not now"). The rows behind it
+/// kept flowing; it waits here for an operator.
 ///
 /// [`relay::MAX_ATTEMPTS`]: ../../orderflow_workers/relay/constant.MAX_ATTEMPTS.html
+/// [`relay::MAX_NACKED_ATTEMPTS`]: ../../orderflow_workers/relay/constant.MAX_NACKED_ATTEMPTS.html
 #[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
 #[serde(rename_all = "camelCase")]
 pub struct ParkedMessage {
