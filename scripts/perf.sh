@@ -82,11 +82,11 @@ start_system() {
     WORKER_PIDS=($!)
     "$SYS" worker recovery 2>>"$OUT/system.log" &
     WORKER_PIDS+=($!)
-    # PostgreSQL allows 100 connections: the step workers share ~40 between them.
-    local per=$((8 / INSTANCES > 2 ? 8 / INSTANCES : 2))
+    # Each process as deployed (WORKER_CONCURRENCY's default), so N processes run N times the
+    # batches of one; 4 connections each keep 16 processes within PostgreSQL's 100.
     for _ in $(seq 1 "$INSTANCES"); do
       for kind in stock coupon payment order; do
-        DB_POOL_SIZE=$per WORKER_CONCURRENCY=$per "$SYS" worker "$kind" 2>>"$OUT/system.log" &
+        DB_POOL_SIZE=4 "$SYS" worker "$kind" 2>>"$OUT/system.log" &
         WORKER_PIDS+=($!)
       done
     done

@@ -88,11 +88,7 @@ impl Acceptor {
 
 /// Takes whatever is waiting (up to [`MAX_BATCH`]) as soon as a writer is free.
 async fn dispatch(mut requests: mpsc::UnboundedReceiver<Pending>, pool: PgPool, timeout_ms: i64) {
-    let n = std::env::var("ORDERFLOW_ACCEPT_WRITERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(WRITERS);
-    let writers = Arc::new(Semaphore::new(n));
+    let writers = Arc::new(Semaphore::new(WRITERS));
     loop {
         let Ok(writer) = writers.clone().acquire_owned().await else {
             return;
