@@ -3,6 +3,7 @@
 #
 #   bash scripts/perf.sh            # every scenario
 #   bash scripts/perf.sh rates      # only some: rates closed accept hot rush instances observe cluster
+#   PERF_RATES="350 700" bash scripts/perf.sh rates   # only these offered rates
 #   PERF_BIN=target/debug/orderflow PERF_ORDERS=300 bash scripts/perf.sh cluster
 #                                   # a quick check that a scenario runs (debug build, few orders):
 #                                   # its numbers mean nothing
@@ -137,7 +138,7 @@ bench() {
 }
 
 scenario_rates() {
-  for rate in 35 140 350 700 1000 1400; do
+  for rate in ${PERF_RATES:-35 140 350 700 1000 1400}; do
     bench "rate-$rate" --rate "$rate" --orders $((rate * 20)) --users 300 --coupon-share 0.2
   done
 }

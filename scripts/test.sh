@@ -56,7 +56,7 @@ bash scripts/contract-test.sh
 #   - the fault suite's cluster scenarios (tests/faults.rs, fault_7.. fault_10: the work queues'
 #     leader killed, a node stopped past ORDER_TIMEOUT, a rolling restart, connections cut with
 #     deliveries unacked; 5,000 orders each), one at a time.
-# About 10 min in all. SKIP_CLUSTER=1 leaves all of it out.
+# About 5 min in all. SKIP_CLUSTER=1 leaves all of it out.
 if [[ -z ${SKIP_CLUSTER:-} ]]; then
   cluster=(env ORDERFLOW_CLUSTER_NAME=orderflow-test ORDERFLOW_CLUSTER_PORT=5690
     ORDERFLOW_CLUSTER_DIR="${TMPDIR:-/tmp}/orderflow-cluster-test" bash scripts/cluster.sh)
