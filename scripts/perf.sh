@@ -4,6 +4,7 @@
 #   bash scripts/perf.sh            # every scenario
 #   bash scripts/perf.sh rates      # only some: rates closed accept hot rush instances observe cluster
 #   PERF_RATES="350 700" bash scripts/perf.sh rates   # only these offered rates
+#   RATE_ARGS="--observe wait" bash scripts/perf.sh rates   # extra bench flags for the rate runs
 #   PERF_BIN=target/debug/orderflow PERF_ORDERS=300 bash scripts/perf.sh cluster
 #                                   # a quick check that a scenario runs (debug build, few orders):
 #                                   # its numbers mean nothing
@@ -138,8 +139,8 @@ bench() {
 }
 
 scenario_rates() {
-  for rate in ${PERF_RATES:-35 140 350 700 1000 1400}; do
-    bench "rate-$rate" --rate "$rate" --orders $((rate * 20)) --users 300 --coupon-share 0.2
+  for rate in ${PERF_RATES:-35 140 350 700 1000 1400 2000}; do
+    bench "rate-$rate" --rate "$rate" --orders $((rate * 20)) --users 300 --coupon-share 0.2 ${RATE_ARGS:-}
   done
 }
 scenario_closed() {

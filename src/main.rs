@@ -313,6 +313,7 @@ mod tests {
             "PREFETCH",
             "WORKER_CONCURRENCY",
             "WORKER_BATCH",
+            "WORKER_LINGER",
             "DB_POOL_SIZE",
             "METRICS_ADDR",
             "LOG_FORMAT",

@@ -233,7 +233,14 @@ fn flags_and_environment_variables_are_bounded_at_startup() {
         orderflow(&args, &env)
     };
     // The positive control: in-range values get past the settings.
-    let (code, _, stderr) = migrate(&[], &[("ORDER_TIMEOUT", "5m"), ("WORKER_BATCH", "1000")]);
+    let (code, _, stderr) = migrate(
+        &[],
+        &[
+            ("ORDER_TIMEOUT", "5m"),
+            ("WORKER_BATCH", "1000"),
+            ("WORKER_LINGER", "0ms"),
+        ],
+    );
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("DATABASE_URL"), "{stderr}");
 
@@ -249,6 +256,9 @@ fn flags_and_environment_variables_are_bounded_at_startup() {
         ("WORKER_CONCURRENCY", "--worker-concurrency", "18446744073709551615"),
         ("WORKER_BATCH", "--worker-batch", "0"),
         ("WORKER_BATCH", "--worker-batch", "1001"),
+        ("WORKER_LINGER", "--worker-linger", "1001ms"),
+        ("WORKER_LINGER", "--worker-linger", "18446744073709551615s"),
+        ("WORKER_LINGER", "--worker-linger", "-1ms"),
         ("DB_POOL_SIZE", "--db-pool-size", "0"),
         ("DB_POOL_SIZE", "--db-pool-size", "4294967296"),
     ];

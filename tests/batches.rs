@@ -226,3 +226,80 @@ async fn one_poison_order_in_a_message_about_several_never_cancels_its_neighbour
     assert_eq!(got, want);
     app.stop().await;
 }
+
+/// WORKER_LINGER: while another batch of a worker is in flight, the next one also takes what
+/// arrives within the linger; with nothing in flight a batch starts at once.
+#[tokio::test]
+async fn a_busy_worker_lingers_for_a_larger_batch_and_an_idle_one_never_waits() {
+    const LINGER: Duration = Duration::from_secs(4);
+    let app = TestApp::spawn_with(common::Options {
+        concurrency: 2,
+        linger: LINGER,
+        ..Default::default()
+    })
+    .await;
+    let held = app.product("Held", 100, 10).await;
+    let free = app.product("Free", 100, 10).await;
+    for user in 3001..=3005 {
+        app.fund(user, 1_000).await;
+    }
+
+    // Idle: an order goes through every hop without waiting for the linger.
+    let started = Instant::now();
+    let first = app.order(3001, &[(free, 1)], None).await;
+    assert_eq!(app.wait_terminal(3001, &first, WAIT).await["status"], "CONFIRMED");
+    assert!(
+        started.elapsed() < LINGER,
+        "an order on an idle system took {:?}: some hop waited for its linger",
+        started.elapsed()
+    );
+    let (before, _) = batches("stock");
+
+    // Busy: the stock batch of the next order blocks on a product row the test holds (NO KEY:
+    // placing the order still takes its key-share lock)...
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM products WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(held)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let blocked = app.order(3002, &[(held, 1)], None).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stock batch never waited for the held product"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... so the three orders placed one after another meanwhile make one batch, not three.
+    let mut rest = Vec::new();
+    for user in 3003..=3005 {
+        rest.push((user, app.order(user, &[(free, 1)], None).await));
+    }
+    for (user, order) in &rest {
+        assert_eq!(app.wait_terminal(*user, order, WAIT).await["status"], "CONFIRMED");
+    }
+    lock.commit().await.unwrap();
+    assert_eq!(app.wait_terminal(3002, &blocked, WAIT).await["status"], "CONFIRMED");
+
+    let (after, orders) = batches("stock");
+    assert_eq!(
+        after - before,
+        2.0,
+        "stock batches while one was blocked (orders: {orders})"
+    );
+    assert_eq!(orders, 5.0);
+    assert_eq!(app.stock(free).await, 6);
+    assert_eq!(app.stock(held).await, 9);
+    app.stop().await;
+}

@@ -33,6 +33,8 @@ pub const MAX_DURATION: Duration = MAX_QUERY_DURATION;
 pub const MAX_WORKER_CONCURRENCY: u64 = 1_024;
 /// WORKER_BATCH at most: deliveries in one transaction's arrays.
 pub const MAX_WORKER_BATCH: u64 = 1_000;
+/// WORKER_LINGER at most: every hop of an order may wait this long.
+pub const MAX_WORKER_LINGER: Duration = Duration::from_secs(1);
 /// DB_POOL_SIZE at most (PostgreSQL's own default `max_connections` is 100).
 pub const MAX_DB_POOL_SIZE: u64 = 1_000;
 
@@ -93,6 +95,14 @@ pub struct Config {
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_WORKER_BATCH))]
     pub worker_batch: usize,
 
+    /// A worker's batches start at least this far apart (0ms..=1s; 0 turns it off): a delivery
+    /// that arrives sooner after the previous batch started waits out the rest, and whatever
+    /// arrives meanwhile joins its batch. At low load (deliveries further apart) nothing waits;
+    /// under load a hop's batches grow instead of its transactions multiplying, which leaves
+    /// the CPU to the API's accepts (docs/PERFORMANCE.md).
+    #[arg(long, env = "WORKER_LINGER", default_value = "10ms", value_parser = parse_worker_linger)]
+    pub worker_linger: Duration,
+
     /// Maximum PostgreSQL connections per pool (`all` has two: the API's and the workers');
     /// 1..=1000.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 16,
@@ -111,8 +121,8 @@ pub struct Config {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otel_exporter_otlp_endpoint: Option<String>,
 
-    /// Per-user rate limit on each write route (`POST /api/orders`, `POST /api/balance/charge`,
-    /// `POST /api/coupons/{id}/issue`): requests one user may send to one route per
+    /// Per-user rate limit on each write route (`POST /api/orders`, `POST /api/orders/{id}/cancel`,
+    /// `POST /api/balance/charge`, `POST /api/coupons/{id}/issue`): requests one user may send to one route per
     /// RATE_LIMIT_WINDOW, all at once at most, then one more every window/limit (GCRA). Over
     /// it: 429 `RATE_LIMITED` (RFC 6585) with `Retry-After`. 0 turns the limits off.
     #[arg(
@@ -162,6 +172,7 @@ impl std::fmt::Debug for Config {
             .field("prefetch", &self.prefetch)
             .field("worker_concurrency", &self.worker_concurrency)
             .field("worker_batch", &self.worker_batch)
+            .field("worker_linger", &self.worker_linger)
             .field("db_pool_size", &self.db_pool_size)
             .field("metrics_addr", &self.metrics_addr)
             .field("log_format", &self.log_format)
@@ -230,6 +241,11 @@ pub fn parse_order_timeout(s: &str) -> Result<Duration, String> {
 /// SWEEP_INTERVAL: [`SWEEP_INTERVAL_RANGE`].
 pub fn parse_sweep_interval(s: &str) -> Result<Duration, String> {
     parse_duration_within(s.trim(), SWEEP_INTERVAL_RANGE.0, SWEEP_INTERVAL_RANGE.1)
+}
+
+/// WORKER_LINGER: `0ms..=`[`MAX_WORKER_LINGER`].
+pub fn parse_worker_linger(s: &str) -> Result<Duration, String> {
+    parse_duration_within(s.trim(), Duration::ZERO, MAX_WORKER_LINGER)
 }
 
 /// A duration from a query string (`stuckAfter`, `olderThan`): exactly the grammar of

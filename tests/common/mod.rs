@@ -42,6 +42,8 @@ pub struct Options {
     pub api: bool,
     /// Deliveries each worker handles at once.
     pub concurrency: usize,
+    /// WORKER_LINGER.
+    pub linger: Duration,
     /// RATE_LIMIT_WRITES and RATE_LIMIT_WINDOW. By default far above what any test writes for
     /// one user (some fire 100+ charges for one user at once to test races, which the
     /// production default of 100 per 10 s would refuse), so the layer runs in every test
@@ -78,6 +80,7 @@ impl Default for Options {
             order_timeout: Duration::from_secs(60),
             api: true,
             concurrency: 8,
+            linger: Duration::from_millis(10),
             rate_limit: (1_000_000, Duration::from_secs(10)),
             broker: Broker::default(),
         }
@@ -140,6 +143,7 @@ impl TestApp {
             prefetch: 32,
             worker_concurrency: opts.concurrency,
             worker_batch: 16,
+            worker_linger: opts.linger,
             db_pool_size: 12,
             metrics_addr: None,
             log_format: LogFormat::Text,

@@ -57,6 +57,7 @@ pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: Canc
         prefetch: config.prefetch,
         concurrency: config.worker_concurrency,
         batch: config.worker_batch,
+        linger: config.worker_linger,
         drain_timeout: Duration::from_secs(10),
     };
     match kind {

@@ -135,6 +135,8 @@ pub struct RuntimeConfig {
     pub concurrency: usize,
     /// Most deliveries handled in one transaction.
     pub batch: usize,
+    /// Least time between the starts of two batches (WORKER_LINGER).
+    pub linger: Duration,
     /// How long shutdown waits for in-flight deliveries.
     pub drain_timeout: Duration,
 }
@@ -204,23 +206,14 @@ async fn consume<S: Step>(
                 Some(Ok(delivery)) => {
                     let Ok(permit) = permits.clone().acquire_owned().await else { break Ok(()) };
                     // Whatever arrived while waiting for the permit joins this delivery's
-                    // batch; a batch never waits to fill.
+                    // batch. While another batch of this worker is still in flight (the
+                    // machine is busy), so does whatever arrives within `linger`: PostgreSQL's
+                    // commit_delay with commit_siblings, for batches. Alone, a batch never
+                    // waits to fill.
                     let mut batch = vec![delivery];
-                    let mut failed = None;
-                    while batch.len() < most {
-                        match consumer.next().now_or_never() {
-                            Some(Some(Ok(delivery))) => batch.push(delivery),
-                            Some(Some(Err(err))) => {
-                                failed = Some(err);
-                                break;
-                            }
-                            Some(None) => {
-                                failed = Some(stream_ended());
-                                break;
-                            }
-                            None => break,
-                        }
-                    }
+                    let busy = permits.available_permits() + 1 < cfg.concurrency.max(1);
+                    let until = (busy && most > 1).then(|| tokio::time::Instant::now() + cfg.linger);
+                    let failed = gather(&mut consumer, &mut batch, most, until).await;
                     let (step, pool) = (step.clone(), pool.clone());
                     in_flight.spawn(async move {
                         process_batch(&*step, &pool, batch).await;
@@ -258,6 +251,34 @@ async fn consume<S: Step>(
     let _ = channel.close(200, "bye".into()).await;
     let _ = conn.close(200, "bye".into()).await;
     result
+}
+
+/// Adds to `batch`, up to `most`, the deliveries already buffered and, until `until` (if it
+/// is still ahead), those that arrive meanwhile. Returns the consumer's failure, if it failed.
+async fn gather(
+    consumer: &mut lapin::Consumer,
+    batch: &mut Vec<Delivery>,
+    most: usize,
+    until: Option<tokio::time::Instant>,
+) -> Option<lapin::Error> {
+    while batch.len() < most {
+        let next = match consumer.next().now_or_never() {
+            Some(next) => next,
+            None => match until {
+                Some(until) => match tokio::time::timeout_at(until, consumer.next()).await {
+                    Ok(next) => next,
+                    Err(_) => return None,
+                },
+                None => return None,
+            },
+        };
+        match next {
+            Some(Ok(delivery)) => batch.push(delivery),
+            Some(Err(err)) => return Some(err),
+            None => return Some(stream_ended()),
+        }
+    }
+    None
 }
 
 fn stream_ended() -> lapin::Error {
