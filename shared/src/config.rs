@@ -95,11 +95,11 @@ pub struct Config {
           value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_WORKER_BATCH))]
     pub worker_batch: usize,
 
-    /// A worker's batches start at least this far apart (0ms..=1s; 0 turns it off): a delivery
-    /// that arrives sooner after the previous batch started waits out the rest, and whatever
-    /// arrives meanwhile joins its batch. At low load (deliveries further apart) nothing waits;
-    /// under load a hop's batches grow instead of its transactions multiplying, which leaves
-    /// the CPU to the API's accepts (docs/PERFORMANCE.md).
+    /// While another batch of the same worker is in flight (the machine is busy), a new batch
+    /// also takes the deliveries that arrive within this time before it starts; with nothing
+    /// in flight a batch starts at once. 0ms..=1s; 0 turns it off. Under load a hop's batches
+    /// grow instead of its transactions multiplying, which leaves the CPU to the API's accepts
+    /// (docs/PERFORMANCE.md).
     #[arg(long, env = "WORKER_LINGER", default_value = "10ms", value_parser = parse_worker_linger)]
     pub worker_linger: Duration,
 

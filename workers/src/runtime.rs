@@ -135,7 +135,8 @@ pub struct RuntimeConfig {
     pub concurrency: usize,
     /// Most deliveries handled in one transaction.
     pub batch: usize,
-    /// Least time between the starts of two batches (WORKER_LINGER).
+    /// How long a batch waits for more deliveries while another batch of its worker is in
+    /// flight (WORKER_LINGER; zero: never).
     pub linger: Duration,
     /// How long shutdown waits for in-flight deliveries.
     pub drain_timeout: Duration,
@@ -212,8 +213,9 @@ async fn consume<S: Step>(
                     // waits to fill.
                     let mut batch = vec![delivery];
                     let busy = permits.available_permits() + 1 < cfg.concurrency.max(1);
-                    let until = (busy && most > 1).then(|| tokio::time::Instant::now() + cfg.linger);
-                    let failed = gather(&mut consumer, &mut batch, most, until).await;
+                    let until = (busy && most > 1 && !cfg.linger.is_zero())
+                        .then(|| tokio::time::Instant::now() + cfg.linger);
+                    let failed = gather(&mut consumer, &mut batch, most, until, shutdown).await;
                     let (step, pool) = (step.clone(), pool.clone());
                     in_flight.spawn(async move {
                         process_batch(&*step, &pool, batch).await;
@@ -254,20 +256,25 @@ async fn consume<S: Step>(
 }
 
 /// Adds to `batch`, up to `most`, the deliveries already buffered and, until `until` (if it
-/// is still ahead), those that arrive meanwhile. Returns the consumer's failure, if it failed.
+/// is still ahead) or `shutdown`, those that arrive meanwhile. Returns the consumer's failure,
+/// if it failed.
 async fn gather(
     consumer: &mut lapin::Consumer,
     batch: &mut Vec<Delivery>,
     most: usize,
     until: Option<tokio::time::Instant>,
+    shutdown: &CancellationToken,
 ) -> Option<lapin::Error> {
     while batch.len() < most {
         let next = match consumer.next().now_or_never() {
             Some(next) => next,
             None => match until {
-                Some(until) => match tokio::time::timeout_at(until, consumer.next()).await {
-                    Ok(next) => next,
-                    Err(_) => return None,
+                Some(until) => tokio::select! {
+                    next = tokio::time::timeout_at(until, consumer.next()) => match next {
+                        Ok(next) => next,
+                        Err(_) => return None,
+                    },
+                    _ = shutdown.cancelled() => return None,
                 },
                 None => return None,
             },
