@@ -63,10 +63,27 @@ async fn declare_exchange(app: &TestApp, name: &str) {
     let _ = conn.close(200, "bye".into()).await;
 }
 
+/// Waits until the relay marked outbox row `id` sent.
+async fn wait_published(app: &TestApp, id: i64, what: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let sent: Option<chrono::DateTime<chrono::Utc>> =
+            sqlx::query_scalar("SELECT sent_at FROM outbox WHERE id = $1")
+                .bind(id)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        if sent.is_some() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} was never published");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Declares queue `queue` (classic, with `args`: an integer, or -1 for `reject-publish` as
 /// `x-overflow`) and binds it to `exchange` with `key`.
 async fn bind_queue(app: &TestApp, queue: &str, exchange: &str, key: &str, args: &[(&str, i64)]) {
-    let (conn, channel) = app.amqp().await;
     let mut table = FieldTable::default();
     for (k, v) in args {
         let value = if *v < 0 {
@@ -76,21 +93,7 @@ async fn bind_queue(app: &TestApp, queue: &str, exchange: &str, key: &str, args:
         };
         table.insert((*k).into(), value);
     }
-    channel
-        .queue_declare(queue.into(), QueueDeclareOptions::default(), table)
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = conn.close(200, "bye".into()).await;
+    app.capture_with(queue, exchange, key, table).await;
 }
 
 async fn metric(name: &str) -> Option<f64> {
@@ -218,35 +221,9 @@ async fn rows_the_broker_refuses_are_set_aside_and_a_hundred_orders_behind_them_
     assert_eq!(status, 202, "{body}");
     let (status, _) = app.admin(Method::DELETE, &format!("/api/admin/outbox/{missing}")).await;
     assert_eq!(status, 204);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let sent: Option<chrono::DateTime<chrono::Utc>> =
-            sqlx::query_scalar("SELECT sent_at FROM outbox WHERE id = $1")
-                .bind(unroutable)
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
-        if sent.is_some() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the retried row was never published");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_published(&app, unroutable, "the retried row").await;
     assert_eq!(app.drain_queue("catch-all").await.len(), 1);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let sent: Option<chrono::DateTime<chrono::Utc>> =
-            sqlx::query_scalar("SELECT sent_at FROM outbox WHERE id = $1")
-                .bind(nacked)
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
-        if sent.is_some() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the nacked row was never published");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_published(&app, nacked, "the nacked row").await;
     assert_eq!(app.drain_queue("full").await.len(), 1);
     assert!(parked(&app).await.is_empty());
     for (method, path, want, code) in [

@@ -535,9 +535,14 @@ impl TestApp {
     /// Declares queue `name` bound to `exchange` with `key` (e.g. to capture the public
     /// `order.cancelled`, which no orderflow queue receives); read it with `drain_queue`.
     pub async fn capture(&self, name: &str, exchange: &str, key: &str) {
+        self.capture_with(name, exchange, key, Default::default()).await;
+    }
+
+    /// [`TestApp::capture`] with queue arguments (`x-max-length`, `x-overflow`, ...).
+    pub async fn capture_with(&self, name: &str, exchange: &str, key: &str, args: lapin::types::FieldTable) {
         let (conn, channel) = self.amqp().await;
         channel
-            .queue_declare(name.into(), Default::default(), Default::default())
+            .queue_declare(name.into(), Default::default(), args)
             .await
             .unwrap();
         channel
