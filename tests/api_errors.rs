@@ -639,6 +639,17 @@ async fn unknown_routes_and_methods_are_problems() {
     let reply = raw(&app, Method::GET, "/healthz", &[], None).await;
     assert_eq!((reply.status, &reply.body), (StatusCode::OK, &json!({"status": "ok"})));
     assert!(reply.headers.contains_key("x-request-id"));
+    // ... and the API's own time for it (W3C Server Timing, milliseconds).
+    let timing = reply
+        .headers
+        .get("server-timing")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let ms: f64 = timing
+        .strip_prefix("app;dur=")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or_else(|| panic!("Server-Timing: {timing:?}"));
+    assert!((0.0..10_000.0).contains(&ms), "Server-Timing: {timing:?}");
     let reply = raw(&app, Method::GET, "/readyz", &[], None).await;
     assert_eq!(
         (reply.status, &reply.body),

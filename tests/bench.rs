@@ -124,11 +124,18 @@ async fn a_small_bench_accounts_for_every_order() {
         "completed_per_s",
         "accept_p50_ms",
         "accept_p99_ms",
+        "accept_api_p50_ms",
+        "accept_api_p99_ms",
         "e2e_p50_ms",
         "e2e_p99_ms",
     ] {
         assert!(report[k].as_f64().unwrap() > 0.0, "{k} in {report}");
     }
+    // The API's own time for an accept (Server-Timing) is part of what the client waited.
+    assert!(
+        report["accept_api_max_ms"].as_f64().unwrap() <= report["accept_max_ms"].as_f64().unwrap() * 1.001,
+        "{report}"
+    );
     // The baseline ran the same mix, in a schema of its own that is gone again.
     assert_eq!(n("baseline_orders"), 50);
     assert_eq!(n("baseline_confirmed"), 50, "{report}");

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use axum::{
     Router,
-    http::{HeaderName, StatusCode},
+    http::{HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
 use orderflow_shared::{auth::Keys, config::Config};
@@ -113,21 +113,28 @@ fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
 }
 
 /// Counts and times every request by its route template (never the raw path, so ids do
-/// not explode the label set).
+/// not explode the label set), and tells the client the same time: `Server-Timing: app;dur=D`,
+/// D the milliseconds from routing to the response's head (W3C Server Timing), so a client
+/// can tell the API's share of a slow answer from the network's and its own.
 async fn track_http(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let started = std::time::Instant::now();
-    let res = next.run(req).await;
+    let mut res = next.run(req).await;
+    let took = started.elapsed();
+    if let Ok(timing) = HeaderValue::from_str(&format!("app;dur={:.3}", took.as_secs_f64() * 1_000.0)) {
+        res.headers_mut().append(SERVER_TIMING.clone(), timing);
+    }
     let status = res.status().as_u16().to_string();
     metrics::counter!(orderflow_shared::metrics::HTTP_REQUESTS, "route" => route.clone(), "status" => status)
         .increment(1);
-    metrics::histogram!(orderflow_shared::metrics::HTTP_DURATION, "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    metrics::histogram!(orderflow_shared::metrics::HTTP_DURATION, "route" => route).record(took.as_secs_f64());
     res
 }
+
+static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 /// Prometheus text exposition of this process's metrics.
 pub async fn metrics_text() -> impl IntoResponse {

@@ -18,14 +18,29 @@ pub struct Api {
     keys: Keys,
 }
 
-/// A response: status and JSON body (Null when it was not JSON).
+/// A response: status, JSON body (Null when it was not JSON) and the API's own time for it.
 #[derive(Debug)]
 pub struct Reply {
     pub status: StatusCode,
     pub body: Value,
+    /// What the API said it spent (its `Server-Timing: app;dur=D`), when it said.
+    pub server: Option<Duration>,
 }
 
 impl Reply {
+    async fn read(res: reqwest::Response) -> Result<Self, reqwest::Error> {
+        let status = res.status();
+        let server = res
+            .headers()
+            .get_all("server-timing")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(app_duration);
+        let bytes = res.bytes().await?;
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Ok(Self { status, body, server })
+    }
+
     /// A short label for the report: `409 IDEMPOTENCY_KEY_IN_USE`, `503`, ...
     pub fn label(&self) -> String {
         match self.body.get("code").and_then(Value::as_str) {
@@ -74,11 +89,7 @@ impl Api {
         if let Some(k) = idempotency_key {
             req = req.header("idempotency-key", k);
         }
-        let res = req.send().await?;
-        let status = res.status();
-        let bytes = res.bytes().await?;
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok(Reply { status, body })
+        Reply::read(req.send().await?).await
     }
 
     /// `GET path` with `Prefer: wait=N` (RFC 7240 §4.3, N whole seconds): the API holds the
@@ -91,10 +102,7 @@ impl Api {
             .header("prefer", format!("wait={}", wait.as_secs()))
             .send()
             .await?;
-        let status = res.status();
-        let bytes = res.bytes().await?;
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Ok(Reply { status, body })
+        Reply::read(res).await
     }
 
     /// A setup call that must answer `want`.
@@ -148,5 +156,38 @@ pub fn transport_label(e: &reqwest::Error) -> String {
         "transport: body".to_owned()
     } else {
         "transport: request".to_owned()
+    }
+}
+
+/// The `dur` of the `app` metric in a `Server-Timing` header value (W3C Server Timing: metrics
+/// separated by commas, each a name and `;param=value` pairs, `dur` in milliseconds).
+fn app_duration(header: &str) -> Option<Duration> {
+    header.split(',').find_map(|metric| {
+        let mut parts = metric.split(';').map(str::trim);
+        if parts.next()? != "app" {
+            return None;
+        }
+        parts.find_map(|param| {
+            let (name, value) = param.split_once('=')?;
+            let ms: f64 = value.trim().trim_matches('"').parse().ok()?;
+            (name.trim() == "dur" && ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1_000.0))
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_time_is_read_from_server_timing() {
+        let ms = |s: &str| app_duration(s).map(|d| d.as_secs_f64() * 1_000.0);
+        assert_eq!(ms("app;dur=4.25"), Some(4.25));
+        assert_eq!(ms("db;dur=1, app;desc=\"api\";dur=\"12.5\""), Some(12.5));
+        assert_eq!(ms("db;dur=3"), None);
+        assert_eq!(ms("app"), None);
+        assert_eq!(ms("app;dur=-1"), None);
+        assert_eq!(ms("app;dur=soon"), None);
+        assert_eq!(ms("apps;dur=2"), None);
     }
 }

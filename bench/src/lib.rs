@@ -275,6 +275,10 @@ async fn orders(
         accept_p95_ms: 0.0,
         accept_p99_ms: 0.0,
         accept_max_ms: 0.0,
+        accept_api_p50_ms: 0.0,
+        accept_api_p95_ms: 0.0,
+        accept_api_p99_ms: 0.0,
+        accept_api_max_ms: 0.0,
         e2e_p50_ms: 0.0,
         e2e_p95_ms: 0.0,
         e2e_p99_ms: 0.0,
@@ -301,6 +305,7 @@ async fn orders(
     };
     report.measure(&Measured {
         accept: &sent.accept,
+        accept_api: &sent.accept_api,
         e2e: &seen.e2e,
         recorded: &seen.recorded,
         duration: end.saturating_duration_since(started),

@@ -33,6 +33,8 @@ pub struct Sent {
     /// POST -> 202; in the open model from the scheduled send time, so a slow server cannot
     /// hide queueing by slowing the sender down (no coordinated omission).
     pub accept: Latency,
+    /// The same accepts as the API timed them (`Server-Timing`).
+    pub accept_api: Latency,
     pub accepted: u64,
     pub errors: BTreeMap<String, u64>,
     pub late: u64,
@@ -84,6 +86,9 @@ impl Ctx {
                     {
                         let mut sent = self.sent();
                         sent.accept.record(now.saturating_duration_since(start));
+                        if let Some(api) = reply.server {
+                            sent.accept_api.record(api);
+                        }
                         sent.accepted += 1;
                     }
                     let _ = self.watch.send(Watch {
