@@ -733,7 +733,7 @@ async fn liveness(
     let query = sqlx::query_as(listed!(
         "SELECT jsonb_build_object('kind', 'order_not_terminal', 'orderId', id, 'status', status,
                                    'reason', reason, 'deadlineAt', deadline_at)
-         FROM orders WHERE status NOT IN ('CONFIRMED', 'CANCELLED')
+         FROM orders WHERE in_flight
          UNION ALL
          SELECT jsonb_build_object('kind', CASE WHEN parked_at IS NULL THEN 'outbox_unsent' ELSE 'outbox_parked' END,
                                    'outboxId', id, 'messageType', message_type, 'orderIds', order_ids,

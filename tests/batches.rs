@@ -311,3 +311,35 @@ async fn a_busy_worker_lingers_for_a_larger_batch_and_an_idle_one_never_waits() 
     assert_eq!(app.stock(held).await, 9);
     app.stop().await;
 }
+
+/// A move between in-flight statuses rewrites the order row in place (a heap-only tuple: no
+/// index entries), and only the move that ends the order touches the indexes
+/// (migrations/20261201000104_orders_hot_updates.sql). Counted by PostgreSQL for this
+/// transaction alone.
+#[tokio::test]
+async fn an_order_moving_between_in_flight_statuses_is_updated_in_place() {
+    let app = TestApp::api_only().await;
+    let product = app.product("Widget", 1_000, 10).await;
+    app.fund(3001, 10_000).await;
+    let order_id: uuid::Uuid = app.order(3001, &[(product, 1)], None).await.parse().unwrap();
+    let mut tx = app.pool.begin().await.unwrap();
+    let mut moved = Vec::new();
+    for to in ["STOCK_RESERVED", "PAID", "CONFIRMED"] {
+        sqlx::query("UPDATE orders SET status = $2, stock_held = true, updated_at = now() WHERE id = $1")
+            .bind(order_id)
+            .bind(to)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let counts: (i64, i64) =
+            sqlx::query_as("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relname = 'orders'")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+        moved.push(counts);
+    }
+    // (updates, of which in place): two in place, then the end of the order with its indexes.
+    assert_eq!(moved, vec![(1, 1), (2, 2), (3, 2)]);
+    tx.rollback().await.unwrap();
+    app.stop().await;
+}

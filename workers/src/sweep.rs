@@ -87,7 +87,7 @@ pub async fn sweep_once(pool: &PgPool, order_timeout: Duration) -> Result<Swept>
     let mut swept = Swept::default();
     let mut tx = pool.begin().await?;
     let overdue: Vec<OrderRow> = sqlx::query_as(
-        "SELECT * FROM orders WHERE status = ANY($1) AND deadline_at < now()
+        "SELECT * FROM orders WHERE in_flight AND status = ANY($1) AND deadline_at < now()
          ORDER BY deadline_at LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED",
     )
     .bind(OrderStatus::CANCELLABLE.iter().map(|s| s.as_str()).collect::<Vec<_>>())
@@ -100,7 +100,7 @@ pub async fn sweep_once(pool: &PgPool, order_timeout: Duration) -> Result<Swept>
         moves.cancel(order, CancelReason::Timeout)?;
     }
     let stalled: Vec<OrderRow> = sqlx::query_as(
-        "SELECT * FROM orders WHERE status = 'CANCELLING' AND updated_at < now() - $1 * interval '1 millisecond'
+        "SELECT * FROM orders WHERE in_flight AND status = 'CANCELLING' AND updated_at < now() - $1 * interval '1 millisecond'
          ORDER BY updated_at LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED",
     )
     .bind(order_timeout.as_millis() as f64)

@@ -366,7 +366,7 @@ async fn overview_counts(state: &AppState, stuck_after: Duration) -> ApiResult<(
                 (SELECT count(*) FROM outbox
                     WHERE parked_at IS NOT NULL AND sent_at IS NULL AND discarded_at IS NULL) AS parked,
                 (SELECT count(*) FROM dead_letters WHERE status = 'NEW') AS new_dead,
-                (SELECT count(*) FROM orders WHERE status NOT IN ('CONFIRMED', 'CANCELLED')
+                (SELECT count(*) FROM orders WHERE in_flight
                     AND updated_at < now() - $1 * interval '1 millisecond') AS stuck",
     )
     .bind(stuck_after.as_millis() as f64)
