@@ -24,6 +24,24 @@ fn batches(step: &str) -> (f64, f64) {
     (value("count"), value("sum"))
 }
 
+/// Waits until `n` sessions of the test's database wait for a heavyweight lock.
+async fn wait_lock_waiters(app: &TestApp, n: i64, why: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{why}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_backlog_handled_in_batches_ends_exactly_as_one_by_one() {
     use orderflow_workers::WorkerKind::*;
@@ -274,23 +292,7 @@ async fn a_busy_worker_lingers_for_a_larger_batch_and_an_idle_one_never_waits() 
         .await
         .unwrap();
     let blocked = app.order(3002, &[(held, 1)], None).await;
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the stock batch never waited for the held product"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_lock_waiters(&app, 1, "the stock batch never waited for the held product").await;
     // ... so the three orders placed one after another meanwhile make one batch, not three.
     let mut rest = Vec::new();
     for user in 3003..=3005 {
@@ -341,5 +343,121 @@ async fn an_order_moving_between_in_flight_statuses_is_updated_in_place() {
     // (updates, of which in place): two in place, then the end of the order with its indexes.
     assert_eq!(moved, vec![(1, 1), (2, 2), (3, 2)]);
     tx.rollback().await.unwrap();
+    app.stop().await;
+}
+
+/// Requests that share one accept transaction each get the answer they would have had alone:
+/// a retry replays its first answer, a key reused with another request is 422, the second of
+/// two requests with one key is 409, an unknown product is 404, and the new orders are placed
+/// once each, together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_accept_batch_answers_each_request_as_if_it_were_alone() {
+    let app = TestApp::api_only().await;
+    let product = app.product("Batched", 1_000, 100).await;
+    let token = app.token(4001);
+    let body = |quantity: i32| json!({"items": [{"productId": product, "quantity": quantity}]});
+    let send = |key: &'static str, body: serde_json::Value| {
+        let (http, url, token) = (app.http.clone(), app.url("/api/orders"), token.clone());
+        async move {
+            let res = http
+                .post(url)
+                .bearer_auth(token)
+                .header("idempotency-key", key)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let replayed = res.headers().contains_key("idempotent-replayed");
+            (
+                res.status().as_u16(),
+                replayed,
+                res.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, _, first) = send("first", body(1)).await;
+    assert_eq!(status, 202);
+    assert_eq!(send("other", body(1)).await.0, 202);
+
+    // Both accept writers wait on the product row the test holds (placing an order takes a
+    // key-share lock on its products), so what arrives meanwhile queues for one batch.
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM products WHERE id = $1 FOR UPDATE")
+        .bind(product)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let mut blockers = tokio::task::JoinSet::new();
+    for (n, key) in [(1, "blocker-1"), (2, "blocker-2")] {
+        blockers.spawn(send(key, body(1)));
+        wait_lock_waiters(&app, n, "an accept writer never waited for the held product").await;
+    }
+    let mix = [
+        ("fresh-1", body(1)),
+        ("fresh-2", body(2)),
+        ("first", body(1)),
+        ("other", body(5)),
+        ("twin", body(1)),
+        ("twin", body(1)),
+        ("ghost", json!({"items": [{"productId": 999_999, "quantity": 1}]})),
+    ];
+    let mut sent = tokio::task::JoinSet::new();
+    for (i, (key, body)) in mix.into_iter().enumerate() {
+        sent.spawn({
+            let answer = send(key, body);
+            async move { (i, key, answer.await) }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lock.rollback().await.unwrap();
+    while let Some(done) = blockers.join_next().await {
+        assert_eq!(done.unwrap().0, 202);
+    }
+    let mut answers = Vec::new();
+    while let Some(done) = sent.join_next().await {
+        answers.push(done.unwrap());
+    }
+    answers.sort_by_key(|(i, ..)| *i);
+    let code = |a: &serde_json::Value| a["code"].as_str().map(str::to_owned);
+    let mut placed = Vec::new();
+    let mut twins = Vec::new();
+    for (_, key, (status, replayed, answer)) in &answers {
+        match *key {
+            "fresh-1" | "fresh-2" => {
+                assert_eq!((*status, *replayed), (202, false), "{key}: {answer}");
+                placed.push(answer["orderId"].as_str().unwrap().to_owned());
+            }
+            "first" => assert_eq!((*status, *replayed, answer), (202, true, &first), "{key}"),
+            "other" => assert_eq!(
+                (*status, code(answer)),
+                (422, Some("IDEMPOTENCY_KEY_REUSED".to_owned())),
+                "{key}: {answer}"
+            ),
+            "twin" => twins.push((*status, answer.clone())),
+            "ghost" => assert_eq!(
+                (*status, code(answer)),
+                (404, Some("PRODUCT_NOT_FOUND".to_owned())),
+                "{key}: {answer}"
+            ),
+            _ => unreachable!(),
+        }
+    }
+    twins.sort_by_key(|(status, _)| *status);
+    assert_eq!((twins[0].0, twins[1].0), (202, 409), "{twins:?}");
+    assert_eq!(code(&twins[1].1).as_deref(), Some("IDEMPOTENCY_KEY_IN_USE"));
+    placed.push(twins[0].1["orderId"].as_str().unwrap().to_owned());
+
+    // Exactly the orders answered 202 exist: first, other, two blockers, two fresh, one twin;
+    // the three new ones of the mix in one transaction.
+    let ids: Vec<uuid::Uuid> = placed.iter().map(|id| id.parse().unwrap()).collect();
+    let (orders, transactions): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM orders WHERE user_id = 4001),
+                (SELECT count(DISTINCT xmin::text) FROM orders WHERE id = ANY($1))",
+    )
+    .bind(&ids)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((orders, transactions), (7, 1));
     app.stop().await;
 }

@@ -1,13 +1,13 @@
 //! Group commit of order acceptances. `POST /api/orders` hands its validated request to the
 //! [`Acceptor`]; requests that arrive while a write is in flight share the next transaction:
-//! one statement set (claim every idempotency key, look up every stored response, read every
-//! price, then one insert of every order, line, history row, idempotency record and of the
-//! batch's two messages: one `stock.reserve` and one `order.deadline` naming all its orders)
-//! and one commit for the whole batch. Nothing waits for a batch to fill: at low load a batch
-//! is one request. Each request still gets exactly its own answer (accepted, replayed, 409
-//! key in flight, 422 key reused, 404 unknown product, 400 total too large). If the batch's
-//! transaction fails, its requests are written again one per transaction, so one request's
-//! failure is only its own.
+//! two statements (claim every idempotency key and read every price; then look up every
+//! stored response and, when there is none, insert every order, line, history row,
+//! idempotency record and the batch's two messages: one `stock.reserve` and one
+//! `order.deadline` naming all its orders) and one commit for the whole batch. Nothing waits
+//! for a batch to fill: at low load a batch is one request. Each request still gets exactly
+//! its own answer (accepted, replayed, 409 key in flight, 422 key reused, 404 unknown product,
+//! 400 total too large). If the batch's transaction fails, its requests are written again one
+//! per transaction, so one request's failure is only its own.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -19,11 +19,11 @@ use orderflow_shared::{
     messaging::MessageType,
     telemetry::TraceParent,
 };
-use sqlx::{PgConnection, PgPool};
+use sqlx::{FromRow, PgConnection, PgPool};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::idempotency::{self, Claim, Stored};
+use crate::idempotency::{self, Claim, Locks, Stored, StoredAt};
 
 /// Most requests one transaction accepts.
 pub const MAX_BATCH: usize = 512;
@@ -137,50 +137,69 @@ async fn write(pool: &PgPool, batch: Vec<Pending>, timeout_ms: i64) {
     }
 }
 
-/// One transaction for the batch; the outer error fails the whole batch, the inner ones
+/// One transaction for the batch, in four round trips whatever its size: BEGIN; the keys'
+/// locks with today's prices ([`CLAIM`]); the lookup of stored responses with every insert
+/// ([`PLACE`], which inserts nothing if it found one: a retry is rare, and the batch is then
+/// placed again without it); COMMIT. The outer error fails the whole batch, the inner ones
 /// answer single requests.
 async fn write_batch(pool: &PgPool, requests: &[&Request], timeout_ms: i64) -> Result<Vec<Result<Accepted>>> {
     let mut tx = pool.begin().await?;
     let claims: Vec<&Claim> = requests.iter().map(|r| &r.claim).collect();
-    let mut answers: Vec<Result<Accepted>> = idempotency::claim_all(&mut tx, &claims)
-        .await?
+    let (mut locks, names) = Locks::new(&claims);
+    let mut product_ids: Vec<i64> = requests.iter().flat_map(|r| r.lines.iter().map(|(p, _)| *p)).collect();
+    product_ids.sort_unstable();
+    product_ids.dedup();
+    let (got, ids, prices): (Vec<bool>, Vec<i64>, Vec<i64>) = sqlx::query_as(CLAIM.as_str())
+        .bind(&names)
+        .bind(&product_ids)
+        .fetch_one(&mut *tx)
+        .await?;
+    locks.took(&got);
+    let prices: HashMap<i64, i64> = ids.into_iter().zip(prices).collect();
+    // Every held key is looked up, priced or not: a retry replays even if it would not price
+    // today. Each round answers at least one retry, so this ends.
+    let mut priced = Vec::new();
+    while !locks.held().is_empty() {
+        let mut placed = Placed::default();
+        priced = locks
+            .held()
+            .iter()
+            .map(|&i| (i, placed.add(requests[i], &prices)))
+            .collect();
+        let stored = placed.insert(&mut tx, timeout_ms, locks.lookup_columns()).await?;
+        if stored.is_empty() {
+            break;
+        }
+        locks.found(stored);
+        priced.clear();
+    }
+    let mut answers: Vec<Result<Accepted>> = locks
+        .into_results()
         .into_iter()
         .map(|claimed| match claimed {
             Ok(Some(stored)) => Ok(Accepted::Replay(stored)),
-            // A first request: decided below.
-            Ok(None) => Ok(Accepted::Fresh {
-                order_id: Uuid::nil(),
-                total: 0,
-            }),
+            // Held and priced: answered from `priced` below.
+            Ok(None) => Err(anyhow::anyhow!("an accepted request got no answer").into()),
             Err(err) => Err(err),
         })
         .collect();
-    let fresh: Vec<usize> = (0..requests.len())
-        .filter(|&i| matches!(answers[i], Ok(Accepted::Fresh { .. })))
-        .collect();
-    if !fresh.is_empty() {
-        let mut product_ids: Vec<i64> = fresh
-            .iter()
-            .flat_map(|&i| requests[i].lines.iter().map(|(p, _)| *p))
-            .collect();
-        product_ids.sort_unstable();
-        product_ids.dedup();
-        let prices: HashMap<i64, i64> = sqlx::query_as("SELECT id, price FROM products WHERE id = ANY($1)")
-            .bind(&product_ids)
-            .fetch_all(&mut *tx)
-            .await?
-            .into_iter()
-            .collect();
-        let mut placed = Placed::default();
-        for &i in &fresh {
-            answers[i] = placed.add(requests[i], &prices);
-        }
-        placed.insert(&mut tx, timeout_ms).await?;
+    for (i, answer) in priced {
+        answers[i] = answer;
     }
     tx.commit().await?;
     outbox::committed();
     Ok(answers)
 }
+
+/// The claimed keys' advisory locks ([`idempotency::TRY_LOCK`] over `$1`) and the prices of the
+/// products in `$2`, in one statement.
+static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT ARRAY({}), ARRAY(SELECT id FROM products WHERE id = ANY($2) ORDER BY id),
+                ARRAY(SELECT price FROM products WHERE id = ANY($2) ORDER BY id)",
+        idempotency::TRY_LOCK
+    )
+});
 
 /// The batch's new orders as the column arrays of [`PLACE`].
 #[derive(Default)]
@@ -241,10 +260,14 @@ impl Placed {
         Ok(Accepted::Fresh { order_id, total })
     }
 
-    async fn insert(self, tx: &mut PgConnection, timeout_ms: i64) -> Result<()> {
-        if self.ids.is_empty() {
-            return Ok(());
-        }
+    /// Looks up the stored responses of `lookup` (users, scopes, keys) and, if there are none,
+    /// inserts the batch: returns what it found.
+    async fn insert(
+        self,
+        tx: &mut PgConnection,
+        timeout_ms: i64,
+        (users, scopes, keys): (Vec<i64>, Vec<&str>, Vec<&str>),
+    ) -> Result<Vec<StoredAt>> {
         // The batch's reservation and its deadline (recovery acts on it when it expires).
         let mut messages = OutboxMessage::commands(MessageType::StockReserve, &self.ids, self.first_trace)?;
         messages.extend(
@@ -252,7 +275,7 @@ impl Placed {
                 .into_iter()
                 .map(|m| m.with_expiration_ms(timeout_ms)),
         );
-        outbox::Columns::new(&messages)
+        let rows = outbox::Columns::new(&messages)
             .bind(sqlx::query(PLACE.as_str()))
             .bind(&self.ids)
             .bind(&self.users)
@@ -270,24 +293,32 @@ impl Placed {
             .bind(StatusCode::ACCEPTED.as_u16() as i16)
             .bind(&self.responses)
             .bind(&self.headers)
-            .execute(tx)
+            .bind(&users)
+            .bind(&scopes)
+            .bind(&keys)
+            .fetch_all(tx)
             .await?;
-        Ok(())
+        Ok(rows.iter().map(StoredAt::from_row).collect::<sqlx::Result<_>>()?)
     }
 }
 
-/// Accepting a batch of orders in one statement; the outbox messages are `$1`..`$7`. Foreign
-/// keys are checked at the statement's end, when the order rows exist.
+/// Accepting a batch of orders in one statement, unless a key of `$24`..`$26` (users, scopes,
+/// keys) has a stored response: then nothing is inserted and the stored responses are the
+/// result (rows of [`StoredAt`]). The outbox messages are `$1`..`$7`. Foreign keys are checked
+/// at the statement's end, when the order rows exist.
 static PLACE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "WITH placed AS (
+        "WITH stored AS ({}),
+         placed AS (
              INSERT INTO orders (id, user_id, status, coupon_id, total_amount, trace_parent, deadline_at)
              SELECT id, uid, 'PENDING', cid, total, tp, now() + $13 * interval '1 millisecond'
              FROM UNNEST($8::uuid[], $9::int8[], $10::int8[], $11::int8[], $12::text[]) AS t(id, uid, cid, total, tp)
+             WHERE NOT EXISTS (SELECT FROM stored)
              RETURNING id
          ), lines AS (
              INSERT INTO order_items (order_id, product_id, quantity, unit_price)
              SELECT * FROM UNNEST($14::uuid[], $15::int8[], $16::int4[], $17::int8[])
+             WHERE NOT EXISTS (SELECT FROM stored)
          ), history AS (
              INSERT INTO order_status_history (order_id, from_status, to_status) SELECT id, NULL, 'PENDING' FROM placed
          ), keys AS (
@@ -295,8 +326,12 @@ static PLACE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
              SELECT uid, scope, key, request, $21, response, headers
              FROM UNNEST($9::int8[], $18::text[], $19::text[], $20::jsonb[], $22::jsonb[], $23::jsonb[])
                  AS t(uid, key, scope, request, response, headers)
+             WHERE NOT EXISTS (SELECT FROM stored)
+         ), sent AS (
+             {} WHERE NOT EXISTS (SELECT FROM stored)
          )
-         {}",
+         SELECT * FROM stored",
+        idempotency::stored_query(24),
         outbox::INSERT
     )
 });

@@ -93,79 +93,148 @@ impl Claim {
 /// claim in `claims` with the same user, scope and key), 422 `IDEMPOTENCY_KEY_REUSED` for
 /// the key with another request.
 pub async fn claim_all(conn: &mut PgConnection, claims: &[&Claim]) -> Result<Vec<Result<Option<Stored>>>> {
-    let in_use = || {
-        Error::conflict(
-            "IDEMPOTENCY_KEY_IN_USE",
-            "a request with this Idempotency-Key is still being processed; retry shortly",
-        )
-    };
-    let mut results: Vec<Result<Option<Stored>>> = Vec::with_capacity(claims.len());
-    let mut seen = std::collections::HashSet::new();
-    let mut names = Vec::new();
-    let mut asked = Vec::new();
-    for (i, claim) in claims.iter().enumerate() {
-        let name = claim.lock_name();
-        if seen.insert(name.clone()) {
-            names.push(name);
-            asked.push(i);
-            results.push(Ok(None));
-        } else {
-            results.push(Err(in_use()));
-        }
+    let (mut locks, names) = Locks::new(claims);
+    let got: Vec<bool> = sqlx::query_scalar(TRY_LOCK).bind(&names).fetch_all(&mut *conn).await?;
+    locks.took(&got);
+    if locks.held().is_empty() {
+        return Ok(locks.into_results());
     }
-    // The in-flight check first, then the lookup in a statement of its own: it must see
-    // whatever a previous holder of the lock committed before releasing it.
-    let locked: Vec<bool> =
-        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(hashtextextended(k, 0)) FROM UNNEST($1::text[]) AS k")
-            .bind(&names)
-            .fetch_all(&mut *conn)
-            .await?;
-    let mut lookup = Vec::new();
-    for (&i, got) in asked.iter().zip(locked) {
-        if got {
-            lookup.push(i);
-        } else {
-            results[i] = Err(in_use());
-        }
-    }
-    if lookup.is_empty() {
-        return Ok(results);
-    }
-    let users: Vec<i64> = lookup.iter().map(|&i| claims[i].user_id).collect();
-    let scopes: Vec<&str> = lookup.iter().map(|&i| claims[i].scope).collect();
-    let keys: Vec<&str> = lookup.iter().map(|&i| claims[i].key.as_str()).collect();
-    let stored: Vec<(i64, Stored)> = sqlx::query_as::<_, StoredAt>(
-        "SELECT t.n - 1 AS at, s.request, s.status_code, s.response, s.headers
-         FROM UNNEST($1::int8[], $2::text[], $3::text[]) WITH ORDINALITY AS t(uid, scope, key, n)
-         JOIN idempotency_keys s ON s.user_id = t.uid AND s.scope = t.scope AND s.key = t.key",
-    )
-    .bind(&users)
-    .bind(&scopes)
-    .bind(&keys)
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|s| (s.at, s.stored))
-    .collect();
-    for (at, stored) in stored {
-        let i = lookup[at as usize];
-        results[i] = if stored.request == claims[i].request {
-            Ok(Some(stored))
-        } else {
-            Err(Error::unprocessable(
-                "IDEMPOTENCY_KEY_REUSED",
-                "this Idempotency-Key was used with a different request",
-            ))
-        };
-    }
-    Ok(results)
+    // The lookup in a statement of its own, after the locks: it must see whatever a previous
+    // holder of a lock committed before releasing it.
+    let (users, scopes, keys) = locks.lookup_columns();
+    let stored: Vec<StoredAt> = sqlx::query_as(LOOKUP.as_str())
+        .bind(&users)
+        .bind(&scopes)
+        .bind(&keys)
+        .fetch_all(&mut *conn)
+        .await?;
+    locks.found(stored);
+    Ok(locks.into_results())
 }
 
+static LOOKUP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| stored_query(1));
+
+/// Takes a transaction-scoped advisory lock per name of `$1::text[]` if it is free: one bool
+/// per name, in order.
+pub const TRY_LOCK: &str = "SELECT pg_try_advisory_xact_lock(hashtextextended(k, 0))
+     FROM UNNEST($1::text[]) WITH ORDINALITY AS t(k, n) ORDER BY n";
+
+/// The stored responses of the keys in the arrays `$first` (users), `$first+1` (scopes) and
+/// `$first+2` (keys): rows of `at` (the key's index in the arrays) and the [`Stored`] columns.
+/// Run it in a statement after [`TRY_LOCK`]'s.
+pub fn stored_query(first: usize) -> String {
+    format!(
+        "SELECT t.n - 1 AS at, s.request, s.status_code, s.response, s.headers
+         FROM UNNEST(${}::int8[], ${}::text[], ${}::text[]) WITH ORDINALITY AS t(uid, scope, key, n)
+         JOIN idempotency_keys s ON s.user_id = t.uid AND s.scope = t.scope AND s.key = t.key",
+        first,
+        first + 1,
+        first + 2
+    )
+}
+
+/// A stored response, with the index of its key in the looked-up arrays.
 #[derive(sqlx::FromRow)]
-struct StoredAt {
+pub struct StoredAt {
     at: i64,
     #[sqlx(flatten)]
     stored: Stored,
+}
+
+/// Claims on their way through [`TRY_LOCK`] and [`stored_query`], for callers that run those
+/// inside statements of their own (the group-committed accept).
+pub struct Locks<'c> {
+    claims: &'c [&'c Claim],
+    results: Vec<Result<Option<Stored>>>,
+    /// The claims whose names went to the lock statement, in its order.
+    asked: Vec<usize>,
+    /// The claims whose key this transaction holds and that no stored response answered yet.
+    held: Vec<usize>,
+}
+
+impl<'c> Locks<'c> {
+    /// The claims, and the lock names to try (a repeat of an earlier claim's key is 409 at once).
+    pub fn new(claims: &'c [&'c Claim]) -> (Self, Vec<String>) {
+        let mut seen = std::collections::HashSet::new();
+        let (mut names, mut asked, mut results) = (Vec::new(), Vec::new(), Vec::with_capacity(claims.len()));
+        for (i, claim) in claims.iter().enumerate() {
+            let name = claim.lock_name();
+            if seen.insert(name.clone()) {
+                names.push(name);
+                asked.push(i);
+                results.push(Ok(None));
+            } else {
+                results.push(Err(in_use()));
+            }
+        }
+        let locks = Self {
+            claims,
+            results,
+            asked,
+            held: Vec::new(),
+        };
+        (locks, names)
+    }
+
+    /// Records [`TRY_LOCK`]'s answers: a key held elsewhere is 409.
+    pub fn took(&mut self, got: &[bool]) {
+        self.held.clear();
+        for (&i, &got) in self.asked.iter().zip(got) {
+            if got {
+                self.held.push(i);
+            } else {
+                self.results[i] = Err(in_use());
+            }
+        }
+    }
+
+    /// The claims still open: their keys are held here and no stored response has answered them.
+    pub fn held(&self) -> &[usize] {
+        &self.held
+    }
+
+    /// The held claims' users, scopes and keys, as [`stored_query`] reads them.
+    pub fn lookup_columns(&self) -> (Vec<i64>, Vec<&'static str>, Vec<&'c str>) {
+        let claims = self.claims;
+        (
+            self.held.iter().map(|&i| claims[i].user_id).collect(),
+            self.held.iter().map(|&i| claims[i].scope).collect(),
+            self.held.iter().map(|&i| claims[i].key.as_str()).collect(),
+        )
+    }
+
+    /// Answers the claims [`stored_query`] found (over [`lookup_columns`](Self::lookup_columns)):
+    /// the same request replays, another is 422. They are no longer held.
+    pub fn found(&mut self, stored: Vec<StoredAt>) {
+        let mut answered = Vec::with_capacity(stored.len());
+        for StoredAt { at, stored } in stored {
+            let Some(&i) = usize::try_from(at).ok().and_then(|at| self.held.get(at)) else {
+                continue;
+            };
+            self.results[i] = if stored.request == self.claims[i].request {
+                Ok(Some(stored))
+            } else {
+                Err(Error::unprocessable(
+                    "IDEMPOTENCY_KEY_REUSED",
+                    "this Idempotency-Key was used with a different request",
+                ))
+            };
+            answered.push(i);
+        }
+        self.held.retain(|i| !answered.contains(i));
+    }
+
+    /// Per claim: `Ok(Some(stored))` to replay, `Ok(None)` for a first request (held), or 409/422.
+    pub fn into_results(self) -> Vec<Result<Option<Stored>>> {
+        self.results
+    }
+}
+
+fn in_use() -> Error {
+    Error::conflict(
+        "IDEMPOTENCY_KEY_IN_USE",
+        "a request with this Idempotency-Key is still being processed; retry shortly",
+    )
 }
 
 /// What a request under an idempotency claim produced.
