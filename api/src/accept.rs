@@ -195,8 +195,8 @@ async fn write_batch(pool: &PgPool, requests: &[&Request], timeout_ms: i64) -> R
 /// products in `$2`, in one statement.
 static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "SELECT ARRAY({}), ARRAY(SELECT id FROM products WHERE id = ANY($2) ORDER BY id),
-                ARRAY(SELECT price FROM products WHERE id = ANY($2) ORDER BY id)",
+        "SELECT ARRAY({}), COALESCE(array_agg(id ORDER BY id), '{{}}'), COALESCE(array_agg(price ORDER BY id), '{{}}')
+         FROM products WHERE id = ANY($2)",
         idempotency::TRY_LOCK
     )
 });

@@ -206,7 +206,6 @@ impl<'c> Locks<'c> {
     /// Answers the claims [`stored_query`] found (over [`lookup_columns`](Self::lookup_columns)):
     /// the same request replays, another is 422. They are no longer held.
     pub fn found(&mut self, stored: Vec<StoredAt>) {
-        let mut answered = Vec::with_capacity(stored.len());
         for StoredAt { at, stored } in stored {
             let Some(&i) = usize::try_from(at).ok().and_then(|at| self.held.get(at)) else {
                 continue;
@@ -219,9 +218,9 @@ impl<'c> Locks<'c> {
                     "this Idempotency-Key was used with a different request",
                 ))
             };
-            answered.push(i);
         }
-        self.held.retain(|i| !answered.contains(i));
+        let results = &self.results;
+        self.held.retain(|&i| matches!(results[i], Ok(None)));
     }
 
     /// Per claim: `Ok(Some(stored))` to replay, `Ok(None)` for a first request (held), or 409/422.
