@@ -220,6 +220,43 @@ async fn a_hot_product_run_in_the_open_model_sells_exactly_its_stock() {
 }
 
 #[tokio::test]
+async fn accepting_alone_watches_nothing_and_ends_with_the_last_answer() {
+    // No step workers: every order stays PENDING, so there is nothing to watch.
+    let app = TestApp::api_only().await;
+    let args = args(
+        &app,
+        &[
+            "--orders",
+            "30",
+            "--users",
+            "6",
+            "--concurrency",
+            "4",
+            "--observe",
+            "none",
+        ],
+    );
+    let Outcome::Orders(report) = execute(&args).await.expect("the bench runs") else {
+        panic!("expected an order report");
+    };
+    assert_eq!(
+        (report.accepted, report.confirmed, report.cancelled, report.errors),
+        (30, 0, 0, 0),
+        "{report:?}"
+    );
+    assert!(report.errors_by_kind.is_empty(), "{report:?}");
+    assert_eq!((report.observe, report.poll_requests), ("none", 0), "{report:?}");
+    assert!(report.accept_per_s > 0.0, "{report:?}");
+    assert_cpu(&serde_json::to_value(&report.cpu).unwrap(), 30, "accepted");
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 30);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_coupon_rush_issues_exactly_the_coupons_on_offer() {
     let app = TestApp::api_only().await;
     let args = args(&app, &["--coupon-rush", "--users", "60", "--rush-coupons", "10"]);

@@ -173,22 +173,27 @@ async fn write_batch(pool: &PgPool, requests: &[&Request], timeout_ms: i64) -> R
         locks.found(stored);
         priced.clear();
     }
-    let mut answers: Vec<Result<Accepted>> = locks
+    // Held and priced (`Ok(None)` here) is answered from `priced`. No placeholder error is
+    // made for those: an error captures a backtrace where RUST_BACKTRACE is set, which was 2%
+    // of the API's CPU when it was made for every accepted request.
+    let mut answers: Vec<Option<Result<Accepted>>> = locks
         .into_results()
         .into_iter()
         .map(|claimed| match claimed {
-            Ok(Some(stored)) => Ok(Accepted::Replay(stored)),
-            // Held and priced: answered from `priced` below.
-            Ok(None) => Err(anyhow::anyhow!("an accepted request got no answer").into()),
-            Err(err) => Err(err),
+            Ok(Some(stored)) => Some(Ok(Accepted::Replay(stored))),
+            Ok(None) => None,
+            Err(err) => Some(Err(err)),
         })
         .collect();
     for (i, answer) in priced {
-        answers[i] = answer;
+        answers[i] = Some(answer);
     }
     tx.commit().await?;
     outbox::committed();
-    Ok(answers)
+    Ok(answers
+        .into_iter()
+        .map(|answer| answer.unwrap_or_else(|| Err(anyhow::anyhow!("an accepted request got no answer").into())))
+        .collect())
 }
 
 /// The claimed keys' advisory locks ([`idempotency::TRY_LOCK`] over `$1`) and the prices of the

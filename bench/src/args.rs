@@ -91,7 +91,7 @@ pub struct BenchArgs {
 
     /// How the bench learns that an order is terminal: `poll` each user's order list, or
     /// `wait` on each order (`GET /api/orders/{id}` with `Prefer: wait=30`, RFC 7240), which
-    /// the API answers when the order's status changes.
+    /// the API answers when the order's status changes; `none` measures accepting alone.
     #[arg(long, value_enum, default_value_t = Observe::Poll)]
     pub observe: Observe,
 
@@ -131,6 +131,9 @@ pub enum Observe {
     Poll,
     /// Long-poll each order (`GET /api/orders/{id}`, `Prefer: wait=30`).
     Wait,
+    /// Watch nothing: the run ends with the last answer. For a system that only accepts (no
+    /// step workers, every order stays PENDING), where watching would only load the API.
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

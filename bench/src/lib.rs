@@ -41,7 +41,7 @@ use self::{
     args::{LoadModel, Observe, OrderSettings, Scenario},
     client::Api,
     meter::Meter,
-    observe::{Final, Observer, PollObserver, WaitObserver},
+    observe::{Final, Observer, ObserverStats, PollObserver, WaitObserver},
     plan::Plan,
     progress::Progress,
     report::{Latency, Measured, Report, RushReport},
@@ -142,6 +142,7 @@ async fn orders(
     let watchers = match s.observe {
         Observe::Poll => s.poll_concurrency,
         Observe::Wait => s.wait_connections,
+        Observe::None => 0,
     };
     let api = Api::new(api_url, secret, senders + watchers)?;
     api.health().await?;
@@ -174,6 +175,10 @@ async fn orders(
             }
             .run(watch_rx, done_tx, stop.clone()),
         ),
+        Observe::None => tokio::spawn(async move {
+            drop((watch_rx, done_tx));
+            ObserverStats::default()
+        }),
     };
     let sent_bar = progress.bar("sent", n);
     let done_bar = progress.bar("terminal", n);
@@ -229,7 +234,10 @@ async fn orders(
 
     let cancelled: u64 = seen.cancelled.values().sum();
     let parked: u64 = seen.parked.values().sum();
-    let timed_out = sent.accepted.saturating_sub(seen.confirmed + cancelled + parked);
+    let timed_out = match s.observe {
+        Observe::None => 0,
+        _ => sent.accepted.saturating_sub(seen.confirmed + cancelled + parked),
+    };
     let mut errors_by_kind = sent.errors.clone();
     for (state, count) in &seen.parked {
         *errors_by_kind.entry(state.clone()).or_default() += count;
@@ -290,6 +298,7 @@ async fn orders(
         observe: match s.observe {
             Observe::Poll => "poll",
             Observe::Wait => "wait",
+            Observe::None => "none",
         },
         poll_requests: observed.requests,
         poll_errors: observed.errors,
