@@ -290,21 +290,24 @@ impl Report {
                 self.accept_api_max_ms,
             ],
         );
-        row(
-            &mut out,
-            "end to end (observed)",
-            [self.e2e_p50_ms, self.e2e_p95_ms, self.e2e_p99_ms, self.e2e_max_ms],
-        );
-        row(
-            &mut out,
-            "e2e (order timestamps)",
-            [
-                self.recorded_p50_ms,
-                self.recorded_p95_ms,
-                self.recorded_p99_ms,
-                self.recorded_max_ms,
-            ],
-        );
+        // With `--observe none` nothing saw an order end: no end-to-end rows of zeros.
+        if self.observe != "none" {
+            row(
+                &mut out,
+                "end to end (observed)",
+                [self.e2e_p50_ms, self.e2e_p95_ms, self.e2e_p99_ms, self.e2e_max_ms],
+            );
+            row(
+                &mut out,
+                "e2e (order timestamps)",
+                [
+                    self.recorded_p50_ms,
+                    self.recorded_p95_ms,
+                    self.recorded_p99_ms,
+                    self.recorded_max_ms,
+                ],
+            );
+        }
         if let Some(b) = &self.baseline {
             row(
                 &mut out,
@@ -358,7 +361,9 @@ impl Report {
             "accept rate", self.accept_per_s, self.send_duration_s
         );
         let per_order = self.poll_requests as f64 / (self.confirmed + self.cancelled).max(1) as f64;
-        if self.observe == "wait" {
+        if self.observe == "none" {
+            let _ = writeln!(out, "  {:<22} {:>10}", "observer", "none (accepting alone)");
+        } else if self.observe == "wait" {
             let _ = writeln!(
                 out,
                 "  {:<22} {:>10} requests ({per_order:.2} per order) with Prefer: wait, {} errors",
@@ -719,6 +724,12 @@ mod tests {
         open.concurrency = None;
         assert!(open.table().contains("open model, 200 orders/s"));
         assert!(open.table().contains("sent late"));
+        assert!(table.contains("end to end (observed)") && table.contains("observer polling"));
+        let mut alone = sample();
+        alone.observe = "none";
+        let alone = alone.table();
+        assert!(!alone.contains("end to end") && !alone.contains("e2e"), "{alone}");
+        assert!(alone.contains("none (accepting alone)"), "{alone}");
     }
 
     #[test]
