@@ -247,6 +247,8 @@ async fn accepting_alone_watches_nothing_and_ends_with_the_last_answer() {
     assert!(report.errors_by_kind.is_empty(), "{report:?}");
     assert_eq!((report.observe, report.poll_requests), ("none", 0), "{report:?}");
     assert!(report.accept_per_s > 0.0, "{report:?}");
+    // Over when the last answer came, not after waiting out --timeout (60 s here).
+    assert_eq!(report.duration_s, report.send_duration_s, "{report:?}");
     assert_cpu(&serde_json::to_value(&report.cpu).unwrap(), 30, "accepted");
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
         .fetch_one(&app.pool)

@@ -131,8 +131,10 @@ pub enum Observe {
     Poll,
     /// Long-poll each order (`GET /api/orders/{id}`, `Prefer: wait=30`).
     Wait,
-    /// Watch nothing: the run ends with the last answer. For a system that only accepts (no
-    /// step workers, every order stays PENDING), where watching would only load the API.
+    /// Watch nothing: the run ends with the last answer (`--timeout` does not apply), nothing
+    /// counts as completed, and CPU is per accepted order over the sending only (what the relay
+    /// publishes after the last answer is left out). For a system that only accepts (no step
+    /// workers, every order stays PENDING), where watching would only load the API.
     None,
 }
 

@@ -354,7 +354,10 @@ impl Report {
             );
         }
         let _ = writeln!(out, "  {:<22} {:>10.2} s", "duration", self.duration_s);
-        let _ = writeln!(out, "  {:<22} {:>10.1} orders/s", "completed", self.completed_per_s);
+        let alone = self.observe == "none";
+        if !alone {
+            let _ = writeln!(out, "  {:<22} {:>10.1} orders/s", "completed", self.completed_per_s);
+        }
         let _ = writeln!(
             out,
             "  {:<22} {:>10.1} orders/s over {:.2} s",
@@ -401,11 +404,13 @@ impl Report {
                 b.baseline_cpu.as_ref(),
                 b.baseline_pg_waits.as_ref(),
             );
-            let _ = writeln!(
-                out,
-                "  {:<22} {:>10.3} (pipeline completed/s / baseline)",
-                "ratio", b.ratio
-            );
+            if !alone {
+                let _ = writeln!(
+                    out,
+                    "  {:<22} {:>10.3} (pipeline completed/s / baseline)",
+                    "ratio", b.ratio
+                );
+            }
             let _ = writeln!(
                 out,
                 "  {:<22} {:>10.3} (pipeline accepted/s / baseline completed/s)",
@@ -729,6 +734,7 @@ mod tests {
         alone.observe = "none";
         let alone = alone.table();
         assert!(!alone.contains("end to end") && !alone.contains("e2e"), "{alone}");
+        assert!(!alone.contains("completed  "), "{alone}");
         assert!(alone.contains("none (accepting alone)"), "{alone}");
     }
 
