@@ -4,6 +4,8 @@
 #   bash scripts/perf.sh            # every scenario
 #   bash scripts/perf.sh rates      # only some: rates closed accept hot rush instances observe cluster
 #   PERF_RATES="350 700" bash scripts/perf.sh rates   # only these offered rates
+#                                   # (rates ends with a step at half the saturation it found,
+#                                   # and prints whether the latency there is within target)
 #   RATE_ARGS="--observe wait" bash scripts/perf.sh rates   # extra bench flags for the rate runs
 #   PERF_BIN=target/debug/orderflow PERF_ORDERS=300 bash scripts/perf.sh cluster
 #                                   # a quick check that a scenario runs (debug build, few orders):
@@ -27,6 +29,9 @@ readonly SYS=${PERF_SYSTEM_BIN:-$BIN}
 MGMT=http://guest:guest@127.0.0.1:15672/api
 export JWT_SECRET=perf-secret DATABASE_URL="$PG/$DB" AMQP_URL="amqp://guest:guest@127.0.0.1:5672/$VHOST"
 export HTTP_ADDR=127.0.0.1:$PORT LOG_FORMAT=text RUST_LOG=warn
+# The bench's 300 users stand for a shop's many shoppers: at the highest offered rates each sends
+# more orders than the default per-user quota (100 per 10 s) lets through. The limiter still runs.
+export RATE_LIMIT_WRITES=1000
 API=http://127.0.0.1:$PORT
 SYSTEM_PID=
 WORKER_PIDS=()
@@ -142,10 +147,30 @@ bench() {
     end' "$OUT/$name.json" >>"$OUT/cpu.tsv"
 }
 
+rate_bench() {
+  bench "$1" --rate "$2" --orders $(($2 * 20)) --users 300 --coupon-share 0.2 ${RATE_ARGS:-}
+}
+# Offered rates up to past saturation, then the latency target at half of it: saturation is the
+# most orders per second any step completed, once a step completed less than it was offered
+# (below that every rate is only a lower bound, and the half step is left out).
 scenario_rates() {
-  for rate in ${PERF_RATES:-35 140 350 700 1000 1400 2000}; do
-    bench "rate-$rate" --rate "$rate" --orders $((rate * 20)) --users 300 --coupon-share 0.2 ${RATE_ARGS:-}
+  local rate top=0 sat half reports=()
+  for rate in ${PERF_RATES:-35 140 350 700 1000 1400 2000 2800 3500}; do
+    rate_bench "rate-$rate" "$rate"
+    reports+=("$OUT/rate-$rate.json")
+    if ((rate > top)); then top=$rate; fi
   done
+  sat=$(jq -s 'map(.completed_per_s) | max | floor' "${reports[@]}")
+  if ((sat * 100 >= top * 97)); then
+    log "half of saturation: every offered rate (up to $top/s) was completed; add a higher one to find saturation"
+    return 0
+  fi
+  half=$((sat / 2))
+  rate_bench rate-half "$half"
+  jq -r --argjson sat "$sat" --argjson top "$top" '
+    "[perf] half of saturation: saturation \($sat)/s (the most any step completed; \($top)/s offered at most); at \(.rate)/s accept p99 \(.accept_p99_ms) ms (<= 50), end-to-end p99 \(.e2e_p99_ms) ms (<= 500): "
+    + (if .accept_p99_ms <= 50 and .e2e_p99_ms <= 500 then "met" else "NOT met" end)' \
+    "$OUT/rate-half.json" | tee "$OUT/half-saturation.txt" >&2
 }
 scenario_closed() {
   bench closed --concurrency 32 --orders 6000 --users 300 --coupon-share 0.2 --baseline sync
@@ -199,6 +224,7 @@ scenario_cluster() {
 
 mkdir -p "$OUT"
 : >"$OUT/system.log"
+rm -f "$OUT/half-saturation.txt"
 printf 'scenario\torders\tcompleted/s\tpostgres\trabbitmq\torderflow\tbench\tmachine\tbusy%%\tlock-ms\tlwlock-ms\n' >"$OUT/cpu.tsv"
 bash scripts/services.sh
 if [[ -z ${PERF_BIN:-} ]]; then cargo build --release --quiet; fi
@@ -209,4 +235,5 @@ for s in "${scenarios[@]}"; do
 done
 stop_system
 column -t -s $'\t' "$OUT/cpu.tsv" >&2
+[[ ! -s $OUT/half-saturation.txt ]] || cat "$OUT/half-saturation.txt" >&2
 log "reports in $OUT/ (CPU and lock waits per finished order: $OUT/cpu.tsv)"
