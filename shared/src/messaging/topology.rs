@@ -177,13 +177,15 @@ pub fn routes(exchange: &str, routing_key: &str) -> bool {
 
 /// Declares every exchange, queue and binding. Idempotent: safe in every process at start.
 ///
-/// A queue that exists already is left exactly as it is (a passive declare, then only its
-/// bindings): its arguments were fixed when it was created, and RabbitMQ refuses a redeclare
-/// whose arguments differ (PRECONDITION_FAILED), so arguments added since (the cluster
-/// placement ones) apply to queues created from now on without breaking a running
-/// deployment. A queue that does not exist is created with [`QueueSpec::arguments`]; two
-/// processes creating it at once declare the same arguments, which RabbitMQ accepts.
-/// Opens its own channels (a passive declare of a missing queue closes its channel).
+/// Every queue is declared with [`QueueSpec::arguments`]: that creates a missing one, and
+/// RabbitMQ accepts the redeclare of one created with the same arguments (by another process,
+/// or an earlier start). A queue created with other arguments (by an earlier version, without
+/// the cluster placement ones) is refused with PRECONDITION_FAILED, which closes the channel;
+/// it is then left exactly as it is, only its bindings are declared, so arguments added since
+/// apply to queues created from now on without breaking a running deployment. Declaring
+/// today's arguments first, not a passive probe, keeps a fresh or current broker free of
+/// refused declares (each one a closed channel, which lapin logs as an error).
+/// Opens its own channels.
 pub async fn declare(conn: &Connection) -> lapin::Result<()> {
     let mut channel = conn.create_channel().await?;
     for (name, kind) in EXCHANGES {
@@ -200,28 +202,18 @@ pub async fn declare(conn: &Connection) -> lapin::Result<()> {
             .await?;
     }
     for q in QUEUES {
-        let passive = QueueDeclareOptions {
-            passive: true,
+        let durable = QueueDeclareOptions {
             durable: true,
             ..Default::default()
         };
-        match channel
-            .queue_declare(q.name.into(), passive, FieldTable::default())
-            .await
-        {
+        match channel.queue_declare(q.name.into(), durable, q.arguments()).await {
             Ok(_) => {}
-            Err(err) if is_not_found(&err) => {
+            Err(err) if is_precondition_failed(&err) => {
+                tracing::info!(
+                    queue = q.name,
+                    "queue exists with other arguments (an earlier version's); left as it is"
+                );
                 channel = conn.create_channel().await?;
-                channel
-                    .queue_declare(
-                        q.name.into(),
-                        QueueDeclareOptions {
-                            durable: true,
-                            ..Default::default()
-                        },
-                        q.arguments(),
-                    )
-                    .await?;
             }
             Err(err) => return Err(err),
         }
@@ -241,9 +233,9 @@ pub async fn declare(conn: &Connection) -> lapin::Result<()> {
     Ok(())
 }
 
-fn is_not_found(err: &lapin::Error) -> bool {
+fn is_precondition_failed(err: &lapin::Error) -> bool {
     matches!(err.kind(), lapin::ErrorKind::ProtocolError(e)
-        if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+        if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
 }
 
 #[cfg(test)]
