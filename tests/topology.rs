@@ -88,3 +88,54 @@ async fn queues_of_an_earlier_version_are_left_as_they_are_and_new_ones_get_ever
     assert_eq!(keys.len(), legacy.routing_keys.len(), "{keys:?}");
     common::mgmt(Method::DELETE, &format!("/api/vhosts/{vhost}"), None).await;
 }
+
+/// Where the deployment's user may configure only orderflow's own names, the data platform's
+/// queue, created by someone else, is used as it is (ACCESS_REFUSED on the declare, then found
+/// by a passive one); while it is missing, the start fails with that refusal instead of going
+/// on without the queue.
+#[tokio::test]
+async fn a_queue_the_user_may_not_configure_is_used_as_it_is_and_missing_it_fails_the_start() {
+    let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_owned();
+    let vhost = format!("orderflow-test-topology-{id}");
+    let user = format!("orderflow-test-limited-{id}");
+    common::create_vhost(&vhost).await;
+    common::mgmt(
+        Method::PUT,
+        &format!("/api/users/{user}"),
+        Some(serde_json::json!({"password": "limited", "tags": ""})),
+    )
+    .await;
+    common::mgmt(
+        Method::PUT,
+        &format!("/api/permissions/{vhost}/{user}"),
+        Some(serde_json::json!({"configure": "^orderflow\\.", "write": ".*", "read": ".*"})),
+    )
+    .await;
+    let limited = format!("amqp://{user}:limited@127.0.0.1:5672/{vhost}");
+
+    let conn = messaging::connect(&limited, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let refused = topology::declare(&conn).await.unwrap_err();
+    assert!(refused.to_string().contains("ACCESS_REFUSED"), "{refused}");
+    let _ = conn.close(200, "bye".into()).await;
+
+    // The broker's administrator declares everything, the data platform's queue with it.
+    let admin = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+    let conn = messaging::connect(&admin, ConnectionProperties::default())
+        .await
+        .unwrap();
+    topology::declare(&conn).await.unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+
+    let conn = messaging::connect(&limited, ConnectionProperties::default())
+        .await
+        .unwrap();
+    topology::declare(&conn).await.unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+    let queues = common::mgmt(Method::GET, &format!("/api/queues/{vhost}"), None).await;
+    assert_eq!(queues.as_array().unwrap().len(), topology::QUEUES.len());
+
+    common::mgmt(Method::DELETE, &format!("/api/vhosts/{vhost}"), None).await;
+    common::mgmt(Method::DELETE, &format!("/api/users/{user}"), None).await;
+}

@@ -14,7 +14,7 @@
 //! 20-second run at 700 orders/s on a fresh database: a growing table passes 10% every second.
 //! It samples 3,000 rows (statistics target 10, not the default 100): what turns a plan over is
 //! a table's size, which a small sample and the page count give as well, and at 1,679 orders/s
-//! the analyses then took 0.4-0.5 s of PostgreSQL's time in 20 s instead of 0.9-1.4 s, the
+//! the analyses then took 0.38-0.46 s of PostgreSQL's time in 20 s instead of 0.92-1.41 s, the
 //! longest 65 ms instead of 190 (a burst that held one of two cores). With autovacuum on it
 //! does nothing.
 

@@ -6,8 +6,8 @@
 //! and its leader on the least loaded node (`x-queue-leader-locator=balanced`). RabbitMQ 3.10
 //! checks both for equivalence on a redeclare (as it does `x-delivery-limit`, the
 //! dead-letter arguments, `x-max-length` and `x-overflow`): a queue created without them
-//! answers a redeclare with them PRECONDITION_FAILED. So [`declare`] creates missing queues
-//! only and leaves existing ones as they are.
+//! answers a redeclare with them PRECONDITION_FAILED. So [`declare`] leaves a queue that
+//! exists with other arguments as it is, and creates missing ones with today's.
 //!
 //! | exchange | kind | routing keys | queue |
 //! |---|---|---|---|
@@ -181,11 +181,12 @@ pub fn routes(exchange: &str, routing_key: &str) -> bool {
 /// RabbitMQ accepts the redeclare of one created with the same arguments (by another process,
 /// or an earlier start). A queue created with other arguments (by an earlier version, without
 /// the cluster placement ones) is refused with PRECONDITION_FAILED, which closes the channel;
-/// it is then left exactly as it is, only its bindings are declared, so arguments added since
-/// apply to queues created from now on without breaking a running deployment. Declaring
-/// today's arguments first, not a passive probe, keeps a fresh or current broker free of
-/// refused declares (each one a closed channel, which lapin logs as an error).
-/// Opens its own channels.
+/// it is then left exactly as it is (so is one this user may not configure: ACCESS_REFUSED),
+/// once a passive declare on a new channel shows it exists; only its bindings are declared,
+/// so arguments added since apply to queues created from now on without breaking a running
+/// deployment. A refused queue that does not exist fails with the refusal. Declaring today's
+/// arguments first, not a passive probe, keeps a fresh or current broker free of refused
+/// declares (each one a closed channel, which lapin logs as an error). Opens its own channels.
 pub async fn declare(conn: &Connection) -> lapin::Result<()> {
     let mut channel = conn.create_channel().await?;
     for (name, kind) in EXCHANGES {
@@ -208,12 +209,25 @@ pub async fn declare(conn: &Connection) -> lapin::Result<()> {
         };
         match channel.queue_declare(q.name.into(), durable, q.arguments()).await {
             Ok(_) => {}
-            Err(err) if is_precondition_failed(&err) => {
-                tracing::info!(
-                    queue = q.name,
-                    "queue exists with other arguments (an earlier version's); left as it is"
-                );
+            Err(err) if is_refused(&err) => {
+                // The refusal closed the channel. A queue that exists (created with other
+                // arguments, or where this user may not configure it) is left as it is; a
+                // refused queue that does not exist is the original error (an invalid
+                // argument, no permission to create it).
                 channel = conn.create_channel().await?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    durable: true,
+                    ..Default::default()
+                };
+                if channel
+                    .queue_declare(q.name.into(), passive, FieldTable::default())
+                    .await
+                    .is_err()
+                {
+                    return Err(err);
+                }
+                tracing::info!(queue = q.name, error = %err, "queue exists as created earlier; left as it is");
             }
             Err(err) => return Err(err),
         }
@@ -233,9 +247,12 @@ pub async fn declare(conn: &Connection) -> lapin::Result<()> {
     Ok(())
 }
 
-fn is_precondition_failed(err: &lapin::Error) -> bool {
+/// PRECONDITION_FAILED (other arguments) or ACCESS_REFUSED (no configure permission).
+fn is_refused(err: &lapin::Error) -> bool {
     matches!(err.kind(), lapin::ErrorKind::ProtocolError(e)
-        if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))
+    if matches!(e.kind(), AMQPErrorKind::Soft(
+        AMQPSoftError::PRECONDITIONFAILED | AMQPSoftError::ACCESSREFUSED
+    )))
 }
 
 #[cfg(test)]
