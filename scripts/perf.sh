@@ -164,9 +164,9 @@ scenario_rates() {
     reports+=("$OUT/rate-$rate.json")
     if ((rate > top)); then top=$rate; fi
   done
-  read -r sat behind half < <(jq -rs '[(map(.completed_per_s) | max),
-      (map(select(.completed_per_s < 0.95 * .accept_per_s)) | length),
-      (map(.completed_per_s) | max / 2 | floor)] | @tsv' "${reports[@]}")
+  read -r sat behind half < <(jq -rs '(map(.completed_per_s) | max) as $sat
+      | [$sat, (map(select(.completed_per_s < 0.95 * .accept_per_s)) | length), ($sat / 2 | floor)]
+      | @tsv' "${reports[@]}")
   if ((behind == 0 || half < 1)); then
     log "half of saturation: no step fell behind (up to $top/s offered); add a higher rate to find saturation"
     return 0
