@@ -8,7 +8,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::TestApp;
+use common::{
+    TestApp,
+    raw_amqp::{self, Message, long_string, nested_arrays, nested_tables},
+};
 use lapin::{
     BasicProperties, ExchangeKind,
     options::{BasicPublishOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
@@ -534,5 +537,156 @@ async fn replays_publish_the_original_bytes_to_where_the_letter_died_or_answer_4
         );
     }
     app.wait_quiescent(WAIT).await;
+    app.stop().await;
+}
+
+/// `value`, `levels` levels down: through arrays (`[0]`) or tables (`["k"]`).
+fn descend<'a>(mut value: &'a Value, levels: usize, key: Option<&str>) -> &'a Value {
+    for _ in 0..levels {
+        value = match key {
+            Some(k) => &value[k],
+            None => &value[0],
+        };
+    }
+    value
+}
+
+/// Headers no client library writes, each confirmed by RabbitMQ: 2,000 nested arrays and 2,000
+/// nested tables (about 10 KB each; they aborted every process of `orderflow all` through a
+/// stack overflow in the AMQP decoder), 10,000 keys, 100 KB values. On every queue orderflow
+/// consumes, the dead-letter queue included: each message is dead-lettered and recorded, every
+/// letter can be listed, read, discarded, and shown in its order's timeline, and the pipeline
+/// goes on.
+#[tokio::test]
+async fn headers_thousands_deep_or_wide_on_every_queue_leave_the_process_alive_and_the_letters_manageable() {
+    let app = TestApp::spawn().await;
+    let product = app.product("Beside hostile frames", 100, 100).await;
+    app.fund(9, 1_000).await;
+    let victim = app.order(9, &[(product, 1)], None).await;
+    assert_eq!(app.wait_terminal(9, &victim, WAIT).await["status"], "CONFIRMED");
+
+    let bottom = || long_string(b"bottom");
+    let deep = raw_amqp::table(&[
+        ("x-nest", nested_arrays(2_000, bottom())),
+        ("x-nest-table", nested_tables(2_000, bottom())),
+    ]);
+    let wide: Vec<(String, Vec<u8>)> = (0..10_000).map(|i| (format!("k{i}"), long_string(b"v"))).collect();
+    let wide = raw_amqp::table(&wide);
+    let large = raw_amqp::table(&[("x-large", long_string(&[b'z'; 100_000]))]);
+    use orderflow_shared::messaging::topology::*;
+    let queues = [
+        STOCK_QUEUE,
+        COUPON_QUEUE,
+        PAYMENT_QUEUE,
+        ORDER_QUEUE,
+        EXPIRED_QUEUE,
+        DEAD_LETTER_QUEUE,
+    ];
+    for queue in queues {
+        for (kind, headers) in [("deep", &deep), ("wide", &wide), ("large", &large)] {
+            raw_amqp::publish(
+                &app.config.amqp_url,
+                Message {
+                    exchange: "",
+                    routing_key: queue,
+                    message_id: &format!("{kind}@{queue}"),
+                    correlation_id: Some(&victim),
+                    headers,
+                    body: b"{not json",
+                },
+            )
+            .await;
+        }
+    }
+    let letters = wait_letters(&app, 3 * queues.len()).await;
+    assert_eq!(letters.len(), 3 * queues.len());
+    for letter in &letters {
+        let id = letter["messageId"].as_str().unwrap();
+        let (kind, queue) = id.split_once('@').unwrap();
+        if queue != DEAD_LETTER_QUEUE {
+            assert_eq!(
+                (letter["sourceQueue"].as_str(), letter["reason"].as_str()),
+                (Some(queue), Some("rejected")),
+                "{id}"
+            );
+        }
+        let h = &letter["headers"];
+        match kind {
+            "deep" => {
+                // 32 levels as JSON, the rest in its AMQP encoding: an array, a table.
+                let arrays = descend(&h["x-nest"], 32, None);
+                assert!(arrays["$amqp"].as_str().unwrap().starts_with("41"), "{id}: {arrays}");
+                let tables = descend(&h["x-nest-table"], 32, Some("k"));
+                assert!(tables["$amqp"].as_str().unwrap().starts_with("46"), "{id}: {tables}");
+            }
+            // (Beside RabbitMQ's own x-death and x-first-death-* headers.)
+            "wide" => assert_eq!(
+                h.as_object().unwrap().keys().filter(|k| k.starts_with('k')).count(),
+                10_000,
+                "{id}"
+            ),
+            _ => assert_eq!(h["x-large"].as_str().map(str::len), Some(100_000), "{id}"),
+        }
+        let (status, one) = app
+            .get(&format!("/api/admin/dead-letters/{}", letter["id"]), &app.admin_token())
+            .await;
+        assert_eq!((status.as_u16(), &one["headers"]), (200, h), "{id}");
+    }
+
+    // A letter stored deeper than serde_json reads (by an earlier release, or by hand) is
+    // still listed, shown, discarded: its headers come as their stored text.
+    let too_deep = format!("{}1{}", "[".repeat(1_000), "]".repeat(1_000));
+    let legacy: i64 = sqlx::query_scalar(
+        "INSERT INTO dead_letters (fingerprint, order_id, headers, body)
+         VALUES (gen_random_uuid(), $1::uuid, $2::jsonb, '{}') RETURNING id",
+    )
+    .bind(&victim)
+    .bind(&too_deep)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let (status, page) = app
+        .get("/api/admin/dead-letters?size=100&status=ALL", &app.admin_token())
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let (status, one) = app
+        .get(&format!("/api/admin/dead-letters/{legacy}"), &app.admin_token())
+        .await;
+    assert_eq!(status, 200, "{one}");
+    assert_eq!(
+        one["headers"]["$json"].as_str().map(|t| t.matches('[').count()),
+        Some(1_000)
+    );
+
+    // The order the letters named shows all of them in its timeline.
+    let (status, timeline) = app
+        .get(&format!("/api/admin/orders/{victim}/timeline"), &app.admin_token())
+        .await;
+    assert_eq!(status, 200, "{timeline}");
+    assert_eq!(timeline["deadLetters"].as_array().unwrap().len(), 3 * queues.len() + 1);
+
+    // Each can be discarded; none replayed (their bodies are not JSON); nothing 500s.
+    for letter in letters.iter().map(|l| l["id"].as_i64().unwrap()).chain([legacy]) {
+        let (status, problem) = replay(&app, letter).await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (409, Some("DEAD_LETTER_NOT_REPLAYABLE"))
+        );
+        let (status, _) = app
+            .admin(Method::DELETE, &format!("/api/admin/dead-letters/{letter}"))
+            .await;
+        assert_eq!(status, 204);
+    }
+
+    // Every consumer is still there, and the pipeline still confirms orders.
+    let order = app.order(9, &[(product, 1)], None).await;
+    assert_eq!(app.wait_terminal(9, &order, WAIT).await["status"], "CONFIRMED");
+    let queues_now = orderflow_shared::messaging::stats::queue_stats(&app.config.amqp_url)
+        .await
+        .unwrap();
+    for queue in queues {
+        let q = queues_now.iter().find(|q| q.name == queue).unwrap();
+        assert_eq!((q.messages, q.consumers > 0), (0, true), "{queue}");
+    }
     app.stop().await;
 }

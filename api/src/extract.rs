@@ -7,7 +7,7 @@ use axum::{
 };
 use orderflow_shared::{Error, auth::Principal};
 
-use crate::{AppState, problem::ApiError};
+use crate::{AppState, header_grammar, problem::ApiError};
 
 /// `axum::Json` with problem-document rejections.
 #[derive(Debug, Clone, Copy, Default, FromRequest)]
@@ -81,18 +81,7 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-/// The value of cookie `name`, if the request carries it.
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| v.trim_matches('"'))
-        .filter(|v| !v.is_empty())
-}
+pub use crate::header_grammar::cookie;
 
 /// SameSite=Strict keeps the cookie off cross-site requests, but another port of the same host
 /// is the same site. A browser says where a request comes from (`Sec-Fetch-Site`, `Origin`);
@@ -113,19 +102,15 @@ fn same_origin(headers: &HeaderMap) -> bool {
     }
 }
 
-/// The token of `Authorization: Bearer <token>` (RFC 6750 §2.1). The scheme is matched
-/// case-insensitively (RFC 9110 §11.1), so `bearer` and `BEARER` work too.
+/// The token of `Authorization: Bearer <token>` ([`header_grammar::bearer_token`]).
 fn bearer(headers: &HeaderMap) -> Result<&str, Error> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or_else(|| Error::unauthorized("MISSING_TOKEN", "send Authorization: Bearer <token>"))?;
-    value
-        .to_str()
-        .ok()
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim())
-        .filter(|t| !t.is_empty())
+    if !headers.contains_key(header::AUTHORIZATION) {
+        return Err(Error::unauthorized(
+            "MISSING_TOKEN",
+            "send Authorization: Bearer <token>",
+        ));
+    }
+    header_grammar::bearer_token(headers)
         .ok_or_else(|| Error::unauthorized("INVALID_TOKEN", "the Authorization header is not a bearer token"))
 }
 

@@ -5,6 +5,7 @@ pub mod accept;
 pub mod admission;
 pub mod asyncapi;
 pub mod extract;
+pub mod header_grammar;
 pub mod idempotency;
 pub mod json;
 pub mod openapi;

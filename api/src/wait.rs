@@ -19,33 +19,30 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, oneshot};
 use uuid::Uuid;
 
-use crate::admission::Turn;
+use crate::{admission::Turn, header_grammar};
 
 /// The longest wait a request may ask for; a larger `wait` is served as this.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 /// How often the watched orders are checked while someone waits.
 pub const TICK: Duration = Duration::from_millis(10);
 
-/// The `wait` preference of a request (RFC 7240): `Prefer: wait=N`, N in whole seconds,
-/// capped at [`MAX_WAIT`]. `None` without one (or with one that is not a number of seconds:
-/// a preference the server does not understand is ignored, §2).
+/// The `wait` preference of a request (RFC 7240 §4.3): `Prefer: wait=N`, N in whole seconds
+/// (`delta-seconds`, digits only; quoted or not, RFC 9110 §5.6.6), capped at [`MAX_WAIT`]; a
+/// number too large to represent is simply very large, so it is capped too (RFC 9111 §1.2.2).
+/// `None` without one, or when the first `wait` is not a number of seconds: the first
+/// occurrence of a preference is the one that counts, and one the server does not understand
+/// is ignored (RFC 7240 §2). Read by the list grammar ([`header_grammar::preferences`]): a
+/// `wait=` inside another preference's quoted string is not a wait.
 pub fn preferred_wait(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get_all("prefer")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|pref| {
-            // A preference is `token [ BWS "=" BWS word ] *( OWS ";" [ OWS parameter ] )`.
-            let first = pref.split(';').next()?.trim();
-            let (name, value) = first.split_once('=')?;
-            if !name.trim().eq_ignore_ascii_case("wait") {
-                return None;
-            }
-            value.trim().trim_matches('"').parse::<u64>().ok()
-        })
-        .next()
-        .map(|secs| Duration::from_secs(secs).min(MAX_WAIT))
+    let wait = header_grammar::preferences(headers)
+        .into_iter()
+        .find(|p| p.name == "wait")?
+        .value?;
+    if wait.is_empty() || !wait.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs = wait.parse::<u64>().unwrap_or(u64::MAX);
+    Some(Duration::from_secs(secs).min(MAX_WAIT))
 }
 
 /// `Preference-Applied: wait=N` for a wait that was honoured (RFC 7240 §3).
@@ -221,6 +218,20 @@ mod tests {
         assert_eq!(prefer(&["wait=-1"]), None);
         assert_eq!(prefer(&["respond-async"]), None);
         assert_eq!(prefer(&[]), None);
+        // A `wait=` inside another preference's quoted string is no wait.
+        assert_eq!(prefer(&[r#"foo="a,wait=7""#]), None);
+        assert_eq!(prefer(&[r#"foo="a,wait=7", wait=2"#]), Some(Duration::from_secs(2)));
+        // delta-seconds is digits only.
+        assert_eq!(prefer(&["wait=+5"]), None);
+        assert_eq!(prefer(&["wait=5s"]), None);
+        assert_eq!(prefer(&["wait=\"\""]), None);
+        // Past any integer: very large, so the cap (like 2^64 - 1).
+        assert_eq!(prefer(&["wait=18446744073709551615"]), Some(MAX_WAIT));
+        assert_eq!(prefer(&["wait=18446744073709551616"]), Some(MAX_WAIT));
+        assert_eq!(prefer(&["wait=99999999999999999999999999999999"]), Some(MAX_WAIT));
+        // Only the first `wait` counts (RFC 7240 §2).
+        assert_eq!(prefer(&["wait=1, wait=9"]), Some(Duration::from_secs(1)));
+        assert_eq!(prefer(&["wait=x", "wait=9"]), None);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod cluster;
+pub mod raw_amqp;
 
 use std::{
     collections::hash_map::DefaultHasher,

@@ -14,6 +14,7 @@ use orderflow_shared::{
     db::{
         orders::{self, OrderRow},
         outbox::{self, Replay},
+        stored_json::StoredJson,
     },
     domain::{CancelReason, OrderStatus},
     messaging::{
@@ -260,8 +261,11 @@ pub struct DeadLetterView {
     pub death_count: i64,
     /// The AMQP headers as JSON; values JSON cannot hold as they are appear as one-key
     /// objects: `{"$bytes": "<hex>"}` (NUL, invalid UTF-8, byte arrays), `{"$decimal": ...}`,
-    /// `{"$timestamp": seconds}`, `{"$float": "NaN"}`.
-    pub headers: serde_json::Value,
+    /// `{"$timestamp": seconds}`, `{"$float": "NaN"}`; a table or array nested past 32 levels
+    /// as `{"$amqp": "<hex of its AMQP encoding>"}`. Headers stored by an older release that
+    /// are too deep to parse come whole as text: `{"$json": "<text>"}`.
+    #[schema(value_type = Object)]
+    pub headers: StoredJson,
     /// The body as text (invalid UTF-8 replaced).
     #[sqlx(skip)]
     pub body: String,
@@ -276,7 +280,8 @@ pub struct DeadLetterView {
 }
 
 impl DeadLetterView {
-    fn with_text(mut self) -> Self {
+    /// Fills `body` from the stored bytes.
+    pub(crate) fn with_text(mut self) -> Self {
         self.body = String::from_utf8_lossy(&self.raw_body).into_owned();
         self
     }
@@ -402,7 +407,7 @@ pub async fn replay_dead_letter(
         .unwrap_or_else(Uuid::now_v7);
     // Which dead letter this replays: if it dies again, that is a new death, recorded anew.
     let mut headers = serde_json::json!({ REPLAY_OF: id.to_string() });
-    if let Some(tp) = letter.headers.get("traceparent").filter(|tp| tp.is_string()) {
+    if let Some(tp) = letter.headers.0.get("traceparent").filter(|tp| tp.is_string()) {
         headers["traceparent"] = tp.clone();
     }
     outbox::enqueue_replay(

@@ -102,11 +102,7 @@ pub struct Login {
 /// redirect to the dashboard (or the login form again, with the reason); a JSON post with 204
 /// (or a problem document).
 async fn login(State(state): State<AppState>, req: Request) -> Response {
-    let json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
+    let json = crate::header_grammar::media_type_is(req.headers(), "application/json");
     let token = if json {
         axum::Json::<Login>::from_request(req, &state)
             .await
@@ -522,13 +518,7 @@ pub async fn timeline(State(state): State<AppState>, _admin: Admin, Path(id): Pa
             sent_at: hop.sent_at,
         })
         .collect();
-    let dead_letters = dead_letters
-        .into_iter()
-        .map(|mut letter| {
-            letter.body = String::from_utf8_lossy(&letter.raw_body).into_owned();
-            letter
-        })
-        .collect();
+    let dead_letters = dead_letters.into_iter().map(DeadLetterView::with_text).collect();
     Ok(Json(Timeline {
         order: TimelineOrder {
             order: OrderSummary::from(&order),

@@ -5,6 +5,7 @@
 pub mod orders;
 pub mod outbox;
 pub mod replay;
+pub mod stored_json;
 
 use std::{str::FromStr, time::Duration};
 

@@ -8,7 +8,10 @@
 //! which a value JSON or PostgreSQL cannot hold as it is (a string with NUL or invalid UTF-8,
 //! a byte array, a decimal, a timestamp, a non-finite float) becomes a one-key marker object
 //! (`{"$bytes": "<hex>"}`, `{"$decimal": {"scale", "value"}}`, `{"$timestamp": seconds}`,
-//! `{"$float": "NaN"}`), and text columns have NUL replaced by U+FFFD. A letter that still
+//! `{"$float": "NaN"}`), a table or array nested deeper than [`MAX_HEADER_DEPTH`] levels
+//! becomes `{"$amqp": "<hex>"}`, its own AMQP wire encoding (type octet, then contents), so the
+//! stored JSON stays shallow enough for every reader (serde_json reads 128 levels) and nothing
+//! is lost; text columns have NUL replaced by U+FFFD. A letter that still
 //! cannot be recorded after a few attempts is parked as a bare record (body, reason) rather
 //! than redelivered forever: the dead-letter queue has no delivery limit of its own.
 
@@ -244,20 +247,33 @@ pub fn pg_text(s: &str) -> String {
     s.replace('\0', "\u{FFFD}")
 }
 
-/// An AMQP field table as JSON that PostgreSQL's `jsonb` can hold, losslessly (see the module
-/// documentation for the markers).
+/// How deeply the recorded headers nest tables and arrays (the headers table itself is level
+/// 0); deeper values are kept as `{"$amqp": "<hex>"}`. Far past any header RabbitMQ or a client
+/// writes (`x-death` nests three), and far below what readers of the stored JSON can parse.
+pub const MAX_HEADER_DEPTH: usize = 32;
+
+/// An AMQP field table as JSON that PostgreSQL's `jsonb` can hold, losslessly and at most
+/// [`MAX_HEADER_DEPTH`] levels deep (see the module documentation for the markers).
 pub fn table_to_json(table: &FieldTable) -> Value {
+    table_within(table, MAX_HEADER_DEPTH)
+}
+
+fn table_within(table: &FieldTable, depth: usize) -> Value {
     Value::Object(
         table
             .inner()
             .iter()
-            .map(|(k, v)| (pg_text(k.as_str()), value_to_json(v)))
+            .map(|(k, v)| (pg_text(k.as_str()), value_to_json(v, depth)))
             .collect(),
     )
 }
 
-fn value_to_json(v: &AMQPValue) -> Value {
+/// `v` as JSON; `depth` is how many more tables or arrays may open inside it.
+fn value_to_json(v: &AMQPValue, depth: usize) -> Value {
     match v {
+        AMQPValue::FieldArray(_) | AMQPValue::FieldTable(_) if depth == 0 => wire_encoding(v),
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(|v| value_to_json(v, depth - 1)).collect()),
+        AMQPValue::FieldTable(t) => table_within(t, depth - 1),
         AMQPValue::Boolean(b) => json!(b),
         AMQPValue::ShortShortInt(n) => json!(n),
         AMQPValue::ShortShortUInt(n) => json!(n),
@@ -271,11 +287,19 @@ fn value_to_json(v: &AMQPValue) -> Value {
         AMQPValue::DecimalValue(d) => json!({"$decimal": {"scale": d.scale, "value": d.value}}),
         AMQPValue::ShortString(s) => text_or_bytes(s.as_str().as_bytes()),
         AMQPValue::LongString(s) => text_or_bytes(s.as_bytes()),
-        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(value_to_json).collect()),
         AMQPValue::Timestamp(t) => json!({ "$timestamp": t }),
-        AMQPValue::FieldTable(t) => table_to_json(t),
         AMQPValue::ByteArray(b) => json!({ "$bytes": hex(b.as_slice()) }),
         AMQPValue::Void => Value::Null,
+    }
+}
+
+/// `{"$amqp": "<hex>"}`: the value as AMQP writes it (type octet, then contents), which
+/// lapin's parser (`amq_protocol_types::parsing::parse_value`) reads back.
+fn wire_encoding(v: &AMQPValue) -> Value {
+    match cookie_factory::gen_simple(lapin::types::generation::gen_value(v), Vec::new()) {
+        Ok(bytes) => json!({ "$amqp": hex(&bytes) }),
+        // Writing into a Vec fails only if it cannot grow; say so rather than lose the letter.
+        Err(err) => json!({ "$amqp": null, "error": err.to_string() }),
     }
 }
 
@@ -369,5 +393,45 @@ mod tests {
         assert_eq!(v["table"], json!({"n\u{FFFD}ul": {"$bytes": "610062"}}));
         // No NUL survives anywhere in the text, so jsonb accepts it.
         assert!(!v.to_string().contains("\\u0000"));
+    }
+
+    /// `inner` wrapped in `levels` arrays.
+    fn nest(levels: usize, inner: AMQPValue) -> AMQPValue {
+        (0..levels).fold(inner, |v, _| AMQPValue::FieldArray(FieldArray::from(vec![v])))
+    }
+
+    #[test]
+    fn deep_headers_are_kept_shallow_and_whole() {
+        let leaf = AMQPValue::LongString(LongString::from("bottom"));
+        let mut table = FieldTable::default();
+        table.insert(ShortString::from("x-nest"), nest(90, leaf.clone()));
+        table.insert(ShortString::from("x-ok"), nest(MAX_HEADER_DEPTH, leaf.clone()));
+        let v = table_to_json(&table);
+
+        // Within the bound: plain JSON all the way down.
+        let mut ok = &v["x-ok"];
+        for _ in 0..MAX_HEADER_DEPTH {
+            ok = &ok[0];
+        }
+        assert_eq!(ok, &json!("bottom"));
+
+        // Past it: the first MAX_HEADER_DEPTH arrays as JSON, the rest as its wire encoding.
+        let mut deep = &v["x-nest"];
+        for _ in 0..MAX_HEADER_DEPTH {
+            deep = &deep[0];
+        }
+        let encoded = deep["$amqp"].as_str().expect("a $amqp marker");
+        let bytes: Vec<u8> = (0..encoded.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&encoded[i..i + 2], 16).expect("hex"))
+            .collect();
+        let (rest, value) = lapin::types::parsing::parse_value(&bytes[..]).expect("decodes");
+        assert!(rest.is_empty());
+        assert_eq!(value, nest(90 - MAX_HEADER_DEPTH, leaf));
+
+        // Every reader can parse it back (serde_json stops at 128 levels).
+        let text = v.to_string();
+        let again: Value = serde_json::from_str(&text).expect("shallow enough for serde_json");
+        assert_eq!(again, v);
     }
 }
