@@ -101,21 +101,23 @@ async fn a_malformed_last_event_id_is_refused() {
     app.stop().await;
 }
 
-/// The Idempotency-Key grammar is the schema's pattern: bare or in double quotes (the two are
-/// the same key), 1..=255 visible ASCII characters other than `"`.
+/// The Idempotency-Key grammar is the schema's pattern: bare (visible ASCII other than `"`) or
+/// an sf-string (RFC 8941: in double quotes, spaces allowed, `\"` and `\\` escaped), the two
+/// the same key, 1..=255 characters, sent once.
 #[tokio::test]
 async fn an_idempotency_key_may_be_quoted_and_is_the_same_key() {
     let app = TestApp::api_only().await;
-    let charge = |key: &'static str| {
+    let charge_with = |keys: Vec<&'static str>| {
         let app = &app;
         async move {
+            let headers: Vec<(&str, &str)> = keys.iter().map(|k| ("idempotency-key", *k)).collect();
             let res = app
                 .request(
                     reqwest::Method::POST,
                     "/api/balance/charge",
                     Some(&app.token(30)),
                     Some(json!({"amount": 1_000})),
-                    &[("idempotency-key", key)],
+                    &headers,
                 )
                 .await;
             let status = res.status();
@@ -123,6 +125,7 @@ async fn an_idempotency_key_may_be_quoted_and_is_the_same_key() {
             (status, replayed, res.json::<Value>().await.unwrap())
         }
     };
+    let charge = |key: &'static str| charge_with(vec![key]);
     let (status, replayed, body) = charge("k-1").await;
     assert_eq!((status, replayed), (StatusCode::OK, false), "{body}");
     let (status, replayed, body) = charge("\"k-1\"").await;
@@ -136,12 +139,27 @@ async fn an_idempotency_key_may_be_quoted_and_is_the_same_key() {
             "{bad}"
         );
     }
+    // Escapes are undone: `"a\"b"` is the key a"b; a space inside quotes is part of the key.
+    let (status, replayed, body) = charge(r#""k \"2\\""#).await;
+    assert_eq!((status, replayed), (StatusCode::OK, false), "{body}");
+    let (status, replayed, _) = charge(r#""k \"2\\""#).await;
+    assert_eq!((status, replayed), (StatusCode::OK, true));
+    for bad in [r#""k\x""#, r#""k\""#] {
+        let (status, _, body) = charge(bad).await;
+        assert_eq!(body["code"], "INVALID_IDEMPOTENCY_KEY", "{bad}: {status}");
+    }
+    // Twice, even the same key: which one was meant is not for the server to guess.
+    let (status, _, body) = charge_with(vec!["k-3", "k-3"]).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("INVALID_IDEMPOTENCY_KEY"))
+    );
     let (rows, balance): (i64, i64) =
         sqlx::query_as("SELECT count(*), coalesce(max(balance_after), 0) FROM balance_ledger WHERE user_id = 30")
             .fetch_one(&app.pool)
             .await
             .unwrap();
-    assert_eq!((rows, balance), (1, 1_000));
+    assert_eq!((rows, balance), (2, 2_000));
     app.stop().await;
 }
 

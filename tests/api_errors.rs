@@ -209,6 +209,24 @@ async fn bad_credentials_are_401_problems() {
         ),
     ];
     let mut cases = cases;
+    // A critical header extension orderflow does not understand (RFC 7515 §4.1.11), validly
+    // signed with the right secret.
+    let mut critical = Header::new(Algorithm::HS256);
+    critical.crit = Some(vec!["x-policy".into()]);
+    cases.push((
+        format!(
+            "Bearer {}",
+            jsonwebtoken::encode(
+                &critical,
+                &json!({"sub": "5", "exp": exp, "x-policy": "strict"}),
+                &EncodingKey::from_secret(JWT_SECRET.as_bytes())
+            )
+            .unwrap()
+        ),
+        "INVALID_TOKEN",
+    ));
+    // Not a b64token (RFC 6750 §2.1): a space inside.
+    cases.push((format!("Bearer {} x", app.token(5)), "INVALID_TOKEN"));
     for sub in [
         "0",
         "-5",

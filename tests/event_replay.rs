@@ -230,9 +230,10 @@ async fn a_consumer_that_missed_a_window_gets_exactly_the_missing_events_while_o
         progress.windows(2).all(|w| w[0] <= w[1]),
         "published only grows: {progress:?}"
     );
+    // The window as kept: its bounds rounded up to the millisecond (the same events).
     assert_eq!(
         done["from"].as_str().unwrap(),
-        from.to_rfc3339_opts(SecondsFormat::Millis, true)
+        orderflow_shared::messaging::envelope::millis::ceil(from).to_rfc3339_opts(SecondsFormat::Millis, true)
     );
 
     // What the consumer got now: the 25 it missed, as they were first sent (same message id,
@@ -650,4 +651,61 @@ async fn the_openapi_document_describes_the_replay_routes() {
         assert!(replay.get(internal).is_none(), "Replay schema shows {internal}");
     }
     app.stop().await;
+}
+
+/// One time precision (issue 22): events show `confirmedAt` to the millisecond, and a replay's
+/// window holds exactly the events whose shown time falls in it, at any precision of the
+/// window's bounds: [t, t + 0.5 ms) holds the events shown at t, [t + 0.5 ms, t + 1 ms) none.
+#[tokio::test]
+async fn a_window_holds_exactly_the_events_whose_shown_time_falls_in_it() {
+    let app = Arc::new(TestApp::spawn().await);
+    let product = app.product("Precise", 100, 1_000).await;
+    for user in 1..=8 {
+        app.fund(user, 1_000).await;
+    }
+    // One at a time, so they confirm at different milliseconds.
+    let mut ids = Vec::new();
+    for user in 1..=8 {
+        let id = app.order(user, &[(product, 1)], None).await;
+        app.wait_terminal(user, &id, WAIT).await;
+        ids.push(id);
+    }
+    let events = drain_raw(&app, "data-platform.orders").await;
+    assert_eq!(events.len(), 8);
+    let shown: Vec<DateTime<Utc>> = events
+        .iter()
+        .map(|e| {
+            let text = e.json["data"]["confirmedAt"].as_str().unwrap();
+            assert_eq!(text.len(), "2026-12-05T10:00:00.123Z".len(), "{text}");
+            DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
+        })
+        .collect();
+    let micros = |n: i64| chrono::TimeDelta::microseconds(n);
+    for &t in &shown {
+        for (from, to) in [
+            (t, t + micros(500)),
+            (t + micros(500), t + micros(1_000)),
+            (t - micros(500), t + micros(500)),
+            (t + micros(300), t + micros(1_300)),
+            (t - micros(1), t),
+            (t + micros(1), t + micros(1_001)),
+        ] {
+            let want = shown.iter().filter(|&&e| from <= e && e < to).count();
+            let (status, _, replay) = start_replay(&app, json!({"from": rfc3339(from), "to": rfc3339(to)})).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{replay}");
+            assert_eq!(replay["total"], want, "[{}, {}): {replay}", rfc3339(from), rfc3339(to));
+            wait_replay(&app, replay["id"].as_i64().unwrap(), |r| r["state"] == "DONE").await;
+        }
+    }
+    // The stored times are the shown ones.
+    let stored: Vec<DateTime<Utc>> = sqlx::query_scalar("SELECT confirmed_at FROM confirmed_events")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    let mut stored_sorted = stored.clone();
+    stored_sorted.sort();
+    let mut shown_sorted = shown.clone();
+    shown_sorted.sort();
+    assert_eq!(stored_sorted, shown_sorted);
+    Arc::into_inner(app).unwrap().stop().await;
 }

@@ -195,3 +195,53 @@ async fn a_thousand_waiting_requests_do_not_poll_the_database_each() {
     assert!(used < 10_000, "{used} transactions for 1,000 requests waiting 3 s");
     app.stop().await;
 }
+
+/// `Prefer` read by its grammar (RFC 7240, RFC 9110 §5.6): a `wait=` inside another
+/// preference's quoted string is no wait (answered at once, no `Preference-Applied`), `+5` is
+/// not delta-seconds, and a wait past any integer is the longest wait, applied as that.
+#[tokio::test]
+async fn only_a_real_wait_is_applied_and_an_oversized_one_is_the_cap() {
+    use orderflow_workers::WorkerKind::*;
+    // No stock worker: orders stay PENDING, so a wait that is applied runs to its end.
+    let app = TestApp::spawn_with(common::Options {
+        workers: vec![Relay, Coupon, Payment, Order, Recovery],
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Grammar", 1_000, 10).await;
+    app.fund(8, 10_000).await;
+    for (i, prefer) in [r#"foo="a,wait=7""#, "wait=+5", "wait=5s", "wait, respond-async"]
+        .into_iter()
+        .enumerate()
+    {
+        let started = Instant::now();
+        let res = place(&app, 8, product, &format!("g-{i}"), Some(prefer)).await;
+        assert_eq!(res.status(), 202, "{prefer}");
+        assert_eq!(header(&res, "preference-applied"), None, "{prefer}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{prefer} waited");
+    }
+    // Past 2^64 - 1: the cap, as for 2^64 - 1 itself. Read (GET) so nothing new is placed.
+    let order = place(&app, 8, product, "g-big", None).await;
+    let id = order.json::<Value>().await.unwrap()["orderId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cap = orderflow_api::wait::MAX_WAIT.as_secs();
+    // (The harness's client gives up after 30 s, the cap itself.)
+    let patient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(cap + 20))
+        .build()
+        .unwrap();
+    let started = Instant::now();
+    let res = patient
+        .get(app.url(&format!("/api/orders/{id}")))
+        .bearer_auth(app.token(8))
+        .header("prefer", "wait=18446744073709551616")
+        .send()
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(cap), "answered at once");
+    assert_eq!(res.status(), 200);
+    assert_eq!(header(&res, "preference-applied"), Some(format!("wait={cap}")));
+    app.stop().await;
+}

@@ -114,39 +114,43 @@ fn bearer(headers: &HeaderMap) -> Result<&str, Error> {
         .ok_or_else(|| Error::unauthorized("INVALID_TOKEN", "the Authorization header is not a bearer token"))
 }
 
-/// The optional `Idempotency-Key` header: 1..=255 visible ASCII characters other than `"`,
-/// optionally in double quotes (the IETF draft makes the key a structured-field string,
-/// `"..."`; most clients send it bare). Exactly [`IDEMPOTENCY_KEY_PATTERN`]; anything else is a
-/// 400 `INVALID_IDEMPOTENCY_KEY`.
+/// The optional `Idempotency-Key` header, sent once: 1..=255 characters, either bare (visible
+/// ASCII other than `"`, what most clients send) or as the sf-string the IETF draft makes it
+/// (RFC 8941 §3.3.3: in double quotes, spaces allowed, `\"` and `\\` escaped; the key is the
+/// string with its escapes undone, so `"abc"` and `abc` are one key). Exactly
+/// [`IDEMPOTENCY_KEY_PATTERN`]; anything else, or the header twice, is a 400
+/// `INVALID_IDEMPOTENCY_KEY`.
 #[derive(Debug, Clone)]
 pub struct IdempotencyKey(pub Option<String>);
 
 /// [`IdempotencyKey`]'s grammar as an OpenAPI `pattern`.
-pub const IDEMPOTENCY_KEY_PATTERN: &str = r#"^(?:[!#-~]{1,255}|"[!#-~]{1,255}")$"#;
+pub const IDEMPOTENCY_KEY_PATTERN: &str = r#"^(?:[!#-~]{1,255}|"(?:[ !#-\[\]-~]|\\["\\]){1,255}")$"#;
 
 impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
-        let Some(value) = parts.headers.get("idempotency-key") else {
+        let invalid = |detail: &str| Error::bad_request("INVALID_IDEMPOTENCY_KEY", detail.to_owned());
+        let value = header_grammar::single(&parts.headers, "idempotency-key")
+            .map_err(|_| invalid("send one Idempotency-Key header, not several"))?;
+        let Some(value) = value else {
             return Ok(Self(None));
         };
-        let key = value
-            .to_str()
-            .ok()
-            .map(|k| {
-                k.strip_prefix('"')
-                    .and_then(|k| k.strip_suffix('"'))
-                    .unwrap_or(k)
-            })
-            .filter(|k| (1..=255).contains(&k.len()) && k.bytes().all(|b| b.is_ascii_graphic() && b != b'"'))
-            .ok_or_else(|| {
-                Error::bad_request(
-                    "INVALID_IDEMPOTENCY_KEY",
-                    "Idempotency-Key must be 1 to 255 visible ASCII characters other than '\"', optionally in double quotes",
-                )
-            })?;
-        Ok(Self(Some(key.to_owned())))
+        let bytes = value.as_bytes();
+        let key = if bytes.first() == Some(&b'"') {
+            header_grammar::sf_string(bytes)
+        } else {
+            bytes
+                .iter()
+                .all(|b| b.is_ascii_graphic() && *b != b'"')
+                .then(|| String::from_utf8_lossy(bytes).into_owned())
+        };
+        let key = key.filter(|k| (1..=255).contains(&k.len())).ok_or_else(|| {
+            invalid(
+                "Idempotency-Key must be 1 to 255 visible ASCII characters other than '\"', or a quoted sf-string of 1 to 255 characters",
+            )
+        })?;
+        Ok(Self(Some(key)))
     }
 }
 

@@ -14,7 +14,45 @@
 //! - `traceparent` (W3C Trace Context): `orderflow_shared::telemetry::TraceParent::parse`.
 //! - `Sec-Fetch-Site`, `Origin` and `Host` (compared whole, RFC 6454): `crate::extract`.
 
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderValue, header};
+
+/// A field that may occur once came as several field lines (RFC 9110 §5.3: a sender must not
+/// send those, and their meaning is ambiguous).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Repeated;
+
+/// The one value of a singleton field `name`: `Ok(None)` when absent, [`Repeated`] when it
+/// came more than once.
+pub fn single(
+    headers: &HeaderMap,
+    name: impl axum::http::header::AsHeaderName,
+) -> Result<Option<&HeaderValue>, Repeated> {
+    let mut values = headers.get_all(name).into_iter();
+    match (values.next(), values.next()) {
+        (first, None) => Ok(first),
+        (Some(_), Some(_)) | (None, Some(_)) => Err(Repeated),
+    }
+}
+
+/// An sf-string (RFC 8941 §3.3.3): `DQUOTE *( unescaped / "\" ( DQUOTE / "\" ) ) DQUOTE`,
+/// unescaped printable ASCII but `"` and `\`; the string with its escapes undone.
+pub fn sf_string(value: &[u8]) -> Option<String> {
+    let inner = value.strip_prefix(b"\"")?.strip_suffix(b"\"")?;
+    let mut out = String::with_capacity(inner.len());
+    let mut bytes = inner.iter();
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'\\' => match bytes.next() {
+                Some(&e @ (b'"' | b'\\')) => out.push(char::from(e)),
+                _ => return None,
+            },
+            b'"' => return None,
+            0x20..=0x7E => out.push(char::from(b)),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
 
 /// One element of a `Prefer` header (RFC 7240 §2):
 /// `token [ BWS "=" BWS word ] *( OWS ";" [ OWS parameter ] )`, `word = token / quoted-string`.
@@ -107,11 +145,11 @@ fn preference(element: &[u8]) -> Option<Preference> {
     })
 }
 
-/// The token of `Authorization: Bearer <token>` when the header is exactly that: the scheme
-/// matched case-insensitively (RFC 9110 §11.1), one or more spaces, then a `b64token`
+/// The token of `Authorization: Bearer <token>` when the header is exactly that, once: the
+/// scheme matched case-insensitively (RFC 9110 §11.1), one or more spaces, then a `b64token`
 /// (RFC 6750 §2.1: `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`).
 pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let value = single(headers, header::AUTHORIZATION).ok()??.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim_start_matches(' ');
     let body = token.trim_end_matches('=');
@@ -142,11 +180,12 @@ fn cookie_octet(b: u8) -> bool {
     matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E)
 }
 
-/// Whether the request's `Content-Type` is `essence` (`type/subtype`, compared
+/// Whether the request's one `Content-Type` is `essence` (`type/subtype`, compared
 /// case-insensitively as RFC 9110 §8.3.1 says), whatever its parameters.
 pub fn media_type_is(headers: &HeaderMap, essence: &str) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
+    single(headers, header::CONTENT_TYPE)
+        .ok()
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<mime::Mime>().ok())
         .is_some_and(|m| m.essence_str().eq_ignore_ascii_case(essence))
@@ -307,6 +346,32 @@ mod tests {
         assert_eq!(prefs(&[b"x;;a=1;"]), [p("x", None)]);
         // obs-text in a quoted string is kept, not a reason to drop the header.
         assert_eq!(prefs(&[b"a=\"\xe9\", b"]), [p("a", Some("\u{FFFD}")), p("b", None)]);
+    }
+
+    #[test]
+    fn singletons_and_sf_strings() {
+        assert_eq!(
+            single(&headers("a", &[b"1"]), "a").map(|v| v.map(|v| v.as_bytes().to_vec())),
+            Ok(Some(b"1".to_vec()))
+        );
+        assert_eq!(single(&headers("a", &[]), "a"), Ok(None));
+        assert_eq!(single(&headers("a", &[b"1", b"1"]), "a"), Err(Repeated));
+        assert_eq!(sf_string(br#""abc""#).as_deref(), Some("abc"));
+        assert_eq!(sf_string(br#""a\"b\\c d""#).as_deref(), Some(r#"a"b\c d"#));
+        assert_eq!(sf_string(br#""""#).as_deref(), Some(""));
+        for bad in [
+            &br#"abc"#[..],
+            br#""a"b""#,
+            br#""a\b""#,
+            br#""a\""#,
+            b"\"\x7f\"",
+            b"\"\xc3\xa9\"",
+        ] {
+            assert_eq!(sf_string(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        // Two Authorization lines: no token at all.
+        let two = headers("authorization", &[b"Bearer a", b"Bearer b"]);
+        assert_eq!(bearer_token(&two), None);
     }
 
     #[test]

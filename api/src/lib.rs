@@ -102,9 +102,10 @@ pub fn router(state: AppState) -> Router {
 /// One span per request, continuing the caller's W3C `traceparent` when it sends one.
 fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
     let span = tracing::info_span!("request", method = %req.method(), uri = %req.uri().path());
-    if let Some(parent) = req
-        .headers()
-        .get("traceparent")
+    // W3C Trace Context: several traceparent lines are as good as none.
+    if let Some(parent) = header_grammar::single(req.headers(), "traceparent")
+        .ok()
+        .flatten()
         .and_then(|v| v.to_str().ok())
         .and_then(orderflow_shared::telemetry::TraceParent::parse)
     {

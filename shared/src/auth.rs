@@ -82,6 +82,7 @@ impl Keys {
     /// As [`Keys::verify`], also returning the token's `exp` (Unix seconds): what a session
     /// cookie holding the token may live for.
     pub fn verify_with_expiry(&self, token: &str) -> Result<(Principal, i64)> {
+        check_header(token)?;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             match e.kind() {
@@ -102,6 +103,27 @@ impl Keys {
         };
         Ok((principal, data.claims.exp))
     }
+}
+
+/// The JOSE header checks that come before any signature check (RFC 7515, RFC 8725):
+/// - `crit` names header extensions the recipient must understand or else reject the token
+///   (RFC 7515 §4.1.11); orderflow understands none, so a token with `crit` (for example
+///   `b64: false` of RFC 7797, which changes what was signed) is refused;
+/// - the algorithm is checked against the key's allowlist by the verifier itself
+///   (`Validation::algorithms`: HS256 only for the shared secret; `alg: none` never, RFC 8725
+///   §3.1), and keys are never taken from the token (`jku`, `jwk`, `x5u` are ignored).
+fn check_header(token: &str) -> Result<()> {
+    let header = jsonwebtoken::decode_header(token)
+        .map_err(|_| Error::unauthorized("INVALID_TOKEN", "the bearer token is not valid"))?;
+    if let Some(crit) = header.crit {
+        return Err(Error::unauthorized(
+            "INVALID_TOKEN",
+            format!(
+                "the token marks header extensions {crit:?} critical, and orderflow understands none (RFC 7515 §4.1.11)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -146,6 +168,29 @@ mod tests {
             );
         }
         assert!(keys.issue(1, false, MAX_TOKEN_TTL_SECS).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn critical_header_extensions_are_refused() -> Result<()> {
+        let keys = Keys::new("secret");
+        let claims = Claims {
+            sub: "1".into(),
+            exp: chrono::Utc::now().timestamp() + 60,
+            role: None,
+        };
+        let sign = |crit: Option<Vec<String>>| {
+            let mut header = Header::new(Algorithm::HS256);
+            header.crit = crit;
+            jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(b"secret"))
+                .map_err(|e| Error::Internal(e.into()))
+        };
+        assert!(keys.verify(&sign(None)?).is_ok());
+        for crit in [vec!["x-policy".to_owned()], vec!["b64".to_owned()], vec![]] {
+            let err = keys.verify(&sign(Some(crit.clone()))?).err();
+            assert_eq!(err.as_ref().and_then(Error::code), Some("INVALID_TOKEN"), "{crit:?}");
+            assert!(err.is_some_and(|e| e.to_string().contains("7515")), "{crit:?}");
+        }
         Ok(())
     }
 }

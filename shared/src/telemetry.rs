@@ -133,15 +133,27 @@ impl TraceParent {
         }
     }
 
+    /// Reads a `traceparent` by the W3C Trace Context grammar: `version "-" trace-id "-"
+    /// parent-id "-" trace-flags`, all lower-case hex (`HEXDIGLC`), version `ff` invalid,
+    /// trace and parent ids not all zeros; version `00` has exactly these four fields, a later
+    /// version may add fields after another `-` (read as version 00, as the spec says).
+    /// Anything else is `None` (the request or message starts a trace of its own).
     pub fn parse(s: &str) -> Option<Self> {
-        let mut parts = s.trim().split('-');
-        let (version, trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-        if version.len() != 2 || version == "ff" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        fn hex(field: &str, len: usize) -> Option<&str> {
+            (field.len() == len && field.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))).then_some(field)
+        }
+        let s = s.trim_matches(|c| c == ' ' || c == '\t');
+        let version = hex(s.get(..2)?, 2).filter(|v| *v != "ff")?;
+        let rest = s.get(2..)?.strip_prefix('-')?;
+        let (trace, rest) = rest.split_at_checked(32)?;
+        let (span, rest) = rest.strip_prefix('-')?.split_at_checked(16)?;
+        let (flags, rest) = rest.strip_prefix('-')?.split_at_checked(2)?;
+        if !(rest.is_empty() || version != "00" && rest.starts_with('-')) {
             return None;
         }
-        let trace_id = u128::from_str_radix(trace, 16).ok().filter(|t| *t != 0)?;
-        let span_id = u64::from_str_radix(span, 16).ok().filter(|s| *s != 0)?;
-        let flags = u8::from_str_radix(flags, 16).ok()?;
+        let trace_id = u128::from_str_radix(hex(trace, 32)?, 16).ok().filter(|t| *t != 0)?;
+        let span_id = u64::from_str_radix(hex(span, 16)?, 16).ok().filter(|s| *s != 0)?;
+        let flags = u8::from_str_radix(hex(flags, 2)?, 16).ok()?;
         Some(Self {
             trace_id,
             span_id,
@@ -193,5 +205,23 @@ mod tests {
             None
         );
         assert_eq!(TraceParent::parse("garbage"), None);
+        // The grammar, not a split on '-' and a lenient number parser.
+        let ok = "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for bad in [
+            format!("00-{}", ok.to_uppercase()),
+            format!("ff-{ok}"),
+            format!("00-{ok}-extra"),
+            format!("0-{ok}"),
+            "00-+bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-+0f067aa0ba902b7-01".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1".to_owned(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7_01".to_owned(),
+            format!("00-{ok}é"),
+        ] {
+            assert_eq!(TraceParent::parse(&bad), None, "{bad}");
+        }
+        assert!(TraceParent::parse(&format!("01-{ok}-what-comes-later")).is_some());
+        assert!(TraceParent::parse(&format!(" 00-{ok} ")).is_some());
     }
 }

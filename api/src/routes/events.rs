@@ -92,21 +92,21 @@ pub async fn order_events(
         .fetch_optional(&state.pool)
         .await?;
     let status = status.ok_or_else(|| Error::not_found("ORDER_NOT_FOUND", format!("order {id} does not exist")))?;
-    let after = match headers.get("last-event-id") {
+    let invalid = || {
+        Error::bad_request(
+            "INVALID_LAST_EVENT_ID",
+            "Last-Event-ID must be one whole number the stream sent",
+        )
+    };
+    let after = match crate::header_grammar::single(&headers, "last-event-id").map_err(|_| invalid())? {
         None => 0,
         // Only ids this stream sent (history row ids) come back from an EventSource.
         Some(v) => v
             .to_str()
             .ok()
-            .filter(|v| !v.starts_with('+'))
+            .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
             .and_then(|v| v.parse::<i64>().ok())
-            .filter(|id| *id >= 0)
-            .ok_or_else(|| {
-                Error::bad_request(
-                    "INVALID_LAST_EVENT_ID",
-                    "Last-Event-ID must be a whole number the stream sent",
-                )
-            })?,
+            .ok_or_else(invalid)?,
     };
     let terminal = OrderStatus::parse(&status).is_some_and(OrderStatus::is_terminal);
     if terminal && after > 0 {

@@ -93,7 +93,7 @@ pub struct PopularProduct {
 /// `Prefer: wait=N` (RFC 7240, N seconds, at most 30) to be answered 201 with the whole order as
 /// soon as it is CONFIRMED or CANCELLED, or the usual 202 once N seconds passed.
 #[utoipa::path(post, path = "/api/orders", operation_id = "placeOrder", tag = "orders", security(("bearer" = [])),
-    params(("Idempotency-Key" = String, Header, pattern = r#"^(?:[!#-~]{1,255}|"[!#-~]{1,255}")$"#,
+    params(("Idempotency-Key" = String, Header, pattern = r#"^(?:[!#-~]{1,255}|"(?:[ !#-\[\]-~]|\\["\\]){1,255}")$"#,
         description = "required: 1..=255 visible ASCII characters other than `\"`, optionally in double quotes. \
                        A retry with the same key and body replays the first response (with `Prefer: wait`, \
                        the order as it is now)"),
@@ -277,7 +277,7 @@ pub async fn view(state: &AppState, user: User, id: Uuid) -> Result<OrderView, E
 /// is in flight 409. Only a 202 is stored under the key.
 #[utoipa::path(post, path = "/api/orders/{id}/cancel", operation_id = "cancelMyOrder", tag = "orders", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "the order id"),
-           ("Idempotency-Key" = Option<String>, Header, pattern = r#"^(?:[!#-~]{1,255}|"[!#-~]{1,255}")$"#,
+           ("Idempotency-Key" = Option<String>, Header, pattern = r#"^(?:[!#-~]{1,255}|"(?:[ !#-\[\]-~]|\\["\\]){1,255}")$"#,
             description = "optional: 1..=255 visible ASCII characters other than `\"`, optionally in double quotes; \
                            a retry with the same key and order replays the first 202")),
     responses(

@@ -363,7 +363,7 @@ fn cancelled_event(order: &OrderRow, reason: &str, returned: Returned) -> Result
         user_id: order.user_id,
         reason: reason.to_owned(),
         returned,
-        cancelled_at: Utc::now(),
+        cancelled_at: crate::messaging::envelope::millis::now(),
     };
     OutboxMessage::event(MessageType::OrderCancelled, order.id, &data, order.trace())
 }

@@ -8,7 +8,9 @@
 //!   after they were published; these are kept as long as the orders.
 //! - **Window.** `[from, to)` of `data.confirmedAt` (RFC 3339), `from < to`, at most
 //!   [`MAX_WINDOW_DAYS`] days; an end in the future is cut at the moment the replay is created
-//!   (what comes later is being published live).
+//!   (what comes later is being published live). Bounds of any precision; event times are
+//!   whole milliseconds ([`millis`]), so the replay keeps and shows its bounds rounded up to
+//!   the millisecond, which holds exactly the same events.
 //! - **Through the outbox, in chunks.** A replay writes at most `chunkSize` events at a time
 //!   into the outbox (same message id, same body bytes, the original headers plus
 //!   [`REPLAY_HEADER`] naming the replay), waits until the relay has published them (or parked
@@ -215,9 +217,12 @@ impl Plan {
                 format!("pauseMs must be 0 to {MAX_PAUSE_MS}"),
             ));
         }
+        // Event times are whole milliseconds, so the bounds rounded up to one hold exactly the
+        // same events (possibly none: [t + 0.2 ms, t + 0.7 ms) holds no whole millisecond), and
+        // are what the replay shows.
         Ok(Self {
-            from,
-            to,
+            from: millis::ceil(from),
+            to: millis::ceil(to),
             chunk_size: chunk_size as i32,
             pause_ms: pause_ms as i32,
         })

@@ -45,7 +45,7 @@ impl<T> Envelope<T> {
         Self {
             id: Uuid::now_v7(),
             kind: kind.as_str().to_owned(),
-            occurred_at: Utc::now(),
+            occurred_at: millis::now(),
             order_id,
             data,
         }
@@ -96,9 +96,13 @@ impl Envelope {
     }
 }
 
-/// Timestamps as RFC 3339 with milliseconds and `Z`, as the public contract shows.
+/// orderflow's time precision: milliseconds. Every time an event carries (`occurredAt`,
+/// `data.confirmedAt`, `data.cancelledAt`) is a whole millisecond, written as RFC 3339 with
+/// three fraction digits and `Z`, and the stored time a client's window is compared with
+/// (`confirmed_events.confirmed_at`, a replay's window) is that same whole millisecond, so a
+/// window holds exactly the events whose shown times fall in it.
 pub mod millis {
-    use chrono::{DateTime, SecondsFormat, Utc};
+    use chrono::{DateTime, DurationRound, SecondsFormat, TimeDelta, Utc};
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(at: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
@@ -107,6 +111,48 @@ pub mod millis {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
         DateTime::<Utc>::deserialize(d)
+    }
+
+    /// The current time, truncated to the millisecond.
+    pub fn now() -> DateTime<Utc> {
+        truncate(Utc::now())
+    }
+
+    /// `at` without its digits past the millisecond (what [`serialize`] shows).
+    pub fn truncate(at: DateTime<Utc>) -> DateTime<Utc> {
+        at.duration_trunc(TimeDelta::milliseconds(1)).unwrap_or(at)
+    }
+
+    /// The first whole millisecond at or after `at`. For whole-millisecond times `t`,
+    /// `t >= at` exactly when `t >= ceil(at)`, and `t < at` exactly when `t < ceil(at)`: a
+    /// window `[from, to)` of any precision holds the same events as `[ceil(from), ceil(to))`.
+    pub fn ceil(at: DateTime<Utc>) -> DateTime<Utc> {
+        let down = truncate(at);
+        if down == at {
+            at
+        } else {
+            down + TimeDelta::milliseconds(1)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn times_are_whole_milliseconds_and_windows_round_up() {
+            let t = |s: &str| DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).ok();
+            let at = t("2026-12-05T10:00:00.123456789Z");
+            assert_eq!(at.map(truncate), t("2026-12-05T10:00:00.123Z"));
+            assert_eq!(at.map(ceil), t("2026-12-05T10:00:00.124Z"));
+            assert_eq!(t("2026-12-05T10:00:00.123Z").map(ceil), t("2026-12-05T10:00:00.123Z"));
+            assert_eq!(t("2026-12-05T10:00:00.999500Z").map(ceil), t("2026-12-05T10:00:01Z"));
+            assert_eq!(
+                t("1969-12-31T23:59:59.9995Z").map(truncate),
+                t("1969-12-31T23:59:59.999Z")
+            );
+            assert_eq!(now(), truncate(now().max(now())));
+        }
     }
 }
 

@@ -56,7 +56,8 @@ impl Step for Order {
         }
         let mut sold: BTreeMap<i64, i64> = BTreeMap::new();
         let mut events = Vec::new();
-        let confirmed_at = Utc::now();
+        // The event's time and the stored one are the same whole millisecond (replay windows).
+        let confirmed_at = orderflow_shared::messaging::envelope::millis::now();
         if !confirming.is_empty() {
             let ids: Vec<Uuid> = confirming.iter().map(|o| o.id).collect();
             let mut items: HashMap<Uuid, Vec<orders::ItemRow>> = HashMap::with_capacity(ids.len());
