@@ -40,11 +40,16 @@ pub const MAX_DB_POOL_SIZE: u64 = 1_000;
 
 #[derive(Clone, clap::Args)]
 pub struct Config {
-    /// PostgreSQL URL; the database is created if missing and migrated at start.
+    /// PostgreSQL URL (libpq's form); the database is created if missing and migrated at
+    /// start. Several hosts for a highly available PostgreSQL
+    /// (`postgres://h1:p1,h2:p2/db?target_session_attrs=read-write`): every process writes to
+    /// the one that accepts writes and follows it through failovers. `sslmode` as libpq reads
+    /// it (TLS by rustls); none means no TLS.
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = DEFAULT_DATABASE_URL
+        default_value = DEFAULT_DATABASE_URL,
+        value_parser = parse_database_url
     )]
     pub database_url: String,
 
@@ -198,6 +203,11 @@ pub fn redact_url(url: &str) -> String {
         },
         None => url.to_owned(),
     }
+}
+
+/// DATABASE_URL, checked at start ([`crate::db::DatabaseUrl`]); kept as given.
+pub fn parse_database_url(s: &str) -> Result<String, String> {
+    crate::db::DatabaseUrl::parse(s).map(|_| s.to_owned()).map_err(|e| e.to_string())
 }
 
 /// Parses a duration: a whole number without sign or leading zeros, then a unit `ms`, `s`

@@ -146,15 +146,19 @@ pub fn is_race(err: &sqlx::Error) -> bool {
 pub fn is_unavailable(err: &sqlx::Error) -> bool {
     match err {
         sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
         sqlx::Error::Database(db) => {
             // 08: connection exception, 57P01..57P03: admin shutdown / cannot connect now,
-            // 40001 serialization failure, 40P01 deadlock, 53300 too many connections.
+            // 40001 serialization failure, 40P01 deadlock, 53300 too many connections,
+            // 25006 read-only transaction (the node was demoted: a failover or switchover is
+            // under way, and the pool follows the new primary).
             db.code().is_some_and(|c| {
-                c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300")
+                c.starts_with("08")
+                    || matches!(&*c, "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "53300" | "25006")
             })
         }
         _ => false,

@@ -21,6 +21,7 @@ pub const QUEUE_DEPTH: &str = "orderflow_queue_depth";
 pub const QUEUE_CONSUMERS: &str = "orderflow_queue_consumers";
 pub const ORDERS: &str = "orderflow_orders";
 pub const DEAD_LETTERS: &str = "orderflow_dead_letters";
+pub const DB_FAILOVERS: &str = "orderflow_db_failovers_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -54,6 +55,10 @@ pub fn render() -> String {
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status");
+    describe_counter!(
+        DB_FAILOVERS,
+        "Times a pool moved to another PostgreSQL node that accepts writes (DATABASE_URL with several hosts)"
+    );
     describe_histogram!(HTTP_DURATION, Unit::Seconds, "HTTP request duration by route");
     describe_counter!(
         MESSAGES,

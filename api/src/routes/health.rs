@@ -4,6 +4,8 @@ use axum::{Router, extract::State, routing::get};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use orderflow_shared::Error;
+
 use crate::{AppState, extract::Json, problem::ApiResult};
 
 pub fn router() -> Router<AppState> {
@@ -26,12 +28,16 @@ pub async fn live() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
-/// The process can reach its database (503 problem otherwise).
+/// The process can write to its database: the node its pool uses answers and accepts writes
+/// (503 problem otherwise, e.g. while a highly available PostgreSQL fails over).
 #[utoipa::path(get, path = "/readyz", operation_id = "readiness", tag = "health", responses(
     (status = 200, description = "ready", body = Health),
-    (status = 503, description = "SERVICE_UNAVAILABLE: the database cannot be reached", body = crate::problem::Problem, content_type = "application/problem+json"),
+    (status = 503, description = "SERVICE_UNAVAILABLE: the database cannot be reached, or the node reached does not accept writes", body = crate::problem::Problem, content_type = "application/problem+json"),
 ))]
 pub async fn ready(State(state): State<AppState>) -> ApiResult<Json<Health>> {
-    sqlx::query("SELECT 1").execute(&state.pool).await?;
+    let mut conn = state.pool.acquire().await?;
+    if !orderflow_shared::db::primary::accepts_writes(&mut conn).await? {
+        return Err(Error::unavailable("SERVICE_UNAVAILABLE", "the database node in use does not accept writes (a failover is under way)").into());
+    }
     Ok(Json(Health { status: "ready" }))
 }

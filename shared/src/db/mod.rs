@@ -4,29 +4,42 @@
 
 pub mod orders;
 pub mod outbox;
+pub mod primary;
 pub mod replay;
 pub mod stored_json;
+pub mod url;
 
-use std::{str::FromStr, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context;
 use backon::{ExponentialBuilder, Retryable};
 use sqlx::{
-    ConnectOptions, Connection, Executor, PgConnection, PgPool,
+    Connection, Executor, PgConnection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
+pub use self::url::DatabaseUrl;
+use self::primary::{Follower, NoPrimary};
+
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
-/// Parses the URL, creates the database if it does not exist, applies migrations and
-/// returns a pool of at most `max_connections`. While PostgreSQL is unreachable (it may
-/// start after us, or be restarting) it retries with backoff for up to two minutes.
+/// Parses the URL (one host or several, [`DatabaseUrl`]), finds the node that accepts writes,
+/// creates the database there if it does not exist, applies migrations there and returns a
+/// pool of at most `max_connections` ([`pool`]). While no node can be used (PostgreSQL may
+/// start after us, be restarting, or be failing over) it retries with backoff for up to two
+/// minutes.
 pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let parsed = DatabaseUrl::parse(url)?;
     let prepare = || async {
-        create_database_if_missing(url).await?;
+        let (node, admin) = primary::find(&parsed.with_database("postgres"))
+            .await
+            .context("connecting to PostgreSQL")?;
+        create_database_if_missing(admin, parsed.database().context("DATABASE_URL names no database")?).await?;
         // One dedicated connection: migrations hold an advisory lock while several processes
         // start at once, and must not compete with a small pool for connections.
-        let mut conn = PgConnection::connect(url).await.context("connecting to PostgreSQL")?;
+        let mut conn = PgConnection::connect_with(&parsed.nodes[node])
+            .await
+            .context("connecting to PostgreSQL")?;
         MIGRATOR.run(&mut conn).await.context("applying migrations")?;
         conn.close().await.ok();
         anyhow::Ok(())
@@ -42,8 +55,9 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Res
         )
         .when(|e: &anyhow::Error| {
             e.chain().any(|c| {
-                c.downcast_ref::<sqlx::Error>()
-                    .is_some_and(crate::error::is_unavailable)
+                c.is::<NoPrimary>()
+                    || c.downcast_ref::<sqlx::Error>()
+                        .is_some_and(crate::error::is_unavailable)
                     || c.downcast_ref::<sqlx::migrate::MigrateError>().is_some_and(
                         |m| matches!(m, sqlx::migrate::MigrateError::Execute(e) if crate::error::is_unavailable(e)),
                     )
@@ -54,34 +68,68 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Res
     pool(url, max_connections)
 }
 
-/// A lazily connecting pool: the process starts even while PostgreSQL is down, and requests
-/// get 503 until it is back.
 /// How long a pooled connection may sit idle before it is checked again when handed out.
 const RECHECK_IDLE: Duration = Duration::from_secs(1);
 
+/// A lazily connecting pool of at most `max_connections`: the process starts even while
+/// PostgreSQL is down, and requests get 503 until it is back. For a URL with several hosts the
+/// pool follows the node that accepts writes ([`primary::Follower`], a task that ends when the
+/// pool is closed). Must be called inside a tokio runtime.
 pub fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)
-        .context("DATABASE_URL is not a valid PostgreSQL URL")?
-        .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_millis(500));
-    Ok(PgPoolOptions::new()
+    let parsed = DatabaseUrl::parse(url)?;
+    let follower = parsed.is_multi_host().then(|| Follower::new(parsed.clone()));
+    let stale = {
+        let follower = follower.clone();
+        move |age: Duration| follower.as_ref().is_some_and(|f| f.is_stale(age))
+    };
+    let on_release = stale.clone();
+    let mut options = PgPoolOptions::new()
         .max_connections(max_connections.max(2))
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(3))
         .idle_timeout(Duration::from_secs(300))
         // sqlx checks every connection as it goes back to the pool; checking it again as it
         // comes out is one more round trip per transaction. Only a connection that sat idle
-        // long enough to have been cut (a server restart takes longer) is checked again.
+        // long enough to have been cut (a server restart takes longer) is checked again, and
+        // one opened before the pool moved to another node is closed instead.
         .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
+        .before_acquire(move |conn, meta| {
+            let stale = stale(meta.age);
             Box::pin(async move {
+                if stale {
+                    return Ok(false);
+                }
                 if meta.idle_for >= RECHECK_IDLE {
                     conn.ping().await?;
                 }
                 Ok(true)
             })
-        })
-        .connect_lazy_with(options))
+        });
+    if follower.is_some() {
+        options = options.after_release(move |_conn, meta| {
+            let keep = !on_release(meta.age);
+            Box::pin(async move { Ok(keep) })
+        });
+    }
+    let pool = options.connect_lazy_with(primary::tuned(parsed.nodes[0].clone()));
+    if let Some(follower) = follower {
+        tokio::spawn(follower.follow(pool.clone()));
+    }
+    Ok(pool)
+}
+
+/// One connection to the node that accepts writes (for tools that need no pool).
+pub async fn connect(url: &str) -> anyhow::Result<PgConnection> {
+    let parsed = DatabaseUrl::parse(url)?;
+    Ok(primary::find(&parsed).await?.1)
+}
+
+/// The options of the node that accepts writes now (for a tool that builds a pool of its own).
+pub async fn primary_options(url: &str) -> anyhow::Result<PgConnectOptions> {
+    let parsed = DatabaseUrl::parse(url)?;
+    let (node, conn) = primary::find(&parsed).await?;
+    conn.close().await.ok();
+    Ok(parsed.nodes[node].clone())
 }
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
@@ -89,22 +137,15 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Connects to the server's `postgres` database and creates the target one if missing.
-pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
-    let options = PgConnectOptions::from_str(url).context("DATABASE_URL is not a valid PostgreSQL URL")?;
-    let name = options
-        .get_database()
-        .context("DATABASE_URL names no database")?
-        .to_owned();
-    let mut admin = PgConnection::connect_with(&options.clone().database("postgres"))
-        .await
-        .context("connecting to PostgreSQL")?;
+/// Creates database `name` through `admin` (a connection to another database of the same
+/// server) if it does not exist.
+async fn create_database_if_missing(mut admin: PgConnection, name: &str) -> anyhow::Result<()> {
     let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
+        .bind(name)
         .fetch_one(&mut admin)
         .await?;
     if !exists {
-        let stmt = format!("CREATE DATABASE {}", quote_ident(&name));
+        let stmt = format!("CREATE DATABASE {}", quote_ident(name));
         match admin.execute(sqlx::AssertSqlSafe(stmt)).await {
             Ok(_) => tracing::info!(database = %name, "created database"),
             // Another process created it at the same moment: duplicate_database, or, when the
