@@ -49,25 +49,50 @@ bash scripts/browser-test.sh
 # token. Both tools pinned in tests/contract/requirements.txt. Reports land in ci-output/contract/.
 bash scripts/contract-test.sh
 
+# --- A highly available PostgreSQL (scripts/pg-ha.sh with the tests' own ports and directory,
+# beside the default PostgreSQL; tests/common/pg_ha.rs): a pg_auto_failover monitor, a primary
+# and a synchronous secondary, installed from Debian's packages if missing. Started once here for
+# the fault scenarios that fail it over (tests/faults.rs, fault_11.. fault_14: the primary lost,
+# a switchover, the secondary lost, each under 5,000 orders; and the primary lost while the
+# broker is the three-node cluster, in the cluster block below), stopped after them (also when a
+# test fails). About 3 min in all. SKIP_PG_HA=1 leaves it out.
+pg_ha=(env ORDERFLOW_PG_HA_PORT=6100 ORDERFLOW_PG_HA_DIR="${TMPDIR:-/tmp}/orderflow-pg-ha-test" bash scripts/pg-ha.sh)
+cluster=(env ORDERFLOW_CLUSTER_NAME=orderflow-test ORDERFLOW_CLUSTER_PORT=5690
+  ORDERFLOW_CLUSTER_DIR="${TMPDIR:-/tmp}/orderflow-cluster-test" bash scripts/cluster.sh)
+cleanup() {
+  "${cluster[@]}" stop >/dev/null 2>&1 || true
+  "${pg_ha[@]}" stop >/dev/null 2>&1 || true
+}
+if [[ -z ${SKIP_PG_HA:-} ]]; then
+  trap cleanup EXIT
+  "${pg_ha[@]}" start >/dev/null
+fi
+
 # --- A three-node RabbitMQ cluster (scripts/cluster.sh with the tests' own node names, ports and
 # directory, next to the default node; tests/common/cluster.rs), started once here for every test
 # that needs it and stopped afterwards (also when a test fails):
 #   - tests/cluster.rs: orders complete while the node holding the relay is killed;
 #   - the fault suite's cluster scenarios (tests/faults.rs, fault_7.. fault_10: the work queues'
 #     leader killed, a node stopped past ORDER_TIMEOUT, a rolling restart, connections cut with
-#     deliveries unacked; 5,000 orders each), one at a time.
-# About 5 min in all. SKIP_CLUSTER=1 leaves all of it out.
+#     deliveries unacked; fault_14: the PostgreSQL primary lost meanwhile; 5,000 orders each),
+#     one at a time.
+# About 6 min in all. SKIP_CLUSTER=1 leaves all of it out.
 if [[ -z ${SKIP_CLUSTER:-} ]]; then
-  cluster=(env ORDERFLOW_CLUSTER_NAME=orderflow-test ORDERFLOW_CLUSTER_PORT=5690
-    ORDERFLOW_CLUSTER_DIR="${TMPDIR:-/tmp}/orderflow-cluster-test" bash scripts/cluster.sh)
-  trap '"${cluster[@]}" stop >/dev/null 2>&1 || true' EXIT
+  trap cleanup EXIT
   "${cluster[@]}" start >/dev/null
   cargo nextest run --profile ci "${locked[@]}" --test cluster --run-ignored only
   cargo nextest run --profile ci "${locked[@]}" --test faults --run-ignored only --test-threads 1 --no-capture \
     -E 'test(/^fault_[0-9]+_cluster_/)'
   "${cluster[@]}" stop >/dev/null
-  trap - EXIT
 fi
+
+# The PostgreSQL failover scenarios on the default RabbitMQ node (fault_11.. fault_13).
+if [[ -z ${SKIP_PG_HA:-} ]]; then
+  cargo nextest run --profile ci "${locked[@]}" --test faults --run-ignored only --test-threads 1 --no-capture \
+    -E 'test(/^fault_[0-9]+_pg_ha_/)'
+fi
+cleanup
+trap - EXIT
 
 # --- Fault-injection suite -----------------------------------------------------------------------
 # tests/faults.rs runs the system as separate processes under 5,000 orders and injects one fault
@@ -78,5 +103,5 @@ fi
 # scenarios and their numbers. SKIP_FAULTS=1 leaves it out.
 if [[ -z ${SKIP_FAULTS:-} ]]; then
   cargo nextest run --profile ci "${locked[@]}" --test faults --run-ignored only --test-threads 1 --no-capture \
-    -E 'not test(/^fault_[0-9]+_cluster_/)'
+    -E 'not test(/^fault_[0-9]+_cluster_/) and not test(/^fault_[0-9]+_pg_ha_/)'
 fi

@@ -242,12 +242,12 @@ fn orderflow(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, Strin
 #[test]
 fn flags_and_environment_variables_are_bounded_at_startup() {
     // The settings are read by the commands that run the system; `migrate` reads them first,
-    // then stops at once on a DATABASE_URL that is not one (exit 1, no service touched).
+    // then stops at once on a login PostgreSQL refuses (exit 1, nothing written).
     let migrate = |extra: &[&str], env: &[(&str, &str)]| {
         let mut args = vec!["migrate"];
         args.extend_from_slice(extra);
         let mut env = env.to_vec();
-        env.push(("DATABASE_URL", "not-a-database-url"));
+        env.push(("DATABASE_URL", "postgres://no_such_role@127.0.0.1:5432/orderflow_flags"));
         orderflow(&args, &env)
     };
     // The positive control: in-range values get past the settings.
@@ -260,7 +260,20 @@ fn flags_and_environment_variables_are_bounded_at_startup() {
         ],
     );
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    assert!(stderr.contains("no_such_role"), "{stderr}");
+    // A DATABASE_URL that is not one is a startup error naming the part that is wrong.
+    for (url, part) in [
+        ("not-a-database-url", "expected postgres://"),
+        ("postgres://h1:5432,h2:99999/db", "host 2 of the list"),
+        (
+            "postgres://h1,h2/db?target_session_attrs=standby",
+            "target_session_attrs",
+        ),
+    ] {
+        let (code, _, stderr) = orderflow(&["migrate"], &[("DATABASE_URL", url)]);
+        assert_eq!(code, Some(2), "{url}: {stderr}");
+        assert!(stderr.contains(part), "{url}: {stderr}");
+    }
 
     let cases: &[(&str, &str, &str)] = &[
         ("ORDER_TIMEOUT", "--order-timeout", "18446744073709551615s"),

@@ -28,7 +28,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::cluster::{self, Cluster};
+use common::{
+    cluster::{self, Cluster},
+    pg_ha::{self, Formation},
+};
 use orderflow_shared::messaging::topology;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
@@ -38,8 +41,9 @@ const CONCURRENCY: usize = 16;
 const SETTLE: Duration = Duration::from_secs(240);
 const WORKERS: &[&str] = &["relay", "stock", "coupon", "payment", "order", "recovery"];
 
-/// The broker a system runs on: the default node, or the tests' three-node cluster
-/// (`common::cluster`), maybe behind proxies.
+/// Where a system runs: the broker (the default node, or the tests' three-node cluster,
+/// `common::cluster`, maybe behind proxies) and the database (the default PostgreSQL, or the
+/// tests' highly available one, `common::pg_ha`).
 #[derive(Debug, Clone)]
 struct Target {
     /// Each node as the system's processes reach it (their AMQP_URL lists them all).
@@ -48,6 +52,9 @@ struct Target {
     direct: Vec<String>,
     /// Management APIs, tried in turn (a node may be down).
     management: Vec<String>,
+    /// The highly available PostgreSQL's DATABASE_URL (database `orderflow`, replaced by the
+    /// system's own), or None for the default PostgreSQL.
+    pg_ha: Option<String>,
 }
 
 impl Target {
@@ -57,6 +64,7 @@ impl Target {
             nodes: vec![node.clone()],
             direct: vec![node],
             management: vec![common::RABBIT_MGMT.to_owned()],
+            pg_ha: None,
         }
     }
 
@@ -66,6 +74,15 @@ impl Target {
             nodes: nodes.clone(),
             direct: nodes,
             management: cluster::NODES.iter().map(|&i| cluster::management(i)).collect(),
+            pg_ha: None,
+        }
+    }
+
+    /// The same broker, with the system's database on the highly available PostgreSQL.
+    fn on_pg_ha(self, formation: &Formation) -> Self {
+        Self {
+            pg_ha: Some(formation.url.clone()),
+            ..self
         }
     }
 
@@ -100,13 +117,19 @@ impl System {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let db_name = format!("orderflow_fault_{}", &id[..12]);
         let vhost = format!("orderflow-fault-{}", &id[..12]);
-        common::create_database(&db_name).await;
+        let database_url = match &target.pg_ha {
+            // The processes create it on the primary (from an empty server, as in production).
+            Some(url) => url.replacen("/orderflow?", &format!("/{db_name}?"), 1),
+            None => {
+                common::create_database(&db_name).await;
+                format!("{}/{db_name}", common::PG_BASE)
+            }
+        };
         common::create_vhost_at(&target.management[0], &vhost).await;
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let database_url = format!("{}/{db_name}", common::PG_BASE);
         let mut env: Vec<(String, String)> = vec![
             ("DATABASE_URL".into(), database_url.clone()),
             ("AMQP_URL".into(), Target::url(&target.nodes, &vhost)),
@@ -233,7 +256,21 @@ impl System {
             &format!("/api/vhosts/{}", common::enc(&self.vhost)),
         )
         .await;
-        common::drop_database(&self.db_name).await;
+        match &self.target.pg_ha {
+            Some(url) => {
+                let mut admin = orderflow_shared::db::connect(&url.replacen("/orderflow?", "/postgres?", 1))
+                    .await
+                    .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    orderflow_shared::db::quote_ident(&self.db_name)
+                )))
+                .execute(&mut admin)
+                .await
+                .unwrap();
+            }
+            None => common::drop_database(&self.db_name).await,
+        }
     }
 
     /// The AMQP_URL the test's own connections use (every node, directly).
@@ -373,12 +410,35 @@ async fn seed(sys: &System) -> (Vec<i64>, i64, i64) {
     (products, good, picky)
 }
 
+/// What the clients saw while placing the orders.
+#[derive(Debug, Default)]
+struct Load {
+    /// Every order the API answered 202: (user, order id).
+    placed: Vec<(i64, String)>,
+    /// When each 202 came.
+    accepted_at: Vec<Instant>,
+    /// Answers 503 (the database or the API unavailable: the client retried with its key).
+    unavailable: usize,
+    /// Requests that got no answer at all (connection refused or cut, timeout).
+    unanswered: usize,
+}
+
+impl Load {
+    /// The longest time without any 202 once the first came: from the last 202 before a fault
+    /// to the first one after it.
+    fn stall(&self) -> Duration {
+        let mut at = self.accepted_at.clone();
+        at.sort();
+        at.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+    }
+}
+
 /// Submits `ORDERS` orders with `CONCURRENCY` clients, as fast as they go or, with a `rate`,
 /// spread over `ORDERS / rate` seconds (the k-th order leaves no earlier than k / rate seconds
 /// after the first). Like a careful client, each retries with the same Idempotency-Key on
-/// errors (503 while the database restarts, refused connections, 409 while its first attempt
-/// is in flight). Returns (user, order id).
-async fn submit(sys: &Arc<System>, products: &[i64], good: i64, picky: i64, rate: Option<u32>) -> Vec<(i64, String)> {
+/// errors (503 while the database restarts or fails over, refused connections, 409 while its
+/// first attempt is in flight).
+async fn submit(sys: &Arc<System>, products: &[i64], good: i64, picky: i64, rate: Option<u32>) -> Load {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut plan = Vec::with_capacity(ORDERS);
     for n in 0..ORDERS {
@@ -409,7 +469,7 @@ async fn submit(sys: &Arc<System>, products: &[i64], good: i64, picky: i64, rate
     for _ in 0..CONCURRENCY {
         let (sys, plan, taken) = (sys.clone(), plan.clone(), taken.clone());
         clients.spawn(async move {
-            let mut placed = Vec::new();
+            let mut load = Load::default();
             loop {
                 let Some((user, key, body)) = plan.lock().await.pop() else {
                     break;
@@ -431,28 +491,40 @@ async fn submit(sys: &Arc<System>, products: &[i64], good: i64, picky: i64, rate
                         .await;
                     match res {
                         Ok(r) if r.status() == 202 => {
+                            load.accepted_at.push(Instant::now());
                             let v: Value = r.json().await.unwrap();
-                            placed.push((user, v["orderId"].as_str().unwrap().to_owned()));
+                            load.placed.push((user, v["orderId"].as_str().unwrap().to_owned()));
                             break;
                         }
                         Ok(r) if r.status().is_client_error() && r.status() != 409 => {
                             panic!("order refused: {} {}", r.status(), r.text().await.unwrap_or_default())
                         }
+                        Ok(r) if r.status().is_server_error() => {
+                            assert_eq!(r.status(), 503, "never a 500: {}", r.text().await.unwrap_or_default());
+                            load.unavailable += 1;
+                            assert!(Instant::now() < deadline, "could not place an order within 120 s");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                         _ => {
+                            load.unanswered += usize::from(res.is_err());
                             assert!(Instant::now() < deadline, "could not place an order within 120 s");
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     }
                 }
             }
-            placed
+            load
         });
     }
-    let mut placed = Vec::new();
+    let mut load = Load::default();
     while let Some(res) = clients.join_next().await {
-        placed.extend(res.unwrap());
+        let one = res.unwrap();
+        load.placed.extend(one.placed);
+        load.accepted_at.extend(one.accepted_at);
+        load.unavailable += one.unavailable;
+        load.unanswered += one.unanswered;
     }
-    placed
+    load
 }
 
 /// What a scenario ended with, printed for docs/RELIABILITY.md.
@@ -473,10 +545,16 @@ struct Outcome {
     redelivered: Option<u64>,
     restarts: usize,
     settle_s: f64,
+    /// The longest time without a 202 while the orders went in.
+    stall_s: f64,
+    /// Answers 503 and requests without an answer while the orders went in (each retried).
+    unavailable: usize,
+    unanswered: usize,
 }
 
 /// Waits for rest, then checks every promise. Panics with the details when one fails.
-async fn verify(sys: &System, placed: &[(i64, String)], started: Instant) -> Outcome {
+async fn verify(sys: &System, load: &Load, started: Instant) -> Outcome {
+    let placed = &load.placed;
     let ids: HashSet<&str> = placed.iter().map(|(_, id)| id.as_str()).collect();
     assert_eq!(ids.len(), placed.len(), "two requests produced the same order id");
 
@@ -511,6 +589,13 @@ async fn verify(sys: &System, placed: &[(i64, String)], started: Instant) -> Out
         .await
         .unwrap();
     assert_eq!(stored as usize, placed.len(), "orders stored vs accepted");
+    let ids: Vec<uuid::Uuid> = placed.iter().map(|(_, id)| id.parse().unwrap()).collect();
+    let found: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = ANY($1)")
+        .bind(&ids)
+        .fetch_one(&sys.pool)
+        .await
+        .unwrap();
+    assert_eq!(found as usize, placed.len(), "an order answered 202 is missing");
 
     // 3. The audit is clean (run as an operator would, before the events queue is drained).
     let audit = Command::new(env!("CARGO_BIN_EXE_orderflow"))
@@ -611,6 +696,9 @@ async fn verify(sys: &System, placed: &[(i64, String)], started: Instant) -> Out
         redelivered,
         restarts: sys.restarts.load(Ordering::SeqCst),
         settle_s,
+        stall_s: load.stall().as_secs_f64(),
+        unavailable: load.unavailable,
+        unanswered: load.unanswered,
     };
     println!(
         "scenario {}: {outcome:?}; total {:.1}s",
@@ -663,7 +751,7 @@ where
     let (products, good, picky) = seed(&sys).await;
     let injector = tokio::spawn(fault(sys.clone(), done.clone()));
     let started = Instant::now();
-    let placed = submit(&sys, &products, good, picky, rate).await;
+    let load = submit(&sys, &products, good, picky, rate).await;
     done.store(true, Ordering::SeqCst);
     // A fault may go on after the orders are in (to land while they settle).
     injector.await.unwrap();
@@ -672,7 +760,7 @@ where
     // Anything still down comes back before settling (a process manager would do this).
     let done_again = Arc::new(AtomicBool::new(false));
     let supervisor = tokio::spawn(sys.clone().supervise(done_again.clone()));
-    let outcome = verify(&sys, &placed, started).await;
+    let outcome = verify(&sys, &load, started).await;
     done_again.store(true, Ordering::SeqCst);
     supervisor.await.unwrap();
     sys.stop().await;
@@ -1130,4 +1218,121 @@ async fn fault_10_cluster_connections_cut_with_deliveries_unacked() {
     )
     .await;
     assert!(cuts.load(Ordering::SeqCst) >= 10);
+}
+
+// --- A highly available PostgreSQL (pg_auto_failover: a monitor, a primary and a synchronous
+// secondary; `common::pg_ha`, which scripts/test.sh starts once for these scenarios). The system
+// gets the multi-host DATABASE_URL and must follow the primary through each fault: every order
+// answered 202 exists exactly once, every order ends terminal, the audit is clean. The verdicts
+// of `verify` hold; these check the fault happened and print the stall and the 503s.
+
+/// Runs a scenario on the formation (and `target`'s broker), then leaves the formation whole
+/// again (both nodes up, one primary, one synchronous secondary) for the next one.
+async fn pg_ha_scenario<F, Fut>(target: Target, name: &'static str, fault: F) -> Outcome
+where
+    F: FnOnce(Arc<System>, Arc<AtomicBool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let formation = tokio::task::spawn_blocking(Formation::ensure).await.unwrap();
+    let outcome = scenario_on(target.on_pg_ha(&formation), name, &[], None, fault).await;
+    tokio::task::spawn_blocking(move || {
+        pg_ha::script(&["start"]);
+        drop(formation);
+    })
+    .await
+    .unwrap();
+    assert!(confirmed(&outcome) > 0, "{outcome:?}");
+    outcome
+}
+
+/// Runs pg-ha.sh off the async threads.
+async fn pg_ha_sh(args: &'static [&'static str]) -> String {
+    tokio::task::spawn_blocking(move || pg_ha::script(args)).await.unwrap()
+}
+
+/// Kills the primary's keeper and postmaster (a lost machine) once orders flow, waits for the
+/// secondary's promotion, and brings the lost node back as the new secondary.
+async fn lose_the_primary(sys: Arc<System>) {
+    sys.progress(300).await;
+    let killed = pg_ha::node_of(&pg_ha_sh(&["kill-primary"]).await);
+    let lost = Instant::now();
+    let promoted = pg_ha::node_of(&pg_ha_sh(&["wait-primary", "90"]).await);
+    assert_ne!(killed, promoted, "the other node took over");
+    println!(
+        "primary node {killed} lost; node {promoted} writable after {:?}",
+        lost.elapsed()
+    );
+    // The pipeline moves on the new primary before the old one is back.
+    sys.progress(300).await;
+    let back: &'static [&'static str] = if killed == 1 {
+        &["start-node", "1"]
+    } else {
+        &["start-node", "2"]
+    };
+    pg_ha_sh(back).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "pg-ha fault suite: needs the highly available PostgreSQL (scripts/test.sh runs it)"]
+async fn fault_11_pg_ha_primary_lost_under_load() {
+    let outcome = pg_ha_scenario(Target::default_node(), "11-pg-ha-primary-lost", |sys, _done| {
+        lose_the_primary(sys)
+    })
+    .await;
+    assert!(outcome.stall_s > 1.0, "the failover stalled nothing: {outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "pg-ha fault suite: needs the highly available PostgreSQL (scripts/test.sh runs it)"]
+async fn fault_12_pg_ha_switchover_under_load() {
+    pg_ha_scenario(Target::default_node(), "12-pg-ha-switchover", |sys, _done| async move {
+        sys.progress(300).await;
+        let before = pg_ha::node_of(&pg_ha_sh(&["primary"]).await);
+        let after = pg_ha::node_of(&pg_ha_sh(&["switchover"]).await);
+        assert_ne!(before, after, "the primary moved");
+        sys.progress(300).await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "pg-ha fault suite: needs the highly available PostgreSQL (scripts/test.sh runs it)"]
+async fn fault_13_pg_ha_secondary_lost_under_load() {
+    pg_ha_scenario(
+        Target::default_node(),
+        "13-pg-ha-secondary-lost",
+        |sys, _done| async move {
+            sys.progress(300).await;
+            let primary = pg_ha::node_of(&pg_ha_sh(&["primary"]).await);
+            let killed = pg_ha::node_of(&pg_ha_sh(&["kill-secondary"]).await);
+            assert_ne!(primary, killed);
+            // The primary goes on alone (asynchronous) once the monitor sees the secondary gone.
+            sys.progress(500).await;
+            assert_eq!(
+                pg_ha::node_of(&pg_ha_sh(&["primary"]).await),
+                primary,
+                "no failover for a lost secondary"
+            );
+            let back: &'static [&'static str] = if killed == 1 {
+                &["start-node", "1"]
+            } else {
+                &["start-node", "2"]
+            };
+            pg_ha_sh(back).await;
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "cluster fault suite: needs the three-node cluster and the highly available PostgreSQL (scripts/test.sh runs both)"]
+async fn fault_14_cluster_pg_ha_primary_lost_with_the_broker_cluster() {
+    let cluster = tokio::task::spawn_blocking(Cluster::ensure).await.unwrap();
+    let outcome = pg_ha_scenario(Target::cluster(), "14-cluster-pg-ha-primary-lost", |sys, _done| {
+        lose_the_primary(sys)
+    })
+    .await;
+    assert!(outcome.stall_s > 1.0, "the failover stalled nothing: {outcome:?}");
+    assert_eq!(running_nodes().await, 3);
+    tokio::task::spawn_blocking(move || drop(cluster)).await.unwrap();
 }

@@ -7,7 +7,9 @@
 //! for a batch to fill: at low load a batch is one request. Each request still gets exactly
 //! its own answer (accepted, replayed, 409 key in flight, 422 key reused, 404 unknown product,
 //! 400 total too large). If the batch's transaction fails, its requests are written again one
-//! per transaction, so one request's failure is only its own.
+//! per transaction, so one request's failure is only its own; if the database is unavailable
+//! (or the connection died during COMMIT), every request of the batch is answered 503 at once
+//! and its retry with the same key settles it.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -118,6 +120,22 @@ async fn write(pool: &PgPool, batch: Vec<Pending>, timeout_ms: i64) {
     let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
     let answers = match write_batch(pool, &requests, timeout_ms).await {
         Ok(answers) => answers,
+        // The database cannot be used (down, failing over, or the connection died during
+        // COMMIT, so the outcome is unknown): every request is answered 503 at once, and its
+        // retry with the same Idempotency-Key finds its order if the commit did happen. Writing
+        // each one again alone would only wait out the outage request by request.
+        Err(Error::Unavailable(err)) => {
+            tracing::warn!(requests = batch.len(), error = %err, "accept batch failed: database unavailable");
+            batch
+                .iter()
+                .map(|_| {
+                    Err(Error::unavailable(
+                        "SERVICE_UNAVAILABLE",
+                        "the database is unavailable; retry shortly with the same Idempotency-Key",
+                    ))
+                })
+                .collect()
+        }
         Err(err) if batch.len() > 1 => {
             tracing::warn!(requests = batch.len(), error = %err, "accept batch failed; writing its requests one by one");
             let mut answers = Vec::with_capacity(batch.len());

@@ -8,7 +8,6 @@
 
 use std::{
     collections::BTreeMap,
-    str::FromStr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
@@ -21,10 +20,7 @@ use orderflow_shared::{
     db::quote_ident,
     domain::{self, DiscountType},
 };
-use sqlx::{
-    Connection, Executor, PgConnection, PgPool,
-    postgres::{PgConnectOptions, PgPoolOptions},
-};
+use sqlx::{Connection, Executor, PgConnection, PgPool, postgres::PgPoolOptions};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -121,7 +117,7 @@ pub async fn run(
     meter: &Meter,
 ) -> anyhow::Result<BaselineReport> {
     let schema = format!("orderflow_bench_sync_{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let mut admin = PgConnection::connect(database_url)
+    let mut admin = orderflow_shared::db::connect(database_url)
         .await
         .context("connecting to DATABASE_URL for the baseline")?;
     admin
@@ -149,8 +145,9 @@ async fn run_in(
     bar: ProgressBar,
     meter: &Meter,
 ) -> anyhow::Result<BaselineReport> {
-    let options = PgConnectOptions::from_str(database_url)
-        .context("DATABASE_URL is not a valid PostgreSQL URL")?
+    let options = orderflow_shared::db::primary_options(database_url)
+        .await
+        .context("connecting to DATABASE_URL for the baseline")?
         .options([("search_path", schema)]);
     let pool = PgPoolOptions::new()
         .max_connections(u32::try_from(concurrency).unwrap_or(64).max(1))

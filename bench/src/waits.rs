@@ -74,7 +74,7 @@ pub struct WaitReport {
 impl Sampler {
     /// Connects to `database_url` and starts sampling every `interval`.
     pub async fn start(database_url: &str, interval: Duration) -> anyhow::Result<Self> {
-        let mut conn = PgConnection::connect(database_url)
+        let mut conn = orderflow_shared::db::connect(database_url)
             .await
             .context("connecting to DATABASE_URL to sample wait events (--pg-waits)")?;
         let sees_all: bool = sqlx::query_scalar(

@@ -207,7 +207,9 @@ pub fn redact_url(url: &str) -> String {
 
 /// DATABASE_URL, checked at start ([`crate::db::DatabaseUrl`]); kept as given.
 pub fn parse_database_url(s: &str) -> Result<String, String> {
-    crate::db::DatabaseUrl::parse(s).map(|_| s.to_owned()).map_err(|e| e.to_string())
+    crate::db::DatabaseUrl::parse(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 /// Parses a duration: a whole number without sign or leading zeros, then a unit `ms`, `s`

@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod cluster;
+pub mod pg_ha;
 pub mod raw_amqp;
 
 use std::{

@@ -37,7 +37,11 @@ pub async fn live() -> Json<Health> {
 pub async fn ready(State(state): State<AppState>) -> ApiResult<Json<Health>> {
     let mut conn = state.pool.acquire().await?;
     if !orderflow_shared::db::primary::accepts_writes(&mut conn).await? {
-        return Err(Error::unavailable("SERVICE_UNAVAILABLE", "the database node in use does not accept writes (a failover is under way)").into());
+        return Err(Error::unavailable(
+            "SERVICE_UNAVAILABLE",
+            "the database node in use does not accept writes (a failover is under way)",
+        )
+        .into());
     }
     Ok(Json(Health { status: "ready" }))
 }

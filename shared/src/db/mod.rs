@@ -18,8 +18,8 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions},
 };
 
-pub use self::url::DatabaseUrl;
 use self::primary::{Follower, NoPrimary};
+pub use self::url::DatabaseUrl;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
@@ -55,7 +55,7 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Res
         )
         .when(|e: &anyhow::Error| {
             e.chain().any(|c| {
-                c.is::<NoPrimary>()
+                c.downcast_ref::<NoPrimary>().is_some_and(NoPrimary::is_transient)
                     || c.downcast_ref::<sqlx::Error>()
                         .is_some_and(crate::error::is_unavailable)
                     || c.downcast_ref::<sqlx::migrate::MigrateError>().is_some_and(

@@ -61,25 +61,55 @@ pub async fn find(url: &DatabaseUrl) -> Result<(usize, PgConnection), NoPrimary>
                 Ok(None)
             }
         };
+        let host = url.hosts[i].clone();
         match tokio::time::timeout(url.connect_timeout, attempt).await {
             Ok(Ok(Some(conn))) => return Ok((i, conn)),
-            Ok(Ok(None)) => answers.push((url.hosts[i].clone(), "read-only (a standby)".to_owned())),
-            Ok(Err(e)) => answers.push((url.hosts[i].clone(), e.to_string())),
-            Err(_) => answers.push((url.hosts[i].clone(), format!("no answer within {:?}", url.connect_timeout))),
+            Ok(Ok(None)) => answers.push(Answer {
+                host,
+                text: "read-only (a standby)".to_owned(),
+                transient: true,
+            }),
+            Ok(Err(e)) => answers.push(Answer {
+                host,
+                text: e.to_string(),
+                transient: crate::error::is_unavailable(&e),
+            }),
+            Err(_) => answers.push(Answer {
+                host,
+                text: format!("no answer within {:?}", url.connect_timeout),
+                transient: true,
+            }),
         }
     }
     Err(NoPrimary(answers))
 }
 
+/// What one host answered when asked for writes.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub host: String,
+    pub text: String,
+    /// Unreachable, starting, read-only: asking again later may find a primary. (A refused
+    /// login or a missing database is not.)
+    pub transient: bool,
+}
+
 /// No host accepted writes: what each one answered.
 #[derive(Debug, Clone)]
-pub struct NoPrimary(pub Vec<(String, String)>);
+pub struct NoPrimary(pub Vec<Answer>);
+
+impl NoPrimary {
+    /// Whether asking again later may find a primary (some host's answer was transient).
+    pub fn is_transient(&self) -> bool {
+        self.0.iter().any(|a| a.transient)
+    }
+}
 
 impl std::fmt::Display for NoPrimary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut text = String::from("no PostgreSQL node accepts writes:");
-        for (host, answer) in &self.0 {
-            let _ = write!(text, " {host}: {answer};");
+        for answer in &self.0 {
+            let _ = write!(text, " {}: {};", answer.host, answer.text);
         }
         f.write_str(text.trim_end_matches(';'))
     }
@@ -169,9 +199,11 @@ impl Follower {
 
     /// Asks the hosts with backoff until one accepts writes; `None` once the pool is closed.
     async fn search(&self, pool: &PgPool) -> Option<(usize, PgConnection)> {
+        // A failover takes seconds and every request waits for it: ask often (one connection
+        // attempt per host every half second at most, only while there is no primary).
         let mut backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(2))
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_millis(500))
             .with_jitter()
             .without_max_times()
             .build();

@@ -60,11 +60,13 @@ impl DatabaseUrl {
     /// Parses a libpq connection URI with one or more hosts. Errors name the part that is
     /// wrong (the scheme, a host, a port, a parameter), never the password.
     pub fn parse(url: &str) -> Result<Self, UrlError> {
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| bad("expected postgres://[user[:password]@]host[:port][,host[:port]...][/database][?parameters]"))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            bad("expected postgres://[user[:password]@]host[:port][,host[:port]...][/database][?parameters]")
+        })?;
         if scheme != "postgres" && scheme != "postgresql" {
-            return Err(bad(format!("the scheme is {scheme:?}; expected postgres or postgresql")));
+            return Err(bad(format!(
+                "the scheme is {scheme:?}; expected postgres or postgresql"
+            )));
         }
         let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
         let (authority, tail) = rest.split_at(authority_end);
@@ -110,11 +112,11 @@ impl DatabaseUrl {
                     }
                 }
                 "connect_timeout" => {
-                    let secs: u64 = value
-                        .parse()
-                        .ok()
-                        .filter(|s| (1..=3_600).contains(s))
-                        .ok_or_else(|| bad(format!("connect_timeout={value:?} is not a whole number of seconds, 1..=3600")))?;
+                    let secs: u64 = value.parse().ok().filter(|s| (1..=3_600).contains(s)).ok_or_else(|| {
+                        bad(format!(
+                            "connect_timeout={value:?} is not a whole number of seconds, 1..=3600"
+                        ))
+                    })?;
                     connect_timeout = Duration::from_secs(secs);
                 }
                 "host" | "hostaddr" | "port" if host_list.contains(',') => {
@@ -124,8 +126,11 @@ impl DatabaseUrl {
                 }
                 "sslmode" | "ssl-mode" => {
                     has_ssl_mode = true;
-                    PgSslMode::from_str(value)
-                        .map_err(|_| bad(format!("sslmode={value:?} is not one of disable, allow, prefer, require, verify-ca, verify-full")))?;
+                    PgSslMode::from_str(value).map_err(|_| {
+                        bad(format!(
+                            "sslmode={value:?} is not one of disable, allow, prefer, require, verify-ca, verify-full"
+                        ))
+                    })?;
                     kept.push(pair);
                 }
                 _ => kept.push(pair),
@@ -150,7 +155,8 @@ impl DatabaseUrl {
                 }
             })?;
             let node_url = format!("{scheme}://{userinfo}{name}:{port}{path}{query}");
-            let mut options = PgConnectOptions::from_str(&node_url).map_err(|e| bad(redact_sqlx(&e.to_string(), url)))?;
+            let mut options =
+                PgConnectOptions::from_str(&node_url).map_err(|e| bad(redact_sqlx(&e.to_string(), url)))?;
             if let Some(v6) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
                 // A socket address wants the bare address, not the URL's bracketed form.
                 options = options.host(v6);
@@ -268,7 +274,10 @@ mod tests {
         assert_eq!(u.hosts, ["127.0.0.1:5432"]);
         assert!(!u.is_multi_host() && !u.needs_writes);
         let n = &u.nodes[0];
-        assert_eq!((n.get_host(), n.get_port(), n.get_database()), ("127.0.0.1", 5432, Some("orderflow")));
+        assert_eq!(
+            (n.get_host(), n.get_port(), n.get_database()),
+            ("127.0.0.1", 5432, Some("orderflow"))
+        );
         assert_eq!(n.get_username(), "postgres");
         assert!(matches!(n.get_ssl_mode(), PgSslMode::Disable));
         assert_eq!(parse("postgresql://u@db/x").unwrap().hosts, ["db:5432"]);
@@ -294,11 +303,18 @@ mod tests {
         assert_eq!(u.nodes[2].get_host(), "::1");
         // Several hosts always look for the writable one, whatever target_session_attrs says.
         assert!(parse("postgres://h1,h2/db").unwrap().needs_writes);
-        assert!(parse("postgres://h1/db?target_session_attrs=primary").unwrap().needs_writes);
+        assert!(
+            parse("postgres://h1/db?target_session_attrs=primary")
+                .unwrap()
+                .needs_writes
+        );
         assert!(!parse("postgres://h1/db?target_session_attrs=any").unwrap().needs_writes);
         // Debug output names hosts, never credentials.
         assert!(!format!("{u:?}").contains("p/ss"));
-        assert_eq!(parse("postgres://a,b/db").unwrap().with_database("postgres").database(), Some("postgres"));
+        assert_eq!(
+            parse("postgres://a,b/db").unwrap().with_database("postgres").database(),
+            Some("postgres")
+        );
     }
 
     #[test]
@@ -307,7 +323,10 @@ mod tests {
             ("localhost:5432/db", "expected postgres://"),
             ("mysql://h/db", "the scheme is \"mysql\""),
             ("postgres://h1,,h2/db", "host 2 of the list (\"\"): empty"),
-            ("postgres://h1:99999,h2/db", "host 1 of the list (\"h1:99999\"): port \"99999\""),
+            (
+                "postgres://h1:99999,h2/db",
+                "host 1 of the list (\"h1:99999\"): port \"99999\"",
+            ),
             ("postgres://h1:0/db", "port \"0\""),
             ("postgres://h1,h2:x/db", "host 2 of the list (\"h2:x\"): port \"x\""),
             ("postgres://::1:5432/db", "IPv6 address must be in brackets"),
@@ -316,11 +335,17 @@ mod tests {
             ("postgres://[::1]x/db", "expected ':port' after ']'"),
             ("postgres://:5432/db", "empty host name"),
             ("postgres://h1,h2/db?target_session_attrs=standby", "orderflow writes"),
-            ("postgres://h1/db?target_session_attrs=sometimes", "not one of any, read-write, primary"),
+            (
+                "postgres://h1/db?target_session_attrs=sometimes",
+                "not one of any, read-write, primary",
+            ),
             ("postgres://h1/db?load_balance_hosts=yes", "load_balance_hosts"),
             ("postgres://h1/db?connect_timeout=0", "connect_timeout"),
             ("postgres://h1/db?sslmode=maybe", "sslmode=\"maybe\""),
-            ("postgres://h1,h2/db?port=5", "port= cannot be combined with several hosts"),
+            (
+                "postgres://h1,h2/db?port=5",
+                "port= cannot be combined with several hosts",
+            ),
         ];
         for (url, want) in cases {
             let err = parse(url).err().unwrap_or_else(|| panic!("{url} parsed"));
