@@ -3,6 +3,8 @@
 -- narrower than a millisecond, such as [t + 0.2 ms, t + 0.7 ms), becomes an empty one: allowed,
 -- it replays nothing. The CHECK (window_from < window_to) of 20261201000102 was unnamed; it is
 -- found by its definition.
+-- compatible: the new check is looser than the one it replaces (<= for <); the previous release
+-- only writes windows with window_from < window_to.
 DO $$
 DECLARE
     name text;

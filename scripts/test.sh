@@ -49,6 +49,23 @@ bash scripts/browser-test.sh
 # token. Both tools pinned in tests/contract/requirements.txt. Reports land in ci-output/contract/.
 bash scripts/contract-test.sh
 
+# --- A rolling upgrade from the previous release (tests/upgrade.rs, docs/UPGRADING.md) ----------
+# scripts/previous-release.sh builds the release pinned there from this repository's history
+# (target/previous/, kept between runs; a few minutes cold), then the upgrade scenarios run the
+# two releases side by side under orders, one scenario at a time. About 3 min besides the build.
+# A clone without the pinned commit (a shallow one) cannot build it: the scenarios are skipped
+# with a warning. SKIP_UPGRADE=1 leaves all of it out.
+if [[ -z ${SKIP_UPGRADE:-} ]]; then
+  if previous=$(bash scripts/previous-release.sh | tail -n 1); then
+    ORDERFLOW_PREVIOUS_BIN=$previous cargo nextest run --profile ci "${locked[@]}" --test upgrade \
+      --run-ignored only --test-threads 1 --no-capture
+  else
+    status=$?
+    [[ $status -eq 3 ]] || exit "$status"
+    echo "WARNING: the previous release is not in this clone's history; upgrade scenarios skipped" >&2
+  fi
+fi
+
 # --- A highly available PostgreSQL (scripts/pg-ha.sh with the tests' own ports and directory,
 # beside the default PostgreSQL; tests/common/pg_ha.rs): a pg_auto_failover monitor, a primary
 # and a synchronous secondary, installed from Debian's packages if missing. Started once here for

@@ -201,6 +201,7 @@ pub async fn audit(pool: &PgPool, amqp_url: Option<&str>, opts: &AuditArgs) -> a
         balance(&mut tx, max).await?,
         coupons(&mut tx, max).await?,
         orders(&mut tx, max).await?,
+        sales(&mut tx, max).await?,
     ];
     checks.push(match &broker.events {
         _ if opts.skip_events => Check::skipped("events", "--skip-events"),
@@ -305,6 +306,25 @@ async fn stock(tx: &mut PgConnection, max: usize) -> anyhow::Result<Check> {
     ))
     .bind(limit(max));
     listed(tx, "stock", query).await
+}
+
+/// The popular-products projection counts every confirmed order once: per product, the units
+/// in `product_sales_hourly` are the units of its CONFIRMED orders (the order worker adds them
+/// in the transaction that confirms the order, so this holds in any snapshot, in flight too).
+/// An upgrade that strands confirmed orders' counts (a retired queue nobody drains) shows here.
+async fn sales(tx: &mut PgConnection, max: usize) -> anyhow::Result<Check> {
+    let query = sqlx::query_as(listed!(
+        "SELECT jsonb_build_object(
+                    'kind', 'sales_not_counted_once', 'productId', COALESCE(s.product_id, c.product_id),
+                    'projected', COALESCE(s.units, 0), 'confirmedUnits', COALESCE(c.units, 0))
+         FROM (SELECT product_id, sum(quantity)::bigint AS units FROM product_sales_hourly GROUP BY product_id) s
+         FULL JOIN (SELECT i.product_id, sum(i.quantity)::bigint AS units
+                    FROM order_items i JOIN orders o ON o.id = i.order_id
+                    WHERE o.status = 'CONFIRMED' GROUP BY i.product_id) c ON c.product_id = s.product_id
+         WHERE COALESCE(s.units, 0) <> COALESCE(c.units, 0)"
+    ))
+    .bind(limit(max));
+    listed(tx, "sales", query).await
 }
 
 /// Invariant 2: the ledger proves every balance; terminal orders were paid (or refunded)

@@ -13,7 +13,7 @@ use orderflow_shared::messaging::topology::{DATA_PLATFORM_QUEUE, DEAD_LETTER_QUE
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
-const CHECKS: [&str; 6] = ["stock", "balance", "coupons", "orders", "events", "liveness"];
+const CHECKS: [&str; 7] = ["stock", "balance", "coupons", "orders", "sales", "events", "liveness"];
 
 async fn run_audit(app: &TestApp, opts: &AuditArgs) -> Report {
     audit::audit(&app.pool, Some(&app.config.amqp_url), opts).await.unwrap()
@@ -149,6 +149,38 @@ async fn a_settled_pipeline_is_clean_and_each_corruption_is_reported_where_it_be
         .execute(&app.pool)
         .await
         .unwrap();
+
+    // A confirmed order whose units the popular-products projection never counted (as when
+    // an upgrade strands a retired queue's messages), then one counted twice.
+    sqlx::query("UPDATE product_sales_hourly SET quantity = quantity - 1 WHERE product_id = $1")
+        .bind(widget)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_only(
+        &run_audit(&app, &opts).await,
+        "sales",
+        "sales_not_counted_once",
+        "productId",
+        json!(widget),
+    );
+    sqlx::query("UPDATE product_sales_hourly SET quantity = quantity + 2 WHERE product_id = $1")
+        .bind(widget)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let report = run_audit(&app, &opts).await;
+    let sales = check(&report, "sales");
+    assert_eq!(
+        sales.violations[0]["projected"].as_i64(),
+        sales.violations[0]["confirmedUnits"].as_i64().map(|u| u + 1)
+    );
+    sqlx::query("UPDATE product_sales_hourly SET quantity = quantity - 1 WHERE product_id = $1")
+        .bind(widget)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    assert_clean(&run_audit(&app, &opts).await);
 
     // A payment that left no ledger row: the balance is no longer proven, and the
     // confirmed order has no PAYMENT.

@@ -29,3 +29,52 @@ async fn eight_processes_starting_together_create_and_migrate_one_database() {
         .await
         .unwrap();
 }
+
+/// A rolling update: this release starts on a schema a later release already migrated (its
+/// migrations are expand-only, docs/UPGRADING.md) and runs on it; it still refuses a schema in
+/// which one of its own migrations was changed.
+#[tokio::test]
+async fn a_schema_with_a_later_release_s_migrations_is_run_on_and_a_changed_one_refused() {
+    let name = format!("orderflow_startup_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("{PG_BASE}/{name}");
+    orderflow_shared::db::connect_and_migrate(&url, 2)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    // The later release's migration: a column this release does not know, and its record.
+    sqlx::query("ALTER TABLE orders ADD COLUMN later_release_note TEXT")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+         VALUES (29991231000001, 'a later release', true, '\\x00', 1)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let pool = orderflow_shared::db::connect_and_migrate(&url, 2).await.unwrap();
+    sqlx::query("SELECT count(*) FROM orders").execute(&pool).await.unwrap();
+    pool.close().await;
+
+    // One of this release's own migrations, changed: refused, not run on.
+    let first = orderflow_shared::db::MIGRATOR.iter().next().unwrap().version;
+    sqlx::query("UPDATE _sqlx_migrations SET checksum = '\\x01' WHERE version = $1")
+        .bind(first)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let refused = orderflow_shared::db::connect_and_migrate(&url, 2).await.err().unwrap();
+    assert!(
+        format!("{refused:#}").contains("was previously applied but has been modified"),
+        "{refused:#}"
+    );
+    conn.close().await.unwrap();
+    let mut admin = PgConnection::connect(PG_ADMIN_URL).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}

@@ -139,3 +139,118 @@ async fn a_queue_the_user_may_not_configure_is_used_as_it_is_and_missing_it_fail
     common::mgmt(Method::DELETE, &format!("/api/vhosts/{vhost}"), None).await;
     common::mgmt(Method::DELETE, &format!("/api/users/{user}"), None).await;
 }
+
+/// A queue of an earlier release that this one no longer consumes (`orderflow.sales`, whose
+/// worker counted popular products before the order worker did) is retired once nothing
+/// consumes it: the work its stranded messages stood for is redone (the projection rebuilt from
+/// the confirmed orders) and the queue deleted, so the audit's sales check is clean again.
+#[tokio::test]
+async fn a_retired_queue_is_drained_into_its_successor_once_its_consumers_are_gone() {
+    use orderflow_workers::retired::{SALES_QUEUE, retire_all};
+    let app = common::TestApp::spawn().await;
+    let product = app.product("Counted", 100, 100).await;
+    let mut orders = Vec::new();
+    for user in 1..=3 {
+        app.fund(user, 1_000).await;
+        let id = app.order(user, &[(product, 2)], None).await;
+        assert_eq!(
+            app.wait_terminal(user, &id, std::time::Duration::from_secs(30)).await["status"],
+            "CONFIRMED"
+        );
+        orders.push(id);
+    }
+    // The earlier release: its sales queue, bound to the events, with two confirmations its
+    // sales worker never counted (and the projection without their units).
+    let (conn, channel) = app.amqp().await;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(SALES_QUEUE.into(), durable, FieldTable::default())
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            SALES_QUEUE.into(),
+            topology::EVENTS_EXCHANGE.into(),
+            "order.confirmed".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    for id in &orders[..2] {
+        app.publish_raw(
+            "",
+            SALES_QUEUE,
+            format!(r#"{{"orderId":"{id}"}}"#).as_bytes(),
+            "order.confirmed",
+        )
+        .await;
+    }
+    sqlx::query("UPDATE product_sales_hourly SET quantity = quantity - 4 WHERE product_id = $1")
+        .bind(product)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let sales_check = || async {
+        let report = orderflow::audit::audit(
+            &app.pool,
+            None,
+            &orderflow::audit::AuditArgs {
+                skip_events: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        report.check("sales").unwrap().violation_count
+    };
+    assert_eq!(sales_check().await, 1);
+
+    // While the earlier release's sales worker still consumes it, it is left alone.
+    let consumer = channel
+        .basic_consume(
+            SALES_QUEUE.into(),
+            "earlier-sales-worker".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert!(retire_all(&app.config.amqp_url, &app.pool).await.unwrap().is_empty());
+    drop(consumer);
+    channel
+        .basic_cancel("earlier-sales-worker".into(), Default::default())
+        .await
+        .unwrap();
+    let _ = conn.close(200, "bye".into()).await;
+
+    // Gone: the queue deleted, every confirmed unit counted once.
+    assert_eq!(
+        retire_all(&app.config.amqp_url, &app.pool).await.unwrap(),
+        [SALES_QUEUE]
+    );
+    assert!(
+        !orderflow_shared::messaging::stats::exists(
+            &app.config.amqp_url,
+            orderflow_shared::messaging::stats::Destination::Queue(SALES_QUEUE)
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(sales_check().await, 0);
+    let units: i64 = sqlx::query_scalar("SELECT sum(quantity)::bigint FROM product_sales_hourly WHERE product_id = $1")
+        .bind(product)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(units, 6);
+    // And the next confirmation counts on top.
+    app.fund(4, 1_000).await;
+    let id = app.order(4, &[(product, 1)], None).await;
+    app.wait_terminal(4, &id, std::time::Duration::from_secs(30)).await;
+    assert_eq!(sales_check().await, 0);
+    app.stop().await;
+}

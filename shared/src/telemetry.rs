@@ -51,7 +51,12 @@ pub fn init(format: LogFormat, provider: SdkTracerProvider) -> Telemetry {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,tower_http=warn"));
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("orderflow"));
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::filter::filter_fn(|meta| {
+            !is_lapin_close_report(meta)
+        }))
+        .with(otel);
     // Colours only for a person at a terminal, never in files or log collectors.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = match format {
@@ -75,6 +80,22 @@ pub fn init(format: LogFormat, provider: SdkTracerProvider) -> Telemetry {
             .try_init(),
     };
     Telemetry { provider }
+}
+
+/// lapin logs every channel or connection close the broker sends at ERROR ("Channel closed",
+/// "Connection closed": target `lapin::channel`, fields `channel`, `method`, `error`),
+/// including those orderflow expects and handles: the 404 of a passive declare that asks
+/// whether a queue exists, the 406 of a queue an earlier release declared with other
+/// arguments, a broker restarting. The operation that caused it returns the same error to its
+/// caller, which logs it as what it is (a lost connection is a WARN with its reconnect), so
+/// these reports are left out rather than shown as errors that are not.
+fn is_lapin_close_report(meta: &tracing::Metadata<'_>) -> bool {
+    let fields = meta.fields();
+    *meta.level() == tracing::Level::ERROR
+        && meta.target() == "lapin::channel"
+        && fields.field("method").is_some()
+        && fields.field("error").is_some()
+        && fields.field("channel").is_some()
 }
 
 /// The trace context of the current span, to put on the messages it sends.

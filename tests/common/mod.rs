@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod pg_ha;
 pub mod raw_amqp;
+pub mod system;
 
 use std::{
     collections::hash_map::DefaultHasher,

@@ -2,6 +2,7 @@
 
 pub mod broker;
 pub mod relay;
+pub mod retired;
 pub mod runtime;
 pub mod statistics;
 pub mod steps;
@@ -35,7 +36,8 @@ pub enum WorkerKind {
     /// Confirms orders (counting their units for popular products) and finishes cancellations.
     Order,
     /// Cancels orders past their deadline, records dead letters, sweeps for stuck orders (and
-    /// keeps the planner's statistics when autovacuum is off).
+    /// keeps the planner's statistics when autovacuum is off, and retires the queues of earlier
+    /// releases, `retired`).
     Recovery,
 }
 
@@ -67,7 +69,7 @@ pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: Canc
         WorkerKind::Payment => consume(Payment, pool, cfg, shutdown).await,
         WorkerKind::Order => consume(Order, pool, cfg, shutdown).await,
         WorkerKind::Recovery => {
-            let (expiry, dead, sweep, statistics) = tokio::join!(
+            let (expiry, dead, sweep, statistics, retired) = tokio::join!(
                 consume(Expiry, pool.clone(), cfg.clone(), shutdown.clone()),
                 consume(DeadLetters, pool.clone(), cfg, shutdown.clone()),
                 sweep::run(
@@ -76,9 +78,10 @@ pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: Canc
                     config.order_timeout,
                     shutdown.clone()
                 ),
-                statistics::run(pool, shutdown),
+                statistics::run(pool.clone(), shutdown.clone()),
+                retired::run(config.amqp_url.clone(), pool, shutdown),
             );
-            expiry.and(dead).and(sweep).and(statistics)
+            expiry.and(dead).and(sweep).and(statistics).and(retired)
         }
     }
 }

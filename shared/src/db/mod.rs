@@ -21,7 +21,15 @@ use sqlx::{
 use self::primary::{Follower, NoPrimary};
 pub use self::url::DatabaseUrl;
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+/// This release's migrations. The database may also hold migrations of a later release (one
+/// rolling out beside this one, or one rolled back from): every migration only expands the
+/// schema the previous release uses (docs/UPGRADING.md), so this release runs on it instead of
+/// refusing it; it still refuses a migration it knows whose text changed.
+pub static MIGRATOR: sqlx::migrate::Migrator = {
+    let mut migrator = sqlx::migrate!("../migrations");
+    migrator.ignore_missing = true;
+    migrator
+};
 
 /// Parses the URL (one host or several, [`DatabaseUrl`]), finds the node that accepts writes,
 /// creates the database there if it does not exist, applies migrations there and returns a
@@ -41,6 +49,7 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Res
             .await
             .context("connecting to PostgreSQL")?;
         MIGRATOR.run(&mut conn).await.context("applying migrations")?;
+        note_later_migrations(&mut conn).await?;
         conn.close().await.ok();
         anyhow::Ok(())
     };
@@ -66,6 +75,21 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Res
         .notify(|err, delay| tracing::warn!(error = %format!("{err:#}"), ?delay, "PostgreSQL not ready; retrying"))
         .await?;
     pool(url, max_connections)
+}
+
+/// Says (once, at start) when the schema holds migrations of a later release.
+async fn note_later_migrations(conn: &mut PgConnection) -> anyhow::Result<()> {
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+        .fetch_all(&mut *conn)
+        .await?;
+    let later: Vec<i64> = applied.into_iter().filter(|v| !MIGRATOR.version_exists(*v)).collect();
+    if !later.is_empty() {
+        tracing::info!(
+            migrations = ?later,
+            "the schema has migrations of a later release; this release runs on it (each migration only expands the schema, docs/UPGRADING.md)"
+        );
+    }
+    Ok(())
 }
 
 /// How long a pooled connection may sit idle before it is checked again when handed out.

@@ -306,6 +306,29 @@ mod tests {
         Ok(())
     }
 
+    /// Rolling updates (docs/UPGRADING.md): a message of a later release, with fields this one
+    /// does not know beside the ones it does, in the envelope and in `data`, is read as this
+    /// release reads its own; and a public event's data likewise.
+    #[test]
+    fn a_later_release_s_message_with_fields_this_one_does_not_know_is_read_alike() -> anyhow::Result<()> {
+        let order = Uuid::now_v7();
+        let later = serde_json::json!({
+            "id": Uuid::now_v7(), "type": "stock.reserve", "occurredAt": "2026-12-05T10:00:00.123Z",
+            "orderId": order, "schemaVersion": 2, "tenant": "shop-1",
+            "data": {"orderIds": [order], "priority": "high", "hints": {"warehouse": 3}},
+        });
+        let read: Envelope = serde_json::from_value(later)?;
+        assert_eq!(read.command_orders(), Ok(vec![order]));
+        let event = serde_json::json!({
+            "userId": 42, "couponId": null, "items": [{"productId": 1, "quantity": 2, "unitPrice": 100, "sku": "X"}],
+            "totalAmount": 200, "discountAmount": 0, "paidAmount": 200, "confirmedAt": "2026-12-05T10:00:00.120Z",
+            "currency": "KRW",
+        });
+        let data: OrderConfirmedData = serde_json::from_value(event)?;
+        assert_eq!((data.user_id, data.paid_amount, data.items.len()), (42, 200, 1));
+        Ok(())
+    }
+
     #[test]
     fn a_command_names_its_orders_in_data_and_never_none_or_too_many() -> anyhow::Result<()> {
         let ids = vec![Uuid::now_v7(), Uuid::now_v7()];
