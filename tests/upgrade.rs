@@ -42,7 +42,8 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let previous = previous();
-    let sys = System::create(name, &[], Target::default_node()).await;
+    // The previous release creates the database and migrates it, as its deployment did.
+    let sys = System::create(name, &[], Target::default_node().with_fresh_database()).await;
     for (label, component) in first {
         sys.launch(label, component, &previous, &[]).await;
     }

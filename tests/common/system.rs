@@ -40,6 +40,10 @@ pub struct Target {
     /// The highly available PostgreSQL's DATABASE_URL (database `orderflow`, replaced by the
     /// system's own), or None for the default PostgreSQL.
     pub pg_ha: Option<String>,
+    /// The processes create the database and apply their own migrations (as a deployment
+    /// does), instead of the test copying a template migrated with this build's migrations.
+    /// Always so on the highly available PostgreSQL.
+    pub fresh_database: bool,
 }
 
 impl Target {
@@ -50,6 +54,7 @@ impl Target {
             direct: vec![node],
             management: vec![super::RABBIT_MGMT.to_owned()],
             pg_ha: None,
+            fresh_database: false,
         }
     }
 
@@ -60,6 +65,15 @@ impl Target {
             direct: nodes,
             management: cluster::NODES.iter().map(|&i| cluster::management(i)).collect(),
             pg_ha: None,
+            fresh_database: false,
+        }
+    }
+
+    /// The same, with a database the processes create and migrate themselves.
+    pub fn with_fresh_database(self) -> Self {
+        Self {
+            fresh_database: true,
+            ..self
         }
     }
 
@@ -143,7 +157,9 @@ impl System {
             // The processes create it on the primary (from an empty server, as in production).
             Some(url) => url.replacen("/orderflow?", &format!("/{db_name}?"), 1),
             None => {
-                super::create_database(&db_name).await;
+                if !target.fresh_database {
+                    super::create_database(&db_name).await;
+                }
                 format!("{}/{db_name}", super::PG_BASE)
             }
         };

@@ -129,11 +129,17 @@ pub fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
                 Ok(true)
             })
         });
-    if follower.is_some() {
-        options = options.after_release(move |_conn, meta| {
-            let keep = !on_release(meta.age);
-            Box::pin(async move { Ok(keep) })
-        });
+    if let Some(follower) = &follower {
+        let follower = follower.clone();
+        options = options
+            .after_connect(move |conn, _meta| {
+                let follower = follower.clone();
+                Box::pin(async move { follower.admit(conn).await })
+            })
+            .after_release(move |_conn, meta| {
+                let keep = !on_release(meta.age);
+                Box::pin(async move { Ok(keep) })
+            });
     }
     let pool = options.connect_lazy_with(primary::tuned(parsed.nodes[0].clone()));
     if let Some(follower) = follower {

@@ -130,6 +130,9 @@ pub struct Follower {
     origin: Instant,
     /// When the pool last moved to another node, in nanoseconds since `origin` (0: never).
     moved_at: AtomicU64,
+    /// Wakes the follower before its next check (a new connection met a node that refuses
+    /// writes).
+    nudge: tokio::sync::Notify,
 }
 
 impl Follower {
@@ -138,7 +141,23 @@ impl Follower {
             url,
             origin: Instant::now(),
             moved_at: AtomicU64::new(0),
+            nudge: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Checks a connection the pool just opened: it must be to a node that accepts writes. A
+    /// connection attempt that started before the pool moved can end after it, on the node it
+    /// left, and a node can be demoted before the follower's next check; such a connection is
+    /// refused (the request that wanted it is answered as if the database were unavailable)
+    /// and the follower looks at once.
+    pub async fn admit(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        if accepts_writes(conn).await? {
+            return Ok(());
+        }
+        self.nudge.notify_one();
+        Err(sqlx::Error::Protocol(
+            "the PostgreSQL node reached does not accept writes (a failover or switchover is under way)".into(),
+        ))
     }
 
     /// Whether a connection of this age was opened before the pool last moved (it talks to a
@@ -193,6 +212,7 @@ impl Follower {
             tokio::select! {
                 _ = pool.close_event() => return,
                 _ = tokio::time::sleep(CHECK_EVERY) => {}
+                _ = self.nudge.notified() => {}
             }
         }
     }
