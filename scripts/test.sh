@@ -24,6 +24,10 @@ fi
 # Also installs the pinned parser that tests/asyncapi.rs validates captured messages with.
 bash scripts/asyncapi.sh
 
+# --- The test OpenID provider (tests/oidc.rs signs in through it): oauth2-mock-server, pinned in
+# tests/oidc/package-lock.json, behind tests/oidc/provider.mjs. A few seconds once cached.
+npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error >/dev/null
+
 # --- Parallel suite: unit + integration tests ----------------------------------------------------
 # Each integration test owns a fresh database and a fresh RabbitMQ vhost, so they run in parallel.
 # (nextest does not run doctests; the workspace has none. Add `cargo test --workspace --doc` here

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{JWT_SECRET, TestApp};
+use common::{JWT_SECRET, TestApp, b64url};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode, header};
 use serde_json::{Value, json};
@@ -71,21 +71,6 @@ fn assert_problem(reply: &Reply, want: StatusCode, code: &str) {
         "{body}"
     );
     assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "{body}");
-}
-
-fn b64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
 }
 
 fn sign(alg: Algorithm, claims: &Value, secret: &str) -> String {

@@ -621,7 +621,13 @@ async fn check_race(
     // order.confirmed for exactly the confirmed orders (the audit reads the data platform's
     // queue), and every other invariant.
     let report = assert_audit_clean(app).await;
-    let confirmed_events = report["checks"][4]["info"]["distinctEvents"].as_u64().unwrap();
+    let events = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "events")
+        .unwrap();
+    let confirmed_events = events["info"]["distinctEvents"].as_u64().unwrap();
     assert_eq!(confirmed_events as usize, confirmed);
     (won_from, refused)
 }

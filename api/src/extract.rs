@@ -31,7 +31,7 @@ pub struct Path<T>(pub T);
 pub struct Query<T>(pub T);
 
 /// The caller, from a valid bearer token.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct User(pub Principal);
 
 impl User {
@@ -45,13 +45,14 @@ impl FromRequestParts<AppState> for User {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers)?;
-        Ok(Self(state.keys.verify(token)?))
+        Ok(Self(state.auth.verify(&state.pool, token).await?.principal))
     }
 }
 
-/// A caller whose token has `role: "admin"`: from the bearer header, or else from the ops
-/// dashboard's session cookie ([`ADMIN_COOKIE`]). A bearer header always wins.
-#[derive(Debug, Clone, Copy)]
+/// A caller whose token makes an admin (`role: "admin"` with the shared secret, AUTH_ADMIN_CLAIM
+/// with the identity provider): from the bearer header, or else from the ops dashboard's
+/// session cookie ([`ADMIN_COOKIE`]). A bearer header always wins.
+#[derive(Debug, Clone)]
 pub struct Admin(pub Principal);
 
 /// The HttpOnly cookie in which the ops dashboard keeps an admin token (see `routes::ops`).
@@ -70,7 +71,7 @@ impl FromRequestParts<AppState> for Admin {
                     )
                     .into());
                 }
-                state.keys.verify(token)?
+                state.auth.verify(&state.pool, token).await?.principal
             }
             _ => User::from_request_parts(parts, state).await?.0,
         };

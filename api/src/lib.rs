@@ -4,6 +4,7 @@
 pub mod accept;
 pub mod admission;
 pub mod asyncapi;
+pub mod auth;
 pub mod extract;
 pub mod header_grammar;
 pub mod idempotency;
@@ -23,7 +24,7 @@ use axum::{
     http::{HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
-use orderflow_shared::{auth::Keys, config::Config};
+use orderflow_shared::config::Config;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +40,8 @@ use crate::problem::Problem;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
-    pub keys: Arc<Keys>,
+    /// Verifies bearer tokens (the shared secret, the identity provider).
+    pub auth: Arc<auth::Authenticator>,
     pub config: Arc<Config>,
     /// Cancelled when the server shuts down: long-lived responses (event streams) end on it.
     pub shutdown: CancellationToken,
@@ -53,12 +55,11 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(pool: PgPool, config: Arc<Config>) -> Self {
-        let (secret, _) = config.jwt_secret();
         Self {
             acceptor: accept::Acceptor::start(pool.clone(), config.order_timeout),
             watcher: wait::Watcher::start(pool.clone()),
             pool,
-            keys: Arc::new(Keys::new(secret)),
+            auth: Arc::new(auth::Authenticator::from_config(&config)),
             rate_limits: rate_limit::from_config(config.rate_limit_writes, config.rate_limit_window),
             config,
             shutdown: CancellationToken::new(),
@@ -77,7 +78,7 @@ pub fn router(state: AppState) -> Router {
     );
     Router::new()
         .merge(routes::router(admission))
-        .merge(openapi::router())
+        .merge(openapi::router(state.auth.issuer()))
         .merge(asyncapi::router())
         .route("/metrics", axum::routing::get(metrics_text))
         // Outside admission control: an over-limit write is refused without waiting its turn.

@@ -374,9 +374,34 @@ fn split_new_coupon(doc: &mut Value) {
     });
 }
 
-pub fn router() -> Router<AppState> {
+/// [`document`] for a deployment: with an identity provider (AUTH_ISSUER), an `openIdConnect`
+/// security scheme (`oidc`) names its discovery document, and each operation that takes the
+/// bearer scheme takes its tokens too.
+pub fn document_for(issuer: Option<&str>) -> Value {
+    let mut doc = document();
+    if let Some(issuer) = issuer {
+        doc["components"]["securitySchemes"]["oidc"] = json!({
+            "type": "openIdConnect",
+            "openIdConnectUrl": format!("{issuer}/.well-known/openid-configuration"),
+            "description": "a token from the shop's identity provider (RS256/ES256/EdDSA, its aud naming this API)",
+        });
+        for item in doc["paths"].as_object_mut().into_iter().flat_map(|p| p.values_mut()) {
+            for op in item.as_object_mut().into_iter().flat_map(|i| i.values_mut()) {
+                let Some(security) = op.get_mut("security").and_then(Value::as_array_mut) else {
+                    continue;
+                };
+                if security.iter().any(|r| r.get("bearer").is_some()) {
+                    security.push(json!({"oidc": []}));
+                }
+            }
+        }
+    }
+    doc
+}
+
+pub fn router(issuer: Option<&str>) -> Router<AppState> {
     Router::new()
-        .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", document()))
+        .merge(SwaggerUi::new("/docs").external_url_unchecked("/openapi.json", document_for(issuer)))
         // Swagger UI answers an unknown asset with an empty 404; make it a problem like any other.
         .layer(axum::middleware::map_response(|res: Response| async move {
             if res.status() == StatusCode::NOT_FOUND && !res.headers().contains_key(header::CONTENT_TYPE) {

@@ -131,6 +131,9 @@ pub struct AdminOrder {
     pub order: OrderSummary,
     #[serde(flatten)]
     pub holdings: OrderHoldings,
+    /// Who the buyer is at the identity provider, when they signed in through it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<orderflow_shared::auth::Identity>,
 }
 
 impl From<&OrderRow> for AdminOrder {
@@ -138,6 +141,7 @@ impl From<&OrderRow> for AdminOrder {
         Self {
             order: o.into(),
             holdings: o.into(),
+            identity: None,
         }
     }
 }

@@ -1,5 +1,7 @@
-//! Bearer tokens: HS256 JWTs whose `sub` is a positive integer user id, with a required
-//! `exp`, and `role: "admin"` for admin routes.
+//! Bearer tokens signed with the shared secret: HS256 JWTs whose `sub` is a user id
+//! (1..[`FIRST_PROVIDER_USER_ID`]), with a required `exp`, and `role: "admin"` for admin routes.
+//! Who the caller is ([`Principal`]), whichever verifier said so (the API also verifies an
+//! identity provider's tokens: `orderflow_api::auth`).
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -15,11 +17,37 @@ pub struct Claims {
 }
 
 /// Who is calling: taken from the token, never from a path or body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
+    /// orderflow's user id: the token's `sub` (shared secret), or the id the provider's
+    /// (issuer, `sub`) was given on first sight.
     pub user_id: i64,
     pub admin: bool,
+    /// The identity provider's name for the caller; `None` for a shared-secret token.
+    pub identity: Option<std::sync::Arc<Identity>>,
 }
+
+impl Principal {
+    /// How audit records name the caller: `42`, or `1000000000001 (<issuer>#<sub>)` for a user of
+    /// the identity provider.
+    pub fn describe(&self) -> String {
+        match &self.identity {
+            Some(id) => format!("{} ({}#{})", self.user_id, id.issuer, id.subject),
+            None => self.user_id.to_string(),
+        }
+    }
+}
+
+/// A user as an identity provider knows them: its issuer and their `sub`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
+pub struct Identity {
+    pub issuer: String,
+    pub subject: String,
+}
+
+/// The first user id given to identity-provider users (on first sight, in order); ids below it
+/// are the shared-secret tokens' (`sub` 1..=999,999,999,999), so the two never meet.
+pub const FIRST_PROVIDER_USER_ID: i64 = 1_000_000_000_000;
 
 /// The longest lifetime `orderflow token --ttl` may ask for: 10 years, in seconds.
 pub const MAX_TOKEN_TTL_SECS: i64 = 10 * 366 * 24 * 3600;
@@ -49,10 +77,10 @@ impl Keys {
     /// tests). `ttl_secs` must lie within +-[`MAX_TOKEN_TTL_SECS`]: `exp` is computed with
     /// checked arithmetic and never wraps.
     pub fn issue(&self, user_id: i64, admin: bool, ttl_secs: i64) -> Result<String> {
-        if user_id <= 0 {
+        if !(1..FIRST_PROVIDER_USER_ID).contains(&user_id) {
             return Err(Error::bad_request(
                 "INVALID_USER_ID",
-                "user id must be a positive integer",
+                format!("user id must be 1 to {}", FIRST_PROVIDER_USER_ID - 1),
             ));
         }
         if !(-MAX_TOKEN_TTL_SECS..=MAX_TOKEN_TTL_SECS).contains(&ttl_secs) {
@@ -95,27 +123,34 @@ impl Keys {
             .sub
             .parse()
             .ok()
-            .filter(|id| *id > 0)
-            .ok_or_else(|| Error::unauthorized("INVALID_TOKEN", "the token subject is not a positive user id"))?;
+            .filter(|id| (1..FIRST_PROVIDER_USER_ID).contains(id))
+            .ok_or_else(|| {
+                Error::unauthorized(
+                    "INVALID_TOKEN",
+                    format!("the token subject is not a user id 1 to {}", FIRST_PROVIDER_USER_ID - 1),
+                )
+            })?;
         let principal = Principal {
             user_id,
             admin: data.claims.role.as_deref() == Some("admin"),
+            identity: None,
         };
         Ok((principal, data.claims.exp))
     }
 }
 
-/// The JOSE header checks that come before any signature check (RFC 7515, RFC 8725):
+/// The JOSE header checks that come before any signature check (RFC 7515, RFC 8725), and the
+/// header itself:
 /// - `crit` names header extensions the recipient must understand or else reject the token
 ///   (RFC 7515 §4.1.11); orderflow understands none, so a token with `crit` (for example
 ///   `b64: false` of RFC 7797, which changes what was signed) is refused;
 /// - the algorithm is checked against the key's allowlist by the verifier itself
 ///   (`Validation::algorithms`: HS256 only for the shared secret; `alg: none` never, RFC 8725
 ///   §3.1), and keys are never taken from the token (`jku`, `jwk`, `x5u` are ignored).
-fn check_header(token: &str) -> Result<()> {
+pub fn check_header(token: &str) -> Result<jsonwebtoken::Header> {
     let header = jsonwebtoken::decode_header(token)
         .map_err(|_| Error::unauthorized("INVALID_TOKEN", "the bearer token is not valid"))?;
-    if let Some(crit) = header.crit {
+    if let Some(crit) = &header.crit {
         return Err(Error::unauthorized(
             "INVALID_TOKEN",
             format!(
@@ -123,7 +158,7 @@ fn check_header(token: &str) -> Result<()> {
             ),
         ));
     }
-    Ok(())
+    Ok(header)
 }
 
 #[cfg(test)]
@@ -138,7 +173,8 @@ mod tests {
             p,
             Principal {
                 user_id: 42,
-                admin: true
+                admin: true,
+                identity: None,
             }
         );
         let p = keys.verify(&keys.issue(7, false, 60)?)?;

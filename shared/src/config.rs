@@ -68,9 +68,34 @@ pub struct Config {
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 
-    /// HS256 secret for bearer tokens. Unset: a development default (logged as a warning).
+    /// HS256 secret for bearer tokens (development and tests; `orderflow token` signs with it).
+    /// Unset: a development default (logged as a warning), and only while no AUTH_ISSUER is
+    /// set: with an identity provider, HS256 tokens are accepted only with a secret of yours.
     #[arg(long, env = "JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// The OpenID issuer whose tokens are accepted (e.g. `https://login.example.com/realms/shop`):
+    /// its discovery document (`<issuer>/.well-known/openid-configuration`) names the JWKS,
+    /// and a token's `iss` must equal it exactly. Needs AUTH_AUDIENCE.
+    #[arg(long, env = "AUTH_ISSUER", requires = "auth_audience", value_parser = parse_http_url)]
+    pub auth_issuer: Option<String>,
+
+    /// The issuer's JWKS, when it publishes no discovery document (or to skip it). Needs
+    /// AUTH_ISSUER (a token's `iss` is still checked against it).
+    #[arg(long, env = "AUTH_JWKS_URL", requires = "auth_issuer", value_parser = parse_http_url)]
+    pub auth_jwks_url: Option<String>,
+
+    /// The audience a token must name in `aud` (this API's client id or resource); several,
+    /// comma-separated: any of them.
+    #[arg(long, env = "AUTH_AUDIENCE", requires = "auth_issuer")]
+    pub auth_audience: Option<String>,
+
+    /// Which identity-provider tokens are admins: `claim=value`, the claim a dotted path
+    /// (`roles=orderflow-admin`, `realm_access.roles=orderflow-admin` for Keycloak,
+    /// `scope=orderflow:admin`); a list claim must contain the value, a string claim must hold
+    /// it as one of its space-separated words. Unset: no provider token is an admin.
+    #[arg(long, env = "AUTH_ADMIN_CLAIM", requires = "auth_issuer", value_parser = parse_admin_claim)]
+    pub auth_admin_claim: Option<String>,
 
     /// How long an order may stay in flight before recovery cancels it (e.g. 60s, 500ms);
     /// 100ms..=24h.
@@ -155,6 +180,16 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// The HS256 secret tokens may be signed with: JWT_SECRET, or the development default
+    /// while no identity provider is configured; `None` with an issuer and no JWT_SECRET.
+    pub fn hs256_secret(&self) -> Option<&str> {
+        match self.jwt_secret.as_deref() {
+            Some(s) if !s.is_empty() => Some(s),
+            _ if self.auth_issuer.is_some() => None,
+            _ => Some(DEV_JWT_SECRET),
+        }
+    }
+
     /// The JWT secret and whether it is the development default.
     pub fn jwt_secret(&self) -> (&str, bool) {
         match self.jwt_secret.as_deref() {
@@ -172,6 +207,10 @@ impl std::fmt::Debug for Config {
             .field("amqp_url", &redact_url(&self.amqp_url))
             .field("http_addr", &self.http_addr)
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<redacted>"))
+            .field("auth_issuer", &self.auth_issuer)
+            .field("auth_jwks_url", &self.auth_jwks_url)
+            .field("auth_audience", &self.auth_audience)
+            .field("auth_admin_claim", &self.auth_admin_claim)
             .field("order_timeout", &self.order_timeout)
             .field("sweep_interval", &self.sweep_interval)
             .field("prefetch", &self.prefetch)
@@ -202,6 +241,29 @@ pub fn redact_url(url: &str) -> String {
             None => url.to_owned(),
         },
         None => url.to_owned(),
+    }
+}
+
+/// An `http://` or `https://` URL without a fragment (AUTH_ISSUER, AUTH_JWKS_URL); kept as
+/// given, without a trailing `/`.
+pub fn parse_http_url(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .ok_or_else(|| format!("{s:?} is not an http:// or https:// URL"))?;
+    if rest.is_empty() || rest.starts_with('/') || s.contains(['#', ' ']) {
+        return Err(format!("{s:?} is not an http:// or https:// URL with a host"));
+    }
+    Ok(s.trim_end_matches('/').to_owned())
+}
+
+/// AUTH_ADMIN_CLAIM: `path=value`, the path dot-separated claim names.
+pub fn parse_admin_claim(s: &str) -> Result<String, String> {
+    match s.split_once('=') {
+        Some((path, value)) if !value.is_empty() && !path.is_empty() && path.split('.').all(|p| !p.is_empty()) => {
+            Ok(s.to_owned())
+        }
+        _ => Err(format!("{s:?} is not claim=value (e.g. roles=orderflow-admin)")),
     }
 }
 

@@ -8,6 +8,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod cluster;
+pub mod oidc;
 pub mod pg_ha;
 pub mod raw_amqp;
 pub mod system;
@@ -54,6 +55,16 @@ pub struct Options {
     pub rate_limit: (u32, Duration),
     /// Where the test's vhost lives: the local default node unless a test brings a cluster.
     pub broker: Broker,
+    /// An identity provider whose tokens the API accepts (AUTH_ISSUER and friends).
+    pub auth: Option<AuthProvider>,
+}
+
+/// AUTH_ISSUER, AUTH_AUDIENCE and AUTH_ADMIN_CLAIM for a test.
+#[derive(Debug, Clone)]
+pub struct AuthProvider {
+    pub issuer: String,
+    pub audience: String,
+    pub admin_claim: Option<String>,
 }
 
 /// A RabbitMQ deployment to put a test's vhost on.
@@ -86,6 +97,7 @@ impl Default for Options {
             linger: Duration::from_millis(10),
             rate_limit: (1_000_000, Duration::from_secs(10)),
             broker: Broker::default(),
+            auth: None,
         }
     }
 }
@@ -141,6 +153,10 @@ impl TestApp {
                 .join(","),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             jwt_secret: Some(JWT_SECRET.to_owned()),
+            auth_issuer: opts.auth.as_ref().map(|a| a.issuer.clone()),
+            auth_jwks_url: None,
+            auth_audience: opts.auth.as_ref().map(|a| a.audience.clone()),
+            auth_admin_claim: opts.auth.as_ref().and_then(|a| a.admin_claim.clone()),
             order_timeout: opts.order_timeout,
             sweep_interval: Duration::from_secs(1),
             prefetch: 32,
@@ -790,4 +806,20 @@ pub async fn drop_database(name: &str) {
 
 async fn exec(conn: &mut PgConnection, stmt: String) {
     conn.execute(sqlx::AssertSqlSafe(stmt)).await.unwrap();
+}
+
+/// base64url without padding (RFC 4648 §5), for hand-made JOSE parts.
+pub fn b64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
 }

@@ -122,11 +122,16 @@ pub async fn list_orders(
     .bind(filter.stuck)
     .fetch_one(&state.pool)
     .await?;
-    Ok(Json(Page::new(
-        rows.iter().map(AdminOrder::from).collect(),
-        page,
-        total,
-    )))
+    let users: Vec<i64> = rows.iter().map(|o| o.user_id).collect();
+    let identities = crate::auth::identities::Identities::of(&state.pool, &users).await?;
+    let orders = rows
+        .iter()
+        .map(|o| AdminOrder {
+            identity: identities.get(&o.user_id).cloned(),
+            ..AdminOrder::from(o)
+        })
+        .collect();
+    Ok(Json(Page::new(orders, page, total)))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

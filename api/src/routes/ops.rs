@@ -79,7 +79,7 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
     let Some(token) = cookie(&headers, ADMIN_COOKIE) else {
         return login_page(StatusCode::OK, None);
     };
-    match state.keys.verify(token) {
+    match state.auth.verify(&state.pool, token).await.map(|c| c.principal) {
         Ok(principal) if principal.admin => page(StatusCode::OK, INDEX_HTML.to_owned()),
         Ok(_) => with_cookie(
             login_page(StatusCode::OK, Some("That session is not an admin's. Log in again.")),
@@ -94,7 +94,8 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
 
 #[derive(Debug, Deserialize)]
 pub struct Login {
-    /// An admin bearer token (`orderflow token --user <id> --admin`).
+    /// An admin bearer token (`orderflow token --user <id> --admin`, or one from the identity
+    /// provider that AUTH_ADMIN_CLAIM makes an admin).
     pub token: String,
 }
 
@@ -130,8 +131,8 @@ async fn login(State(state): State<AppState>, req: Request) -> Response {
     let Some(token) = token else {
         return refuse(400, "MISSING_TOKEN", "Paste an admin token to log in.");
     };
-    let (principal, exp) = match state.keys.verify_with_expiry(&token) {
-        Ok(verified) => verified,
+    let (principal, exp) = match state.auth.verify(&state.pool, &token).await {
+        Ok(caller) => (caller.principal, caller.expires_at),
         Err(err) if err.code() == Some("TOKEN_EXPIRED") => {
             return refuse(401, "TOKEN_EXPIRED", "That token has expired.");
         }

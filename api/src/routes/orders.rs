@@ -237,7 +237,7 @@ pub async fn show(
     headers: HeaderMap,
     turn: Option<Extension<Turn>>,
 ) -> ApiResult<Response> {
-    let order = view(&state, user, id).await?;
+    let order = view(&state, user.clone(), id).await?;
     let Some(wait) = wait::preferred_wait(&headers) else {
         return Ok(Json(order).into_response());
     };

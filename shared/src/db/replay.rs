@@ -136,7 +136,8 @@ pub struct Replay {
     pub published: i64,
     /// Events the broker kept refusing: parked for an operator (`/api/admin/outbox/parked`).
     pub parked: i64,
-    /// Who asked: `admin:<user id>` or `cli`.
+    /// Who asked: `admin:<user id>` (`admin:<user id> (<issuer>#<sub>)` for a user of the identity
+    /// provider) or `cli`.
     pub requested_by: String,
     #[serde(rename = "startedAt")]
     pub created_at: DateTime<Utc>,
