@@ -542,6 +542,50 @@ mod tests {
     }
 
     #[test]
+    fn an_identity_provider_needs_its_audience_and_turns_the_development_secret_off() {
+        let issuer = "https://login.example.com/realms/shop/";
+        assert!(parse(&["--auth-issuer", issuer]).is_err(), "AUTH_AUDIENCE is required");
+        assert!(parse(&["--auth-audience", "shop"]).is_err(), "AUTH_ISSUER is required");
+        assert!(parse(&["--auth-issuer", "login.example.com", "--auth-audience", "shop"]).is_err());
+        assert!(
+            parse(&[
+                "--auth-issuer",
+                issuer,
+                "--auth-audience",
+                "shop",
+                "--auth-admin-claim",
+                "roles"
+            ])
+            .is_err()
+        );
+        let with = parse(&[
+            "--auth-issuer",
+            issuer,
+            "--auth-audience",
+            "shop",
+            "--auth-admin-claim",
+            "realm_access.roles=admin",
+        ])
+        .unwrap();
+        assert_eq!(
+            with.auth_issuer.as_deref(),
+            Some("https://login.example.com/realms/shop")
+        );
+        assert_eq!(with.hs256_secret(), None, "no development secret beside a provider");
+        let both = parse(&[
+            "--auth-issuer",
+            issuer,
+            "--auth-audience",
+            "shop",
+            "--jwt-secret",
+            "s3cret",
+        ])
+        .unwrap();
+        assert_eq!(both.hs256_secret(), Some("s3cret"));
+        assert_eq!(parse(&[]).unwrap().hs256_secret(), Some(DEV_JWT_SECRET));
+    }
+
+    #[test]
     fn rate_windows_are_whole_seconds_up_to_an_hour() {
         assert_eq!(parse_rate_window("10s"), Ok(Duration::from_secs(10)));
         assert_eq!(parse_rate_window("1m"), Ok(Duration::from_secs(60)));
