@@ -22,6 +22,7 @@ pub const QUEUE_CONSUMERS: &str = "orderflow_queue_consumers";
 pub const ORDERS: &str = "orderflow_orders";
 pub const DEAD_LETTERS: &str = "orderflow_dead_letters";
 pub const DB_FAILOVERS: &str = "orderflow_db_failovers_total";
+pub const OLDEST_IN_FLIGHT: &str = "orderflow_orders_oldest_in_flight_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -85,6 +86,11 @@ fn describe() {
     describe_gauge!(QUEUE_DEPTH, "Messages ready in each queue");
     describe_gauge!(QUEUE_CONSUMERS, "Consumers on each queue");
     describe_gauge!(ORDERS, "Orders by status");
+    describe_gauge!(
+        OLDEST_IN_FLIGHT,
+        Unit::Seconds,
+        "Time since the in-flight order that waited longest last changed status (parked compensations aside; 0 when none is in flight): a stage that stopped moving"
+    );
     describe_gauge!(DEAD_LETTERS, "Dead letters waiting for an operator (NEW)");
 }
 
@@ -145,15 +151,18 @@ async fn sample_database(pool: &PgPool) -> crate::Result<()> {
     }
     // Unsent and lag cover what the relay still has to publish; parked rows wait for an
     // operator and are counted on their own.
-    let (dead, unsent, lag, parked): (i64, i64, f64, i64) = sqlx::query_as(
+    let (dead, unsent, lag, parked, oldest): (i64, i64, f64, i64, f64) = sqlx::query_as(
         "SELECT (SELECT count(*) FROM dead_letters WHERE status = 'NEW'),
                 (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL),
                 coalesce((SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox
                           WHERE sent_at IS NULL AND parked_at IS NULL), 0),
-                (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL AND sent_at IS NULL AND discarded_at IS NULL)",
+                (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL AND sent_at IS NULL AND discarded_at IS NULL),
+                coalesce((SELECT extract(epoch FROM now() - min(updated_at))::float8 FROM orders
+                          WHERE in_flight AND status <> 'COMPENSATION_FAILED'), 0)",
     )
     .fetch_one(pool)
     .await?;
+    metrics::gauge!(OLDEST_IN_FLIGHT).set(oldest);
     metrics::gauge!(DEAD_LETTERS).set(dead as f64);
     metrics::gauge!(OUTBOX_UNSENT).set(unsent as f64);
     metrics::gauge!(OUTBOX_LAG).set(lag);
