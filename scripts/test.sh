@@ -24,6 +24,10 @@ fi
 # Also installs the pinned parser that tests/asyncapi.rs validates captured messages with.
 bash scripts/asyncapi.sh
 
+# --- The CloudEvents SDK the public-event tests parse every event with (tests/cloudevents/,
+# pinned; installed into target/cloudevents-venv when missing).
+bash scripts/cloudevents-check.sh
+
 # --- The test OpenID provider (tests/oidc.rs signs in through it): oauth2-mock-server, pinned in
 # tests/oidc/package-lock.json, behind tests/oidc/provider.mjs. A few seconds once cached.
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error >/dev/null

@@ -641,8 +641,10 @@ async fn events(
     for msg in messages {
         let body: Option<Value> = serde_json::from_slice(&msg.body).ok();
         let field = |name: &str| body.as_ref().and_then(|b| b[name].as_str()).map(str::to_owned);
-        let (Some(event_id), Some(order_id)) = (field("id").or_else(|| msg.message_id.clone()), field("orderId"))
-        else {
+        // A CloudEvent names its order in `subject`; an event an earlier release published
+        // (still on the queue after an upgrade) in `orderId`.
+        let order = field("subject").or_else(|| field("orderId"));
+        let (Some(event_id), Some(order_id)) = (field("id").or_else(|| msg.message_id.clone()), order) else {
             check.push(max, json!({"kind": "undecodable_message", "messageId": msg.message_id}));
             continue;
         };

@@ -11,7 +11,6 @@ mod common;
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -40,45 +39,25 @@ struct Captured {
 
 impl Captured {
     fn to_json(&self) -> Value {
-        let p = &self.properties;
-        let text = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
-        let mut properties = serde_json::Map::new();
-        let mut set = |k: &str, v: Option<Value>| {
-            if let Some(v) = v {
-                properties.insert(k.to_owned(), v);
-            }
-        };
-        set("content_type", text(p.content_type()).map(Value::from));
-        set("content_encoding", text(p.content_encoding()).map(Value::from));
-        set("delivery_mode", p.delivery_mode().map(Value::from));
-        set("priority", p.priority().map(Value::from));
-        set("correlation_id", text(p.correlation_id()).map(Value::from));
-        set("reply_to", text(p.reply_to()).map(Value::from));
-        set("expiration", text(p.expiration()).map(Value::from));
-        set("message_id", text(p.message_id()).map(Value::from));
-        set("timestamp", p.timestamp().map(Value::from));
-        set("type", text(p.kind()).map(Value::from));
-        set("user_id", text(p.user_id()).map(Value::from));
-        set("app_id", text(p.app_id()).map(Value::from));
-        set("cluster_id", text(p.cluster_id()).map(Value::from));
-        json!({
-            "channel": self.channel,
-            "properties": properties,
-            "headers": p.headers().as_ref().map(table_to_json).unwrap_or_else(|| json!({})),
-            "body": String::from_utf8_lossy(&self.body),
-        })
+        common::captured_json(&self.channel, &self.properties, &self.body)
     }
 
     fn body(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
 
-    /// The orders a command names, or the one an event is about.
+    /// The orders a command names, or the one an event (a CloudEvent: its `subject`) is about.
     fn orders(&self) -> Vec<String> {
         let body = self.body();
         match body["data"]["orderIds"].as_array() {
             Some(ids) => ids.iter().map(|id| id.as_str().unwrap().to_owned()).collect(),
-            None => vec![body["orderId"].as_str().unwrap().to_owned()],
+            None => vec![
+                body["subject"]
+                    .as_str()
+                    .or(body["orderId"].as_str())
+                    .unwrap()
+                    .to_owned(),
+            ],
         }
     }
 }
@@ -116,19 +95,7 @@ async fn take(app: &TestApp, queue: &str, channel: &str, at_least: usize) -> Vec
 
 /// Runs `scripts/asyncapi.sh DOCUMENT MESSAGES`: (success, its whole output).
 fn check(document: &Path, messages: &Path) -> (bool, String) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("bash")
-        .arg(root.join("scripts/asyncapi.sh"))
-        .arg(document)
-        .arg(messages)
-        .output()
-        .expect("bash");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    common::run_script("scripts/asyncapi.sh", &[document.as_os_str(), messages.as_os_str()])
 }
 
 fn write(path: &Path, value: &Value) {
@@ -283,6 +250,14 @@ async fn the_messages_a_real_run_publishes_match_the_asyncapi_document() {
 
     // Everything captured matches the document the server served.
     let captured = assert_match(&document, "pipeline", &messages);
+    // And the public events are CloudEvents as the SDKs' RabbitMQ binding reads them.
+    let public: Vec<Value> = captured
+        .iter()
+        .filter(|m| m["channel"] == "order.confirmed" || m["channel"] == "order.cancelled")
+        .cloned()
+        .collect();
+    assert_eq!(public.len(), 2);
+    common::assert_cloudevents("pipeline", &public);
 
     // And the check is not a formality: a renamed field, a field of the wrong type, a wrong
     // AMQP property and a missing trace header each fail it.

@@ -252,7 +252,7 @@ async fn orders_complete_when_the_node_holding_the_relay_is_killed() {
         .collect();
     let confirmed: BTreeSet<String> = events
         .iter()
-        .map(|(_, e)| e["orderId"].as_str().unwrap().to_owned())
+        .map(|(_, e)| e["subject"].as_str().unwrap().to_owned())
         .collect();
     let ours: BTreeSet<String> = orders.iter().map(|(_, id)| id.clone()).collect();
     assert_eq!(confirmed, ours);

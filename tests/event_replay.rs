@@ -42,8 +42,9 @@ struct Received {
 }
 
 impl Received {
+    /// The order a CloudEvent is about: its `subject`.
     fn order_id(&self) -> String {
-        self.json["orderId"].as_str().unwrap().to_owned()
+        self.json["subject"].as_str().unwrap().to_owned()
     }
 
     fn event_id(&self) -> String {
@@ -289,6 +290,80 @@ async fn a_consumer_that_missed_a_window_gets_exactly_the_missing_events_while_o
         .unwrap();
     assert!(report.clean, "{:#}", report.to_json());
     assert_eq!(report.check("events").unwrap().info["duplicateDeliveries"], 25);
+    // Every event on the data platform's queue, the replayed ones too, is a CloudEvent as the
+    // SDKs' RabbitMQ binding reads it.
+    let platform = drain_captured(&app, "data-platform.orders").await;
+    assert_eq!(platform.len(), 65 + 25);
+    common::assert_cloudevents("replay", &platform);
+    Arc::into_inner(app).unwrap().stop().await;
+}
+
+/// Every message in `queue`, as `common::captured_json` writes them (properties and all).
+async fn drain_captured(app: &TestApp, queue: &str) -> Vec<Value> {
+    let (conn, channel) = app.amqp().await;
+    let mut out = Vec::new();
+    while let Some(msg) = channel
+        .basic_get(queue.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        out.push(common::captured_json(
+            queue,
+            &msg.delivery.properties,
+            &msg.delivery.data,
+        ));
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    out
+}
+
+/// Events an earlier release recorded as its envelope (`{"id", "type", "occurredAt",
+/// "orderId", "data"}`) are replayed as the CloudEvents they stand for: the same id, `time` its
+/// `occurredAt`, `subject` its `orderId`, the same data.
+#[tokio::test]
+async fn an_event_an_earlier_release_recorded_is_replayed_as_the_cloudevent_it_stands_for() {
+    let app = Arc::new(TestApp::spawn().await);
+    let product = app.product("Kept", 100, 100).await;
+    app.fund(1, 1_000).await;
+    let from = Utc::now();
+    let ids = place(&app, product, 1, 1).await;
+    wait_confirmed(&app, &ids).await;
+    app.wait_quiescent(WAIT).await;
+    drain_raw(&app, "data-platform.orders").await;
+    // As the earlier release kept it.
+    let (event_id, body): (String, Vec<u8>) =
+        sqlx::query_as("SELECT event_id::text, body FROM confirmed_events WHERE order_id = $1::uuid")
+            .bind(&ids[0])
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let event: Value = serde_json::from_slice(&body).unwrap();
+    let legacy = json!({
+        "id": event["id"], "type": "order.confirmed", "occurredAt": event["time"],
+        "orderId": event["subject"], "data": event["data"],
+    });
+    sqlx::query("UPDATE confirmed_events SET body = $2 WHERE order_id = $1::uuid")
+        .bind(&ids[0])
+        .bind(serde_json::to_vec(&legacy).unwrap())
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let (status, _, replay) = start_replay(&app, json!({"from": rfc3339(from), "to": rfc3339(Utc::now())})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{replay}");
+    wait_replay(&app, replay["id"].as_i64().unwrap(), |r| {
+        r["state"] == "DONE" && r["published"] == 1
+    })
+    .await;
+    let replayed = drain_captured(&app, "data-platform.orders").await;
+    assert_eq!(replayed.len(), 1);
+    common::assert_cloudevents("replay-legacy", &replayed);
+    let again: Value = serde_json::from_str(replayed[0]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(again["id"], event_id.as_str());
+    assert_eq!(
+        (&again["time"], &again["subject"], &again["data"]),
+        (&event["time"], &event["subject"], &event["data"])
+    );
     Arc::into_inner(app).unwrap().stop().await;
 }
 

@@ -44,7 +44,11 @@ async fn an_order_without_coupon_is_confirmed_and_published_once() {
     assert_eq!(events.len(), 1);
     let (props, body) = &events[0];
     assert_eq!(body["type"], "order.confirmed");
-    assert_eq!(body["orderId"], order_id.as_str());
+    // A CloudEvent (structured mode): the order in `subject`.
+    assert_eq!(
+        (&body["specversion"], &body["source"], &body["subject"]),
+        (&json!("1.0"), &json!("/orderflow/orders"), &json!(order_id))
+    );
     assert_eq!(
         body["data"],
         json!({
@@ -68,7 +72,7 @@ async fn an_order_without_coupon_is_confirmed_and_published_once() {
     );
     assert_eq!(
         props.content_type().as_ref().map(|s| s.to_string()).as_deref(),
-        Some("application/json")
+        Some("application/cloudevents+json")
     );
     assert_eq!(*props.delivery_mode(), Some(2));
     app.stop().await;
@@ -157,7 +161,7 @@ async fn fixed_and_percent_coupons_discount_the_payment() {
     app.wait_quiescent(WAIT).await;
     let events = app.drain_queue(DATA_PLATFORM_QUEUE).await;
     assert_eq!(events.len(), 2);
-    let e1 = events.iter().find(|(_, b)| b["orderId"] == o1["orderId"]).unwrap();
+    let e1 = events.iter().find(|(_, b)| b["subject"] == o1["orderId"]).unwrap();
     assert_eq!(e1.1["data"]["couponId"], fixed);
     assert_eq!(e1.1["data"]["discountAmount"], 3_000);
     assert_eq!(e1.1["data"]["paidAmount"], 27_000);
@@ -251,7 +255,7 @@ async fn each_failure_reason_cancels_and_gives_everything_back() {
     // Each order.cancelled says why and what was given back.
     let events = app.drain_queue("cancelled").await;
     assert_eq!(events.len(), 3);
-    let event = |o: &Value| events.iter().find(|(_, b)| b["orderId"] == o["orderId"]).unwrap().1["data"].clone();
+    let event = |o: &Value| events.iter().find(|(_, b)| b["subject"] == o["orderId"]).unwrap().1["data"].clone();
     let (e1, e2, e3) = (event(&o1), event(&o2), event(&o3));
     assert_eq!(
         (e1["userId"].as_i64(), e1["reason"].as_str()),

@@ -610,7 +610,7 @@ async fn check_race(
     let events = app.drain_queue("cancelled").await;
     let mut seen: HashMap<String, Value> = HashMap::new();
     for (_, e) in events {
-        seen.insert(e["orderId"].as_str().unwrap().to_owned(), e["data"].clone());
+        seen.insert(e["subject"].as_str().unwrap().to_owned(), e["data"].clone());
     }
     assert_eq!(seen.len(), cancelled_ids.len());
     for id in &cancelled_ids {

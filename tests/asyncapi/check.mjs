@@ -13,7 +13,8 @@
 // any message that does not match the document: its payload (objects closed: a renamed or
 // undocumented field fails), its headers, its AMQP properties, and the links the document
 // states between them (message_id = id, type = messageType = routing key's message,
-// correlation_id = orderId). The last line is `asyncapi: N passed, M failed`.
+// correlation_id = the body's order at the message's correlationId location, content_type
+// = the message's contentType). The last line is `asyncapi: N passed, M failed`.
 
 import { readFileSync } from 'node:fs';
 import { Parser, DiagnosticSeverity } from '@asyncapi/parser';
@@ -107,7 +108,8 @@ function checkMessages(doc, captured) {
 
     let body;
     const contentType = message.contentType ?? resolved.defaultContentType;
-    if (contentType === 'application/json') {
+    // JSON, and the JSON-based media types (`application/cloudevents+json`: RFC 6839 suffix).
+    if (contentType === 'application/json' || /^application\/[a-z0-9.+-]*\+json$/.test(contentType)) {
       try {
         body = JSON.parse(m.body);
       } catch (e) {
@@ -134,8 +136,15 @@ function checkMessages(doc, captured) {
       if (body && typeof body === 'object') {
         if (p.message_id !== body.id) problems.push(`message_id ${p.message_id} is not the body's id ${body.id}`);
         if (body.type !== p.type) problems.push(`body type ${body.type} is not the property type ${p.type}`);
-        if (p.correlation_id !== body.orderId) {
-          problems.push(`correlation_id ${p.correlation_id} is not the body's orderId ${body.orderId}`);
+        // The message's correlationId location names the body field the order travels in
+        // (`$message.payload#/orderId`, or `#/subject` for a CloudEvent).
+        const pointer = (message.correlationId?.location ?? '$message.payload#/orderId').split('#/')[1];
+        const order = pointer.split('/').reduce((v, k) => (v == null ? v : v[k]), body);
+        if (p.correlation_id !== order) {
+          problems.push(`correlation_id ${p.correlation_id} is not the body's ${pointer} ${order}`);
+        }
+        if (p.content_type !== contentType) {
+          problems.push(`content_type ${p.content_type} is not the message's ${contentType}`);
         }
       }
     }

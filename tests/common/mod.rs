@@ -823,3 +823,71 @@ pub fn b64url(bytes: &[u8]) -> String {
     }
     out
 }
+
+/// A message taken from a queue, as `tests/asyncapi/check.mjs` and `tests/cloudevents/check.py`
+/// read it: its channel, AMQP properties (named as the AMQP spec does), headers (as JSON) and
+/// body (as text).
+pub fn captured_json(channel: &str, p: &lapin::BasicProperties, body: &[u8]) -> Value {
+    let text = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+    let mut properties = serde_json::Map::new();
+    let mut set = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            properties.insert(k.to_owned(), v);
+        }
+    };
+    set("content_type", text(p.content_type()).map(Value::from));
+    set("content_encoding", text(p.content_encoding()).map(Value::from));
+    set("delivery_mode", p.delivery_mode().map(Value::from));
+    set("priority", p.priority().map(Value::from));
+    set("correlation_id", text(p.correlation_id()).map(Value::from));
+    set("reply_to", text(p.reply_to()).map(Value::from));
+    set("expiration", text(p.expiration()).map(Value::from));
+    set("message_id", text(p.message_id()).map(Value::from));
+    set("timestamp", p.timestamp().map(Value::from));
+    set("type", text(p.kind()).map(Value::from));
+    set("user_id", text(p.user_id()).map(Value::from));
+    set("app_id", text(p.app_id()).map(Value::from));
+    set("cluster_id", text(p.cluster_id()).map(Value::from));
+    json!({
+        "channel": channel,
+        "properties": properties,
+        "headers": p
+            .headers()
+            .as_ref()
+            .map(orderflow_workers::steps::dead_letters::table_to_json)
+            .unwrap_or_else(|| json!({})),
+        "body": String::from_utf8_lossy(body),
+    })
+}
+
+/// Runs `bash <script> <args>` from the repository root: (success, stdout and stderr).
+pub fn run_script(script: &str, args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("bash")
+        .arg(root.join(script))
+        .args(args)
+        .current_dir(root)
+        .output()
+        .expect("bash");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Checks public events (as [`captured_json`] writes them) with the CloudEvents SDK's RabbitMQ
+/// binding (`scripts/cloudevents-check.sh`): every one must parse as orderflow's CloudEvent.
+pub fn assert_cloudevents(name: &str, messages: &[Value]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let file = root.join(format!("target/cloudevents/{name}.json"));
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(&file, serde_json::to_vec_pretty(messages).unwrap()).unwrap();
+    let (ok, output) = run_script("scripts/cloudevents-check.sh", &[file.as_os_str()]);
+    let summary = format!("cloudevents: {} passed, 0 failed", messages.len());
+    assert!(
+        ok && output.lines().any(|l| l == summary),
+        "the public events are not CloudEvents as the SDK reads them (expected `{summary}`):\n{output}"
+    );
+}

@@ -739,7 +739,7 @@ pub async fn verify(sys: &System, load: &Load, started: Instant) -> Outcome {
     for e in &events {
         assert_eq!(e["type"], "order.confirmed");
         by_order
-            .entry(e["orderId"].as_str().unwrap().to_owned())
+            .entry(e["subject"].as_str().unwrap().to_owned())
             .or_default()
             .insert(e["id"].as_str().unwrap().to_owned());
     }

@@ -78,7 +78,11 @@ pub fn properties(row: &OutboxRow) -> BasicProperties {
         }
     }
     let mut props = BasicProperties::default()
-        .with_content_type(envelope::CONTENT_TYPE.into())
+        .with_content_type(
+            MessageType::parse(&row.message_type)
+                .map_or(envelope::CONTENT_TYPE, MessageType::content_type)
+                .into(),
+        )
         .with_delivery_mode(2)
         .with_message_id(row.message_id.to_string().into())
         .with_type(row.message_type.as_str().into())

@@ -10,7 +10,7 @@ use crate::{
     Result,
     messaging::{
         Envelope, MessageType,
-        envelope::{CommandData, MAX_ORDERS_PER_COMMAND},
+        envelope::{CloudEvent, CommandData, MAX_ORDERS_PER_COMMAND},
     },
     telemetry::TraceParent,
 };
@@ -22,28 +22,30 @@ pub struct OutboxMessage {
     /// The orders the message concerns (one for an event; one or more for a command).
     pub order_ids: Vec<Uuid>,
     pub trace: Option<TraceParent>,
-    /// The serialized envelope, published as is.
+    /// The serialized envelope (a CloudEvent for a public event), published as is.
     pub body: Vec<u8>,
     /// Per-message expiration (deadline messages only).
     pub expiration_ms: Option<i64>,
 }
 
 impl OutboxMessage {
-    /// A public event about one order. It carries the order's own trace (`parent`), or else
-    /// that of the span that sends it.
+    /// A public event about one order, as a CloudEvent. It carries the order's own trace
+    /// (`parent`), or else that of the span that sends it.
     pub fn event<T: Serialize>(
         kind: MessageType,
         order_id: Uuid,
         data: &T,
         parent: Option<TraceParent>,
     ) -> Result<Self> {
-        Self::build(
+        let event = CloudEvent::new(kind, order_id, data);
+        Ok(Self {
+            message_id: event.id,
             kind,
-            Some(order_id),
-            vec![order_id],
-            data,
-            parent.or_else(crate::telemetry::current),
-        )
+            order_ids: vec![order_id],
+            trace: parent.or_else(crate::telemetry::current),
+            body: serde_json::to_vec(&event).map_err(anyhow::Error::from)?,
+            expiration_ms: None,
+        })
     }
 
     /// Commands of `kind` for `order_ids` (sorted as given), one message per

@@ -501,7 +501,16 @@ async fn next_chunk(pool: &PgPool, id: i64, owner: Uuid) -> Result<Replay> {
     }
     let chunk: (Vec<i64>, Option<DateTime<Utc>>, Option<Uuid>) = sqlx::query_as(
         "WITH chunk AS (
-             SELECT order_id, event_id, confirmed_at, headers, body FROM confirmed_events
+             SELECT order_id, event_id, confirmed_at, headers,
+                    -- An event an earlier release published as its envelope goes out as the
+                    -- CloudEvent it stands for (same id, type, time, subject and data).
+                    CASE WHEN b ? 'specversion' THEN body
+                         ELSE convert_to(jsonb_build_object(
+                                  'specversion', '1.0', 'id', b->'id', 'source', $9::text, 'type', b->'type',
+                                  'time', b->'occurredAt', 'subject', b->'orderId',
+                                  'datacontenttype', 'application/json', 'data', b->'data')::text, 'UTF8')
+                    END AS body
+             FROM confirmed_events, LATERAL (SELECT convert_from(body, 'UTF8')::jsonb AS b) AS parsed
              WHERE (confirmed_at, order_id) > ($1, $2) AND confirmed_at < $3
              ORDER BY confirmed_at, order_id LIMIT $4
          ), sent AS (
@@ -522,6 +531,7 @@ async fn next_chunk(pool: &PgPool, id: i64, owner: Uuid) -> Result<Replay> {
     .bind(MessageType::OrderConfirmed.as_str())
     .bind(REPLAY_HEADER)
     .bind(id.to_string())
+    .bind(crate::messaging::envelope::EVENT_SOURCE)
     .fetch_one(&mut *tx)
     .await?;
     let (ids, last_at, last_order) = chunk;

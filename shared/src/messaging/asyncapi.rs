@@ -22,7 +22,10 @@ use serde_json::{Value, json};
 use utoipa::{PartialSchema, ToSchema, openapi::RefOr, openapi::schema::Schema};
 
 use super::{
-    envelope::{APP_ID, CONTENT_TYPE, CommandData, Envelope, MessageType, OrderCancelledData, OrderConfirmedData},
+    envelope::{
+        APP_ID, CLOUDEVENTS_CONTENT_TYPE, CONTENT_TYPE, CloudEvent, CommandData, Envelope, MessageType,
+        OrderCancelledData, OrderConfirmedData,
+    },
     topology::{self, QueueSpec},
 };
 
@@ -96,13 +99,17 @@ redeploy never has to delete a queue. Each channel of `is: routingKey` is a rout
 exchange (what is published); each channel of `is: queue` is a queue (what is consumed), \
 with its arguments in `x-arguments` and its bindings in `x-bindings`.
 
-**Envelope.** Every body is JSON: `{\"id\", \"type\", \"occurredAt\", \"orderId\"?, \"data\"}`, \
-camelCase, times in RFC 3339 UTC with milliseconds, amounts in whole won. Every message \
-carries the AMQP properties `content_type=application/json`, `delivery_mode=2` (persistent), \
-`message_id` = the envelope's `id`, `type` = the message type (also the routing key), \
-`timestamp` (seconds), `app_id=orderflow`, `correlation_id` = the envelope's `orderId` when it \
-has one, and the header `traceparent` (W3C trace context); each message's `x-amqp-properties` \
-is the schema of its properties.
+**Envelope.** Every internal body is JSON: `{\"id\", \"type\", \"occurredAt\", \"orderId\"?, \
+\"data\"}`, camelCase, times in RFC 3339 UTC with milliseconds, amounts in whole won. A public \
+event is a CloudEvent 1.0 in structured content mode (JSON event format): `{\"specversion\": \
+\"1.0\", \"id\", \"source\": \"/orderflow/orders\", \"type\", \"time\", \"subject\" (the order id), \
+\"datacontenttype\": \"application/json\", \"data\"}`, `content_type=application/cloudevents+json` \
+(what the CloudEvents SDKs' RabbitMQ binding reads as structured mode). Every message carries \
+the AMQP properties `content_type`, `delivery_mode=2` (persistent), `message_id` = the body's \
+`id`, `type` = the message type (also the routing key), `timestamp` (seconds), \
+`app_id=orderflow`, `correlation_id` = the order when the message is about one, and the header \
+`traceparent` (W3C trace context); each message's `x-amqp-properties` is the schema of its \
+properties.
 
 **Delivery.** At least once. What a transaction decides to send is written to an outbox in \
 that transaction; a relay publishes it persistent and `mandatory`, with publisher confirms, \
@@ -129,7 +136,10 @@ the topic exchange `orderflow.events`, one event per order, at least once. The e
 stable across re-publishes: dedupe by it. A cancelled order never produces `order.confirmed`; \
 an order produces at most one of the two. `order.confirmed` lands in the durable queue \
 `data-platform.orders`; no orderflow queue receives `order.cancelled` (bind your own). Fields \
-may be added to `data` without notice: ignore what you do not know.";
+may be added to `data` without notice: ignore what you do not know. Until release 0.1 events \
+were published as the internal envelope; the CloudEvent keeps `id`, `type` and `data` where \
+they were (`time` is its `occurredAt`, `subject` its `orderId`), and replays send events of \
+that time as CloudEvents too.";
 
 /// The message types orderflow publishes (every type but the dead letter, which only names
 /// what the recovery worker reads).
@@ -480,6 +490,26 @@ fn payload(kind: MessageType) -> Value {
         MessageType::OrderCancelled => (OrderCancelledData::name(), true),
         _ => (CommandData::name(), false),
     };
+    if kind.is_public() {
+        let mut schema = schema_json(<CloudEvent>::schema());
+        if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+            for (name, value) in [
+                ("type", json!(kind.as_str())),
+                ("specversion", json!("1.0")),
+                ("source", json!(super::envelope::EVENT_SOURCE)),
+                ("datacontenttype", json!(CONTENT_TYPE)),
+            ] {
+                if let Some(p) = properties.get_mut(name).and_then(Value::as_object_mut) {
+                    p.insert("const".to_owned(), value);
+                }
+            }
+            properties.insert(
+                "data".to_owned(),
+                json!({ "$ref": format!("#/components/schemas/{data}") }),
+            );
+        }
+        return schema;
+    }
     let mut schema = schema_json(<Envelope>::schema());
     if let Some(properties) = schema.get_mut("properties").and_then(Value::as_object_mut) {
         if let Some(t) = properties.get_mut("type").and_then(Value::as_object_mut) {
@@ -499,20 +529,26 @@ fn payload(kind: MessageType) -> Value {
 fn message(kind: MessageType) -> Value {
     let key = kind.as_str();
     let (title, description) = about(kind);
-    let correlation = if matches!(kind, MessageType::OrderConfirmed | MessageType::OrderCancelled) {
-        "The order the event is about; also the AMQP `correlation_id`."
+    let (correlation, location) = if kind.is_public() {
+        (
+            "The order the event is about (the CloudEvent's `subject`); also the AMQP `correlation_id`.",
+            "$message.payload#/subject",
+        )
     } else {
-        "The order, when the command is about exactly one (then also the AMQP `correlation_id`); \
-         a command about several orders names them in `data.orderIds`."
+        (
+            "The order, when the command is about exactly one (then also the AMQP `correlation_id`); \
+             a command about several orders names them in `data.orderIds`.",
+            "$message.payload#/orderId",
+        )
     };
     json!({
         "name": key,
         "title": title,
         "summary": description,
-        "contentType": CONTENT_TYPE,
+        "contentType": kind.content_type(),
         "correlationId": {
             "description": correlation,
-            "location": "$message.payload#/orderId",
+            "location": location,
         },
         "headers": { "$ref": "#/components/schemas/MessageHeaders" },
         "payload": payload(kind),
@@ -551,10 +587,12 @@ fn schemas() -> BTreeMap<String, Value> {
         found.push((name.into_owned(), schema));
     };
     root(<Envelope>::name(), <Envelope>::schema());
+    root(<CloudEvent>::name(), <CloudEvent>::schema());
     root(CommandData::name(), CommandData::schema());
     root(OrderConfirmedData::name(), OrderConfirmedData::schema());
     root(OrderCancelledData::name(), OrderCancelledData::schema());
     <Envelope as ToSchema>::schemas(&mut found);
+    <CloudEvent as ToSchema>::schemas(&mut found);
     CommandData::schemas(&mut found);
     OrderConfirmedData::schemas(&mut found);
     OrderCancelledData::schemas(&mut found);
@@ -580,7 +618,12 @@ fn amqp_properties() -> Value {
                         headers are the message's `headers`).",
         "required": ["content_type", "delivery_mode", "message_id", "type", "timestamp", "app_id"],
         "properties": {
-            "content_type": { "type": "string", "const": CONTENT_TYPE },
+            "content_type": {
+                "type": "string",
+                "enum": [CONTENT_TYPE, CLOUDEVENTS_CONTENT_TYPE],
+                "description": "`application/cloudevents+json` for the public events (CloudEvents, \
+                                structured mode), `application/json` for every other message.",
+            },
             "delivery_mode": {
                 "type": "integer",
                 "const": 2,
@@ -589,7 +632,7 @@ fn amqp_properties() -> Value {
             "message_id": {
                 "type": "string",
                 "format": "uuid",
-                "description": "The envelope's `id` (UUIDv7), stable across re-publishes.",
+                "description": "The body's `id` (UUIDv7), stable across re-publishes.",
             },
             "type": {
                 "type": "string",
@@ -606,7 +649,8 @@ fn amqp_properties() -> Value {
             "correlation_id": {
                 "type": "string",
                 "format": "uuid",
-                "description": "The envelope's `orderId`: present exactly when the envelope has one.",
+                "description": "The order the message is about: the envelope's `orderId` or the \
+                                CloudEvent's `subject`; present exactly when the body names one.",
             },
             "expiration": {
                 "type": "string",

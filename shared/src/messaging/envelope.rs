@@ -52,8 +52,86 @@ impl<T> Envelope<T> {
     }
 }
 
-/// The AMQP `content_type` of every orderflow message.
+/// The AMQP `content_type` of every internal orderflow message (and of a public event's
+/// `data`).
 pub const CONTENT_TYPE: &str = "application/json";
+
+/// The AMQP `content_type` of a public event: a CloudEvent in structured content mode, JSON
+/// event format (CloudEvents 1.0 JSON Event Format §2; the RabbitMQ protocol binding the
+/// CloudEvents SDKs implement reads it as structured by this content type).
+pub const CLOUDEVENTS_CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// The CloudEvents `source` of every public event: orderflow's order pipeline.
+pub const EVENT_SOURCE: &str = "/orderflow/orders";
+
+/// A public event (`order.confirmed`, `order.cancelled`) as a CloudEvent 1.0, structured mode,
+/// JSON format: `{"specversion", "id", "source", "type", "time", "subject", "datacontenttype",
+/// "data"}`. Its `id`, `type` and `data` are where the earlier envelope had them (same values),
+/// so a consumer of that envelope that reads those keeps working; `time` is its `occurredAt`
+/// and `subject` its `orderId` (docs/EVENTS: the deprecation path).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CloudEvent<T = serde_json::Value> {
+    /// Always `1.0`.
+    #[schema(pattern = r"^1\.0$")]
+    pub specversion: String,
+    /// The event id (UUIDv7), also the AMQP `message_id`; the same whenever the event is
+    /// published again (relay retries, replays): consumers dedupe by it.
+    pub id: Uuid,
+    /// Always [`EVENT_SOURCE`].
+    pub source: String,
+    /// `order.confirmed` or `order.cancelled`, also the routing key and the AMQP `type`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// When the event happened: RFC 3339, UTC, milliseconds.
+    #[serde(with = "millis")]
+    #[schema(pattern = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")]
+    pub time: DateTime<Utc>,
+    /// The order the event is about (its id), also the AMQP `correlation_id`.
+    pub subject: Uuid,
+    /// Always `application/json`.
+    pub datacontenttype: String,
+    /// What the event says; its shape depends on `type`.
+    #[schema(value_type = Object)]
+    pub data: T,
+}
+
+impl<T> CloudEvent<T> {
+    pub fn new(kind: MessageType, order_id: Uuid, data: T) -> Self {
+        Self {
+            specversion: "1.0".to_owned(),
+            id: Uuid::now_v7(),
+            source: EVENT_SOURCE.to_owned(),
+            kind: kind.as_str().to_owned(),
+            time: millis::now(),
+            subject: order_id,
+            datacontenttype: CONTENT_TYPE.to_owned(),
+            data,
+        }
+    }
+}
+
+impl CloudEvent {
+    /// An event as first published, in today's form: a CloudEvent is returned as it is, an
+    /// earlier release's envelope (`{"id", "type", "occurredAt", "orderId", "data"}`, the same
+    /// event) as the CloudEvent it stands for, with the same id. `None` for anything else.
+    pub fn from_published(body: &[u8]) -> Option<Self> {
+        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        if value.get("specversion").is_some() {
+            return serde_json::from_value(value).ok();
+        }
+        let envelope: Envelope = serde_json::from_value(value).ok()?;
+        Some(Self {
+            specversion: "1.0".to_owned(),
+            id: envelope.id,
+            source: EVENT_SOURCE.to_owned(),
+            kind: envelope.kind,
+            time: envelope.occurred_at,
+            subject: envelope.order_id?,
+            datacontenttype: CONTENT_TYPE.to_owned(),
+            data: envelope.data,
+        })
+    }
+}
 /// The AMQP `app_id` of every orderflow message.
 pub const APP_ID: &str = "orderflow";
 
@@ -211,6 +289,21 @@ message_types! {
 }
 
 impl MessageType {
+    /// Public events, published as CloudEvents ([`CloudEvent`]); everything else is an
+    /// internal [`Envelope`].
+    pub fn is_public(self) -> bool {
+        self.exchange() == topology::EVENTS_EXCHANGE
+    }
+
+    /// The AMQP `content_type` it is published with.
+    pub fn content_type(self) -> &'static str {
+        if self.is_public() {
+            CLOUDEVENTS_CONTENT_TYPE
+        } else {
+            CONTENT_TYPE
+        }
+    }
+
     /// Compensations give back what a cancelled order held; when one keeps failing the
     /// order is parked as COMPENSATION_FAILED instead of being cancelled again.
     pub fn is_compensation(self) -> bool {
