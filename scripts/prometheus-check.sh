@@ -258,12 +258,30 @@ curl -sf -o /dev/null -u guest:guest -H 'content-type: application/json' -X POST
   "$MGMT/api/exchanges/$vhost/amq.default/publish" \
   -d '{"properties":{"delivery_mode":2},"routing_key":"orderflow.stock","payload":"not an envelope","payload_encoding":"string"}' ||
   die "cannot publish the poison message"
-# The API's sampler runs every 5 s, and rate() over 1m needs two scrapes of each series.
-sleep 12
-kill -0 "$bench_pid" 2>/dev/null || {
-  tail -n 20 "$OUT/bench.log" >&2
-  die "the bench stopped early"
+# has_series QUERY: Prometheus answers QUERY with at least one series.
+has_series() {
+  curl -sf --max-time 5 --get "$prom/api/v1/query" --data-urlencode "query=$1" |
+    python3 -c 'import json, sys; sys.exit(0 if json.load(sys.stdin)["data"]["result"] else 1)'
 }
+# Until every step has handled orders, the API's sampler (every 5 s) has seen some confirmed, the
+# relay has published and the poison is recorded; then two more scrapes for rate() to have two
+# samples of every series.
+for q in 'orderflow_orders{status="CONFIRMED"} > 0' \
+  'orderflow_step_duration_seconds_count{step="stock"}' 'orderflow_step_duration_seconds_count{step="coupon"}' \
+  'orderflow_step_duration_seconds_count{step="payment"}' 'orderflow_step_duration_seconds_count{step="order"}' \
+  'orderflow_outbox_delay_seconds_count' 'orderflow_messages_total{outcome="dead_lettered"}'; do
+  deadline=$((SECONDS + 60))
+  until has_series "$q"; do
+    kill -0 "$bench_pid" 2>/dev/null || {
+      tail -n 20 "$OUT/bench.log" >&2
+      die "the bench stopped early"
+    }
+    ((SECONDS < deadline)) || die "no series for $q after 60 s of load"
+    sleep 1
+  done
+done
+sleep 3
+log "the system is under load (${SECONDS} s in)"
 
 # --- promtool check metrics ----------------------------------------------------------------------
 # check_metrics NAME URL: the exposition must be non-empty and lint-clean.

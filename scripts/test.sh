@@ -28,6 +28,10 @@ bash scripts/asyncapi.sh
 # pinned; installed into target/cloudevents-venv when missing).
 bash scripts/cloudevents-check.sh
 
+# --- The OTLP receiver the tracing test exports spans to (tests/otlp.rs, tests/otlp/receiver.py:
+# the OpenTelemetry protocol definitions, pinned; installed into target/otlp-venv when missing).
+bash scripts/otlp-receiver.sh
+
 # --- The test OpenID provider (tests/oidc.rs signs in through it): oauth2-mock-server, pinned in
 # tests/oidc/package-lock.json, behind tests/oidc/provider.mjs. A few seconds once cached.
 npm ci --prefix tests/oidc --no-audit --no-fund --loglevel=error >/dev/null
@@ -56,6 +60,16 @@ bash scripts/browser-test.sh
 # number of examples per operation) must find 0 failures with an admin token and with a user
 # token. Both tools pinned in tests/contract/requirements.txt. Reports land in ci-output/contract/.
 bash scripts/contract-test.sh
+
+# --- Prometheus: the alert rules (deploy/prometheus/alerts.yml) pass promtool's checks and their
+# unit tests (alerts.test.yml); a real Prometheus scraping the API and every worker under light
+# load answers every dashboard panel, fires no alert on a healthy system, and fires the stuck-order,
+# no-consumer and target-down alerts once the stock worker is stopped. Debian's prometheus package
+# is installed if missing. About 1.5 min. Logs in ci-output/prometheus/. SKIP_PROMETHEUS=1 leaves
+# it out.
+if [[ -z ${SKIP_PROMETHEUS:-} ]]; then
+  bash scripts/prometheus-check.sh
+fi
 
 # --- A rolling upgrade from the previous release (tests/upgrade.rs, docs/UPGRADING.md) ----------
 # scripts/previous-release.sh builds the release pinned there from this repository's history

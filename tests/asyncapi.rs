@@ -231,9 +231,7 @@ async fn the_messages_a_real_run_publishes_match_the_asyncapi_document() {
     let poison = Envelope::new(
         MessageType::StockReserve,
         Some(missing),
-        CommandData {
-            order_ids: vec![missing],
-        },
+        CommandData::new(&[missing], &[]),
     );
     app.publish_raw(
         "",

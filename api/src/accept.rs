@@ -241,7 +241,8 @@ struct Placed {
     requests: Vec<serde_json::Value>,
     responses: Vec<serde_json::Value>,
     headers: Vec<serde_json::Value>,
-    first_trace: Option<TraceParent>,
+    /// Each order's trace (aligned with `ids`), for the commands that carry it on.
+    trace_parents: Vec<Option<TraceParent>>,
 }
 
 impl Placed {
@@ -272,7 +273,7 @@ impl Placed {
         self.coupons.push(request.coupon_id);
         self.totals.push(total);
         self.traces.push(request.trace.to_string());
-        self.first_trace.get_or_insert(request.trace);
+        self.trace_parents.push(Some(request.trace));
         self.keys.push(request.claim.key.clone());
         self.scopes.push(request.claim.scope);
         self.requests.push(request.claim.request.clone());
@@ -292,9 +293,9 @@ impl Placed {
         (users, scopes, keys): (Vec<i64>, Vec<&str>, Vec<&str>),
     ) -> Result<Vec<StoredAt>> {
         // The batch's reservation and its deadline (recovery acts on it when it expires).
-        let mut messages = OutboxMessage::commands(MessageType::StockReserve, &self.ids, self.first_trace)?;
+        let mut messages = OutboxMessage::commands(MessageType::StockReserve, &self.ids, &self.trace_parents)?;
         messages.extend(
-            OutboxMessage::commands(MessageType::OrderDeadline, &self.ids, self.first_trace)?
+            OutboxMessage::commands(MessageType::OrderDeadline, &self.ids, &self.trace_parents)?
                 .into_iter()
                 .map(|m| m.with_expiration_ms(timeout_ms)),
         );

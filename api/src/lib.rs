@@ -100,9 +100,24 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
 
-/// One span per request, continuing the caller's W3C `traceparent` when it sends one.
+/// One span per request, continuing the caller's W3C `traceparent` when it sends one. It
+/// follows the OpenTelemetry HTTP server conventions: kind SERVER, named `{method} {route}`
+/// once the route is known ([`track_http`] records it), with `http.request.method`,
+/// `url.path`, `http.route`, `http.response.status_code` and, for a 5xx, `error.type`.
 fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
-    let span = tracing::info_span!("request", method = %req.method(), uri = %req.uri().path());
+    let method = req.method().as_str();
+    let span = tracing::info_span!(
+        "request",
+        method = %method,
+        uri = %req.uri().path(),
+        "otel.name" = method,
+        "otel.kind" = "server",
+        "http.request.method" = method,
+        "url.path" = req.uri().path(),
+        "http.route" = tracing::field::Empty,
+        "http.response.status_code" = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+    );
     // W3C Trace Context: several traceparent lines are as good as none.
     if let Some(parent) = header_grammar::single(req.headers(), "traceparent")
         .ok()
@@ -124,6 +139,7 @@ async fn track_http(req: axum::extract::Request, next: axum::middleware::Next) -
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().clone();
     let started = std::time::Instant::now();
     let mut res = next.run(req).await;
     let took = started.elapsed();
@@ -131,6 +147,13 @@ async fn track_http(req: axum::extract::Request, next: axum::middleware::Next) -
         res.headers_mut().append(SERVER_TIMING.clone(), timing);
     }
     let status = res.status().as_u16().to_string();
+    let span = tracing::Span::current();
+    orderflow_shared::telemetry::rename(&span, format!("{method} {route}"));
+    span.record("http.route", route.as_str());
+    span.record("http.response.status_code", i64::from(res.status().as_u16()));
+    if res.status().is_server_error() {
+        span.record("error.type", status.as_str());
+    }
     metrics::counter!(orderflow_shared::metrics::HTTP_REQUESTS, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!(orderflow_shared::metrics::HTTP_DURATION, "route" => route).record(took.as_secs_f64());

@@ -6,6 +6,8 @@
 //! are exported over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT is set, and dropped
 //! otherwise.
 
+use std::collections::HashMap;
+
 use opentelemetry::{
     Context,
     trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _},
@@ -13,6 +15,7 @@ use opentelemetry::{
 use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use uuid::Uuid;
 
 use crate::config::LogFormat;
 
@@ -34,6 +37,7 @@ pub fn provider(otlp_endpoint: Option<&str>) -> anyhow::Result<SdkTracerProvider
     Ok(match otlp_endpoint.filter(|e| !e.is_empty()) {
         Some(endpoint) => {
             use opentelemetry_otlp::WithExportConfig;
+            EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
@@ -100,7 +104,12 @@ fn is_lapin_close_report(meta: &tracing::Metadata<'_>) -> bool {
 
 /// The trace context of the current span, to put on the messages it sends.
 pub fn current() -> Option<TraceParent> {
-    let context = tracing::Span::current().context();
+    of(&tracing::Span::current())
+}
+
+/// The trace context of `span` (`None` when it has none: no OpenTelemetry layer).
+pub fn of(span: &tracing::Span) -> Option<TraceParent> {
+    let context = span.context();
     let span = context.span();
     let sc = span.span_context();
     sc.is_valid().then(|| TraceParent {
@@ -110,21 +119,45 @@ pub fn current() -> Option<TraceParent> {
     })
 }
 
+/// Whether spans leave the process (an OTLP endpoint is set): spans that exist only to be
+/// exported (one per order of a batched message) are made only then.
+pub fn exporting() -> bool {
+    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+tokio::task_local! {
+    static ORDER_TRACES: HashMap<Uuid, TraceParent>;
+}
+
+/// Runs `f` with each order's trace context in this process (a worker's span for that order):
+/// the messages `f` writes about an order go on in the order's own trace, even when one
+/// transaction handles many orders of many traces ([`order_trace`]).
+pub async fn with_order_traces<F: Future>(traces: HashMap<Uuid, TraceParent>, f: F) -> F::Output {
+    ORDER_TRACES.scope(traces, f).await
+}
+
+/// The trace context [`with_order_traces`] gave `order`, if any.
+pub fn order_trace(order: Uuid) -> Option<TraceParent> {
+    ORDER_TRACES.try_with(|t| t.get(&order).copied()).ok().flatten()
+}
+
 /// Makes `parent` (a message's or request's `traceparent`) the parent of `span`.
 pub fn set_parent(span: &tracing::Span, parent: TraceParent) {
-    let flags = if parent.sampled {
-        TraceFlags::SAMPLED
-    } else {
-        TraceFlags::default()
-    };
-    let sc = SpanContext::new(
-        TraceId::from_bytes(parent.trace_id.to_be_bytes()),
-        SpanId::from_bytes(parent.span_id.to_be_bytes()),
-        flags,
-        true,
-        TraceState::default(),
-    );
-    let _ = span.set_parent(Context::new().with_remote_span_context(sc));
+    let _ = span.set_parent(Context::new().with_remote_span_context(parent.span_context()));
+}
+
+/// Renames `span` (its OpenTelemetry name): an HTTP server span gets its route only once the
+/// request is routed. (Recording `otel.name` is too late once the span's context exists.)
+pub fn rename(span: &tracing::Span, name: String) {
+    span.context().span().update_name(name);
+}
+
+/// Links `span` to `other` (a span of another trace it relates to: a batch span to each
+/// order's trace it handled, as the OpenTelemetry messaging conventions ask of batches).
+pub fn link(span: &tracing::Span, other: TraceParent) {
+    span.add_link(other.span_context());
 }
 
 /// A W3C `traceparent`: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`.
@@ -144,6 +177,22 @@ impl TraceParent {
             span_id: new_span_id(),
             sampled: true,
         }
+    }
+
+    /// As an OpenTelemetry remote span context.
+    fn span_context(self) -> SpanContext {
+        let flags = if self.sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        };
+        SpanContext::new(
+            TraceId::from_bytes(self.trace_id.to_be_bytes()),
+            SpanId::from_bytes(self.span_id.to_be_bytes()),
+            flags,
+            true,
+            TraceState::default(),
+        )
     }
 
     /// The same trace with a new span: what a consumer puts on the messages it sends.

@@ -28,9 +28,11 @@ use lapin::{
 use orderflow_shared::{
     db::outbox,
     messaging::{MessageType, envelope},
+    telemetry::TraceParent,
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::broker;
@@ -217,6 +219,46 @@ pub async fn publish_batch(
     if rows.is_empty() {
         return Ok(0);
     }
+    // OpenTelemetry's messaging conventions: a PRODUCER span for the batch's publish (`send`),
+    // linked to the trace of every message it carries (the transaction that wrote it, so each
+    // order's trace). Its destination is the exchange when the whole batch shares one.
+    let exchange = rows
+        .iter()
+        .all(|r| r.exchange == rows[0].exchange)
+        .then(|| rows[0].exchange.clone());
+    let span = tracing::info_span!(
+        "publish",
+        "otel.name" = format!("send {}", exchange.as_deref().unwrap_or("orderflow")),
+        "otel.kind" = "producer",
+        "messaging.system" = "rabbitmq",
+        "messaging.operation.type" = "send",
+        "messaging.operation.name" = "publish",
+        "messaging.destination.name" = exchange,
+        "messaging.batch.message_count" = rows.len() as i64,
+        "error.type" = tracing::field::Empty,
+    );
+    for parent in rows
+        .iter()
+        .filter_map(|r| r.headers["traceparent"].as_str().and_then(TraceParent::parse))
+    {
+        orderflow_shared::telemetry::link(&span, parent);
+    }
+    let result = publish_rows(publisher, tx, rows, crash_after_confirm)
+        .instrument(span.clone())
+        .await;
+    if result.is_err() {
+        span.record("error.type", "connection_lost");
+    }
+    result
+}
+
+/// [`publish_batch`] once it has its rows (the batch's span is current).
+async fn publish_rows(
+    publisher: &mut Publisher,
+    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    rows: Vec<OutboxRow>,
+    crash_after_confirm: impl FnOnce() -> bool,
+) -> anyhow::Result<usize> {
     // Publish all, then await the confirms (they may arrive out of order).
     let mut pending = Vec::with_capacity(rows.len());
     for row in &rows {

@@ -57,6 +57,9 @@ pub struct Incoming {
     pub trace: Option<TraceParent>,
     /// The orders a command concerns (empty for other messages).
     pub order_ids: Vec<Uuid>,
+    /// The trace of each of `order_ids` the message names (aligned; `None` where it names
+    /// none, or empty).
+    pub order_traces: Vec<Option<TraceParent>>,
 }
 
 /// One worker's step: given the transaction (already holding the inbox records) and the
@@ -300,6 +303,26 @@ struct Item {
     delivery: Delivery,
     msg: Incoming,
     span: Span,
+    /// One span per order of a message about several orders, each in that order's trace
+    /// (made only when spans are exported); empty otherwise (`span` is the order's).
+    order_spans: Vec<Span>,
+}
+
+impl Item {
+    /// The trace context each order goes on in: its span here, or else the trace the
+    /// message gave it.
+    fn order_traces(&self) -> impl Iterator<Item = (Uuid, TraceParent)> + '_ {
+        let single = self.msg.order_ids.len() == 1;
+        self.msg.order_ids.iter().enumerate().filter_map(move |(i, &order)| {
+            let here = match self.order_spans.get(i) {
+                Some(span) => telemetry::of(span),
+                None if single => telemetry::of(&self.span),
+                None => None,
+            };
+            here.or(self.msg.order_traces.get(i).copied().flatten())
+                .map(|t| (order, t))
+        })
+    }
 }
 
 /// Decodes a delivery, or dead-letters it when it is not for this step.
@@ -323,21 +346,62 @@ async fn accept<S: Step>(step: &S, delivery: Delivery) -> Option<Item> {
             return None;
         }
     };
+    // The producer's span is the delivery span's parent: one order, one trace, across
+    // processes. A message about several orders also gets a span per order, each a child of
+    // that order's trace, so that every order's trace shows each step it went through.
+    let span = consumer_span(S::NAME, &delivery, &msg, msg.envelope.order_id, msg.trace);
+    let order_spans = if msg.order_ids.len() > 1 && telemetry::exporting() {
+        msg.order_ids
+            .iter()
+            .zip(&msg.order_traces)
+            .map(|(&order, &trace)| consumer_span(S::NAME, &delivery, &msg, Some(order), trace.or(msg.trace)))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Some(Item {
+        delivery,
+        msg,
+        span,
+        order_spans,
+    })
+}
+
+/// A CONSUMER span in OpenTelemetry's messaging conventions for RabbitMQ, named `process
+/// <exchange>`, its destination the exchange the message was published to; a child of
+/// `parent`. `order` is the order it stands for, if one.
+fn consumer_span(
+    worker: &'static str,
+    delivery: &Delivery,
+    msg: &Incoming,
+    order: Option<Uuid>,
+    parent: Option<TraceParent>,
+) -> Span {
+    let exchange = delivery.exchange.as_str();
     let span = tracing::info_span!(
         "delivery",
-        worker = S::NAME,
+        worker,
         kind = msg.kind.as_str(),
-        orders = msg.order_ids.len(),
-        order_id = msg.envelope.order_id.map(|o| o.to_string()).unwrap_or_default(),
+        orders = if order.is_some() { 1 } else { msg.order_ids.len() },
+        order_id = order.map(|o| o.to_string()).unwrap_or_default(),
         message_id = %msg.envelope.id,
-        trace_id = msg.trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
-        attempt = delivery_count(&delivery) + 1,
+        trace_id = parent.map(|t| t.trace_id_hex()).unwrap_or_default(),
+        attempt = delivery_count(delivery) + 1,
+        "otel.name" = format!("process {exchange}"),
+        "otel.kind" = "consumer",
+        "messaging.system" = "rabbitmq",
+        "messaging.operation.type" = "process",
+        "messaging.operation.name" = "process",
+        "messaging.destination.name" = exchange,
+        "messaging.rabbitmq.destination.routing_key" = delivery.routing_key.as_str(),
+        "messaging.rabbitmq.message.delivery_tag" = i64::try_from(delivery.delivery_tag).unwrap_or(i64::MAX),
+        "messaging.message.id" = %msg.envelope.id,
+        "error.type" = tracing::field::Empty,
     );
-    // The producer's span is this span's parent: one order, one trace, across processes.
-    if let Some(parent) = msg.trace {
+    if let Some(parent) = parent {
         telemetry::set_parent(&span, parent);
     }
-    Some(Item { delivery, msg, span })
+    span
 }
 
 /// Handles deliveries that arrived together, in one transaction ([`handle`]): one BEGIN,
@@ -355,6 +419,24 @@ async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Deliver
     let started = Instant::now();
     let together = items.len() > 1 || items[0].msg.order_ids.len() > 1;
     if together {
+        // The batch's own CONSUMER span, linked to the trace of every message it handles
+        // (each delivery keeps its span in its order's trace). Never entered: what the step
+        // sends goes on in each order's trace, not the batch's.
+        let batch = tracing::info_span!(
+            "batch",
+            worker = S::NAME,
+            "otel.name" = format!("process {}", items[0].delivery.exchange.as_str()),
+            "otel.kind" = "consumer",
+            "messaging.system" = "rabbitmq",
+            "messaging.operation.type" = "process",
+            "messaging.operation.name" = "process",
+            "messaging.destination.name" = items[0].delivery.exchange.as_str(),
+            "messaging.batch.message_count" = items.len() as i64,
+            "error.type" = tracing::field::Empty,
+        );
+        for parent in items.iter().filter_map(|i| i.msg.trace) {
+            telemetry::link(&batch, parent);
+        }
         let mut attempt = 0;
         let err = loop {
             match handle(step, pool, &items, attempt).await {
@@ -370,6 +452,7 @@ async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Deliver
                 Err(err) => break err,
             }
         };
+        batch.record("error.type", error_type(&err));
         tracing::warn!(worker = S::NAME, deliveries = items.len(), error = %err,
             "batch failed; handling its deliveries one by one");
     }
@@ -470,11 +553,26 @@ async fn park<S: Step>(step: &S, pool: &PgPool, item: &Item, err: &Error) -> Dis
 /// Logs what happened to a delivery (inside its span).
 fn report(disposition: Disposition, err: Option<&Error>) {
     match (disposition, err) {
-        (Disposition::Rejected, _) => tracing::warn!("message cannot be processed; dead-lettering"),
+        (Disposition::Rejected, _) => {
+            Span::current().record("error.type", "rejected");
+            tracing::warn!("message cannot be processed; dead-lettering");
+        }
         (Disposition::Requeued, Some(err)) => {
+            Span::current().record("error.type", error_type(err));
             tracing::error!(error = %err, "step failed; returning the delivery to the queue");
         }
         (d, _) => tracing::debug!(disposition = ?d, "processed"),
+    }
+}
+
+/// `error.type` of a failed span: a low-cardinality class of the error (OpenTelemetry's
+/// recorded-errors convention): the client code, or what kind of failure it was.
+fn error_type(err: &Error) -> &'static str {
+    match err {
+        Error::Client { code, .. } => code,
+        Error::Unavailable(_) => "database_unavailable",
+        Error::Race(_) => "race",
+        Error::Internal(_) => "_OTHER",
     }
 }
 
@@ -503,8 +601,8 @@ async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) 
         return Ok(dispositions);
     }
     let batch: Vec<&Incoming> = todo.iter().map(|&i| &items[i].msg).collect();
-    let outcomes = step
-        .handle(&mut tx, &batch, attempt)
+    let traces = todo.iter().flat_map(|&i| items[i].order_traces()).collect();
+    let outcomes = telemetry::with_order_traces(traces, step.handle(&mut tx, &batch, attempt))
         .instrument(items[todo[0]].span.clone())
         .await?;
     let mut forget = Vec::new();
@@ -575,8 +673,13 @@ fn split_messages(msg: &Incoming, orders: &[Uuid]) -> Result<Vec<OutboxMessage>>
     orders
         .iter()
         .map(|&order| {
-            OutboxMessage::command(msg.kind, order, msg.trace)?
-                .with_id(Uuid::new_v5(&msg.envelope.id, order.as_bytes()))
+            let trace = msg
+                .order_ids
+                .iter()
+                .position(|&o| o == order)
+                .and_then(|i| msg.order_traces.get(i).copied().flatten())
+                .or(msg.trace);
+            OutboxMessage::command(msg.kind, order, trace)?.with_id(Uuid::new_v5(&msg.envelope.id, order.as_bytes()))
         })
         .collect()
 }
@@ -606,13 +709,14 @@ async fn settle(delivery: &Delivery, disposition: Disposition) {
 pub fn decode(delivery: &Delivery) -> Result<Incoming, String> {
     let envelope: Envelope = serde_json::from_slice(&delivery.data).map_err(|e| format!("invalid envelope: {e}"))?;
     let kind = MessageType::parse(&envelope.kind).ok_or_else(|| format!("unknown message type {:?}", envelope.kind))?;
-    let order_ids = envelope.command_orders()?;
+    let (order_ids, order_traces) = envelope.command()?;
     let trace = header_str(delivery, "traceparent").and_then(TraceParent::parse);
     Ok(Incoming {
         kind,
         envelope,
         trace,
         order_ids,
+        order_traces,
     })
 }
 

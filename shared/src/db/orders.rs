@@ -129,10 +129,13 @@ struct Move {
 /// The moves, history rows and messages of one transaction, written by [`apply`](Self::apply)
 /// in one statement. Commands to the same step are grouped: one message per kind carries
 /// every order that needs it.
+type Traces = Vec<Option<TraceParent>>;
+
 #[derive(Default)]
 pub struct Transitions {
     moves: Vec<Move>,
-    commands: BTreeMap<&'static str, (MessageType, Vec<Uuid>, Option<TraceParent>)>,
+    /// Per command type: the orders and each one's stored trace (aligned).
+    commands: BTreeMap<&'static str, (MessageType, Vec<Uuid>, Traces)>,
     messages: Vec<OutboxMessage>,
 }
 
@@ -235,16 +238,17 @@ impl Transitions {
         let entry = self
             .commands
             .entry(kind.as_str())
-            .or_insert_with(|| (kind, Vec::new(), order.trace()));
+            .or_insert_with(|| (kind, Vec::new(), Vec::new()));
         entry.1.push(order.id);
+        entry.2.push(order.trace());
     }
 
     /// Writes every move (guarded by the status each order was locked in), its history rows
     /// and the messages, in one statement. Fails if an order left its status while locked.
     pub async fn apply(self, conn: &mut PgConnection) -> Result<()> {
         let mut messages = self.messages;
-        for (kind, ids, trace) in self.commands.into_values() {
-            messages.extend(OutboxMessage::commands(kind, &ids, trace)?);
+        for (kind, ids, traces) in self.commands.into_values() {
+            messages.extend(OutboxMessage::commands(kind, &ids, &traces)?);
         }
         if self.moves.is_empty() {
             return outbox::enqueue(conn, &messages).await;

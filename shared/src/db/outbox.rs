@@ -12,7 +12,7 @@ use crate::{
         Envelope, MessageType,
         envelope::{CloudEvent, CommandData, MAX_ORDERS_PER_COMMAND},
     },
-    telemetry::TraceParent,
+    telemetry::{self, TraceParent},
 };
 
 #[derive(Debug, Clone)]
@@ -29,8 +29,9 @@ pub struct OutboxMessage {
 }
 
 impl OutboxMessage {
-    /// A public event about one order, as a CloudEvent. It carries the order's own trace
-    /// (`parent`), or else that of the span that sends it.
+    /// A public event about one order, as a CloudEvent. It goes on in the order's trace: the
+    /// span handling the order in this process ([`telemetry::order_trace`]), or else `parent`
+    /// (the order's stored trace), or else the current span.
     pub fn event<T: Serialize>(
         kind: MessageType,
         order_id: Uuid,
@@ -42,33 +43,44 @@ impl OutboxMessage {
             message_id: event.id,
             kind,
             order_ids: vec![order_id],
-            trace: parent.or_else(crate::telemetry::current),
+            trace: telemetry::order_trace(order_id).or(parent).or_else(telemetry::current),
             body: serde_json::to_vec(&event).map_err(anyhow::Error::from)?,
             expiration_ms: None,
         })
     }
 
     /// Commands of `kind` for `order_ids` (sorted as given), one message per
-    /// [`MAX_ORDERS_PER_COMMAND`]: the handler reads everything else from the order rows. They
-    /// carry the trace of the span that sends them (a worker's delivery span, the API's
-    /// request), or else `parent` (for senders outside any span, such as the recovery sweep).
-    pub fn commands(kind: MessageType, order_ids: &[Uuid], parent: Option<TraceParent>) -> Result<Vec<Self>> {
-        let trace = crate::telemetry::current().or(parent);
+    /// [`MAX_ORDERS_PER_COMMAND`]: the handler reads everything else from the order rows.
+    /// Each order goes on in its own trace: the span handling it in this process
+    /// ([`telemetry::order_trace`]), or else its entry in `traces` (aligned with `order_ids`,
+    /// or empty: the order's stored trace), or else the current span. A message's
+    /// `traceparent` header is its first order's; a message about several orders names each
+    /// one's in `data.traceparents`.
+    pub fn commands(kind: MessageType, order_ids: &[Uuid], traces: &[Option<TraceParent>]) -> Result<Vec<Self>> {
+        let current = telemetry::current();
+        let traces: Vec<Option<TraceParent>> = order_ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| {
+                telemetry::order_trace(id)
+                    .or(traces.get(i).copied().flatten())
+                    .or(current)
+            })
+            .collect();
         order_ids
             .chunks(MAX_ORDERS_PER_COMMAND)
-            .map(|ids| {
-                let data = CommandData {
-                    order_ids: ids.to_vec(),
-                };
+            .zip(traces.chunks(MAX_ORDERS_PER_COMMAND))
+            .map(|(ids, traces)| {
+                let data = CommandData::new(ids, traces);
                 let single = (ids.len() == 1).then(|| ids[0]);
-                Self::build(kind, single, ids.to_vec(), &data, trace)
+                Self::build(kind, single, ids.to_vec(), &data, traces[0])
             })
             .collect()
     }
 
     /// One command of `kind` for one order (see [`commands`](Self::commands)).
-    pub fn command(kind: MessageType, order_id: Uuid, parent: Option<TraceParent>) -> Result<Self> {
-        let mut one = Self::commands(kind, &[order_id], parent)?;
+    pub fn command(kind: MessageType, order_id: Uuid, trace: Option<TraceParent>) -> Result<Self> {
+        let mut one = Self::commands(kind, &[order_id], &[trace])?;
         one.pop().ok_or_else(|| anyhow::anyhow!("no command built").into())
     }
 
@@ -247,7 +259,7 @@ mod tests {
     #[test]
     fn commands_are_chunked_and_carry_their_orders() -> anyhow::Result<()> {
         let ids: Vec<Uuid> = (0..MAX_ORDERS_PER_COMMAND + 1).map(|_| Uuid::now_v7()).collect();
-        let messages = OutboxMessage::commands(MessageType::StockReserve, &ids, None)?;
+        let messages = OutboxMessage::commands(MessageType::StockReserve, &ids, &[])?;
         assert_eq!(messages.len(), 2);
         assert_eq!(messages[1].order_ids, vec![ids[MAX_ORDERS_PER_COMMAND]]);
         let envelope: Envelope = serde_json::from_slice(&messages[1].body)?;

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::topology;
+use crate::telemetry::TraceParent;
 
 /// The body of every message orderflow sends, internal command or public event: JSON,
 /// camelCase.
@@ -151,12 +152,58 @@ pub struct CommandData {
     #[serde(default)]
     #[schema(min_items = 1, max_items = 500)]
     pub order_ids: Vec<Uuid>,
+    /// The W3C `traceparent` of each order, aligned with `orderIds`, in a command about
+    /// several orders (the AMQP `traceparent` header names one trace; OpenTelemetry's
+    /// messaging conventions keep each order in its own trace). Absent for one order. Tracing
+    /// only: an entry that does not parse, or a list that does not align, is ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "lenient_strings")]
+    #[schema(max_items = 500, example = json!(["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"]))]
+    pub traceparents: Vec<String>,
+}
+
+/// A list of strings, or an empty list for anything else (tracing data never makes a command
+/// unreadable); an entry that is not a string reads as "".
+fn lenient_strings<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Array(items) => items
+            .into_iter()
+            .map(|v| match v {
+                serde_json::Value::String(s) => s,
+                _ => String::new(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
+impl CommandData {
+    /// The data of a command about `orders`, each with its trace (aligned, or empty).
+    pub fn new(orders: &[Uuid], traces: &[Option<TraceParent>]) -> Self {
+        let traced = orders.len() > 1 && traces.len() == orders.len() && traces.iter().any(Option::is_some);
+        Self {
+            order_ids: orders.to_vec(),
+            traceparents: if traced {
+                traces
+                    .iter()
+                    .map(|t| t.map(|t| t.to_string()).unwrap_or_default())
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
 }
 
 impl Envelope {
     /// The orders a command names: `data.orderIds`, or else the envelope's `orderId`.
     /// An error when `data` is not a command's.
     pub fn command_orders(&self) -> Result<Vec<Uuid>, String> {
+        self.command().map(|(ids, _)| ids)
+    }
+
+    /// The orders a command names ([`command_orders`](Self::command_orders)) and the trace
+    /// of each, aligned (all `None` when the command names none).
+    pub fn command(&self) -> Result<(Vec<Uuid>, Vec<Option<TraceParent>>), String> {
         let data: CommandData =
             serde_json::from_value(self.data.clone()).map_err(|e| format!("invalid command data: {e}"))?;
         let ids = match (data.order_ids.is_empty(), self.order_id) {
@@ -170,7 +217,12 @@ impl Envelope {
                 ids.len()
             ));
         }
-        Ok(ids)
+        let traces = if data.traceparents.len() == ids.len() {
+            data.traceparents.iter().map(|t| TraceParent::parse(t)).collect()
+        } else {
+            vec![None; ids.len()]
+        };
+        Ok((ids, traces))
     }
 }
 
@@ -428,7 +480,7 @@ mod tests {
         let env = Envelope::new(
             MessageType::PaymentCharge,
             None,
-            serde_json::to_value(CommandData { order_ids: ids.clone() })?,
+            serde_json::to_value(CommandData::new(&ids, &[]))?,
         );
         let v = serde_json::to_value(&env)?;
         assert!(v.get("orderId").is_none());
@@ -442,7 +494,7 @@ mod tests {
         let too_many = Envelope::new(
             MessageType::PaymentCharge,
             None,
-            serde_json::to_value(CommandData { order_ids: many })?,
+            serde_json::to_value(CommandData::new(&many, &[]))?,
         );
         assert!(too_many.command_orders().is_err());
         Ok(())

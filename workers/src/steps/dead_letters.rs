@@ -82,6 +82,7 @@ impl Step for DeadLetters {
             envelope,
             trace,
             order_ids: Vec::new(),
+            order_traces: Vec::new(),
         })
     }
 

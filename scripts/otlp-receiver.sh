@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The tracing test's OTLP/HTTP receiver (tests/otlp/receiver.py; opentelemetry-proto pinned in
+# tests/otlp/requirements.txt and installed into target/otlp-venv when missing or when that
+# file changed).
+#
+#   bash scripts/otlp-receiver.sh              # installs it only
+#   bash scripts/otlp-receiver.sh SPANS.jsonl  # runs it: prints `ready <port>`, writes spans there
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+VENV=target/otlp-venv
+REQUIREMENTS=tests/otlp/requirements.txt
+if [[ ! -x $VENV/bin/python ]] || ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt"; then
+  printf '[otlp] installing %s into %s\n' "$REQUIREMENTS" "$VENV" >&2
+  python3 -m venv --clear "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-input -r "$REQUIREMENTS"
+  cp "$REQUIREMENTS" "$VENV/requirements.txt"
+fi
+if [[ $# -gt 0 ]]; then
+  exec "$VENV/bin/python" tests/otlp/receiver.py "$1"
+fi
