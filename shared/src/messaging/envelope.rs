@@ -475,6 +475,42 @@ mod tests {
     }
 
     #[test]
+    fn a_command_about_several_orders_carries_each_ones_trace_and_bad_traces_are_ignored() -> anyhow::Result<()> {
+        let ids = vec![Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+        let a = TraceParent::new_root();
+        let b = TraceParent::new_root();
+        let data = CommandData::new(&ids, &[Some(a), None, Some(b)]);
+        assert_eq!(data.traceparents, vec![a.to_string(), String::new(), b.to_string()]);
+        let env = Envelope::new(MessageType::PaymentCharge, None, serde_json::to_value(&data)?);
+        assert_eq!(env.command(), Ok((ids.clone(), vec![Some(a), None, Some(b)])));
+        // One order, or no trace known: no list at all.
+        let one = serde_json::to_value(CommandData::new(&ids[..1], &[Some(a)]))?;
+        assert!(one.get("traceparents").is_none());
+        assert!(
+            serde_json::to_value(CommandData::new(&ids, &[None, None, None]))?
+                .get("traceparents")
+                .is_none()
+        );
+        // Tracing data never makes a command unreadable: a list that does not align, entries
+        // that are not traceparents, or no list at all read as no traces, with the orders intact.
+        for traces in [
+            serde_json::json!([a.to_string()]),
+            serde_json::json!([7, {"x": 1}, null]),
+            serde_json::json!(["00-zz", "", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"]),
+            serde_json::json!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            serde_json::json!({"0": a.to_string()}),
+        ] {
+            let env = Envelope::new(
+                MessageType::PaymentCharge,
+                None,
+                serde_json::json!({"orderIds": ids, "traceparents": traces}),
+            );
+            assert_eq!(env.command(), Ok((ids.clone(), vec![None; 3])), "{traces}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn a_command_names_its_orders_in_data_and_never_none_or_too_many() -> anyhow::Result<()> {
         let ids = vec![Uuid::now_v7(), Uuid::now_v7()];
         let env = Envelope::new(
