@@ -10,7 +10,10 @@
 #      - a real Prometheus (scrape and rule evaluation every 1 s, alerts.yml) scraping them all
 #        answers every query of every panel of deploy/grafana/dashboards/orderflow.json with at
 #        least one series; evaluates every alert expression without error; finds every metric
-#        and the label values the alerts rely on; has no alert firing but the dead letter's;
+#        and the label values the alerts rely on; sees the API's last successful samples of the
+#        database and of the broker (orderflow_sample_success_timestamp_seconds) within 30 s of
+#        now, and OrderflowDatabaseUnreachable and OrderflowBrokerUnreachable not firing; has no
+#        alert firing but the dead letter's;
 #   3. the stock worker stopped (SIGTERM) while orders keep coming: within 90 s Prometheus fires
 #      OrderflowOrdersStuck, OrderflowWorkQueueWithoutConsumers{queue="orderflow.stock"} and
 #      OrderflowTargetDown for the stock worker.
@@ -396,12 +399,27 @@ expect('orderflow_messages_total{outcome="dead_lettered"}', 1,
 expect('up{job="orderflow-api"} == 1', 1, 'the API scraped (job orderflow-api)')
 expect('up{job="orderflow-workers"} == 1', 6, 'all six workers scraped (job orderflow-workers)')
 
+# The API's sampler reads both sources: its last success of each is recent (it samples every
+# 5 s; the alerts fire past 30 s).
+for source in ("database", "broker"):
+    what = f'orderflow_sample_success_timestamp_seconds{{source="{source}"}} within 30 s of now'
+    result, why = series(f'time() - orderflow_sample_success_timestamp_seconds{{job="orderflow-api",source="{source}"}}')
+    if result is None:
+        report(False, what, why)
+    elif not result:
+        report(False, what, "no series")
+    else:
+        ages = [float(r["value"][1]) for r in result]
+        report(all(-5 <= age <= 30 for age in ages), what, f"seconds since the last success: {ages}")
+
 # Healthy: nothing fires but the poison's dead letter.
 code, body = query("ALERTS")
 firing = sorted({a["metric"]["alertname"] for a in body["data"]["result"] if a["metric"].get("alertstate") == "firing"})
 others = [a for a in firing if a != "OrderflowDeadLettersWaiting"]
 report("OrderflowDeadLettersWaiting" in firing, "OrderflowDeadLettersWaiting fires for the poison message", f"firing: {firing}")
 report(not others, "no other alert fires on the healthy system", f"firing: {others}")
+for alert in ("OrderflowDatabaseUnreachable", "OrderflowBrokerUnreachable"):
+    report(alert not in firing, f"{alert} does not fire on the healthy system", f"firing: {firing}")
 print("end")
 EOF
 }

@@ -287,6 +287,7 @@ pub fn from_config(writes: u32, window: Duration) -> Option<Arc<RateLimits>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 

@@ -1,7 +1,11 @@
 //! Prometheus metrics: one recorder per process, rendered by the API's `/metrics` route or
 //! a worker's metrics listener. Names and labels are defined here, once.
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    fmt::Display,
+    sync::OnceLock,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
@@ -23,6 +27,12 @@ pub const ORDERS: &str = "orderflow_orders";
 pub const DEAD_LETTERS: &str = "orderflow_dead_letters";
 pub const DB_FAILOVERS: &str = "orderflow_db_failovers_total";
 pub const OLDEST_IN_FLIGHT: &str = "orderflow_orders_oldest_in_flight_seconds";
+/// When the gauge sampler last read a source successfully, by `source` (`database`: the
+/// PostgreSQL gauges, `broker`: the RabbitMQ queue gauges), as a unix time in seconds; 0 until
+/// the first success. A timestamp rather than an up/down flag: the system-wide gauges keep their
+/// last values when their source cannot be read, and `time() - this` grows whether the source
+/// fails, does not answer, or the sampler itself hangs, so an alert sees each of them.
+pub const SAMPLE_SUCCESS: &str = "orderflow_sample_success_timestamp_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -92,6 +102,11 @@ fn describe() {
         "Time since the in-flight order that waited longest last changed status (parked compensations aside; 0 when none is in flight): a stage that stopped moving"
     );
     describe_gauge!(DEAD_LETTERS, "Dead letters waiting for an operator (NEW)");
+    describe_gauge!(
+        SAMPLE_SUCCESS,
+        Unit::Seconds,
+        "Unix time of the last successful sample of the system-wide gauges, by source (database, broker; 0 until the first): the gauges of a source that stopped advancing are stale"
+    );
 }
 
 /// Counts one delivery outcome.
@@ -109,36 +124,75 @@ pub fn step_batch(step: &'static str, size: usize) {
     metrics::histogram!(STEP_BATCH, "step" => step).record(size as f64);
 }
 
+/// How long the sampler's declaration of the topology at start may take.
+const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Samples the system-wide gauges (orders by status, dead letters, outbox, queues) every
 /// `interval` until `shutdown`. Runs in the API process: one sampler per deployment is
 /// enough, and every API replica reporting the same values is harmless.
+///
+/// The database and the broker are sampled independently, each on its own ticker: one that
+/// fails or hangs does not hold the other back. Each success sets [`SAMPLE_SUCCESS`] for its
+/// source to the current time; both start at 0.
 pub async fn sample_gauges(pool: PgPool, amqp_url: String, interval: Duration, shutdown: CancellationToken) {
-    // Like every process, declare the topology first (idempotent), so the passive declares
-    // below never hit a queue that no worker has declared yet.
-    if let Ok(conn) = crate::messaging::connect(&amqp_url, lapin::ConnectionProperties::default()).await {
-        let _ = crate::messaging::topology::declare(&conn).await;
-        let _ = conn.close(200, "bye".into()).await;
+    for source in ["database", "broker"] {
+        metrics::gauge!(SAMPLE_SUCCESS, "source" => source).set(0.0);
     }
+    let database = sample_every(interval, "database", || sample_database(&pool));
+    let broker = async {
+        // Like every process, declare the topology first (idempotent), so the passive declares
+        // below never hit a queue that no worker has declared yet. Bounded: a broker that does
+        // not answer must not keep the sampler from starting.
+        let declare = async {
+            let conn = crate::messaging::connect(&amqp_url, lapin::ConnectionProperties::default()).await?;
+            let _ = crate::messaging::topology::declare(&conn).await;
+            conn.close(200, "bye".into()).await
+        };
+        match tokio::time::timeout(TOPOLOGY_TIMEOUT, declare).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::debug!(error = %err, "could not declare the topology before sampling"),
+            Err(_) => tracing::debug!("the broker did not answer the topology declaration before sampling"),
+        }
+        sample_every(interval, "broker", || sample_broker(&amqp_url)).await
+    };
+    tokio::select! {
+        _ = async { tokio::join!(database, broker) } => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
+/// Runs `sample` every `interval` (the first time after one interval), forever; records each
+/// success as [`SAMPLE_SUCCESS`] for `source`.
+async fn sample_every<F, Fut, E>(interval: Duration, source: &'static str, mut sample: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: Display,
+{
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        if let Err(err) = sample_database(&pool).await {
-            tracing::debug!(error = %err, "could not sample database gauges");
-        }
-        match crate::messaging::stats::queue_stats(&amqp_url).await {
-            Ok(queues) => {
-                for q in queues {
-                    metrics::gauge!(QUEUE_DEPTH, "queue" => q.name.clone()).set(q.messages as f64);
-                    metrics::gauge!(QUEUE_CONSUMERS, "queue" => q.name).set(q.consumers as f64);
-                }
-            }
-            Err(err) => tracing::debug!(error = %err, "could not sample queue gauges"),
+        ticker.tick().await;
+        match sample().await {
+            Ok(()) => metrics::gauge!(SAMPLE_SUCCESS, "source" => source).set(unix_now()),
+            Err(err) => tracing::debug!(error = %err, source, "could not sample gauges"),
         }
     }
+}
+
+/// Now as a unix time, in seconds.
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |since| since.as_secs_f64())
+}
+
+async fn sample_broker(amqp_url: &str) -> anyhow::Result<()> {
+    for q in crate::messaging::stats::queue_stats(amqp_url).await? {
+        metrics::gauge!(QUEUE_DEPTH, "queue" => q.name.clone()).set(q.messages as f64);
+        metrics::gauge!(QUEUE_CONSUMERS, "queue" => q.name).set(q.consumers as f64);
+    }
+    Ok(())
 }
 
 async fn sample_database(pool: &PgPool) -> crate::Result<()> {
@@ -168,4 +222,73 @@ async fn sample_database(pool: &PgPool) -> crate::Result<()> {
     metrics::gauge!(OUTBOX_LAG).set(lag);
     metrics::gauge!(OUTBOX_PARKED).set(parked as f64);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use super::*;
+
+    /// The value of `orderflow_sample_success_timestamp_seconds{source="<source>"}`, if rendered.
+    fn success_timestamp(source: &str) -> Option<f64> {
+        let prefix = format!("{SAMPLE_SUCCESS}{{source=\"{source}\"}} ");
+        render()
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .map(|value| value.trim().parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_success_timestamp_advances_with_each_success_and_stops_with_the_failures() {
+        install();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        // Three successes, then the source is gone.
+        let sampler = tokio::spawn(sample_every(Duration::from_millis(20), "test-flaky", move || {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            async move { if n < 3 { Ok(()) } else { Err("unreachable") } }
+        }));
+        while calls.load(Ordering::SeqCst) < 5 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let last = success_timestamp("test-flaky").unwrap();
+        assert!((unix_now() - last).abs() < 5.0, "a unix time in seconds: {last}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(calls.load(Ordering::SeqCst) > 6, "the sampler keeps trying");
+        assert_eq!(
+            success_timestamp("test-flaky"),
+            Some(last),
+            "failures do not advance it"
+        );
+        sampler.abort();
+    }
+
+    #[tokio::test]
+    async fn both_sources_start_at_zero_and_stay_there_while_unreachable() {
+        install();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(200))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/nothing")
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let sampler = tokio::spawn(sample_gauges(
+            pool,
+            "amqp://nobody:nothing@127.0.0.1:1/%2f".to_owned(),
+            Duration::from_millis(20),
+            shutdown.clone(),
+        ));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(success_timestamp("database"), Some(0.0));
+        assert_eq!(success_timestamp("broker"), Some(0.0));
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(2), sampler)
+            .await
+            .expect("the sampler stops on shutdown, even mid-sample")
+            .unwrap();
+    }
 }

@@ -261,6 +261,7 @@ fn redact_sqlx(message: &str, url: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 

@@ -85,6 +85,7 @@ pub async fn connect(list: &str, props: ConnectionProperties) -> lapin::Result<C
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 
