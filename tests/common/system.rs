@@ -738,8 +738,11 @@ pub async fn verify(sys: &System, load: &Load, started: Instant) -> Outcome {
     let mut by_order: HashMap<String, HashSet<String>> = HashMap::new();
     for e in &events {
         assert_eq!(e["type"], "order.confirmed");
+        // A CloudEvent names its order in `subject`; an earlier release's event (a rolling
+        // update) in `orderId`.
+        let order = e["subject"].as_str().or(e["orderId"].as_str());
         by_order
-            .entry(e["subject"].as_str().unwrap().to_owned())
+            .entry(order.unwrap_or_else(|| panic!("an event naming no order: {e}")).to_owned())
             .or_default()
             .insert(e["id"].as_str().unwrap().to_owned());
     }
