@@ -31,12 +31,7 @@ command -v curl >/dev/null 2>&1 || { log "error: curl is required"; exit 1; }
 bash scripts/services.sh
 
 # --- Tools --------------------------------------------------------------------------------------
-if [[ ! -x $VENV/bin/schemathesis ]] || ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt"; then
-  log "installing $REQUIREMENTS into $VENV"
-  python3 -m venv --clear "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-input -r "$REQUIREMENTS"
-  cp "$REQUIREMENTS" "$VENV/requirements.txt"
-fi
+bash scripts/pinned-venv.sh "$VENV" "$REQUIREMENTS"
 
 if [[ -n ${ORDERFLOW_BIN:-} ]]; then
   # Another build of orderflow (e.g. an older commit's, to compare).

@@ -11,12 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV=target/otlp-venv
 REQUIREMENTS=tests/otlp/requirements.txt
-if [[ ! -x $VENV/bin/python ]] || ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt"; then
-  printf '[otlp] installing %s into %s\n' "$REQUIREMENTS" "$VENV" >&2
-  python3 -m venv --clear "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-input -r "$REQUIREMENTS"
-  cp "$REQUIREMENTS" "$VENV/requirements.txt"
-fi
+bash scripts/pinned-venv.sh "$VENV" "$REQUIREMENTS"
 if [[ $# -gt 0 ]]; then
   exec "$VENV/bin/python" tests/otlp/receiver.py "$1"
 fi
