@@ -143,6 +143,16 @@ pub fn order_trace(order: Uuid) -> Option<TraceParent> {
     ORDER_TRACES.try_with(|t| t.get(&order).copied()).ok().flatten()
 }
 
+/// A messaging span's name by OpenTelemetry's messaging conventions: `{operation}
+/// {destination}`, or the operation alone when there is no destination to name (RabbitMQ's
+/// default exchange, or a batch for several exchanges).
+pub fn messaging_span_name(operation: &str, destination: Option<&str>) -> String {
+    match destination.filter(|d| !d.is_empty()) {
+        Some(destination) => format!("{operation} {destination}"),
+        None => operation.to_owned(),
+    }
+}
+
 /// Makes `parent` (a message's or request's `traceparent`) the parent of `span`.
 pub fn set_parent(span: &tracing::Span, parent: TraceParent) {
     let _ = span.set_parent(Context::new().with_remote_span_context(parent.span_context()));

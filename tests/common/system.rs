@@ -742,7 +742,11 @@ pub async fn verify(sys: &System, load: &Load, started: Instant) -> Outcome {
         // update) in `orderId`.
         let order = e["subject"].as_str().or(e["orderId"].as_str());
         by_order
-            .entry(order.unwrap_or_else(|| panic!("an event naming no order: {e}")).to_owned())
+            .entry(
+                order
+                    .unwrap_or_else(|| panic!("an event naming no order: {e}"))
+                    .to_owned(),
+            )
             .or_default()
             .insert(e["id"].as_str().unwrap().to_owned());
     }

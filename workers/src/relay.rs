@@ -228,7 +228,7 @@ pub async fn publish_batch(
         .then(|| rows[0].exchange.clone());
     let span = tracing::info_span!(
         "publish",
-        "otel.name" = format!("send {}", exchange.as_deref().unwrap_or("orderflow")),
+        "otel.name" = orderflow_shared::telemetry::messaging_span_name("send", exchange.as_deref()),
         "otel.kind" = "producer",
         "messaging.system" = "rabbitmq",
         "messaging.operation.type" = "send",

@@ -387,7 +387,7 @@ fn consumer_span(
         message_id = %msg.envelope.id,
         trace_id = parent.map(|t| t.trace_id_hex()).unwrap_or_default(),
         attempt = delivery_count(delivery) + 1,
-        "otel.name" = format!("process {exchange}"),
+        "otel.name" = telemetry::messaging_span_name("process", Some(exchange)),
         "otel.kind" = "consumer",
         "messaging.system" = "rabbitmq",
         "messaging.operation.type" = "process",
@@ -425,7 +425,7 @@ async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Deliver
         let batch = tracing::info_span!(
             "batch",
             worker = S::NAME,
-            "otel.name" = format!("process {}", items[0].delivery.exchange.as_str()),
+            "otel.name" = telemetry::messaging_span_name("process", Some(items[0].delivery.exchange.as_str())),
             "otel.kind" = "consumer",
             "messaging.system" = "rabbitmq",
             "messaging.operation.type" = "process",

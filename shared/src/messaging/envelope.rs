@@ -157,7 +157,7 @@ pub struct CommandData {
     /// messaging conventions keep each order in its own trace). Absent for one order. Tracing
     /// only: an entry that does not parse, or a list that does not align, is ignored.
     #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "lenient_strings")]
-    #[schema(max_items = 500, example = json!(["00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"]))]
+    #[schema(max_items = 500)]
     pub traceparents: Vec<String>,
 }
 
