@@ -1,10 +1,11 @@
 //! Traces as a trace backend receives them: the system runs as separate processes exporting
 //! OTLP/HTTP to a small receiver that decodes each export with the official protocol
 //! definitions (`tests/otlp/receiver.py`, opentelemetry-proto pinned), and the spans follow the
-//! OpenTelemetry conventions: HTTP server spans, RabbitMQ PRODUCER spans for the relay's
-//! publishes and CONSUMER spans for each delivery (and each batch), with the messaging
-//! attributes; one order's spans, from the POST to its `order.confirmed`, form one trace, and
-//! the relay's batch spans link every order's trace they carried.
+//! OpenTelemetry conventions: HTTP SERVER spans; for each message a PRODUCER `create` span
+//! (its creation context), a CONSUMER `process` span per delivery (and per order of a command
+//! about several orders, and per batch), and the relay's CLIENT `publish` spans linking the
+//! messages they carried, with the messaging attributes. One order's spans, from the POST to
+//! its `order.confirmed`, form one trace, batched hops included.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -99,7 +100,7 @@ async fn one_order_is_one_trace_in_the_opentelemetry_http_and_messaging_conventi
             .await
             .unwrap();
     }
-    // The traced order (the client sends its traceparent) and four more.
+    // The traced order (the client sends its traceparent) and more beside it.
     let place = |user: i64, traceparent: Option<String>| {
         let sys = &sys;
         async move {
@@ -120,13 +121,16 @@ async fn one_order_is_one_trace_in_the_opentelemetry_http_and_messaging_conventi
                 .to_owned()
         }
     };
-    // All at once, so that they tend to share batches and commands (each order's trace goes
-    // on through a command about several orders in `data.traceparents`).
-    let placed = futures_util::future::join_all(
+    // All at once while the stock worker is paused: it then takes their reservations as one
+    // batch and sends one payment command about several orders, whose traces go on through
+    // its `data.traceparents`.
+    sys.signal("stock", "-STOP").await;
+    futures_util::future::join_all(
         (1..=ORDERS).map(|u| place(u, (u == ORDERS / 2).then(|| format!("00-{TRACE}-00f067aa0ba902b7-01")))),
     )
     .await;
-    assert_eq!(placed.len() as i64, ORDERS);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    sys.signal("stock", "-CONT").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let done: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'CONFIRMED'")
@@ -165,9 +169,26 @@ async fn one_order_is_one_trace_in_the_opentelemetry_http_and_messaging_conventi
         assert_eq!(attr(server, k), v, "{k}: {server}");
     }
 
-    // A CONSUMER span per step the order went through, each a child of a span of the trace
-    // (the transaction that sent its message): one trace from the POST to the confirmation.
+    // Each message the order's steps sent was created in a PRODUCER span (`create`), a child
+    // of the span that decided to send it; a CONSUMER span per step the order went through is
+    // a child of its message's creation span: one trace from the POST to the confirmation.
     let ids: HashSet<&str> = in_trace.iter().map(|s| s["spanId"].as_str().unwrap()).collect();
+    let creations: HashMap<&str, &&Value> = in_trace
+        .iter()
+        .filter(|s| s["kind"] == "SPAN_KIND_PRODUCER")
+        .map(|s| (s["spanId"].as_str().unwrap(), s))
+        .collect();
+    for s in creations.values() {
+        assert!(s["name"].as_str().unwrap().starts_with("create orderflow."), "{s}");
+        assert!(ids.contains(s["parentSpanId"].as_str().unwrap()), "an orphan: {s}");
+        for (k, v) in [
+            ("messaging.system", json!("rabbitmq")),
+            ("messaging.operation.type", json!("create")),
+            ("messaging.operation.name", json!("create")),
+        ] {
+            assert_eq!(attr(s, k), v, "{k}: {s}");
+        }
+    }
     let consumers: Vec<&&Value> = in_trace.iter().filter(|s| s["kind"] == "SPAN_KIND_CONSUMER").collect();
     let keys: HashSet<String> = consumers
         .iter()
@@ -183,7 +204,14 @@ async fn one_order_is_one_trace_in_the_opentelemetry_http_and_messaging_conventi
     }
     for s in &consumers {
         assert_eq!(s["name"], "process orderflow.work", "{s}");
-        assert!(ids.contains(s["parentSpanId"].as_str().unwrap()), "an orphan: {s}");
+        let parent = creations
+            .get(s["parentSpanId"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("not a child of a creation span: {s}"));
+        assert_eq!(
+            attr(parent, "messaging.rabbitmq.destination.routing_key"),
+            attr(s, "messaging.rabbitmq.destination.routing_key"),
+            "{s}"
+        );
         for (k, v) in [
             ("messaging.system", json!("rabbitmq")),
             ("messaging.operation.type", json!("process")),
@@ -204,12 +232,25 @@ async fn one_order_is_one_trace_in_the_opentelemetry_http_and_messaging_conventi
         );
     }
 
-    // The relay's PRODUCER spans, one per batch it published, with a link per message, to the trace the message was written in (its `traceparent`: for a
-    // command about several orders, its first order's; the others' are in its body).
-    let producers: Vec<&Value> = spans.iter().filter(|s| s["kind"] == "SPAN_KIND_PRODUCER").collect();
-    assert!(!producers.is_empty(), "no producer span");
-    for s in &producers {
-        assert!(s["name"].as_str().unwrap().starts_with("send"), "{s}");
+    // The paused stock worker sent one payment command about several orders.
+    assert!(
+        spans.iter().any(|s| s["kind"] == "SPAN_KIND_CONSUMER"
+            && attr(s, "messaging.rabbitmq.destination.routing_key") == "payment.charge"
+            && int(&attr(s, "orders")).is_some_and(|n| n > 1)),
+        "no payment command about several orders"
+    );
+
+    // The relay's CLIENT spans, one per batch it published (`send`, RabbitMQ's `publish`),
+    // each linking the creation span of every message it carried.
+    let created: HashSet<&str> = spans
+        .iter()
+        .filter(|s| s["kind"] == "SPAN_KIND_PRODUCER")
+        .map(|s| s["spanId"].as_str().unwrap())
+        .collect();
+    let publishes: Vec<&Value> = spans.iter().filter(|s| s["kind"] == "SPAN_KIND_CLIENT").collect();
+    assert!(!publishes.is_empty(), "no publish span");
+    for s in &publishes {
+        assert!(s["name"].as_str().unwrap().starts_with("publish"), "{s}");
         for (k, v) in [
             ("messaging.system", json!("rabbitmq")),
             ("messaging.operation.type", json!("send")),
@@ -217,22 +258,31 @@ async fn one_order_is_one_trace_in_the_opentelemetry_http_and_messaging_conventi
         ] {
             assert_eq!(attr(s, k), v, "{k}: {s}");
         }
-        let count = attr(s, "messaging.batch.message_count").as_i64().unwrap();
-        assert_eq!(
-            count as usize,
-            s["links"].as_array().unwrap().len(),
-            "a link per message: {s}"
-        );
+        let links = s["links"].as_array().unwrap();
+        assert_eq!(s["droppedLinks"], 0, "{s}");
+        let count = attr(s, "messaging.batch.message_count").as_i64().unwrap_or(1);
+        assert_eq!(count as usize, links.len(), "a link per message: {s}");
+        for l in links {
+            assert!(
+                created.contains(l["spanId"].as_str().unwrap()),
+                "a link to no creation span: {s}"
+            );
+        }
     }
+    // The traced order's order.confirmed went out: its creation span, linked by a publish.
+    let event = in_trace
+        .iter()
+        .find(|s| s["kind"] == "SPAN_KIND_PRODUCER" && s["name"] == "create orderflow.events")
+        .unwrap_or_else(|| panic!("no order.confirmed created in the trace"));
     assert!(
-        producers
+        publishes
             .iter()
-            .any(|s| attr(s, "messaging.destination.name") == "orderflow.events"
-                && s["links"].as_array().unwrap().iter().any(|l| l["traceId"] == TRACE)),
-        "the traced order's order.confirmed publish links its trace: {producers:#?}"
+            .flat_map(|s| s["links"].as_array().unwrap())
+            .any(|l| l["spanId"] == event["spanId"]),
+        "the traced order's order.confirmed was not published: {event}"
     );
 
-    // Every order's trace is linked by some batch span; every span kind is one of the three.
+    // Every order's trace is linked by some publish; every span kind is a known one.
     let linked: HashSet<&str> = spans
         .iter()
         .flat_map(|s| s["links"].as_array().unwrap())
@@ -245,7 +295,7 @@ async fn one_order_is_one_trace_in_the_opentelemetry_http_and_messaging_conventi
         .collect();
     assert_eq!(traces_of_orders.len() as i64, ORDERS);
     for trace in traces_of_orders.keys() {
-        assert!(linked.contains(trace), "no batch links order trace {trace}");
+        assert!(linked.contains(trace), "no publish links order trace {trace}");
         // Every order's trace goes on through each step, batched or not.
         let steps: HashSet<&str> = spans
             .iter()
@@ -261,10 +311,16 @@ async fn one_order_is_one_trace_in_the_opentelemetry_http_and_messaging_conventi
             "SPAN_KIND_SERVER",
             "SPAN_KIND_CONSUMER",
             "SPAN_KIND_PRODUCER",
+            "SPAN_KIND_CLIENT",
             "SPAN_KIND_INTERNAL"
         ]
         .contains(&s["kind"].as_str().unwrap())),
         "unexpected span kinds"
     );
     assert!(spans.iter().all(|s| s["service"] == "orderflow"));
+}
+
+/// An integer attribute, however the exporter typed it (an unsigned one may come as a string).
+fn int(v: &Value) -> Option<i64> {
+    v.as_i64().or_else(|| v.as_str()?.parse().ok())
 }

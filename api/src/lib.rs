@@ -24,7 +24,7 @@ use axum::{
     http::{HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
-use orderflow_shared::config::Config;
+use orderflow_shared::{config::Config, telemetry};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -100,22 +100,18 @@ pub fn router(state: AppState) -> Router {
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
 
-/// One span per request, continuing the caller's W3C `traceparent` when it sends one. It
-/// follows the OpenTelemetry HTTP server conventions: kind SERVER, named `{method} {route}`
-/// once the route is known ([`track_http`] records it), with `http.request.method`,
-/// `url.path`, `http.route`, `http.response.status_code` and, for a 5xx, `error.type`.
+/// One span per request, continuing the caller's W3C `traceparent` when it sends one. While
+/// spans are exported it follows the OpenTelemetry HTTP server conventions: kind SERVER,
+/// named `{method} {route}` once the route is known ([`track_http`] records it; the method
+/// alone for no route), with `http.request.method`, `url.path`, `url.scheme`, `http.route`,
+/// `http.response.status_code` and, for a 5xx, `error.type`.
 fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
     let method = req.method().as_str();
     let span = tracing::info_span!(
         "request",
         method = %method,
         uri = %req.uri().path(),
-        "otel.name" = method,
         "otel.kind" = "server",
-        "http.request.method" = method,
-        "url.path" = req.uri().path(),
-        "http.route" = tracing::field::Empty,
-        "http.response.status_code" = tracing::field::Empty,
         "error.type" = tracing::field::Empty,
     );
     // W3C Trace Context: several traceparent lines are as good as none.
@@ -123,10 +119,18 @@ fn request_span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
         .ok()
         .flatten()
         .and_then(|v| v.to_str().ok())
-        .and_then(orderflow_shared::telemetry::TraceParent::parse)
+        .and_then(telemetry::TraceParent::parse)
     {
-        orderflow_shared::telemetry::set_parent(&span, parent);
+        telemetry::set_parent(&span, parent);
     }
+    telemetry::set_attributes(
+        &span,
+        &[
+            ("http.request.method", method.to_owned().into()),
+            ("url.path", req.uri().path().to_owned().into()),
+            ("url.scheme", "http".into()),
+        ],
+    );
     span
 }
 
@@ -138,7 +142,7 @@ async fn track_http(req: axum::extract::Request, next: axum::middleware::Next) -
     let route = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+        .map_or_else(|| UNMATCHED.to_owned(), |p| p.as_str().to_owned());
     let method = req.method().clone();
     let started = std::time::Instant::now();
     let mut res = next.run(req).await;
@@ -148,17 +152,33 @@ async fn track_http(req: axum::extract::Request, next: axum::middleware::Next) -
     }
     let status = res.status().as_u16().to_string();
     let span = tracing::Span::current();
-    orderflow_shared::telemetry::rename(&span, format!("{method} {route}"));
-    span.record("http.route", route.as_str());
-    span.record("http.response.status_code", i64::from(res.status().as_u16()));
     if res.status().is_server_error() {
         span.record("error.type", status.as_str());
+    }
+    if telemetry::exporting() {
+        let matched = route != UNMATCHED;
+        let mut attributes = vec![("http.response.status_code", i64::from(res.status().as_u16()).into())];
+        if matched {
+            attributes.push(("http.route", route.clone().into()));
+        }
+        telemetry::set_attributes(&span, &attributes);
+        telemetry::rename(
+            &span,
+            if matched {
+                format!("{method} {route}")
+            } else {
+                method.to_string()
+            },
+        );
     }
     metrics::counter!(orderflow_shared::metrics::HTTP_REQUESTS, "route" => route.clone(), "status" => status)
         .increment(1);
     metrics::histogram!(orderflow_shared::metrics::HTTP_DURATION, "route" => route).record(took.as_secs_f64());
     res
 }
+
+/// The `route` label of a request that matched no route.
+const UNMATCHED: &str = "unmatched";
 
 static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 

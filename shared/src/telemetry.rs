@@ -30,10 +30,17 @@ impl Drop for Telemetry {
     }
 }
 
+/// Most links a span keeps (the SDK's default is 128): a relay batch (500 rows) or a worker
+/// batch (WORKER_BATCH, at most 1,000 deliveries) links each message it carried.
+pub const MAX_LINKS: u32 = 1_000;
+
 /// The production tracer provider: OTLP/HTTP export when `otlp_endpoint` is set.
 pub fn provider(otlp_endpoint: Option<&str>) -> anyhow::Result<SdkTracerProvider> {
     let resource = Resource::builder().with_service_name("orderflow").build();
-    let builder = SdkTracerProvider::builder().with_resource(resource);
+    // A batch span links every message or order it handled: up to the largest batch.
+    let builder = SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_max_links_per_span(MAX_LINKS);
     Ok(match otlp_endpoint.filter(|e| !e.is_empty()) {
         Some(endpoint) => {
             use opentelemetry_otlp::WithExportConfig;
@@ -151,6 +158,48 @@ pub fn messaging_span_name(operation: &str, destination: Option<&str>) -> String
         Some(destination) => format!("{operation} {destination}"),
         None => operation.to_owned(),
     }
+}
+
+/// Sets OpenTelemetry attributes on `span` that only a trace backend reads (they stay out of
+/// the logs, unlike span fields), when spans are exported; nothing otherwise.
+pub fn set_attributes(span: &tracing::Span, attributes: &[(&'static str, opentelemetry::Value)]) {
+    if exporting() {
+        for (key, value) in attributes {
+            span.set_attribute(*key, value.clone());
+        }
+    }
+}
+
+/// A message's creation context, by OpenTelemetry's messaging conventions: a PRODUCER span
+/// `create {exchange}` in `parent`'s trace (a child of the span that decided to send it),
+/// ended at once; its context is what the message carries, so the consumer's span is its
+/// child and the relay's publish links it. Without export, `parent` itself; without a
+/// parent, none. `order` is the order it carries the message for.
+pub fn create(
+    exchange: &'static str,
+    routing_key: &'static str,
+    order: Uuid,
+    parent: Option<TraceParent>,
+) -> Option<TraceParent> {
+    if !exporting() {
+        return parent;
+    }
+    let parent = parent?;
+    let span = tracing::info_span!("create", "otel.kind" = "producer");
+    set_parent(&span, parent);
+    set_attributes(
+        &span,
+        &[
+            ("messaging.system", "rabbitmq".into()),
+            ("messaging.operation.type", "create".into()),
+            ("messaging.operation.name", "create".into()),
+            ("messaging.destination.name", exchange.into()),
+            ("messaging.rabbitmq.destination.routing_key", routing_key.into()),
+            ("orderflow.order_id", order.to_string().into()),
+        ],
+    );
+    rename(&span, messaging_span_name("create", Some(exchange)));
+    of(&span).or(Some(parent))
 }
 
 /// Makes `parent` (a message's or request's `traceparent`) the parent of `span`.

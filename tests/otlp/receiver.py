@@ -7,7 +7,7 @@ one JSON line, so the test reads exactly what a trace backend would.
 POST /v1/traces with `application/x-protobuf` (what OTLP/HTTP exporters send): an
 ExportTraceServiceRequest; answered with an empty ExportTraceServiceResponse. Each line of
 SPANS.jsonl: {"service", "traceId", "spanId", "parentSpanId", "name", "kind" (SPAN_KIND_*),
-"attributes": {key: value}, "links": [{"traceId", "spanId"}], "status"}.
+"attributes": {key: value}, "links": [{"traceId", "spanId"}], "droppedLinks", "status"}.
 """
 
 import json
@@ -56,6 +56,7 @@ class Handler(BaseHTTPRequestHandler):
                         "kind": Span.SpanKind.Name(span.kind),
                         "attributes": {kv.key: value(kv.value) for kv in span.attributes},
                         "links": [{"traceId": l.trace_id.hex(), "spanId": l.span_id.hex()} for l in span.links],
+                        "droppedLinks": span.dropped_links_count,
                         "status": Status.StatusCode.Name(span.status.code),
                     }) + "\n")
         OUT.flush()

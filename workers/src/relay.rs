@@ -28,7 +28,7 @@ use lapin::{
 use orderflow_shared::{
     db::outbox,
     messaging::{MessageType, envelope},
-    telemetry::TraceParent,
+    telemetry::{self, TraceParent},
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -219,35 +219,43 @@ pub async fn publish_batch(
     if rows.is_empty() {
         return Ok(0);
     }
-    // OpenTelemetry's messaging conventions: a PRODUCER span for the batch's publish (`send`),
-    // linked to the trace of every message it carries (the transaction that wrote it, so each
-    // order's trace). Its destination is the exchange when the whole batch shares one.
-    let exchange = rows
-        .iter()
-        .all(|r| r.exchange == rows[0].exchange)
-        .then(|| rows[0].exchange.clone());
+    // OpenTelemetry's messaging conventions: the batch's publish is a CLIENT span (`send`
+    // operation, RabbitMQ's `publish`): the messages carry their creation spans' context, not
+    // this span's, so it links each of them. Named for the exchange when the batch shares one.
     let span = tracing::info_span!(
         "publish",
-        "otel.name" = orderflow_shared::telemetry::messaging_span_name("send", exchange.as_deref()),
-        "otel.kind" = "producer",
-        "messaging.system" = "rabbitmq",
-        "messaging.operation.type" = "send",
-        "messaging.operation.name" = "publish",
-        "messaging.destination.name" = exchange,
-        "messaging.batch.message_count" = rows.len() as i64,
+        rows = rows.len(),
+        "otel.kind" = "client",
         "error.type" = tracing::field::Empty,
     );
-    for parent in rows
-        .iter()
-        .filter_map(|r| r.headers["traceparent"].as_str().and_then(TraceParent::parse))
-    {
-        orderflow_shared::telemetry::link(&span, parent);
+    if telemetry::exporting() {
+        let first = rows[0].exchange.as_str();
+        let exchange = rows.iter().all(|r| r.exchange == first).then_some(first);
+        let mut attributes = vec![
+            ("messaging.system", "rabbitmq".into()),
+            ("messaging.operation.type", "send".into()),
+            ("messaging.operation.name", "publish".into()),
+        ];
+        if let Some(exchange) = exchange {
+            attributes.push(("messaging.destination.name", exchange.to_owned().into()));
+        }
+        if rows.len() > 1 {
+            attributes.push(("messaging.batch.message_count", (rows.len() as i64).into()));
+        }
+        telemetry::set_attributes(&span, &attributes);
+        for parent in rows
+            .iter()
+            .filter_map(|r| r.headers["traceparent"].as_str().and_then(TraceParent::parse))
+        {
+            telemetry::link(&span, parent);
+        }
+        telemetry::rename(&span, telemetry::messaging_span_name("publish", exchange));
     }
     let result = publish_rows(publisher, tx, rows, crash_after_confirm)
         .instrument(span.clone())
         .await;
     if result.is_err() {
-        span.record("error.type", "connection_lost");
+        span.record("error.type", "_OTHER");
     }
     result
 }

@@ -5,7 +5,7 @@
 //! and graceful shutdown.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     future::Future,
     sync::Arc,
     time::{Duration, Instant},
@@ -303,25 +303,49 @@ struct Item {
     delivery: Delivery,
     msg: Incoming,
     span: Span,
-    /// One span per order of a message about several orders, each in that order's trace
-    /// (made only when spans are exported); empty otherwise (`span` is the order's).
-    order_spans: Vec<Span>,
+    /// For a message about several orders, while spans are exported: a span per order the
+    /// message gave a trace, in that trace (aligned with `msg.order_ids`); empty otherwise
+    /// (for a message about one order, `span` is the order's).
+    order_spans: Vec<Option<Span>>,
 }
 
 impl Item {
-    /// The trace context each order goes on in: its span here, or else the trace the
-    /// message gave it.
+    /// The trace context each order goes on in here: its span, or else the trace the message
+    /// gave it. An order the message gave no trace has none (its stored trace is used).
     fn order_traces(&self) -> impl Iterator<Item = (Uuid, TraceParent)> + '_ {
         let single = self.msg.order_ids.len() == 1;
         self.msg.order_ids.iter().enumerate().filter_map(move |(i, &order)| {
+            let given = self.msg.trace_of(i)?;
             let here = match self.order_spans.get(i) {
-                Some(span) => telemetry::of(span),
+                Some(span) => span.as_ref().and_then(telemetry::of),
                 None if single => telemetry::of(&self.span),
                 None => None,
             };
-            here.or(self.msg.order_traces.get(i).copied().flatten())
-                .map(|t| (order, t))
+            Some((order, here.unwrap_or(given)))
         })
+    }
+
+    /// Records how the delivery ended on its span and on its orders' spans.
+    fn report(&self, disposition: Disposition, err: Option<&Error>) {
+        self.span.in_scope(|| report(disposition, err));
+        if let Some(kind) = failure_kind(disposition, err) {
+            for span in self.order_spans.iter().flatten() {
+                span.record("error.type", kind);
+            }
+        }
+    }
+}
+
+impl Incoming {
+    /// The trace the message gave its `i`th order: its entry in `data.traceparents`, or, for
+    /// the first order, the message's `traceparent` header (a message names its first order's
+    /// trace there; the others have none unless listed).
+    fn trace_of(&self, i: usize) -> Option<TraceParent> {
+        self.order_traces
+            .get(i)
+            .copied()
+            .flatten()
+            .or(if i == 0 { self.trace } else { None })
     }
 }
 
@@ -346,15 +370,22 @@ async fn accept<S: Step>(step: &S, delivery: Delivery) -> Option<Item> {
             return None;
         }
     };
-    // The producer's span is the delivery span's parent: one order, one trace, across
+    // The message's creation span is the delivery span's parent: one order, one trace, across
     // processes. A message about several orders also gets a span per order, each a child of
-    // that order's trace, so that every order's trace shows each step it went through.
+    // that order's creation span, so that every order's trace shows each step it went through.
     let span = consumer_span(S::NAME, &delivery, &msg, msg.envelope.order_id, msg.trace);
     let order_spans = if msg.order_ids.len() > 1 && telemetry::exporting() {
-        msg.order_ids
-            .iter()
-            .zip(&msg.order_traces)
-            .map(|(&order, &trace)| consumer_span(S::NAME, &delivery, &msg, Some(order), trace.or(msg.trace)))
+        (0..msg.order_ids.len())
+            .map(|i| {
+                let parent = msg.trace_of(i)?;
+                Some(consumer_span(
+                    S::NAME,
+                    &delivery,
+                    &msg,
+                    Some(msg.order_ids[i]),
+                    Some(parent),
+                ))
+            })
             .collect()
     } else {
         Vec::new()
@@ -387,19 +418,32 @@ fn consumer_span(
         message_id = %msg.envelope.id,
         trace_id = parent.map(|t| t.trace_id_hex()).unwrap_or_default(),
         attempt = delivery_count(delivery) + 1,
-        "otel.name" = telemetry::messaging_span_name("process", Some(exchange)),
         "otel.kind" = "consumer",
-        "messaging.system" = "rabbitmq",
-        "messaging.operation.type" = "process",
-        "messaging.operation.name" = "process",
-        "messaging.destination.name" = exchange,
-        "messaging.rabbitmq.destination.routing_key" = delivery.routing_key.as_str(),
-        "messaging.rabbitmq.message.delivery_tag" = i64::try_from(delivery.delivery_tag).unwrap_or(i64::MAX),
-        "messaging.message.id" = %msg.envelope.id,
         "error.type" = tracing::field::Empty,
     );
     if let Some(parent) = parent {
         telemetry::set_parent(&span, parent);
+    }
+    if telemetry::exporting() {
+        telemetry::set_attributes(
+            &span,
+            &[
+                ("messaging.system", "rabbitmq".into()),
+                ("messaging.operation.type", "process".into()),
+                ("messaging.operation.name", "process".into()),
+                ("messaging.destination.name", exchange.to_owned().into()),
+                (
+                    "messaging.rabbitmq.destination.routing_key",
+                    delivery.routing_key.to_string().into(),
+                ),
+                (
+                    "messaging.rabbitmq.message.delivery_tag",
+                    i64::try_from(delivery.delivery_tag).unwrap_or(i64::MAX).into(),
+                ),
+                ("messaging.message.id", msg.envelope.id.to_string().into()),
+            ],
+        );
+        telemetry::rename(&span, telemetry::messaging_span_name("process", Some(exchange)));
     }
     span
 }
@@ -419,24 +463,7 @@ async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Deliver
     let started = Instant::now();
     let together = items.len() > 1 || items[0].msg.order_ids.len() > 1;
     if together {
-        // The batch's own CONSUMER span, linked to the trace of every message it handles
-        // (each delivery keeps its span in its order's trace). Never entered: what the step
-        // sends goes on in each order's trace, not the batch's.
-        let batch = tracing::info_span!(
-            "batch",
-            worker = S::NAME,
-            "otel.name" = telemetry::messaging_span_name("process", Some(items[0].delivery.exchange.as_str())),
-            "otel.kind" = "consumer",
-            "messaging.system" = "rabbitmq",
-            "messaging.operation.type" = "process",
-            "messaging.operation.name" = "process",
-            "messaging.destination.name" = items[0].delivery.exchange.as_str(),
-            "messaging.batch.message_count" = items.len() as i64,
-            "error.type" = tracing::field::Empty,
-        );
-        for parent in items.iter().filter_map(|i| i.msg.trace) {
-            telemetry::link(&batch, parent);
-        }
+        let batch = batch_span(S::NAME, &items);
         let mut attempt = 0;
         let err = loop {
             match handle(step, pool, &items, attempt).await {
@@ -452,13 +479,54 @@ async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Deliver
                 Err(err) => break err,
             }
         };
-        batch.record("error.type", error_type(&err));
+        if let Some(batch) = &batch {
+            batch.record("error.type", error_type(&err));
+        }
         tracing::warn!(worker = S::NAME, deliveries = items.len(), error = %err,
             "batch failed; handling its deliveries one by one");
     }
     for item in items {
         isolate(step, pool, item).await;
     }
+}
+
+/// The batch's own CONSUMER span while spans are exported, linked to the creation span of
+/// every message it handles (each delivery keeps its span in its order's trace). Never
+/// entered: what the step sends goes on in each order's trace, not the batch's. Named for the
+/// exchange its deliveries came through, when they share one.
+fn batch_span(worker: &'static str, items: &[Item]) -> Option<Span> {
+    if !telemetry::exporting() {
+        return None;
+    }
+    let first = items[0].delivery.exchange.as_str();
+    let exchange = items
+        .iter()
+        .all(|i| i.delivery.exchange.as_str() == first)
+        .then_some(first);
+    let span = tracing::info_span!(
+        "batch",
+        worker,
+        "otel.kind" = "consumer",
+        "error.type" = tracing::field::Empty
+    );
+    let mut attributes = vec![
+        ("messaging.system", "rabbitmq".into()),
+        ("messaging.operation.type", "process".into()),
+        ("messaging.operation.name", "process".into()),
+    ];
+    if let Some(exchange) = exchange {
+        attributes.push(("messaging.destination.name", exchange.to_owned().into()));
+    }
+    // The conventions' batch attribute is for more than one message.
+    if items.len() > 1 {
+        attributes.push(("messaging.batch.message_count", (items.len() as i64).into()));
+    }
+    telemetry::set_attributes(&span, &attributes);
+    for parent in items.iter().filter_map(|i| i.msg.trace) {
+        telemetry::link(&span, parent);
+    }
+    telemetry::rename(&span, telemetry::messaging_span_name("process", exchange));
+    Some(span)
 }
 
 /// How often a batch that lost a race is tried again before its deliveries go on alone.
@@ -471,7 +539,7 @@ async fn finish<S: Step>(items: &[Item], dispositions: &[Disposition], started: 
         metrics::step_batch(S::NAME, orders);
     }
     for (item, &disposition) in items.iter().zip(dispositions) {
-        item.span.in_scope(|| report(disposition, None));
+        item.report(disposition, None);
         metrics::step_duration(S::NAME, started.elapsed());
         settle(&item.delivery, disposition).await;
         metrics::message(S::QUEUE, disposition.label());
@@ -490,7 +558,7 @@ async fn isolate<S: Step>(step: &S, pool: &PgPool, item: Item) {
     let attempt = || async {
         let attempt = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if item.msg.order_ids.len() > 1 {
-            split::<S>(pool, &item.msg).await
+            split::<S>(pool, &item).await
         } else {
             Ok(handle(step, pool, items, attempt).await?[0])
         }
@@ -517,7 +585,7 @@ async fn isolate<S: Step>(step: &S, pool: &PgPool, item: Item) {
             park(step, pool, &item, &err).await
         }
         Err(err) => {
-            item.span.in_scope(|| report(Disposition::Requeued, Some(&err)));
+            item.report(Disposition::Requeued, Some(&err));
             Disposition::Requeued
         }
     };
@@ -550,18 +618,26 @@ async fn park<S: Step>(step: &S, pool: &PgPool, item: &Item, err: &Error) -> Dis
     }
 }
 
-/// Logs what happened to a delivery (inside its span).
+/// Logs what happened to a delivery (inside its span) and records a failure's `error.type`.
 fn report(disposition: Disposition, err: Option<&Error>) {
+    if let Some(kind) = failure_kind(disposition, err) {
+        Span::current().record("error.type", kind);
+    }
     match (disposition, err) {
-        (Disposition::Rejected, _) => {
-            Span::current().record("error.type", "rejected");
-            tracing::warn!("message cannot be processed; dead-lettering");
-        }
+        (Disposition::Rejected, _) => tracing::warn!("message cannot be processed; dead-lettering"),
         (Disposition::Requeued, Some(err)) => {
-            Span::current().record("error.type", error_type(err));
             tracing::error!(error = %err, "step failed; returning the delivery to the queue");
         }
         (d, _) => tracing::debug!(disposition = ?d, "processed"),
+    }
+}
+
+/// The `error.type` of a delivery that ended this way, if it failed.
+fn failure_kind(disposition: Disposition, err: Option<&Error>) -> Option<&'static str> {
+    match (disposition, err) {
+        (Disposition::Rejected, _) => Some("rejected"),
+        (Disposition::Requeued, Some(err)) => Some(error_type(err)),
+        _ => None,
     }
 }
 
@@ -625,7 +701,7 @@ async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) 
                 items[i]
                     .span
                     .in_scope(|| tracing::warn!(orders = ?missing, "message names orders that do not exist; sending them on alone"));
-                alone.extend(split_messages(msg, &missing)?);
+                alone.extend(split_messages(&items[i], &missing)?);
                 Disposition::Acked
             }
         };
@@ -645,7 +721,8 @@ async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) 
 
 /// Splits a message about several orders into one message per order, in one transaction
 /// with its inbox record (a redelivered original is then a duplicate).
-async fn split<S: Step>(pool: &PgPool, msg: &Incoming) -> Result<Disposition> {
+async fn split<S: Step>(pool: &PgPool, item: &Item) -> Result<Disposition> {
+    let msg = &item.msg;
     let mut tx = pool.begin().await?;
     let fresh = sqlx::query("INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
         .bind(S::NAME)
@@ -657,7 +734,7 @@ async fn split<S: Step>(pool: &PgPool, msg: &Incoming) -> Result<Disposition> {
     if !fresh {
         return Ok(Disposition::Duplicate);
     }
-    outbox::enqueue(&mut tx, &split_messages(msg, &msg.order_ids)?).await?;
+    outbox::enqueue(&mut tx, &split_messages(item, &msg.order_ids)?).await?;
     tx.commit().await?;
     outbox::committed();
     tracing::warn!(
@@ -668,18 +745,16 @@ async fn split<S: Step>(pool: &PgPool, msg: &Incoming) -> Result<Disposition> {
 }
 
 /// One message of the same type per order, each with an id derived from the original's (so
-/// that splitting the same message twice makes the same messages, which inboxes absorb).
-fn split_messages(msg: &Incoming, orders: &[Uuid]) -> Result<Vec<OutboxMessage>> {
+/// that splitting the same message twice makes the same messages, which inboxes absorb), each
+/// in its order's trace (from its span here, when it has one; an order the message gave no
+/// trace is sent without one, and its next step uses its stored trace).
+fn split_messages(item: &Item, orders: &[Uuid]) -> Result<Vec<OutboxMessage>> {
+    let traces: HashMap<Uuid, TraceParent> = item.order_traces().collect();
     orders
         .iter()
         .map(|&order| {
-            let trace = msg
-                .order_ids
-                .iter()
-                .position(|&o| o == order)
-                .and_then(|i| msg.order_traces.get(i).copied().flatten())
-                .or(msg.trace);
-            OutboxMessage::command(msg.kind, order, trace)?.with_id(Uuid::new_v5(&msg.envelope.id, order.as_bytes()))
+            OutboxMessage::command(item.msg.kind, order, traces.get(&order).copied())?
+                .with_id(Uuid::new_v5(&item.msg.envelope.id, order.as_bytes()))
         })
         .collect()
 }

@@ -31,7 +31,8 @@ pub struct OutboxMessage {
 impl OutboxMessage {
     /// A public event about one order, as a CloudEvent. It goes on in the order's trace: the
     /// span handling the order in this process ([`telemetry::order_trace`]), or else `parent`
-    /// (the order's stored trace), or else the current span.
+    /// (the order's stored trace), or else the current span; its creation span
+    /// ([`telemetry::create`]) is in that trace.
     pub fn event<T: Serialize>(
         kind: MessageType,
         order_id: Uuid,
@@ -39,11 +40,12 @@ impl OutboxMessage {
         parent: Option<TraceParent>,
     ) -> Result<Self> {
         let event = CloudEvent::new(kind, order_id, data);
+        let parent = telemetry::order_trace(order_id).or(parent).or_else(telemetry::current);
         Ok(Self {
             message_id: event.id,
             kind,
             order_ids: vec![order_id],
-            trace: telemetry::order_trace(order_id).or(parent).or_else(telemetry::current),
+            trace: telemetry::create(kind.exchange(), kind.as_str(), order_id, parent),
             body: serde_json::to_vec(&event).map_err(anyhow::Error::from)?,
             expiration_ms: None,
         })
@@ -52,26 +54,30 @@ impl OutboxMessage {
     /// Commands of `kind` for `order_ids` (sorted as given), one message per
     /// [`MAX_ORDERS_PER_COMMAND`]: the handler reads everything else from the order rows.
     /// Each order goes on in its own trace: the span handling it in this process
-    /// ([`telemetry::order_trace`]), or else its entry in `traces` (aligned with `order_ids`,
-    /// or empty: the order's stored trace), or else the current span. A message's
-    /// `traceparent` header is its first order's; a message about several orders names each
+    /// ([`telemetry::order_trace`]), or else its entry in `traces` (aligned with `order_ids`:
+    /// the order's stored trace), or, when `traces` is empty, the current span; an order with
+    /// none of these is sent without a trace. Each order's creation span
+    /// ([`telemetry::create`]) is in its trace. A message's `traceparent` header is its first
+    /// order's; while spans are exported, a message about several orders also names each
     /// one's in `data.traceparents`.
     pub fn commands(kind: MessageType, order_ids: &[Uuid], traces: &[Option<TraceParent>]) -> Result<Vec<Self>> {
-        let current = telemetry::current();
+        let current = if traces.is_empty() { telemetry::current() } else { None };
         let traces: Vec<Option<TraceParent>> = order_ids
             .iter()
             .enumerate()
             .map(|(i, &id)| {
-                telemetry::order_trace(id)
+                let parent = telemetry::order_trace(id)
                     .or(traces.get(i).copied().flatten())
-                    .or(current)
+                    .or(current);
+                telemetry::create(kind.exchange(), kind.as_str(), id, parent)
             })
             .collect();
+        let listed = telemetry::exporting();
         order_ids
             .chunks(MAX_ORDERS_PER_COMMAND)
             .zip(traces.chunks(MAX_ORDERS_PER_COMMAND))
             .map(|(ids, traces)| {
-                let data = CommandData::new(ids, traces);
+                let data = CommandData::new(ids, if listed { traces } else { &[] });
                 let single = (ids.len() == 1).then(|| ids[0]);
                 Self::build(kind, single, ids.to_vec(), &data, traces[0])
             })
@@ -255,6 +261,23 @@ pub async fn enqueue_replay(conn: &mut PgConnection, replay: &Replay) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_message_carries_its_first_orders_trace_and_none_is_invented() -> anyhow::Result<()> {
+        let ids: Vec<Uuid> = (0..MAX_ORDERS_PER_COMMAND + 2).map(|_| Uuid::now_v7()).collect();
+        let traces: Vec<Option<TraceParent>> = (0..ids.len())
+            .map(|i| (i % 2 == 0).then(TraceParent::new_root))
+            .collect();
+        let messages = OutboxMessage::commands(MessageType::PaymentCharge, &ids, &traces)?;
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0].trace, traces[0]);
+        assert_eq!(messages[1].trace, traces[MAX_ORDERS_PER_COMMAND]);
+        assert_eq!(messages[1].order_ids, ids[MAX_ORDERS_PER_COMMAND..].to_vec());
+        let untraced = OutboxMessage::command(MessageType::PaymentCharge, ids[1], None)?;
+        assert_eq!(untraced.trace, None);
+        assert_eq!(untraced.headers(), serde_json::json!({}));
+        Ok(())
+    }
 
     #[test]
     fn commands_are_chunked_and_carry_their_orders() -> anyhow::Result<()> {

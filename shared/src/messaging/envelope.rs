@@ -152,20 +152,20 @@ pub struct CommandData {
     #[serde(default)]
     #[schema(min_items = 1, max_items = 500)]
     pub order_ids: Vec<Uuid>,
-    /// The W3C `traceparent` of each order, aligned with `orderIds`, in a command about
-    /// several orders (the AMQP `traceparent` header names one trace; OpenTelemetry's
-    /// messaging conventions keep each order in its own trace). Absent for one order. Tracing
-    /// only: an entry that does not parse, or a list that does not align, is ignored.
+    /// The W3C `traceparent` of each order (its creation context), aligned with `orderIds`,
+    /// in a command about several orders while spans are exported (the AMQP `traceparent`
+    /// header names the first order's; each order stays in its own trace). Absent otherwise.
+    /// Tracing only: an entry that does not parse, or a list that does not align, is ignored.
     #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "lenient_strings")]
     #[schema(max_items = 500)]
     pub traceparents: Vec<String>,
 }
 
-/// A list of strings, or an empty list for anything else (tracing data never makes a command
-/// unreadable); an entry that is not a string reads as "".
+/// A list of at most [`MAX_ORDERS_PER_COMMAND`] strings, or an empty list for anything else
+/// (tracing data never makes a command unreadable); an entry that is not a string reads as "".
 fn lenient_strings<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     Ok(match serde_json::Value::deserialize(d)? {
-        serde_json::Value::Array(items) => items
+        serde_json::Value::Array(items) if items.len() <= MAX_ORDERS_PER_COMMAND => items
             .into_iter()
             .map(|v| match v {
                 serde_json::Value::String(s) => s,
