@@ -162,9 +162,12 @@ async fn orders_complete_when_the_node_holding_the_relay_is_killed() {
     .await;
     assert_eq!(app.config.amqp_url.split(',').count(), 3);
 
-    // Every queue has a replica on each node, and the leaders are spread over all three.
+    // Every queue has a replica on each node and asks for a balanced leader. Where the leader
+    // ends up is the broker's: it starts each queue's first election on the node with the
+    // fewest leaders, but another member may win that election on a busy machine, so the
+    // spread (usually 3/3/2) is printed, not asserted.
     let queues = app.mgmt(Method::GET, &format!("/api/queues/{}", enc(&app.vhost))).await;
-    let mut leaders = BTreeSet::new();
+    let mut leaders = BTreeMap::<String, usize>::new();
     for spec in QUEUES {
         let q = queues
             .as_array()
@@ -180,9 +183,9 @@ async fn orders_complete_when_the_node_holding_the_relay_is_killed() {
             q["members"]
         );
         assert_eq!(q["arguments"]["x-queue-leader-locator"], "balanced");
-        leaders.insert(q["leader"].as_str().unwrap().to_owned());
+        *leaders.entry(q["leader"].as_str().unwrap().to_owned()).or_insert(0) += 1;
     }
-    assert_eq!(leaders.len(), 3, "leaders all on {leaders:?}");
+    println!("queue leaders by node: {leaders:?}");
 
     let product = app.product("Cable", 1_000, 10_000).await;
     let users: Vec<i64> = (7_001..=7_020).collect();
