@@ -2,7 +2,7 @@
 # Repeats the numbers in docs/PERFORMANCE.md with one command:
 #
 #   bash scripts/perf.sh            # every scenario
-#   bash scripts/perf.sh rates      # only some: rates closed accept hot rush instances observe cluster
+#   bash scripts/perf.sh rates      # only some: idle rates closed accept hot rush instances observe cluster
 #   PERF_RATES="350 700" bash scripts/perf.sh rates   # only these offered rates
 #                                   # (rates ends with a step at half the saturation it found,
 #                                   # and prints whether the latency there is within target)
@@ -121,7 +121,10 @@ start_system() {
 # backends that exited, RabbitMQ's beam.smp, the system's processes named by pid, the bench
 # itself, the whole machine), how busy the machine was (% of both cores), and how long
 # PostgreSQL sessions waited per finished order on heavyweight locks and on LWLocks (sampled
-# wait events, --pg-waits). A run with a baseline gets a second row for the baseline's phase.
+# wait events, --pg-waits), and the database's and broker's work per finished order (the
+# bench's `work`: transactions that wrote, commits, rows inserted/updated/deleted, messages
+# the system's consumers settled, WAL bytes). A run with a baseline gets a second row for the
+# baseline's phase, named after the baseline.
 bench() {
   local name=$1
   shift
@@ -132,19 +135,22 @@ bench() {
   "$BIN" bench --api "$API" --json "$OUT/$name.json" --system-pids "$pids" --pg-waits "$@"
   jq -r --arg name "$name" '
     def num: if . == null then "-" else . * 100 | round / 100 end;
-    def row($n; $done; $rate; $cpu; $waits):
+    def row($n; $done; $rate; $cpu; $waits; $work):
       [$n, $done, ($rate * 10 | round / 10)]
       + ([$cpu.core_ms_per_order | .postgres, .rabbitmq, .orderflow, .bench, .machine] | map(num))
       + [($cpu.machine_busy_pct | if . == null then "-" else round end)]
       + ([$waits.lock_ms_per_order, $waits.lwlock_ms_per_order] | map(num))
+      + ([$work | .write_transactions_per_order, .commits_per_order, .rows_inserted_per_order,
+          .rows_updated_per_order, .rows_deleted_per_order, .messages_per_order] | map(num))
+      + [$work.wal_bytes_per_order | if . == null then "-" else round end]
       | @tsv;
-    if has("requests") then row($name; .requests; .requests_per_s; .cpu; .pg_waits)
+    if has("requests") then row($name; .requests; .requests_per_s; .cpu; .pg_waits; .work)
     else
       row($name; .cpu.orders // (if .confirmed + .cancelled > 0 then .confirmed + .cancelled else .accepted end);
-          (if .confirmed + .cancelled > 0 then .completed_per_s else .accept_per_s end); .cpu; .pg_waits),
+          (if .confirmed + .cancelled > 0 then .completed_per_s else .accept_per_s end); .cpu; .pg_waits; .work),
       (select(has("baseline_orders"))
-       | row("\($name)-baseline"; .baseline_confirmed + .baseline_cancelled; .baseline_completed_per_s;
-             .baseline_cpu; .baseline_pg_waits))
+       | row("\($name)-\(.baseline_kind)"; .baseline_confirmed + .baseline_cancelled; .baseline_completed_per_s;
+             .baseline_cpu; .baseline_pg_waits; .baseline_work))
     end' "$OUT/$name.json" >>"$OUT/cpu.tsv"
 }
 
@@ -179,8 +185,25 @@ scenario_rates() {
 }
 scenario_closed() {
   bench closed --concurrency 32 --orders 6000 --users 300 --coupon-share 0.2 --baseline sync
-  # The plain mix the Performance II issue states its first target with.
+  # The plain mix the Performance II issue states its first target with, against both
+  # monoliths: a statement per step (sync) and one PL/pgSQL call per order (procedure).
   bench closed-64 --concurrency 64 --orders 3000 --baseline sync
+  bench closed-64-procedure --concurrency 64 --orders 3000 --baseline procedure
+}
+# The system doing nothing, IDLE_SETTLE (5 s) after it became ready, for IDLE_FOR (30 s): CPU
+# by process group in % of one core, and the database's and the broker's work per second (the
+# floor under every order's cost at low load). Appends a row to $OUT/idle.tsv.
+scenario_idle() {
+  start_system
+  sleep "${IDLE_SETTLE:-5}"
+  log "idle: orderflow bench --idle ${IDLE_FOR:-30s}"
+  local pids
+  pids=$(IFS=,; echo "$SYSTEM_PID${WORKER_PIDS[*]:+,${WORKER_PIDS[*]}}")
+  "$BIN" bench --api "$API" --json "$OUT/idle.json" --system-pids "$pids" --idle "${IDLE_FOR:-30s}"
+  jq -r 'def num: if . == null then "-" else . * 100 | round / 100 end;
+    [.seconds] + ([.cpu_pct_of_a_core | .postgres, .rabbitmq, .orderflow, .machine] | map(num))
+    + ([.write_transactions_per_s, .commits_per_s, .wal_bytes_per_s, .messages_per_s] | map(num))
+    | @tsv' "$OUT/idle.json" >>"$OUT/idle.tsv"
 }
 # With the baseline: its duration_s against the pipeline's is the hot-product target.
 scenario_hot() {
@@ -230,15 +253,20 @@ scenario_cluster() {
 mkdir -p "$OUT"
 : >"$OUT/system.log"
 rm -f "$OUT/half-saturation.txt" "$OUT/rate-half.json"
-printf 'scenario\torders\tcompleted/s\tpostgres\trabbitmq\torderflow\tbench\tmachine\tbusy%%\tlock-ms\tlwlock-ms\n' >"$OUT/cpu.tsv"
+printf 'scenario\torders\tcompleted/s\tpostgres\trabbitmq\torderflow\tbench\tmachine\tbusy%%\tlock-ms\tlwlock-ms\twrite-tx\tcommits\tins\tupd\tdel\tmsgs\tWAL-B\n' >"$OUT/cpu.tsv"
+printf 'seconds\tpostgres%%\trabbitmq%%\torderflow%%\tmachine%%\twrite-tx/s\tcommits/s\tWAL-B/s\tmsgs/s\n' >"$OUT/idle.tsv"
 bash scripts/services.sh
 if [[ -z ${PERF_BIN:-} ]]; then cargo build --release --quiet; fi
 scenarios=("$@")
-[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(rates closed accept hot rush instances observe)
+[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(idle rates closed accept hot rush instances observe)
 for s in "${scenarios[@]}"; do
   "scenario_$s"
 done
 stop_system
 column -t -s $'\t' "$OUT/cpu.tsv" >&2
+if [[ $(wc -l <"$OUT/idle.tsv") -gt 1 ]]; then
+  log "idle (CPU in % of one core; work per second):"
+  column -t -s $'\t' "$OUT/idle.tsv" >&2
+fi
 [[ ! -s $OUT/half-saturation.txt ]] || cat "$OUT/half-saturation.txt" >&2
-log "reports in $OUT/ (CPU and lock waits per finished order: $OUT/cpu.tsv)"
+log "reports in $OUT/ (CPU, lock waits and work per finished order: $OUT/cpu.tsv; the system idle: $OUT/idle.tsv)"

@@ -83,6 +83,25 @@ fn assert_waits(waits: &Value, orders: u64, per: &str) {
     assert!(events.values().all(|v| v.as_f64().unwrap() > 0.0), "{waits}");
 }
 
+/// A work report (JSON): per `orders` of kind `per`; WAL was written and transactions wrote
+/// (at least `min_write_tx` per order: other tests' writes only add to it); the counters
+/// PostgreSQL reports late (commits, rows) are present and non-negative.
+fn assert_work(work: &Value, orders: u64, per: &str, min_write_tx: f64) {
+    assert_eq!(work["orders"].as_u64(), Some(orders), "{work}");
+    assert_eq!(work["per"], per, "{work}");
+    let f = |k: &str| work[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {work}"));
+    assert!(f("write_transactions_per_order") >= min_write_tx, "{work}");
+    assert!(f("wal_bytes_per_order") > 0.0, "{work}");
+    for k in [
+        "commits_per_order",
+        "rows_inserted_per_order",
+        "rows_updated_per_order",
+        "rows_deleted_per_order",
+    ] {
+        assert!(f(k) >= 0.0, "{k} in {work}");
+    }
+}
+
 #[tokio::test]
 async fn a_small_bench_accounts_for_every_order() {
     let app = TestApp::spawn().await;
@@ -158,6 +177,17 @@ async fn a_small_bench_accounts_for_every_order() {
     assert_cpu(&report["baseline_cpu"], 50, "completed");
     assert_waits(&report["pg_waits"], 50, "completed");
     assert_waits(&report["baseline_pg_waits"], 50, "completed");
+    // The pipeline's work: every order wrote (batched, so a transaction may carry several)
+    // and its consumers settled messages (this process's registry, the API's /metrics).
+    assert_work(&report["work"], 50, "completed", 0.01);
+    assert!(
+        report["work"]["messages_per_order"].as_f64().unwrap() > 0.0,
+        "{}",
+        report["work"]
+    );
+    // The baseline's: at least one transaction that wrote per order.
+    assert_eq!(report["baseline_kind"], "sync");
+    assert_work(&report["baseline_work"], 50, "completed", 1.0);
     let leftover: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'orderflow_bench_sync_%'")
             .fetch_one(&app.pool)
@@ -270,5 +300,96 @@ async fn a_coupon_rush_issues_exactly_the_coupons_on_offer() {
     assert_eq!(report.sold_out, 50, "{report:?}");
     assert_eq!(report.errors, 0, "{report:?}");
     assert_cpu(&serde_json::to_value(&report.cpu).unwrap(), 60, "requests");
+    app.stop().await;
+}
+
+/// `--baseline procedure` places the same mix as one PL/pgSQL call per order: with stock for
+/// every order and coupons for some, all confirmed; on a hot product, exactly its stock.
+#[tokio::test]
+async fn the_procedure_baseline_places_the_same_orders_in_one_call_each() {
+    let app = TestApp::spawn().await;
+    // The first run waits for PostgreSQL's statistics at each end of each phase, so its row
+    // counts are exact.
+    for (extra, confirmed, out_of_stock) in [
+        (
+            &[
+                "--orders",
+                "40",
+                "--users",
+                "8",
+                "--products",
+                "2",
+                "--coupon-share",
+                "0.5",
+                "--work-settle",
+                "11s",
+            ][..],
+            40,
+            0,
+        ),
+        (
+            &["--orders", "20", "--users", "8", "--hot", "--hot-stock", "5"][..],
+            5,
+            15,
+        ),
+    ] {
+        let mut a = vec!["--concurrency", "4", "--baseline", "procedure"];
+        a.extend_from_slice(extra);
+        let Outcome::Orders(report) = execute(&args(&app, &a)).await.expect("the bench runs") else {
+            panic!("expected an order report");
+        };
+        let b = report.baseline.as_ref().expect("a baseline ran");
+        assert_eq!(b.baseline_kind, "procedure");
+        assert_eq!(b.baseline_errors, 0, "{b:?}");
+        assert_eq!(b.baseline_confirmed, confirmed, "{b:?}");
+        assert_eq!(
+            b.baseline_cancelled_by_reason.get("OUT_OF_STOCK").copied().unwrap_or(0),
+            out_of_stock,
+            "{b:?}"
+        );
+        assert_eq!(b.baseline_cancelled, out_of_stock, "{b:?}");
+        // The pipeline agrees on the same mix.
+        assert_eq!(report.confirmed, confirmed);
+        // One call, one transaction that wrote, per order (others' writes only add).
+        let w = b.baseline_work.as_ref().unwrap();
+        assert!(w.write_transactions_per_order.unwrap() >= 1.0, "{w:?}");
+        if confirmed == 40 {
+            // Every order confirmed: its row, its item and its ledger row inserted; its
+            // product, balance and (for half) coupon updated. The idle system beside it may
+            // add a little, never take away.
+            let ins = w.rows_inserted_per_order.unwrap();
+            let upd = w.rows_updated_per_order.unwrap();
+            assert!((3.0..3.5).contains(&ins), "{w:?}");
+            assert!((2.5..3.0).contains(&upd), "{w:?}");
+        }
+    }
+    let leftover: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'orderflow_bench_sync_%'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(leftover, 0);
+    app.stop().await;
+}
+
+/// `--idle` sends nothing and reports what the running system cost per second meanwhile.
+#[tokio::test]
+async fn an_idle_measurement_sends_nothing() {
+    let app = TestApp::spawn().await;
+    let Outcome::Idle(report) = execute(&args(&app, &["--idle", "1s"])).await.expect("the bench runs") else {
+        panic!("expected an idle report");
+    };
+    assert!(report.seconds >= 1.0, "{report:?}");
+    if let Some(cpu) = &report.cpu_pct_of_a_core {
+        let machine = cpu.machine.unwrap();
+        assert!((0.0..=200.0).contains(&machine), "{report:?}");
+    }
+    assert!(report.write_transactions_per_s.unwrap() >= 0.0, "{report:?}");
+    assert!(report.wal_bytes_per_s.unwrap() >= 0.0, "{report:?}");
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(orders, 0);
     app.stop().await;
 }

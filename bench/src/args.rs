@@ -60,8 +60,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
 
-    /// Also run the same order mix as one synchronous PostgreSQL transaction per order,
-    /// directly against DATABASE_URL (in a schema of its own, dropped afterwards).
+    /// Also run the same order mix as a monolith would, directly against DATABASE_URL (in a
+    /// schema of its own, dropped afterwards): `sync`, one transaction per order with a
+    /// statement per step; `procedure`, one call of a PL/pgSQL function per order.
     #[arg(long, value_enum)]
     pub baseline: Option<Baseline>,
 
@@ -72,6 +73,12 @@ pub struct BenchArgs {
     /// Instead of orders: --users users race for --rush-coupons coupons at once.
     #[arg(long, conflicts_with_all = ["hot", "baseline", "rate", "coupon_share"])]
     pub coupon_rush: bool,
+
+    /// Instead of orders: measure what the running system costs doing nothing for this long
+    /// (CPU by process group, database and broker work per second).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION",
+          conflicts_with_all = ["hot", "baseline", "rate", "coupon_share", "coupon_rush", "concurrency"])]
+    pub idle: Option<Duration>,
 
     /// Coupons on offer in the coupon rush.
     #[arg(long, default_value_t = 100, requires = "coupon_rush")]
@@ -119,6 +126,13 @@ pub struct BenchArgs {
     #[arg(long)]
     pub pg_waits: bool,
 
+    /// Wait this long before a phase's first mark and after its last before reading
+    /// PostgreSQL's statistics (commits, rows): its backends report them up to a second late
+    /// while busy and up to 10 s late once idle, so 11s makes them exact (and adds twice that
+    /// to every phase). 0s: read at once, off by up to a second's work at each end.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub work_settle: Duration,
+
     /// How often --pg-waits samples.
     #[arg(long, default_value = "50ms", value_parser = parse_duration, requires = "pg_waits")]
     pub pg_waits_interval: Duration,
@@ -140,8 +154,19 @@ pub enum Observe {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Baseline {
-    /// One synchronous PostgreSQL transaction per order.
+    /// One synchronous PostgreSQL transaction per order, a statement per step.
     Sync,
+    /// One call of a PL/pgSQL function per order: one round trip.
+    Procedure,
+}
+
+impl Baseline {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Procedure => "procedure",
+        }
+    }
 }
 
 /// How orders are sent.
@@ -167,6 +192,8 @@ impl LoadModel {
 pub enum Scenario {
     Orders(OrderSettings),
     CouponRush(RushSettings),
+    /// Two marks this far apart, nothing sent.
+    Idle(Duration),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -178,6 +205,7 @@ pub struct OrderSettings {
     pub coupon_share: f64,
     /// `Some(stock)` for the hot-product scenario.
     pub hot_stock: Option<i64>,
+    pub baseline: Option<Baseline>,
     pub baseline_concurrency: Option<usize>,
     pub timeout: Duration,
     pub poll_interval: Duration,
@@ -207,6 +235,8 @@ pub struct Settings {
     pub system_pids: Vec<u32>,
     /// `Some(interval)`: sample PostgreSQL wait events that often.
     pub pg_waits: Option<Duration>,
+    /// How long PostgreSQL's statistics are given to arrive at each end of a phase.
+    pub work_settle: Duration,
 }
 
 /// Users per run at most: user ids are drawn from a block of this size.
@@ -228,7 +258,13 @@ impl BenchArgs {
         if let Some(c) = self.concurrency {
             ensure!((1..=10_000).contains(&c), "--concurrency must be 1..=10000");
         }
-        let scenario = if self.coupon_rush {
+        let scenario = if let Some(d) = self.idle {
+            ensure!(
+                (Duration::from_secs(1)..=Duration::from_secs(3_600)).contains(&d),
+                "--idle must be within 1s..=1h"
+            );
+            Scenario::Idle(d)
+        } else if self.coupon_rush {
             let users = self.users.unwrap_or(1_000);
             ensure!((1..=MAX_USERS).contains(&users), "--users must be 1..={MAX_USERS}");
             ensure!(
@@ -275,7 +311,7 @@ impl BenchArgs {
             } else {
                 None
             };
-            let baseline_concurrency = self.baseline.map(|Baseline::Sync| {
+            let baseline_concurrency = self.baseline.map(|_| {
                 self.baseline_concurrency.unwrap_or(match model {
                     LoadModel::Closed { concurrency } => concurrency.min(16),
                     LoadModel::Open { .. } => 16,
@@ -291,6 +327,7 @@ impl BenchArgs {
                 model,
                 coupon_share: self.coupon_share,
                 hot_stock,
+                baseline: self.baseline,
                 baseline_concurrency,
                 timeout: self.timeout,
                 poll_interval: self.poll_interval,
@@ -301,6 +338,10 @@ impl BenchArgs {
                 seed: self.seed,
             })
         };
+        ensure!(
+            self.work_settle <= Duration::from_secs(60),
+            "--work-settle must be within 0s..=60s"
+        );
         let pg_waits = self.pg_waits.then_some(self.pg_waits_interval);
         if let Some(every) = pg_waits {
             ensure!(
@@ -314,6 +355,7 @@ impl BenchArgs {
             scenario,
             system_pids: self.system_pids.clone(),
             pg_waits,
+            work_settle: self.work_settle,
         })
     }
 
@@ -351,7 +393,7 @@ mod tests {
     fn orders(args: &[&str]) -> OrderSettings {
         match settings(args).unwrap().scenario {
             Scenario::Orders(o) => o,
-            Scenario::CouponRush(_) => panic!("expected the order scenario"),
+            Scenario::CouponRush(_) | Scenario::Idle(_) => panic!("expected the order scenario"),
         }
     }
 
@@ -451,6 +493,27 @@ mod tests {
     }
 
     #[test]
+    fn either_monolith_can_be_the_baseline() {
+        let o = orders(&["--concurrency", "64", "--baseline", "procedure"]);
+        assert_eq!(o.baseline, Some(Baseline::Procedure));
+        assert_eq!(o.baseline_concurrency, Some(16));
+        assert_eq!(orders(&["--baseline", "sync"]).baseline, Some(Baseline::Sync));
+        assert_eq!(orders(&[]).baseline, None);
+    }
+
+    #[test]
+    fn idle_sends_nothing_for_a_while() {
+        assert_eq!(
+            settings(&["--idle", "30s"]).unwrap().scenario,
+            Scenario::Idle(Duration::from_secs(30))
+        );
+        assert!(settings(&["--idle", "0s"]).is_err());
+        assert!(settings(&["--idle", "2h"]).is_err());
+        assert!(parse(&["--idle", "5s", "--rate", "10"]).is_err());
+        assert!(parse(&["--idle", "5s", "--coupon-rush"]).is_err());
+    }
+
+    #[test]
     fn rate_and_concurrency_exclude_each_other() {
         assert!(parse(&["--rate", "10", "--concurrency", "4"]).is_err());
     }
@@ -473,6 +536,7 @@ mod tests {
             &["--timeout", "0s"],
             &["--poll-concurrency", "0"],
             &["--pg-waits", "--pg-waits-interval", "1ms"],
+            &["--work-settle", "61s"],
         ] {
             assert!(settings(bad).is_err(), "{bad:?} was accepted");
         }

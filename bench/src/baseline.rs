@@ -1,6 +1,13 @@
-//! `--baseline sync`: the same order mix done the way a monolith would, one synchronous
-//! PostgreSQL transaction per order (lock and take stock, use the coupon, debit the balance
-//! with its ledger row, write the order and its items), on the same database and machine.
+//! `--baseline sync|procedure`: the same order mix done the way a monolith would, on the
+//! same database and machine: lock and take stock, use the coupon, debit the balance with
+//! its ledger row, write the order and its items.
+//!
+//! - `sync`: one synchronous PostgreSQL transaction per order, a statement per step from the
+//!   client (a failed check after stock was taken rolls back and records the cancelled order
+//!   in a second, short transaction).
+//! - `procedure`: one call of a PL/pgSQL function per order ([`PROCEDURE_DDL`]), one round
+//!   trip: every check first (rows locked in a fixed order), then every write, in the call's
+//!   own transaction. The strongest monolith on this database: the client pays one statement.
 //!
 //! It runs in a schema of its own (`orderflow_bench_sync_<random>`, created with tables that
 //! mirror the real ones and dropped afterwards), so it never touches the system's data.
@@ -25,6 +32,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use super::{
+    args::Baseline,
     meter::Meter,
     plan::{self, COUPON_DISCOUNT, Plan},
     report::{BaselineReport, Latency, per_second},
@@ -93,6 +101,77 @@ CREATE TABLE order_items (
 );
 ";
 
+/// The order as one PL/pgSQL function: checks first (products locked in id order, then the
+/// holder's coupon, then the balance), writes after, so a refused order never undoes
+/// anything. Returns `CONFIRMED` or the cancellation reason (the order is recorded either
+/// way). The discount follows `domain::discount`.
+const PROCEDURE_DDL: &str = "
+CREATE FUNCTION place_order(p_order UUID, p_user BIGINT, p_coupon BIGINT,
+                            p_products BIGINT[], p_quantities BIGINT[])
+RETURNS TEXT LANGUAGE plpgsql AS $fn$
+DECLARE
+    v_prices   BIGINT[];
+    v_total    BIGINT;
+    v_short    BOOLEAN;
+    v_kind     TEXT;
+    v_value    BIGINT;
+    v_discount BIGINT := 0;
+    v_amount   BIGINT;
+    v_balance  BIGINT;
+    v_reason   TEXT;
+BEGIN
+    PERFORM 1 FROM products WHERE id = ANY (p_products) ORDER BY id FOR NO KEY UPDATE;
+    SELECT array_agg(p.price ORDER BY i.n), sum(p.price * i.qty)::BIGINT, bool_or(p.stock < i.qty)
+      INTO v_prices, v_total, v_short
+      FROM unnest(p_products, p_quantities) WITH ORDINALITY AS i (pid, qty, n)
+      JOIN products p ON p.id = i.pid;
+    IF v_short THEN
+        v_reason := 'OUT_OF_STOCK';
+    ELSIF p_coupon IS NOT NULL THEN
+        SELECT c.discount_type, c.discount_value INTO v_kind, v_value
+          FROM user_coupons uc JOIN coupons c ON c.id = uc.coupon_id
+         WHERE uc.coupon_id = p_coupon AND uc.user_id = p_user AND uc.status = 'AVAILABLE'
+           AND (c.expires_at IS NULL OR c.expires_at > now()) AND c.min_order_amount <= v_total
+           FOR NO KEY UPDATE OF uc;
+        IF NOT FOUND THEN
+            v_reason := 'COUPON_INVALID';
+        ELSE
+            v_discount := CASE v_kind WHEN 'PERCENT' THEN (v_total::NUMERIC * v_value / 100)::BIGINT
+                                      ELSE v_value END;
+            v_discount := least(greatest(v_discount, 0), greatest(v_total, 0));
+        END IF;
+    END IF;
+    v_amount := v_total - v_discount;
+    IF v_reason IS NULL THEN
+        SELECT balance INTO v_balance FROM balances WHERE user_id = p_user FOR NO KEY UPDATE;
+        IF v_balance IS NULL OR v_balance < v_amount THEN
+            v_reason := 'INSUFFICIENT_BALANCE';
+        END IF;
+    END IF;
+    IF v_reason IS NOT NULL THEN
+        INSERT INTO orders (id, user_id, status, reason, coupon_id, total_amount, discount_amount, paid_amount)
+        VALUES (p_order, p_user, 'CANCELLED', v_reason, p_coupon, v_total, 0, 0);
+    ELSE
+        UPDATE products p SET stock = p.stock - i.qty
+          FROM unnest(p_products, p_quantities) AS i (pid, qty) WHERE p.id = i.pid;
+        IF p_coupon IS NOT NULL THEN
+            UPDATE user_coupons SET status = 'USED', order_id = p_order, used_at = now()
+             WHERE coupon_id = p_coupon AND user_id = p_user;
+        END IF;
+        UPDATE balances SET balance = balance - v_amount, updated_at = now() WHERE user_id = p_user;
+        INSERT INTO balance_ledger (user_id, kind, amount, balance_after, order_id)
+        VALUES (p_user, 'PAYMENT', v_amount, v_balance - v_amount, p_order);
+        INSERT INTO orders (id, user_id, status, reason, coupon_id, total_amount, discount_amount, paid_amount)
+        VALUES (p_order, p_user, 'CONFIRMED', NULL, p_coupon, v_total, v_discount, v_amount);
+    END IF;
+    INSERT INTO order_items (order_id, product_id, quantity, unit_price)
+    SELECT p_order, i.pid, i.qty, i.price
+      FROM unnest(p_products, p_quantities, v_prices) AS i (pid, qty, price);
+    RETURN coalesce(v_reason, 'CONFIRMED');
+END
+$fn$;
+";
+
 /// How one baseline order ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Ended {
@@ -108,9 +187,10 @@ struct Tally {
     errors: u64,
 }
 
-/// Runs the baseline over `plan` with `concurrency` connections to `database_url`.
+/// Runs the baseline of `kind` over `plan` with `concurrency` connections to `database_url`.
 pub async fn run(
     database_url: &str,
+    kind: Baseline,
     plan: Arc<Plan>,
     concurrency: usize,
     bar: ProgressBar,
@@ -124,7 +204,7 @@ pub async fn run(
         .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {}", quote_ident(&schema))))
         .await
         .context("creating the baseline schema")?;
-    let result = run_in(database_url, &schema, plan, concurrency, bar, meter).await;
+    let result = run_in(database_url, &schema, kind, plan, concurrency, bar, meter).await;
     let dropped = admin
         .execute(sqlx::AssertSqlSafe(format!(
             "DROP SCHEMA {} CASCADE",
@@ -140,6 +220,7 @@ pub async fn run(
 async fn run_in(
     database_url: &str,
     schema: &str,
+    kind: Baseline,
     plan: Arc<Plan>,
     concurrency: usize,
     bar: ProgressBar,
@@ -156,11 +237,18 @@ async fn run_in(
         .await
         .context("opening the baseline pool")?;
     load(&pool, &plan).await.context("loading the baseline data")?;
+    if kind == Baseline::Procedure {
+        sqlx::raw_sql(PROCEDURE_DDL)
+            .execute(&pool)
+            .await
+            .context("creating the baseline's order function")?;
+    }
 
     let n = plan.orders.len();
     let next = Arc::new(AtomicUsize::new(0));
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let start_mark = meter.mark();
+    meter.settle().await;
+    let start_mark = meter.mark().await;
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency.min(n.max(1)))
         .map(|_| {
@@ -172,7 +260,10 @@ async fn run_in(
                         break;
                     }
                     let t = Instant::now();
-                    let ended = place(&pool, &plan, i).await;
+                    let ended = match kind {
+                        Baseline::Sync => place(&pool, &plan, i).await,
+                        Baseline::Procedure => call(&pool, &plan, i).await,
+                    };
                     let took = t.elapsed();
                     let mut tally = tally.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     match ended {
@@ -198,7 +289,8 @@ async fn run_in(
         let _ = w.await;
     }
     let duration = started.elapsed();
-    let end_mark = meter.mark();
+    let mut end_mark = meter.mark().await;
+    meter.settle_work(&mut end_mark).await;
     bar.finish_and_clear();
     pool.close().await;
 
@@ -208,6 +300,7 @@ async fn run_in(
     let r3 = |x: f64| (x * 1_000.0).round() / 1_000.0;
     let costs = meter.costs(&start_mark, &end_mark, tally.confirmed + cancelled, "completed");
     Ok(BaselineReport {
+        baseline_kind: kind.name(),
         baseline_concurrency: concurrency,
         baseline_orders: n as u64,
         baseline_confirmed: tally.confirmed,
@@ -221,6 +314,7 @@ async fn run_in(
         baseline_p99_ms: r3(p.p99_ms),
         baseline_max_ms: r3(p.max_ms),
         baseline_cpu: costs.cpu,
+        baseline_work: costs.work,
         baseline_pg_waits: costs.pg_waits,
         ratio: 0.0,
         accept_ratio: 0.0,
@@ -388,6 +482,26 @@ async fn place(pool: &PgPool, plan: &Plan, i: usize) -> anyhow::Result<Ended> {
     order.insert(&mut tx, "CONFIRMED", None, discount, amount).await?;
     tx.commit().await?;
     Ok(Ended::Confirmed)
+}
+
+/// One order as one call of `place_order` (autocommit: the call is its transaction).
+async fn call(pool: &PgPool, plan: &Plan, i: usize) -> anyhow::Result<Ended> {
+    let o = &plan.orders[i];
+    let ended: String = sqlx::query_scalar("SELECT place_order($1, $2, $3, $4, $5)")
+        .bind(Uuid::now_v7())
+        .bind(id(o.user))
+        .bind(o.coupon.map(id))
+        .bind(vec![id(o.product)])
+        .bind(vec![i64::from(o.quantity)])
+        .fetch_one(pool)
+        .await?;
+    Ok(match ended.as_str() {
+        "CONFIRMED" => Ended::Confirmed,
+        "OUT_OF_STOCK" => Ended::Cancelled("OUT_OF_STOCK"),
+        "COUPON_INVALID" => Ended::Cancelled("COUPON_INVALID"),
+        "INSUFFICIENT_BALANCE" => Ended::Cancelled("INSUFFICIENT_BALANCE"),
+        other => anyhow::bail!("place_order returned {other:?}"),
+    })
 }
 
 struct OrderRow<'a> {

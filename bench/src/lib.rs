@@ -14,12 +14,13 @@
 //!    (the pipeline's load, the baseline, the rush) is also metered ([`meter`]): CPU by
 //!    process from /proc ([`cpu`]) and, with `--pg-waits`, PostgreSQL wait events ([`waits`]).
 //!
-//! `--coupon-rush` runs [`rush`] instead.
+//! `--coupon-rush` runs [`rush`] instead, `--idle` measures the system doing nothing ([`idle`]).
 
 pub mod args;
 mod baseline;
 mod client;
 pub mod cpu;
+pub mod idle;
 mod load;
 mod meter;
 pub mod observe;
@@ -29,6 +30,7 @@ pub mod report;
 mod rush;
 mod setup;
 pub mod waits;
+pub mod work;
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -53,6 +55,7 @@ use self::{
 pub enum Outcome {
     Orders(Report),
     CouponRush(RushReport),
+    Idle(idle::IdleReport),
 }
 
 impl Outcome {
@@ -60,6 +63,7 @@ impl Outcome {
         match self {
             Self::Orders(r) => r.table(),
             Self::CouponRush(r) => r.table(),
+            Self::Idle(r) => r.table(),
         }
     }
 
@@ -67,6 +71,7 @@ impl Outcome {
         match self {
             Self::Orders(r) => serde_json::to_string_pretty(r),
             Self::CouponRush(r) => serde_json::to_string_pretty(r),
+            Self::Idle(r) => serde_json::to_string_pretty(r),
         }
     }
 }
@@ -103,6 +108,7 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Outcome> {
                 api.health().await?;
                 rush::run(&api, s, &progress, &meter).await.map(Outcome::CouponRush)
             }
+            Scenario::Idle(duration) => Ok(Outcome::Idle(idle::run(*duration, &meter).await)),
         }
     }
     .await;
@@ -208,7 +214,8 @@ async fn orders(
         seen
     });
 
-    let load_mark = meter.mark();
+    meter.settle().await;
+    let load_mark = meter.mark().await;
     let started = Instant::now();
     let sent = load::send_all(
         api.clone(),
@@ -230,7 +237,8 @@ async fn orders(
     };
     let seen = collecting.await.context("collecting terminal states failed")?;
     let ended = Instant::now();
-    let end_mark = meter.mark();
+    let mut end_mark = meter.mark().await;
+    meter.settle_work(&mut end_mark).await;
 
     let cancelled: u64 = seen.cancelled.values().sum();
     let parked: u64 = seen.parked.values().sum();
@@ -309,6 +317,7 @@ async fn orders(
             0.0
         },
         cpu: None,
+        work: None,
         pg_waits: None,
         baseline: None,
     };
@@ -330,13 +339,14 @@ async fn orders(
     };
     let costs = meter.costs(&load_mark, &end_mark, count, per);
     report.cpu = costs.cpu;
+    report.work = costs.work;
     report.pg_waits = costs.pg_waits;
 
-    if let Some(connections) = s.baseline_concurrency {
+    if let (Some(kind), Some(connections)) = (s.baseline, s.baseline_concurrency) {
         let bar = progress.bar("baseline", n);
-        let b = baseline::run(database_url, plan.clone(), connections, bar, meter)
+        let b = baseline::run(database_url, kind, plan.clone(), connections, bar, meter)
             .await
-            .context("the synchronous baseline failed")?;
+            .with_context(|| format!("the {} baseline failed", kind.name()))?;
         report = report.with_baseline(b);
     }
     Ok(report)

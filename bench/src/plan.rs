@@ -176,6 +176,7 @@ mod tests {
             model: LoadModel::Closed { concurrency: 1 },
             coupon_share: share,
             hot_stock: hot,
+            baseline: None,
             baseline_concurrency: None,
             timeout: Duration::from_secs(1),
             poll_interval: Duration::from_millis(10),

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::{cpu::CpuReport, waits::WaitReport};
+use crate::{cpu::CpuReport, waits::WaitReport, work::WorkReport};
 
 /// Latencies in microseconds, 3 significant digits (0.1% error), up to an hour.
 #[derive(Debug, Clone)]
@@ -153,6 +153,9 @@ pub struct Report {
     /// CPU per order by process, from the first order sent until the last one was terminal
     /// (null where /proc cannot be read).
     pub cpu: Option<CpuReport>,
+    /// PostgreSQL commits, rows and WAL, and the system's consumed messages, per order over
+    /// the same span (parts that could not be read are null).
+    pub work: Option<WorkReport>,
     /// With `--pg-waits`: what PostgreSQL sessions waited on, per order, over the same span.
     pub pg_waits: Option<WaitReport>,
 
@@ -163,6 +166,9 @@ pub struct Report {
 /// The synchronous baseline beside the pipeline.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct BaselineReport {
+    /// Which monolith: `sync` (one transaction, a statement per step) or `procedure` (one
+    /// call of a PL/pgSQL function: one round trip per order).
+    pub baseline_kind: &'static str,
     pub baseline_concurrency: usize,
     pub baseline_orders: u64,
     pub baseline_confirmed: u64,
@@ -177,6 +183,7 @@ pub struct BaselineReport {
     pub baseline_max_ms: f64,
     /// CPU per completed baseline order while its orders ran (not while its data loaded).
     pub baseline_cpu: Option<CpuReport>,
+    pub baseline_work: Option<WorkReport>,
     pub baseline_pg_waits: Option<WaitReport>,
     /// The pipeline's `completed_per_s` divided by the baseline's.
     pub ratio: f64,
@@ -379,12 +386,19 @@ impl Report {
                 "observer polling", self.poll_requests, self.poll_rounds, self.poll_round_mean_ms, self.poll_errors
             );
         }
-        costs(&mut out, "", self.cpu.as_ref(), self.pg_waits.as_ref());
+        costs(
+            &mut out,
+            "",
+            self.cpu.as_ref(),
+            self.work.as_ref(),
+            self.pg_waits.as_ref(),
+        );
         if let Some(b) = &self.baseline {
             let _ = writeln!(out);
             let _ = writeln!(
                 out,
-                "  baseline (sync, {} connections): {} orders, {} confirmed, {} cancelled{}, {} errors in {:.2} s",
+                "  baseline ({}, {} connections): {} orders, {} confirmed, {} cancelled{}, {} errors in {:.2} s",
+                b.baseline_kind,
                 b.baseline_concurrency,
                 b.baseline_orders,
                 b.baseline_confirmed,
@@ -402,6 +416,7 @@ impl Report {
                 &mut out,
                 "baseline ",
                 b.baseline_cpu.as_ref(),
+                b.baseline_work.as_ref(),
                 b.baseline_pg_waits.as_ref(),
             );
             if !alone {
@@ -427,8 +442,14 @@ impl Report {
     }
 }
 
-/// The CPU and wait lines of the table, when measured.
-fn costs(out: &mut String, phase: &str, cpu: Option<&CpuReport>, waits: Option<&WaitReport>) {
+/// The CPU, work and wait lines of the table, when measured.
+fn costs(
+    out: &mut String,
+    phase: &str,
+    cpu: Option<&CpuReport>,
+    work: Option<&WorkReport>,
+    waits: Option<&WaitReport>,
+) {
     let ms = |x: Option<f64>| x.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
     if let Some(c) = cpu {
         let m = &c.core_ms_per_order;
@@ -446,6 +467,21 @@ fn costs(out: &mut String, phase: &str, cpu: Option<&CpuReport>, waits: Option<&
             ms(m.bench),
             ms(m.machine),
             c.seconds,
+        );
+    }
+    if let Some(w) = work {
+        let n = |x: Option<f64>, d: usize| x.map_or_else(|| "-".to_owned(), |v| format!("{v:.d$}"));
+        let _ = writeln!(
+            out,
+            "  {phase}work per {} order: {} write transactions, {} commits, rows {} inserted / {} updated / {} deleted, {} WAL bytes, {} messages consumed",
+            w.per,
+            n(w.write_transactions_per_order, 2),
+            n(w.commits_per_order, 2),
+            n(w.rows_inserted_per_order, 2),
+            n(w.rows_updated_per_order, 2),
+            n(w.rows_deleted_per_order, 2),
+            n(w.wal_bytes_per_order, 0),
+            n(w.messages_per_order, 2),
         );
     }
     if let Some(w) = waits {
@@ -482,6 +518,7 @@ pub struct RushReport {
     pub max_ms: f64,
     /// CPU per request by process while the requests ran.
     pub cpu: Option<CpuReport>,
+    pub work: Option<WorkReport>,
     pub pg_waits: Option<WaitReport>,
 }
 
@@ -535,7 +572,13 @@ impl RushReport {
         let _ = writeln!(out, "  {:<22} {:>10}{errors}", "errors", self.errors);
         let _ = writeln!(out, "  {:<22} {:>10.2} s", "duration", self.duration_s);
         let _ = writeln!(out, "  {:<22} {:>10.1} requests/s", "throughput", self.requests_per_s);
-        costs(&mut out, "", self.cpu.as_ref(), self.pg_waits.as_ref());
+        costs(
+            &mut out,
+            "",
+            self.cpu.as_ref(),
+            self.work.as_ref(),
+            self.pg_waits.as_ref(),
+        );
         out
     }
 }
@@ -636,6 +679,7 @@ mod tests {
             poll_rounds: 12,
             poll_round_mean_ms: 0.0,
             cpu: None,
+            work: None,
             pg_waits: None,
             baseline: None,
         };
@@ -701,7 +745,9 @@ mod tests {
             baseline_p95_ms: 2.0,
             baseline_p99_ms: 3.0,
             baseline_max_ms: 4.0,
+            baseline_kind: "sync",
             baseline_cpu: None,
+            baseline_work: None,
             baseline_pg_waits: None,
             ratio: 0.0,
             accept_ratio: 0.0,
@@ -758,6 +804,7 @@ mod tests {
             p99_ms: 0.0,
             max_ms: 0.0,
             cpu: None,
+            work: None,
             pg_waits: None,
         };
         r.measure(&latency_of(1..=100), Duration::from_millis(500));

@@ -32,7 +32,7 @@ pub async fn run(api: &Api, s: &RushSettings, progress: &Progress, meter: &Meter
     let path = Arc::new(format!("/api/coupons/{coupon_id}/issue"));
 
     let bar = progress.bar("issue", s.users);
-    let start_mark = meter.mark();
+    let start_mark = meter.mark().await;
     let started = Instant::now();
     let requests = tokens.iter().cloned().map(|token| {
         let (api, path, bar) = (api.clone(), path.clone(), bar.clone());
@@ -60,7 +60,7 @@ pub async fn run(api: &Api, s: &RushSettings, progress: &Progress, meter: &Meter
         Some(c) => stream::iter(requests).buffer_unordered(c).collect().await,
     };
     let duration = started.elapsed();
-    let end_mark = meter.mark();
+    let end_mark = meter.mark().await;
     bar.finish_and_clear();
 
     let mut latency = Latency::new();
@@ -110,11 +110,13 @@ pub async fn run(api: &Api, s: &RushSettings, progress: &Progress, meter: &Meter
         p99_ms: 0.0,
         max_ms: 0.0,
         cpu: None,
+        work: None,
         pg_waits: None,
     };
     report.measure(&latency, duration);
     let costs = meter.costs(&start_mark, &end_mark, report.requests, "requests");
     report.cpu = costs.cpu;
+    report.work = costs.work;
     report.pg_waits = costs.pg_waits;
     Ok(report)
 }
