@@ -7,6 +7,8 @@
 #                                   # (rates ends with a step at half the saturation it found,
 #                                   # and prints whether the latency there is within target)
 #   RATE_ARGS="--observe wait" bash scripts/perf.sh rates   # extra bench flags for the rate runs
+#   WORK_SETTLE=0s bash scripts/perf.sh closed   # 22 s quicker per bench: PostgreSQL's statistics
+#                                   # (commits, rows) read at once, off by up to a second's work
 #   PERF_BIN=target/debug/orderflow PERF_ORDERS=300 bash scripts/perf.sh cluster
 #                                   # a quick check that a scenario runs (debug build, few orders):
 #                                   # its numbers mean nothing
@@ -132,7 +134,10 @@ bench() {
   log "$name: orderflow bench $*"
   local pids
   pids=$(IFS=,; echo "$SYSTEM_PID${WORKER_PIDS[*]:+,${WORKER_PIDS[*]}}")
-  "$BIN" bench --api "$API" --json "$OUT/$name.json" --system-pids "$pids" --pg-waits "$@"
+  # PostgreSQL's statistics (commits, rows) are given 11 s at each end of each phase to arrive,
+  # so they are exact (WORK_SETTLE=0s: quicker, off by up to a second's work at each end).
+  "$BIN" bench --api "$API" --json "$OUT/$name.json" --system-pids "$pids" --pg-waits \
+    --work-settle "${WORK_SETTLE:-11s}" "$@"
   jq -r --arg name "$name" '
     def num: if . == null then "-" else . * 100 | round / 100 end;
     def row($n; $done; $rate; $cpu; $waits; $work):
