@@ -102,6 +102,16 @@ fn assert_work(work: &Value, orders: u64, per: &str, min_write_tx: f64) {
     }
 }
 
+/// Every baseline dropped its schema again.
+async fn assert_no_baseline_schema(app: &TestApp) {
+    let leftover: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'orderflow_bench_sync_%'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(leftover, 0);
+}
+
 #[tokio::test]
 async fn a_small_bench_accounts_for_every_order() {
     let app = TestApp::spawn().await;
@@ -188,12 +198,7 @@ async fn a_small_bench_accounts_for_every_order() {
     // The baseline's: at least one transaction that wrote per order.
     assert_eq!(report["baseline_kind"], "sync");
     assert_work(&report["baseline_work"], 50, "completed", 1.0);
-    let leftover: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'orderflow_bench_sync_%'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-    assert_eq!(leftover, 0);
+    assert_no_baseline_schema(&app).await;
     // The system agrees with what the bench observed.
     let confirmed: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'CONFIRMED'")
         .fetch_one(&app.pool)
@@ -363,12 +368,7 @@ async fn the_procedure_baseline_places_the_same_orders_in_one_call_each() {
             assert!((2.5..3.0).contains(&upd), "{w:?}");
         }
     }
-    let leftover: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'orderflow_bench_sync_%'")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-    assert_eq!(leftover, 0);
+    assert_no_baseline_schema(&app).await;
     app.stop().await;
 }
 
