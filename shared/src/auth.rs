@@ -36,6 +36,11 @@ impl Principal {
             None => self.user_id.to_string(),
         }
     }
+
+    /// An admin as audit records name them: `admin:42`, `admin:1000000000001 (<issuer>#<sub>)`.
+    pub fn describe_as_actor(&self) -> String {
+        format!("admin:{}", self.describe())
+    }
 }
 
 /// A user as an identity provider knows them: its issuer and their `sub`.

@@ -586,11 +586,36 @@ async fn isolate<S: Step>(step: &S, pool: &PgPool, item: Item) {
         }
         Err(err) => {
             item.report(Disposition::Requeued, Some(&err));
+            if !S::UNBOUNDED_QUEUE {
+                record_failure(pool, S::NAME, &[(item.msg.envelope.id, format!("{err:#}"))]).await;
+            }
             Disposition::Requeued
         }
     };
     finish::<S>(items, &[disposition], started).await;
 }
+
+/// Keeps the error a delivery failed with (`delivery_failures`), so that its dead letter, if
+/// the broker gives up on it, says why and falls into the right failure group. Best effort: a
+/// database that cannot take this cannot take the step either, and the letter is still
+/// recorded, only without its error.
+async fn record_failure(pool: &PgPool, consumer: &str, failures: &[(Uuid, String)]) {
+    let (ids, errors): (Vec<Uuid>, Vec<&str>) = failures.iter().map(|(id, e)| (*id, e.as_str())).unzip();
+    if let Err(err) = sqlx::query(FAILURES)
+        .bind(consumer)
+        .bind(&ids)
+        .bind(&errors)
+        .execute(pool)
+        .await
+    {
+        tracing::debug!(error = %err, "could not record a delivery failure");
+    }
+}
+
+/// Upserts (consumer, message id, error) rows: `$1` the consumer, `$2` and `$3` aligned arrays.
+const FAILURES: &str = "INSERT INTO delivery_failures (consumer, message_id, error)
+     SELECT $1, id, left(error, 2000) FROM unnest($2::uuid[], $3::text[]) AS f(id, error)
+     ON CONFLICT (consumer, message_id) DO UPDATE SET error = EXCLUDED.error, failed_at = now()";
 
 /// Keeps a message that failed too often on a queue without a delivery limit (see
 /// [`Step::park`]); if even that fails, it goes back to the queue.
@@ -682,6 +707,7 @@ async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) 
         .instrument(items[todo[0]].span.clone())
         .await?;
     let mut forget = Vec::new();
+    let mut why_rejected = Vec::new();
     let mut alone = Vec::new();
     for (&i, outcome) in todo.iter().zip(outcomes) {
         let msg = &items[i].msg;
@@ -691,10 +717,12 @@ async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) 
             Outcome::Poison(why) => {
                 items[i].span.in_scope(|| tracing::warn!(%why, "poison message"));
                 forget.push(msg.envelope.id);
+                why_rejected.push(why);
                 Disposition::Rejected
             }
-            Outcome::Missing(_) if msg.order_ids.len() <= 1 => {
+            Outcome::Missing(missing) if msg.order_ids.len() <= 1 => {
                 forget.push(msg.envelope.id);
+                why_rejected.push(format!("no such order: {missing:?}"));
                 Disposition::Rejected
             }
             Outcome::Missing(missing) => {
@@ -710,6 +738,12 @@ async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) 
         sqlx::query("DELETE FROM inbox WHERE consumer = $1 AND message_id = ANY($2)")
             .bind(S::NAME)
             .bind(&forget)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(FAILURES)
+            .bind(S::NAME)
+            .bind(&forget)
+            .bind(&why_rejected)
             .execute(&mut *tx)
             .await?;
     }

@@ -58,7 +58,8 @@ const PRUNE_BATCH: i64 = 5_000;
 /// Deletes bookkeeping nobody can need any more: idempotency keys older than 48 hours (the
 /// promise is at least 24), outbox rows published or discarded over a day ago, inbox records older than
 /// 7 days (a redelivery that late cannot happen: RabbitMQ redelivers on reconnect, and the
-/// delivery limit caps attempts). Safe with several recovery workers.
+/// delivery limit caps attempts), delivery failures older than 7 days (their dead letters
+/// were recorded long before). Safe with several recovery workers.
 pub async fn prune(pool: &PgPool) -> Result<u64> {
     let mut removed = 0;
     for sql in [
@@ -70,6 +71,8 @@ pub async fn prune(pool: &PgPool) -> Result<u64> {
              SELECT ctid FROM outbox WHERE discarded_at < now() - interval '1 day' LIMIT $1))",
         "DELETE FROM inbox WHERE ctid = ANY(ARRAY(
              SELECT ctid FROM inbox WHERE processed_at < now() - interval '7 days' LIMIT $1))",
+        "DELETE FROM delivery_failures WHERE ctid = ANY(ARRAY(
+             SELECT ctid FROM delivery_failures WHERE failed_at < now() - interval '7 days' LIMIT $1))",
     ] {
         removed += sqlx::query(sql).bind(PRUNE_BATCH).execute(pool).await?.rows_affected();
     }

@@ -12,15 +12,12 @@ use orderflow_shared::{
     Error,
     config::query_duration,
     db::{
+        dead_letters,
         orders::{self, OrderRow},
-        outbox::{self, Replay},
+        outbox,
         stored_json::StoredJson,
     },
     domain::{CancelReason, OrderStatus},
-    messaging::{
-        stats::{self, Destination},
-        topology,
-    },
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -236,6 +233,8 @@ pub struct DeadLetterFilter {
     /// Which dead letters: NEW (the default), REPLAYED, DISCARDED or ALL.
     #[param(value_type = Option<DeadLetterStatusFilter>)]
     pub status: Option<String>,
+    /// Only the letters of this failure group (`GET /api/admin/failure-groups`).
+    pub group: Option<String>,
 }
 
 /// The values of `status` in `GET /api/admin/dead-letters`.
@@ -282,6 +281,18 @@ pub struct DeadLetterView {
     /// NEW, REPLAYED or DISCARDED.
     pub status: String,
     pub resolved_at: Option<DateTime<Utc>>,
+    /// Who replayed or discarded it: `admin:<user id>` (with the identity provider's
+    /// `issuer#sub` for its users).
+    pub resolved_by: Option<String>,
+    /// The bulk action that replayed or discarded it, if one did.
+    pub bulk_action_id: Option<i64>,
+    /// The error its consumer last failed it with, when the consumer said (the broker only
+    /// says `delivery_limit` or `rejected`).
+    pub error: Option<String>,
+    /// Its failure group (`GET /api/admin/failure-groups`).
+    pub failure_group: Option<String>,
+    /// How often its message had been replayed before this death.
+    pub previous_replays: i32,
 }
 
 impl DeadLetterView {
@@ -310,34 +321,42 @@ pub async fn list_dead_letters(
     Query(page): Query<PageParams>,
 ) -> ApiResult<Json<Page<DeadLetterView>>> {
     let (limit, offset) = page.limit_offset()?;
-    let status = match filter.status.as_deref().unwrap_or("NEW") {
-        "ALL" => None,
-        s @ ("NEW" | "REPLAYED" | "DISCARDED") => Some(s.to_owned()),
-        other => {
-            return Err(Error::bad_request(
-                "INVALID_STATUS",
-                format!("{other:?} is not NEW, REPLAYED, DISCARDED or ALL"),
-            )
-            .into());
-        }
-    };
-    let rows: Vec<DeadLetterView> = sqlx::query_as(
-        "SELECT * FROM dead_letters WHERE $1::text IS NULL OR status = $1 ORDER BY id DESC LIMIT $2 OFFSET $3",
-    )
+    let status = letter_status(filter.status.as_deref())?;
+    const WHERE: &str = "($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR failure_group = $2)";
+    let rows: Vec<DeadLetterView> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT * FROM dead_letters WHERE {WHERE} ORDER BY id DESC LIMIT $3 OFFSET $4"
+    )))
     .bind(&status)
+    .bind(&filter.group)
     .bind(limit)
     .bind(offset)
     .fetch_all(&state.pool)
     .await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE $1::text IS NULL OR status = $1")
-        .bind(&status)
-        .fetch_one(&state.pool)
-        .await?;
+    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM dead_letters WHERE {WHERE}"
+    )))
+    .bind(&status)
+    .bind(&filter.group)
+    .fetch_one(&state.pool)
+    .await?;
     Ok(Json(Page::new(
         rows.into_iter().map(DeadLetterView::with_text).collect(),
         page,
         total,
     )))
+}
+
+/// A letter status filter: NEW (the default), REPLAYED, DISCARDED, or ALL (None); else 400
+/// `INVALID_STATUS`.
+pub(crate) fn letter_status(asked: Option<&str>) -> Result<Option<String>, Error> {
+    match asked.unwrap_or("NEW") {
+        "ALL" => Ok(None),
+        s @ ("NEW" | "REPLAYED" | "DISCARDED") => Ok(Some(s.to_owned())),
+        other => Err(Error::bad_request(
+            "INVALID_STATUS",
+            format!("{other:?} is not NEW, REPLAYED, DISCARDED or ALL"),
+        )),
+    }
 }
 
 async fn find_dead_letter(conn: &mut sqlx::PgConnection, id: i64, lock: bool) -> Result<DeadLetterView, Error> {
@@ -384,7 +403,7 @@ pub async fn show_dead_letter(
 ))]
 pub async fn replay_dead_letter(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(id): Path<i64>,
 ) -> ApiResult<(StatusCode, Json<DeadLetterView>)> {
     let mut tx = state.pool.begin().await?;
@@ -396,82 +415,16 @@ pub async fn replay_dead_letter(
         )
         .into());
     }
-    // Bytes that are not even JSON can only be refused again: discard those instead.
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&letter.raw_body).is_err() {
-        return Err(Error::conflict(
-            "DEAD_LETTER_NOT_REPLAYABLE",
-            "its body is not JSON, so no worker can take it; discard it instead",
-        )
-        .into());
-    }
-    let (exchange, routing_key) = destination(&state, &letter).await?;
-    let message_id = letter
-        .message_id
-        .as_deref()
-        .and_then(|m| m.parse().ok())
-        .unwrap_or_else(Uuid::now_v7);
-    // Which dead letter this replays: if it dies again, that is a new death, recorded anew.
-    let mut headers = serde_json::json!({ REPLAY_OF: id.to_string() });
-    if let Some(tp) = letter.headers.0.get("traceparent").filter(|tp| tp.is_string()) {
-        headers["traceparent"] = tp.clone();
-    }
-    outbox::enqueue_replay(
-        &mut tx,
-        &Replay {
-            message_id,
-            message_type: letter.message_type.clone().unwrap_or_else(|| routing_key.clone()),
-            exchange,
-            routing_key,
-            order_ids: letter.order_ids.clone(),
-            headers,
-            body: letter.raw_body.clone(),
-        },
-    )
-    .await?;
-    sqlx::query("UPDATE dead_letters SET status = 'REPLAYED', resolved_at = now() WHERE id = $1")
+    let found: dead_letters::Letter = sqlx::query_as("SELECT * FROM dead_letters WHERE id = $1")
         .bind(id)
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
+    let mut destinations = dead_letters::Destinations::new(&state.config.amqp_url);
+    dead_letters::replay(&mut tx, &found, &mut destinations, &admin.0.describe_as_actor(), None).await?;
     let letter = find_dead_letter(&mut tx, id, false).await?;
     tx.commit().await?;
     outbox::committed();
     Ok((StatusCode::ACCEPTED, Json(letter)))
-}
-
-/// The header naming the dead letter a message replays.
-pub const REPLAY_OF: &str = "x-orderflow-replay-of";
-
-/// Where a replay goes: the queue the letter died in, through the default exchange, if that
-/// queue exists; else the exchange and routing key it was published with, if that exchange
-/// exists and (for orderflow's own exchanges, whose bindings are known) routes the key.
-async fn destination(state: &AppState, letter: &DeadLetterView) -> Result<(String, String), Error> {
-    let not_replayable = |why: String| Error::conflict("DEAD_LETTER_NOT_REPLAYABLE", why);
-    let ask = |destination| async move {
-        stats::exists(&state.config.amqp_url, destination).await.map_err(|err| {
-            tracing::warn!(error = %format!("{err:#}"), "cannot ask the broker about a replay's destination");
-            Error::unavailable("BROKER_UNAVAILABLE", "the broker could not be asked; retry shortly")
-        })
-    };
-    if let Some(queue) = letter.source_queue.as_deref().filter(|q| !q.is_empty()) {
-        if ask(Destination::Queue(queue)).await? {
-            return Ok((String::new(), queue.to_owned()));
-        }
-        return Err(not_replayable(format!(
-            "the queue it died in, {queue:?}, does not exist"
-        )));
-    }
-    let (Some(exchange), Some(routing_key)) = (letter.exchange.clone(), letter.routing_key.clone()) else {
-        return Err(not_replayable("where it was published is unknown".to_owned()));
-    };
-    if !exchange.is_empty() && !ask(Destination::Exchange(&exchange)).await? {
-        return Err(not_replayable(format!("its exchange {exchange:?} does not exist")));
-    }
-    if topology::EXCHANGES.iter().any(|(name, _)| *name == exchange) && !topology::routes(&exchange, &routing_key) {
-        return Err(not_replayable(format!(
-            "exchange {exchange:?} routes nothing with routing key {routing_key:?}"
-        )));
-    }
-    Ok((exchange, routing_key))
 }
 
 /// Discard a dead letter (kept, marked DISCARDED, for the record).
@@ -485,7 +438,7 @@ async fn destination(state: &AppState, letter: &DeadLetterView) -> Result<(Strin
 ))]
 pub async fn discard_dead_letter(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(id): Path<i64>,
 ) -> ApiResult<StatusCode> {
     let mut tx = state.pool.begin().await?;
@@ -497,10 +450,7 @@ pub async fn discard_dead_letter(
         )
         .into());
     }
-    sqlx::query("UPDATE dead_letters SET status = 'DISCARDED', resolved_at = now() WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+    dead_letters::resolve(&mut tx, &[id], "DISCARDED", &admin.0.describe_as_actor(), None).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }

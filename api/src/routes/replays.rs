@@ -92,7 +92,7 @@ pub async fn start(State(state): State<AppState>, admin: Admin, Json(req): Json<
     let created = replay::create(
         &mut *state.pool.acquire().await?,
         &plan,
-        &format!("admin:{}", admin.0.describe()),
+        &admin.0.describe_as_actor(),
         Some(owner),
     )
     .await?;

@@ -2,6 +2,8 @@
 //! shared by the API and the workers. Query functions take `&mut PgConnection` so that the
 //! caller owns the transaction.
 
+pub mod bulk;
+pub mod dead_letters;
 pub mod orders;
 pub mod outbox;
 pub mod primary;

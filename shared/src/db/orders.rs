@@ -229,6 +229,15 @@ impl Transitions {
         });
     }
 
+    /// Moves a locked order to `to` and sends nothing: the message that carries it on is
+    /// already on its way (an operator's replay of its dead-lettered compensation).
+    pub fn resume(&mut self, order: OrderRow, to: OrderStatus) {
+        self.moves.push(Move {
+            order,
+            path: vec![(to, None)],
+        });
+    }
+
     /// A message written with the moves (e.g. a public event built by the step).
     pub fn message(&mut self, message: OutboxMessage) {
         self.messages.push(message);

@@ -227,6 +227,19 @@ pub async fn wait_committed() {
     COMMITTED.notified().await;
 }
 
+/// Whether more than `n` messages wait for the relay (unsent and not parked): jobs that write
+/// to the outbox in chunks (replays, bulk actions) wait while it is so, so live orders go
+/// first and no backlog grows because of them.
+pub async fn backlog_exceeds(pool: &sqlx::PgPool, n: i64) -> Result<bool> {
+    let waiting: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL LIMIT $1) AS t",
+    )
+    .bind(n + 1)
+    .fetch_one(pool)
+    .await?;
+    Ok(waiting > n)
+}
+
 /// A message to publish again exactly as it was (a dead-letter replay): the original body
 /// bytes and message id (consumers' inboxes keep it idempotent), to `exchange` with
 /// `routing_key`.

@@ -435,13 +435,7 @@ async fn give_way(pool: &PgPool, replay: &Replay, owner: Uuid, shutdown: &Cancel
     loop {
         let left = paused_until.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
-            let backlog: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM (SELECT 1 FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL LIMIT $1) AS t",
-            )
-            .bind(i64::from(replay.chunk_size) + 1)
-            .fetch_one(pool)
-            .await?;
-            if backlog <= i64::from(replay.chunk_size) {
+            if !outbox::backlog_exceeds(pool, i64::from(replay.chunk_size)).await? {
                 return Ok(true);
             }
         }

@@ -1,0 +1,357 @@
+//! Operators in an incident (admin): dead letters grouped by cause, and bulk actions that
+//! replay or discard a group, cancel stuck orders or retry parked compensations by the
+//! thousand. The work is `orderflow_shared::db::bulk`, run in a task of this process; any API
+//! process resumes an action whose runner died.
+
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use chrono::{DateTime, Utc};
+use orderflow_shared::{
+    Error,
+    config::query_duration,
+    db::bulk::{self, Action, BulkAction, DryRun, Filter, LetterFilter, OrderFilter, Plan},
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use crate::{
+    AppState,
+    extract::{Admin, Json, Path, Query},
+    page::{Page, PageParams},
+    problem::{ApiResult, Problem},
+    routes::admin::DeadLetterView,
+};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/admin/failure-groups", get(failure_groups))
+        .route("/api/admin/bulk-actions", post(start).get(list))
+        .route("/api/admin/bulk-actions/{id}", get(show))
+        .route("/api/admin/bulk-actions/{id}/cancel", post(cancel))
+}
+
+const PROBLEM: &str = "application/problem+json";
+
+// --- Failure groups ---------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct GroupFilter {
+    /// Which letters count: NEW (the default: groups still to act on), REPLAYED, DISCARDED or
+    /// ALL.
+    #[param(value_type = Option<crate::routes::admin::DeadLetterStatusFilter>)]
+    pub status: Option<String>,
+}
+
+/// Dead letters of one cause: the queue they died in, their message type, the broker's reason
+/// and the kind of error their consumer failed them with (the error with ids and numbers taken
+/// out), e.g. every `stock.release` of `orderflow.stock` that hit "delivery_limit" with
+/// `error returned from database: product # is misconfigured`.
+#[derive(Debug, Serialize, ToSchema, sqlx::FromRow)]
+#[serde(rename_all = "camelCase")]
+pub struct FailureGroup {
+    /// The group's fingerprint (stable: the same cause is the same id, in every release that
+    /// keeps the `failure_group` SQL function); filter bulk actions and letters by it.
+    pub id: String,
+    pub queue: Option<String>,
+    pub message_type: Option<String>,
+    /// The broker's reason: delivery_limit, rejected, expired.
+    pub reason: Option<String>,
+    /// The consumer's error without ids and numbers; null when no consumer said.
+    pub error_kind: Option<String>,
+    /// Letters in the group (with the status asked for).
+    pub count: i64,
+    /// Of those: NEW, REPLAYED, DISCARDED.
+    pub new: i64,
+    pub replayed: i64,
+    pub discarded: i64,
+    /// Distinct orders the letters name.
+    pub orders: i64,
+    /// Up to 5 of those orders.
+    pub sample_orders: Vec<Uuid>,
+    /// Most replays one message of the group had been through before it died again.
+    pub max_previous_replays: i32,
+    /// When the first and last letters of the group died (recorded).
+    pub first_seen: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    /// The newest letter of the group.
+    #[sqlx(skip)]
+    pub sample: Option<DeadLetterView>,
+    #[serde(skip)]
+    sample_id: i64,
+}
+
+/// Dead letters grouped by cause, the most recent cause first.
+#[utoipa::path(get, path = "/api/admin/failure-groups", operation_id = "listFailureGroups", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])), params(GroupFilter, PageParams), responses(
+    (status = 200, description = "a page of failure groups, the most recently seen first", body = Page<FailureGroup>),
+    (status = 400, description = "INVALID_STATUS, INVALID_PAGE, INVALID_PAGE_SIZE or INVALID_QUERY", body = Problem, content_type = PROBLEM),
+))]
+pub async fn failure_groups(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Query(filter): Query<GroupFilter>,
+    Query(page): Query<PageParams>,
+) -> ApiResult<Json<Page<FailureGroup>>> {
+    let (limit, offset) = page.limit_offset()?;
+    let status = crate::routes::admin::letter_status(filter.status.as_deref())?;
+    let mut conn = state.pool.acquire().await?;
+    const LETTERS: &str = "SELECT * FROM dead_letters WHERE $1::text IS NULL OR status = $1";
+    let mut groups: Vec<FailureGroup> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH letters AS ({LETTERS}),
+              named AS (SELECT l.failure_group, o FROM letters l, unnest(l.order_ids) o)
+         SELECT g.failure_group AS id, min(source_queue) AS queue, min(message_type) AS message_type,
+                min(reason) AS reason, min(error_kind(error)) AS error_kind, count(*) AS count,
+                count(*) FILTER (WHERE status = 'NEW') AS new,
+                count(*) FILTER (WHERE status = 'REPLAYED') AS replayed,
+                count(*) FILTER (WHERE status = 'DISCARDED') AS discarded,
+                (SELECT count(DISTINCT o) FROM named n WHERE n.failure_group = g.failure_group) AS orders,
+                ARRAY(SELECT DISTINCT o FROM named n WHERE n.failure_group = g.failure_group LIMIT 5) AS sample_orders,
+                max(previous_replays) AS max_previous_replays,
+                min(recorded_at) AS first_seen, max(recorded_at) AS last_seen, max(id) AS sample_id
+         FROM letters g GROUP BY g.failure_group
+         ORDER BY last_seen DESC, id LIMIT $2 OFFSET $3"
+    )))
+    .bind(&status)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&mut *conn)
+    .await?;
+    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(DISTINCT failure_group) FROM ({LETTERS}) AS letters"
+    )))
+    .bind(&status)
+    .fetch_one(&mut *conn)
+    .await?;
+    let ids: Vec<i64> = groups.iter().map(|g| g.sample_id).collect();
+    let samples: Vec<DeadLetterView> = sqlx::query_as("SELECT * FROM dead_letters WHERE id = ANY($1)")
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await?;
+    for sample in samples {
+        if let Some(g) = groups.iter_mut().find(|g| g.sample_id == sample.id) {
+            g.sample = Some(sample.with_text());
+        }
+    }
+    Ok(Json(Page::new(groups, page, total)))
+}
+
+// --- Bulk actions -----------------------------------------------------------------------------
+
+/// Which items; every field given must match. Dead-letter actions take `group`, `queue`,
+/// `messageType`, `reason`, `from` and `to` (on when the letter was recorded); order actions
+/// take `status` and `olderThan` (a cancel needs `olderThan`).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestFilter {
+    /// A failure group's id.
+    pub group: Option<String>,
+    /// The queue the letters died in, e.g. `orderflow.stock`.
+    pub queue: Option<String>,
+    /// e.g. `stock.release`.
+    pub message_type: Option<String>,
+    /// delivery_limit, rejected or expired.
+    pub reason: Option<String>,
+    /// Letters recorded at or after this time (RFC 3339).
+    #[schema(format = DateTime)]
+    pub from: Option<String>,
+    /// Letters recorded before this time (RFC 3339).
+    #[schema(format = DateTime)]
+    pub to: Option<String>,
+    /// Orders in this status (a cancel: PENDING, STOCK_RESERVED, COUPON_APPLIED or PAID, all of
+    /// them when absent; a retry: COMPENSATION_FAILED).
+    pub status: Option<String>,
+    /// Orders unchanged for at least this long: a whole number and `ms`, `s` or `m` (none:
+    /// seconds), at most 7 days; counted from when the action is created.
+    #[schema(example = "5m")]
+    pub older_than: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NewBulkAction {
+    pub action: Action,
+    #[serde(default)]
+    pub filter: RequestFilter,
+    /// Say what would happen (200, a [`DryRun`]) and change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Items per transaction, 1..=1,000 (default 100).
+    #[schema(minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
+    pub chunk_size: Option<i64>,
+    /// Pause after each chunk, 0..=10,000 ms (default 100).
+    #[schema(minimum = 0, maximum = 10000)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
+    pub pause_ms: Option<i64>,
+}
+
+impl NewBulkAction {
+    /// The request as a plan: times absolute (`olderThan` counted from `now`).
+    fn plan(&self, now: DateTime<Utc>) -> Result<Plan, Error> {
+        let f = &self.filter;
+        let on_letters = matches!(self.action, Action::ReplayDeadLetters | Action::DiscardDeadLetters);
+        let misplaced: Vec<&str> = if on_letters {
+            [("status", f.status.is_some()), ("olderThan", f.older_than.is_some())].to_vec()
+        } else {
+            [
+                ("group", f.group.is_some()),
+                ("queue", f.queue.is_some()),
+                ("messageType", f.message_type.is_some()),
+                ("reason", f.reason.is_some()),
+                ("from", f.from.is_some()),
+                ("to", f.to.is_some()),
+            ]
+            .to_vec()
+        }
+        .into_iter()
+        .filter_map(|(name, given)| given.then_some(name))
+        .collect();
+        if !misplaced.is_empty() {
+            return Err(Error::unprocessable(
+                "INVALID_FILTER",
+                format!(
+                    "{} does not take {} in its filter",
+                    self.action.as_str(),
+                    misplaced.join(", ")
+                ),
+            ));
+        }
+        let time = |name: &str, value: &Option<String>| -> Result<Option<DateTime<Utc>>, Error> {
+            value
+                .as_deref()
+                .map(|v| {
+                    crate::json::date_time::<serde::de::value::Error>(v)
+                        .map_err(|e| Error::bad_request("INVALID_TIME", format!("{name}: {e}")))
+                })
+                .transpose()
+        };
+        let filter = if on_letters {
+            Filter::Letters(LetterFilter {
+                group: f.group.clone(),
+                queue: f.queue.clone(),
+                message_type: f.message_type.clone(),
+                reason: f.reason.clone(),
+                from: time("from", &f.from)?,
+                to: time("to", &f.to)?,
+            })
+        } else {
+            let older_than = match f.older_than.as_deref() {
+                Some(d) => query_duration(d)?,
+                None if self.action == Action::CancelOrders => {
+                    return Err(Error::unprocessable(
+                        "INVALID_FILTER",
+                        "CANCEL_ORDERS needs olderThan (e.g. 5m): only orders unchanged that long are cancelled",
+                    ));
+                }
+                None => std::time::Duration::ZERO,
+            };
+            let older_than = chrono::TimeDelta::from_std(older_than)
+                .map_err(|e| Error::bad_request("INVALID_DURATION", e.to_string()))?;
+            Filter::Orders(OrderFilter {
+                statuses: bulk::order_statuses(self.action, f.status.as_deref())?,
+                updated_before: now - older_than,
+            })
+        };
+        Ok(Plan::new(self.action, filter, self.chunk_size, self.pause_ms)?)
+    }
+}
+
+/// Start a bulk action, or (with `dryRun`) say what it would do. The action runs in chunks
+/// (`chunkSize` items per transaction, `pauseMs` after each, and never while more than a chunk
+/// waits for the relay), each item acted on once however often it is resumed; follow
+/// `Location` for its progress.
+#[utoipa::path(post, path = "/api/admin/bulk-actions", operation_id = "startBulkAction", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
+    request_body = NewBulkAction,
+    responses(
+        (status = 200, description = "a dry run: what the action would do now; nothing changed", body = DryRun),
+        (status = 202, description = "started; follow `Location` for its progress", body = BulkAction,
+            headers(("Location" = String, description = "/api/admin/bulk-actions/{id}")),
+            links(
+                ("getBulkAction" = (operation_id = "getBulkAction", parameters(("id" = "$response.body#/id")))),
+                ("cancelBulkAction" = (operation_id = "cancelBulkAction", parameters(("id" = "$response.body#/id")))),
+            )),
+        (status = 400, description = "INVALID_TIME, INVALID_DURATION, INVALID_CHUNK_SIZE, INVALID_PAUSE, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "INVALID_FILTER: a field the action does not take, or a cancel without olderThan; INVALID_STATUS: a status the action cannot move", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "BROKER_UNAVAILABLE: a replay's dry run could not ask the broker", body = Problem, content_type = PROBLEM),
+    ))]
+pub async fn start(State(state): State<AppState>, admin: Admin, Json(req): Json<NewBulkAction>) -> ApiResult<Response> {
+    let plan = req.plan(Utc::now())?;
+    if req.dry_run {
+        let dry = bulk::dry_run(&state.pool, &state.config.amqp_url, &plan).await?;
+        return Ok((StatusCode::OK, Json(dry)).into_response());
+    }
+    let owner = Uuid::new_v4();
+    let created = bulk::create(&state.pool, &plan, &admin.0.describe_as_actor(), owner).await?;
+    tracing::info!(
+        bulk_action = created.id,
+        action = plan.action.as_str(),
+        total = created.total,
+        by = %created.requested_by,
+        "bulk action requested"
+    );
+    bulk::spawn(
+        state.pool.clone(),
+        state.config.amqp_url.clone(),
+        created.id,
+        owner,
+        state.shutdown.clone(),
+    );
+    let mut res = (StatusCode::ACCEPTED, Json(&created)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/api/admin/bulk-actions/{}", created.id)) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(res)
+}
+
+/// Bulk actions, newest first.
+#[utoipa::path(get, path = "/api/admin/bulk-actions", operation_id = "listBulkActions", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])), params(PageParams), responses(
+    (status = 200, description = "a page of bulk actions, newest first", body = Page<BulkAction>),
+    (status = 400, description = "INVALID_PAGE or INVALID_PAGE_SIZE", body = Problem, content_type = PROBLEM),
+))]
+pub async fn list(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Query(page): Query<PageParams>,
+) -> ApiResult<Json<Page<BulkAction>>> {
+    let (limit, offset) = page.limit_offset()?;
+    let (rows, total) = bulk::list(&mut *state.pool.acquire().await?, limit, offset).await?;
+    Ok(Json(Page::new(rows, page, total)))
+}
+
+/// One bulk action's progress.
+#[utoipa::path(get, path = "/api/admin/bulk-actions/{id}", operation_id = "getBulkAction", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
+    params(("id" = i64, Path, minimum = 1, description = "the bulk action's id")), responses(
+    (status = 200, description = "the bulk action", body = BulkAction),
+    (status = 400, description = "INVALID_PATH: the id is not a whole number within int64", body = Problem, content_type = PROBLEM),
+    (status = 404, description = "BULK_ACTION_NOT_FOUND", body = Problem, content_type = PROBLEM),
+))]
+pub async fn show(State(state): State<AppState>, _admin: Admin, Path(id): Path<i64>) -> ApiResult<Json<BulkAction>> {
+    let found = bulk::find(&mut *state.pool.acquire().await?, id).await?;
+    Ok(Json(found.ok_or_else(|| bulk::not_found(id))?))
+}
+
+/// Stop a running bulk action: no chunk starts after this answer; what earlier chunks did
+/// stays done.
+#[utoipa::path(post, path = "/api/admin/bulk-actions/{id}/cancel", operation_id = "cancelBulkAction", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
+    params(("id" = i64, Path, minimum = 1, description = "the bulk action's id")), responses(
+    (status = 200, description = "the bulk action, CANCELLED", body = BulkAction),
+    (status = 400, description = "INVALID_PATH: the id is not a whole number within int64", body = Problem, content_type = PROBLEM),
+    (status = 404, description = "BULK_ACTION_NOT_FOUND", body = Problem, content_type = PROBLEM),
+    (status = 409, description = "BULK_ACTION_NOT_RUNNING: already DONE or CANCELLED", body = Problem, content_type = PROBLEM),
+))]
+pub async fn cancel(State(state): State<AppState>, admin: Admin, Path(id): Path<i64>) -> ApiResult<Json<BulkAction>> {
+    let cancelled = bulk::cancel(&mut *state.pool.acquire().await?, id).await?;
+    tracing::info!(bulk_action = id, by = %admin.0.describe_as_actor(), "bulk action cancelled");
+    Ok(Json(cancelled))
+}

@@ -1,0 +1,785 @@
+//! Bulk actions (issue 28): what an operator does to thousands of dead letters or orders at
+//! once, safely while live traffic flows.
+//!
+//! - **Actions.** [`Action::ReplayDeadLetters`] and [`Action::DiscardDeadLetters`] act on the
+//!   NEW dead letters matching a [`LetterFilter`] (a failure group, a queue, a message type, a
+//!   broker reason, a window of `recordedAt`); [`Action::CancelOrders`] cancels
+//!   (ADMIN_CANCELLED) the orders in a cancellable status unchanged since a moment;
+//!   [`Action::RetryCompensations`] moves COMPENSATION_FAILED orders back to CANCELLING and
+//!   sends the compensation each still needs. The rules are those of the one-item routes:
+//!   a replay is the one `dead_letters::replay` does; a cancel the one `orders::cancel` does.
+//! - **Dry run.** [`dry_run`] says what an action would do (how many items, how many orders,
+//!   a sample; for a replay, how many letters could not be replayed and why) and changes
+//!   nothing.
+//! - **Chunks.** An action acts on at most `chunkSize` items per transaction; the transaction
+//!   moves them out of the filter (a letter leaves NEW; an order leaves its status) and counts
+//!   them, so an item is acted on once whatever crashes, and a letter replayed twice is one
+//!   replay. After each chunk it pauses `pauseMs`, then waits while more than a chunk's worth
+//!   of messages wait for the relay: live orders go first, an action never makes a backlog grow.
+//! - **Progress, cancel, resume.** The `bulk_actions` row holds the state (RUNNING, DONE,
+//!   CANCELLED), `total` (matching when created), `done`, `skipped` (letters that could not be
+//!   replayed: left NEW, the last reason kept) and who asked. Cancelling takes effect before
+//!   the next chunk. Whoever runs an action holds a lease ([`LEASE`], renewed at every chunk);
+//!   every API process looks every [`RESUME_EVERY`] for RUNNING actions whose lease ran out and
+//!   resumes them.
+//! - **Audit.** The row names who asked and what; every letter it resolved names the action
+//!   and who asked (`resolvedBy`, `bulkActionId`).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    Error, Result,
+    db::{
+        dead_letters::{self, Destinations, Letter},
+        orders::{OrderRow, Transitions},
+        outbox,
+    },
+    domain::{CancelReason, OrderStatus},
+};
+
+/// Items per transaction, unless asked otherwise (1..=[`MAX_CHUNK_SIZE`]).
+pub const DEFAULT_CHUNK_SIZE: i32 = 100;
+pub const MAX_CHUNK_SIZE: i32 = 1_000;
+/// Pause after each chunk, unless asked otherwise (0..=[`MAX_PAUSE_MS`]).
+pub const DEFAULT_PAUSE_MS: i32 = 100;
+/// Below [`LEASE`], so a pausing runner never loses its lease.
+pub const MAX_PAUSE_MS: i32 = 10_000;
+/// How long a runner's claim on an action lasts without renewal.
+pub const LEASE: Duration = Duration::from_secs(30);
+/// How often an API process looks for actions to resume.
+pub const RESUME_EVERY: Duration = Duration::from_secs(5);
+/// How often a waiting runner looks again (cancelled? backlog gone?).
+const CHECK_EVERY: Duration = Duration::from_millis(100);
+/// How often a waiting runner renews its lease.
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// Items a dry run lists.
+const SAMPLE: i64 = 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Action {
+    /// Publish the matching NEW dead letters again (each marked REPLAYED).
+    ReplayDeadLetters,
+    /// Mark the matching NEW dead letters DISCARDED (kept for the record, never published).
+    DiscardDeadLetters,
+    /// Cancel (ADMIN_CANCELLED) the matching in-flight orders; their compensations run.
+    CancelOrders,
+    /// Move the matching COMPENSATION_FAILED orders back to CANCELLING and send the
+    /// compensation each still needs.
+    RetryCompensations,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ReplayDeadLetters => "REPLAY_DEAD_LETTERS",
+            Self::DiscardDeadLetters => "DISCARD_DEAD_LETTERS",
+            Self::CancelOrders => "CANCEL_ORDERS",
+            Self::RetryCompensations => "RETRY_COMPENSATIONS",
+        }
+    }
+
+    fn on_letters(self) -> bool {
+        matches!(self, Self::ReplayDeadLetters | Self::DiscardDeadLetters)
+    }
+}
+
+impl TryFrom<String> for Action {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        serde_json::from_value(serde_json::Value::String(s)).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum State {
+    /// Acting, or waiting to be resumed.
+    Running,
+    /// Nothing matching is left (or every letter left could not be replayed: `skipped`).
+    Done,
+    /// Stopped by an operator; what its chunks did stays done.
+    Cancelled,
+}
+
+impl TryFrom<String> for State {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "RUNNING" => Ok(Self::Running),
+            "DONE" => Ok(Self::Done),
+            "CANCELLED" => Ok(Self::Cancelled),
+            _ => Err(format!("unknown bulk action state {s:?}")),
+        }
+    }
+}
+
+/// Which dead letters (NEW ones only); every field given must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LetterFilter {
+    /// A failure group's id (`GET /api/admin/failure-groups`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The queue the letters died in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_type: Option<String>,
+    /// The broker's reason: delivery_limit, rejected, expired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Recorded at or after this time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<DateTime<Utc>>,
+    /// Recorded before this time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<DateTime<Utc>>,
+}
+
+/// Which orders: in one of `statuses`, last changed before `updatedBefore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OrderFilter {
+    pub statuses: Vec<String>,
+    pub updated_before: DateTime<Utc>,
+}
+
+/// What an action acts on, as stored (times absolute: a resumed action matches what the
+/// original request meant, not "older than" counted from the resume).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum Filter {
+    Orders(OrderFilter),
+    Letters(LetterFilter),
+}
+
+/// A validated request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub action: Action,
+    pub filter: Filter,
+    pub chunk_size: i32,
+    pub pause_ms: i32,
+}
+
+impl Plan {
+    /// Checks chunk size (`INVALID_CHUNK_SIZE`, 400) and pause (`INVALID_PAUSE`, 400), and that
+    /// the filter fits the action (`INVALID_FILTER`, 422).
+    pub fn new(action: Action, filter: Filter, chunk_size: Option<i64>, pause_ms: Option<i64>) -> Result<Self> {
+        let chunk_size = chunk_size.unwrap_or(i64::from(DEFAULT_CHUNK_SIZE));
+        if !(1..=i64::from(MAX_CHUNK_SIZE)).contains(&chunk_size) {
+            return Err(Error::bad_request(
+                "INVALID_CHUNK_SIZE",
+                format!("chunkSize must be 1 to {MAX_CHUNK_SIZE}"),
+            ));
+        }
+        let pause_ms = pause_ms.unwrap_or(i64::from(DEFAULT_PAUSE_MS));
+        if !(0..=i64::from(MAX_PAUSE_MS)).contains(&pause_ms) {
+            return Err(Error::bad_request(
+                "INVALID_PAUSE",
+                format!("pauseMs must be 0 to {MAX_PAUSE_MS}"),
+            ));
+        }
+        let fits = match &filter {
+            Filter::Letters(_) => action.on_letters(),
+            Filter::Orders(_) => !action.on_letters(),
+        };
+        if !fits {
+            return Err(Error::unprocessable(
+                "INVALID_FILTER",
+                format!(
+                    "{} takes a filter of {}",
+                    action.as_str(),
+                    if action.on_letters() { "dead letters" } else { "orders" }
+                ),
+            ));
+        }
+        Ok(Self {
+            action,
+            filter,
+            chunk_size: chunk_size as i32,
+            pause_ms: pause_ms as i32,
+        })
+    }
+}
+
+/// The statuses `action` may take orders from: a cancel, any cancellable one (or those of
+/// them asked for); a retry, COMPENSATION_FAILED. `INVALID_STATUS` (422) for any other.
+pub fn order_statuses(action: Action, asked: Option<&str>) -> Result<Vec<String>> {
+    let allowed: &[OrderStatus] = match action {
+        Action::CancelOrders => OrderStatus::CANCELLABLE,
+        _ => &[OrderStatus::CompensationFailed],
+    };
+    match asked {
+        None => Ok(allowed.iter().map(|s| s.as_str().to_owned()).collect()),
+        Some(s) => match OrderStatus::parse(s).filter(|s| allowed.contains(s)) {
+            Some(status) => Ok(vec![status.as_str().to_owned()]),
+            None => Err(Error::unprocessable(
+                "INVALID_STATUS",
+                format!(
+                    "{} takes orders in {}; {s:?} is not one of them",
+                    action.as_str(),
+                    allowed.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            )),
+        },
+    }
+}
+
+/// One bulk action, as `GET /api/admin/bulk-actions/{id}` shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkAction {
+    pub id: i64,
+    #[sqlx(try_from = "String")]
+    pub action: Action,
+    #[sqlx(json)]
+    pub filter: Filter,
+    #[sqlx(try_from = "String")]
+    pub state: State,
+    pub chunk_size: i32,
+    pub pause_ms: i32,
+    /// Items matching when the action was created.
+    pub total: i64,
+    /// Items acted on so far.
+    pub done: i64,
+    /// Dead letters that matched but could not be replayed (left NEW); `lastSkip` says why.
+    pub skipped: i64,
+    pub last_skip: Option<String>,
+    /// Who asked: `admin:<user id>`.
+    pub requested_by: String,
+    #[serde(rename = "startedAt")]
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    pub cursor_id: i64,
+    #[serde(skip)]
+    pub lease_owner: Option<Uuid>,
+}
+
+/// What an action would do now.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DryRun {
+    pub action: Action,
+    pub filter: Filter,
+    /// Items it would act on (dead letters or orders).
+    pub matching: i64,
+    /// Distinct orders concerned.
+    pub orders: i64,
+    /// The first few item ids (dead letter ids as strings, or order ids).
+    pub sample: Vec<String>,
+    /// For a replay: letters that could not be replayed now (left NEW), and the first reason.
+    pub not_replayable: Option<i64>,
+    pub not_replayable_reason: Option<String>,
+}
+
+/// `WHERE` of the NEW letters matching `$1`..`$6` (group, queue, type, reason, from, to).
+const LETTERS: &str = "status = 'NEW'
+      AND ($1::text IS NULL OR failure_group = $1) AND ($2::text IS NULL OR source_queue = $2)
+      AND ($3::text IS NULL OR message_type = $3) AND ($4::text IS NULL OR reason = $4)
+      AND ($5::timestamptz IS NULL OR recorded_at >= $5) AND ($6::timestamptz IS NULL OR recorded_at < $6)";
+
+/// `WHERE` of the orders matching `$1` (statuses) and `$2` (changed before).
+const ORDERS: &str = "in_flight AND status = ANY($1) AND updated_at < $2";
+
+fn bind_letters<'q, O>(
+    q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    f: &'q LetterFilter,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    q.bind(&f.group)
+        .bind(&f.queue)
+        .bind(&f.message_type)
+        .bind(&f.reason)
+        .bind(f.from)
+        .bind(f.to)
+}
+
+/// How many items match and how many distinct orders they concern.
+async fn count(conn: &mut PgConnection, filter: &Filter) -> Result<(i64, i64)> {
+    Ok(match filter {
+        Filter::Letters(f) => {
+            bind_letters(
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*), (SELECT count(DISTINCT o) FROM dead_letters d, unnest(d.order_ids) o WHERE {LETTERS})
+                     FROM dead_letters WHERE {LETTERS}"
+            ))),
+                f,
+            )
+            .fetch_one(conn)
+            .await?
+        }
+        Filter::Orders(f) => {
+            let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT count(*) FROM orders WHERE {ORDERS}"
+            )))
+            .bind(&f.statuses)
+            .bind(f.updated_before)
+            .fetch_one(conn)
+            .await?;
+            (n, n)
+        }
+    })
+}
+
+/// What `plan` would do now; changes nothing. A replay's destinations are asked of the broker.
+pub async fn dry_run(pool: &PgPool, amqp_url: &str, plan: &Plan) -> Result<DryRun> {
+    let mut conn = pool.acquire().await?;
+    let (matching, orders) = count(&mut conn, &plan.filter).await?;
+    let mut dry = DryRun {
+        action: plan.action,
+        filter: plan.filter.clone(),
+        matching,
+        orders,
+        sample: Vec::new(),
+        not_replayable: None,
+        not_replayable_reason: None,
+    };
+    match &plan.filter {
+        Filter::Letters(f) => {
+            let letters: Vec<Letter> = bind_letters(
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT * FROM dead_letters WHERE {LETTERS} ORDER BY id"
+                ))),
+                f,
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            dry.sample = letters.iter().take(SAMPLE as usize).map(|l| l.id.to_string()).collect();
+            if plan.action == Action::ReplayDeadLetters {
+                let mut destinations = Destinations::new(amqp_url);
+                let mut refused = 0;
+                for letter in &letters {
+                    if let Err(err) = destinations.of(letter).await {
+                        if err.code() != Some("DEAD_LETTER_NOT_REPLAYABLE") {
+                            return Err(err);
+                        }
+                        refused += 1;
+                        dry.not_replayable_reason.get_or_insert_with(|| err.to_string());
+                    }
+                }
+                dry.not_replayable = Some(refused);
+            }
+        }
+        Filter::Orders(f) => {
+            let ids: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT id FROM orders WHERE {ORDERS} ORDER BY id LIMIT $3"
+            )))
+            .bind(&f.statuses)
+            .bind(f.updated_before)
+            .bind(SAMPLE)
+            .fetch_all(&mut *conn)
+            .await?;
+            dry.sample = ids.iter().map(Uuid::to_string).collect();
+        }
+    }
+    Ok(dry)
+}
+
+/// Creates a RUNNING action (counting what matches), leased to `owner` (the caller runs it
+/// next with [`spawn`]).
+pub async fn create(pool: &PgPool, plan: &Plan, requested_by: &str, owner: Uuid) -> Result<BulkAction> {
+    let mut tx = pool.begin().await?;
+    let (total, _) = count(&mut tx, &plan.filter).await?;
+    let created = sqlx::query_as(
+        "INSERT INTO bulk_actions (action, filter, chunk_size, pause_ms, total, requested_by, lease_owner, lease_until)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + $8 * interval '1 millisecond')
+         RETURNING *",
+    )
+    .bind(plan.action.as_str())
+    .bind(sqlx::types::Json(&plan.filter))
+    .bind(plan.chunk_size)
+    .bind(plan.pause_ms)
+    .bind(total)
+    .bind(requested_by)
+    .bind(owner)
+    .bind(LEASE.as_millis() as f64)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+pub async fn find(conn: &mut PgConnection, id: i64) -> Result<Option<BulkAction>> {
+    Ok(sqlx::query_as("SELECT * FROM bulk_actions WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?)
+}
+
+/// Actions, newest first, and how many there are.
+pub async fn list(conn: &mut PgConnection, limit: i64, offset: i64) -> Result<(Vec<BulkAction>, i64)> {
+    let rows = sqlx::query_as("SELECT * FROM bulk_actions ORDER BY id DESC LIMIT $1 OFFSET $2")
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&mut *conn)
+        .await?;
+    let total = sqlx::query_scalar("SELECT count(*) FROM bulk_actions")
+        .fetch_one(conn)
+        .await?;
+    Ok((rows, total))
+}
+
+pub fn not_found(id: i64) -> Error {
+    Error::not_found("BULK_ACTION_NOT_FOUND", format!("bulk action {id} does not exist"))
+}
+
+/// Cancels a RUNNING action: no chunk starts after this commits. `BULK_ACTION_NOT_FOUND`
+/// (404), `BULK_ACTION_NOT_RUNNING` (409).
+pub async fn cancel(conn: &mut PgConnection, id: i64) -> Result<BulkAction> {
+    let cancelled: Option<BulkAction> = sqlx::query_as(
+        "UPDATE bulk_actions SET state = 'CANCELLED', finished_at = now(), updated_at = now()
+         WHERE id = $1 AND state = 'RUNNING' RETURNING *",
+    )
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(action) = cancelled {
+        return Ok(action);
+    }
+    match find(conn, id).await? {
+        Some(action) => Err(Error::conflict(
+            "BULK_ACTION_NOT_RUNNING",
+            format!("bulk action {id} is already {:?}", action.state).to_uppercase(),
+        )),
+        None => Err(not_found(id)),
+    }
+}
+
+/// Runs action `id` as `owner` until it is DONE or CANCELLED, another runner holds it, or
+/// `shutdown` (then the lease is given up, so another process resumes it at once).
+pub async fn run(pool: &PgPool, amqp_url: &str, id: i64, owner: Uuid, shutdown: &CancellationToken) -> Result<()> {
+    let claimed: Option<BulkAction> = sqlx::query_as(
+        "UPDATE bulk_actions SET lease_owner = $2, lease_until = now() + $3 * interval '1 millisecond', updated_at = now()
+         WHERE id = $1 AND state = 'RUNNING' AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < now())
+         RETURNING *",
+    )
+    .bind(id)
+    .bind(owner)
+    .bind(LEASE.as_millis() as f64)
+    .fetch_optional(pool)
+    .await?;
+    let Some(mut action) = claimed else {
+        return Ok(());
+    };
+    tracing::info!(
+        bulk_action = id,
+        action = action.action.as_str(),
+        total = action.total,
+        "bulk action running"
+    );
+    let mut destinations = Destinations::new(amqp_url);
+    while action.state == State::Running && action.lease_owner == Some(owner) && !shutdown.is_cancelled() {
+        let acted;
+        (action, acted) = chunk(pool, id, owner, &mut destinations).await?;
+        if action.state == State::Running && acted > 0 && !give_way(pool, &action, owner, shutdown).await? {
+            break;
+        }
+    }
+    if shutdown.is_cancelled() {
+        sqlx::query(
+            "UPDATE bulk_actions SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2",
+        )
+        .bind(id)
+        .bind(owner)
+        .execute(pool)
+        .await?;
+    }
+    tracing::info!(
+        bulk_action = id,
+        state = ?action.state,
+        done = action.done,
+        skipped = action.skipped,
+        "bulk action stopped"
+    );
+    Ok(())
+}
+
+/// One chunk, in one transaction that first locks the action's row (a cancel committed before
+/// it stops it; a runner that lost its lease writes nothing). Returns the action as left and
+/// how many items it acted on. A chunk that finds nothing ends the action (DONE).
+async fn chunk(pool: &PgPool, id: i64, owner: Uuid, destinations: &mut Destinations<'_>) -> Result<(BulkAction, u64)> {
+    let mut tx = pool.begin().await?;
+    let action: BulkAction = sqlx::query_as("SELECT * FROM bulk_actions WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+    if action.state != State::Running || action.lease_owner != Some(owner) {
+        tx.rollback().await?;
+        return Ok((action, 0));
+    }
+    let by = format!("{} (bulk action {id})", action.requested_by);
+    let limit = i64::from(action.chunk_size);
+    let mut step = Step::default();
+    match &action.filter {
+        Filter::Letters(f) => {
+            // Letters are taken in id order behind a cursor, so one that cannot be replayed
+            // (left NEW) is looked at once.
+            let letters: Vec<Letter> = bind_letters(
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT * FROM dead_letters WHERE {LETTERS} AND id > $7 ORDER BY id LIMIT $8 FOR UPDATE"
+                ))),
+                f,
+            )
+            .bind(action.cursor_id)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            step.found = letters.len() as u64;
+            step.cursor = letters.last().map(|l| l.id);
+            if action.action == Action::ReplayDeadLetters {
+                for letter in &letters {
+                    match dead_letters::replay(&mut tx, letter, destinations, &by, Some(id)).await {
+                        Ok(()) => step.done += 1,
+                        Err(err) if err.code() == Some("DEAD_LETTER_NOT_REPLAYABLE") => {
+                            step.skipped += 1;
+                            step.last_skip = Some(format!("dead letter {}: {err}", letter.id));
+                        }
+                        Err(err) => return Err(err),
+                    }
+                }
+            } else {
+                let ids: Vec<i64> = letters.iter().map(|l| l.id).collect();
+                step.done = dead_letters::resolve(&mut tx, &ids, "DISCARDED", &by, Some(id))
+                    .await?
+                    .len() as u64;
+            }
+        }
+        Filter::Orders(f) => {
+            // Each order leaves the filter as it is acted on, so no cursor is needed. Locked in
+            // id order, as every transaction that locks several orders does (no deadlocks); a
+            // row a step changed meanwhile is checked again and left out.
+            let found: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT * FROM orders WHERE {ORDERS} ORDER BY id LIMIT $3 FOR NO KEY UPDATE"
+            )))
+            .bind(&f.statuses)
+            .bind(f.updated_before)
+            .bind(limit)
+            .fetch_all(&mut *tx)
+            .await?;
+            step.found = found.len() as u64;
+            if found.is_empty() {
+                // Every row of the chunk may have moved on while it waited for its lock: end
+                // only when nothing matches any more.
+                let (left, _) = count(&mut tx, &action.filter).await?;
+                step.found = left as u64;
+            }
+            let mut moves = Transitions::new();
+            for order in found {
+                match action.action {
+                    Action::CancelOrders => {
+                        moves.cancel(order, CancelReason::AdminCancelled)?;
+                    }
+                    _ => moves.reopen(order, OrderStatus::Cancelling),
+                }
+                step.done += 1;
+            }
+            moves.apply(&mut tx).await?;
+        }
+    }
+    let action: BulkAction = sqlx::query_as(
+        "UPDATE bulk_actions SET done = done + $2, skipped = skipped + $3, last_skip = COALESCE($4, last_skip),
+                cursor_id = COALESCE($5, cursor_id),
+                state = CASE WHEN $6 THEN 'DONE' ELSE state END,
+                finished_at = CASE WHEN $6 THEN now() END,
+                lease_until = now() + $7 * interval '1 millisecond', updated_at = now()
+         WHERE id = $1 RETURNING *",
+    )
+    .bind(id)
+    .bind(step.done as i64)
+    .bind(step.skipped as i64)
+    .bind(&step.last_skip)
+    .bind(step.cursor)
+    .bind(step.found == 0)
+    .bind(LEASE.as_millis() as f64)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    if step.done > 0 {
+        outbox::committed();
+    }
+    Ok((action, step.done))
+}
+
+/// What one chunk did.
+#[derive(Default)]
+struct Step {
+    found: u64,
+    done: u64,
+    skipped: u64,
+    last_skip: Option<String>,
+    cursor: Option<i64>,
+}
+
+/// Gives way to live traffic after a chunk: sleeps the action's pause, then waits while more
+/// than a chunk's worth of messages wait for the relay. Meanwhile it looks whether the action
+/// was cancelled (then it returns at once: the next chunk's transaction sees it) and renews
+/// the lease. False on `shutdown` or a lost lease.
+async fn give_way(pool: &PgPool, action: &BulkAction, owner: Uuid, shutdown: &CancellationToken) -> Result<bool> {
+    let paused_until = tokio::time::Instant::now() + Duration::from_millis(action.pause_ms.max(0) as u64);
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        if tokio::time::Instant::now() >= paused_until
+            && !outbox::backlog_exceeds(pool, i64::from(action.chunk_size)).await?
+        {
+            return Ok(true);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CHECK_EVERY) => {}
+            _ = shutdown.cancelled() => return Ok(false),
+        }
+        let running: bool = sqlx::query_scalar("SELECT state = 'RUNNING' FROM bulk_actions WHERE id = $1")
+            .bind(action.id)
+            .fetch_one(pool)
+            .await?;
+        if !running {
+            return Ok(true);
+        }
+        if renewed.elapsed() >= RENEW_EVERY {
+            let kept = sqlx::query(
+                "UPDATE bulk_actions SET lease_until = now() + $3 * interval '1 millisecond'
+                 WHERE id = $1 AND lease_owner = $2",
+            )
+            .bind(action.id)
+            .bind(owner)
+            .bind(LEASE.as_millis() as f64)
+            .execute(pool)
+            .await?
+            .rows_affected();
+            if kept == 0 {
+                return Ok(false);
+            }
+            renewed = tokio::time::Instant::now();
+        }
+    }
+}
+
+/// Runs in every API process until `shutdown`: every [`RESUME_EVERY`], resumes each RUNNING
+/// action whose runner is gone (no lease, or an expired one).
+pub async fn resume(pool: PgPool, amqp_url: String, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(RESUME_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => break,
+        }
+        let orphans: Result<Vec<i64>, sqlx::Error> = sqlx::query_scalar(
+            "SELECT id FROM bulk_actions WHERE state = 'RUNNING' AND (lease_owner IS NULL OR lease_until < now()) ORDER BY id",
+        )
+        .fetch_all(&pool)
+        .await;
+        match orphans {
+            Ok(ids) => {
+                for id in ids {
+                    spawn(pool.clone(), amqp_url.clone(), id, Uuid::new_v4(), shutdown.clone());
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot look for bulk actions to resume; will retry"),
+        }
+    }
+}
+
+/// Runs action `id` as `owner` in a task of its own (see [`run`]).
+pub fn spawn(pool: PgPool, amqp_url: String, id: i64, owner: Uuid, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        if let Err(err) = run(&pool, &amqp_url, id, owner, &shutdown).await {
+            // The lease runs out and a process resumes it from where the row says.
+            tracing::warn!(bulk_action = id, error = %err, "bulk action interrupted; it will be resumed");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plan_checks_sizes_and_that_the_filter_fits_the_action() {
+        let letters = Filter::Letters(LetterFilter::default());
+        let orders = Filter::Orders(OrderFilter {
+            statuses: vec!["PENDING".into()],
+            updated_before: Utc::now(),
+        });
+        assert!(Plan::new(Action::ReplayDeadLetters, letters.clone(), None, None).is_ok());
+        assert!(Plan::new(Action::CancelOrders, orders.clone(), Some(1000), Some(0)).is_ok());
+        let code = |r: Result<Plan>| r.err().and_then(|e| e.code());
+        assert_eq!(
+            code(Plan::new(Action::CancelOrders, letters.clone(), None, None)),
+            Some("INVALID_FILTER")
+        );
+        assert_eq!(
+            code(Plan::new(Action::DiscardDeadLetters, orders, None, None)),
+            Some("INVALID_FILTER")
+        );
+        assert_eq!(
+            code(Plan::new(Action::ReplayDeadLetters, letters.clone(), Some(0), None)),
+            Some("INVALID_CHUNK_SIZE")
+        );
+        assert_eq!(
+            code(Plan::new(Action::ReplayDeadLetters, letters, None, Some(10_001))),
+            Some("INVALID_PAUSE")
+        );
+    }
+
+    #[test]
+    fn statuses_are_those_the_action_may_move() {
+        assert_eq!(
+            order_statuses(Action::CancelOrders, None).map(|s| s.len()).ok(),
+            Some(4)
+        );
+        assert_eq!(
+            order_statuses(Action::CancelOrders, Some("PAID")).ok(),
+            Some(vec!["PAID".to_owned()])
+        );
+        let code = |r: Result<Vec<String>>| r.err().and_then(|e| e.code());
+        assert_eq!(
+            code(order_statuses(Action::CancelOrders, Some("CONFIRMED"))),
+            Some("INVALID_STATUS")
+        );
+        assert_eq!(
+            code(order_statuses(Action::CancelOrders, Some("nope"))),
+            Some("INVALID_STATUS")
+        );
+        assert_eq!(
+            order_statuses(Action::RetryCompensations, None).ok(),
+            Some(vec!["COMPENSATION_FAILED".to_owned()])
+        );
+        assert_eq!(
+            code(order_statuses(Action::RetryCompensations, Some("PAID"))),
+            Some("INVALID_STATUS")
+        );
+    }
+
+    #[test]
+    fn a_stored_filter_reads_back_as_what_it_was() {
+        let orders = Filter::Orders(OrderFilter {
+            statuses: vec!["PAID".into()],
+            updated_before: Utc::now(),
+        });
+        let letters = Filter::Letters(LetterFilter {
+            queue: Some("orderflow.stock".into()),
+            ..LetterFilter::default()
+        });
+        for f in [orders, letters, Filter::Letters(LetterFilter::default())] {
+            let back: Filter =
+                serde_json::from_value(serde_json::to_value(&f).unwrap_or_default()).unwrap_or_else(|_| {
+                    Filter::Letters(LetterFilter {
+                        reason: Some("unreadable".into()),
+                        ..LetterFilter::default()
+                    })
+                });
+            assert_eq!(back, f);
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! Operators in an incident: failure groups and bulk actions, against the real PostgreSQL and
+//! RabbitMQ.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Options, TestApp};
+use orderflow_workers::WorkerKind;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Makes every stock release of the product named `name` fail, as a bad deploy or a
+/// misconfigured product would, until `heal`.
+async fn break_releases(app: &TestApp, name: &str) {
+    let function = format!(
+        "CREATE FUNCTION break_stock() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.name = '{name}' AND NEW.stock > OLD.stock THEN
+             RAISE EXCEPTION 'product % is misconfigured (stock % -> %)', NEW.id, OLD.stock, NEW.stock;
+           END IF;
+           RETURN NEW;
+         END $$"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(function))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TRIGGER break_stock BEFORE UPDATE ON products FOR EACH ROW EXECUTE FUNCTION break_stock()")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+}
+
+async fn heal(app: &TestApp) {
+    sqlx::raw_sql("DROP TRIGGER break_stock ON products; DROP FUNCTION break_stock()")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+}
+
+async fn count(app: &TestApp, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+async fn wait_count(app: &TestApp, sql: &str, n: i64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let got = count(app, sql).await;
+        if got == n {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let states: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY 1")
+                .fetch_all(&app.pool)
+                .await
+                .unwrap();
+            panic!("{sql}: {got}, expected {n}; orders: {states:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn bulk(app: &TestApp, body: Value) -> (u16, Value) {
+    let (status, json) = app
+        .call(
+            Method::POST,
+            "/api/admin/bulk-actions",
+            Some(&app.admin_token()),
+            Some(body),
+        )
+        .await;
+    (status.as_u16(), json)
+}
+
+/// Starts a bulk action and waits until it is no longer RUNNING.
+async fn run_bulk(app: &TestApp, body: Value) -> Value {
+    let (status, started) = bulk(app, body).await;
+    assert_eq!(status, 202, "{started}");
+    let id = started["id"].as_i64().unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, action) = app
+            .get(&format!("/api/admin/bulk-actions/{id}"), &app.admin_token())
+            .await;
+        assert_eq!(status, 200, "{action}");
+        if action["state"] != "RUNNING" {
+            return action;
+        }
+        assert!(Instant::now() < deadline, "bulk action {id} still running: {action}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_are_grouped_by_cause_and_a_group_replay_settles_every_parked_order() {
+    let app = TestApp::spawn().await;
+    let fragile = app.product("Fragile vase", 10_000, 100).await;
+    // Too little money: payment fails, so each order's stock must be released, and that fails.
+    let mut ids = Vec::new();
+    break_releases(&app, "Fragile vase").await;
+    for user in 0..24 {
+        app.fund(100 + user, 1_000).await;
+        ids.push((100 + user, app.order(100 + user, &[(fragile, 1)], None).await));
+    }
+    // A second cause: bodies no worker can read.
+    for _ in 0..3 {
+        app.publish_raw("orderflow.work", "stock.reserve", b"{not json", "stock.reserve")
+            .await;
+    }
+    wait_count(
+        &app,
+        "SELECT count(*) FROM orders WHERE status NOT IN ('CANCELLED', 'COMPENSATION_FAILED')",
+        0,
+    )
+    .await;
+    // A release that the stock step batched with a reservation of the same product nets to no
+    // change of stock, so the trigger lets it through: those orders are cancelled already.
+    let placed = ids.len();
+    let orders = count(&app, "SELECT count(*) FROM orders WHERE status = 'COMPENSATION_FAILED'").await;
+    assert!(orders >= 8, "{orders} of {placed} orders parked");
+    wait_count(&app, "SELECT count(*) FROM dead_letters", orders + 3).await;
+    assert_eq!(
+        app.stock(fragile).await,
+        100 - orders,
+        "the releases failed: stock still held"
+    );
+
+    let admin = app.admin_token();
+    let (status, groups) = app.get("/api/admin/failure-groups", &admin).await;
+    assert_eq!(status, 200, "{groups}");
+    assert_eq!(groups["total"], 2, "{groups}");
+    let items = groups["items"].as_array().unwrap();
+    let release = items.iter().find(|g| g["messageType"] == "stock.release").unwrap();
+    assert_eq!(release["queue"], "orderflow.stock");
+    assert_eq!(release["reason"], "delivery_limit");
+    assert_eq!(
+        (release["count"].as_i64(), release["new"].as_i64()),
+        (Some(orders), Some(orders))
+    );
+    assert_eq!(release["orders"], orders);
+    assert_eq!(release["sampleOrders"].as_array().unwrap().len(), 5);
+    assert_eq!(release["sample"]["status"], "NEW");
+    // One cause, whatever the product id and the stock numbers in each error.
+    let kind = release["errorKind"].as_str().unwrap();
+    assert!(kind.contains("product # is misconfigured (stock # -> #)"), "{kind}");
+    assert_eq!(release["sample"]["failureGroup"], release["id"]);
+    assert!(
+        release["sample"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("is misconfigured")
+    );
+    let poison = items.iter().find(|g| g["reason"] == "rejected").unwrap();
+    assert_eq!(
+        (poison["count"].as_i64(), poison["orders"].as_i64()),
+        (Some(3), Some(0))
+    );
+    let group = release["id"].as_str().unwrap().to_owned();
+    let (_, letters) = app
+        .get(&format!("/api/admin/dead-letters?group={group}&size=100"), &admin)
+        .await;
+    assert_eq!(letters["total"], orders);
+
+    // A dry run says what would happen and changes nothing.
+    let (status, dry) = bulk(
+        &app,
+        json!({"action": "REPLAY_DEAD_LETTERS", "filter": {"group": group}, "dryRun": true}),
+    )
+    .await;
+    assert_eq!(status, 200, "{dry}");
+    assert_eq!(
+        (dry["matching"].as_i64(), dry["orders"].as_i64()),
+        (Some(orders), Some(orders))
+    );
+    assert_eq!(dry["notReplayable"], 0);
+    let (status, dry) = bulk(
+        &app,
+        json!({"action": "REPLAY_DEAD_LETTERS", "filter": {"group": poison["id"]}, "dryRun": true}),
+    )
+    .await;
+    assert_eq!((status, dry["notReplayable"].as_i64()), (200, Some(3)), "{dry}");
+    assert_eq!(count(&app, "SELECT count(*) FROM bulk_actions").await, 0);
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM dead_letters WHERE status = 'NEW'").await,
+        orders + 3
+    );
+
+    // The cause is fixed; the group is replayed in chunks of 5.
+    heal(&app).await;
+    let done = run_bulk(
+        &app,
+        json!({"action": "REPLAY_DEAD_LETTERS", "filter": {"group": group}, "chunkSize": 5, "pauseMs": 0}),
+    )
+    .await;
+    assert_eq!(done["state"], "DONE", "{done}");
+    assert_eq!(
+        (done["total"].as_i64(), done["done"].as_i64(), done["skipped"].as_i64()),
+        (Some(orders), Some(orders), Some(0))
+    );
+    let by = done["requestedBy"].as_str().unwrap().to_owned();
+    assert!(by.starts_with("admin:"), "{by}");
+    for (user, id) in &ids {
+        let order = app.wait_terminal(*user, id, WAIT).await;
+        assert_eq!(
+            (order["status"].as_str(), order["reason"].as_str()),
+            (Some("CANCELLED"), Some("INSUFFICIENT_BALANCE")),
+            "{order}"
+        );
+    }
+    assert_eq!(app.stock(fragile).await, 100, "every release applied once");
+    // Each letter replayed once, by the action, on the record.
+    let action_id = done["id"].as_i64().unwrap();
+    assert_eq!(
+        count(
+            &app,
+            &format!(
+                "SELECT count(*) FROM dead_letters WHERE status = 'REPLAYED' AND bulk_action_id = {action_id}
+             AND resolved_by = '{by} (bulk action {action_id})'"
+            )
+        )
+        .await,
+        orders
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM (SELECT headers->>'x-orderflow-replay-of' AS letter FROM outbox
+                      WHERE headers ? 'x-orderflow-replay-of' GROUP BY 1 HAVING count(*) = 1) AS once"
+        )
+        .await,
+        orders
+    );
+    // Replaying the group again finds nothing left to replay.
+    let again = run_bulk(
+        &app,
+        json!({"action": "REPLAY_DEAD_LETTERS", "filter": {"group": group}}),
+    )
+    .await;
+    assert_eq!(
+        (again["state"].as_str(), again["total"].as_i64(), again["done"].as_i64()),
+        (Some("DONE"), Some(0), Some(0))
+    );
+
+    // The unreadable ones are discarded (kept, for the record).
+    let discarded = run_bulk(
+        &app,
+        json!({"action": "DISCARD_DEAD_LETTERS", "filter": {"group": poison["id"]}}),
+    )
+    .await;
+    assert_eq!(discarded["done"], 3, "{discarded}");
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM dead_letters WHERE status = 'DISCARDED'").await,
+        3
+    );
+    let (_, groups) = app.get("/api/admin/failure-groups", &admin).await;
+    assert_eq!(groups["total"], 0, "nothing NEW is left: {groups}");
+    let (_, all) = app.get("/api/admin/failure-groups?status=ALL", &admin).await;
+    let replayed = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["id"] == group.as_str())
+        .unwrap();
+    assert_eq!(
+        (replayed["replayed"].as_i64(), replayed["new"].as_i64()),
+        (Some(orders), Some(0))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn stuck_orders_are_cancelled_by_filter_and_bad_requests_change_nothing() {
+    // No stock worker: orders wait in PENDING.
+    let app = TestApp::spawn_with(Options {
+        workers: WorkerKind::ALL
+            .iter()
+            .copied()
+            .filter(|k| *k != WorkerKind::Stock)
+            .collect(),
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Waiting", 1_000, 50).await;
+    app.fund(7, 50_000).await;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(app.order(7, &[(product, 1)], None).await);
+    }
+    let admin = app.admin_token();
+
+    // Refused, and nothing created: a filter the action does not take, a cancel without
+    // olderThan, a status it cannot move, bad sizes, bad times, unknown fields, non-admins.
+    for (body, status, code) in [
+        (
+            json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "1s", "queue": "x"}}),
+            422,
+            "INVALID_FILTER",
+        ),
+        (json!({"action": "CANCEL_ORDERS", "filter": {}}), 422, "INVALID_FILTER"),
+        (
+            json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "1s", "status": "CONFIRMED"}}),
+            422,
+            "INVALID_STATUS",
+        ),
+        (
+            json!({"action": "RETRY_COMPENSATIONS", "filter": {"status": "PAID"}}),
+            422,
+            "INVALID_STATUS",
+        ),
+        (
+            json!({"action": "REPLAY_DEAD_LETTERS", "filter": {"olderThan": "1s"}}),
+            422,
+            "INVALID_FILTER",
+        ),
+        (
+            json!({"action": "REPLAY_DEAD_LETTERS", "filter": {"from": "yesterday"}}),
+            400,
+            "INVALID_TIME",
+        ),
+        (
+            json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "8d"}}),
+            400,
+            "INVALID_DURATION",
+        ),
+        (
+            json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "1s"}, "chunkSize": 0}),
+            400,
+            "INVALID_CHUNK_SIZE",
+        ),
+        (
+            json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "1s"}, "pauseMs": -1}),
+            400,
+            "INVALID_PAUSE",
+        ),
+        (json!({"action": "EXPLODE"}), 400, "INVALID_BODY"),
+        (
+            json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "1s"}, "extra": 1}),
+            400,
+            "INVALID_BODY",
+        ),
+    ] {
+        let (got, problem) = bulk(&app, body.clone()).await;
+        assert_eq!(
+            (got, problem["code"].as_str()),
+            (status, Some(code)),
+            "{body}: {problem}"
+        );
+    }
+    let (status, _) = app
+        .call(
+            Method::POST,
+            "/api/admin/bulk-actions",
+            Some(&app.token(7)),
+            Some(json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "0s"}})),
+        )
+        .await;
+    assert_eq!(status, 403);
+    assert_eq!(count(&app, "SELECT count(*) FROM bulk_actions").await, 0);
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM orders WHERE status = 'PENDING'").await,
+        12
+    );
+
+    let (status, dry) = bulk(
+        &app,
+        json!({"action": "CANCEL_ORDERS", "filter": {"status": "PENDING", "olderThan": "0s"}, "dryRun": true}),
+    )
+    .await;
+    assert_eq!((status, dry["matching"].as_i64()), (200, Some(12)), "{dry}");
+    assert_eq!(dry["sample"].as_array().unwrap().len(), 10);
+    // Orders changed within the last hour are not "stuck for an hour".
+    let (_, none) = bulk(
+        &app,
+        json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "60m"}, "dryRun": true}),
+    )
+    .await;
+    assert_eq!(none["matching"], 0, "{none}");
+
+    let done = run_bulk(
+        &app,
+        json!({"action": "CANCEL_ORDERS", "filter": {"status": "PENDING", "olderThan": "0s"}, "chunkSize": 5}),
+    )
+    .await;
+    assert_eq!(
+        (done["state"].as_str(), done["total"].as_i64(), done["done"].as_i64()),
+        (Some("DONE"), Some(12), Some(12)),
+        "{done}"
+    );
+    for id in &ids {
+        let order = app.wait_terminal(7, id, WAIT).await;
+        assert_eq!(
+            (order["status"].as_str(), order["reason"].as_str()),
+            (Some("CANCELLED"), Some("ADMIN_CANCELLED"))
+        );
+    }
+    assert_eq!(app.stock(product).await, 50);
+    assert_eq!(app.balance(7).await, 50_000);
+
+    let id = done["id"].as_i64().unwrap();
+    let (status, problem) = app
+        .call(
+            Method::POST,
+            &format!("/api/admin/bulk-actions/{id}/cancel"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (409, Some("BULK_ACTION_NOT_RUNNING"))
+    );
+    let (status, problem) = app.get("/api/admin/bulk-actions/999999", &admin).await;
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (404, Some("BULK_ACTION_NOT_FOUND"))
+    );
+    let (status, page) = app.get("/api/admin/bulk-actions", &admin).await;
+    assert_eq!((status.as_u16(), page["total"].as_i64()), (200, Some(1)));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_bulk_action_stops_before_its_next_chunk() {
+    let app = TestApp::spawn_with(Options {
+        workers: vec![],
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Slow", 1_000, 50).await;
+    app.fund(3, 50_000).await;
+    for _ in 0..6 {
+        app.order(3, &[(product, 1)], None).await;
+    }
+    // One order per chunk and a long pause: cancelled during the first pause.
+    let (status, started) = bulk(
+        &app,
+        json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "0s"}, "chunkSize": 1, "pauseMs": 10000}),
+    )
+    .await;
+    assert_eq!(status, 202, "{started}");
+    let id = started["id"].as_i64().unwrap();
+    wait_count(&app, &format!("SELECT done FROM bulk_actions WHERE id = {id}"), 1).await;
+    let (status, cancelled) = app
+        .call(
+            Method::POST,
+            &format!("/api/admin/bulk-actions/{id}/cancel"),
+            Some(&app.admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), cancelled["state"].as_str()),
+        (200, Some("CANCELLED")),
+        "{cancelled}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM orders WHERE status = 'CANCELLED'").await,
+        1
+    );
+    assert_eq!(
+        count(&app, &format!("SELECT done FROM bulk_actions WHERE id = {id}")).await,
+        1
+    );
+    app.stop().await;
+}
