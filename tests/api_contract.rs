@@ -283,6 +283,8 @@ fn flags_and_environment_variables_are_bounded_at_startup() {
         ("ORDER_TIMEOUT", "--order-timeout", "86401s"),
         ("SWEEP_INTERVAL", "--sweep-interval", "0ms"),
         ("SWEEP_INTERVAL", "--sweep-interval", "300000000000s"),
+        ("TREND_SAMPLE_INTERVAL", "--trend-sample-interval", "0ms"),
+        ("TREND_SAMPLE_INTERVAL", "--trend-sample-interval", "11m"),
         ("WORKER_CONCURRENCY", "--worker-concurrency", "0"),
         ("WORKER_CONCURRENCY", "--worker-concurrency", "18446744073709551615"),
         ("WORKER_BATCH", "--worker-batch", "0"),
@@ -367,7 +369,7 @@ async fn the_openapi_document_states_every_constraint_and_answer() {
             }
         }
     }
-    assert_eq!(operation_ids.len(), 34);
+    assert_eq!(operation_ids.len(), 40);
     // 429 with Retry-After on the rate-limited writes; Retry-After on every 503.
     for (path, method) in [
         ("/api/orders", "post"),

@@ -326,6 +326,16 @@ async fn stuck_orders_are_cancelled_by_filter_and_bad_requests_change_nothing() 
             "INVALID_TIME",
         ),
         (
+            json!({"action": "REPLAY_DEAD_LETTERS", "filter": {"group": "not-a-group"}}),
+            400,
+            "INVALID_GROUP",
+        ),
+        (
+            json!({"action": "DISCARD_DEAD_LETTERS", "filter": {"queue": "a\u{0}b"}}),
+            400,
+            "INVALID_FILTER",
+        ),
+        (
             json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "8d"}}),
             400,
             "INVALID_DURATION",
@@ -363,6 +373,11 @@ async fn stuck_orders_are_cancelled_by_filter_and_bad_requests_change_nothing() 
         )
         .await;
     assert_eq!(status, 403);
+    let (status, problem) = app.get("/api/admin/dead-letters?group=%00", &admin).await;
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (400, Some("INVALID_GROUP"))
+    );
     assert_eq!(count(&app, "SELECT count(*) FROM bulk_actions").await, 0);
     assert_eq!(
         count(&app, "SELECT count(*) FROM orders WHERE status = 'PENDING'").await,

@@ -14,6 +14,7 @@ pub mod page;
 pub mod problem;
 pub mod rate_limit;
 pub mod routes;
+pub mod trends;
 pub mod views;
 pub mod wait;
 
@@ -51,6 +52,8 @@ pub struct AppState {
     pub watcher: wait::Watcher,
     /// Per-user limits of the write routes (`None`: off, RATE_LIMIT_WRITES=0).
     pub rate_limits: Option<Arc<rate_limit::RateLimits>>,
+    /// The last hour of pipeline samples for the dashboard (filled by [`serve`]'s sampler).
+    pub trends: Arc<trends::Trends>,
 }
 
 impl AppState {
@@ -61,6 +64,7 @@ impl AppState {
             pool,
             auth: Arc::new(auth::Authenticator::from_config(&config)),
             rate_limits: rate_limit::from_config(config.rate_limit_writes, config.rate_limit_window),
+            trends: Arc::new(trends::Trends::new(config.trend_sample_interval)),
             config,
             shutdown: CancellationToken::new(),
         }
@@ -216,13 +220,26 @@ fn panic_response() -> Response {
 }
 
 /// Serves the API on an already bound listener until `shutdown` is cancelled, then lets
-/// in-flight requests finish. Also resumes event replays left RUNNING by a runner that is gone
-/// (`orderflow_shared::db::replay::resume`).
+/// in-flight requests finish. Also resumes event replays and bulk actions left RUNNING by a
+/// runner that is gone (`orderflow_shared::db::replay::resume`, `orderflow_shared::db::bulk::resume`).
 pub async fn serve(listener: TcpListener, mut state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
     state.shutdown = shutdown.clone();
     // Event replays whose runner died (another API process, `orderflow events replay`) go on here.
     tokio::spawn(orderflow_shared::db::replay::resume(
         state.pool.clone(),
+        shutdown.clone(),
+    ));
+    // So do bulk actions (replay a failure group, cancel stuck orders, ...).
+    tokio::spawn(orderflow_shared::db::bulk::resume(
+        state.pool.clone(),
+        state.config.amqp_url.clone(),
+        shutdown.clone(),
+    ));
+    // The dashboard's "Last hour" charts: one sample every TREND_SAMPLE_INTERVAL.
+    tokio::spawn(trends::run(
+        state.trends.clone(),
+        state.pool.clone(),
+        state.config.amqp_url.clone(),
         shutdown.clone(),
     ));
     tracing::info!(addr = %listener.local_addr()?, "API listening");

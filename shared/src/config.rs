@@ -21,6 +21,9 @@ pub const ORDER_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(100
 /// SWEEP_INTERVAL bounds: a timer period of zero is meaningless (and tokio's `interval` panics
 /// on it); a sweep less often than hourly leaves timed-out orders in flight for too long.
 pub const SWEEP_INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
+/// TREND_SAMPLE_INTERVAL bounds: a sample per 100 ms would keep 36,000 of them for the hour;
+/// one per 10 minutes leaves the hour's charts six points.
+pub const TREND_SAMPLE_INTERVAL_RANGE: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(600));
 /// The longest duration a query string may ask for (`stuckAfter`, `olderThan`): 7 days.
 /// Such a filter only ever compares with the last change of an order still in flight, and an
 /// order is cancelled after ORDER_TIMEOUT (at most a day): a week covers every honest
@@ -105,6 +108,17 @@ pub struct Config {
     /// How often the recovery sweep looks for orders past their deadline; 100ms..=1h.
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "10s", value_parser = parse_sweep_interval)]
     pub sweep_interval: Duration,
+
+    /// How often the API samples the pipeline for the ops dashboard's "last hour" charts
+    /// (orders accepted/confirmed/cancelled, latencies, dead letters, queue depths); it keeps
+    /// the last hour of samples in memory. 100ms..=10m.
+    #[arg(
+        long,
+        env = "TREND_SAMPLE_INTERVAL",
+        default_value = "10s",
+        value_parser = parse_trend_sample_interval
+    )]
+    pub trend_sample_interval: Duration,
 
     /// Unacknowledged deliveries the broker may push to each consumer.
     #[arg(long, env = "PREFETCH", default_value_t = 64)]
@@ -213,6 +227,7 @@ impl std::fmt::Debug for Config {
             .field("auth_admin_claim", &self.auth_admin_claim)
             .field("order_timeout", &self.order_timeout)
             .field("sweep_interval", &self.sweep_interval)
+            .field("trend_sample_interval", &self.trend_sample_interval)
             .field("prefetch", &self.prefetch)
             .field("worker_concurrency", &self.worker_concurrency)
             .field("worker_batch", &self.worker_batch)
@@ -315,6 +330,11 @@ pub fn parse_order_timeout(s: &str) -> Result<Duration, String> {
 /// SWEEP_INTERVAL: [`SWEEP_INTERVAL_RANGE`].
 pub fn parse_sweep_interval(s: &str) -> Result<Duration, String> {
     parse_duration_within(s.trim(), SWEEP_INTERVAL_RANGE.0, SWEEP_INTERVAL_RANGE.1)
+}
+
+/// TREND_SAMPLE_INTERVAL: [`TREND_SAMPLE_INTERVAL_RANGE`].
+pub fn parse_trend_sample_interval(s: &str) -> Result<Duration, String> {
+    parse_duration_within(s.trim(), TREND_SAMPLE_INTERVAL_RANGE.0, TREND_SAMPLE_INTERVAL_RANGE.1)
 }
 
 /// WORKER_LINGER: `0ms..=`[`MAX_WORKER_LINGER`].

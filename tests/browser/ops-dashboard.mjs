@@ -2,8 +2,9 @@
 // database and RabbitMQ vhost, a stock step made to fail so an order's stock.reserve is
 // dead-lettered and the order cancelled, then headless Chromium (Debian's chromium, driven by
 // playwright-core) logs in, sees the funnel and the dead letter, inspects and replays it, and
-// finds the order's terminal state in its timeline; it also sees a growing queue highlighted
-// and cancels a stuck order from the dashboard. Screenshots go to ci-output/.
+// finds the order's terminal state in its timeline; it also sees a growing queue highlighted,
+// cancels a stuck order and replays a failure group from the dashboard. Screenshots go to
+// ci-output/.
 //
 //   node tests/browser/ops-dashboard.mjs      (scripts/browser-test.sh installs what it needs)
 //
@@ -86,6 +87,7 @@ const env = {
   AMQP_URL: `amqp://guest:guest@127.0.0.1:5672/${encodeURIComponent(vhost)}`,
   JWT_SECRET: jwtSecret,
   ORDER_TIMEOUT: '120s',
+  TREND_SAMPLE_INTERVAL: '1s',
   RUST_LOG: process.env.RUST_LOG || 'info',
 };
 
@@ -420,6 +422,78 @@ async function scenario() {
     await page.getByTestId(`discard-parked-${id}`).click(); // the confirm dialog is accepted
     await row.waitFor({ state: 'detached' });
     await page.locator('[data-testid="parked-count"]', { hasText: /^0$/ }).waitFor();
+  });
+
+  await step('the last hour charts show the orders placed', async () => {
+    // Three orders accepted (the dead-lettered one and the two plain lamps), two confirmed, two
+    // cancelled (the dead-lettered one and the stuck one); the stuck one was accepted back-dated,
+    // before the API's first sample, so it is not counted as accepted.
+    const legend = (key) => page.getByTestId(`trend-${key}`);
+    for (const [key, total] of [['accepted', 3], ['confirmed', 2], ['cancelled', 2]]) {
+      await page.locator(`[data-testid="trend-${key}"][data-total="${total}"]`).waitFor({ timeout: 30_000 });
+      const points = Number(await legend(key).getAttribute('data-points'));
+      assert(points >= 2, `trend-${key}: ${points} points`);
+    }
+    const chart = page.getByTestId('trend-chart-orders');
+    const d = await chart.locator('path[data-series="accepted"]').getAttribute('d');
+    assert(/^M[\d.]+,[\d.]+( L[\d.]+,[\d.]+)+/.test(d), `accepted line ${d}`);
+    assert(Number(await legend('e2e-p99').getAttribute('data-points')) >= 1, 'e2e p99 has no point');
+    const p50 = await legend('e2e-p50').locator('strong').textContent();
+    assert(/ms$|^–$/.test(p50), `e2e p50 ${p50}`);
+    assert(Number(await legend('dead-letters').getAttribute('data-total')) >= 1, 'the dead letter is not counted');
+    assert(Number(await legend('queue-depth').getAttribute('data-points')) >= 1, 'no queue depth');
+    for (const id of ['orders', 'e2e', 'steps', 'dead-letters', 'queue-depth']) {
+      await page.getByTestId(`trend-chart-${id}`).waitFor();
+    }
+    await page.getByTestId('trends').screenshot({ path: path.join(OUT, 'ops-trends.png') });
+  });
+
+  await step('a failure group is replayed from the dashboard', async () => {
+    // A second cause: reservations of one product fail, so two orders' stock.reserve die.
+    await psql(env.DATABASE_URL, `
+      CREATE FUNCTION break_brittle() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        IF NEW.name = 'Brittle lamp' AND NEW.stock < OLD.stock THEN RAISE EXCEPTION 'product % is out of order', NEW.id; END IF;
+        RETURN NEW;
+      END $$;
+      CREATE TRIGGER break_brittle BEFORE UPDATE ON products FOR EACH ROW EXECUTE FUNCTION break_brittle();`);
+    const product = await api('POST', '/api/admin/products', {
+      token: ctx.admin,
+      body: { name: 'Brittle lamp', price: 100, stock: 10 },
+    });
+    for (let i = 0; i < 2; i += 1) {
+      const order = await api('POST', '/api/orders', {
+        token: ctx.user,
+        body: { items: [{ productId: product.json.id, quantity: 1 }] },
+        headers: { 'idempotency-key': crypto.randomUUID() },
+      });
+      assert(order.status === 202, `place order: ${order.status} ${order.text}`);
+    }
+    const group = await eventually('the two letters form one group', async () => {
+      const { json } = await api('GET', '/api/admin/failure-groups', { token: ctx.admin });
+      return json.items.find((g) => g.count === 2 && (g.errorKind || '').includes('product # is out of order'));
+    }, 90_000);
+    const row = page.getByTestId(`group-${group.id}`);
+    await row.waitFor();
+    const text = await row.textContent();
+    assert(text.includes('stock.reserve') && text.includes('delivery_limit'), text);
+    await page.getByTestId(`group-letters-${group.id}`).click();
+    await page.locator('#dead-rows tr').nth(1).waitFor();
+    assert((await page.locator('#dead-rows tr').count()) === 2, 'the group shows its two letters');
+    await page.locator('section', { has: page.getByTestId('failure-groups') })
+      .screenshot({ path: path.join(OUT, 'ops-failure-group.png') });
+    await psql(env.DATABASE_URL, 'DROP TRIGGER break_brittle ON products; DROP FUNCTION break_brittle();');
+    await page.getByTestId(`group-replay-${group.id}`).click(); // the dry run's confirm is accepted
+    const flash = await page.locator('[data-testid="flash"]', { hasText: 'Bulk action' }).textContent();
+    assert(flash.includes('replay 2 dead letter'), `flash: ${flash}`);
+    const done = page.locator('#bulk-rows tr[data-state="DONE"][data-done="2"][data-total="2"]');
+    await done.waitFor({ timeout: 30_000 });
+    await row.waitFor({ state: 'detached' });
+    const { json } = await api('GET', `/api/admin/dead-letters?group=${group.id}&status=REPLAYED`, { token: ctx.admin });
+    assert(json.total === 2 && json.items.every((d) => d.bulkActionId && d.resolvedBy.includes('bulk action')), JSON.stringify(json));
+    await page.getByTestId('dead-scope-clear').click();
+    await page.locator('section', { has: page.getByTestId('failure-groups') })
+      .screenshot({ path: path.join(OUT, 'ops-failure-group-replayed.png') });
   });
 
   await step('screenshot of the dashboard', async () => {

@@ -159,6 +159,7 @@ impl TestApp {
             auth_admin_claim: opts.auth.as_ref().and_then(|a| a.admin_claim.clone()),
             order_timeout: opts.order_timeout,
             sweep_interval: Duration::from_secs(1),
+            trend_sample_interval: Duration::from_secs(1),
             prefetch: 32,
             worker_concurrency: opts.concurrency,
             worker_batch: 16,

@@ -550,6 +550,20 @@ pub async fn submit_n(
     rate: Option<u32>,
     orders: usize,
 ) -> Load {
+    submit_round(sys, products, good, picky, rate, orders, "").await
+}
+
+/// [`submit_n`] for one more round of orders on the same system: `round` sets their
+/// Idempotency-Keys apart from the other rounds'.
+pub async fn submit_round(
+    sys: &Arc<System>,
+    products: &[i64],
+    good: i64,
+    picky: i64,
+    rate: Option<u32>,
+    orders: usize,
+    round: &str,
+) -> Load {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut plan = Vec::with_capacity(orders);
     for n in 0..orders {
@@ -570,7 +584,7 @@ pub async fn submit_n(
         };
         plan.push((
             user,
-            format!("{}-{n}", sys.name),
+            format!("{}{round}-{n}", sys.name),
             json!({"items": items, "couponId": coupon}),
         ));
     }

@@ -27,6 +27,7 @@ const state = {
   previousDepth: new Map(), // queue name -> ready messages at the last refresh
   timelineId: null, // the order shown in the timeline, refreshed with the rest
   inspectedId: null, // the dead letter shown in the detail pane
+  group: null, // the failure group whose letters the dead-letter table shows (null: all)
 };
 
 // --- Small helpers ---------------------------------------------------------------------------
@@ -50,11 +51,14 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
-async function api(method, path) {
+async function api(method, path, payload) {
+  const headers = { Accept: 'application/json' };
+  if (payload !== undefined) headers['Content-Type'] = 'application/json';
   const res = await fetch(path, {
     method,
     credentials: 'same-origin',
-    headers: { Accept: 'application/json' },
+    headers,
+    body: payload === undefined ? undefined : JSON.stringify(payload),
   });
   if (res.status === 401) {
     // The session expired: the dashboard URL shows the login form again.
@@ -307,6 +311,87 @@ function discard(id) {
   });
 }
 
+// --- Failure groups and bulk actions ---------------------------------------------------------
+
+function renderGroups(page) {
+  const rows = page.items.map((g) => el('tr', { dataset: { testid: `group-${g.id}`, group: g.id, count: String(g.count) } },
+    el('td', { className: 'num', text: number(g.count) }),
+    el('td', { className: 'num', text: number(g.orders) }),
+    el('td', { className: 'mono', text: g.messageType || '?' }),
+    el('td', { className: 'mono', text: g.queue || '?' }),
+    el('td', { text: g.reason || '?' }),
+    el('td', { className: 'mono small error-kind', text: g.errorKind || '–', title: g.sample && g.sample.error ? g.sample.error : '' }),
+    el('td', { text: `${age(secondsSince(g.lastSeen))} ago` }),
+    el('td', { className: 'actions' },
+      button('Letters', `group-letters-${g.id}`, () => showGroup(g)),
+      button('Replay group', `group-replay-${g.id}`, () => bulkOnGroup(g, 'REPLAY_DEAD_LETTERS'), 'primary'),
+      button('Discard group', `group-discard-${g.id}`, () => bulkOnGroup(g, 'DISCARD_DEAD_LETTERS'), 'danger'))));
+  $('group-rows').replaceChildren(...rows);
+  $('groups-table').hidden = rows.length === 0;
+  $('groups-empty').hidden = rows.length !== 0;
+}
+
+function showGroup(g) {
+  state.group = g.id;
+  $('dead-scope').textContent = `new, newest first · group ${g.messageType || '?'} from ${g.queue || '?'} (${g.reason || '?'})`;
+  $('dead-scope-clear').hidden = false;
+  refresh().then(() => $('dead-title').scrollIntoView({ behavior: 'smooth' }));
+}
+
+/** A dry run first: the operator confirms what the action would do, then it starts. */
+async function bulkOnGroup(g, action) {
+  const filter = { group: g.id };
+  let dry;
+  try {
+    dry = await api('POST', '/api/admin/bulk-actions', { action, filter, dryRun: true });
+  } catch (err) {
+    flash(`Dry run failed: ${err.message}`, 'error');
+    return;
+  }
+  const verb = action === 'REPLAY_DEAD_LETTERS' ? 'Replay' : 'Discard';
+  const refused = dry.notReplayable ? `\n${number(dry.notReplayable)} cannot be replayed and stay new: ${dry.notReplayableReason}` : '';
+  const what = action === 'REPLAY_DEAD_LETTERS'
+    ? 'Each is published again once; parked compensations are resumed.'
+    : 'They are kept for the record and never published.';
+  if (!window.confirm(`${verb} ${number(dry.matching)} dead letter(s) of ${number(dry.orders)} order(s)?\n${what}${refused}`)) return;
+  act(verb, async () => {
+    const started = await api('POST', '/api/admin/bulk-actions', { action, filter });
+    return `Bulk action #${started.id} started: ${verb.toLowerCase()} ${number(started.total)} dead letter(s).`;
+  });
+}
+
+function renderBulkActions(page) {
+  const rows = page.items.map((a) => {
+    const pct = a.total === 0 ? 100 : Math.min(100, Math.round((100 * (a.done + a.skipped)) / a.total));
+    const bar = el('span', { className: 'bar s-CONFIRMED' });
+    bar.style.width = `${pct}%`;
+    const actions = el('td', { className: 'actions' });
+    if (a.state === 'RUNNING') {
+      actions.append(button('Cancel', `bulk-cancel-${a.id}`, () => cancelBulk(a.id), 'danger'));
+    }
+    return el('tr', { dataset: { testid: `bulk-${a.id}`, state: a.state, done: String(a.done), total: String(a.total) } },
+      el('td', { className: 'num', text: String(a.id) }),
+      el('td', { className: 'mono', text: a.action }),
+      el('td', {}, el('span', { className: `badge b-${a.state}`, text: a.state })),
+      el('td', { className: 'progress', title: a.lastSkip || '' },
+        el('span', { className: 'funnel-track' }, bar),
+        el('span', { className: 'small', text: ` ${number(a.done)} of ${number(a.total)}${a.skipped ? `, ${number(a.skipped)} skipped` : ''}` })),
+      el('td', { className: 'small', text: a.requestedBy }),
+      el('td', { text: `${age(secondsSince(a.startedAt))} ago` }),
+      actions);
+  });
+  $('bulk-rows').replaceChildren(...rows);
+  $('bulk-table').hidden = rows.length === 0;
+  $('bulk-empty').hidden = rows.length !== 0;
+}
+
+function cancelBulk(id) {
+  act('Cancel', async () => {
+    await api('POST', `/api/admin/bulk-actions/${id}/cancel`);
+    return `Bulk action #${id} cancelled; what it did stays done.`;
+  });
+}
+
 // --- Parked outbox rows ----------------------------------------------------------------------
 
 function renderParked(page) {
@@ -425,6 +510,116 @@ function showTimeline(id) {
   loadTimeline().then(() => $('timeline-title').scrollIntoView({ behavior: 'smooth' }));
 }
 
+// --- Trends: the last hour as small inline SVG charts ---------------------------------------
+
+const SVG_NS = 'http://www.w3.org/2000/svg';
+const TREND_W = 320;
+const TREND_H = 84;
+const perSecond = (n) => (n === null || n === undefined ? '–' : `${n.toFixed(2)}/s`);
+const millis = (n) => (n === null || n === undefined ? '–' : `${number(n)} ms`);
+const latency = (key, field) => (s) => (s[key] ? s[key][field] : null);
+const step = (key) => (s) => (s.steps[key] ? s.steps[key].p99Ms : null);
+// Each chart: a title and its series (data-testid `trend-<key>`, the value a sample plots or
+// null for no point, how the latest value reads, and the count it adds to the hour's total).
+const TREND_CHARTS = [
+  { id: 'orders', title: 'Orders per second', series: [
+    { key: 'accepted', label: 'accepted', value: (s) => s.acceptedPerSecond, show: perSecond, count: (s) => s.accepted },
+    { key: 'confirmed', label: 'confirmed', value: (s) => s.confirmedPerSecond, show: perSecond, count: (s) => s.confirmed },
+    { key: 'cancelled', label: 'cancelled', value: (s) => s.cancelledPerSecond, show: perSecond, count: (s) => s.cancelled },
+  ] },
+  { id: 'e2e', title: 'End-to-end latency', series: [
+    { key: 'e2e-p50', label: 'p50', value: latency('e2e', 'p50Ms'), show: millis },
+    { key: 'e2e-p99', label: 'p99', value: latency('e2e', 'p99Ms'), show: millis },
+  ] },
+  { id: 'steps', title: 'Step latency p99', series: [
+    { key: 'step-stock', label: 'stock', value: step('stockReserved'), show: millis },
+    { key: 'step-coupon', label: 'coupon', value: step('couponApplied'), show: millis },
+    { key: 'step-payment', label: 'payment', value: step('paid'), show: millis },
+    { key: 'step-confirm', label: 'confirm', value: step('confirmed'), show: millis },
+  ] },
+  { id: 'dead-letters', title: 'Dead letters per minute', series: [
+    { key: 'dead-letters', label: 'recorded', value: (s) => s.deadLettersPerMinute,
+      show: (n) => (n === null ? '–' : `${n.toFixed(1)}/min`), count: (s) => s.deadLetters },
+  ] },
+  { id: 'queue-depth', title: 'Queue depth (ready, all queues)', series: [
+    { key: 'queue-depth', label: 'ready', value: (s) => s.queueDepth, show: (n) => (n === null ? '–' : number(n)) },
+  ] },
+];
+
+function svg(tag, attrs = {}) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  return node;
+}
+
+/** One chart: a line per series over [from, to], each sample plotted at its window's end. */
+function trendChart(chart, samples, from, to) {
+  const values = chart.series.map((series) => samples.map((s) => {
+    const v = series.value(s);
+    return v === null || v === undefined ? null : Number(v);
+  }));
+  const max = Math.max(1e-9, ...values.flat().filter((v) => v !== null));
+  const span = Math.max(1, to - from);
+  const x = (s) => ((Date.parse(s.end) - from) / span) * TREND_W;
+  const y = (v) => TREND_H - 2 - (v / max) * (TREND_H - 14);
+  const plot = svg('svg', { viewBox: `0 0 ${TREND_W} ${TREND_H}`, class: 'trend-plot', role: 'img',
+    'aria-label': chart.title });
+  plot.append(svg('line', { x1: 0, y1: TREND_H - 2, x2: TREND_W, y2: TREND_H - 2, class: 'axis' }));
+  const top = svg('text', { x: 2, y: 10, class: 'axis-label' });
+  top.textContent = chart.series[0].show(max);
+  plot.append(top);
+  const legend = el('ul', { className: 'trend-legend' });
+  chart.series.forEach((series, i) => {
+    let d = '';
+    let points = 0;
+    let pen = 'M';
+    const dots = [];
+    samples.forEach((s, j) => {
+      const v = values[i][j];
+      if (v === null) { pen = 'M'; return; }
+      d += `${pen}${x(s).toFixed(1)},${y(v).toFixed(1)} `;
+      // A point with no neighbour (latencies exist only where orders confirmed) is a dot.
+      if (pen === 'M' && (j + 1 >= samples.length || values[i][j + 1] === null)) {
+        dots.push(svg('circle', { cx: x(s).toFixed(1), cy: y(v).toFixed(1), r: 2, class: `dot c${i}` }));
+      }
+      pen = 'L';
+      points += 1;
+    });
+    plot.append(svg('path', { d: d.trim() || 'M0,0', class: `line c${i}`, 'data-series': series.key }), ...dots);
+    // The newest value the series has (a latency is missing where no order confirmed).
+    const latest = values[i].filter((v) => v !== null).pop() ?? null;
+    const total = series.count ? samples.reduce((sum, s) => sum + (series.count(s) || 0), 0) : null;
+    legend.append(el('li', {
+      className: `c${i}`,
+      dataset: { testid: `trend-${series.key}`, points: String(points), latest: latest === null ? '' : String(latest),
+        ...(total === null ? {} : { total: String(total) }) },
+    }, el('span', { className: 'swatch' }), `${series.label} `,
+    el('strong', { text: series.show(latest) }),
+    total === null ? null : el('span', { className: 'muted', text: ` · ${number(total)} in view` })));
+  });
+  return el('figure', { className: 'trend', dataset: { testid: `trend-chart-${chart.id}` } },
+    el('figcaption', { text: chart.title }), plot, legend);
+}
+
+function renderTrends(t) {
+  const samples = t.samples;
+  const last = samples.length ? Date.parse(samples[samples.length - 1].end) : Date.now();
+  const from = samples.length ? Math.max(Date.parse(samples[0].start), last - t.windowSeconds * 1000) : last;
+  $('trends-note').textContent = samples.length
+    ? `since ${clock(new Date(from).toISOString()).slice(0, 5)}, a sample every ${t.intervalMs / 1000} s`
+    : `no sample yet (one every ${t.intervalMs / 1000} s)`;
+  $('trend-charts').replaceChildren(...TREND_CHARTS.map((c) => trendChart(c, samples, from, last)));
+}
+
+let trendsDue = 0;
+/** The trends change once per sample: fetched on the refresh after the next one is due. */
+async function loadTrends() {
+  if (Date.now() < trendsDue) return;
+  const t = await api('GET', '/api/admin/trends');
+  trendsDue = Date.now() + Math.max(0, t.intervalMs - REFRESH_MS / 2);
+  renderTrends(t);
+}
+
 // --- Refresh loop ---------------------------------------------------------------------------
 
 let refreshing = null;
@@ -445,9 +640,12 @@ async function refreshAll() {
       renderQueues(o.queues, o.brokerError);
     }),
     api('GET', `/api/admin/orders?stuck=true&olderThan=${STUCK_AFTER}&size=20`).then(renderStuck),
-    api('GET', '/api/admin/dead-letters?status=NEW&size=20').then(renderDeadLetters),
+    api('GET', `/api/admin/dead-letters?status=NEW&size=20${state.group ? `&group=${state.group}` : ''}`).then(renderDeadLetters),
+    api('GET', '/api/admin/failure-groups?size=20').then(renderGroups),
+    api('GET', '/api/admin/bulk-actions?size=5').then(renderBulkActions),
     api('GET', '/api/admin/outbox/parked?size=20').then(renderParked),
     loadTimeline(),
+    loadTrends(),
   ]);
   const failed = results.find((r) => r.status === 'rejected');
   const indicator = $('refresh-state');
@@ -471,6 +669,12 @@ document.addEventListener('DOMContentLoaded', () => {
       return;
     }
     showTimeline(id);
+  });
+  $('dead-scope-clear').addEventListener('click', () => {
+    state.group = null;
+    $('dead-scope').textContent = 'new, newest first';
+    $('dead-scope-clear').hidden = true;
+    refresh();
   });
   $('dead-detail-close').addEventListener('click', () => {
     $('dead-detail').hidden = true;

@@ -233,7 +233,9 @@ pub struct DeadLetterFilter {
     /// Which dead letters: NEW (the default), REPLAYED, DISCARDED or ALL.
     #[param(value_type = Option<DeadLetterStatusFilter>)]
     pub status: Option<String>,
-    /// Only the letters of this failure group (`GET /api/admin/failure-groups`).
+    /// Only the letters of this failure group (`GET /api/admin/failure-groups`; 32 lowercase
+    /// hex digits, else 400 `INVALID_GROUP`).
+    #[param(pattern = "^[0-9a-f]{32}$")]
     pub group: Option<String>,
 }
 
@@ -312,7 +314,7 @@ impl DeadLetterView {
             ("replayDeadLetter" = (operation_id = "replayDeadLetter", parameters(("id" = "$response.body#/items/0/id")))),
             ("discardDeadLetter" = (operation_id = "discardDeadLetter", parameters(("id" = "$response.body#/items/0/id")))),
         )),
-    (status = 400, description = "INVALID_STATUS, INVALID_PAGE, INVALID_PAGE_SIZE or INVALID_QUERY", body = Problem, content_type = PROBLEM),
+    (status = 400, description = "INVALID_STATUS, INVALID_GROUP, INVALID_PAGE, INVALID_PAGE_SIZE or INVALID_QUERY", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn list_dead_letters(
     State(state): State<AppState>,
@@ -322,12 +324,13 @@ pub async fn list_dead_letters(
 ) -> ApiResult<Json<Page<DeadLetterView>>> {
     let (limit, offset) = page.limit_offset()?;
     let status = letter_status(filter.status.as_deref())?;
+    let group = crate::routes::incidents::group_id(filter.group.as_deref())?;
     const WHERE: &str = "($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR failure_group = $2)";
     let rows: Vec<DeadLetterView> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT * FROM dead_letters WHERE {WHERE} ORDER BY id DESC LIMIT $3 OFFSET $4"
     )))
     .bind(&status)
-    .bind(&filter.group)
+    .bind(&group)
     .bind(limit)
     .bind(offset)
     .fetch_all(&state.pool)
@@ -336,7 +339,7 @@ pub async fn list_dead_letters(
         "SELECT count(*) FROM dead_letters WHERE {WHERE}"
     )))
     .bind(&status)
-    .bind(&filter.group)
+    .bind(&group)
     .fetch_one(&state.pool)
     .await?;
     Ok(Json(Page::new(

@@ -150,7 +150,8 @@ pub async fn failure_groups(
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequestFilter {
-    /// A failure group's id.
+    /// A failure group's id (32 lowercase hex digits).
+    #[schema(pattern = "^[0-9a-f]{32}$")]
     pub group: Option<String>,
     /// The queue the letters died in, e.g. `orderflow.stock`.
     pub queue: Option<String>,
@@ -190,6 +191,29 @@ pub struct NewBulkAction {
     #[schema(minimum = 0, maximum = 10000)]
     #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub pause_ms: Option<i64>,
+}
+
+/// A failure group's id as `GET /api/admin/failure-groups` gives it (32 lowercase hex
+/// digits), or 400 `INVALID_GROUP`.
+pub(crate) fn group_id(group: Option<&str>) -> Result<Option<String>, Error> {
+    match group {
+        Some(g) if g.len() != 32 || !g.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) => Err(
+            Error::bad_request("INVALID_GROUP", "a failure group id is 32 lowercase hex digits"),
+        ),
+        g => Ok(g.map(str::to_owned)),
+    }
+}
+
+/// A filter's text: no control characters (which no queue, type or reason holds, and which
+/// PostgreSQL's text cannot take: NUL), else 400 `INVALID_FILTER`.
+fn plain_text(name: &str, value: &Option<String>) -> Result<Option<String>, Error> {
+    match value {
+        Some(v) if v.chars().any(char::is_control) => Err(Error::bad_request(
+            "INVALID_FILTER",
+            format!("{name} holds a control character"),
+        )),
+        v => Ok(v.clone()),
+    }
 }
 
 impl NewBulkAction {
@@ -234,10 +258,10 @@ impl NewBulkAction {
         };
         let filter = if on_letters {
             Filter::Letters(LetterFilter {
-                group: f.group.clone(),
-                queue: f.queue.clone(),
-                message_type: f.message_type.clone(),
-                reason: f.reason.clone(),
+                group: group_id(f.group.as_deref())?,
+                queue: plain_text("queue", &f.queue)?,
+                message_type: plain_text("messageType", &f.message_type)?,
+                reason: plain_text("reason", &f.reason)?,
                 from: time("from", &f.from)?,
                 to: time("to", &f.to)?,
             })
@@ -259,7 +283,7 @@ impl NewBulkAction {
                 updated_before: now - older_than,
             })
         };
-        Ok(Plan::new(self.action, filter, self.chunk_size, self.pause_ms)?)
+        Plan::new(self.action, filter, self.chunk_size, self.pause_ms)
     }
 }
 
@@ -278,7 +302,7 @@ impl NewBulkAction {
                 ("getBulkAction" = (operation_id = "getBulkAction", parameters(("id" = "$response.body#/id")))),
                 ("cancelBulkAction" = (operation_id = "cancelBulkAction", parameters(("id" = "$response.body#/id")))),
             )),
-        (status = 400, description = "INVALID_TIME, INVALID_DURATION, INVALID_CHUNK_SIZE, INVALID_PAUSE, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
+        (status = 400, description = "INVALID_GROUP, INVALID_FILTER (a control character), INVALID_TIME, INVALID_DURATION, INVALID_CHUNK_SIZE, INVALID_PAUSE, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
         (status = 422, description = "INVALID_FILTER: a field the action does not take, or a cancel without olderThan; INVALID_STATUS: a status the action cannot move", body = Problem, content_type = PROBLEM),
         (status = 503, description = "BROKER_UNAVAILABLE: a replay's dry run could not ask the broker", body = Problem, content_type = PROBLEM),
     ))]

@@ -5,10 +5,12 @@ pub mod balance;
 pub mod coupons;
 pub mod events;
 pub mod health;
+pub mod incidents;
 pub mod ops;
 pub mod orders;
 pub mod products;
 pub mod replays;
+pub mod trends;
 
 use axum::{Router, middleware};
 
@@ -27,7 +29,9 @@ pub fn router(admission: Admission) -> Router<AppState> {
         .merge(orders::router())
         .merge(admin::router())
         .merge(replays::router())
+        .merge(incidents::router())
         .merge(ops::router())
+        .merge(trends::router())
         .route_layer(middleware::from_fn_with_state(admission, admission::admit));
     Router::new()
         .merge(health::router())

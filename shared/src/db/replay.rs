@@ -434,10 +434,8 @@ async fn give_way(pool: &PgPool, replay: &Replay, owner: Uuid, shutdown: &Cancel
     let mut renewed = tokio::time::Instant::now();
     loop {
         let left = paused_until.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            if !outbox::backlog_exceeds(pool, i64::from(replay.chunk_size)).await? {
-                return Ok(true);
-            }
+        if left.is_zero() && !outbox::backlog_exceeds(pool, i64::from(replay.chunk_size)).await? {
+            return Ok(true);
         }
         let nap = if left.is_zero() {
             BACKLOG_POLL
