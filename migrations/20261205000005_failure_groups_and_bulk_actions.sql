@@ -33,7 +33,8 @@ CREATE TABLE delivery_failures (
     PRIMARY KEY (consumer, message_id)
 );
 CREATE INDEX delivery_failures_message_idx ON delivery_failures (message_id);
-CREATE INDEX delivery_failures_failed_at_brin ON delivery_failures USING brin (failed_at);
+-- B-tree, not BRIN: an upsert rewrites failed_at, so rows are not in time order.
+CREATE INDEX delivery_failures_failed_at_idx ON delivery_failures (failed_at);
 
 -- Every bulk action an operator started: replay or discard the dead letters matching a filter
 -- (a failure group, a queue, a type, a time window), cancel the orders stuck in a status past a
@@ -44,9 +45,10 @@ CREATE INDEX delivery_failures_failed_at_brin ON delivery_failures USING brin (f
 CREATE TABLE bulk_actions (
     id           BIGSERIAL   PRIMARY KEY,
     action       TEXT        NOT NULL CHECK (action IN ('REPLAY_DEAD_LETTERS', 'DISCARD_DEAD_LETTERS',
-                                                        'CANCEL_ORDERS', 'RETRY_COMPENSATIONS')),
+                                                        'CANCEL_ORDERS', 'RETRY_COMPENSATIONS',
+                                                        'RETRY_PARKED', 'DISCARD_PARKED')),
     filter       JSONB       NOT NULL,
-    state        TEXT        NOT NULL DEFAULT 'RUNNING' CHECK (state IN ('RUNNING', 'DONE', 'CANCELLED')),
+    state        TEXT        NOT NULL DEFAULT 'RUNNING' CHECK (state IN ('RUNNING', 'DONE', 'CANCELLED', 'FAILED')),
     chunk_size   INTEGER     NOT NULL CHECK (chunk_size BETWEEN 1 AND 1000),
     pause_ms     INTEGER     NOT NULL CHECK (pause_ms BETWEEN 0 AND 10000),
     -- Items matching the filter when the action was created.
@@ -57,8 +59,16 @@ CREATE TABLE bulk_actions (
     -- left NEW, with the reason in `last_skip`.
     skipped      BIGINT      NOT NULL DEFAULT 0 CHECK (skipped >= 0),
     last_skip    TEXT,
-    -- Dead letters: the highest id looked at (skipped letters stay NEW behind it).
+    -- Dead letters and parked rows: the highest id looked at (skipped letters stay NEW behind
+    -- it), and the highest id there was when the action was created: what died after the
+    -- operator confirmed (a replay that died again, if the cause is still there) is left for
+    -- the next action, so an action always ends.
     cursor_id    BIGINT      NOT NULL DEFAULT 0,
+    upto_id      BIGINT      NOT NULL DEFAULT 0,
+    -- Chunks that failed in a row (the database or the broker down, say) and the last error;
+    -- the action is FAILED after 10.
+    failures     INTEGER     NOT NULL DEFAULT 0,
+    last_error   TEXT,
     lease_owner  UUID,
     lease_until  TIMESTAMPTZ,
     requested_by TEXT        NOT NULL,
@@ -68,6 +78,20 @@ CREATE TABLE bulk_actions (
     CHECK ((state = 'RUNNING') = (finished_at IS NULL))
 );
 CREATE INDEX bulk_actions_running_idx ON bulk_actions (id) WHERE state = 'RUNNING';
+
+-- What each bulk action did to each item, written in the chunk's transaction: the audit of who
+-- (the action's requested_by) did what to which dead letter or order, and why an item was
+-- skipped. One row per item and action, so an item is never counted twice.
+CREATE TABLE bulk_action_items (
+    bulk_action_id BIGINT      NOT NULL REFERENCES bulk_actions (id),
+    -- A dead letter's id, an outbox row's id or an order's id, as text.
+    item           TEXT        NOT NULL,
+    outcome        TEXT        NOT NULL CHECK (outcome IN ('DONE', 'SKIPPED')),
+    -- What it did (REPLAYED, DISCARDED, RETRIED, CANCELLING, CANCELLED) or why it skipped it.
+    detail         TEXT        NOT NULL,
+    at             TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (bulk_action_id, item)
+);
 
 -- A dead letter knows the error that killed it, its group, who resolved it (and through which
 -- bulk action), and how often its message had been replayed before this death.

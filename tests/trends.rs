@@ -145,10 +145,6 @@ async fn trends_count_every_order_once_with_latencies_and_queue_depths() {
                     step["p50Ms"].as_i64().unwrap() <= step["p99Ms"].as_i64().unwrap(),
                     "{s}"
                 );
-                assert!(
-                    step["p99Ms"].as_i64().unwrap() <= p99,
-                    "a step never takes longer than the whole: {s}"
-                );
             }
         }
     }

@@ -85,6 +85,7 @@ use crate::{AppState, problem::Problem, routes};
         routes::incidents::start,
         routes::incidents::list,
         routes::incidents::show,
+        routes::incidents::items,
         routes::incidents::cancel,
         routes::ops::overview,
         routes::ops::timeline,

@@ -600,7 +600,10 @@ async fn isolate<S: Step>(step: &S, pool: &PgPool, item: Item) {
 /// database that cannot take this cannot take the step either, and the letter is still
 /// recorded, only without its error.
 async fn record_failure(pool: &PgPool, consumer: &str, failures: &[(Uuid, String)]) {
-    let (ids, errors): (Vec<Uuid>, Vec<&str>) = failures.iter().map(|(id, e)| (*id, e.as_str())).unzip();
+    let (ids, errors): (Vec<Uuid>, Vec<String>) = failures
+        .iter()
+        .map(|(id, e)| (*id, e.replace('\0', "\u{FFFD}")))
+        .unzip();
     if let Err(err) = sqlx::query(FAILURES)
         .bind(consumer)
         .bind(&ids)
@@ -612,7 +615,8 @@ async fn record_failure(pool: &PgPool, consumer: &str, failures: &[(Uuid, String
     }
 }
 
-/// Upserts (consumer, message id, error) rows: `$1` the consumer, `$2` and `$3` aligned arrays.
+/// Upserts (consumer, message id, error) rows: `$1` the consumer, `$2` and `$3` aligned arrays
+/// (errors with NUL replaced: PostgreSQL's text cannot hold it).
 const FAILURES: &str = "INSERT INTO delivery_failures (consumer, message_id, error)
      SELECT $1, id, left(error, 2000) FROM unnest($2::uuid[], $3::text[]) AS f(id, error)
      ON CONFLICT (consumer, message_id) DO UPDATE SET error = EXCLUDED.error, failed_at = now()";
@@ -717,7 +721,7 @@ async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) 
             Outcome::Poison(why) => {
                 items[i].span.in_scope(|| tracing::warn!(%why, "poison message"));
                 forget.push(msg.envelope.id);
-                why_rejected.push(why);
+                why_rejected.push(why.replace('\0', "\u{FFFD}"));
                 Disposition::Rejected
             }
             Outcome::Missing(missing) if msg.order_ids.len() <= 1 => {

@@ -322,10 +322,14 @@ function renderGroups(page) {
     el('td', { text: g.reason || '?' }),
     el('td', { className: 'mono small error-kind', text: g.errorKind || '–', title: g.sample && g.sample.error ? g.sample.error : '' }),
     el('td', { text: `${age(secondsSince(g.lastSeen))} ago` }),
-    el('td', { className: 'actions' },
-      button('Letters', `group-letters-${g.id}`, () => showGroup(g)),
-      button('Replay group', `group-replay-${g.id}`, () => bulkOnGroup(g, 'REPLAY_DEAD_LETTERS'), 'primary'),
-      button('Discard group', `group-discard-${g.id}`, () => bulkOnGroup(g, 'DISCARD_DEAD_LETTERS'), 'danger'))));
+    g.source === 'PARKED'
+      ? el('td', { className: 'actions' },
+        button('Retry group', `group-retry-${g.id}`, () => bulkOnGroup(g, 'RETRY_PARKED'), 'primary'),
+        button('Discard group', `group-discard-${g.id}`, () => bulkOnGroup(g, 'DISCARD_PARKED'), 'danger'))
+      : el('td', { className: 'actions' },
+        button('Letters', `group-letters-${g.id}`, () => showGroup(g)),
+        button('Replay group', `group-replay-${g.id}`, () => bulkOnGroup(g, 'REPLAY_DEAD_LETTERS'), 'primary'),
+        button('Discard group', `group-discard-${g.id}`, () => bulkOnGroup(g, 'DISCARD_DEAD_LETTERS'), 'danger'))));
   $('group-rows').replaceChildren(...rows);
   $('groups-table').hidden = rows.length === 0;
   $('groups-empty').hidden = rows.length !== 0;
@@ -338,6 +342,30 @@ function showGroup(g) {
   refresh().then(() => $('dead-title').scrollIntoView({ behavior: 'smooth' }));
 }
 
+/** Cancel every order stuck in a cancellable status, or retry every parked compensation. */
+async function bulkOnOrders(action) {
+  const filter = action === 'CANCEL_ORDERS' ? { olderThan: STUCK_AFTER } : {};
+  let dry;
+  try {
+    dry = await api('POST', '/api/admin/bulk-actions', { action, filter, dryRun: true });
+  } catch (err) {
+    flash(`Dry run failed: ${err.message}`, 'error');
+    return;
+  }
+  if (dry.matching === 0) {
+    flash(action === 'CANCEL_ORDERS' ? 'No order is stuck.' : 'No order is parked.');
+    return;
+  }
+  const what = action === 'CANCEL_ORDERS'
+    ? `Cancel ${number(dry.matching)} order(s) unchanged for ${STUCK_AFTER} or more? Each gives back what it holds.`
+    : `Retry the compensations of ${number(dry.matching)} COMPENSATION_FAILED order(s)?`;
+  if (!window.confirm(what)) return;
+  act('Bulk action', async () => {
+    const started = await api('POST', '/api/admin/bulk-actions', { action, filter });
+    return `Bulk action #${started.id} started: ${started.action} on ${number(started.total)} order(s).`;
+  });
+}
+
 /** A dry run first: the operator confirms what the action would do, then it starts. */
 async function bulkOnGroup(g, action) {
   const filter = { group: g.id };
@@ -348,15 +376,17 @@ async function bulkOnGroup(g, action) {
     flash(`Dry run failed: ${err.message}`, 'error');
     return;
   }
-  const verb = action === 'REPLAY_DEAD_LETTERS' ? 'Replay' : 'Discard';
+  const { verb, noun, what } = {
+    REPLAY_DEAD_LETTERS: { verb: 'Replay', noun: 'dead letter(s)', what: 'Each is published again once; parked compensations are resumed.' },
+    DISCARD_DEAD_LETTERS: { verb: 'Discard', noun: 'dead letter(s)', what: 'They are kept for the record and never published.' },
+    RETRY_PARKED: { verb: 'Retry', noun: 'parked message(s)', what: 'Each goes back to the relay with its attempts reset.' },
+    DISCARD_PARKED: { verb: 'Discard', noun: 'parked message(s)', what: 'They are kept for the record and never published.' },
+  }[action];
   const refused = dry.notReplayable ? `\n${number(dry.notReplayable)} cannot be replayed and stay new: ${dry.notReplayableReason}` : '';
-  const what = action === 'REPLAY_DEAD_LETTERS'
-    ? 'Each is published again once; parked compensations are resumed.'
-    : 'They are kept for the record and never published.';
-  if (!window.confirm(`${verb} ${number(dry.matching)} dead letter(s) of ${number(dry.orders)} order(s)?\n${what}${refused}`)) return;
+  if (!window.confirm(`${verb} ${number(dry.matching)} ${noun} of ${number(dry.orders)} order(s)?\n${what}${refused}`)) return;
   act(verb, async () => {
     const started = await api('POST', '/api/admin/bulk-actions', { action, filter });
-    return `Bulk action #${started.id} started: ${verb.toLowerCase()} ${number(started.total)} dead letter(s).`;
+    return `Bulk action #${started.id} started: ${verb.toLowerCase()} ${number(started.total)} ${noun}.`;
   });
 }
 
@@ -373,7 +403,7 @@ function renderBulkActions(page) {
       el('td', { className: 'num', text: String(a.id) }),
       el('td', { className: 'mono', text: a.action }),
       el('td', {}, el('span', { className: `badge b-${a.state}`, text: a.state })),
-      el('td', { className: 'progress', title: a.lastSkip || '' },
+      el('td', { className: 'progress', title: [a.lastError, a.lastSkip].filter(Boolean).join(' · ') },
         el('span', { className: 'funnel-track' }, bar),
         el('span', { className: 'small', text: ` ${number(a.done)} of ${number(a.total)}${a.skipped ? `, ${number(a.skipped)} skipped` : ''}` })),
       el('td', { className: 'small', text: a.requestedBy }),
@@ -670,6 +700,8 @@ document.addEventListener('DOMContentLoaded', () => {
     }
     showTimeline(id);
   });
+  $('bulk-cancel-stuck').addEventListener('click', () => bulkOnOrders('CANCEL_ORDERS'));
+  $('bulk-retry-parked').addEventListener('click', () => bulkOnOrders('RETRY_COMPENSATIONS'));
   $('dead-scope-clear').addEventListener('click', () => {
     state.group = null;
     $('dead-scope').textContent = 'new, newest first';

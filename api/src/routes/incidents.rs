@@ -14,7 +14,9 @@ use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Error,
     config::query_duration,
-    db::bulk::{self, Action, BulkAction, DryRun, Filter, LetterFilter, OrderFilter, Plan},
+    db::bulk::{
+        self, Action, BulkAction, BulkItem, DryRun, Filter, LetterFilter, OrderFilter, PARKED_GROUP, Plan, Target,
+    },
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -33,6 +35,7 @@ pub fn router() -> Router<AppState> {
         .route("/api/admin/failure-groups", get(failure_groups))
         .route("/api/admin/bulk-actions", post(start).get(list))
         .route("/api/admin/bulk-actions/{id}", get(show))
+        .route("/api/admin/bulk-actions/{id}/items", get(items))
         .route("/api/admin/bulk-actions/{id}/cancel", post(cancel))
 }
 
@@ -59,6 +62,10 @@ pub struct FailureGroup {
     /// The group's fingerprint (stable: the same cause is the same id, in every release that
     /// keeps the `failure_group` SQL function); filter bulk actions and letters by it.
     pub id: String,
+    /// DEAD_LETTERS (messages a queue gave up on) or PARKED (outbox rows the relay set aside
+    /// because the broker kept refusing them; `queue` is then `outbox:<exchange>/<routing key>`
+    /// and `reason` `parked`).
+    pub source: String,
     pub queue: Option<String>,
     pub message_type: Option<String>,
     /// The broker's reason: delivery_limit, rejected, expired.
@@ -80,7 +87,7 @@ pub struct FailureGroup {
     /// When the first and last letters of the group died (recorded).
     pub first_seen: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
-    /// The newest letter of the group.
+    /// The newest letter of the group (none for parked rows: `GET /api/admin/outbox/parked`).
     #[sqlx(skip)]
     pub sample: Option<DeadLetterView>,
     #[serde(skip)]
@@ -102,40 +109,61 @@ pub async fn failure_groups(
     let (limit, offset) = page.limit_offset()?;
     let status = crate::routes::admin::letter_status(filter.status.as_deref())?;
     let mut conn = state.pool.acquire().await?;
-    const LETTERS: &str = "SELECT * FROM dead_letters WHERE $1::text IS NULL OR status = $1";
+    // Parked outbox rows have no status of their own: they count as NEW until retried or
+    // discarded, and are listed with NEW (and ALL).
+    let parked = status.as_deref().is_none_or(|s| s == "NEW");
     let mut groups: Vec<FailureGroup> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "WITH letters AS ({LETTERS}),
-              named AS (SELECT l.failure_group, o FROM letters l, unnest(l.order_ids) o)
-         SELECT g.failure_group AS id, min(source_queue) AS queue, min(message_type) AS message_type,
-                min(reason) AS reason, min(error_kind(error)) AS error_kind, count(*) AS count,
+        "WITH failures AS (
+             SELECT 'DEAD_LETTERS' AS source, failure_group AS grp, source_queue AS queue, message_type,
+                    reason, error, status, order_ids, previous_replays, recorded_at AS seen, id
+             FROM dead_letters WHERE $1::text IS NULL OR status = $1
+             UNION ALL
+             SELECT 'PARKED', {PARKED_GROUP}, 'outbox:' || exchange || '/' || routing_key, message_type,
+                    'parked', last_error, 'NEW', order_ids, 0, parked_at, 0
+             FROM outbox WHERE $4 AND parked_at IS NOT NULL AND sent_at IS NULL AND discarded_at IS NULL
+         ),
+         named AS (SELECT f.grp, o FROM failures f, unnest(f.order_ids) o)
+         SELECT g.grp AS id, min(source) AS source, min(queue) AS queue, min(message_type) AS message_type,
+                min(reason) AS reason, error_kind(min(error)) AS error_kind, count(*) AS count,
                 count(*) FILTER (WHERE status = 'NEW') AS new,
                 count(*) FILTER (WHERE status = 'REPLAYED') AS replayed,
                 count(*) FILTER (WHERE status = 'DISCARDED') AS discarded,
-                (SELECT count(DISTINCT o) FROM named n WHERE n.failure_group = g.failure_group) AS orders,
-                ARRAY(SELECT DISTINCT o FROM named n WHERE n.failure_group = g.failure_group LIMIT 5) AS sample_orders,
-                max(previous_replays) AS max_previous_replays,
-                min(recorded_at) AS first_seen, max(recorded_at) AS last_seen, max(id) AS sample_id
-         FROM letters g GROUP BY g.failure_group
+                (SELECT count(DISTINCT o) FROM named n WHERE n.grp = g.grp) AS orders,
+                ARRAY(SELECT DISTINCT o FROM named n WHERE n.grp = g.grp LIMIT 5) AS sample_orders,
+                max(previous_replays)::int4 AS max_previous_replays,
+                min(seen) AS first_seen, max(seen) AS last_seen, max(id) AS sample_id
+         FROM failures g GROUP BY g.grp
          ORDER BY last_seen DESC, id LIMIT $2 OFFSET $3"
     )))
     .bind(&status)
     .bind(limit)
     .bind(offset)
+    .bind(parked)
     .fetch_all(&mut *conn)
     .await?;
     let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(DISTINCT failure_group) FROM ({LETTERS}) AS letters"
+        "SELECT (SELECT count(DISTINCT failure_group) FROM dead_letters WHERE $1::text IS NULL OR status = $1)
+              + (SELECT count(DISTINCT {PARKED_GROUP}) FROM outbox
+                 WHERE $2 AND parked_at IS NOT NULL AND sent_at IS NULL AND discarded_at IS NULL)"
     )))
     .bind(&status)
+    .bind(parked)
     .fetch_one(&mut *conn)
     .await?;
-    let ids: Vec<i64> = groups.iter().map(|g| g.sample_id).collect();
+    let ids: Vec<i64> = groups
+        .iter()
+        .filter(|g| g.source == "DEAD_LETTERS")
+        .map(|g| g.sample_id)
+        .collect();
     let samples: Vec<DeadLetterView> = sqlx::query_as("SELECT * FROM dead_letters WHERE id = ANY($1)")
         .bind(&ids)
         .fetch_all(&mut *conn)
         .await?;
     for sample in samples {
-        if let Some(g) = groups.iter_mut().find(|g| g.sample_id == sample.id) {
+        if let Some(g) = groups
+            .iter_mut()
+            .find(|g| g.source == "DEAD_LETTERS" && g.sample_id == sample.id)
+        {
             g.sample = Some(sample.with_text());
         }
     }
@@ -145,8 +173,9 @@ pub async fn failure_groups(
 // --- Bulk actions -----------------------------------------------------------------------------
 
 /// Which items; every field given must match. Dead-letter actions take `group`, `queue`,
-/// `messageType`, `reason`, `from` and `to` (on when the letter was recorded); order actions
-/// take `status` and `olderThan` (a cancel needs `olderThan`).
+/// `messageType`, `reason`, `from` and `to` (on when the letter was recorded); parked-row
+/// actions `group` and `messageType`; order actions `status` and `olderThan` (a cancel needs
+/// `olderThan`).
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequestFilter {
@@ -220,23 +249,21 @@ impl NewBulkAction {
     /// The request as a plan: times absolute (`olderThan` counted from `now`).
     fn plan(&self, now: DateTime<Utc>) -> Result<Plan, Error> {
         let f = &self.filter;
-        let on_letters = matches!(self.action, Action::ReplayDeadLetters | Action::DiscardDeadLetters);
-        let misplaced: Vec<&str> = if on_letters {
-            [("status", f.status.is_some()), ("olderThan", f.older_than.is_some())].to_vec()
-        } else {
-            [
-                ("group", f.group.is_some()),
-                ("queue", f.queue.is_some()),
-                ("messageType", f.message_type.is_some()),
-                ("reason", f.reason.is_some()),
-                ("from", f.from.is_some()),
-                ("to", f.to.is_some()),
-            ]
-            .to_vec()
-        }
-        .into_iter()
-        .filter_map(|(name, given)| given.then_some(name))
-        .collect();
+        let target = self.action.target();
+        let given = [
+            ("group", f.group.is_some(), target != Target::Orders),
+            ("queue", f.queue.is_some(), target == Target::DeadLetters),
+            ("messageType", f.message_type.is_some(), target != Target::Orders),
+            ("reason", f.reason.is_some(), target == Target::DeadLetters),
+            ("from", f.from.is_some(), target == Target::DeadLetters),
+            ("to", f.to.is_some(), target == Target::DeadLetters),
+            ("status", f.status.is_some(), target == Target::Orders),
+            ("olderThan", f.older_than.is_some(), target == Target::Orders),
+        ];
+        let misplaced: Vec<&str> = given
+            .into_iter()
+            .filter_map(|(name, given, taken)| (given && !taken).then_some(name))
+            .collect();
         if !misplaced.is_empty() {
             return Err(Error::unprocessable(
                 "INVALID_FILTER",
@@ -256,7 +283,7 @@ impl NewBulkAction {
                 })
                 .transpose()
         };
-        let filter = if on_letters {
+        let filter = if target != Target::Orders {
             Filter::Letters(LetterFilter {
                 group: group_id(f.group.as_deref())?,
                 queue: plain_text("queue", &f.queue)?,
@@ -307,7 +334,9 @@ impl NewBulkAction {
         (status = 503, description = "BROKER_UNAVAILABLE: a replay's dry run could not ask the broker", body = Problem, content_type = PROBLEM),
     ))]
 pub async fn start(State(state): State<AppState>, admin: Admin, Json(req): Json<NewBulkAction>) -> ApiResult<Response> {
-    let plan = req.plan(Utc::now())?;
+    // `olderThan` is counted on the database's clock, the one `updated_at` is written with.
+    let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&state.pool).await?;
+    let plan = req.plan(now)?;
     if req.dry_run {
         let dry = bulk::dry_run(&state.pool, &state.config.amqp_url, &plan).await?;
         return Ok((StatusCode::OK, Json(dry)).into_response());
@@ -362,6 +391,30 @@ pub async fn list(
 pub async fn show(State(state): State<AppState>, _admin: Admin, Path(id): Path<i64>) -> ApiResult<Json<BulkAction>> {
     let found = bulk::find(&mut *state.pool.acquire().await?, id).await?;
     Ok(Json(found.ok_or_else(|| bulk::not_found(id))?))
+}
+
+/// What a bulk action did to each item (dead letter or order), in the order it reached them:
+/// the audit of the action, next to who asked for it (`requestedBy`).
+#[utoipa::path(get, path = "/api/admin/bulk-actions/{id}/items", operation_id = "listBulkActionItems", tag = "admin",
+    security(("bearer" = []), ("admin_cookie" = [])),
+    params(("id" = i64, Path, minimum = 1, description = "the bulk action's id"), PageParams), responses(
+    (status = 200, description = "a page of the items the action acted on or skipped", body = Page<BulkItem>),
+    (status = 400, description = "INVALID_PATH, INVALID_PAGE or INVALID_PAGE_SIZE", body = Problem, content_type = PROBLEM),
+    (status = 404, description = "BULK_ACTION_NOT_FOUND", body = Problem, content_type = PROBLEM),
+))]
+pub async fn items(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<i64>,
+    Query(page): Query<PageParams>,
+) -> ApiResult<Json<Page<BulkItem>>> {
+    let (limit, offset) = page.limit_offset()?;
+    let mut conn = state.pool.acquire().await?;
+    if bulk::find(&mut conn, id).await?.is_none() {
+        return Err(bulk::not_found(id).into());
+    }
+    let (rows, total) = bulk::items(&mut conn, id, limit, offset).await?;
+    Ok(Json(Page::new(rows, page, total)))
 }
 
 /// Stop a running bulk action: no chunk starts after this answer; what earlier chunks did

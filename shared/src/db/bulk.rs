@@ -6,7 +6,9 @@
 //!   broker reason, a window of `recordedAt`); [`Action::CancelOrders`] cancels
 //!   (ADMIN_CANCELLED) the orders in a cancellable status unchanged since a moment;
 //!   [`Action::RetryCompensations`] moves COMPENSATION_FAILED orders back to CANCELLING and
-//!   sends the compensation each still needs. The rules are those of the one-item routes:
+//!   sends the compensation each still needs; [`Action::RetryParked`] and
+//!   [`Action::DiscardParked`] give the outbox rows the relay parked (the broker kept refusing
+//!   them) of a failure group back to the relay, or discard them. The rules are those of the one-item routes:
 //!   a replay is the one `dead_letters::replay` does; a cancel the one `orders::cancel` does.
 //! - **Dry run.** [`dry_run`] says what an action would do (how many items, how many orders,
 //!   a sample; for a replay, how many letters could not be replayed and why) and changes
@@ -22,8 +24,10 @@
 //!   the next chunk. Whoever runs an action holds a lease ([`LEASE`], renewed at every chunk);
 //!   every API process looks every [`RESUME_EVERY`] for RUNNING actions whose lease ran out and
 //!   resumes them.
-//! - **Audit.** The row names who asked and what; every letter it resolved names the action
-//!   and who asked (`resolvedBy`, `bulkActionId`).
+//! - **Audit.** The row names who asked and what; `bulk_action_items` holds, per item (dead
+//!   letter or order), what the action did or why it skipped it, written in the chunk's
+//!   transaction; every letter it resolved names the action and who asked (`resolvedBy`,
+//!   `bulkActionId`).
 
 use std::time::Duration;
 
@@ -37,7 +41,7 @@ use crate::{
     Error, Result,
     db::{
         dead_letters::{self, Destinations, Letter},
-        orders::{OrderRow, Transitions},
+        orders::{self, OrderRow, Transitions},
         outbox,
     },
     domain::{CancelReason, OrderStatus},
@@ -58,6 +62,14 @@ pub const RESUME_EVERY: Duration = Duration::from_secs(5);
 const CHECK_EVERY: Duration = Duration::from_millis(100);
 /// How often a waiting runner renews its lease.
 const RENEW_EVERY: Duration = Duration::from_secs(5);
+/// A relay backlog an action waits out before its next chunk: a chunk's worth, but never less
+/// than this (under steady load a few rows always wait, and a chunk of 1 must not stall).
+const BACKLOG_FLOOR: i64 = 100;
+/// The longest an action waits for a backlog before its next chunk (a relay that is down or
+/// far behind must not stall it for good; its chunks stay small).
+const MAX_GIVE_WAY: Duration = Duration::from_secs(10);
+/// Chunks that may fail in a row before the action is FAILED.
+const MAX_FAILURES: i32 = 10;
 /// Items a dry run lists.
 const SAMPLE: i64 = 10;
 
@@ -73,6 +85,21 @@ pub enum Action {
     /// Move the matching COMPENSATION_FAILED orders back to CANCELLING and send the
     /// compensation each still needs.
     RetryCompensations,
+    /// Give the matching parked outbox rows back to the relay (attempts reset).
+    RetryParked,
+    /// Mark the matching parked outbox rows discarded (kept, never published).
+    DiscardParked,
+}
+
+/// What an action acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// NEW dead letters (a [`LetterFilter`]).
+    DeadLetters,
+    /// Parked outbox rows (a [`LetterFilter`]: `group` and `messageType` only).
+    Parked,
+    /// Orders (an [`OrderFilter`]).
+    Orders,
 }
 
 impl Action {
@@ -82,11 +109,17 @@ impl Action {
             Self::DiscardDeadLetters => "DISCARD_DEAD_LETTERS",
             Self::CancelOrders => "CANCEL_ORDERS",
             Self::RetryCompensations => "RETRY_COMPENSATIONS",
+            Self::RetryParked => "RETRY_PARKED",
+            Self::DiscardParked => "DISCARD_PARKED",
         }
     }
 
-    fn on_letters(self) -> bool {
-        matches!(self, Self::ReplayDeadLetters | Self::DiscardDeadLetters)
+    pub fn target(self) -> Target {
+        match self {
+            Self::ReplayDeadLetters | Self::DiscardDeadLetters => Target::DeadLetters,
+            Self::RetryParked | Self::DiscardParked => Target::Parked,
+            Self::CancelOrders | Self::RetryCompensations => Target::Orders,
+        }
     }
 }
 
@@ -107,6 +140,8 @@ pub enum State {
     Done,
     /// Stopped by an operator; what its chunks did stays done.
     Cancelled,
+    /// Ten chunks in a row failed (`lastError` says why); what earlier chunks did stays done.
+    Failed,
 }
 
 impl TryFrom<String> for State {
@@ -117,6 +152,7 @@ impl TryFrom<String> for State {
             "RUNNING" => Ok(Self::Running),
             "DONE" => Ok(Self::Done),
             "CANCELLED" => Ok(Self::Cancelled),
+            "FAILED" => Ok(Self::Failed),
             _ => Err(format!("unknown bulk action state {s:?}")),
         }
     }
@@ -190,8 +226,8 @@ impl Plan {
             ));
         }
         let fits = match &filter {
-            Filter::Letters(_) => action.on_letters(),
-            Filter::Orders(_) => !action.on_letters(),
+            Filter::Letters(_) => action.target() != Target::Orders,
+            Filter::Orders(_) => action.target() == Target::Orders,
         };
         if !fits {
             return Err(Error::unprocessable(
@@ -199,7 +235,11 @@ impl Plan {
                 format!(
                     "{} takes a filter of {}",
                     action.as_str(),
-                    if action.on_letters() { "dead letters" } else { "orders" }
+                    if action.target() == Target::Orders {
+                        "orders"
+                    } else {
+                        "messages"
+                    }
                 ),
             ));
         }
@@ -255,6 +295,9 @@ pub struct BulkAction {
     /// Dead letters that matched but could not be replayed (left NEW); `lastSkip` says why.
     pub skipped: i64,
     pub last_skip: Option<String>,
+    /// Chunks that failed in a row (database or broker down), and the last error.
+    pub failures: i32,
+    pub last_error: Option<String>,
     /// Who asked: `admin:<user id>`.
     pub requested_by: String,
     #[serde(rename = "startedAt")]
@@ -263,6 +306,8 @@ pub struct BulkAction {
     pub finished_at: Option<DateTime<Utc>>,
     #[serde(skip)]
     pub cursor_id: i64,
+    #[serde(skip)]
+    pub upto_id: i64,
     #[serde(skip)]
     pub lease_owner: Option<Uuid>,
 }
@@ -290,6 +335,27 @@ const LETTERS: &str = "status = 'NEW'
       AND ($3::text IS NULL OR message_type = $3) AND ($4::text IS NULL OR reason = $4)
       AND ($5::timestamptz IS NULL OR recorded_at >= $5) AND ($6::timestamptz IS NULL OR recorded_at < $6)";
 
+/// A parked outbox row's failure group: where it was to go, its type, and the kind of the
+/// broker's refusal (the `failure_group` SQL function, as for dead letters).
+pub const PARKED_GROUP: &str =
+    "failure_group('outbox:' || exchange || '/' || routing_key, message_type, 'parked', last_error)";
+
+/// `WHERE` of the parked rows matching `$1` (group) and `$2` (type); the other fields of a
+/// [`LetterFilter`] are refused for parked rows by the API.
+fn parked_where() -> String {
+    format!(
+        "parked_at IS NOT NULL AND sent_at IS NULL AND discarded_at IS NULL
+          AND ($1::text IS NULL OR {PARKED_GROUP} = $1) AND ($2::text IS NULL OR message_type = $2)"
+    )
+}
+
+fn bind_parked<'q, O>(
+    q: sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>,
+    f: &'q LetterFilter,
+) -> sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments> {
+    q.bind(&f.group).bind(&f.message_type)
+}
+
 /// `WHERE` of the orders matching `$1` (statuses) and `$2` (changed before).
 const ORDERS: &str = "in_flight AND status = ANY($1) AND updated_at < $2";
 
@@ -305,17 +371,32 @@ fn bind_letters<'q, O>(
         .bind(f.to)
 }
 
-/// How many items match and how many distinct orders they concern.
-async fn count(conn: &mut PgConnection, filter: &Filter) -> Result<(i64, i64)> {
+/// How many items match (messages up to id `upto`) and how many distinct orders they concern.
+async fn count(conn: &mut PgConnection, target: Target, filter: &Filter, upto: i64) -> Result<(i64, i64)> {
     Ok(match filter {
+        Filter::Letters(f) if target == Target::Parked => {
+            let parked = format!("{} AND id <= $3", parked_where());
+            bind_parked(
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT count(*), (SELECT count(DISTINCT o) FROM outbox r, unnest(r.order_ids) o WHERE {parked})
+                     FROM outbox WHERE {parked}"
+                ))),
+                f,
+            )
+            .bind(upto)
+            .fetch_one(conn)
+            .await?
+        }
         Filter::Letters(f) => {
             bind_letters(
                 sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT count(*), (SELECT count(DISTINCT o) FROM dead_letters d, unnest(d.order_ids) o WHERE {LETTERS})
-                     FROM dead_letters WHERE {LETTERS}"
-            ))),
+                    "SELECT count(*), (SELECT count(DISTINCT o) FROM dead_letters d, unnest(d.order_ids) o
+                                       WHERE {LETTERS} AND id <= $7)
+                     FROM dead_letters WHERE {LETTERS} AND id <= $7"
+                ))),
                 f,
             )
+            .bind(upto)
             .fetch_one(conn)
             .await?
         }
@@ -335,7 +416,7 @@ async fn count(conn: &mut PgConnection, filter: &Filter) -> Result<(i64, i64)> {
 /// What `plan` would do now; changes nothing. A replay's destinations are asked of the broker.
 pub async fn dry_run(pool: &PgPool, amqp_url: &str, plan: &Plan) -> Result<DryRun> {
     let mut conn = pool.acquire().await?;
-    let (matching, orders) = count(&mut conn, &plan.filter).await?;
+    let (matching, orders) = count(&mut conn, plan.action.target(), &plan.filter, i64::MAX).await?;
     let mut dry = DryRun {
         action: plan.action,
         filter: plan.filter.clone(),
@@ -346,30 +427,59 @@ pub async fn dry_run(pool: &PgPool, amqp_url: &str, plan: &Plan) -> Result<DryRu
         not_replayable_reason: None,
     };
     match &plan.filter {
-        Filter::Letters(f) => {
-            let letters: Vec<Letter> = bind_letters(
+        Filter::Letters(f) if plan.action.target() == Target::Parked => {
+            let ids: Vec<i64> = bind_parked(
                 sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT * FROM dead_letters WHERE {LETTERS} ORDER BY id"
+                    "SELECT id FROM outbox WHERE {} ORDER BY id LIMIT {SAMPLE}",
+                    parked_where()
                 ))),
                 f,
             )
             .fetch_all(&mut *conn)
-            .await?;
-            dry.sample = letters.iter().take(SAMPLE as usize).map(|l| l.id.to_string()).collect();
-            if plan.action == Action::ReplayDeadLetters {
-                let mut destinations = Destinations::new(amqp_url);
-                let mut refused = 0;
-                for letter in &letters {
-                    if let Err(err) = destinations.of(letter).await {
-                        if err.code() != Some("DEAD_LETTER_NOT_REPLAYABLE") {
-                            return Err(err);
-                        }
-                        refused += 1;
-                        dry.not_replayable_reason.get_or_insert_with(|| err.to_string());
-                    }
+            .await?
+            .into_iter()
+            .map(|(id,): (i64,)| id)
+            .collect();
+            dry.sample = ids.iter().map(i64::to_string).collect();
+        }
+        Filter::Letters(f) if plan.action != Action::ReplayDeadLetters => {
+            let ids: Vec<i64> = bind_letters(
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT id FROM dead_letters WHERE {LETTERS} ORDER BY id LIMIT {SAMPLE}"
+                ))),
+                f,
+            )
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .map(|(id,): (i64,)| id)
+            .collect();
+            dry.sample = ids.iter().map(i64::to_string).collect();
+        }
+        Filter::Letters(f) => {
+            // Streamed: a group may hold many thousands of letters, each with its body.
+            let mut letters = bind_letters(
+                sqlx::query_as::<_, Letter>(sqlx::AssertSqlSafe(format!(
+                    "SELECT * FROM dead_letters WHERE {LETTERS} ORDER BY id"
+                ))),
+                f,
+            )
+            .fetch(&mut *conn);
+            let mut destinations = Destinations::new(amqp_url);
+            let mut refused = 0;
+            while let Some(letter) = futures_util::TryStreamExt::try_next(&mut letters).await? {
+                if dry.sample.len() < SAMPLE as usize {
+                    dry.sample.push(letter.id.to_string());
                 }
-                dry.not_replayable = Some(refused);
+                if let Err(err) = destinations.of(&letter).await {
+                    if err.code() != Some("DEAD_LETTER_NOT_REPLAYABLE") {
+                        return Err(err);
+                    }
+                    refused += 1;
+                    dry.not_replayable_reason.get_or_insert_with(|| err.to_string());
+                }
             }
+            dry.not_replayable = Some(refused);
         }
         Filter::Orders(f) => {
             let ids: Vec<Uuid> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -390,10 +500,18 @@ pub async fn dry_run(pool: &PgPool, amqp_url: &str, plan: &Plan) -> Result<DryRu
 /// next with [`spawn`]).
 pub async fn create(pool: &PgPool, plan: &Plan, requested_by: &str, owner: Uuid) -> Result<BulkAction> {
     let mut tx = pool.begin().await?;
-    let (total, _) = count(&mut tx, &plan.filter).await?;
+    let upto: i64 = match plan.action.target() {
+        Target::DeadLetters => sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM dead_letters"),
+        Target::Parked => sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM outbox"),
+        Target::Orders => sqlx::query_scalar("SELECT 0::int8"),
+    }
+    .fetch_one(&mut *tx)
+    .await?;
+    let (total, _) = count(&mut tx, plan.action.target(), &plan.filter, upto).await?;
     let created = sqlx::query_as(
-        "INSERT INTO bulk_actions (action, filter, chunk_size, pause_ms, total, requested_by, lease_owner, lease_until)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + $8 * interval '1 millisecond')
+        "INSERT INTO bulk_actions (action, filter, chunk_size, pause_ms, total, requested_by, lease_owner, lease_until,
+                                   upto_id)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now() + $8 * interval '1 millisecond', $9)
          RETURNING *",
     )
     .bind(plan.action.as_str())
@@ -404,6 +522,7 @@ pub async fn create(pool: &PgPool, plan: &Plan, requested_by: &str, owner: Uuid)
     .bind(requested_by)
     .bind(owner)
     .bind(LEASE.as_millis() as f64)
+    .bind(upto)
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -450,7 +569,10 @@ pub async fn cancel(conn: &mut PgConnection, id: i64) -> Result<BulkAction> {
     match find(conn, id).await? {
         Some(action) => Err(Error::conflict(
             "BULK_ACTION_NOT_RUNNING",
-            format!("bulk action {id} is already {:?}", action.state).to_uppercase(),
+            format!(
+                "bulk action {id} is already {}",
+                format!("{:?}", action.state).to_uppercase()
+            ),
         )),
         None => Err(not_found(id)),
     }
@@ -459,9 +581,13 @@ pub async fn cancel(conn: &mut PgConnection, id: i64) -> Result<BulkAction> {
 /// Runs action `id` as `owner` until it is DONE or CANCELLED, another runner holds it, or
 /// `shutdown` (then the lease is given up, so another process resumes it at once).
 pub async fn run(pool: &PgPool, amqp_url: &str, id: i64, owner: Uuid, shutdown: &CancellationToken) -> Result<()> {
+    // SKIP LOCKED: a chunk in progress holds the row; whoever runs it is alive, so a would-be
+    // resumer goes away instead of queueing behind it with a pooled connection.
     let claimed: Option<BulkAction> = sqlx::query_as(
         "UPDATE bulk_actions SET lease_owner = $2, lease_until = now() + $3 * interval '1 millisecond', updated_at = now()
-         WHERE id = $1 AND state = 'RUNNING' AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < now())
+         WHERE id = (SELECT id FROM bulk_actions
+                     WHERE id = $1 AND state = 'RUNNING' AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < now())
+                     FOR UPDATE SKIP LOCKED)
          RETURNING *",
     )
     .bind(id)
@@ -522,37 +648,83 @@ async fn chunk(pool: &PgPool, id: i64, owner: Uuid, destinations: &mut Destinati
     let limit = i64::from(action.chunk_size);
     let mut step = Step::default();
     match &action.filter {
-        Filter::Letters(f) => {
-            // Letters are taken in id order behind a cursor, so one that cannot be replayed
-            // (left NEW) is looked at once.
-            let letters: Vec<Letter> = bind_letters(
+        Filter::Letters(f) if action.action.target() == Target::Parked => {
+            // In id order behind a cursor: a row the relay parks again is not retried again
+            // by the same action.
+            let set = if action.action == Action::RetryParked {
+                "parked_at = NULL, retry_at = NULL, attempts = 0"
+            } else {
+                "discarded_at = now()"
+            };
+            let ids: Vec<i64> = bind_parked(
                 sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT * FROM dead_letters WHERE {LETTERS} AND id > $7 ORDER BY id LIMIT $8 FOR UPDATE"
+                    "WITH chunk AS (SELECT id FROM outbox WHERE {} AND id > $3 AND id <= $5 ORDER BY id LIMIT $4 FOR UPDATE)
+                     UPDATE outbox SET {set} FROM chunk WHERE outbox.id = chunk.id RETURNING outbox.id",
+                    parked_where()
                 ))),
                 f,
             )
             .bind(action.cursor_id)
             .bind(limit)
+            .bind(action.upto_id)
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|(id,): (i64,)| id)
+            .collect();
+            step.found = ids.len() as u64;
+            step.cursor = ids.iter().max().copied();
+            let what = if action.action == Action::RetryParked {
+                "RETRIED"
+            } else {
+                "DISCARDED"
+            };
+            for id in ids {
+                step.done(id.to_string(), what.to_owned());
+            }
+        }
+        Filter::Letters(f) => {
+            // Letters are taken in id order behind a cursor, so one that cannot be replayed
+            // (left NEW) is looked at once.
+            let letters: Vec<Letter> = bind_letters(
+                sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT * FROM dead_letters WHERE {LETTERS} AND id > $7 AND id <= $9 ORDER BY id LIMIT $8 FOR UPDATE"
+                ))),
+                f,
+            )
+            .bind(action.cursor_id)
+            .bind(limit)
+            .bind(action.upto_id)
             .fetch_all(&mut *tx)
             .await?;
             step.found = letters.len() as u64;
             step.cursor = letters.last().map(|l| l.id);
             if action.action == Action::ReplayDeadLetters {
+                // A replayed compensation moves its parked orders: lock every such order of
+                // the chunk at once, in id order, as every transaction that locks several
+                // orders does, rather than letter by letter (which could deadlock with a step).
+                let mut parked: Vec<Uuid> = letters
+                    .iter()
+                    .filter(|l| dead_letters::is_compensation(l))
+                    .flat_map(|l| l.order_ids.iter().copied())
+                    .collect();
+                parked.sort_unstable();
+                parked.dedup();
+                orders::lock_all(&mut tx, &parked).await?;
                 for letter in &letters {
                     match dead_letters::replay(&mut tx, letter, destinations, &by, Some(id)).await {
-                        Ok(()) => step.done += 1,
+                        Ok(()) => step.done(letter.id.to_string(), "REPLAYED".to_owned()),
                         Err(err) if err.code() == Some("DEAD_LETTER_NOT_REPLAYABLE") => {
-                            step.skipped += 1;
-                            step.last_skip = Some(format!("dead letter {}: {err}", letter.id));
+                            step.skipped(letter.id.to_string(), err.to_string());
                         }
                         Err(err) => return Err(err),
                     }
                 }
             } else {
                 let ids: Vec<i64> = letters.iter().map(|l| l.id).collect();
-                step.done = dead_letters::resolve(&mut tx, &ids, "DISCARDED", &by, Some(id))
-                    .await?
-                    .len() as u64;
+                for discarded in dead_letters::resolve(&mut tx, &ids, "DISCARDED", &by, Some(id)).await? {
+                    step.done(discarded.to_string(), "DISCARDED".to_owned());
+                }
             }
         }
         Filter::Orders(f) => {
@@ -568,28 +740,39 @@ async fn chunk(pool: &PgPool, id: i64, owner: Uuid, destinations: &mut Destinati
             .fetch_all(&mut *tx)
             .await?;
             step.found = found.len() as u64;
-            if found.is_empty() {
-                // Every row of the chunk may have moved on while it waited for its lock: end
-                // only when nothing matches any more.
-                let (left, _) = count(&mut tx, &action.filter).await?;
-                step.found = left as u64;
-            }
             let mut moves = Transitions::new();
             for order in found {
-                match action.action {
-                    Action::CancelOrders => {
-                        moves.cancel(order, CancelReason::AdminCancelled)?;
+                let item = order.id.to_string();
+                let to = match action.action {
+                    Action::CancelOrders => moves.cancel(order, CancelReason::AdminCancelled)?,
+                    _ => {
+                        moves.reopen(order, OrderStatus::Cancelling);
+                        OrderStatus::Cancelling
                     }
-                    _ => moves.reopen(order, OrderStatus::Cancelling),
-                }
-                step.done += 1;
+                };
+                step.done(item, to.as_str().to_owned());
             }
             moves.apply(&mut tx).await?;
         }
     }
+    sqlx::query(
+        "INSERT INTO bulk_action_items (bulk_action_id, item, outcome, detail)
+         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])",
+    )
+    .bind(id)
+    .bind(step.items.iter().map(|(item, _, _)| item.as_str()).collect::<Vec<_>>())
+    .bind(step.items.iter().map(|(_, outcome, _)| *outcome).collect::<Vec<_>>())
+    .bind(
+        step.items
+            .iter()
+            .map(|(_, _, detail)| detail.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .execute(&mut *tx)
+    .await?;
     let action: BulkAction = sqlx::query_as(
         "UPDATE bulk_actions SET done = done + $2, skipped = skipped + $3, last_skip = COALESCE($4, last_skip),
-                cursor_id = COALESCE($5, cursor_id),
+                cursor_id = COALESCE($5, cursor_id), failures = 0,
                 state = CASE WHEN $6 THEN 'DONE' ELSE state END,
                 finished_at = CASE WHEN $6 THEN now() END,
                 lease_until = now() + $7 * interval '1 millisecond', updated_at = now()
@@ -619,6 +802,52 @@ struct Step {
     skipped: u64,
     last_skip: Option<String>,
     cursor: Option<i64>,
+    /// (item, DONE or SKIPPED, what was done or why not), for `bulk_action_items`.
+    items: Vec<(String, &'static str, String)>,
+}
+
+impl Step {
+    fn done(&mut self, item: String, what: String) {
+        self.done += 1;
+        self.items.push((item, "DONE", what));
+    }
+
+    fn skipped(&mut self, item: String, why: String) {
+        self.skipped += 1;
+        self.last_skip = Some(format!("{item}: {why}"));
+        self.items.push((item, "SKIPPED", why));
+    }
+}
+
+/// One item a bulk action acted on or skipped (`GET /api/admin/bulk-actions/{id}/items`).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkItem {
+    /// The dead letter's id or the order's id.
+    pub item: String,
+    /// DONE or SKIPPED.
+    pub outcome: String,
+    /// What was done (REPLAYED, DISCARDED, CANCELLING, CANCELLED) or why the item was skipped.
+    pub detail: String,
+    pub at: DateTime<Utc>,
+}
+
+/// The items of action `id`, in the order it reached them, and how many there are.
+pub async fn items(conn: &mut PgConnection, id: i64, limit: i64, offset: i64) -> Result<(Vec<BulkItem>, i64)> {
+    let rows = sqlx::query_as(
+        "SELECT item, outcome, detail, at FROM bulk_action_items WHERE bulk_action_id = $1
+         ORDER BY at, item LIMIT $2 OFFSET $3",
+    )
+    .bind(id)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(&mut *conn)
+    .await?;
+    let total = sqlx::query_scalar("SELECT count(*) FROM bulk_action_items WHERE bulk_action_id = $1")
+        .bind(id)
+        .fetch_one(conn)
+        .await?;
+    Ok((rows, total))
 }
 
 /// Gives way to live traffic after a chunk: sleeps the action's pause, then waits while more
@@ -627,10 +856,13 @@ struct Step {
 /// the lease. False on `shutdown` or a lost lease.
 async fn give_way(pool: &PgPool, action: &BulkAction, owner: Uuid, shutdown: &CancellationToken) -> Result<bool> {
     let paused_until = tokio::time::Instant::now() + Duration::from_millis(action.pause_ms.max(0) as u64);
+    let given_up_at = paused_until + MAX_GIVE_WAY;
     let mut renewed = tokio::time::Instant::now();
     loop {
-        if tokio::time::Instant::now() >= paused_until
-            && !outbox::backlog_exceeds(pool, i64::from(action.chunk_size)).await?
+        let now = tokio::time::Instant::now();
+        if now >= paused_until
+            && (now >= given_up_at
+                || !outbox::backlog_exceeds(pool, i64::from(action.chunk_size).max(BACKLOG_FLOOR)).await?)
         {
             return Ok(true);
         }
@@ -690,12 +922,30 @@ pub async fn resume(pool: PgPool, amqp_url: String, shutdown: CancellationToken)
     }
 }
 
-/// Runs action `id` as `owner` in a task of its own (see [`run`]).
+/// Runs action `id` as `owner` in a task of its own (see [`run`]). A chunk that fails is
+/// counted on the row with its error and the lease given up, so any API process resumes the
+/// action within [`RESUME_EVERY`]; after [`MAX_FAILURES`] in a row it is FAILED.
 pub fn spawn(pool: PgPool, amqp_url: String, id: i64, owner: Uuid, shutdown: CancellationToken) {
     tokio::spawn(async move {
-        if let Err(err) = run(&pool, &amqp_url, id, owner, &shutdown).await {
+        let Err(err) = run(&pool, &amqp_url, id, owner, &shutdown).await else {
+            return;
+        };
+        tracing::warn!(bulk_action = id, error = %err, "bulk action chunk failed; it will be resumed");
+        let recorded = sqlx::query(
+            "UPDATE bulk_actions SET failures = failures + 1, last_error = $3, lease_owner = NULL, lease_until = NULL,
+                    state = CASE WHEN failures + 1 >= $4 THEN 'FAILED' ELSE state END,
+                    finished_at = CASE WHEN failures + 1 >= $4 THEN now() END, updated_at = now()
+             WHERE id = $1 AND lease_owner = $2 AND state = 'RUNNING'",
+        )
+        .bind(id)
+        .bind(owner)
+        .bind(err.to_string())
+        .bind(MAX_FAILURES)
+        .execute(&pool)
+        .await;
+        if let Err(err) = recorded {
             // The lease runs out and a process resumes it from where the row says.
-            tracing::warn!(bulk_action = id, error = %err, "bulk action interrupted; it will be resumed");
+            tracing::warn!(bulk_action = id, error = %err, "cannot record the failure; the lease will run out");
         }
     });
 }

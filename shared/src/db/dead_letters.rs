@@ -154,17 +154,21 @@ pub async fn replay(
     Ok(())
 }
 
+/// Whether the letter is a compensation (its replay resumes its parked orders).
+pub fn is_compensation(letter: &Letter) -> bool {
+    letter
+        .message_type
+        .as_deref()
+        .and_then(MessageType::parse)
+        .is_some_and(MessageType::is_compensation)
+}
+
 /// A dead-lettered compensation parked its orders as COMPENSATION_FAILED, where its worker
 /// would take the replay as stale: the replay moves them back to CANCELLING first, so the
 /// compensation it carries is applied (once: the worker's guard and inbox hold as for any
 /// message). Orders in any other status are left as they are.
 async fn resume_parked(tx: &mut PgConnection, letter: &Letter) -> Result<()> {
-    let compensation = letter
-        .message_type
-        .as_deref()
-        .and_then(MessageType::parse)
-        .is_some_and(MessageType::is_compensation);
-    if !compensation || letter.order_ids.is_empty() {
+    if !is_compensation(letter) || letter.order_ids.is_empty() {
         return Ok(());
     }
     let mut moves = Transitions::new();
