@@ -190,11 +190,13 @@ pub struct OrderFilter {
 }
 
 /// What an action acts on, as stored (times absolute: a resumed action matches what the
-/// original request meant, not "older than" counted from the resume).
+/// original request meant, not "older than" counted from the resume). `kind` says which:
+/// `orders`, or `messages` (dead letters or parked outbox rows, as the action says).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(untagged)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Filter {
     Orders(OrderFilter),
+    #[serde(rename = "messages")]
     Letters(LetterFilter),
 }
 
