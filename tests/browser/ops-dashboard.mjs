@@ -474,7 +474,7 @@ async function scenario() {
       return json.items.find((g) => g.count === 2 && (g.errorKind || '').includes('product # is out of order'));
     }, 90_000);
     const row = page.getByTestId(`group-${group.id}`);
-    await row.waitFor();
+    await row.waitFor({ timeout: 30_000 }); // the dashboard asks for groups every 10 s
     const text = await row.textContent();
     assert(text.includes('stock.reserve') && text.includes('delivery_limit'), text);
     await page.getByTestId(`group-letters-${group.id}`).click();
@@ -488,7 +488,7 @@ async function scenario() {
     assert(flash.includes('replay 2 dead letter'), `flash: ${flash}`);
     const done = page.locator('#bulk-rows tr[data-state="DONE"][data-done="2"][data-total="2"]');
     await done.waitFor({ timeout: 30_000 });
-    await row.waitFor({ state: 'detached' });
+    await row.waitFor({ state: 'detached', timeout: 30_000 });
     const { json } = await api('GET', `/api/admin/dead-letters?group=${group.id}&status=REPLAYED`, { token: ctx.admin });
     assert(json.total === 2 && json.items.every((d) => d.bulkActionId && d.resolvedBy.includes('bulk action')), JSON.stringify(json));
     await page.getByTestId('dead-scope-clear').click();
