@@ -676,6 +676,16 @@ async fn e2e_p99_ms(sys: &System, orders: &[(i64, String)]) -> f64 {
     .unwrap()
 }
 
+/// The JSON answer to a GET of `path` (a POST of `body`, if given) with the admin `token`.
+async fn as_admin(sys: &System, token: &str, path: &str, body: Option<Value>) -> Value {
+    let url = format!("{}{path}", sys.base());
+    let request = match body {
+        Some(body) => sys.http.post(url).json(&body),
+        None => sys.http.get(url),
+    };
+    request.bearer_auth(token).send().await.unwrap().json().await.unwrap()
+}
+
 /// Waits until none of the system's orders is in flight but those parked.
 async fn wait_settled_or_parked(sys: &System) {
     let deadline = Instant::now() + SETTLE;
@@ -718,16 +728,7 @@ async fn fault_15_one_cause_parks_a_thousand_orders_and_a_group_replay_settles_t
         .unwrap();
     assert!(parked >= 300, "only {parked} orders parked");
     let admin = sys.keys.issue(1, true, 3600).unwrap();
-    let groups: Value = sys
-        .http
-        .get(format!("{}/api/admin/failure-groups", sys.base()))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let groups = as_admin(&sys, &admin, "/api/admin/failure-groups", None).await;
     assert_eq!(groups["total"], 1, "one cause, one group: {groups}");
     let group = &groups["items"][0];
     assert_eq!(
@@ -762,30 +763,13 @@ async fn fault_15_one_cause_parks_a_thousand_orders_and_a_group_replay_settles_t
         tokio::spawn(async move { submit_round(&sys, &products, good, picky, Some(50), LIVE, "-during").await })
     };
     let replay_started = Instant::now();
-    let started_action: Value = sys
-        .http
-        .post(format!("{}/api/admin/bulk-actions", sys.base()))
-        .bearer_auth(&admin)
-        // Small chunks with pauses: the replay lasts about as long as the live round.
-        .json(&json!({"action": "REPLAY_DEAD_LETTERS", "filter": {"group": group["id"]}, "chunkSize": 50, "pauseMs": 250}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    // Small chunks with pauses: the replay lasts about as long as the live round.
+    let replay =
+        json!({"action": "REPLAY_DEAD_LETTERS", "filter": {"group": group["id"]}, "chunkSize": 50, "pauseMs": 250});
+    let started_action = as_admin(&sys, &admin, "/api/admin/bulk-actions", Some(replay)).await;
     let id = started_action["id"].as_i64().unwrap();
     let action = loop {
-        let action: Value = sys
-            .http
-            .get(format!("{}/api/admin/bulk-actions/{id}", sys.base()))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let action = as_admin(&sys, &admin, &format!("/api/admin/bulk-actions/{id}"), None).await;
         if action["state"] != "RUNNING" {
             break action;
         }

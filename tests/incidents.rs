@@ -14,35 +14,6 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// Makes every stock release of the products whose name is `LIKE` `name` fail, as a bad
-/// deploy or a misconfigured product would, until `heal`.
-async fn break_releases(app: &TestApp, name: &str) {
-    let function = format!(
-        "CREATE FUNCTION break_stock() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.name LIKE '{name}' AND NEW.stock > OLD.stock THEN
-             RAISE EXCEPTION 'product % is misconfigured (stock % -> %)', NEW.id, OLD.stock, NEW.stock;
-           END IF;
-           RETURN NEW;
-         END $$"
-    );
-    sqlx::query(sqlx::AssertSqlSafe(function))
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    sqlx::query("CREATE TRIGGER break_stock BEFORE UPDATE ON products FOR EACH ROW EXECUTE FUNCTION break_stock()")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-}
-
-async fn heal(app: &TestApp) {
-    sqlx::raw_sql("DROP TRIGGER break_stock ON products; DROP FUNCTION break_stock()")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-}
-
 async fn count(app: &TestApp, sql: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
         .fetch_one(&app.pool)
@@ -110,7 +81,7 @@ async fn dead_letters_are_grouped_by_cause_and_a_group_replay_settles_every_park
     }
     // Too little money: payment fails, so each order's stock must be released, and that fails.
     let mut ids = Vec::new();
-    break_releases(&app, "Fragile vase%").await;
+    app.break_stock("Fragile vase%", ">").await;
     for (user, vase) in (100..).zip(&vases) {
         app.fund(user, 1_000).await;
         ids.push((user, app.order(user, &[(*vase, 1)], None).await));
@@ -196,7 +167,7 @@ async fn dead_letters_are_grouped_by_cause_and_a_group_replay_settles_every_park
     );
 
     // The cause is fixed; the group is replayed in chunks of 5.
-    heal(&app).await;
+    app.heal_stock().await;
     let done = run_bulk(
         &app,
         json!({"action": "REPLAY_DEAD_LETTERS", "filter": {"group": group}, "chunkSize": 5, "pauseMs": 0}),

@@ -95,43 +95,12 @@ async fn poison_in_every_work_queue_is_dead_lettered_recorded_and_the_queues_kee
     app.stop().await;
 }
 
-/// Makes every stock change of the product named `name` fail, in the direction given
-/// (`>` for releases, `<` for reservations), until `heal` drops the trigger.
-async fn break_stock(app: &TestApp, name: &str, direction: &str) {
-    let function = format!(
-        "CREATE FUNCTION break_stock() RETURNS trigger LANGUAGE plpgsql AS $$
-         BEGIN
-           IF NEW.name = '{name}' AND NEW.stock {direction} OLD.stock THEN RAISE EXCEPTION 'injected failure'; END IF;
-           RETURN NEW;
-         END $$"
-    );
-    sqlx::query(sqlx::AssertSqlSafe(function))
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    sqlx::query("CREATE TRIGGER break_stock BEFORE UPDATE ON products FOR EACH ROW EXECUTE FUNCTION break_stock()")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-}
-
-async fn heal(app: &TestApp) {
-    sqlx::query("DROP TRIGGER break_stock ON products")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-    sqlx::query("DROP FUNCTION break_stock()")
-        .execute(&app.pool)
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn a_step_that_keeps_failing_is_dead_lettered_and_its_order_cancelled_then_replay_changes_nothing() {
     let app = TestApp::spawn().await;
     let product = app.product("Cursed", 1_000, 5).await;
     app.fund(6, 5_000).await;
-    break_stock(&app, "Cursed", "<").await;
+    app.break_stock("Cursed", "<").await;
 
     let id = app.order(6, &[(product, 1)], None).await;
     let order = app.wait_terminal(6, &id, WAIT).await;
@@ -148,7 +117,7 @@ async fn a_step_that_keeps_failing_is_dead_lettered_and_its_order_cancelled_then
 
     // Healed and replayed: the order is already cancelled, so the replay is refused by the
     // state guard; nothing is taken.
-    heal(&app).await;
+    app.heal_stock().await;
     let letter_id = letter["id"].as_i64().unwrap();
     let (status, replayed) = app
         .admin(Method::POST, &format!("/api/admin/dead-letters/{letter_id}/replay"))
@@ -176,7 +145,7 @@ async fn a_compensation_that_keeps_failing_is_parked_and_an_operator_retries_it(
     let app = TestApp::spawn().await;
     let product = app.product("Fragile", 10_000, 5).await;
     app.fund(8, 1_000).await; // too little: payment fails, stock must be released
-    break_stock(&app, "Fragile", ">").await;
+    app.break_stock("Fragile", ">").await;
 
     let id = app.order(8, &[(product, 2)], None).await;
     app.wait_order_row(&id, WAIT, |o| o.status.as_str() == "COMPENSATION_FAILED")
@@ -191,7 +160,7 @@ async fn a_compensation_that_keeps_failing_is_parked_and_an_operator_retries_it(
     assert_eq!(parked["items"][0]["stockHeld"], true);
     assert_eq!(parked["items"][0]["reason"], "INSUFFICIENT_BALANCE");
 
-    heal(&app).await;
+    app.heal_stock().await;
     let (status, body) = app.admin(Method::POST, &format!("/api/admin/orders/{id}/retry")).await;
     assert_eq!((status.as_u16(), body["status"].as_str()), (202, Some("CANCELLING")));
     let order = app.wait_terminal(8, &id, WAIT).await;

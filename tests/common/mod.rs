@@ -343,6 +343,34 @@ impl TestApp {
         body["stock"].as_i64().unwrap()
     }
 
+    /// Makes every stock change of the products whose name is `LIKE` `name` fail in the
+    /// direction given (`>` for releases, `<` for reservations), as a bad deploy or a
+    /// misconfigured product would, until [`heal_stock`](Self::heal_stock). The error names the
+    /// product and the stock numbers, so failures of one cause differ only in numbers.
+    pub async fn break_stock(&self, name: &str, direction: &str) {
+        let trigger = format!(
+            "CREATE FUNCTION break_stock() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.name LIKE '{name}' AND NEW.stock {direction} OLD.stock THEN
+                 RAISE EXCEPTION 'product % is misconfigured (stock % -> %)', NEW.id, OLD.stock, NEW.stock;
+               END IF;
+               RETURN NEW;
+             END $$;
+             CREATE TRIGGER break_stock BEFORE UPDATE ON products FOR EACH ROW EXECUTE FUNCTION break_stock();"
+        );
+        sqlx::raw_sql(sqlx::AssertSqlSafe(trigger))
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    pub async fn heal_stock(&self) {
+        sqlx::raw_sql("DROP TRIGGER break_stock ON products; DROP FUNCTION break_stock()")
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
     /// Creates a coupon as admin; returns its id.
     pub async fn coupon(&self, body: Value) -> i64 {
         let (status, body) = self.post("/api/admin/coupons", &self.admin_token(), body).await;

@@ -362,15 +362,13 @@ pub(crate) fn letter_status(asked: Option<&str>) -> Result<Option<String>, Error
     }
 }
 
-async fn find_dead_letter(conn: &mut sqlx::PgConnection, id: i64, lock: bool) -> Result<DeadLetterView, Error> {
-    let sql = if lock {
-        "SELECT * FROM dead_letters WHERE id = $1 FOR UPDATE"
-    } else {
-        "SELECT * FROM dead_letters WHERE id = $1"
-    };
-    let row: Option<DeadLetterView> = sqlx::query_as(sql).bind(id).fetch_optional(conn).await?;
+async fn find_dead_letter(conn: &mut sqlx::PgConnection, id: i64) -> Result<DeadLetterView, Error> {
+    let row: Option<DeadLetterView> = sqlx::query_as("SELECT * FROM dead_letters WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?;
     row.map(DeadLetterView::with_text)
-        .ok_or_else(|| Error::not_found("DEAD_LETTER_NOT_FOUND", format!("dead letter {id} does not exist")))
+        .ok_or_else(|| dead_letters::not_found(id))
 }
 
 /// One dead letter with its headers and body.
@@ -387,7 +385,7 @@ pub async fn show_dead_letter(
     Path(id): Path<i64>,
 ) -> ApiResult<Json<DeadLetterView>> {
     let mut conn = state.pool.acquire().await?;
-    Ok(Json(find_dead_letter(&mut conn, id, false).await?))
+    Ok(Json(find_dead_letter(&mut conn, id).await?))
 }
 
 /// Publish a dead letter again to the queue it died in (through the default exchange, so it
@@ -410,21 +408,10 @@ pub async fn replay_dead_letter(
     Path(id): Path<i64>,
 ) -> ApiResult<(StatusCode, Json<DeadLetterView>)> {
     let mut tx = state.pool.begin().await?;
-    let letter = find_dead_letter(&mut tx, id, true).await?;
-    if letter.status != "NEW" {
-        return Err(Error::conflict(
-            "DEAD_LETTER_RESOLVED",
-            format!("dead letter {id} is already {}", letter.status),
-        )
-        .into());
-    }
-    let found: dead_letters::Letter = sqlx::query_as("SELECT * FROM dead_letters WHERE id = $1")
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
+    let letter = dead_letters::lock_new(&mut tx, id).await?;
     let mut destinations = dead_letters::Destinations::new(&state.config.amqp_url);
-    dead_letters::replay(&mut tx, &found, &mut destinations, &admin.0.describe_as_actor(), None).await?;
-    let letter = find_dead_letter(&mut tx, id, false).await?;
+    dead_letters::replay(&mut tx, &letter, &mut destinations, &admin.0.describe_as_actor(), None).await?;
+    let letter = find_dead_letter(&mut tx, id).await?;
     tx.commit().await?;
     outbox::committed();
     Ok((StatusCode::ACCEPTED, Json(letter)))
@@ -445,14 +432,7 @@ pub async fn discard_dead_letter(
     Path(id): Path<i64>,
 ) -> ApiResult<StatusCode> {
     let mut tx = state.pool.begin().await?;
-    let letter = find_dead_letter(&mut tx, id, true).await?;
-    if letter.status != "NEW" {
-        return Err(Error::conflict(
-            "DEAD_LETTER_RESOLVED",
-            format!("dead letter {id} is already {}", letter.status),
-        )
-        .into());
-    }
+    dead_letters::lock_new(&mut tx, id).await?;
     dead_letters::resolve(&mut tx, &[id], "DISCARDED", &admin.0.describe_as_actor(), None).await?;
     tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)

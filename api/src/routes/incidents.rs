@@ -6,7 +6,7 @@
 use axum::{
     Router,
     extract::State,
-    http::{HeaderValue, StatusCode, header},
+    http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -367,11 +367,10 @@ pub async fn start(State(state): State<AppState>, admin: Admin, Json(req): Json<
         owner,
         state.shutdown.clone(),
     );
-    let mut res = (StatusCode::ACCEPTED, Json(&created)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/admin/bulk-actions/{}", created.id)) {
-        res.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(res)
+    Ok(super::accepted(
+        &created,
+        &format!("/api/admin/bulk-actions/{}", created.id),
+    ))
 }
 
 /// Bulk actions, newest first.

@@ -12,7 +12,13 @@ pub mod products;
 pub mod replays;
 pub mod trends;
 
-use axum::{Router, middleware};
+use axum::{
+    Router,
+    http::{HeaderValue, StatusCode, header},
+    middleware,
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
 
 use crate::{
     AppState,
@@ -37,4 +43,19 @@ pub fn router(admission: Admission) -> Router<AppState> {
         .merge(health::router())
         .merge(events::router())
         .merge(admitted)
+}
+
+/// 202 Accepted with `body` and `Location: location`, where the work's progress is followed
+/// (RFC 9110 §15.3.3, §10.2.2).
+pub fn accepted<T: Serialize>(body: T, location: &str) -> Response {
+    let mut res = (StatusCode::ACCEPTED, crate::extract::Json(body)).into_response();
+    set_location(&mut res, location);
+    res
+}
+
+/// Sets `Location` (a path of this API: always a valid header value).
+pub fn set_location(res: &mut Response, location: &str) {
+    if let Ok(v) = HeaderValue::from_str(location) {
+        res.headers_mut().insert(header::LOCATION, v);
+    }
 }

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use axum::{
     Extension, Router,
     extract::State,
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -181,9 +181,7 @@ fn accepted(order_id: Uuid, status: OrderStatus, waited: Option<std::time::Durat
 }
 
 fn with_location(res: &mut Response, order_id: Uuid) {
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/orders/{order_id}")) {
-        res.headers_mut().insert(header::LOCATION, v);
-    }
+    super::set_location(res, &format!("/api/orders/{order_id}"));
 }
 
 /// The rules of the schema (lines, ids, quantities; 400 `INVALID_ORDER`), then the one rule a
@@ -326,11 +324,7 @@ pub async fn cancel(
             let headers = serde_json::json!({ "location": location });
             claim.finish(&mut tx, StatusCode::ACCEPTED, &body, headers).await?;
         }
-        let mut res = (StatusCode::ACCEPTED, Json(body)).into_response();
-        if let Ok(v) = HeaderValue::from_str(&location) {
-            res.headers_mut().insert(header::LOCATION, v);
-        }
-        Ok(Claimed::Fresh(res))
+        Ok(Claimed::Fresh(super::accepted(body, &location)))
     }
     .await;
     idempotency::end(tx, result).await

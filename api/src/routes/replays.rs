@@ -6,8 +6,7 @@
 use axum::{
     Router,
     extract::State,
-    http::{HeaderValue, StatusCode, header},
-    response::{IntoResponse, Response},
+    response::Response,
     routing::{get, post},
 };
 use chrono::Utc;
@@ -98,11 +97,10 @@ pub async fn start(State(state): State<AppState>, admin: Admin, Json(req): Json<
     .await?;
     tracing::info!(replay = created.id, from = %plan.from, to = %plan.to, total = created.total, "event replay requested");
     replay::spawn(state.pool.clone(), created.id, owner, state.shutdown.clone());
-    let mut res = (StatusCode::ACCEPTED, Json(&created)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("/api/admin/events/replays/{}", created.id)) {
-        res.headers_mut().insert(header::LOCATION, v);
-    }
-    Ok(res)
+    Ok(super::accepted(
+        &created,
+        &format!("/api/admin/events/replays/{}", created.id),
+    ))
 }
 
 /// Replays, newest first.

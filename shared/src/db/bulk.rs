@@ -41,6 +41,7 @@ use crate::{
     Error, Result,
     db::{
         dead_letters::{self, Destinations, Letter},
+        lease::{BULK_ACTIONS, lease_ms},
         orders::{self, OrderRow, Transitions},
         outbox,
     },
@@ -54,10 +55,7 @@ pub const MAX_CHUNK_SIZE: i32 = 1_000;
 pub const DEFAULT_PAUSE_MS: i32 = 100;
 /// Below [`LEASE`], so a pausing runner never loses its lease.
 pub const MAX_PAUSE_MS: i32 = 10_000;
-/// How long a runner's claim on an action lasts without renewal.
-pub const LEASE: Duration = Duration::from_secs(30);
-/// How often an API process looks for actions to resume.
-pub const RESUME_EVERY: Duration = Duration::from_secs(5);
+pub use super::lease::{LEASE, RESUME_EVERY};
 /// How often a waiting runner looks again (cancelled? backlog gone?).
 const CHECK_EVERY: Duration = Duration::from_millis(100);
 /// How often a waiting runner renews its lease.
@@ -523,7 +521,7 @@ pub async fn create(pool: &PgPool, plan: &Plan, requested_by: &str, owner: Uuid)
     .bind(total)
     .bind(requested_by)
     .bind(owner)
-    .bind(LEASE.as_millis() as f64)
+    .bind(lease_ms())
     .bind(upto)
     .fetch_one(&mut *tx)
     .await?;
@@ -532,23 +530,12 @@ pub async fn create(pool: &PgPool, plan: &Plan, requested_by: &str, owner: Uuid)
 }
 
 pub async fn find(conn: &mut PgConnection, id: i64) -> Result<Option<BulkAction>> {
-    Ok(sqlx::query_as("SELECT * FROM bulk_actions WHERE id = $1")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    BULK_ACTIONS.find(conn, id).await
 }
 
 /// Actions, newest first, and how many there are.
 pub async fn list(conn: &mut PgConnection, limit: i64, offset: i64) -> Result<(Vec<BulkAction>, i64)> {
-    let rows = sqlx::query_as("SELECT * FROM bulk_actions ORDER BY id DESC LIMIT $1 OFFSET $2")
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(&mut *conn)
-        .await?;
-    let total = sqlx::query_scalar("SELECT count(*) FROM bulk_actions")
-        .fetch_one(conn)
-        .await?;
-    Ok((rows, total))
+    BULK_ACTIONS.list(conn, limit, offset).await
 }
 
 pub fn not_found(id: i64) -> Error {
@@ -558,14 +545,7 @@ pub fn not_found(id: i64) -> Error {
 /// Cancels a RUNNING action: no chunk starts after this commits. `BULK_ACTION_NOT_FOUND`
 /// (404), `BULK_ACTION_NOT_RUNNING` (409).
 pub async fn cancel(conn: &mut PgConnection, id: i64) -> Result<BulkAction> {
-    let cancelled: Option<BulkAction> = sqlx::query_as(
-        "UPDATE bulk_actions SET state = 'CANCELLED', finished_at = now(), updated_at = now()
-         WHERE id = $1 AND state = 'RUNNING' RETURNING *",
-    )
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(action) = cancelled {
+    if let Some(action) = BULK_ACTIONS.cancel(&mut *conn, id).await? {
         return Ok(action);
     }
     match find(conn, id).await? {
@@ -583,20 +563,7 @@ pub async fn cancel(conn: &mut PgConnection, id: i64) -> Result<BulkAction> {
 /// Runs action `id` as `owner` until it is DONE or CANCELLED, another runner holds it, or
 /// `shutdown` (then the lease is given up, so another process resumes it at once).
 pub async fn run(pool: &PgPool, amqp_url: &str, id: i64, owner: Uuid, shutdown: &CancellationToken) -> Result<()> {
-    // SKIP LOCKED: a chunk in progress holds the row; whoever runs it is alive, so a would-be
-    // resumer goes away instead of queueing behind it with a pooled connection.
-    let claimed: Option<BulkAction> = sqlx::query_as(
-        "UPDATE bulk_actions SET lease_owner = $2, lease_until = now() + $3 * interval '1 millisecond', updated_at = now()
-         WHERE id = (SELECT id FROM bulk_actions
-                     WHERE id = $1 AND state = 'RUNNING' AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < now())
-                     FOR UPDATE SKIP LOCKED)
-         RETURNING *",
-    )
-    .bind(id)
-    .bind(owner)
-    .bind(LEASE.as_millis() as f64)
-    .fetch_optional(pool)
-    .await?;
+    let claimed: Option<BulkAction> = BULK_ACTIONS.claim(pool, id, owner).await?;
     let Some(mut action) = claimed else {
         return Ok(());
     };
@@ -615,13 +582,7 @@ pub async fn run(pool: &PgPool, amqp_url: &str, id: i64, owner: Uuid, shutdown: 
         }
     }
     if shutdown.is_cancelled() {
-        sqlx::query(
-            "UPDATE bulk_actions SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2",
-        )
-        .bind(id)
-        .bind(owner)
-        .execute(pool)
-        .await?;
+        BULK_ACTIONS.release(pool, id, owner).await?;
     }
     tracing::info!(
         bulk_action = id,
@@ -757,23 +718,18 @@ async fn chunk(pool: &PgPool, id: i64, owner: Uuid, destinations: &mut Destinati
             moves.apply(&mut tx).await?;
         }
     }
-    sqlx::query(
-        "INSERT INTO bulk_action_items (bulk_action_id, item, outcome, detail)
-         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])",
-    )
-    .bind(id)
-    .bind(step.items.iter().map(|(item, _, _)| item.as_str()).collect::<Vec<_>>())
-    .bind(step.items.iter().map(|(_, outcome, _)| *outcome).collect::<Vec<_>>())
-    .bind(
-        step.items
-            .iter()
-            .map(|(_, _, detail)| detail.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .execute(&mut *tx)
-    .await?;
+    // The chunk's audit rows, and the action's counts from them, in one statement.
+    let (items, outcomes, details) = step.columns();
     let action: BulkAction = sqlx::query_as(
-        "UPDATE bulk_actions SET done = done + $2, skipped = skipped + $3, last_skip = COALESCE($4, last_skip),
+        "WITH items AS (
+             INSERT INTO bulk_action_items (bulk_action_id, item, outcome, detail)
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[])
+             RETURNING outcome
+         )
+         UPDATE bulk_actions SET
+                done = done + (SELECT count(*) FROM items WHERE outcome = 'DONE'),
+                skipped = skipped + (SELECT count(*) FROM items WHERE outcome = 'SKIPPED'),
+                last_skip = COALESCE($8, last_skip),
                 cursor_id = COALESCE($5, cursor_id), failures = 0,
                 state = CASE WHEN $6 THEN 'DONE' ELSE state END,
                 finished_at = CASE WHEN $6 THEN now() END,
@@ -781,43 +737,63 @@ async fn chunk(pool: &PgPool, id: i64, owner: Uuid, destinations: &mut Destinati
          WHERE id = $1 RETURNING *",
     )
     .bind(id)
-    .bind(step.done as i64)
-    .bind(step.skipped as i64)
-    .bind(&step.last_skip)
+    .bind(items)
+    .bind(outcomes)
+    .bind(details)
     .bind(step.cursor)
     .bind(step.found == 0)
-    .bind(LEASE.as_millis() as f64)
+    .bind(lease_ms())
+    .bind(step.last_skip())
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    if step.done > 0 {
+    let acted = step.acted();
+    if acted > 0 {
         outbox::committed();
     }
-    Ok((action, step.done))
+    Ok((action, acted))
 }
 
 /// What one chunk did.
 #[derive(Default)]
 struct Step {
+    /// Items the chunk's query found (none: the action is DONE).
     found: u64,
-    done: u64,
-    skipped: u64,
-    last_skip: Option<String>,
     cursor: Option<i64>,
-    /// (item, DONE or SKIPPED, what was done or why not), for `bulk_action_items`.
+    /// (item, DONE or SKIPPED, what was done or why not), for `bulk_action_items`, from which
+    /// the action's counts are taken.
     items: Vec<(String, &'static str, String)>,
 }
 
 impl Step {
     fn done(&mut self, item: String, what: String) {
-        self.done += 1;
         self.items.push((item, "DONE", what));
     }
 
     fn skipped(&mut self, item: String, why: String) {
-        self.skipped += 1;
-        self.last_skip = Some(format!("{item}: {why}"));
         self.items.push((item, "SKIPPED", why));
+    }
+
+    /// Items acted on.
+    fn acted(&self) -> u64 {
+        self.items.iter().filter(|(_, outcome, _)| *outcome == "DONE").count() as u64
+    }
+
+    /// The last item skipped, and why.
+    fn last_skip(&self) -> Option<String> {
+        let (item, _, why) = self.items.iter().rev().find(|(_, outcome, _)| *outcome == "SKIPPED")?;
+        Some(format!("{item}: {why}"))
+    }
+
+    /// The items as three aligned columns, as `unnest` takes them.
+    fn columns(&self) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
+        let mut columns = (Vec::new(), Vec::new(), Vec::new());
+        for (item, outcome, detail) in &self.items {
+            columns.0.push(item.as_str());
+            columns.1.push(*outcome);
+            columns.2.push(detail.as_str());
+        }
+        columns
     }
 }
 
@@ -880,17 +856,7 @@ async fn give_way(pool: &PgPool, action: &BulkAction, owner: Uuid, shutdown: &Ca
             return Ok(true);
         }
         if renewed.elapsed() >= RENEW_EVERY {
-            let kept = sqlx::query(
-                "UPDATE bulk_actions SET lease_until = now() + $3 * interval '1 millisecond'
-                 WHERE id = $1 AND lease_owner = $2",
-            )
-            .bind(action.id)
-            .bind(owner)
-            .bind(LEASE.as_millis() as f64)
-            .execute(pool)
-            .await?
-            .rows_affected();
-            if kept == 0 {
+            if !BULK_ACTIONS.renew(pool, action.id, owner).await? {
                 return Ok(false);
             }
             renewed = tokio::time::Instant::now();
@@ -901,27 +867,12 @@ async fn give_way(pool: &PgPool, action: &BulkAction, owner: Uuid, shutdown: &Ca
 /// Runs in every API process until `shutdown`: every [`RESUME_EVERY`], resumes each RUNNING
 /// action whose runner is gone (no lease, or an expired one).
 pub async fn resume(pool: PgPool, amqp_url: String, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(RESUME_EVERY);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.cancelled() => break,
-        }
-        let orphans: Result<Vec<i64>, sqlx::Error> = sqlx::query_scalar(
-            "SELECT id FROM bulk_actions WHERE state = 'RUNNING' AND (lease_owner IS NULL OR lease_until < now()) ORDER BY id",
-        )
-        .fetch_all(&pool)
+    let resumer = pool.clone();
+    BULK_ACTIONS
+        .resume(pool, shutdown.clone(), |id, owner| {
+            spawn(resumer.clone(), amqp_url.clone(), id, owner, shutdown.clone())
+        })
         .await;
-        match orphans {
-            Ok(ids) => {
-                for id in ids {
-                    spawn(pool.clone(), amqp_url.clone(), id, Uuid::new_v4(), shutdown.clone());
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "cannot look for bulk actions to resume; will retry"),
-        }
-    }
 }
 
 /// Runs action `id` as `owner` in a task of its own (see [`run`]). A chunk that fails is

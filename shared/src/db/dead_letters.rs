@@ -48,6 +48,27 @@ pub struct Letter {
     pub status: String,
 }
 
+pub fn not_found(id: i64) -> Error {
+    Error::not_found("DEAD_LETTER_NOT_FOUND", format!("dead letter {id} does not exist"))
+}
+
+/// Locks letter `id` (`FOR UPDATE`) for a replay or a discard: `DEAD_LETTER_NOT_FOUND` (404),
+/// `DEAD_LETTER_RESOLVED` (409) when it is no longer NEW.
+pub async fn lock_new(conn: &mut PgConnection, id: i64) -> Result<Letter> {
+    let letter: Letter = sqlx::query_as("SELECT * FROM dead_letters WHERE id = $1 FOR UPDATE")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+    if letter.status != "NEW" {
+        return Err(Error::conflict(
+            "DEAD_LETTER_RESOLVED",
+            format!("dead letter {id} is already {}", letter.status),
+        ));
+    }
+    Ok(letter)
+}
+
 /// Where replays go, asked of the broker once per destination (a bulk replay of ten thousand
 /// letters from one queue asks once).
 pub struct Destinations<'a> {

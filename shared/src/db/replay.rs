@@ -43,7 +43,10 @@ use uuid::Uuid;
 
 use crate::{
     Error, Result,
-    db::outbox,
+    db::{
+        lease::{EVENT_REPLAYS, lease_ms},
+        outbox,
+    },
     messaging::{MessageType, envelope::millis},
 };
 
@@ -59,10 +62,7 @@ pub const MAX_CHUNK_SIZE: i32 = 1_000;
 pub const DEFAULT_PAUSE_MS: i32 = 100;
 /// Kept below [`LEASE`], so a pausing runner never loses its lease.
 pub const MAX_PAUSE_MS: i32 = 10_000;
-/// How long a runner's claim on a replay lasts without renewal.
-pub const LEASE: Duration = Duration::from_secs(30);
-/// How often an API process looks for replays to resume.
-pub const RESUME_EVERY: Duration = Duration::from_secs(5);
+pub use super::lease::{LEASE, RESUME_EVERY};
 /// How often a runner looks whether its chunk has been published.
 const POLL: Duration = Duration::from_millis(20);
 /// How often a pausing runner looks whether its replay was cancelled.
@@ -248,42 +248,24 @@ pub async fn create(conn: &mut PgConnection, plan: &Plan, requested_by: &str, ow
     .bind(plan.pause_ms)
     .bind(requested_by)
     .bind(owner)
-    .bind(LEASE.as_millis() as f64)
+    .bind(lease_ms())
     .fetch_one(conn)
     .await?)
 }
 
 pub async fn find(conn: &mut PgConnection, id: i64) -> Result<Option<Replay>> {
-    Ok(sqlx::query_as("SELECT * FROM event_replays WHERE id = $1")
-        .bind(id)
-        .fetch_optional(conn)
-        .await?)
+    EVENT_REPLAYS.find(conn, id).await
 }
 
 /// Replays, newest first, and how many there are.
 pub async fn list(conn: &mut PgConnection, limit: i64, offset: i64) -> Result<(Vec<Replay>, i64)> {
-    let rows = sqlx::query_as("SELECT * FROM event_replays ORDER BY id DESC LIMIT $1 OFFSET $2")
-        .bind(limit)
-        .bind(offset)
-        .fetch_all(&mut *conn)
-        .await?;
-    let total = sqlx::query_scalar("SELECT count(*) FROM event_replays")
-        .fetch_one(conn)
-        .await?;
-    Ok((rows, total))
+    EVENT_REPLAYS.list(conn, limit, offset).await
 }
 
 /// Cancels a RUNNING replay: no chunk is written after this commits. `REPLAY_NOT_FOUND`
 /// (404), `REPLAY_NOT_RUNNING` (409: already DONE or CANCELLED).
 pub async fn cancel(conn: &mut PgConnection, id: i64) -> Result<Replay> {
-    let cancelled: Option<Replay> = sqlx::query_as(
-        "UPDATE event_replays SET state = 'CANCELLED', finished_at = now(), updated_at = now()
-         WHERE id = $1 AND state = 'RUNNING' RETURNING *",
-    )
-    .bind(id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    if let Some(replay) = cancelled {
+    if let Some(replay) = EVENT_REPLAYS.cancel(&mut *conn, id).await? {
         return Ok(replay);
     }
     match find(conn, id).await? {
@@ -309,7 +291,7 @@ pub async fn run(
     shutdown: &CancellationToken,
     mut progress: impl FnMut(&Replay),
 ) -> Result<Option<Replay>> {
-    let Some(mut replay) = claim(pool, id, owner).await? else {
+    let Some(mut replay) = EVENT_REPLAYS.claim::<Replay>(pool, id, owner).await? else {
         // Not RUNNING, or someone else runs it.
         return find(&mut *pool.acquire().await?, id).await;
     };
@@ -338,7 +320,7 @@ pub async fn run(
         }
     }
     if shutdown.is_cancelled() && replay.state == ReplayState::Running {
-        release(pool, id, owner).await?;
+        EVENT_REPLAYS.release(pool, id, owner).await?;
     }
     tracing::info!(
         replay = id,
@@ -349,30 +331,6 @@ pub async fn run(
         "replay stopped"
     );
     Ok(Some(replay))
-}
-
-/// Takes the lease of a RUNNING replay that nobody else holds (or that is `owner`'s already).
-async fn claim(pool: &PgPool, id: i64, owner: Uuid) -> Result<Option<Replay>> {
-    Ok(sqlx::query_as(
-        "UPDATE event_replays SET lease_owner = $2, lease_until = now() + $3 * interval '1 millisecond', updated_at = now()
-         WHERE id = $1 AND state = 'RUNNING'
-           AND (lease_owner IS NULL OR lease_owner = $2 OR lease_until < now())
-         RETURNING *",
-    )
-    .bind(id)
-    .bind(owner)
-    .bind(LEASE.as_millis() as f64)
-    .fetch_optional(pool)
-    .await?)
-}
-
-async fn release(pool: &PgPool, id: i64, owner: Uuid) -> Result<()> {
-    sqlx::query("UPDATE event_replays SET lease_owner = NULL, lease_until = NULL WHERE id = $1 AND lease_owner = $2")
-        .bind(id)
-        .bind(owner)
-        .execute(pool)
-        .await?;
-    Ok(())
 }
 
 /// Waits until the relay has published (or parked) every row of the pending chunk, renewing
@@ -406,13 +364,13 @@ async fn wait_published(
             .bind(owner)
             .bind(published)
             .bind(parked)
-            .bind(LEASE.as_millis() as f64)
+            .bind(lease_ms())
             .bind(&replay.pending)
             .fetch_optional(pool)
             .await?);
         }
         if renewed.elapsed() >= RENEW_EVERY {
-            if !renew(pool, replay.id, owner).await? {
+            if !EVENT_REPLAYS.renew(pool, replay.id, owner).await? {
                 return Ok(None);
             }
             renewed = tokio::time::Instant::now();
@@ -454,27 +412,12 @@ async fn give_way(pool: &PgPool, replay: &Replay, owner: Uuid, shutdown: &Cancel
             return Ok(true);
         }
         if renewed.elapsed() >= RENEW_EVERY {
-            if !renew(pool, replay.id, owner).await? {
+            if !EVENT_REPLAYS.renew(pool, replay.id, owner).await? {
                 return Ok(false);
             }
             renewed = tokio::time::Instant::now();
         }
     }
-}
-
-/// Extends `owner`'s lease; false when it no longer holds it.
-async fn renew(pool: &PgPool, id: i64, owner: Uuid) -> Result<bool> {
-    let kept = sqlx::query(
-        "UPDATE event_replays SET lease_until = now() + $3 * interval '1 millisecond'
-         WHERE id = $1 AND lease_owner = $2",
-    )
-    .bind(id)
-    .bind(owner)
-    .bind(LEASE.as_millis() as f64)
-    .execute(pool)
-    .await?
-    .rows_affected();
-    Ok(kept > 0)
 }
 
 /// Writes the next chunk of the window into the outbox and moves the cursor past it, in one
@@ -539,7 +482,7 @@ async fn next_chunk(pool: &PgPool, id: i64, owner: Uuid) -> Result<Replay> {
     .bind(last_at)
     .bind(last_order)
     .bind(&ids)
-    .bind(LEASE.as_millis() as f64)
+    .bind(lease_ms())
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
@@ -552,28 +495,12 @@ async fn next_chunk(pool: &PgPool, id: i64, owner: Uuid) -> Result<Replay> {
 /// Runs in every API process until `shutdown`: every [`RESUME_EVERY`], resumes each RUNNING
 /// replay whose runner is gone (no lease, or an expired one), each in a task of its own.
 pub async fn resume(pool: PgPool, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(RESUME_EVERY);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.cancelled() => break,
-        }
-        let orphans: Result<Vec<i64>, sqlx::Error> = sqlx::query_scalar(
-            "SELECT id FROM event_replays
-             WHERE state = 'RUNNING' AND (lease_owner IS NULL OR lease_until < now()) ORDER BY id",
-        )
-        .fetch_all(&pool)
+    let resumer = pool.clone();
+    EVENT_REPLAYS
+        .resume(pool, shutdown.clone(), |id, owner| {
+            spawn(resumer.clone(), id, owner, shutdown.clone())
+        })
         .await;
-        match orphans {
-            Ok(ids) => {
-                for id in ids {
-                    spawn(pool.clone(), id, Uuid::new_v4(), shutdown.clone());
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "cannot look for replays to resume; will retry"),
-        }
-    }
 }
 
 /// Runs replay `id` as `owner` in a task of its own (see [`run`]).
