@@ -263,9 +263,16 @@ async fn one_order_is_one_trace_in_the_opentelemetry_http_and_messaging_conventi
         let count = attr(s, "messaging.batch.message_count").as_i64().unwrap_or(1);
         assert_eq!(count as usize, links.len(), "a link per message: {s}");
         for l in links {
+            let id = l["spanId"].as_str().unwrap();
             assert!(
-                created.contains(l["spanId"].as_str().unwrap()),
-                "a link to no creation span: {s}"
+                created.contains(id),
+                "a link to no creation span: {s}\nthe linked span: {:?}\nspans by kind: {:?}\nexport errors: {}",
+                spans.iter().find(|x| x["spanId"] == id),
+                spans.iter().fold(HashMap::<&str, usize>::new(), |mut m, x| {
+                    *m.entry(x["kind"].as_str().unwrap()).or_default() += 1;
+                    m
+                }),
+                export_errors()
             );
         }
     }
@@ -318,6 +325,23 @@ async fn one_order_is_one_trace_in_the_opentelemetry_http_and_messaging_conventi
         "unexpected span kinds"
     );
     assert!(spans.iter().all(|s| s["service"] == "orderflow"));
+}
+
+/// What the system's processes logged about exporting spans (the OpenTelemetry SDK's own
+/// warnings and errors), to tell a lost export from a span never made.
+fn export_errors() -> String {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fault-logs/otlp");
+    let mut found = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        for line in log
+            .lines()
+            .filter(|l| l.contains("opentelemetry") && !l.contains(" INFO "))
+        {
+            found.push_str(&format!("\n{}: {line}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
 }
 
 /// An integer attribute, however the exporter typed it (an unsigned one may come as a string).

@@ -12,6 +12,7 @@ SPANS.jsonl: {"service", "traceId", "spanId", "parentSpanId", "name", "kind" (SP
 
 import json
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -21,6 +22,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 OUT = open(sys.argv[1], "a", encoding="utf-8")
+# Every process of the system exports at once when it stops: one writer at a time (a text file
+# object is not safe to write from several threads), each export's lines together.
+WRITING = threading.Lock()
 
 
 def value(v):
@@ -43,11 +47,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         request = ExportTraceServiceRequest()
         request.ParseFromString(body)
+        lines = []
         for resource_spans in request.resource_spans:
             resource = {kv.key: value(kv.value) for kv in resource_spans.resource.attributes}
             for scope_spans in resource_spans.scope_spans:
                 for span in scope_spans.spans:
-                    OUT.write(json.dumps({
+                    lines.append(json.dumps({
                         "service": resource.get("service.name"),
                         "traceId": span.trace_id.hex(),
                         "spanId": span.span_id.hex(),
@@ -59,7 +64,9 @@ class Handler(BaseHTTPRequestHandler):
                         "droppedLinks": span.dropped_links_count,
                         "status": Status.StatusCode.Name(span.status.code),
                     }) + "\n")
-        OUT.flush()
+        with WRITING:
+            OUT.write("".join(lines))
+            OUT.flush()
         answer = ExportTraceServiceResponse().SerializeToString()
         self.send_response(200)
         self.send_header("content-type", "application/x-protobuf")
@@ -71,7 +78,12 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+class Server(ThreadingHTTPServer):
+    # Seven processes connect at once when they stop; the default backlog of 5 could drop one.
+    request_queue_size = 128
+
+
 if __name__ == "__main__":
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = Server(("127.0.0.1", 0), Handler)
     print(f"ready {server.server_address[1]}", flush=True)
     server.serve_forever()

@@ -1,9 +1,17 @@
 //! The outbox relay: the only publisher. Woken after commits in its own process and
-//! polling every 20 ms otherwise, it takes committed outbox rows in id order
-//! (`FOR UPDATE SKIP LOCKED`, so several relays can run and publish in parallel), publishes
-//! them persistent and mandatory with publisher confirms, and marks them sent only once the
-//! broker confirmed. A broker outage delays messages, never loses them; a crash between
-//! confirm and mark re-publishes with the same message id, which consumers' inboxes absorb.
+//! polling every 20 ms otherwise, it takes committed outbox rows in id order, publishes them
+//! persistent and mandatory with publisher confirms, and marks them sent only once the broker
+//! confirmed. A broker outage delays messages, never loses them; a crash between confirm and
+//! mark re-publishes with the same message id, which consumers' inboxes absorb.
+//!
+//! One relay publishes at a time: the one holding a session advisory lock on the database
+//! ([`LEADER_LOCK`]); others stand by and take over within a second of its connection going
+//! away. Being the only publisher lets it read rows without locking them and without a
+//! transaction, and mark what the broker confirmed in bulk, at most [`MARK_DELAY`] later,
+//! instead of one locking transaction per batch: at the rates shops really run a batch is one
+//! or two rows, and that transaction was half of the commits an order cost. Rows it published
+//! and has not marked yet are kept in memory and left out of its polls; if it dies before
+//! marking them, the next leader publishes them again (the inboxes absorb it, as above).
 //!
 //! A row the broker refuses (no such exchange, unroutable, nacked, or any publish after which
 //! the broker closes the channel: too large, not allowed) never holds back the rows behind
@@ -17,7 +25,7 @@
 //! a channel can keep nacking a quorum queue whose leader moved (seen for 30 s and more on
 //! RabbitMQ 3.10), while a new channel finds the new leader at once.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use lapin::{
@@ -30,7 +38,7 @@ use orderflow_shared::{
     messaging::{MessageType, envelope},
     telemetry::{self, TraceParent},
 };
-use sqlx::PgPool;
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -44,6 +52,14 @@ const BATCH: i64 = 500;
 /// this long. (No PostgreSQL NOTIFY: it serialises the commits of every transaction that
 /// sends one, see migration 0005; an idle poll is one index probe.)
 const POLL: Duration = Duration::from_millis(20);
+/// Longest a confirmed row waits to be marked sent: marks are written in bulk (one statement
+/// for every row confirmed meanwhile, at most [`BATCH`]), not one transaction per batch.
+pub const MARK_DELAY: Duration = Duration::from_millis(100);
+/// The session advisory lock (PostgreSQL's two-key form, apart from the idempotency keys'
+/// one-key locks) held by the relay that publishes; `('orderflow' as int4, 1)`.
+pub const LEADER_LOCK: (i32, i32) = (0x6f66_6c77, 1);
+/// How often a standing-by relay asks for the lock, and the leader checks it still holds it.
+const LEADER_CHECK: Duration = Duration::from_secs(1);
 /// Publishes of one row the broker refused before the row is parked for an operator.
 pub const MAX_ATTEMPTS: i32 = 3;
 /// Longest pause before a refused row is tried again, in seconds (the pause doubles from 1 s).
@@ -105,9 +121,9 @@ pub fn mandatory(message_type: &str) -> bool {
     MessageType::parse(message_type).is_none_or(MessageType::must_route)
 }
 
-/// Runs until `shutdown`; after it, publishes what is already committed once more (flush).
-/// `abort_every` is fault injection for the fault suite (0: off): abort the process after
-/// the broker confirmed every Nth batch, before it is marked sent.
+/// Runs until `shutdown`; after it, publishes what is already committed once more (flush)
+/// and marks it. `abort_every` is fault injection for the fault suite (0: off): abort the
+/// process after the broker confirmed every Nth batch, before it is marked sent.
 pub async fn run(pool: PgPool, amqp_url: String, abort_every: u32, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut backoff = broker::reconnect_backoff();
     let mut batches = 0u32;
@@ -141,32 +157,117 @@ async fn relay(
     published: &mut bool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let Some(mut leader) = lead(pool, shutdown).await? else {
+        return Ok(()); // shut down while standing by
+    };
     let (conn, channel) = broker::connect(amqp_url, "relay").await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut publisher = Publisher { conn, channel };
+    let mut marks = Marks::default();
+    let mut checked = Instant::now();
     tracing::info!("relay publishing");
     loop {
-        let taken = publish_batch(pool, &mut publisher, || {
+        let taken = publish_batch(pool, &mut publisher, &mut marks, || {
             *batches += 1;
             abort_every > 0 && batches.is_multiple_of(abort_every)
         })
         .await?;
         *published |= taken > 0;
+        if marks.due() {
+            marks.flush(pool).await?;
+        }
         if taken as i64 >= BATCH {
             continue; // more may be waiting
         }
         if shutdown.is_cancelled() {
             break; // flushed what was committed
         }
+        if checked.elapsed() >= LEADER_CHECK {
+            // A lost connection is a lost lock: another relay may lead by now.
+            sqlx::query("SELECT 1").execute(&mut leader).await?;
+            checked = Instant::now();
+        }
         tokio::select! {
             _ = outbox::wait_committed() => {}
-            _ = tokio::time::sleep(POLL) => {}
+            _ = tokio::time::sleep(marks.wait().map_or(POLL, |w| w.min(POLL))) => {}
             _ = shutdown.cancelled() => {}
         }
     }
+    marks.flush(pool).await?;
     let _ = publisher.channel.close(200, "bye".into()).await;
     let _ = publisher.conn.close(200, "bye".into()).await;
+    let _ = leader.close().await;
     Ok(())
+}
+
+/// Waits until this relay holds [`LEADER_LOCK`] (standing by, asking every
+/// [`LEADER_CHECK`], while another relay holds it), on a connection of its own taken out of
+/// the pool: the lock lives as long as that session. `None` when shut down first.
+async fn lead(pool: &PgPool, shutdown: &CancellationToken) -> anyhow::Result<Option<PgConnection>> {
+    let mut conn = pool.acquire().await?.detach();
+    let mut told = false;
+    loop {
+        let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+            .bind(LEADER_LOCK.0)
+            .bind(LEADER_LOCK.1)
+            .fetch_one(&mut conn)
+            .await?;
+        if held {
+            return Ok(Some(conn));
+        }
+        if !told {
+            tracing::info!("another relay publishes; standing by");
+            told = true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LEADER_CHECK) => {}
+            _ = shutdown.cancelled() => {
+                let _ = conn.close().await;
+                return Ok(None);
+            }
+        }
+    }
+}
+
+/// Rows the broker confirmed and the relay has not marked sent yet (left out of its polls).
+#[derive(Default)]
+struct Marks {
+    ids: Vec<i64>,
+    /// When the oldest of `ids` was confirmed.
+    since: Option<Instant>,
+}
+
+impl Marks {
+    fn add(&mut self, ids: &[i64]) {
+        if !ids.is_empty() {
+            self.since.get_or_insert_with(Instant::now);
+            self.ids.extend_from_slice(ids);
+        }
+    }
+
+    /// How long until the oldest confirmed row is due to be marked; `None` when there is none.
+    fn wait(&self) -> Option<Duration> {
+        self.since.map(|t| MARK_DELAY.saturating_sub(t.elapsed()))
+    }
+
+    fn due(&self) -> bool {
+        self.ids.len() as i64 >= BATCH || self.wait().is_some_and(|w| w.is_zero())
+    }
+
+    /// Marks every confirmed row sent in one statement (its own transaction). On error the
+    /// rows stay here, to be marked at the next try.
+    async fn flush(&mut self, pool: &PgPool) -> sqlx::Result<()> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("UPDATE outbox SET sent_at = clock_timestamp() WHERE id = ANY($1) AND sent_at IS NULL")
+            .bind(&self.ids)
+            .execute(pool)
+            .await?;
+        self.ids.clear();
+        self.since = None;
+        Ok(())
+    }
 }
 
 /// A connection and its confirm-mode channel; the channel is replaced when the broker closes
@@ -198,23 +299,26 @@ enum Published {
     Unknown(lapin::Error),
 }
 
-/// Publishes one batch and marks what the broker confirmed; rows it refused get their next
-/// attempt scheduled (or are parked). Returns how many rows were taken. An error means the
-/// connection is gone. `crash_after_confirm` (asked once per non-empty batch) aborts the
-/// process in the worst place: confirmed by the broker, not yet marked sent.
-pub async fn publish_batch(
+/// Publishes one batch (committed rows not yet sent, parked or in `marks`) and adds what the
+/// broker confirmed to `marks`; rows it refused get their next attempt scheduled (or are
+/// parked) at once. Returns how many rows were taken. An error means the connection is gone.
+/// `crash_after_confirm` (asked once per non-empty batch) aborts the process in the worst
+/// place: confirmed by the broker, not yet marked sent.
+async fn publish_batch(
     pool: &PgPool,
     publisher: &mut Publisher,
+    marks: &mut Marks,
     crash_after_confirm: impl FnOnce() -> bool,
 ) -> anyhow::Result<usize> {
-    let mut tx = pool.begin().await?;
     let rows: Vec<OutboxRow> = sqlx::query_as(
         "SELECT id, message_id, exchange, routing_key, message_type, order_ids, headers, body, expiration_ms, created_at
          FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL AND (retry_at IS NULL OR retry_at <= now())
-         ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+           AND id <> ALL($2)
+         ORDER BY id LIMIT $1",
     )
     .bind(BATCH)
-    .fetch_all(&mut *tx)
+    .bind(&marks.ids)
+    .fetch_all(pool)
     .await?;
     if rows.is_empty() {
         return Ok(0);
@@ -251,22 +355,30 @@ pub async fn publish_batch(
         }
         telemetry::rename(&span, telemetry::messaging_span_name("publish", exchange));
     }
-    let result = publish_rows(publisher, tx, rows, crash_after_confirm)
+    let taken = rows.len();
+    match publish_rows(pool, publisher, rows, crash_after_confirm)
         .instrument(span.clone())
-        .await;
-    if result.is_err() {
-        span.record("error.type", "_OTHER");
+        .await
+    {
+        Ok(sent) => {
+            marks.add(&sent);
+            Ok(taken)
+        }
+        Err(err) => {
+            span.record("error.type", "_OTHER");
+            Err(err)
+        }
     }
-    result
 }
 
-/// [`publish_batch`] once it has its rows (the batch's span is current).
+/// [`publish_batch`] once it has its rows (the batch's span is current): the ids the broker
+/// confirmed, to be marked sent.
 async fn publish_rows(
+    pool: &PgPool,
     publisher: &mut Publisher,
-    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
     rows: Vec<OutboxRow>,
     crash_after_confirm: impl FnOnce() -> bool,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Vec<i64>> {
     // Publish all, then await the confirms (they may arrive out of order).
     let mut pending = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -344,10 +456,6 @@ async fn publish_rows(
             Published::Unknown(err) => return Err(err.into()),
         }
     }
-    sqlx::query("UPDATE outbox SET sent_at = clock_timestamp() WHERE id = ANY($1)")
-        .bind(&sent)
-        .execute(&mut *tx)
-        .await?;
     if !refused.is_empty() {
         let parked: Vec<i64> = sqlx::query_scalar::<_, Option<i64>>(
             "UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.why,
@@ -361,7 +469,7 @@ async fn publish_rows(
         .bind(&reasons)
         .bind(&limits)
         .bind(&delays)
-        .fetch_all(&mut *tx)
+        .fetch_all(pool)
         .await?
         .into_iter()
         .flatten()
@@ -373,8 +481,7 @@ async fn publish_rows(
             );
         }
     }
-    tx.commit().await?;
-    Ok(rows.len())
+    Ok(sent)
 }
 
 async fn publish(channel: &Channel, row: &OutboxRow) -> lapin::Result<lapin::PublisherConfirm> {
