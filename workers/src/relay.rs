@@ -127,11 +127,42 @@ pub fn mandatory(message_type: &str) -> bool {
 pub async fn run(pool: PgPool, amqp_url: String, abort_every: u32, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut backoff = broker::reconnect_backoff();
     let mut batches = 0u32;
+    // Kept across broker reconnects: a new session would find the old one's lock held until
+    // the server notices it is gone, and stand by for a second for nothing.
+    let mut leader: Option<PgConnection> = None;
     loop {
         let mut published = false;
-        match relay(&pool, &amqp_url, abort_every, &mut batches, &mut published, &shutdown).await {
+        if leader.is_none() {
+            match lead(&pool, &shutdown).await {
+                Ok(Some(conn)) => leader = Some(conn),
+                Ok(None) => break, // shut down while standing by
+                Err(err) => {
+                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(error = %err, ?delay, "relay cannot reach the database; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        let Some(conn) = leader.as_mut() else { continue };
+        match relay(
+            &pool,
+            conn,
+            &amqp_url,
+            abort_every,
+            &mut batches,
+            &mut published,
+            &shutdown,
+        )
+        .await
+        {
             Ok(()) => break,
             Err(err) => {
+                if !alive(conn).await {
+                    leader = None; // its lock went with its session
+                }
                 if published {
                     // It worked for a while: the next failure starts from a short delay again.
                     backoff = broker::reconnect_backoff();
@@ -145,21 +176,24 @@ pub async fn run(pool: PgPool, amqp_url: String, abort_every: u32, shutdown: Can
             }
         }
     }
+    if let Some(conn) = leader {
+        let _ = conn.close().await;
+    }
     tracing::info!("relay stopped");
     Ok(())
 }
 
+/// Publishes while it leads (`leader` holds [`LEADER_LOCK`]) until `shutdown`; an error means
+/// the broker or the database went away.
 async fn relay(
     pool: &PgPool,
+    leader: &mut PgConnection,
     amqp_url: &str,
     abort_every: u32,
     batches: &mut u32,
     published: &mut bool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let Some(mut leader) = lead(pool, shutdown).await? else {
-        return Ok(()); // shut down while standing by
-    };
     let (conn, channel) = broker::connect(amqp_url, "relay").await?;
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut publisher = Publisher { conn, channel };
@@ -184,7 +218,9 @@ async fn relay(
         }
         if checked.elapsed() >= LEADER_CHECK {
             // A lost connection is a lost lock: another relay may lead by now.
-            sqlx::query("SELECT 1").execute(&mut leader).await?;
+            if !alive(leader).await {
+                anyhow::bail!("lost the database session that holds the relay's lock");
+            }
             checked = Instant::now();
         }
         tokio::select! {
@@ -196,7 +232,6 @@ async fn relay(
     marks.flush(pool).await?;
     let _ = publisher.channel.close(200, "bye".into()).await;
     let _ = publisher.conn.close(200, "bye".into()).await;
-    let _ = leader.close().await;
     Ok(())
 }
 
@@ -227,6 +262,13 @@ async fn lead(pool: &PgPool, shutdown: &CancellationToken) -> anyhow::Result<Opt
             }
         }
     }
+}
+
+/// Whether the leader's session still answers (within 5 s: a server that vanished may never
+/// reset the connection).
+async fn alive(conn: &mut PgConnection) -> bool {
+    let ping = sqlx::query("SELECT 1").execute(&mut *conn);
+    matches!(tokio::time::timeout(Duration::from_secs(5), ping).await, Ok(Ok(_)))
 }
 
 /// Rows the broker confirmed and the relay has not marked sent yet (left out of its polls).
