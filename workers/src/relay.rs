@@ -1,5 +1,5 @@
 //! The outbox relay: the only publisher. Woken after commits in its own process and
-//! polling every 20 ms otherwise, it takes committed outbox rows in id order, publishes them
+//! polling otherwise (every 20 ms while rows come, every 100 ms after a quiet second), it takes committed outbox rows in id order, publishes them
 //! persistent and mandatory with publisher confirms, and marks them sent only once the broker
 //! confirmed. A broker outage delays messages, never loses them; a crash between confirm and
 //! mark re-publishes with the same message id, which consumers' inboxes absorb.
@@ -52,6 +52,12 @@ const BATCH: i64 = 500;
 /// this long. (No PostgreSQL NOTIFY: it serialises the commits of every transaction that
 /// sends one, see migration 0005; an idle poll is one index probe.)
 const POLL: Duration = Duration::from_millis(20);
+/// How often it looks once it found nothing for [`IDLE_AFTER`]: a poll is a database round
+/// trip, and at 50 a second the relay's polls were most of what an idle system cost. The
+/// first row another process writes after a quiet second waits up to this long; the rows
+/// after it find the relay polling every [`POLL`] again.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+const IDLE_AFTER: Duration = Duration::from_secs(1);
 /// Longest a confirmed row waits to be marked sent: marks are written in bulk (one statement
 /// for every row confirmed meanwhile, at most [`BATCH`]), not one transaction per batch.
 pub const MARK_DELAY: Duration = Duration::from_millis(100);
@@ -199,6 +205,7 @@ async fn relay(
     let mut publisher = Publisher { conn, channel };
     let mut marks = Marks::default();
     let mut checked = Instant::now();
+    let mut found = Instant::now();
     tracing::info!("relay publishing");
     loop {
         let taken = publish_batch(pool, &mut publisher, &mut marks, || {
@@ -207,6 +214,9 @@ async fn relay(
         })
         .await?;
         *published |= taken > 0;
+        if taken > 0 {
+            found = Instant::now();
+        }
         if marks.due() {
             marks.flush(pool).await?;
         }
@@ -223,9 +233,10 @@ async fn relay(
             }
             checked = Instant::now();
         }
+        let poll = if found.elapsed() >= IDLE_AFTER { IDLE_POLL } else { POLL };
         tokio::select! {
             _ = outbox::wait_committed() => {}
-            _ = tokio::time::sleep(marks.wait().map_or(POLL, |w| w.min(POLL))) => {}
+            _ = tokio::time::sleep(marks.wait().map_or(poll, |w| w.min(poll))) => {}
             _ = shutdown.cancelled() => {}
         }
     }
