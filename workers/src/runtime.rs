@@ -20,21 +20,18 @@ use lapin::{
 };
 use orderflow_shared::{
     Error, Result,
-    db::{
-        orders::OrderRow,
-        outbox::{self, OutboxMessage},
-    },
+    db::outbox::{self, OutboxMessage},
     messaging::{Envelope, MessageType},
     metrics,
     telemetry::{self, TraceParent},
 };
-use sqlx::{FromRow as _, PgConnection, PgPool, Row as _};
+use sqlx::{PgConnection, PgPool};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 use uuid::Uuid;
 
-use crate::{broker, steps::Locked};
+use crate::broker;
 
 /// What a step did with one message of its batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +88,7 @@ pub trait Step: Send + Sync + 'static {
     fn handle(
         &self,
         tx: &mut PgConnection,
-        batch: Locked<'_>,
+        batch: &[&Incoming],
         attempt: u32,
     ) -> impl Future<Output = Result<Vec<Outcome>>> + Send;
 
@@ -684,52 +681,23 @@ fn error_type(err: &Error) -> &'static str {
     }
 }
 
-/// Records the batch's messages in the inbox and locks the orders the fresh ones name, in one
-/// statement (a round trip per hop less: at the rates shops run a batch is one message, and
-/// PostgreSQL's CPU follows round trips). `$2`: the messages' ids; `$3`/`$4`: each (message,
-/// order) pair. One row per locked order (all of them, in id order, whatever their status:
-/// see `orders::lock_all`), or one row without an order when none is; each row carries the
-/// fresh message ids (`fresh`: a message twice in the batch counts once).
-const INBOX_AND_LOCK: &str = "
-    WITH fresh AS (
-        INSERT INTO inbox (consumer, message_id) SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING
-        RETURNING message_id
-    ), f AS (SELECT coalesce(array_agg(message_id), '{}') AS fresh FROM fresh)
-    SELECT f.fresh, o.* FROM f LEFT JOIN LATERAL (
-        SELECT * FROM orders WHERE id IN (
-            SELECT m.order_id FROM unnest($3::uuid[], $4::uuid[]) AS m(message_id, order_id)
-            WHERE m.message_id = ANY(f.fresh))
-        ORDER BY id FOR NO KEY UPDATE
-    ) o ON true";
-
-/// One transaction for the deliveries: one statement that records them in the inbox, finding
-/// the duplicates, and locks the fresh ones' orders ([`INBOX_AND_LOCK`]), the step for the
-/// fresh ones, what their outcomes need (missing orders sent on alone, inbox records of
-/// rejected messages removed so that a replay of their dead letter is handled), one commit.
+/// One transaction for the deliveries: one inbox insert that also finds the duplicates (the
+/// same message twice in the batch counts once), the step for the fresh ones, what their
+/// outcomes need (missing orders sent on alone, inbox records of rejected messages removed
+/// so that a replay of their dead letter is handled), one commit.
 async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) -> Result<Vec<Disposition>> {
     let mut tx = pool.begin().await?;
     let ids: Vec<Uuid> = items.iter().map(|i| i.msg.envelope.id).collect();
-    let (pair_messages, pair_orders): (Vec<Uuid>, Vec<Uuid>) = items
-        .iter()
-        .flat_map(|i| i.msg.order_ids.iter().map(|o| (i.msg.envelope.id, *o)))
-        .unzip();
-    let rows = sqlx::query(INBOX_AND_LOCK)
-        .bind(S::NAME)
-        .bind(&ids)
-        .bind(&pair_messages)
-        .bind(&pair_orders)
-        .fetch_all(&mut *tx)
-        .await?;
-    let mut fresh: HashSet<Uuid> = match rows.first() {
-        Some(row) => row.try_get::<Vec<Uuid>, _>("fresh")?.into_iter().collect(),
-        None => HashSet::new(),
-    };
-    let mut locked = Vec::with_capacity(rows.len());
-    for row in &rows {
-        if row.try_get::<Option<Uuid>, _>("id")?.is_some() {
-            locked.push(OrderRow::from_row(row)?);
-        }
-    }
+    let mut fresh: HashSet<Uuid> = sqlx::query_scalar(
+        "INSERT INTO inbox (consumer, message_id) SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING
+         RETURNING message_id",
+    )
+    .bind(S::NAME)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
     let mut dispositions = vec![Disposition::Duplicate; items.len()];
     let todo: Vec<usize> = (0..items.len())
         .filter(|&i| fresh.remove(&items[i].msg.envelope.id))
@@ -739,8 +707,7 @@ async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) 
     }
     let batch: Vec<&Incoming> = todo.iter().map(|&i| &items[i].msg).collect();
     let traces = todo.iter().flat_map(|&i| items[i].order_traces()).collect();
-    let locked = Locked::new(&batch, locked);
-    let outcomes = telemetry::with_order_traces(traces, step.handle(&mut tx, locked, attempt))
+    let outcomes = telemetry::with_order_traces(traces, step.handle(&mut tx, &batch, attempt))
         .instrument(items[todo[0]].span.clone())
         .await?;
     let mut forget = Vec::new();

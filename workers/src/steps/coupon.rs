@@ -15,7 +15,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::Locked;
-use crate::runtime::{Outcome, Step};
+use crate::runtime::{Incoming, Outcome, Step};
 
 pub struct Coupon;
 
@@ -27,7 +27,8 @@ impl Step for Coupon {
         matches!(kind, MessageType::CouponApply | MessageType::CouponRestore)
     }
 
-    async fn handle(&self, tx: &mut PgConnection, mut locked: Locked<'_>, _attempt: u32) -> Result<Vec<Outcome>> {
+    async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
+        let mut locked = Locked::lock(tx, batch).await?;
         let restoring = locked.take(MessageType::CouponRestore, |o| {
             o.status == OrderStatus::Cancelling && o.coupon_held
         });

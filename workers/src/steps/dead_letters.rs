@@ -32,10 +32,7 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{
-    runtime::{Incoming, Outcome, Step, header_str},
-    steps::Locked,
-};
+use crate::runtime::{Incoming, Outcome, Step, header_str};
 
 pub struct DeadLetters;
 
@@ -89,9 +86,7 @@ impl Step for DeadLetters {
         })
     }
 
-    async fn handle(&self, tx: &mut PgConnection, locked: Locked<'_>, _attempt: u32) -> Result<Vec<Outcome>> {
-        // A dead letter names no order: nothing was locked.
-        let batch = locked.batch();
+    async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(batch.len());
         for msg in batch {
             record(tx, msg).await?;

@@ -13,7 +13,12 @@ pub mod stock;
 
 use std::collections::{HashMap, HashSet};
 
-use orderflow_shared::{db::orders::OrderRow, messaging::MessageType};
+use orderflow_shared::{
+    Result,
+    db::orders::{self, OrderRow},
+    messaging::MessageType,
+};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::runtime::{Incoming, Outcome};
@@ -28,28 +33,24 @@ pub struct Locked<'a> {
 }
 
 impl<'a> Locked<'a> {
-    /// The batch with `rows`: every order it names that exists, locked by the runtime in id
-    /// order whatever its status (see `orders::lock_all`), in the statement that recorded the
-    /// batch's messages in the inbox.
-    pub fn new(batch: &'a [&'a Incoming], rows: Vec<OrderRow>) -> Self {
-        let rows: HashMap<Uuid, OrderRow> = rows.into_iter().map(|o| (o.id, o)).collect();
-        let missing = batch
-            .iter()
-            .flat_map(|m| m.order_ids.iter())
-            .filter(|id| !rows.contains_key(id))
-            .copied()
+    /// Locks every order the batch names (in id order, whatever its status: see
+    /// `orders::lock_all`).
+    pub async fn lock(tx: &mut PgConnection, batch: &'a [&'a Incoming]) -> Result<Self> {
+        let mut ids: Vec<Uuid> = batch.iter().flat_map(|m| m.order_ids.iter().copied()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let rows: HashMap<Uuid, OrderRow> = orders::lock_all(tx, &ids)
+            .await?
+            .into_iter()
+            .map(|o| (o.id, o))
             .collect();
-        Self {
+        let missing = ids.into_iter().filter(|id| !rows.contains_key(id)).collect();
+        Ok(Self {
             batch,
             rows,
             done: vec![false; batch.len()],
             missing,
-        }
-    }
-
-    /// The batch's messages.
-    pub fn batch(&self) -> &'a [&'a Incoming] {
-        self.batch
+        })
     }
 
     /// The orders named by this batch's messages of `kind` that are `ready` for them, in id

@@ -26,7 +26,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::Locked;
-use crate::runtime::{Outcome, Step};
+use crate::runtime::{Incoming, Outcome, Step};
 
 pub struct Order;
 
@@ -38,7 +38,8 @@ impl Step for Order {
         matches!(kind, MessageType::OrderConfirm | MessageType::OrderFinishCancel)
     }
 
-    async fn handle(&self, tx: &mut PgConnection, mut locked: Locked<'_>, _attempt: u32) -> Result<Vec<Outcome>> {
+    async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
+        let mut locked = Locked::lock(tx, batch).await?;
         let finishing = locked.take(MessageType::OrderFinishCancel, |o| o.status == OrderStatus::Cancelling);
         let confirming = locked.take(MessageType::OrderConfirm, |o| o.status == OrderStatus::Paid);
         let mut moves = Transitions::new();

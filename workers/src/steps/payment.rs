@@ -19,7 +19,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::Locked;
-use crate::runtime::{Outcome, Step};
+use crate::runtime::{Incoming, Outcome, Step};
 
 pub struct Payment;
 
@@ -31,7 +31,8 @@ impl Step for Payment {
         matches!(kind, MessageType::PaymentCharge | MessageType::PaymentRefund)
     }
 
-    async fn handle(&self, tx: &mut PgConnection, mut locked: Locked<'_>, _attempt: u32) -> Result<Vec<Outcome>> {
+    async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
+        let mut locked = Locked::lock(tx, batch).await?;
         let refunding = locked.take(MessageType::PaymentRefund, |o| {
             o.status == OrderStatus::Cancelling && o.paid_amount > 0
         });

@@ -10,7 +10,7 @@ use orderflow_shared::{
 use sqlx::PgConnection;
 
 use super::Locked;
-use crate::runtime::{Outcome, Step};
+use crate::runtime::{Incoming, Outcome, Step};
 
 pub struct Expiry;
 
@@ -22,7 +22,8 @@ impl Step for Expiry {
         kind == MessageType::OrderDeadline
     }
 
-    async fn handle(&self, tx: &mut PgConnection, mut locked: Locked<'_>, _attempt: u32) -> Result<Vec<Outcome>> {
+    async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
+        let mut locked = Locked::lock(tx, batch).await?;
         let overdue = locked.take(MessageType::OrderDeadline, |o| {
             OrderStatus::CANCELLABLE.contains(&o.status)
         });

@@ -23,7 +23,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::Locked;
-use crate::runtime::{Outcome, Step};
+use crate::runtime::{Incoming, Outcome, Step};
 
 pub struct Stock;
 
@@ -35,7 +35,8 @@ impl Step for Stock {
         matches!(kind, MessageType::StockReserve | MessageType::StockRelease)
     }
 
-    async fn handle(&self, tx: &mut PgConnection, mut locked: Locked<'_>, attempt: u32) -> Result<Vec<Outcome>> {
+    async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], attempt: u32) -> Result<Vec<Outcome>> {
+        let mut locked = Locked::lock(tx, batch).await?;
         let releasing = locked.take(MessageType::StockRelease, |o| {
             o.status == OrderStatus::Cancelling && o.stock_held
         });
