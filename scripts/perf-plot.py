@@ -65,6 +65,8 @@ def panel(x0, title, unit, series, rates, log):
         step = 10 ** len(str(int(hi))) / 10
         while hi / step > 6:
             step *= 2
+        while hi / step < 4:
+            step /= 2
         ticks = [i * step for i in range(int(hi / step) + 1)]
     y = lambda v: TOP + PANEL_H - scale(v) * PANEL_H
     x = lambda i: x0 + (i + 0.5) * PANEL_W / len(rates)
