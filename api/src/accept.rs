@@ -16,12 +16,15 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 use axum::http::StatusCode;
 use orderflow_shared::{
     Error, Result,
-    db::outbox::{self, OutboxMessage},
+    db::{
+        kept::Kept,
+        outbox::{self, OutboxMessage},
+    },
     domain::OrderStatus,
     messaging::MessageType,
     telemetry::TraceParent,
 };
-use sqlx::{FromRow, PgConnection, PgPool};
+use sqlx::{Connection as _, FromRow, PgConnection, PgPool};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -88,9 +91,11 @@ impl Acceptor {
     }
 }
 
-/// Takes whatever is waiting (up to [`MAX_BATCH`]) as soon as a writer is free.
+/// Takes whatever is waiting (up to [`MAX_BATCH`]) as soon as a writer is free. The writers
+/// keep their connections between batches ([`Kept`]).
 async fn dispatch(mut requests: mpsc::UnboundedReceiver<Pending>, pool: PgPool, timeout_ms: i64) {
     let writers = Arc::new(Semaphore::new(WRITERS));
+    let kept = Kept::new(pool, WRITERS);
     loop {
         let Ok(writer) = writers.clone().acquire_owned().await else {
             return;
@@ -105,9 +110,9 @@ async fn dispatch(mut requests: mpsc::UnboundedReceiver<Pending>, pool: PgPool, 
                 Err(_) => break,
             }
         }
-        let pool = pool.clone();
+        let kept = kept.clone();
         tokio::spawn(async move {
-            write(&pool, batch, timeout_ms).await;
+            write(&kept, batch, timeout_ms).await;
             drop(writer);
         });
     }
@@ -115,10 +120,10 @@ async fn dispatch(mut requests: mpsc::UnboundedReceiver<Pending>, pool: PgPool, 
 
 /// Writes a batch and answers each of its requests; if the batch's transaction fails, each
 /// request is written again alone.
-async fn write(pool: &PgPool, batch: Vec<Pending>, timeout_ms: i64) {
+async fn write(db: &Kept, batch: Vec<Pending>, timeout_ms: i64) {
     metrics::histogram!(orderflow_shared::metrics::ACCEPT_BATCH).record(batch.len() as f64);
     let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
-    let answers = match write_batch(pool, &requests, timeout_ms).await {
+    let answers = match write_batch(db, &requests, timeout_ms).await {
         Ok(answers) => answers,
         // The database cannot be used (down, failing over, or the connection died during
         // COMMIT, so the outcome is unknown): every request is answered 503 at once, and its
@@ -140,7 +145,7 @@ async fn write(pool: &PgPool, batch: Vec<Pending>, timeout_ms: i64) {
             tracing::warn!(requests = batch.len(), error = %err, "accept batch failed; writing its requests one by one");
             let mut answers = Vec::with_capacity(batch.len());
             for request in &requests {
-                answers.push(match write_batch(pool, &[*request], timeout_ms).await {
+                answers.push(match write_batch(db, &[*request], timeout_ms).await {
                     Ok(mut one) => one.pop().unwrap_or_else(|| Err(anyhow::anyhow!("no answer").into())),
                     Err(err) => Err(err),
                 });
@@ -160,8 +165,9 @@ async fn write(pool: &PgPool, batch: Vec<Pending>, timeout_ms: i64) {
 /// ([`PLACE`], which inserts nothing if it found one: a retry is rare, and the batch is then
 /// placed again without it); COMMIT. The outer error fails the whole batch, the inner ones
 /// answer single requests.
-async fn write_batch(pool: &PgPool, requests: &[&Request], timeout_ms: i64) -> Result<Vec<Result<Accepted>>> {
-    let mut tx = pool.begin().await?;
+async fn write_batch(db: &Kept, requests: &[&Request], timeout_ms: i64) -> Result<Vec<Result<Accepted>>> {
+    let mut conn = db.acquire().await?;
+    let mut tx = conn.begin().await?;
     let claims: Vec<&Claim> = requests.iter().map(|r| &r.claim).collect();
     let (mut locks, names) = Locks::new(&claims);
     let mut product_ids: Vec<i64> = requests.iter().flat_map(|r| r.lines.iter().map(|(p, _)| *p)).collect();
@@ -207,6 +213,7 @@ async fn write_batch(pool: &PgPool, requests: &[&Request], timeout_ms: i64) -> R
         answers[i] = Some(answer);
     }
     tx.commit().await?;
+    conn.keep();
     outbox::committed();
     Ok(answers
         .into_iter()

@@ -25,7 +25,10 @@
 //! a channel can keep nacking a quorum queue whose leader moved (seen for 30 s and more on
 //! RabbitMQ 3.10), while a new channel finds the new leader at once.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
 use lapin::{
@@ -64,7 +67,8 @@ pub const MARK_DELAY: Duration = Duration::from_millis(100);
 /// The session advisory lock (PostgreSQL's two-key form, apart from the idempotency keys'
 /// one-key locks) held by the relay that publishes; `('orderflow' as int4, 1)`.
 pub const LEADER_LOCK: (i32, i32) = (0x6f66_6c77, 1);
-/// How often a standing-by relay asks for the lock, and the leader checks it still holds it.
+/// How often a standing-by relay asks for the lock. (The leader learns it lost its session
+/// from its own polls, which go through that session.)
 const LEADER_CHECK: Duration = Duration::from_secs(1);
 /// Publishes of one row the broker refused before the row is parked for an operator.
 pub const MAX_ATTEMPTS: i32 = 3;
@@ -153,17 +157,7 @@ pub async fn run(pool: PgPool, amqp_url: String, abort_every: u32, shutdown: Can
             }
         }
         let Some(conn) = leader.as_mut() else { continue };
-        match relay(
-            &pool,
-            conn,
-            &amqp_url,
-            abort_every,
-            &mut batches,
-            &mut published,
-            &shutdown,
-        )
-        .await
-        {
+        match relay(conn, &amqp_url, abort_every, &mut batches, &mut published, &shutdown).await {
             Ok(()) => break,
             Err(err) => {
                 if !alive(conn).await {
@@ -190,9 +184,10 @@ pub async fn run(pool: PgPool, amqp_url: String, abort_every: u32, shutdown: Can
 }
 
 /// Publishes while it leads (`leader` holds [`LEADER_LOCK`]) until `shutdown`; an error means
-/// the broker or the database went away.
+/// the broker or the database went away. Every query goes through the leader's own session:
+/// each answer proves the lock is still held, and a session kept out of the pool costs no
+/// check as it goes back (sqlx pings every connection returned to its pool).
 async fn relay(
-    pool: &PgPool,
     leader: &mut PgConnection,
     amqp_url: &str,
     abort_every: u32,
@@ -204,21 +199,37 @@ async fn relay(
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut publisher = Publisher { conn, channel };
     let mut marks = Marks::default();
-    let mut checked = Instant::now();
     let mut found = Instant::now();
+    let mut polled = Instant::now();
+    let _feed = Feed::open();
     tracing::info!("relay publishing");
     loop {
-        let taken = publish_batch(pool, &mut publisher, &mut marks, || {
+        let mut crash_after_confirm = || {
             *batches += 1;
             abort_every > 0 && batches.is_multiple_of(abort_every)
-        })
-        .await?;
-        *published |= taken > 0;
-        if taken > 0 {
-            found = Instant::now();
+        };
+        // Rows this process handed over go out without being read back; the outbox is read
+        // when a commit here asked for it, on the poll's schedule, and when shutting down.
+        let (handed, asked) = outbox::take_committed();
+        let mut fed = handed.len();
+        if fed > 0 {
+            let at = Utc::now();
+            let rows = handed.into_iter().map(|c| handed_row(c, at)).collect();
+            fed = publish_taken(leader, &mut publisher, &mut marks, rows, &mut crash_after_confirm).await?;
         }
+        let poll = if found.elapsed() >= IDLE_AFTER { IDLE_POLL } else { POLL };
+        let mut taken = 0;
+        if asked || polled.elapsed() >= poll || shutdown.is_cancelled() {
+            taken = publish_batch(leader, &mut publisher, &mut marks, &mut crash_after_confirm).await?;
+            polled = Instant::now();
+            if taken > 0 && !asked {
+                // Rows nobody here told it about: written elsewhere, so poll often for a while.
+                found = Instant::now();
+            }
+        }
+        *published |= taken + fed > 0;
         if marks.due() {
-            marks.flush(pool).await?;
+            marks.flush(leader).await?;
         }
         if taken as i64 >= BATCH {
             continue; // more may be waiting
@@ -226,21 +237,15 @@ async fn relay(
         if shutdown.is_cancelled() {
             break; // flushed what was committed
         }
-        if checked.elapsed() >= LEADER_CHECK {
-            // A lost connection is a lost lock: another relay may lead by now.
-            if !alive(leader).await {
-                anyhow::bail!("lost the database session that holds the relay's lock");
-            }
-            checked = Instant::now();
-        }
         let poll = if found.elapsed() >= IDLE_AFTER { IDLE_POLL } else { POLL };
+        let next_poll = poll.saturating_sub(polled.elapsed());
         tokio::select! {
             _ = outbox::wait_committed() => {}
-            _ = tokio::time::sleep(marks.wait().map_or(poll, |w| w.min(poll))) => {}
+            _ = tokio::time::sleep(marks.wait().map_or(next_poll, |w| w.min(next_poll))) => {}
             _ = shutdown.cancelled() => {}
         }
     }
-    marks.flush(pool).await?;
+    marks.flush(leader).await?;
     let _ = publisher.channel.close(200, "bye".into()).await;
     let _ = publisher.conn.close(200, "bye".into()).await;
     Ok(())
@@ -275,17 +280,64 @@ async fn lead(pool: &PgPool, shutdown: &CancellationToken) -> anyhow::Result<Opt
     }
 }
 
-/// Whether the leader's session still answers (within 5 s: a server that vanished may never
-/// reset the connection).
+/// Rows are handed to this relay (`outbox::hand_over`) while it publishes; closed when it
+/// stops, whatever the reason.
+struct Feed;
+
+impl Feed {
+    fn open() -> Self {
+        outbox::open_feed();
+        Self
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        outbox::close_feed();
+    }
+}
+
+/// A row handed over, as it would have been read from the outbox (`at`: when it was taken).
+fn handed_row(committed: outbox::Committed, at: DateTime<Utc>) -> OutboxRow {
+    let message = committed.message;
+    OutboxRow {
+        id: committed.id,
+        message_id: message.message_id,
+        exchange: message.kind.exchange().to_owned(),
+        routing_key: message.kind.as_str().to_owned(),
+        message_type: message.kind.as_str().to_owned(),
+        headers: message.headers(),
+        order_ids: message.order_ids,
+        body: message.body,
+        expiration_ms: message.expiration_ms,
+        created_at: at,
+    }
+}
+
+/// Whether the leader's session still answers (within [`SESSION_TIMEOUT`]).
 async fn alive(conn: &mut PgConnection) -> bool {
-    let ping = sqlx::query("SELECT 1").execute(&mut *conn);
-    matches!(tokio::time::timeout(Duration::from_secs(5), ping).await, Ok(Ok(_)))
+    answered(sqlx::query("SELECT 1").execute(&mut *conn)).await.is_ok()
+}
+
+/// Longest the relay waits for its session to answer: a server that vanished may never reset
+/// the connection, and a lost session is a lost lock (another relay may lead by now).
+const SESSION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `query`'s answer, or an error once it took longer than [`SESSION_TIMEOUT`].
+async fn answered<T>(query: impl Future<Output = sqlx::Result<T>>) -> anyhow::Result<T> {
+    match tokio::time::timeout(SESSION_TIMEOUT, query).await {
+        Ok(answer) => Ok(answer?),
+        Err(_) => anyhow::bail!("the relay's database session did not answer within {SESSION_TIMEOUT:?}"),
+    }
 }
 
 /// Rows the broker confirmed and the relay has not marked sent yet (left out of its polls).
 #[derive(Default)]
 struct Marks {
     ids: Vec<i64>,
+    /// The rows of the last mark: a row handed over late (its writer was slow between its
+    /// commit and handing it over) may have been read, published and marked meanwhile.
+    marked: HashSet<i64>,
     /// When the oldest of `ids` was confirmed.
     since: Option<Instant>,
 }
@@ -303,21 +355,28 @@ impl Marks {
         self.since.map(|t| MARK_DELAY.saturating_sub(t.elapsed()))
     }
 
+    /// Whether a row was published since the last mark but one (so a handed-over copy is not).
+    fn knows(&self, id: i64) -> bool {
+        self.marked.contains(&id) || self.ids.contains(&id)
+    }
+
     fn due(&self) -> bool {
         self.ids.len() as i64 >= BATCH || self.wait().is_some_and(|w| w.is_zero())
     }
 
     /// Marks every confirmed row sent in one statement (its own transaction). On error the
     /// rows stay here, to be marked at the next try.
-    async fn flush(&mut self, pool: &PgPool) -> sqlx::Result<()> {
+    async fn flush(&mut self, db: &mut PgConnection) -> anyhow::Result<()> {
         if self.ids.is_empty() {
             return Ok(());
         }
-        sqlx::query("UPDATE outbox SET sent_at = clock_timestamp() WHERE id = ANY($1) AND sent_at IS NULL")
-            .bind(&self.ids)
-            .execute(pool)
-            .await?;
-        self.ids.clear();
+        answered(
+            sqlx::query("UPDATE outbox SET sent_at = clock_timestamp() WHERE id = ANY($1) AND sent_at IS NULL")
+                .bind(&self.ids)
+                .execute(&mut *db),
+        )
+        .await?;
+        self.marked = self.ids.drain(..).collect();
         self.since = None;
         Ok(())
     }
@@ -358,12 +417,12 @@ enum Published {
 /// `crash_after_confirm` (asked once per non-empty batch) aborts the process in the worst
 /// place: confirmed by the broker, not yet marked sent.
 async fn publish_batch(
-    pool: &PgPool,
+    db: &mut PgConnection,
     publisher: &mut Publisher,
     marks: &mut Marks,
     crash_after_confirm: impl FnOnce() -> bool,
 ) -> anyhow::Result<usize> {
-    let rows: Vec<OutboxRow> = sqlx::query_as(
+    let rows: Vec<OutboxRow> = answered(sqlx::query_as(
         "SELECT id, message_id, exchange, routing_key, message_type, order_ids, headers, body, expiration_ms, created_at
          FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL AND (retry_at IS NULL OR retry_at <= now())
            AND id <> ALL($2)
@@ -371,8 +430,21 @@ async fn publish_batch(
     )
     .bind(BATCH)
     .bind(&marks.ids)
-    .fetch_all(pool)
+    .fetch_all(&mut *db))
     .await?;
+    publish_taken(db, publisher, marks, rows, crash_after_confirm).await
+}
+
+/// Publishes rows taken from the outbox or handed over (those `marks` knows already
+/// excepted) as one batch, like [`publish_batch`]; returns how many it published.
+async fn publish_taken(
+    db: &mut PgConnection,
+    publisher: &mut Publisher,
+    marks: &mut Marks,
+    mut rows: Vec<OutboxRow>,
+    crash_after_confirm: impl FnOnce() -> bool,
+) -> anyhow::Result<usize> {
+    rows.retain(|row| !marks.knows(row.id));
     if rows.is_empty() {
         return Ok(0);
     }
@@ -409,7 +481,7 @@ async fn publish_batch(
         telemetry::rename(&span, telemetry::messaging_span_name("publish", exchange));
     }
     let taken = rows.len();
-    match publish_rows(pool, publisher, rows, crash_after_confirm)
+    match publish_rows(db, publisher, rows, crash_after_confirm)
         .instrument(span.clone())
         .await
     {
@@ -427,7 +499,7 @@ async fn publish_batch(
 /// [`publish_batch`] once it has its rows (the batch's span is current): the ids the broker
 /// confirmed, to be marked sent.
 async fn publish_rows(
-    pool: &PgPool,
+    db: &mut PgConnection,
     publisher: &mut Publisher,
     rows: Vec<OutboxRow>,
     crash_after_confirm: impl FnOnce() -> bool,
@@ -510,19 +582,21 @@ async fn publish_rows(
         }
     }
     if !refused.is_empty() {
-        let parked: Vec<i64> = sqlx::query_scalar::<_, Option<i64>>(
-            "UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.why,
+        let parked: Vec<i64> = answered(
+            sqlx::query_scalar::<_, Option<i64>>(
+                "UPDATE outbox o SET attempts = o.attempts + 1, last_error = f.why,
                  retry_at = now() + least(power(2, least(o.attempts, 30)), f.max_delay) * interval '1 second',
                  parked_at = CASE WHEN o.attempts + 1 >= f.most THEN now() END
              FROM UNNEST($1::bigint[], $2::text[], $3::int[], $4::int[]) AS f(id, why, most, max_delay)
              WHERE o.id = f.id
              RETURNING CASE WHEN o.parked_at IS NOT NULL THEN o.id END",
+            )
+            .bind(&refused)
+            .bind(&reasons)
+            .bind(&limits)
+            .bind(&delays)
+            .fetch_all(&mut *db),
         )
-        .bind(&refused)
-        .bind(&reasons)
-        .bind(&limits)
-        .bind(&delays)
-        .fetch_all(pool)
         .await?
         .into_iter()
         .flatten()

@@ -20,12 +20,15 @@ use lapin::{
 };
 use orderflow_shared::{
     Error, Result,
-    db::outbox::{self, OutboxMessage},
+    db::{
+        kept::Kept,
+        outbox::{self, OutboxMessage},
+    },
     messaging::{Envelope, MessageType},
     metrics,
     telemetry::{self, TraceParent},
 };
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::{sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
@@ -200,6 +203,7 @@ async fn consume<S: Step>(
     *consumed = true;
 
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+    let kept = Kept::new(pool.clone(), cfg.concurrency.clamp(1, KEPT_CONNECTIONS));
     let most = if S::BATCHED { cfg.batch.max(1) } else { 1 };
     let mut in_flight = JoinSet::new();
     let result = loop {
@@ -219,9 +223,9 @@ async fn consume<S: Step>(
                     let until = (busy && most > 1 && !cfg.linger.is_zero())
                         .then(|| tokio::time::Instant::now() + cfg.linger);
                     let failed = gather(&mut consumer, &mut batch, most, until, shutdown).await;
-                    let (step, pool) = (step.clone(), pool.clone());
+                    let (step, kept) = (step.clone(), kept.clone());
                     in_flight.spawn(async move {
-                        process_batch(&*step, &pool, batch).await;
+                        process_batch(&*step, &kept, batch).await;
                         drop(permit);
                     });
                     if let Some(err) = failed {
@@ -452,7 +456,7 @@ fn consumer_span(
 /// inbox insert, set of step statements and COMMIT for all their orders. If that fails, each
 /// delivery goes on alone ([`isolate`]), so a message that cannot be handled never takes its
 /// neighbours down with it.
-async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Delivery>) {
+async fn process_batch<S: Step>(step: &S, db: &Kept, deliveries: Vec<Delivery>) {
     let mut items = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         items.extend(accept(step, delivery).await);
@@ -466,7 +470,7 @@ async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Deliver
         let batch = batch_span(S::NAME, &items);
         let mut attempt = 0;
         let err = loop {
-            match handle(step, pool, &items, attempt).await {
+            match handle(step, db, &items, attempt).await {
                 Ok(dispositions) => {
                     finish::<S>(&items, &dispositions, started).await;
                     return;
@@ -486,7 +490,7 @@ async fn process_batch<S: Step>(step: &S, pool: &PgPool, deliveries: Vec<Deliver
             "batch failed; handling its deliveries one by one");
     }
     for item in items {
-        isolate(step, pool, item).await;
+        isolate(step, db, item).await;
     }
 }
 
@@ -529,6 +533,10 @@ fn batch_span(worker: &'static str, items: &[Item]) -> Option<Span> {
     Some(span)
 }
 
+/// Most connections a consumer keeps between its transactions (see [`Kept`]): one per batch
+/// in flight, up to this many.
+const KEPT_CONNECTIONS: usize = 2;
+
 /// How often a batch that lost a race is tried again before its deliveries go on alone.
 const RACE_RETRIES: u32 = 3;
 
@@ -551,7 +559,8 @@ async fn finish<S: Step>(items: &[Item], dispositions: &[Disposition], started: 
 /// about one order is handled alone, transient failures retried with backoff, then returned
 /// to the queue (its delivery limit counts the attempts). On a queue without a delivery
 /// limit, a message that keeps failing is parked.
-async fn isolate<S: Step>(step: &S, pool: &PgPool, item: Item) {
+async fn isolate<S: Step>(step: &S, db: &Kept, item: Item) {
+    let pool = db.pool();
     let started = Instant::now();
     let items = std::slice::from_ref(&item);
     let tries = std::sync::atomic::AtomicU32::new(0);
@@ -560,7 +569,7 @@ async fn isolate<S: Step>(step: &S, pool: &PgPool, item: Item) {
         if item.msg.order_ids.len() > 1 {
             split::<S>(pool, &item).await
         } else {
-            Ok(handle(step, pool, items, attempt).await?[0])
+            Ok(handle(step, db, items, attempt).await?[0])
         }
     };
     let result = attempt
@@ -685,8 +694,9 @@ fn error_type(err: &Error) -> &'static str {
 /// same message twice in the batch counts once), the step for the fresh ones, what their
 /// outcomes need (missing orders sent on alone, inbox records of rejected messages removed
 /// so that a replay of their dead letter is handled), one commit.
-async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) -> Result<Vec<Disposition>> {
-    let mut tx = pool.begin().await?;
+async fn handle<S: Step>(step: &S, db: &Kept, items: &[Item], attempt: u32) -> Result<Vec<Disposition>> {
+    let mut conn = db.acquire().await?;
+    let mut tx = conn.begin().await?;
     let ids: Vec<Uuid> = items.iter().map(|i| i.msg.envelope.id).collect();
     let mut fresh: HashSet<Uuid> = sqlx::query_scalar(
         "INSERT INTO inbox (consumer, message_id) SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING
@@ -703,13 +713,20 @@ async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) 
         .filter(|&i| fresh.remove(&items[i].msg.envelope.id))
         .collect();
     if todo.is_empty() {
+        tx.commit().await?; // wrote nothing; keeps the connection clean for the next batch
+        conn.keep();
         return Ok(dispositions);
     }
     let batch: Vec<&Incoming> = todo.iter().map(|&i| &items[i].msg).collect();
     let traces = todo.iter().flat_map(|&i| items[i].order_traces()).collect();
-    let outcomes = telemetry::with_order_traces(traces, step.handle(&mut tx, &batch, attempt))
-        .instrument(items[todo[0]].span.clone())
-        .await?;
+    // What the step writes to the outbox is handed to the relay after the commit.
+    let (outcomes, written) = outbox::staged(telemetry::with_order_traces(
+        traces,
+        step.handle(&mut tx, &batch, attempt),
+    ))
+    .instrument(items[todo[0]].span.clone())
+    .await;
+    let outcomes = outcomes?;
     let mut forget = Vec::new();
     let mut why_rejected = Vec::new();
     let mut alone = Vec::new();
@@ -753,7 +770,11 @@ async fn handle<S: Step>(step: &S, pool: &PgPool, items: &[Item], attempt: u32) 
     }
     outbox::enqueue(&mut tx, &alone).await?;
     tx.commit().await?;
-    outbox::committed();
+    conn.keep();
+    if written.is_empty() || !alone.is_empty() {
+        outbox::committed(); // rows it was not handed (or none: a step may write without staging)
+    }
+    outbox::hand_over(written);
     Ok(dispositions)
 }
 

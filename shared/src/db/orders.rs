@@ -285,7 +285,7 @@ impl Transitions {
                 from = next;
             }
         }
-        let moved: i64 = Columns::new(&messages)
+        let row = Columns::new(&messages)
             .bind(sqlx::query(APPLY.as_str()))
             .bind(m.ids)
             .bind(m.from)
@@ -300,8 +300,13 @@ impl Transitions {
             .bind(m.h_to)
             .bind(m.h_reason)
             .fetch_one(&mut *conn)
-            .await?
-            .try_get(0)?;
+            .await?;
+        let moved: i64 = row.try_get(0)?;
+        outbox::stage(
+            &messages,
+            &row.try_get::<Vec<i64>, _>(1)?,
+            &row.try_get::<Vec<Uuid>, _>(2)?,
+        );
         if moved != n as i64 {
             return Err(anyhow::anyhow!("{} of {n} orders left their status while locked", n as i64 - moved).into());
         }
@@ -346,7 +351,8 @@ impl MoveColumns {
 
 /// One statement for a batch of transitions (one round trip): every order moves from the
 /// status it was locked in, with its holdings written; a history row per hop, in order; the
-/// messages into the outbox (`$1`..`$7`). Returns how many orders moved.
+/// messages into the outbox (`$1`..`$7`). Returns how many orders moved, and the outbox rows'
+/// ids and message ids (aligned) for [`outbox::stage`].
 static APPLY: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH m AS (
@@ -365,8 +371,8 @@ static APPLY: LazyLock<String> = LazyLock::new(|| {
              FROM UNNEST($16::uuid[], $17::text[], $18::text[], $19::text[]) WITH ORDINALITY AS h(id, f, t, r, n)
              WHERE h.id IN (SELECT id FROM moved)
              ORDER BY h.n
-         ), sent AS ({})
-         SELECT count(*) FROM moved",
+         ), sent AS ({} RETURNING id, message_id)
+         SELECT (SELECT count(*) FROM moved), ARRAY(SELECT id FROM sent), ARRAY(SELECT message_id FROM sent)",
         outbox::INSERT
     )
 });

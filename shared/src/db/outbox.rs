@@ -1,8 +1,16 @@
 //! The transactional outbox: what a transaction decides to send is written here, in that
 //! transaction, and published later by the relay. A row holds the exact bytes to publish.
 
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, LazyLock, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
 use serde::Serialize;
-use sqlx::{PgConnection, Postgres, postgres::PgArguments, query::Query};
+use sqlx::{PgConnection, Postgres, Row as _, postgres::PgArguments, query::Query};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -202,29 +210,138 @@ fn array_literal(ids: &[Uuid]) -> String {
     s
 }
 
-/// Writes the messages in one statement.
+/// [`INSERT`] answering each row's id and message id, for [`stage`].
+static INSERT_RETURNING: LazyLock<String> = LazyLock::new(|| format!("{INSERT} RETURNING id, message_id"));
+
+/// Writes the messages in one statement (staged for the relay, see [`staged`]).
 pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Result<()> {
     if messages.is_empty() {
         return Ok(());
     }
-    Columns::new(messages).bind(sqlx::query(INSERT)).execute(conn).await?;
+    let written: Vec<(i64, Uuid)> = Columns::new(messages)
+        .bind(sqlx::query(INSERT_RETURNING.as_str()))
+        .fetch_all(conn)
+        .await?
+        .into_iter()
+        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .collect::<sqlx::Result<_>>()?;
+    let (ids, message_ids): (Vec<i64>, Vec<Uuid>) = written.into_iter().unzip();
+    stage(messages, &ids, &message_ids);
     Ok(())
+}
+
+// Handing rows to the relay: a relay that leads in this process publishes the rows its own
+// process committed straight from memory, instead of reading back what was just written (a
+// database round trip per transaction, the largest share of its work at ordinary rates). It
+// still polls for rows written elsewhere (other processes, jobs that do not hand over) and for
+// anything it was not handed; a row is marked sent only once the broker confirmed it, whichever
+// way it came, so nothing handed over can be lost: at worst it is read back and published again,
+// which the consumers' inboxes absorb.
+
+/// A row committed in this process, handed to the relay.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    /// The outbox row's id.
+    pub id: i64,
+    pub message: OutboxMessage,
+}
+
+tokio::task_local! {
+    static STAGED: Arc<Mutex<Vec<Committed>>>;
+}
+
+/// Runs `f` (the work of one transaction, before its commit) and returns, beside its output,
+/// the outbox rows it wrote through [`enqueue`] or a statement that [`stage`]s them: after the
+/// commit, [`hand_over`] gives them to the relay. Dropped instead if the transaction fails.
+pub async fn staged<F: Future>(f: F) -> (F::Output, Vec<Committed>) {
+    let rows = Arc::new(Mutex::new(Vec::new()));
+    let output = STAGED.scope(rows.clone(), f).await;
+    let rows = std::mem::take(&mut *rows.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    (output, rows)
+}
+
+/// Records rows just written (`ids` and `message_ids` aligned, in any order) for the
+/// enclosing [`staged`], if there is one.
+pub fn stage(messages: &[OutboxMessage], ids: &[i64], message_ids: &[Uuid]) {
+    let _ = STAGED.try_with(|staged| {
+        let by_message: HashMap<Uuid, i64> = message_ids.iter().copied().zip(ids.iter().copied()).collect();
+        let mut staged = staged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for message in messages {
+            if let Some(&id) = by_message.get(&message.message_id) {
+                staged.push(Committed {
+                    id,
+                    message: message.clone(),
+                });
+            }
+        }
+    });
 }
 
 /// Wakes a relay running in this process.
 static COMMITTED: Notify = Notify::const_new();
+/// Whether a relay running in this process should read the outbox now: rows were committed
+/// that it was not handed.
+static POLL_ASKED: AtomicBool = AtomicBool::new(false);
+/// Rows handed over and not yet taken; `None` while no relay leads in this process.
+static FEED: Mutex<Option<Vec<Committed>>> = Mutex::new(None);
+/// Most rows waiting in [`FEED`]: past it, a relay that cannot keep up reads them back instead.
+const FEED_MAX: usize = 5_000;
 
-/// Tells a relay in this process that outbox rows were just committed, so it publishes them
-/// now instead of at its next poll. Call it after the commit; a relay in another process
-/// finds the rows at its next poll. (Not a PostgreSQL NOTIFY: that would serialise commits,
-/// see migration 0005.)
+fn feed() -> std::sync::MutexGuard<'static, Option<Vec<Committed>>> {
+    FEED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Tells a relay in this process that outbox rows were just committed, so it reads and
+/// publishes them now instead of at its next poll. Call it after the commit; a relay in
+/// another process finds the rows at its next poll. (Not a PostgreSQL NOTIFY: that would
+/// serialise commits, see migration 0005.)
 pub fn committed() {
+    POLL_ASKED.store(true, Ordering::Release);
     COMMITTED.notify_one();
 }
 
-/// Resolves at the next [`committed`] in this process (at once if one came since the last).
+/// Gives rows just committed (from [`staged`]) to the relay leading in this process, which
+/// publishes them without reading them back; with no such relay (or none keeping up), the
+/// same as [`committed`]. Call it after the commit.
+pub fn hand_over(rows: Vec<Committed>) {
+    if rows.is_empty() {
+        return;
+    }
+    {
+        let mut feed = feed();
+        match feed.as_mut() {
+            Some(waiting) if waiting.len() + rows.len() <= FEED_MAX => waiting.extend(rows),
+            _ => {
+                drop(feed);
+                return committed();
+            }
+        }
+    }
+    COMMITTED.notify_one();
+}
+
+/// Resolves at the next [`committed`] or [`hand_over`] in this process (at once if one came
+/// since the last).
 pub async fn wait_committed() {
     COMMITTED.notified().await;
+}
+
+/// For the relay: rows are handed over from now on (it leads).
+pub fn open_feed() {
+    feed().get_or_insert_with(Vec::new);
+}
+
+/// For the relay: no more rows are handed over, and those waiting are dropped (it no longer
+/// leads; whoever leads next reads them from the outbox).
+pub fn close_feed() {
+    *feed() = None;
+}
+
+/// For the relay: the rows handed over since the last call, and whether it was asked to read
+/// the outbox (rows were committed that it was not handed).
+pub fn take_committed() -> (Vec<Committed>, bool) {
+    let rows = feed().as_mut().map(std::mem::take).unwrap_or_default();
+    (rows, POLL_ASKED.swap(false, Ordering::AcqRel))
 }
 
 /// Whether more than `n` messages wait for the relay (unsent and not parked): jobs that write

@@ -1,0 +1,195 @@
+//! Connections a busy loop keeps between its transactions.
+//!
+//! sqlx's pool checks every connection it takes back with a round trip (a `Sync`, answered by
+//! `ReadyForQuery`; sqlx-core's `PoolConnection::return_to_pool`). At the rates shops really
+//! run, a step's transaction is a handful of round trips (BEGIN, inbox, lock, its statements,
+//! COMMIT), so that check is one more of them, and every round trip wakes an idle backend and
+//! this process (docs/PERFORMANCE.md, "the floor"). [`Kept`] holds up to `max` connections out
+//! of the pool after their transaction committed and hands the most recently used one to the
+//! next transaction: it skips the check and meets a backend whose caches are warm.
+//!
+//! A kept connection goes back through the pool, and so through its checks (the failover
+//! follower's among them, see [`super::pool`]), once it has been out of the pool for
+//! [`KEEP_FOR`] or unused for [`IDLE`]; a connection whose transaction did not commit goes
+//! back at once, together with every other kept one (a failure may mean the node went away).
+
+use std::{
+    ops::{Deref, DerefMut},
+    sync::{Arc, Mutex, Weak},
+    time::{Duration, Instant},
+};
+
+use sqlx::{PgConnection, PgPool, Postgres, pool::PoolConnection};
+use tokio::sync::Notify;
+
+/// Longest a connection stays out of the pool: a pool that moved to another node (failover)
+/// finds its old connections within this long.
+pub const KEEP_FOR: Duration = Duration::from_secs(1);
+/// Longest a kept connection waits unused: a quiet loop gives its connections back.
+pub const IDLE: Duration = Duration::from_millis(250);
+
+/// Up to `max` connections kept out of `pool` between transactions (see the module).
+pub struct Kept {
+    pool: PgPool,
+    max: usize,
+    idle: Mutex<Vec<Idle>>,
+    /// Wakes the reaper when the first connection is kept, and when this is dropped.
+    reaper: Arc<Notify>,
+}
+
+struct Idle {
+    conn: PoolConnection<Postgres>,
+    /// When it left the pool.
+    taken: Instant,
+    /// When its last transaction committed.
+    used: Instant,
+}
+
+impl Idle {
+    fn expires(&self) -> Instant {
+        (self.used + IDLE).min(self.taken + KEEP_FOR)
+    }
+}
+
+impl Kept {
+    /// Keeps up to `max` connections of `pool`. Spawns the task that gives back the ones due
+    /// (it ends with this), so it must be called inside a tokio runtime.
+    pub fn new(pool: PgPool, max: usize) -> Arc<Self> {
+        let kept = Arc::new(Self {
+            pool,
+            max,
+            idle: Mutex::new(Vec::new()),
+            reaper: Arc::new(Notify::new()),
+        });
+        tokio::spawn(reap(Arc::downgrade(&kept), kept.reaper.clone()));
+        kept
+    }
+
+    /// The pool the connections come from, for work that does not need a kept one.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The most recently used kept connection, or one from the pool.
+    ///
+    /// # Errors
+    /// The pool's (no connection within its acquire timeout, the database unavailable).
+    pub async fn acquire(&self) -> sqlx::Result<KeptConnection<'_>> {
+        let now = Instant::now();
+        let reuse = {
+            let mut idle = self.lock();
+            let mut found = None;
+            while let Some(one) = idle.pop() {
+                if one.expires() > now {
+                    found = Some(one);
+                    break;
+                }
+                // Dropped here: back to the pool (checked there).
+            }
+            found
+        };
+        let (conn, taken) = match reuse {
+            Some(one) => (one.conn, one.taken),
+            None => (self.pool.acquire().await?, now),
+        };
+        Ok(KeptConnection {
+            home: self,
+            conn: Some(conn),
+            taken,
+        })
+    }
+
+    /// How many connections are kept now (out of the pool, waiting for a transaction).
+    pub fn held(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Gives every kept connection back to the pool.
+    pub fn clear(&self) {
+        let all = std::mem::take(&mut *self.lock());
+        drop(all);
+    }
+
+    fn put(&self, conn: PoolConnection<Postgres>, taken: Instant) {
+        let used = Instant::now();
+        if used >= taken + KEEP_FOR {
+            return; // out long enough: back to the pool
+        }
+        let mut idle = self.lock();
+        if idle.len() >= self.max {
+            return;
+        }
+        idle.push(Idle { conn, taken, used });
+        if idle.len() == 1 {
+            self.reaper.notify_one();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        // A panic while holding the lock leaves a valid Vec: use it.
+        self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        self.reaper.notify_one();
+    }
+}
+
+/// Gives back kept connections as they come due; ends when the [`Kept`] is gone.
+async fn reap(kept: Weak<Kept>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(kept) = kept.upgrade() else { return };
+            let now = Instant::now();
+            let mut idle = kept.lock();
+            idle.retain(|one| one.expires() > now);
+            idle.iter().map(Idle::expires).min()
+        };
+        match next {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => wake.notified().await,
+        }
+    }
+}
+
+/// A connection out of a [`Kept`]. [`KeptConnection::keep`] after a commit keeps it for the
+/// next transaction; dropped otherwise, it goes back to the pool, and so does every kept one.
+pub struct KeptConnection<'a> {
+    home: &'a Kept,
+    conn: Option<PoolConnection<Postgres>>,
+    taken: Instant,
+}
+
+impl KeptConnection<'_> {
+    /// Keeps the connection for the next transaction. Only after a commit: the connection
+    /// must be idle, outside any transaction.
+    pub fn keep(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.home.put(conn, self.taken);
+        }
+    }
+}
+
+impl Deref for KeptConnection<'_> {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        self.conn.as_ref().expect("a connection until kept or dropped")
+    }
+}
+
+impl DerefMut for KeptConnection<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn.as_mut().expect("a connection until kept or dropped")
+    }
+}
+
+impl Drop for KeptConnection<'_> {
+    fn drop(&mut self) {
+        if self.conn.take().is_some() {
+            self.home.clear();
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Connections kept between transactions (`db::kept`), against the real PostgreSQL: a
+//! committed transaction's connection serves the next one (the same backend), is given back
+//! once idle or once out of the pool for long enough, and a transaction that did not commit
+//! gives back every kept connection.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestApp;
+use orderflow_shared::db::kept::{IDLE, KEEP_FOR, Kept};
+use sqlx::{Connection as _, PgConnection, postgres::PgPoolOptions};
+
+async fn backend(conn: &mut PgConnection) -> i32 {
+    let mut tx = conn.begin().await.unwrap();
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    pid
+}
+
+/// Waits (up to 5 s) until `kept` holds `n` connections.
+async fn until_held(kept: &Kept, n: usize) {
+    let start = Instant::now();
+    while kept.held() != n {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still {} kept, not {n}",
+            kept.held()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_committed_connection_serves_the_next_transaction_until_idle_or_out_too_long() {
+    let app = TestApp::api_only().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&app.config.database_url)
+        .await
+        .unwrap();
+    let kept = Kept::new(pool.clone(), 2);
+
+    // Two transactions in a row run on one backend, the connection kept out of the pool between.
+    let mut conn = kept.acquire().await.unwrap();
+    let first = backend(&mut conn).await;
+    conn.keep();
+    assert_eq!(kept.held(), 1);
+    assert_eq!(
+        pool.size() as usize - pool.num_idle(),
+        1,
+        "the kept connection is out of the pool"
+    );
+    let mut conn = kept.acquire().await.unwrap();
+    assert_eq!(kept.held(), 0);
+    assert_eq!(backend(&mut conn).await, first);
+    conn.keep();
+
+    // Unused for IDLE, it goes back to the pool.
+    tokio::time::sleep(IDLE).await;
+    until_held(&kept, 0).await;
+    let start = Instant::now();
+    while pool.num_idle() != pool.size() as usize {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the connection did not go back to the pool"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Out of the pool for KEEP_FOR, it is not kept again, however busy.
+    let mut conn = kept.acquire().await.unwrap();
+    backend(&mut conn).await;
+    tokio::time::sleep(KEEP_FOR).await;
+    backend(&mut conn).await;
+    conn.keep();
+    assert_eq!(kept.held(), 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_transaction_that_did_not_commit_gives_back_every_kept_connection() {
+    let app = TestApp::api_only().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&app.config.database_url)
+        .await
+        .unwrap();
+    let kept = Kept::new(pool.clone(), 2);
+    // Two batches in flight at once, both kept; at most two are kept.
+    let (mut a, mut b, mut c) = (
+        kept.acquire().await.unwrap(),
+        kept.acquire().await.unwrap(),
+        kept.acquire().await.unwrap(),
+    );
+    let (pa, pb) = (backend(&mut a).await, backend(&mut b).await);
+    backend(&mut c).await;
+    a.keep();
+    b.keep();
+    c.keep();
+    assert_eq!(kept.held(), 2);
+
+    // The most recently kept one comes out first; its transaction fails.
+    let mut failing = kept.acquire().await.unwrap();
+    assert_eq!(backend(&mut failing).await, pb);
+    let mut tx = failing.begin().await.unwrap();
+    let err = sqlx::query("SELECT 1/0").execute(&mut *tx).await;
+    assert!(err.is_err());
+    drop(tx);
+    drop(failing);
+    assert_eq!(kept.held(), 0, "a failure gives back the other kept connection too");
+
+    // The pool has them all again, and they work (the failed one was rolled back).
+    let start = Instant::now();
+    while pool.num_idle() != pool.size() as usize {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the connections did not go back to the pool"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut conn = kept.acquire().await.unwrap();
+    let pid = backend(&mut conn).await;
+    assert!(pid > 0 && pa > 0);
+    app.stop().await;
+}
