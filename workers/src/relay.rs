@@ -1,7 +1,7 @@
-//! The outbox relay: the only publisher. Woken after commits in its own process and
-//! polling otherwise (every 20 ms while rows come, every 100 ms after a quiet second), it takes committed outbox rows in id order, publishes them
-//! persistent and mandatory with publisher confirms, and marks them sent only once the broker
-//! confirmed. A broker outage delays messages, never loses them; a crash between confirm and
+//! The outbox relay: the only publisher. It takes committed outbox rows (handed over by the
+//! steps of its own process right after their commit, read from the outbox when a writer here
+//! asks, and polled for otherwise: see [`POLL`]), publishes them persistent and mandatory with
+//! publisher confirms, and marks them sent only once the broker confirmed. A broker outage delays messages, never loses them; a crash between confirm and
 //! mark re-publishes with the same message id, which consumers' inboxes absorb.
 //!
 //! One relay publishes at a time: the one holding a session advisory lock on the database
@@ -50,15 +50,16 @@ use crate::broker;
 
 /// Rows published per round trip.
 const BATCH: i64 = 500;
-/// How often the relay looks for rows without being woken. Writers in the same process wake
-/// it after their commit (`outbox::committed`); rows written by other processes wait at most
-/// this long. (No PostgreSQL NOTIFY: it serialises the commits of every transaction that
-/// sends one, see migration 0005; an idle poll is one index probe.)
+/// How often the relay reads the outbox unasked while rows written by other processes come
+/// (a poll nobody in this process asked for found rows within [`IDLE_AFTER`]). Writers in the
+/// same process hand it their rows (`outbox::hand_over`) or ask it to read them
+/// (`outbox::committed`) right after their commit. (No PostgreSQL NOTIFY: it serialises the
+/// commits of every transaction that sends one, see migration 0005.)
 const POLL: Duration = Duration::from_millis(20);
-/// How often it looks once it found nothing for [`IDLE_AFTER`]: a poll is a database round
-/// trip, and at 50 a second the relay's polls were most of what an idle system cost. The
-/// first row another process writes after a quiet second waits up to this long; the rows
-/// after it find the relay polling every [`POLL`] again.
+/// How often it reads the outbox unasked otherwise: a poll is a database round trip, and at 50
+/// a second the relay's polls were most of what an idle system cost. The first row another
+/// process writes after a quiet second waits up to this long; the rows after it find the relay
+/// polling every [`POLL`] again.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 const IDLE_AFTER: Duration = Duration::from_secs(1);
 /// Longest a confirmed row waits to be marked sent: marks are written in bulk (one statement

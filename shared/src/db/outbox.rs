@@ -23,7 +23,7 @@ use crate::{
     telemetry::{self, TraceParent},
 };
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct OutboxMessage {
     pub message_id: Uuid,
     pub kind: MessageType,
@@ -239,7 +239,7 @@ pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Res
 // which the consumers' inboxes absorb.
 
 /// A row committed in this process, handed to the relay.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Committed {
     /// The outbox row's id.
     pub id: i64,
@@ -406,6 +406,53 @@ mod tests {
         let untraced = OutboxMessage::command(MessageType::PaymentCharge, ids[1], None)?;
         assert_eq!(untraced.trace, None);
         assert_eq!(untraced.headers(), serde_json::json!({}));
+        Ok(())
+    }
+
+    /// The feed as a relay and its process's writers see it (one test: the feed is global).
+    #[tokio::test]
+    async fn rows_are_handed_over_only_after_staging_and_only_while_a_relay_leads() -> anyhow::Result<()> {
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+        let messages = OutboxMessage::commands(MessageType::PaymentCharge, &ids, &[])?;
+        let message_ids: Vec<Uuid> = messages.iter().map(|m| m.message_id).collect();
+
+        // Outside a staged transaction nothing is recorded; inside, every row written is, by id.
+        stage(&messages, &[1], &message_ids[..1]);
+        let ((), staged) = staged(async { stage(&messages, &[7], &message_ids[..1]) }).await;
+        assert_eq!(
+            staged.iter().map(|c| (c.id, c.message.message_id)).collect::<Vec<_>>(),
+            [(7, message_ids[0])]
+        );
+
+        // No relay leads here: handing over asks a relay to read the outbox instead.
+        hand_over(staged.clone());
+        assert!(take_committed().0.is_empty());
+        let (rows, asked) = take_committed();
+        assert!(rows.is_empty() && !asked, "asked once");
+        hand_over(staged.clone());
+        assert_eq!(take_committed(), (Vec::new(), true));
+
+        // A relay leads: rows come to it, and it is not asked to read them back.
+        open_feed();
+        hand_over(staged.clone());
+        let (rows, asked) = take_committed();
+        assert_eq!((rows.len(), rows[0].id, asked), (1, 7, false));
+        committed();
+        assert_eq!(take_committed(), (Vec::new(), true));
+        // More than it takes: read back instead.
+        let many: Vec<Committed> = (0..FEED_MAX as i64 + 1)
+            .map(|id| Committed {
+                id,
+                message: messages[0].clone(),
+            })
+            .collect();
+        hand_over(many);
+        assert_eq!(take_committed(), (Vec::new(), true));
+        // It stops leading: what was handed over and not taken is dropped (read back by the next).
+        hand_over(staged.clone());
+        close_feed();
+        hand_over(staged);
+        assert_eq!(take_committed(), (Vec::new(), true));
         Ok(())
     }
 
