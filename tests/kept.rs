@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::TestApp;
 use orderflow_shared::db::kept::{IDLE, KEEP_FOR, Kept};
-use sqlx::{Connection as _, PgConnection, postgres::PgPoolOptions};
+use sqlx::{Connection as _, PgConnection, PgPool, postgres::PgPoolOptions};
 
+/// The backend a committed transaction on `conn` ran on.
 async fn backend(conn: &mut PgConnection) -> i32 {
     let mut tx = conn.begin().await.unwrap();
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
@@ -23,27 +24,32 @@ async fn backend(conn: &mut PgConnection) -> i32 {
     pid
 }
 
-/// Waits (up to 5 s) until `kept` holds `n` connections.
-async fn until_held(kept: &Kept, n: usize) {
+/// A pool of its own on the app's database (the app's is shared with its API).
+async fn pool(app: &TestApp) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&app.config.database_url)
+        .await
+        .unwrap()
+}
+
+/// Waits (up to 5 s) until `done`.
+async fn until(what: &str, done: impl Fn() -> bool) {
     let start = Instant::now();
-    while kept.held() != n {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "still {} kept, not {n}",
-            kept.held()
-        );
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(5), "{what}: not within 5 s");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+fn all_back(pool: &PgPool) -> bool {
+    pool.num_idle() == pool.size() as usize
 }
 
 #[tokio::test]
 async fn a_committed_connection_serves_the_next_transaction_until_idle_or_out_too_long() {
     let app = TestApp::api_only().await;
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&app.config.database_url)
-        .await
-        .unwrap();
+    let pool = pool(&app).await;
     let kept = Kept::new(pool.clone(), 2);
 
     // Two transactions in a row run on one backend, the connection kept out of the pool between.
@@ -54,7 +60,7 @@ async fn a_committed_connection_serves_the_next_transaction_until_idle_or_out_to
     assert_eq!(
         pool.size() as usize - pool.num_idle(),
         1,
-        "the kept connection is out of the pool"
+        "the kept one is out of the pool"
     );
     let mut conn = kept.acquire().await.unwrap();
     assert_eq!(kept.held(), 0);
@@ -63,15 +69,7 @@ async fn a_committed_connection_serves_the_next_transaction_until_idle_or_out_to
 
     // Unused for IDLE, it goes back to the pool.
     tokio::time::sleep(IDLE).await;
-    until_held(&kept, 0).await;
-    let start = Instant::now();
-    while pool.num_idle() != pool.size() as usize {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the connection did not go back to the pool"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("given back when idle", || kept.held() == 0 && all_back(&pool)).await;
 
     // Out of the pool for KEEP_FOR, it is not kept again, however busy.
     let mut conn = kept.acquire().await.unwrap();
@@ -86,19 +84,16 @@ async fn a_committed_connection_serves_the_next_transaction_until_idle_or_out_to
 #[tokio::test]
 async fn a_transaction_that_did_not_commit_gives_back_every_kept_connection() {
     let app = TestApp::api_only().await;
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&app.config.database_url)
-        .await
-        .unwrap();
+    let pool = pool(&app).await;
     let kept = Kept::new(pool.clone(), 2);
-    // Two batches in flight at once, both kept; at most two are kept.
+    // Three batches in flight at once; at most two are kept.
     let (mut a, mut b, mut c) = (
         kept.acquire().await.unwrap(),
         kept.acquire().await.unwrap(),
         kept.acquire().await.unwrap(),
     );
-    let (pa, pb) = (backend(&mut a).await, backend(&mut b).await);
+    backend(&mut a).await;
+    let second = backend(&mut b).await;
     backend(&mut c).await;
     a.keep();
     b.keep();
@@ -107,25 +102,16 @@ async fn a_transaction_that_did_not_commit_gives_back_every_kept_connection() {
 
     // The most recently kept one comes out first; its transaction fails.
     let mut failing = kept.acquire().await.unwrap();
-    assert_eq!(backend(&mut failing).await, pb);
+    assert_eq!(backend(&mut failing).await, second);
     let mut tx = failing.begin().await.unwrap();
-    let err = sqlx::query("SELECT 1/0").execute(&mut *tx).await;
-    assert!(err.is_err());
+    assert!(sqlx::query("SELECT 1/0").execute(&mut *tx).await.is_err());
     drop(tx);
     drop(failing);
     assert_eq!(kept.held(), 0, "a failure gives back the other kept connection too");
 
     // The pool has them all again, and they work (the failed one was rolled back).
-    let start = Instant::now();
-    while pool.num_idle() != pool.size() as usize {
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "the connections did not go back to the pool"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("all back in the pool", || all_back(&pool)).await;
     let mut conn = kept.acquire().await.unwrap();
-    let pid = backend(&mut conn).await;
-    assert!(pid > 0 && pa > 0);
+    assert!(backend(&mut conn).await > 0);
     app.stop().await;
 }
