@@ -795,7 +795,7 @@ async fn a_hundred_cancels_race_the_confirmation_of_paid_orders() {
     let stop_worker = CancellationToken::new();
     let worker = {
         let (pool, config, stop) = (app.pool.clone(), app.config.clone(), stop_worker.clone());
-        tokio::spawn(async move { orderflow_workers::run(Order, pool, &config, stop).await })
+        tokio::spawn(async move { orderflow_workers::run(Order, pool, &config, Default::default(), stop).await })
     };
     start.send(true).unwrap();
     let raced = racing.await.unwrap();

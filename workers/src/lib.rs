@@ -8,9 +8,9 @@ pub mod statistics;
 pub mod steps;
 pub mod sweep;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
-use orderflow_shared::config::Config;
+use orderflow_shared::{config::Config, db::outbox::Feed};
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -52,8 +52,15 @@ impl WorkerKind {
     ];
 }
 
-/// Runs one worker until `shutdown`.
-pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs one worker until `shutdown`. `feed` carries the rows the steps commit to the relay,
+/// when it is the same for both (see [`spawn`]).
+pub async fn run(
+    kind: WorkerKind,
+    pool: PgPool,
+    config: &Config,
+    feed: Arc<Feed>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let cfg = RuntimeConfig {
         amqp_url: config.amqp_url.clone(),
         prefetch: config.prefetch,
@@ -61,9 +68,10 @@ pub async fn run(kind: WorkerKind, pool: PgPool, config: &Config, shutdown: Canc
         batch: config.worker_batch,
         linger: config.worker_linger,
         drain_timeout: Duration::from_secs(10),
+        feed: feed.clone(),
     };
     match kind {
-        WorkerKind::Relay => relay::run(pool, cfg.amqp_url, config.fault_relay_abort_every, shutdown).await,
+        WorkerKind::Relay => relay::run(pool, cfg.amqp_url, config.fault_relay_abort_every, feed, shutdown).await,
         WorkerKind::Stock => consume(Stock, pool, cfg, shutdown).await,
         WorkerKind::Coupon => consume(Coupon, pool, cfg, shutdown).await,
         WorkerKind::Payment => consume(Payment, pool, cfg, shutdown).await,
@@ -95,7 +103,8 @@ async fn consume<S: Step>(
     runtime::run(step, pool, cfg, shutdown).await
 }
 
-/// Spawns every worker in `kinds` onto `set`.
+/// Spawns every worker in `kinds` onto `set`; the steps among them hand what they commit to
+/// the relay among them (if it leads).
 pub fn spawn(
     set: &mut JoinSet<anyhow::Result<()>>,
     kinds: &[WorkerKind],
@@ -103,8 +112,9 @@ pub fn spawn(
     config: &Config,
     shutdown: &CancellationToken,
 ) {
+    let feed = Arc::new(Feed::default());
     for &kind in kinds {
-        let (pool, config, shutdown) = (pool.clone(), config.clone(), shutdown.clone());
-        set.spawn(async move { run(kind, pool, &config, shutdown).await });
+        let (pool, config, feed, shutdown) = (pool.clone(), config.clone(), feed.clone(), shutdown.clone());
+        set.spawn(async move { run(kind, pool, &config, feed, shutdown).await });
     }
 }

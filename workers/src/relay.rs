@@ -27,6 +27,7 @@
 
 use std::{
     collections::HashSet,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -37,7 +38,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, ShortString},
 };
 use orderflow_shared::{
-    db::outbox,
+    db::outbox::{self, Feed},
     messaging::{MessageType, envelope},
     telemetry::{self, TraceParent},
 };
@@ -135,7 +136,14 @@ pub fn mandatory(message_type: &str) -> bool {
 /// Runs until `shutdown`; after it, publishes what is already committed once more (flush)
 /// and marks it. `abort_every` is fault injection for the fault suite (0: off): abort the
 /// process after the broker confirmed every Nth batch, before it is marked sent.
-pub async fn run(pool: PgPool, amqp_url: String, abort_every: u32, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// `feed` carries the rows the steps started with it commit (see `outbox::Feed`).
+pub async fn run(
+    pool: PgPool,
+    amqp_url: String,
+    abort_every: u32,
+    feed: Arc<Feed>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut backoff = broker::reconnect_backoff();
     let mut batches = 0u32;
     // Kept across broker reconnects: a new session would find the old one's lock held until
@@ -158,7 +166,17 @@ pub async fn run(pool: PgPool, amqp_url: String, abort_every: u32, shutdown: Can
             }
         }
         let Some(conn) = leader.as_mut() else { continue };
-        match relay(conn, &amqp_url, abort_every, &mut batches, &mut published, &shutdown).await {
+        match relay(
+            conn,
+            &feed,
+            &amqp_url,
+            abort_every,
+            &mut batches,
+            &mut published,
+            &shutdown,
+        )
+        .await
+        {
             Ok(()) => break,
             Err(err) => {
                 if !alive(conn).await {
@@ -190,6 +208,7 @@ pub async fn run(pool: PgPool, amqp_url: String, abort_every: u32, shutdown: Can
 /// check as it goes back (sqlx pings every connection returned to its pool).
 async fn relay(
     leader: &mut PgConnection,
+    feed: &Feed,
     amqp_url: &str,
     abort_every: u32,
     batches: &mut u32,
@@ -202,7 +221,7 @@ async fn relay(
     let mut marks = Marks::default();
     let mut found = Instant::now();
     let mut polled = Instant::now();
-    let _feed = Feed::open();
+    let _feed = Leading::open(feed);
     tracing::info!("relay publishing");
     loop {
         let mut crash_after_confirm = || {
@@ -211,7 +230,7 @@ async fn relay(
         };
         // Rows this process handed over go out without being read back; the outbox is read
         // when a commit here asked for it, on the poll's schedule, and when shutting down.
-        let (handed, asked) = outbox::take_committed();
+        let (handed, asked) = (feed.take(), outbox::take_asked());
         let mut fed = handed.len();
         if fed > 0 {
             let at = Utc::now();
@@ -281,20 +300,20 @@ async fn lead(pool: &PgPool, shutdown: &CancellationToken) -> anyhow::Result<Opt
     }
 }
 
-/// Rows are handed to this relay (`outbox::hand_over`) while it publishes; closed when it
-/// stops, whatever the reason.
-struct Feed;
+/// Rows are handed to this relay (`Feed::hand_over`) while it publishes; the feed closes when
+/// it stops, whatever the reason.
+struct Leading<'a>(&'a Feed);
 
-impl Feed {
-    fn open() -> Self {
-        outbox::open_feed();
-        Self
+impl<'a> Leading<'a> {
+    fn open(feed: &'a Feed) -> Self {
+        feed.open();
+        Self(feed)
     }
 }
 
-impl Drop for Feed {
+impl Drop for Leading<'_> {
     fn drop(&mut self) {
-        outbox::close_feed();
+        self.0.close();
     }
 }
 

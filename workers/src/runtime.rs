@@ -22,7 +22,7 @@ use orderflow_shared::{
     Error, Result,
     db::{
         kept::Kept,
-        outbox::{self, OutboxMessage},
+        outbox::{self, Feed, OutboxMessage},
     },
     messaging::{Envelope, MessageType},
     metrics,
@@ -146,6 +146,8 @@ pub struct RuntimeConfig {
     pub linger: Duration,
     /// How long shutdown waits for in-flight deliveries.
     pub drain_timeout: Duration,
+    /// Where the steps hand what they commit to the relay started with them.
+    pub feed: Arc<Feed>,
 }
 
 /// Consumes `S::QUEUE` until `shutdown`, reconnecting after any broker failure.
@@ -203,7 +205,10 @@ async fn consume<S: Step>(
     *consumed = true;
 
     let permits = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
-    let kept = Kept::new(pool.clone(), cfg.concurrency.clamp(1, KEPT_CONNECTIONS));
+    let db = Arc::new(Db {
+        kept: Kept::new(pool.clone(), cfg.concurrency.clamp(1, KEPT_CONNECTIONS)),
+        feed: cfg.feed.clone(),
+    });
     let most = if S::BATCHED { cfg.batch.max(1) } else { 1 };
     let mut in_flight = JoinSet::new();
     let result = loop {
@@ -223,9 +228,9 @@ async fn consume<S: Step>(
                     let until = (busy && most > 1 && !cfg.linger.is_zero())
                         .then(|| tokio::time::Instant::now() + cfg.linger);
                     let failed = gather(&mut consumer, &mut batch, most, until, shutdown).await;
-                    let (step, kept) = (step.clone(), kept.clone());
+                    let (step, db) = (step.clone(), db.clone());
                     in_flight.spawn(async move {
-                        process_batch(&*step, &kept, batch).await;
+                        process_batch(&*step, &db, batch).await;
                         drop(permit);
                     });
                     if let Some(err) = failed {
@@ -456,7 +461,7 @@ fn consumer_span(
 /// inbox insert, set of step statements and COMMIT for all their orders. If that fails, each
 /// delivery goes on alone ([`isolate`]), so a message that cannot be handled never takes its
 /// neighbours down with it.
-async fn process_batch<S: Step>(step: &S, db: &Kept, deliveries: Vec<Delivery>) {
+async fn process_batch<S: Step>(step: &S, db: &Db, deliveries: Vec<Delivery>) {
     let mut items = Vec::with_capacity(deliveries.len());
     for delivery in deliveries {
         items.extend(accept(step, delivery).await);
@@ -533,6 +538,13 @@ fn batch_span(worker: &'static str, items: &[Item]) -> Option<Span> {
     Some(span)
 }
 
+/// What a consumer's transactions work with: its connections, kept between transactions, and
+/// the relay started with it, which takes the outbox rows they commit.
+struct Db {
+    kept: Arc<Kept>,
+    feed: Arc<Feed>,
+}
+
 /// Most connections a consumer keeps between its transactions (see [`Kept`]): one per batch
 /// in flight, up to this many.
 const KEPT_CONNECTIONS: usize = 2;
@@ -559,8 +571,8 @@ async fn finish<S: Step>(items: &[Item], dispositions: &[Disposition], started: 
 /// about one order is handled alone, transient failures retried with backoff, then returned
 /// to the queue (its delivery limit counts the attempts). On a queue without a delivery
 /// limit, a message that keeps failing is parked.
-async fn isolate<S: Step>(step: &S, db: &Kept, item: Item) {
-    let pool = db.pool();
+async fn isolate<S: Step>(step: &S, db: &Db, item: Item) {
+    let pool = db.kept.pool();
     let started = Instant::now();
     let items = std::slice::from_ref(&item);
     let tries = std::sync::atomic::AtomicU32::new(0);
@@ -694,8 +706,8 @@ fn error_type(err: &Error) -> &'static str {
 /// same message twice in the batch counts once), the step for the fresh ones, what their
 /// outcomes need (missing orders sent on alone, inbox records of rejected messages removed
 /// so that a replay of their dead letter is handled), one commit.
-async fn handle<S: Step>(step: &S, db: &Kept, items: &[Item], attempt: u32) -> Result<Vec<Disposition>> {
-    let mut conn = db.acquire().await?;
+async fn handle<S: Step>(step: &S, db: &Db, items: &[Item], attempt: u32) -> Result<Vec<Disposition>> {
+    let mut conn = db.kept.acquire().await?;
     let mut tx = conn.begin().await?;
     let ids: Vec<Uuid> = items.iter().map(|i| i.msg.envelope.id).collect();
     let mut fresh: HashSet<Uuid> = sqlx::query_scalar(
@@ -774,7 +786,7 @@ async fn handle<S: Step>(step: &S, db: &Kept, items: &[Item], attempt: u32) -> R
     if written.is_empty() || !alone.is_empty() {
         outbox::committed(); // rows it was not handed (or none: a step may write without staging)
     }
-    outbox::hand_over(written);
+    db.feed.hand_over(written);
     Ok(dispositions)
 }
 

@@ -230,7 +230,7 @@ pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Res
     Ok(())
 }
 
-// Handing rows to the relay: a relay that leads in this process publishes the rows its own
+// Handing rows to the relay ([`Feed`]): a relay that leads in this process publishes the rows its own
 // process committed straight from memory, instead of reading back what was just written (a
 // database round trip per transaction, the largest share of its work at ordinary rates). It
 // still polls for rows written elsewhere (other processes, jobs that do not hand over) and for
@@ -252,7 +252,7 @@ tokio::task_local! {
 
 /// Runs `f` (the work of one transaction, before its commit) and returns, beside its output,
 /// the outbox rows it wrote through [`enqueue`] or a statement that [`stage`]s them: after the
-/// commit, [`hand_over`] gives them to the relay. Dropped instead if the transaction fails.
+/// commit, [`Feed::hand_over`] gives them to the relay. Dropped instead if the transaction fails.
 pub async fn staged<F: Future>(f: F) -> (F::Output, Vec<Committed>) {
     let rows = Arc::new(Mutex::new(Vec::new()));
     let output = STAGED.scope(rows.clone(), f).await;
@@ -282,14 +282,6 @@ static COMMITTED: Notify = Notify::const_new();
 /// Whether a relay running in this process should read the outbox now: rows were committed
 /// that it was not handed.
 static POLL_ASKED: AtomicBool = AtomicBool::new(false);
-/// Rows handed over and not yet taken; `None` while no relay leads in this process.
-static FEED: Mutex<Option<Vec<Committed>>> = Mutex::new(None);
-/// Most rows waiting in [`FEED`]: past it, a relay that cannot keep up reads them back instead.
-const FEED_MAX: usize = 5_000;
-
-fn feed() -> std::sync::MutexGuard<'static, Option<Vec<Committed>>> {
-    FEED.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Tells a relay in this process that outbox rows were just committed, so it reads and
 /// publishes them now instead of at its next poll. Call it after the commit; a relay in
@@ -300,48 +292,68 @@ pub fn committed() {
     COMMITTED.notify_one();
 }
 
-/// Gives rows just committed (from [`staged`]) to the relay leading in this process, which
-/// publishes them without reading them back; with no such relay (or none keeping up), the
-/// same as [`committed`]. Call it after the commit.
-pub fn hand_over(rows: Vec<Committed>) {
-    if rows.is_empty() {
-        return;
-    }
-    {
-        let mut feed = feed();
-        match feed.as_mut() {
-            Some(waiting) if waiting.len() + rows.len() <= FEED_MAX => waiting.extend(rows),
-            _ => {
-                drop(feed);
-                return committed();
-            }
-        }
-    }
-    COMMITTED.notify_one();
-}
-
-/// Resolves at the next [`committed`] or [`hand_over`] in this process (at once if one came
-/// since the last).
+/// Resolves at the next [`committed`] or [`Feed::hand_over`] in this process (at once if one
+/// came since the last).
 pub async fn wait_committed() {
     COMMITTED.notified().await;
 }
 
-/// For the relay: rows are handed over from now on (it leads).
-pub fn open_feed() {
-    feed().get_or_insert_with(Vec::new);
+/// For the relay: whether it was asked to read the outbox (by [`committed`]) since the last call.
+pub fn take_asked() -> bool {
+    POLL_ASKED.swap(false, Ordering::AcqRel)
 }
 
-/// For the relay: no more rows are handed over, and those waiting are dropped (it no longer
-/// leads; whoever leads next reads them from the outbox).
-pub fn close_feed() {
-    *feed() = None;
+/// Rows handed from the steps to the relay that were started together (one `orderflow`
+/// process's workers, on one database): open while that relay leads.
+#[derive(Debug, Default)]
+pub struct Feed {
+    /// Rows handed over and not yet taken; `None` while the relay does not lead.
+    rows: Mutex<Option<Vec<Committed>>>,
 }
 
-/// For the relay: the rows handed over since the last call, and whether it was asked to read
-/// the outbox (rows were committed that it was not handed).
-pub fn take_committed() -> (Vec<Committed>, bool) {
-    let rows = feed().as_mut().map(std::mem::take).unwrap_or_default();
-    (rows, POLL_ASKED.swap(false, Ordering::AcqRel))
+/// Most rows waiting in a [`Feed`]: past it, a relay that cannot keep up reads them back instead.
+const FEED_MAX: usize = 5_000;
+
+impl Feed {
+    fn rows(&self) -> std::sync::MutexGuard<'_, Option<Vec<Committed>>> {
+        self.rows.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Gives rows just committed (from [`staged`]) to the relay, which publishes them without
+    /// reading them back; while it does not lead (or does not keep up), the same as
+    /// [`committed`]. Call it after the commit.
+    pub fn hand_over(&self, rows: Vec<Committed>) {
+        if rows.is_empty() {
+            return;
+        }
+        {
+            let mut feed = self.rows();
+            match feed.as_mut() {
+                Some(waiting) if waiting.len() + rows.len() <= FEED_MAX => waiting.extend(rows),
+                _ => {
+                    drop(feed);
+                    return committed();
+                }
+            }
+        }
+        COMMITTED.notify_one();
+    }
+
+    /// For the relay: rows are handed over from now on (it leads).
+    pub fn open(&self) {
+        self.rows().get_or_insert_with(Vec::new);
+    }
+
+    /// For the relay: no more rows are handed over, and those waiting are dropped (it no
+    /// longer leads; whoever leads next reads them from the outbox).
+    pub fn close(&self) {
+        *self.rows() = None;
+    }
+
+    /// For the relay: the rows handed over since the last call.
+    pub fn take(&self) -> Vec<Committed> {
+        self.rows().as_mut().map(std::mem::take).unwrap_or_default()
+    }
 }
 
 /// Whether more than `n` messages wait for the relay (unsent and not parked): jobs that write
@@ -409,9 +421,9 @@ mod tests {
         Ok(())
     }
 
-    /// The feed as a relay and its process's writers see it (one test: the feed is global).
+    /// The feed as a relay and its process's steps see it (one test: the asking flag is global).
     #[tokio::test]
-    async fn rows_are_handed_over_only_after_staging_and_only_while_a_relay_leads() -> anyhow::Result<()> {
+    async fn rows_are_handed_over_only_after_staging_and_only_while_the_relay_leads() -> anyhow::Result<()> {
         let ids: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
         let messages = OutboxMessage::commands(MessageType::PaymentCharge, &ids, &[])?;
         let message_ids: Vec<Uuid> = messages.iter().map(|m| m.message_id).collect();
@@ -424,21 +436,19 @@ mod tests {
             [(7, message_ids[0])]
         );
 
-        // No relay leads here: handing over asks a relay to read the outbox instead.
-        hand_over(staged.clone());
-        assert!(take_committed().0.is_empty());
-        let (rows, asked) = take_committed();
-        assert!(rows.is_empty() && !asked, "asked once");
-        hand_over(staged.clone());
-        assert_eq!(take_committed(), (Vec::new(), true));
+        // The relay does not lead: handing over asks it to read the outbox instead, once.
+        let feed = Feed::default();
+        take_asked();
+        feed.hand_over(staged.clone());
+        assert!(feed.take().is_empty());
+        assert!(take_asked());
+        assert!(!take_asked());
 
-        // A relay leads: rows come to it, and it is not asked to read them back.
-        open_feed();
-        hand_over(staged.clone());
-        let (rows, asked) = take_committed();
-        assert_eq!((rows.len(), rows[0].id, asked), (1, 7, false));
-        committed();
-        assert_eq!(take_committed(), (Vec::new(), true));
+        // It leads: rows come to it, and it is not asked to read them back.
+        feed.open();
+        feed.hand_over(staged.clone());
+        let rows = feed.take();
+        assert_eq!((rows.len(), rows[0].id, take_asked()), (1, 7, false));
         // More than it takes: read back instead.
         let many: Vec<Committed> = (0..FEED_MAX as i64 + 1)
             .map(|id| Committed {
@@ -446,13 +456,15 @@ mod tests {
                 message: messages[0].clone(),
             })
             .collect();
-        hand_over(many);
-        assert_eq!(take_committed(), (Vec::new(), true));
-        // It stops leading: what was handed over and not taken is dropped (read back by the next).
-        hand_over(staged.clone());
-        close_feed();
-        hand_over(staged);
-        assert_eq!(take_committed(), (Vec::new(), true));
+        feed.hand_over(many);
+        assert!(feed.take().is_empty());
+        assert!(take_asked());
+        // It stops leading: what was handed over and not taken is dropped (the next leader reads it).
+        feed.hand_over(staged.clone());
+        feed.close();
+        feed.hand_over(staged);
+        assert!(feed.take().is_empty());
+        assert!(take_asked());
         Ok(())
     }
 
