@@ -260,6 +260,7 @@ async fn relay(
         let poll = if found.elapsed() >= IDLE_AFTER { IDLE_POLL } else { POLL };
         let next_poll = poll.saturating_sub(polled.elapsed());
         tokio::select! {
+            _ = feed.wait() => {}
             _ = outbox::wait_committed() => {}
             _ = tokio::time::sleep(marks.wait().map_or(next_poll, |w| w.min(next_poll))) => {}
             _ = shutdown.cancelled() => {}

@@ -292,8 +292,7 @@ pub fn committed() {
     COMMITTED.notify_one();
 }
 
-/// Resolves at the next [`committed`] or [`Feed::hand_over`] in this process (at once if one
-/// came since the last).
+/// Resolves at the next [`committed`] in this process (at once if one came since the last).
 pub async fn wait_committed() {
     COMMITTED.notified().await;
 }
@@ -309,6 +308,8 @@ pub fn take_asked() -> bool {
 pub struct Feed {
     /// Rows handed over and not yet taken; `None` while the relay does not lead.
     rows: Mutex<Option<Vec<Committed>>>,
+    /// Wakes the relay when rows are handed over.
+    handed: Notify,
 }
 
 /// Most rows waiting in a [`Feed`]: past it, a relay that cannot keep up reads them back instead.
@@ -336,7 +337,13 @@ impl Feed {
                 }
             }
         }
-        COMMITTED.notify_one();
+        self.handed.notify_one();
+    }
+
+    /// For the relay: resolves at the next [`hand_over`](Self::hand_over) (at once if one came
+    /// since the last).
+    pub async fn wait(&self) {
+        self.handed.notified().await;
     }
 
     /// For the relay: rows are handed over from now on (it leads).
