@@ -49,11 +49,12 @@ use uuid::Uuid;
 
 use crate::broker;
 
-/// Rows published per round trip.
+/// Rows read per poll, and marks written at most per [`MARK_DELAY`] (a batch handed over in
+/// this process may be larger, up to the feed's limit).
 const BATCH: i64 = 500;
 /// How often the relay reads the outbox unasked while rows written by other processes come
 /// (a poll nobody in this process asked for found rows within [`IDLE_AFTER`]). Writers in the
-/// same process hand it their rows (`outbox::hand_over`) or ask it to read them
+/// same process hand it their rows (`Feed::hand_over`) or ask it to read them
 /// (`outbox::committed`) right after their commit. (No PostgreSQL NOTIFY: it serialises the
 /// commits of every transaction that sends one, see migration 0005.)
 const POLL: Duration = Duration::from_millis(20);
@@ -221,6 +222,8 @@ async fn relay(
     let mut marks = Marks::default();
     let mut found = Instant::now();
     let mut polled = Instant::now();
+    // Read at once: rows the last leader (or a closed feed) left, and after a full batch.
+    let mut more = true;
     let _feed = Leading::open(feed);
     tracing::info!("relay publishing");
     loop {
@@ -233,15 +236,15 @@ async fn relay(
         let (handed, asked) = (feed.take(), outbox::take_asked());
         let mut fed = handed.len();
         if fed > 0 {
-            let at = Utc::now();
-            let rows = handed.into_iter().map(|c| handed_row(c, at)).collect();
+            let rows = handed.into_iter().map(handed_row).collect();
             fed = publish_taken(leader, &mut publisher, &mut marks, rows, &mut crash_after_confirm).await?;
         }
         let poll = if found.elapsed() >= IDLE_AFTER { IDLE_POLL } else { POLL };
         let mut taken = 0;
-        if asked || polled.elapsed() >= poll || shutdown.is_cancelled() {
+        if more || asked || polled.elapsed() >= poll || shutdown.is_cancelled() {
             taken = publish_batch(leader, &mut publisher, &mut marks, &mut crash_after_confirm).await?;
             polled = Instant::now();
+            more = taken as i64 >= BATCH;
             if taken > 0 && !asked {
                 // Rows nobody here told it about: written elsewhere, so poll often for a while.
                 found = Instant::now();
@@ -251,8 +254,8 @@ async fn relay(
         if marks.due() {
             marks.flush(leader).await?;
         }
-        if taken as i64 >= BATCH {
-            continue; // more may be waiting
+        if more {
+            continue; // a full batch: more may be waiting
         }
         if shutdown.is_cancelled() {
             break; // flushed what was committed
@@ -318,8 +321,8 @@ impl Drop for Leading<'_> {
     }
 }
 
-/// A row handed over, as it would have been read from the outbox (`at`: when it was taken).
-fn handed_row(committed: outbox::Committed, at: DateTime<Utc>) -> OutboxRow {
+/// A row handed over, as it would have been read from the outbox.
+fn handed_row(committed: outbox::Committed) -> OutboxRow {
     let message = committed.message;
     OutboxRow {
         id: committed.id,
@@ -331,7 +334,7 @@ fn handed_row(committed: outbox::Committed, at: DateTime<Utc>) -> OutboxRow {
         order_ids: message.order_ids,
         body: message.body,
         expiration_ms: message.expiration_ms,
-        created_at: at,
+        created_at: committed.created_at,
     }
 }
 
@@ -385,16 +388,21 @@ impl Marks {
         self.ids.len() as i64 >= BATCH || self.wait().is_some_and(|w| w.is_zero())
     }
 
-    /// Marks every confirmed row sent in one statement (its own transaction). On error the
-    /// rows stay here, to be marked at the next try.
+    /// Marks every confirmed row sent in one statement (its own transaction). Rows another
+    /// transaction holds are skipped, not waited for: only the previous release's relay locks
+    /// rows (a rolling update), and it marks what it publishes itself; a row left unmarked is
+    /// published again at worst. On error the rows stay here, to be marked at the next try.
     async fn flush(&mut self, db: &mut PgConnection) -> anyhow::Result<()> {
         if self.ids.is_empty() {
             return Ok(());
         }
         answered(
-            sqlx::query("UPDATE outbox SET sent_at = clock_timestamp() WHERE id = ANY($1) AND sent_at IS NULL")
-                .bind(&self.ids)
-                .execute(&mut *db),
+            sqlx::query(
+                "UPDATE outbox SET sent_at = clock_timestamp() WHERE id IN (
+                     SELECT id FROM outbox WHERE id = ANY($1) AND sent_at IS NULL FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(&self.ids)
+            .execute(&mut *db),
         )
         .await?;
         self.marked = self.ids.drain(..).collect();

@@ -783,10 +783,11 @@ async fn handle<S: Step>(step: &S, db: &Db, items: &[Item], attempt: u32) -> Res
     outbox::enqueue(&mut tx, &alone).await?;
     tx.commit().await?;
     conn.keep();
-    if written.is_empty() || !alone.is_empty() {
+    let unstaged = written.is_empty() || !alone.is_empty();
+    db.feed.hand_over(written);
+    if unstaged {
         outbox::committed(); // rows it was not handed (or none: a step may write without staging)
     }
-    db.feed.hand_over(written);
     Ok(dispositions)
 }
 

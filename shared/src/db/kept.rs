@@ -22,8 +22,9 @@ use std::{
 use sqlx::{PgConnection, PgPool, Postgres, pool::PoolConnection};
 use tokio::sync::Notify;
 
-/// Longest a connection stays out of the pool: a pool that moved to another node (failover)
-/// finds its old connections within this long.
+/// How long a connection may be out of the pool and still be kept or handed out again (an
+/// unused one is given back at most [`IDLE`] after that): a pool that moved to another node
+/// (failover) finds its old connections within about this long.
 pub const KEEP_FOR: Duration = Duration::from_secs(1);
 /// Longest a kept connection waits unused: a quiet loop gives its connections back.
 pub const IDLE: Duration = Duration::from_millis(250);

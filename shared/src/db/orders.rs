@@ -372,7 +372,8 @@ static APPLY: LazyLock<String> = LazyLock::new(|| {
              WHERE h.id IN (SELECT id FROM moved)
              ORDER BY h.n
          ), sent AS ({} RETURNING id, message_id)
-         SELECT (SELECT count(*) FROM moved), ARRAY(SELECT id FROM sent), ARRAY(SELECT message_id FROM sent)",
+         SELECT (SELECT count(*) FROM moved), COALESCE(array_agg(id), '{{}}'), COALESCE(array_agg(message_id), '{{}}')
+         FROM sent",
         outbox::INSERT
     )
 });

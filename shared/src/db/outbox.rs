@@ -9,6 +9,7 @@ use std::{
     },
 };
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, Postgres, Row as _, postgres::PgArguments, query::Query};
 use tokio::sync::Notify;
@@ -244,6 +245,8 @@ pub struct Committed {
     /// The outbox row's id.
     pub id: i64,
     pub message: OutboxMessage,
+    /// About when the row was written (in its transaction, before the commit).
+    pub created_at: DateTime<Utc>,
 }
 
 tokio::task_local! {
@@ -263,6 +266,7 @@ pub async fn staged<F: Future>(f: F) -> (F::Output, Vec<Committed>) {
 /// Records rows just written (`ids` and `message_ids` aligned, in any order) for the
 /// enclosing [`staged`], if there is one.
 pub fn stage(messages: &[OutboxMessage], ids: &[i64], message_ids: &[Uuid]) {
+    let created_at = Utc::now();
     let _ = STAGED.try_with(|staged| {
         let by_message: HashMap<Uuid, i64> = message_ids.iter().copied().zip(ids.iter().copied()).collect();
         let mut staged = staged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -271,6 +275,7 @@ pub fn stage(messages: &[OutboxMessage], ids: &[i64], message_ids: &[Uuid]) {
                 staged.push(Committed {
                     id,
                     message: message.clone(),
+                    created_at,
                 });
             }
         }
@@ -352,7 +357,7 @@ impl Feed {
     }
 
     /// For the relay: no more rows are handed over, and those waiting are dropped (it no
-    /// longer leads; whoever leads next reads them from the outbox).
+    /// longer leads; whoever leads next reads them from the outbox as it starts).
     pub fn close(&self) {
         *self.rows() = None;
     }
@@ -461,6 +466,7 @@ mod tests {
             .map(|id| Committed {
                 id,
                 message: messages[0].clone(),
+                created_at: Utc::now(),
             })
             .collect();
         feed.hand_over(many);
