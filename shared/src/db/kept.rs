@@ -33,6 +33,8 @@ pub const IDLE: Duration = Duration::from_millis(250);
 pub struct Kept {
     pool: PgPool,
     max: usize,
+    /// How long a kept connection may wait unused ([`IDLE`] unless set).
+    idle_for: Duration,
     idle: Mutex<Vec<Idle>>,
     /// Wakes the reaper when the first connection is kept, and when this is dropped.
     reaper: Arc<Notify>,
@@ -47,8 +49,8 @@ struct Idle {
 }
 
 impl Idle {
-    fn expires(&self) -> Instant {
-        (self.used + IDLE).min(self.taken + KEEP_FOR)
+    fn expires(&self, idle_for: Duration) -> Instant {
+        (self.used + idle_for).min(self.taken + KEEP_FOR)
     }
 }
 
@@ -56,9 +58,15 @@ impl Kept {
     /// Keeps up to `max` connections of `pool`. Spawns the task that gives back the ones due
     /// (it ends with this), so it must be called inside a tokio runtime.
     pub fn new(pool: PgPool, max: usize) -> Arc<Self> {
+        Self::with_idle(pool, max, IDLE)
+    }
+
+    /// [`Kept::new`], keeping an unused connection for `idle_for` instead of [`IDLE`].
+    pub fn with_idle(pool: PgPool, max: usize, idle_for: Duration) -> Arc<Self> {
         let kept = Arc::new(Self {
             pool,
             max,
+            idle_for,
             idle: Mutex::new(Vec::new()),
             reaper: Arc::new(Notify::new()),
         });
@@ -81,7 +89,7 @@ impl Kept {
             let mut idle = self.lock();
             let mut found = None;
             while let Some(one) = idle.pop() {
-                if one.expires() > now {
+                if one.expires(self.idle_for) > now {
                     found = Some(one);
                     break;
                 }
@@ -145,8 +153,8 @@ async fn reap(kept: Weak<Kept>, wake: Arc<Notify>) {
             let Some(kept) = kept.upgrade() else { return };
             let now = Instant::now();
             let mut idle = kept.lock();
-            idle.retain(|one| one.expires() > now);
-            idle.iter().map(Idle::expires).min()
+            idle.retain(|one| one.expires(kept.idle_for) > now);
+            idle.iter().map(|one| one.expires(kept.idle_for)).min()
         };
         match next {
             Some(at) => tokio::time::sleep_until(at.into()).await,
