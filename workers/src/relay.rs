@@ -1,7 +1,8 @@
 //! The outbox relay: the only publisher. It takes committed outbox rows (handed over by the
 //! steps of its own process right after their commit, read from the outbox when a writer here
 //! asks, and polled for otherwise: see [`POLL`]), publishes them persistent and mandatory with
-//! publisher confirms, and marks them sent only once the broker confirmed. A broker outage delays messages, never loses them; a crash between confirm and
+//! publisher confirms, and marks them sent only once the broker confirmed. A broker outage
+//! delays messages, never loses them; a crash between confirm and
 //! mark re-publishes with the same message id, which consumers' inboxes absorb.
 //!
 //! One relay publishes at a time: the one holding a session advisory lock on the database
@@ -233,12 +234,9 @@ async fn relay(
         };
         // Rows this process handed over go out without being read back; the outbox is read
         // when a commit here asked for it, on the poll's schedule, and when shutting down.
-        let (handed, asked) = (feed.take(), outbox::take_asked());
-        let mut fed = handed.len();
-        if fed > 0 {
-            let rows = handed.into_iter().map(handed_row).collect();
-            fed = publish_taken(leader, &mut publisher, &mut marks, rows, &mut crash_after_confirm).await?;
-        }
+        let handed = feed.take().into_iter().map(handed_row).collect();
+        let asked = outbox::take_asked();
+        let fed = publish_taken(leader, &mut publisher, &mut marks, handed, &mut crash_after_confirm).await?;
         let poll = if found.elapsed() >= IDLE_AFTER { IDLE_POLL } else { POLL };
         let mut taken = 0;
         if more || asked || polled.elapsed() >= poll || shutdown.is_cancelled() {

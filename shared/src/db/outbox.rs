@@ -24,7 +24,7 @@ use crate::{
     telemetry::{self, TraceParent},
 };
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct OutboxMessage {
     pub message_id: Uuid,
     pub kind: MessageType,
@@ -240,7 +240,7 @@ pub async fn enqueue(conn: &mut PgConnection, messages: &[OutboxMessage]) -> Res
 // which the consumers' inboxes absorb.
 
 /// A row committed in this process, handed to the relay.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Committed {
     /// The outbox row's id.
     pub id: i64,
