@@ -273,11 +273,10 @@ async fn the_overview_counts_orders_per_state_queues_outbox_dead_letters_and_stu
     assert_eq!(names, topology::QUEUES.iter().map(|q| q.name).collect::<Vec<_>>());
     assert_eq!(queue(&o, STOCK_QUEUE)["messages"], 0);
     assert_eq!(queue(&o, STOCK_QUEUE)["consumers"], 1);
-    assert_eq!(
-        queue(&o, topology::DEADLINE_QUEUE)["messages"],
-        3,
-        "one deadline per order"
-    );
+    // The first order's deadline went out before the others were placed; theirs, placed one
+    // after the other, in one message or two (the relay gathers a second's deadlines).
+    let deadlines = queue(&o, topology::DEADLINE_QUEUE)["messages"].as_i64().unwrap();
+    assert!((2..=3).contains(&deadlines), "deadline messages: {deadlines}");
     assert_eq!(queue(&o, topology::DEADLINE_QUEUE)["consumers"], 0);
     assert_eq!(queue(&o, topology::DATA_PLATFORM_QUEUE)["messages"], 2);
     assert_eq!(o["brokerError"], Value::Null);

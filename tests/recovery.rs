@@ -443,3 +443,63 @@ async fn with_autovacuum_off_the_recovery_worker_analyzes_tables_that_grew() {
     assert!(!again.iter().any(|t| t.ends_with(".products")), "{again:?}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn deadlines_of_orders_accepted_apart_go_out_together() {
+    // No stock worker and the default ORDER_TIMEOUT (a minute): the deadline messages wait in
+    // their queue, where the test reads them. Each order is accepted on its own (its own
+    // accept batch, so its own deadline row); the relay gathers the rows that come within a
+    // second into one message.
+    let app = TestApp::spawn_with(Options {
+        workers: without(&[Stock]),
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Patient", 1_000, 10).await;
+    let started = Instant::now();
+    let mut orders = Vec::new();
+    for user in 1..=5 {
+        orders.push(app.order(user, &[(product, 1)], None).await);
+    }
+    let spread = started.elapsed();
+    app.wait_quiescent_outbox().await;
+    let (rows, unsent): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE sent_at IS NULL) FROM outbox WHERE message_type = 'order.deadline'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((rows, unsent), (5, 0), "one row per accept batch, each marked sent");
+
+    let (conn, ch) = app.amqp().await;
+    let mut named = Vec::new();
+    let mut messages = 0;
+    while let Some(msg) = ch
+        .basic_get(
+            "orderflow.deadline".into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        messages += 1;
+        let body: Value = serde_json::from_slice(&msg.delivery.data).unwrap();
+        assert_eq!(body["type"], "order.deadline");
+        for id in body["data"]["orderIds"].as_array().unwrap() {
+            named.push(id.as_str().unwrap().to_owned());
+        }
+        let expiration = msg.delivery.properties.expiration().as_ref().map(|e| e.to_string());
+        assert_eq!(expiration.as_deref(), Some("60000"), "ORDER_TIMEOUT, from the publish");
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    named.sort();
+    orders.sort();
+    assert_eq!(named, orders, "every order named once");
+    // One message per second of accepting, and one more for where the seconds fell.
+    let most = (spread.as_secs() + 2).min(5) as i64;
+    assert!(
+        (1..=most).contains(&messages),
+        "{messages} deadline messages for 5 orders accepted within {spread:?}"
+    );
+    app.stop().await;
+}

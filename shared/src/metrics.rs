@@ -86,7 +86,7 @@ fn describe() {
     describe_histogram!(
         OUTBOX_DELAY,
         Unit::Seconds,
-        "From commit of an outbox row to the broker's confirm"
+        "From commit of an outbox row to the broker's confirm (deadline messages, held up to a second on purpose, excepted)"
     );
     describe_gauge!(
         OUTBOX_PARKED,

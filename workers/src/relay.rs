@@ -50,6 +50,9 @@ use uuid::Uuid;
 
 use crate::broker;
 
+mod deadlines;
+use deadlines::Held;
+
 /// Rows read per poll, and marks written at most per [`MARK_DELAY`] (a batch handed over in
 /// this process may be larger, up to the feed's limit).
 const BATCH: i64 = 500;
@@ -97,6 +100,21 @@ pub struct OutboxRow {
     pub body: Vec<u8>,
     pub expiration_ms: Option<i64>,
     pub created_at: DateTime<Utc>,
+    /// The rows a message gathered from several stands for (see `deadlines`); empty for a
+    /// row published as it is.
+    #[sqlx(skip)]
+    pub covers: Vec<i64>,
+}
+
+impl OutboxRow {
+    /// The outbox rows this publish settles.
+    fn ids(&self) -> &[i64] {
+        if self.covers.is_empty() {
+            std::slice::from_ref(&self.id)
+        } else {
+            &self.covers
+        }
+    }
 }
 
 /// The AMQP properties every orderflow message carries (DESIGN.md §3).
@@ -221,6 +239,7 @@ async fn relay(
     channel.confirm_select(ConfirmSelectOptions::default()).await?;
     let mut publisher = Publisher { conn, channel };
     let mut marks = Marks::default();
+    let mut held = Held::default();
     let mut found = Instant::now();
     let mut polled = Instant::now();
     // Read at once: rows the last leader (or a closed feed) left, and after a full batch.
@@ -236,11 +255,29 @@ async fn relay(
         // when a commit here asked for it, on the poll's schedule, and when shutting down.
         let handed = feed.take().into_iter().map(handed_row).collect();
         let asked = outbox::take_asked();
-        let fed = publish_taken(leader, &mut publisher, &mut marks, handed, &mut crash_after_confirm).await?;
+        let closing = shutdown.is_cancelled();
+        let fed = publish_taken(
+            leader,
+            &mut publisher,
+            &mut marks,
+            &mut held,
+            handed,
+            closing,
+            &mut crash_after_confirm,
+        )
+        .await?;
         let poll = if found.elapsed() >= IDLE_AFTER { IDLE_POLL } else { POLL };
         let mut taken = 0;
-        if more || asked || polled.elapsed() >= poll || shutdown.is_cancelled() {
-            taken = publish_batch(leader, &mut publisher, &mut marks, &mut crash_after_confirm).await?;
+        if more || asked || polled.elapsed() >= poll || closing {
+            taken = publish_batch(
+                leader,
+                &mut publisher,
+                &mut marks,
+                &mut held,
+                closing,
+                &mut crash_after_confirm,
+            )
+            .await?;
             polled = Instant::now();
             more = taken as i64 >= BATCH;
             if taken > 0 && !asked {
@@ -255,15 +292,18 @@ async fn relay(
         if more {
             continue; // a full batch: more may be waiting
         }
-        if shutdown.is_cancelled() {
+        if closing {
             break; // flushed what was committed
         }
         let poll = if found.elapsed() >= IDLE_AFTER { IDLE_POLL } else { POLL };
-        let next_poll = poll.saturating_sub(polled.elapsed());
+        let next = [marks.wait(), held.wait()]
+            .into_iter()
+            .flatten()
+            .fold(poll.saturating_sub(polled.elapsed()), Duration::min);
         tokio::select! {
             _ = feed.wait() => {}
             _ = outbox::wait_committed() => {}
-            _ = tokio::time::sleep(marks.wait().map_or(next_poll, |w| w.min(next_poll))) => {}
+            _ = tokio::time::sleep(next) => {}
             _ = shutdown.cancelled() => {}
         }
     }
@@ -333,6 +373,7 @@ fn handed_row(committed: outbox::Committed) -> OutboxRow {
         body: message.body,
         expiration_ms: message.expiration_ms,
         created_at: committed.created_at,
+        covers: Vec::new(),
     }
 }
 
@@ -438,17 +479,20 @@ enum Published {
     Unknown(lapin::Error),
 }
 
-/// Publishes one batch (committed rows not yet sent, parked or in `marks`) and adds what the
-/// broker confirmed to `marks`; rows it refused get their next attempt scheduled (or are
-/// parked) at once. Returns how many rows were taken. An error means the connection is gone.
-/// `crash_after_confirm` (asked once per non-empty batch) aborts the process in the worst
-/// place: confirmed by the broker, not yet marked sent.
+/// Publishes one batch (committed rows not yet sent, parked, in `marks` or `held`) and adds
+/// what the broker confirmed to `marks`; rows it refused get their next attempt scheduled (or
+/// are parked) at once. Returns how many rows were taken. An error means the connection is
+/// gone. `crash_after_confirm` (asked once per non-empty batch) aborts the process in the
+/// worst place: confirmed by the broker, not yet marked sent. `closing`: publish what is held.
 async fn publish_batch(
     db: &mut PgConnection,
     publisher: &mut Publisher,
     marks: &mut Marks,
+    held: &mut Held,
+    closing: bool,
     crash_after_confirm: impl FnOnce() -> bool,
 ) -> anyhow::Result<usize> {
+    let in_hand: Vec<i64> = marks.ids.iter().copied().chain(held.ids()).collect();
     let rows: Vec<OutboxRow> = answered(sqlx::query_as(
         "SELECT id, message_id, exchange, routing_key, message_type, order_ids, headers, body, expiration_ms, created_at
          FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL AND (retry_at IS NULL OR retry_at <= now())
@@ -456,24 +500,30 @@ async fn publish_batch(
          ORDER BY id LIMIT $1",
     )
     .bind(BATCH)
-    .bind(&marks.ids)
+    .bind(&in_hand)
     .fetch_all(&mut *db))
     .await?;
-    publish_taken(db, publisher, marks, rows, crash_after_confirm).await
+    publish_taken(db, publisher, marks, held, rows, closing, crash_after_confirm).await
 }
 
-/// Publishes rows taken from the outbox or handed over (those `marks` knows already
-/// excepted) as one batch, like [`publish_batch`]; returns how many it published.
+/// Publishes rows taken from the outbox or handed over (those `marks` or `held` know already
+/// excepted) as one batch, like [`publish_batch`], with the deadline messages `held` has due;
+/// deadline rows among `rows` are held (see `deadlines`). Returns how many rows it took.
 async fn publish_taken(
     db: &mut PgConnection,
     publisher: &mut Publisher,
     marks: &mut Marks,
+    held: &mut Held,
     mut rows: Vec<OutboxRow>,
+    closing: bool,
     crash_after_confirm: impl FnOnce() -> bool,
 ) -> anyhow::Result<usize> {
-    rows.retain(|row| !marks.knows(row.id));
+    rows.retain(|row| !marks.knows(row.id) && !held.knows(row.id));
+    let taken = rows.len();
+    let mut rows = held.hold(rows);
+    rows.extend(held.due(closing));
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(taken);
     }
     // OpenTelemetry's messaging conventions: the batch's publish is a CLIENT span (`send`
     // operation, RabbitMQ's `publish`): the messages carry their creation spans' context, not
@@ -507,7 +557,6 @@ async fn publish_taken(
         }
         telemetry::rename(&span, telemetry::messaging_span_name("publish", exchange));
     }
-    let taken = rows.len();
     match publish_rows(db, publisher, rows, crash_after_confirm)
         .instrument(span.clone())
         .await
@@ -537,7 +586,11 @@ async fn publish_rows(
         pending.push(publish(&publisher.channel, row).await);
     }
     let now = Utc::now();
-    for row in &rows {
+    // Deadline messages wait on purpose (`deadlines::LINGER`): they would hide the delay of the rest.
+    for row in rows
+        .iter()
+        .filter(|r| r.message_type != MessageType::OrderDeadline.as_str())
+    {
         let delay = (now - row.created_at).to_std().unwrap_or_default();
         metrics::histogram!(orderflow_shared::metrics::OUTBOX_DELAY).record(delay.as_secs_f64());
     }
@@ -591,19 +644,21 @@ async fn publish_rows(
     let (mut refused, mut reasons, mut limits, mut delays) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (row, result) in rows.iter().zip(results) {
         match result {
-            Published::Confirmed => sent.push(row.id),
+            Published::Confirmed => sent.extend_from_slice(row.ids()),
             Published::Refused { why, nack } => {
                 tracing::warn!(outbox_id = row.id, message_type = %row.message_type, exchange = %row.exchange,
                     routing_key = %row.routing_key, reason = %why, "the broker refused a message; it will be retried on its own");
-                refused.push(row.id);
-                reasons.push(why);
                 let (most, max_delay) = if nack {
                     (MAX_NACKED_ATTEMPTS, MAX_NACKED_RETRY_DELAY_S)
                 } else {
                     (MAX_ATTEMPTS, MAX_RETRY_DELAY_S)
                 };
-                limits.push(most);
-                delays.push(max_delay);
+                for &id in row.ids() {
+                    refused.push(id);
+                    reasons.push(why.clone());
+                    limits.push(most);
+                    delays.push(max_delay);
+                }
             }
             Published::Unknown(err) => return Err(err.into()),
         }

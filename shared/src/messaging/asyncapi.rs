@@ -190,8 +190,9 @@ fn about(kind: MessageType) -> (&'static str, &'static str) {
         ),
         OrderDeadline => (
             "Bound the time orders spend in flight",
-            "Sent by the API with the orders it accepts, with the AMQP `expiration` ORDER_TIMEOUT \
-             (milliseconds). No one consumes `orderflow.deadline`: the message expires into \
+            "Sent for the orders the API accepts, with the AMQP `expiration` ORDER_TIMEOUT \
+             (milliseconds): one message names the orders accepted within about a second (up to \
+             500), published a second after the first of them at most. No one consumes `orderflow.deadline`: the message expires into \
              `orderflow.expired`, and the recovery worker cancels those orders that are still in \
              flight (reason TIMEOUT).",
         ),

@@ -1,4 +1,4 @@
-//! Recovery: the orders of an expired deadline message (one per accept batch) that are still
+//! Recovery: the orders of an expired deadline message (the relay gathers a second's) that are still
 //! in flight are cancelled with reason TIMEOUT, and their compensations run.
 
 use orderflow_shared::{
