@@ -2,7 +2,7 @@
 # Repeats the numbers in docs/PERFORMANCE.md with one command:
 #
 #   bash scripts/perf.sh            # every scenario
-#   bash scripts/perf.sh rates      # only some: idle rates closed accept hot rush instances observe cluster
+#   bash scripts/perf.sh rates      # only some: idle rates closed accept hot rush instances observe cluster prune
 #   PERF_RATES="350 700" bash scripts/perf.sh rates   # only these offered rates
 #                                   # (rates ends with a step at half the saturation it found,
 #                                   # and prints whether the latency there is within target)
@@ -253,6 +253,44 @@ scenario_cluster() {
   stop_system
   AMQP_URL=$amqp MGMT=$mgmt
   stop_cluster
+}
+
+# Whether pruning keeps pace, without waiting a day for rows to come due: PRUNE_DUE (300,000)
+# outbox rows published two days ago and as many inbox records eight days old are put in the
+# fresh database (rows the sweep prunes, as a day's or a week's traffic would leave them), then
+# the open-model bench runs at SOAK_RATE (350/s) for SOAK_SECONDS (60) while the due rows and
+# the tables are counted every 2 s ($OUT/prune.tsv). Pruning keeps pace if the due rows are gone
+# while the bench still runs: it prints how fast they went against how fast the bench wrote rows.
+scenario_prune() {
+  local due=${PRUNE_DUE:-300000} rate=${SOAK_RATE:-350} secs=${SOAK_SECONDS:-60} sampler
+  printf 'epoch\toutbox_due\tinbox_due\toutbox\tinbox\n' >"$OUT/prune.tsv"
+  (
+    while sleep 2; do
+      psql -Atq -F $'\t' "$DATABASE_URL" -c "SELECT round(extract(epoch FROM clock_timestamp())),
+          (SELECT count(*) FROM outbox WHERE sent_at < now() - interval '1 day'),
+          (SELECT count(*) FROM inbox WHERE processed_at < now() - interval '7 days'),
+          (SELECT count(*) FROM outbox), (SELECT count(*) FROM inbox)" 2>/dev/null || true
+    done >>"$OUT/prune.tsv"
+  ) &
+  sampler=$!
+  PERF_SQL="INSERT INTO outbox (message_id, exchange, routing_key, message_type, body, sent_at)
+      SELECT gen_random_uuid(), 'x', 'k', 'k', '{}'::bytea, now() - interval '2 days' FROM generate_series(1, $due);
+    INSERT INTO inbox (consumer, message_id, processed_at)
+      SELECT 'stock', gen_random_uuid(), now() - interval '8 days' FROM generate_series(1, $due)" \
+    bench prune --rate "$rate" --orders $((rate * secs)) --users 300 --coupon-share 0.2
+  kill "$sampler" 2>/dev/null || true
+  wait "$sampler" 2>/dev/null || true
+  jq -r --slurp --raw-input --argjson due "$due" --slurpfile r "$OUT/prune.json" '
+    [split("\n")[1:][] | select(length > 0) | split("\t") | map(tonumber)] as $all
+    # From the first sample that saw the seeded rows (samples before the seed see none).
+    | ($all | map(.[1] + .[2] > 0) | index(true)) as $seen
+    | (if $seen == null then [] else $all[$seen:] end) as $s
+    | ($s | map(select(.[1] == 0 and .[2] == 0)) | first) as $gone
+    | ($r[0].work.rows_inserted_per_order * $r[0].completed_per_s) as $written
+    | if $s == [] then "[perf] prune: the samples never saw the seeded rows"
+      elif $gone == null then "[perf] prune: \($due) due rows per table NOT gone by the end of the soak: pruning did not keep pace"
+      else "[perf] prune: \($due) due outbox rows and \($due) inbox records gone \($gone[0] - $s[0][0] + 2) s into the soak (at most; sampled every 2 s), \(($due * 2 / ($gone[0] - $s[0][0] + 2)) | round) rows/s, while the bench wrote \($written | round) rows/s in all tables (\($r[0].completed_per_s * 10 | round / 10) orders/s; what comes due later is a part of it)"
+      end' "$OUT/prune.tsv" | tee "$OUT/prune.txt" >&2
 }
 
 mkdir -p "$OUT"

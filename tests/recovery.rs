@@ -376,7 +376,12 @@ async fn the_sweep_prunes_old_bookkeeping_and_keeps_what_may_still_be_needed() {
     .await
     .unwrap();
 
-    assert_eq!(orderflow_workers::sweep::prune(&app.pool).await.unwrap(), 3);
+    assert_eq!(
+        orderflow_workers::sweep::prune(&app.pool, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        3
+    );
     let left: (Vec<String>, i64, i64) = (
         sqlx::query_scalar("SELECT key FROM idempotency_keys")
             .fetch_all(&app.pool)
@@ -392,6 +397,49 @@ async fn the_sweep_prunes_old_bookkeeping_and_keeps_what_may_still_be_needed() {
             .unwrap(),
     );
     assert_eq!(left, (vec!["day".to_owned()], 1, 1));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_pass_prunes_every_row_due_not_one_batch_per_table() {
+    // More rows come due than one batch per table (5,000) removes: a shop at a few hundred
+    // orders a second writes more than that per sweep interval.
+    let app = TestApp::api_only().await;
+    sqlx::query(
+        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, body, sent_at)
+         SELECT gen_random_uuid(), 'x', 'k', 'k', '{}'::bytea, now() - interval '2 days' FROM generate_series(1, 12001)
+         UNION ALL SELECT gen_random_uuid(), 'x', 'k', 'k', '{}'::bytea, now() - interval '23 hours'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO inbox (consumer, message_id, processed_at)
+         SELECT 'stock', gen_random_uuid(), now() - interval '8 days' FROM generate_series(1, 7000)
+         UNION ALL SELECT 'stock', gen_random_uuid(), now() - interval '6 days'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let left = || async {
+        sqlx::query_as::<_, (i64, i64)>("SELECT (SELECT count(*) FROM outbox), (SELECT count(*) FROM inbox)")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+    };
+
+    // Out of time at once: one batch from each table.
+    let one_round = orderflow_workers::sweep::prune(&app.pool, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(one_round, 10_000);
+    assert_eq!(left().await, (7_002, 2_001));
+    // With time: everything due, and nothing that is not.
+    let rest = orderflow_workers::sweep::prune(&app.pool, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(rest, 9_001);
+    assert_eq!(left().await, (1, 1));
     app.stop().await;
 }
 
