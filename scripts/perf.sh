@@ -289,7 +289,7 @@ scenario_prune() {
     | ($r[0].work.rows_inserted_per_order * $r[0].completed_per_s) as $written
     | if $s == [] then "[perf] prune: the samples never saw the seeded rows"
       elif $gone == null then "[perf] prune: \($due) due rows per table NOT gone by the end of the soak: pruning did not keep pace"
-      else "[perf] prune: \($due) due outbox rows and \($due) inbox records gone \($gone[0] - $s[0][0] + 2) s into the soak (at most; sampled every 2 s), \(($due * 2 / ($gone[0] - $s[0][0] + 2)) | round) rows/s, while the bench wrote \($written | round) rows/s in all tables (\($r[0].completed_per_s * 10 | round / 10) orders/s; what comes due later is a part of it)"
+      else "[perf] prune: \($due) due outbox rows and \($due) inbox records gone \($gone[0] - $s[0][0] + 2) s into the soak (at most; sampled every 2 s), \(($due * 2 / ($gone[0] - $s[0][0] + 2)) | round) rows/s, while the bench wrote \($written | round) rows/s in all tables (\($r[0].completed_per_s * 10 | round / 10) orders/s), the outbox growing by \((($s[-1][3] - $gone[3]) / ([$s[-1][0] - $gone[0], 1] | max)) | round) rows/s and the inbox by \((($s[-1][4] - $gone[4]) / ([$s[-1][0] - $gone[0], 1] | max)) | round) after"
       end' "$OUT/prune.tsv" | tee "$OUT/prune.txt" >&2
 }
 
