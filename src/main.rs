@@ -214,13 +214,15 @@ async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Res
     let pool = db::connect_and_migrate(&config.database_url, config.db_pool_size).await?;
     let shutdown = CancellationToken::new();
     let mut tasks: JoinSet<anyhow::Result<()>> = JoinSet::new();
+    let feed = Arc::new(orderflow_shared::db::outbox::Feed::default());
 
     orderflow_shared::metrics::install();
     if api {
         let listener = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("binding {}", config.http_addr))?;
-        let state = orderflow_api::AppState::new(pool.clone(), Arc::new(config.clone()));
+        // Orders accepted here are handed to the relay started below, if it leads.
+        let state = orderflow_api::AppState::with_feed(pool.clone(), Arc::new(config.clone()), Some(feed.clone()));
         tasks.spawn(orderflow_api::serve(listener, state, shutdown.clone()));
         let (pool, amqp_url, shutdown) = (pool.clone(), config.amqp_url.clone(), shutdown.clone());
         tasks.spawn(async move {
@@ -240,7 +242,7 @@ async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Res
     } else {
         pool.clone()
     };
-    orderflow_workers::spawn(&mut tasks, workers, &worker_pool, &config, &shutdown);
+    orderflow_workers::spawn_fed(&mut tasks, workers, &worker_pool, &config, feed, &shutdown);
 
     tokio::select! {
         _ = shutdown_signal() => tracing::info!("shutting down"),

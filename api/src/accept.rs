@@ -18,13 +18,13 @@ use orderflow_shared::{
     Error, Result,
     db::{
         kept::Kept,
-        outbox::{self, OutboxMessage},
+        outbox::{self, Feed, OutboxMessage},
     },
     domain::OrderStatus,
     messaging::MessageType,
     telemetry::TraceParent,
 };
-use sqlx::{Connection as _, FromRow, PgConnection, PgPool};
+use sqlx::{Connection as _, FromRow, PgConnection, PgPool, Row as _};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
@@ -71,11 +71,12 @@ pub struct Acceptor {
 
 impl Acceptor {
     /// Starts the writer that drains the queue (on the current tokio runtime). It stops when
-    /// every handle is dropped.
-    pub fn start(pool: PgPool, order_timeout: Duration) -> Self {
+    /// every handle is dropped. What it commits to the outbox goes to the relay through `feed`
+    /// (one started in this process), or else the relay is asked to read it.
+    pub fn start(pool: PgPool, order_timeout: Duration, feed: Option<Arc<Feed>>) -> Self {
         let (queue, requests) = mpsc::unbounded_channel();
         let timeout_ms = i64::try_from(order_timeout.as_millis()).unwrap_or(i64::MAX);
-        tokio::spawn(dispatch(requests, pool, timeout_ms));
+        tokio::spawn(dispatch(requests, pool, timeout_ms, feed));
         Self { queue }
     }
 
@@ -93,7 +94,12 @@ impl Acceptor {
 
 /// Takes whatever is waiting (up to [`MAX_BATCH`]) as soon as a writer is free. The writers
 /// keep their connections between batches ([`Kept`]).
-async fn dispatch(mut requests: mpsc::UnboundedReceiver<Pending>, pool: PgPool, timeout_ms: i64) {
+async fn dispatch(
+    mut requests: mpsc::UnboundedReceiver<Pending>,
+    pool: PgPool,
+    timeout_ms: i64,
+    feed: Option<Arc<Feed>>,
+) {
     let writers = Arc::new(Semaphore::new(WRITERS));
     let kept = Kept::new(pool, WRITERS);
     loop {
@@ -110,9 +116,9 @@ async fn dispatch(mut requests: mpsc::UnboundedReceiver<Pending>, pool: PgPool, 
                 Err(_) => break,
             }
         }
-        let kept = kept.clone();
+        let (kept, feed) = (kept.clone(), feed.clone());
         tokio::spawn(async move {
-            write(&kept, batch, timeout_ms).await;
+            write(&kept, feed.as_deref(), batch, timeout_ms).await;
             drop(writer);
         });
     }
@@ -120,10 +126,10 @@ async fn dispatch(mut requests: mpsc::UnboundedReceiver<Pending>, pool: PgPool, 
 
 /// Writes a batch and answers each of its requests; if the batch's transaction fails, each
 /// request is written again alone.
-async fn write(db: &Kept, batch: Vec<Pending>, timeout_ms: i64) {
+async fn write(db: &Kept, feed: Option<&Feed>, batch: Vec<Pending>, timeout_ms: i64) {
     metrics::histogram!(orderflow_shared::metrics::ACCEPT_BATCH).record(batch.len() as f64);
     let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
-    let answers = match write_batch(db, &requests, timeout_ms).await {
+    let answers = match write_batch(db, feed, &requests, timeout_ms).await {
         Ok(answers) => answers,
         // The database cannot be used (down, failing over, or the connection died during
         // COMMIT, so the outcome is unknown): every request is answered 503 at once, and its
@@ -145,7 +151,7 @@ async fn write(db: &Kept, batch: Vec<Pending>, timeout_ms: i64) {
             tracing::warn!(requests = batch.len(), error = %err, "accept batch failed; writing its requests one by one");
             let mut answers = Vec::with_capacity(batch.len());
             for request in &requests {
-                answers.push(match write_batch(db, &[*request], timeout_ms).await {
+                answers.push(match write_batch(db, feed, &[*request], timeout_ms).await {
                     Ok(mut one) => one.pop().unwrap_or_else(|| Err(anyhow::anyhow!("no answer").into())),
                     Err(err) => Err(err),
                 });
@@ -164,10 +170,28 @@ async fn write(db: &Kept, batch: Vec<Pending>, timeout_ms: i64) {
 /// locks with today's prices ([`CLAIM`]); the lookup of stored responses with every insert
 /// ([`PLACE`], which inserts nothing if it found one: a retry is rare, and the batch is then
 /// placed again without it); COMMIT. The outer error fails the whole batch, the inner ones
-/// answer single requests.
-async fn write_batch(db: &Kept, requests: &[&Request], timeout_ms: i64) -> Result<Vec<Result<Accepted>>> {
+/// answer single requests. The outbox rows it wrote go to the relay through `feed`.
+async fn write_batch(
+    db: &Kept,
+    feed: Option<&Feed>,
+    requests: &[&Request],
+    timeout_ms: i64,
+) -> Result<Vec<Result<Accepted>>> {
     let mut conn = db.acquire().await?;
     let mut tx = conn.begin().await?;
+    let (answers, written) = outbox::staged(place(&mut tx, requests, timeout_ms)).await;
+    let answers = answers?;
+    tx.commit().await?;
+    conn.keep();
+    match feed {
+        Some(feed) => feed.hand_over(written),
+        None => outbox::committed(),
+    }
+    Ok(answers)
+}
+
+/// [`write_batch`]'s statements, in its transaction.
+async fn place(tx: &mut PgConnection, requests: &[&Request], timeout_ms: i64) -> Result<Vec<Result<Accepted>>> {
     let claims: Vec<&Claim> = requests.iter().map(|r| &r.claim).collect();
     let (mut locks, names) = Locks::new(&claims);
     let mut product_ids: Vec<i64> = requests.iter().flat_map(|r| r.lines.iter().map(|(p, _)| *p)).collect();
@@ -190,7 +214,7 @@ async fn write_batch(db: &Kept, requests: &[&Request], timeout_ms: i64) -> Resul
             .iter()
             .map(|&i| (i, placed.add(requests[i], &prices)))
             .collect();
-        let stored = placed.insert(&mut tx, timeout_ms, locks.lookup_columns()).await?;
+        let stored = placed.insert(tx, timeout_ms, locks.lookup_columns()).await?;
         if stored.is_empty() {
             break;
         }
@@ -212,9 +236,6 @@ async fn write_batch(db: &Kept, requests: &[&Request], timeout_ms: i64) -> Resul
     for (i, answer) in priced {
         answers[i] = Some(answer);
     }
-    tx.commit().await?;
-    conn.keep();
-    outbox::committed();
     Ok(answers
         .into_iter()
         .map(|answer| answer.unwrap_or_else(|| Err(anyhow::anyhow!("an accepted request got no answer").into())))
@@ -292,7 +313,7 @@ impl Placed {
     }
 
     /// Looks up the stored responses of `lookup` (users, scopes, keys) and, if there are none,
-    /// inserts the batch: returns what it found.
+    /// inserts the batch (its outbox rows [`outbox::stage`]d): returns what it found.
     async fn insert(
         self,
         tx: &mut PgConnection,
@@ -329,13 +350,27 @@ impl Placed {
             .bind(&keys)
             .fetch_all(tx)
             .await?;
-        Ok(rows.iter().map(StoredAt::from_row).collect::<sqlx::Result<_>>()?)
+        // Either stored responses (nothing was written) or the outbox rows written.
+        let mut stored = Vec::new();
+        let (mut ids, mut message_ids) = (Vec::new(), Vec::new());
+        for row in &rows {
+            match row.try_get::<Option<i64>, _>("outbox_id")? {
+                Some(id) => {
+                    ids.push(id);
+                    message_ids.push(row.try_get("message_id")?);
+                }
+                None => stored.push(StoredAt::from_row(row)?),
+            }
+        }
+        outbox::stage(&messages, &ids, &message_ids);
+        Ok(stored)
     }
 }
 
 /// Accepting a batch of orders in one statement, unless a key of `$24`..`$26` (users, scopes,
 /// keys) has a stored response: then nothing is inserted and the stored responses are the
-/// result (rows of [`StoredAt`]). The outbox messages are `$1`..`$7`. Foreign keys are checked
+/// result (rows of [`StoredAt`], `outbox_id` NULL); else the result is the outbox rows written
+/// (`outbox_id` and `message_id`). The outbox messages are `$1`..`$7`. Foreign keys are checked
 /// at the statement's end, when the order rows exist.
 static PLACE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
@@ -359,9 +394,12 @@ static PLACE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
                  AS t(uid, key, scope, request, response, headers)
              WHERE NOT EXISTS (SELECT FROM stored)
          ), sent AS (
-             {} WHERE NOT EXISTS (SELECT FROM stored)
+             {} WHERE NOT EXISTS (SELECT FROM stored) RETURNING id, message_id
          )
-         SELECT * FROM stored",
+         SELECT at, request, status_code, response, headers, NULL::int8 AS outbox_id, NULL::uuid AS message_id
+         FROM stored
+         UNION ALL
+         SELECT NULL, NULL, NULL, NULL, NULL, id, message_id FROM sent",
         idempotency::stored_query(24),
         outbox::INSERT
     )

@@ -25,7 +25,7 @@ use axum::{
     http::{HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
-use orderflow_shared::{config::Config, telemetry};
+use orderflow_shared::{config::Config, db::outbox::Feed, telemetry};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -58,8 +58,14 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(pool: PgPool, config: Arc<Config>) -> Self {
+        Self::with_feed(pool, config, None)
+    }
+
+    /// [`new`](Self::new), handing the orders it accepts to a relay in this process through
+    /// `feed` (see `orderflow_workers::spawn_fed`) instead of asking it to read them back.
+    pub fn with_feed(pool: PgPool, config: Arc<Config>, feed: Option<Arc<Feed>>) -> Self {
         Self {
-            acceptor: accept::Acceptor::start(pool.clone(), config.order_timeout),
+            acceptor: accept::Acceptor::start(pool.clone(), config.order_timeout, feed),
             watcher: wait::Watcher::start(pool.clone()),
             pool,
             auth: Arc::new(auth::Authenticator::from_config(&config)),

@@ -185,10 +185,12 @@ impl TestApp {
         let shutdown = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut base = String::new();
+        // As in `orderflow all`: the API hands the orders it accepts to the first instance's relay.
+        let feed = Arc::new(orderflow_shared::db::outbox::Feed::default());
         if opts.api {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             base = format!("http://{}", listener.local_addr().unwrap());
-            let state = orderflow_api::AppState::new(pool.clone(), Arc::new(config.clone()));
+            let state = orderflow_api::AppState::with_feed(pool.clone(), Arc::new(config.clone()), Some(feed.clone()));
             tasks.spawn(orderflow_api::serve(listener, state, shutdown.clone()));
             orderflow_shared::metrics::install();
             let (pool, amqp_url, shutdown) = (pool.clone(), config.amqp_url.clone(), shutdown.clone());
@@ -197,8 +199,9 @@ impl TestApp {
                 Ok(())
             });
         }
-        for _ in 0..opts.instances {
-            orderflow_workers::spawn(&mut tasks, &opts.workers, &pool, &config, &shutdown);
+        for i in 0..opts.instances {
+            let feed = if i == 0 { feed.clone() } else { Default::default() };
+            orderflow_workers::spawn_fed(&mut tasks, &opts.workers, &pool, &config, feed, &shutdown);
         }
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))

@@ -112,7 +112,19 @@ pub fn spawn(
     config: &Config,
     shutdown: &CancellationToken,
 ) {
-    let feed = Arc::new(Feed::default());
+    spawn_fed(set, kinds, pool, config, Arc::new(Feed::default()), shutdown);
+}
+
+/// [`spawn`], with the feed given: others that write the outbox on the same database in this
+/// process (the API's order acceptance) hand their rows over through it too.
+pub fn spawn_fed(
+    set: &mut JoinSet<anyhow::Result<()>>,
+    kinds: &[WorkerKind],
+    pool: &PgPool,
+    config: &Config,
+    feed: Arc<Feed>,
+    shutdown: &CancellationToken,
+) {
     for &kind in kinds {
         let (pool, config, feed, shutdown) = (pool.clone(), config.clone(), feed.clone(), shutdown.clone());
         set.spawn(async move { run(kind, pool, &config, feed, shutdown).await });
