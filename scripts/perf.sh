@@ -7,6 +7,11 @@
 #                                   # (rates ends with a step at half the saturation it found,
 #                                   # and prints whether the latency there is within target)
 #   RATE_ARGS="--observe wait" bash scripts/perf.sh rates   # extra bench flags for the rate runs
+#   ORDER_TIMEOUT=5s RATE_SECONDS=40 PERF_RATES="35 140" bash scripts/perf.sh rates
+#                                   # 40 s per rate, and deadlines that expire inside the run: with
+#                                   # the default 60 s a run ends before any deadline message
+#                                   # expires, and leaves out the delivery and the recovery
+#                                   # transaction each costs a minute later
 #   WORK_SETTLE=0s bash scripts/perf.sh closed   # 22 s quicker per bench: PostgreSQL's statistics
 #                                   # (commits, rows) read at once, off by up to a second's work
 #   PERF_BIN=target/debug/orderflow PERF_ORDERS=300 bash scripts/perf.sh cluster
@@ -160,7 +165,7 @@ bench() {
 }
 
 rate_bench() {
-  bench "$1" --rate "$2" --orders $(($2 * 20)) --users 300 --coupon-share 0.2 ${RATE_ARGS:-}
+  bench "$1" --rate "$2" --orders $(($2 * ${RATE_SECONDS:-20})) --users 300 --coupon-share 0.2 ${RATE_ARGS:-}
 }
 # Offered rates up to past saturation, then the latency target at half of it. Saturation is the
 # most orders per second any step completed, once some step fell behind: it completed fewer than

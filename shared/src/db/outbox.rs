@@ -307,8 +307,9 @@ pub fn take_asked() -> bool {
     POLL_ASKED.swap(false, Ordering::AcqRel)
 }
 
-/// Rows handed from the steps to the relay that were started together (one `orderflow`
-/// process's workers, on one database): open while that relay leads.
+/// Rows handed to the relay by the steps started with it (one `orderflow` process's workers,
+/// on one database) and by the API's order acceptance in the same process: open while that
+/// relay leads.
 #[derive(Debug, Default)]
 pub struct Feed {
     /// Rows handed over and not yet taken; `None` while the relay does not lead.
