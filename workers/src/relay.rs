@@ -646,7 +646,7 @@ async fn publish_rows(
         match result {
             Published::Confirmed => sent.extend_from_slice(row.ids()),
             Published::Refused { why, nack } => {
-                tracing::warn!(outbox_id = row.id, message_type = %row.message_type, exchange = %row.exchange,
+                tracing::warn!(outbox_id = row.id, covers = ?row.covers, message_type = %row.message_type, exchange = %row.exchange,
                     routing_key = %row.routing_key, reason = %why, "the broker refused a message; it will be retried on its own");
                 let (most, max_delay) = if nack {
                     (MAX_NACKED_ATTEMPTS, MAX_NACKED_RETRY_DELAY_S)

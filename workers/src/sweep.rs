@@ -33,7 +33,7 @@ pub async fn run(
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => break,
         }
-        if let Err(err) = prune(&pool, interval / 2).await {
+        if let Err(err) = prune(&pool, (interval / 2).min(PRUNE_BUDGET)).await {
             tracing::warn!(error = %err, "pruning old bookkeeping failed; will retry next interval");
         }
         match sweep_once(&pool, order_timeout).await {
@@ -55,6 +55,9 @@ pub async fn run(
 /// Rows removed per table per statement: small batches keep each delete (and the locks and
 /// WAL it holds) short.
 const PRUNE_BATCH: i64 = 5_000;
+/// Longest a pass prunes (and at most half the sweep interval): the sweep's own work, and a
+/// shutdown, wait for it.
+const PRUNE_BUDGET: Duration = Duration::from_secs(5);
 
 /// Deletes bookkeeping nobody can need any more: idempotency keys older than 48 hours (the
 /// promise is at least 24), outbox rows published or discarded over a day ago, inbox records older than
@@ -64,7 +67,8 @@ const PRUNE_BATCH: i64 = 5_000;
 /// removed.
 ///
 /// It takes [`PRUNE_BATCH`] rows from each table in turn, and goes round again while a table
-/// had a full batch, for at most `budget` (the sweep gives it half its interval): so it keeps
+/// had a full batch, for at most `budget` (the sweep gives it half its interval, at most
+/// [`PRUNE_BUDGET`]): so it keeps
 /// pace with any rate at which rows come due that the database can delete within that time,
 /// instead of at most one batch per table per pass (500 rows a second at the default 10 s,
 /// less than a shop at a few hundred orders a second writes).

@@ -192,9 +192,9 @@ fn about(kind: MessageType) -> (&'static str, &'static str) {
             "Bound the time orders spend in flight",
             "Sent for the orders the API accepts, with the AMQP `expiration` ORDER_TIMEOUT \
              (milliseconds): one message names the orders accepted within about a second (up to \
-             500), published a second after the first of them at most. No one consumes `orderflow.deadline`: the message expires into \
-             `orderflow.expired`, and the recovery worker cancels those orders that are still in \
-             flight (reason TIMEOUT).",
+             500), published about a second after the relay took the first of them. No one \
+             consumes `orderflow.deadline`: the message expires into `orderflow.expired`, and the \
+             recovery worker cancels those orders that are still in flight (reason TIMEOUT).",
         ),
         OrderConfirmed => (
             "An order was confirmed (public)",

@@ -7,8 +7,8 @@
 //! Nothing is lost or early: the rows stay unsent in the outbox until the broker confirmed the
 //! message that carries them (a relay that stops leading drops what it held, and the next
 //! leader reads the rows again), and the message expires its own `expiration` after it is
-//! published, so no order in it is looked at before its deadline, and none more than
-//! [`LINGER`] after it.
+//! published, so no order in it is looked at before its deadline, nor much more than
+//! [`LINGER`] after it once the relay took its row.
 
 use std::time::{Duration, Instant};
 
@@ -16,9 +16,11 @@ use orderflow_shared::{
     messaging::{
         Envelope, MessageType,
         envelope::{CommandData, MAX_ORDERS_PER_COMMAND},
+        topology,
     },
     telemetry::TraceParent,
 };
+use uuid::Uuid;
 
 use super::OutboxRow;
 
@@ -37,9 +39,7 @@ pub struct Held {
 impl Held {
     /// Keeps back the deadline rows of `rows` and returns the others.
     pub fn hold(&mut self, rows: Vec<OutboxRow>) -> Vec<OutboxRow> {
-        let (deadlines, others): (Vec<_>, Vec<_>) = rows
-            .into_iter()
-            .partition(|r| r.message_type == MessageType::OrderDeadline.as_str());
+        let (deadlines, others): (Vec<_>, Vec<_>) = rows.into_iter().partition(is_deadline);
         for row in deadlines {
             self.since.get_or_insert_with(Instant::now);
             self.orders += row.order_ids.len();
@@ -89,6 +89,16 @@ impl Held {
     }
 }
 
+/// Whether a row is a deadline as accepting writes it: to the deadline exchange, with an
+/// expiration. (A dead-lettered deadline replayed by an operator goes straight to the recovery
+/// queue, with its original id: it goes out as it is.)
+fn is_deadline(row: &OutboxRow) -> bool {
+    row.message_type == MessageType::OrderDeadline.as_str()
+        && row.exchange == topology::DEADLINE_EXCHANGE
+        && row.routing_key == MessageType::OrderDeadline.as_str()
+        && row.expiration_ms.is_some()
+}
+
 /// One deadline message naming every order of `rows` (at most [`MAX_ORDERS_PER_COMMAND`]),
 /// standing for them all (`covers`): confirmed, they are all marked sent; refused, they are
 /// all retried. A single row goes out as it is (and so would all, could the message not be
@@ -104,7 +114,8 @@ fn merge(rows: Vec<OutboxRow>) -> Vec<OutboxRow> {
         traces.extend(row_traces(row));
     }
     // Two rows or more: several orders, so no `orderId` (and no AMQP correlation id).
-    let envelope = Envelope::new(MessageType::OrderDeadline, None, CommandData::new(&orders, &traces));
+    let mut envelope = Envelope::new(MessageType::OrderDeadline, None, CommandData::new(&orders, &traces));
+    envelope.id = merged_id(&rows);
     let Ok(body) = serde_json::to_vec(&envelope) else {
         return rows;
     };
@@ -126,6 +137,22 @@ fn merge(rows: Vec<OutboxRow>) -> Vec<OutboxRow> {
         covers: rows.iter().map(|r| r.id).collect(),
         order_ids: orders,
     }]
+}
+
+/// The id of the message standing for `rows`: the same whenever the same rows are gathered
+/// again (a relay that died between the broker's confirm and the mark, and the next leader),
+/// so the recovery worker's inbox absorbs the repeat. A UUIDv7 like every message id: the time
+/// of the first row's message id, and the rest from a hash of the rows' ids.
+fn merged_id(rows: &[OutboxRow]) -> Uuid {
+    let ids: Vec<u8> = rows.iter().flat_map(|r| r.id.to_be_bytes()).collect();
+    let hash = Uuid::new_v5(&Uuid::NAMESPACE_OID, &ids);
+    let mut rest = [0u8; 10];
+    rest.copy_from_slice(&hash.as_bytes()[..10]);
+    let millis = rows[0].message_id.get_timestamp().map_or(0, |t| {
+        let (secs, nanos) = t.to_unix();
+        secs * 1_000 + u64::from(nanos) / 1_000_000
+    });
+    uuid::Builder::from_unix_timestamp_millis(millis, &rest).into_uuid()
 }
 
 /// Each order's trace in a deadline row, aligned with its `order_ids`: `data.traceparents`
@@ -215,6 +242,50 @@ mod tests {
         assert_eq!(envelope.data.order_ids, orders);
         assert_eq!(envelope.data.traceparents, [TRACE_A, "", TRACE_B, ""]);
         assert!(held.wait().is_none() && !held.knows(1), "nothing held after");
+        assert_eq!(merged.message_id.get_version_num(), 7);
+    }
+
+    #[test]
+    fn the_same_rows_gathered_again_make_the_same_message_id() {
+        // The same rows read back by the next leader: same ids, message ids and orders.
+        let orders: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+        let (a, b) = (
+            deadline(7, &orders[..1], &[None], 60_000),
+            deadline(9, &orders[1..], &[None, None], 60_000),
+        );
+        let copy = |r: &OutboxRow, id: i64| OutboxRow {
+            id,
+            message_id: r.message_id,
+            body: r.body.clone(),
+            ..deadline(id, &r.order_ids, &[], 60_000)
+        };
+        let mut held = Held::default();
+        held.hold(vec![copy(&a, 7), copy(&b, 9)]);
+        let first = held.due(true).remove(0);
+        held.hold(vec![copy(&a, 7), copy(&b, 9)]);
+        let again = held.due(true).remove(0);
+        assert_eq!(first.message_id, again.message_id);
+        assert_eq!(first.message_id.get_version_num(), 7);
+        held.hold(vec![copy(&a, 8), copy(&b, 9)]);
+        assert_ne!(
+            held.due(true).remove(0).message_id,
+            first.message_id,
+            "other rows, another id"
+        );
+    }
+
+    #[test]
+    fn a_replayed_deadline_goes_out_as_it_is() {
+        let mut held = Held::default();
+        let replay = OutboxRow {
+            exchange: String::new(),
+            routing_key: "orderflow.recovery.expired".to_owned(),
+            expiration_ms: None,
+            ..deadline(5, &[Uuid::now_v7()], &[None], 0)
+        };
+        let rest = held.hold(vec![replay, deadline(6, &[Uuid::now_v7()], &[None], 60_000)]);
+        assert_eq!(rest.iter().map(|r| r.id).collect::<Vec<_>>(), [5]);
+        assert!(held.knows(6));
     }
 
     #[test]
