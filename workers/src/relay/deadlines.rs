@@ -31,7 +31,6 @@ pub const LINGER: Duration = Duration::from_secs(1);
 #[derive(Default)]
 pub struct Held {
     rows: Vec<OutboxRow>,
-    orders: usize,
     /// When the oldest of `rows` was taken.
     since: Option<Instant>,
 }
@@ -42,7 +41,6 @@ impl Held {
         let (deadlines, others): (Vec<_>, Vec<_>) = rows.into_iter().partition(is_deadline);
         for row in deadlines {
             self.since.get_or_insert_with(Instant::now);
-            self.orders += row.order_ids.len();
             self.rows.push(row);
         }
         others
@@ -65,12 +63,12 @@ impl Held {
     /// The held rows as messages of at most [`MAX_ORDERS_PER_COMMAND`] orders each, once the
     /// oldest waited [`LINGER`], a message's worth is held, or `now` (shutting down); else none.
     pub fn due(&mut self, now: bool) -> Vec<OutboxRow> {
-        let ready = now || self.orders >= MAX_ORDERS_PER_COMMAND || self.wait().is_some_and(|w| w.is_zero());
+        let orders: usize = self.rows.iter().map(|r| r.order_ids.len()).sum();
+        let ready = now || orders >= MAX_ORDERS_PER_COMMAND || self.wait().is_some_and(|w| w.is_zero());
         if !ready || self.rows.is_empty() {
             return Vec::new();
         }
         self.since = None;
-        self.orders = 0;
         let mut messages = Vec::new();
         let mut group: Vec<OutboxRow> = Vec::new();
         let mut orders = 0;
