@@ -2,7 +2,8 @@
 # Repeats the numbers in docs/PERFORMANCE.md with one command:
 #
 #   bash scripts/perf.sh            # every scenario
-#   bash scripts/perf.sh rates      # only some: idle rates closed accept hot rush instances observe cluster prune
+#   bash scripts/perf.sh rates      # only some: idle rates floor closed accept hot rush instances observe
+#                                   # cluster prune floor_split
 #   PERF_RATES="350 700" bash scripts/perf.sh rates   # only these offered rates
 #                                   # (rates ends with a step at half the saturation it found,
 #                                   # and prints whether the latency there is within target)
@@ -12,6 +13,10 @@
 #                                   # the default 60 s a run ends before any deadline message
 #                                   # expires, and leaves out the delivery and the recovery
 #                                   # transaction each costs a minute later
+#   PERF_RATES="35 140 350" bash scripts/perf.sh floor rates
+#                                   # the floor (what the guarantees alone cost, without the
+#                                   # system) beside the pipeline at the same rates
+#   CLOSED_ORDERS=15000 bash scripts/perf.sh closed   # longer 64-client runs (default 3,000)
 #   WORK_SETTLE=0s bash scripts/perf.sh closed   # 22 s quicker per bench: PostgreSQL's statistics
 #                                   # (commits, rows) read at once, off by up to a second's work
 #   PERF_BIN=target/debug/orderflow PERF_ORDERS=300 bash scripts/perf.sh cluster
@@ -70,14 +75,19 @@ stop_cluster() {
 }
 trap 'stop_system; stop_cluster' EXIT
 
-# A fresh database and vhost, then the whole system in the background, waiting until ready.
-start_system() {
-  stop_system
+# A fresh (empty) database and vhost.
+fresh() {
   psql -q "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)"
   curl -fsS -o /dev/null -X DELETE "$MGMT/vhosts/$VHOST" || true
   curl -fsS -o /dev/null -X PUT "$MGMT/vhosts/$VHOST"
   curl -fsS -o /dev/null -X PUT -H 'content-type: application/json' \
     -d '{"configure":".*","write":".*","read":".*"}' "$MGMT/permissions/$VHOST/guest"
+}
+
+# A fresh database and vhost, then the whole system in the background, waiting until ready.
+start_system() {
+  stop_system
+  fresh
   if [[ -n ${ACCEPT_ONLY:-} ]]; then
     # Only what every order costs before any step runs: the API accepting it and the relay
     # publishing its reservation and deadline messages; and the recovery worker, which keeps
@@ -143,6 +153,11 @@ bench() {
   # so they are exact (WORK_SETTLE=0s: quicker, off by up to a second's work at each end).
   "$BIN" bench --api "$API" --json "$OUT/$name.json" --system-pids "$pids" --pg-waits \
     --work-settle "${WORK_SETTLE:-11s}" "$@"
+  append_rows "$name"
+}
+# Appends the rows of $OUT/$1.json to $OUT/cpu.tsv.
+append_rows() {
+  local name=$1
   jq -r --arg name "$name" '
     def num: if . == null then "-" else . * 100 | round / 100 end;
     def row($n; $done; $rate; $cpu; $waits; $work):
@@ -193,12 +208,34 @@ scenario_rates() {
     + (if .accept_p99_ms <= 50 and .e2e_p99_ms <= 500 then "met" else "NOT met" end)' \
     "$OUT/rate-half.json" | tee "$OUT/half-saturation.txt" >&2
 }
+# The floor under the pipeline's cost at the same rates (`orderflow bench --floor`, without the
+# system): orders accepted and carried through three hops that do only what the design's
+# guarantees require (inbox, outbox, synchronous commit, a persistent quorum-queue message with a
+# publisher confirm, ack after commit), all in the bench's process (its `bench` column).
+scenario_floor() {
+  local rate name
+  for rate in ${PERF_RATES:-35 140 350}; do
+    stop_system
+    fresh
+    psql -q "$PG/postgres" -c "CREATE DATABASE $DB"
+    name=floor${1:+-$1}-$rate
+    log "$name: orderflow bench --floor ${*:2} --rate $rate"
+    "$BIN" bench --floor "${@:2}" --rate "$rate" --orders $((rate * ${RATE_SECONDS:-20})) \
+      --json "$OUT/$name.json" --work-settle "${WORK_SETTLE:-11s}"
+    append_rows "$name"
+  done
+}
+# The same floor with each transaction a statement at a time (BEGIN, a statement per table,
+# COMMIT): what the round trips a hop spends beyond one cost.
+scenario_floor_split() {
+  scenario_floor split --floor-split
+}
 scenario_closed() {
   bench closed --concurrency 32 --orders 6000 --users 300 --coupon-share 0.2 --baseline sync
   # The plain mix the Performance II issue states its first target with, against both
   # monoliths: a statement per step (sync) and one PL/pgSQL call per order (procedure).
-  bench closed-64 --concurrency 64 --orders 3000 --baseline sync
-  bench closed-64-procedure --concurrency 64 --orders 3000 --baseline procedure
+  bench closed-64 --concurrency 64 --orders "${CLOSED_ORDERS:-3000}" --baseline sync
+  bench closed-64-procedure --concurrency 64 --orders "${CLOSED_ORDERS:-3000}" --baseline procedure
 }
 # The system doing nothing, IDLE_SETTLE (5 s) after it became ready, for IDLE_FOR (30 s): CPU
 # by process group in % of one core, and the database's and the broker's work per second (the
@@ -306,7 +343,7 @@ printf 'seconds\tpostgres%%\trabbitmq%%\torderflow%%\tmachine%%\twrite-tx/s\tcom
 bash scripts/services.sh
 if [[ -z ${PERF_BIN:-} ]]; then cargo build --release --quiet; fi
 scenarios=("$@")
-[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(idle rates closed accept hot rush instances observe)
+[[ ${#scenarios[@]} -gt 0 ]] || scenarios=(idle rates floor closed accept hot rush instances observe)
 for s in "${scenarios[@]}"; do
   "scenario_$s"
 done

@@ -393,3 +393,62 @@ async fn an_idle_measurement_sends_nothing() {
     assert_eq!(orders, 0);
     app.stop().await;
 }
+
+/// `--floor` carries every order through every hop exactly once (one inbox record per hop, one
+/// outbox row per hop and one for its event, every row marked sent) on the test's own database
+/// and vhost, and leaves neither its schema nor its queues behind.
+#[tokio::test]
+async fn the_floor_carries_every_order_through_every_hop_once_and_cleans_up() {
+    let app = TestApp::api_only().await;
+    let amqp_url = app.config.amqp_url.clone();
+    let floor = [
+        "--floor",
+        "--rate",
+        "200",
+        "--orders",
+        "40",
+        "--hops",
+        "3",
+        "--amqp-url",
+        &amqp_url,
+    ];
+    let Outcome::Floor(report) = execute(&args(&app, &floor)).await.expect("the floor runs") else {
+        panic!("expected a floor report");
+    };
+    assert_eq!(
+        (report.orders, report.confirmed, report.hops),
+        (40, 40, 3),
+        "{report:?}"
+    );
+    let t = report.tables;
+    assert_eq!(
+        (t.orders_through, t.inbox_records, t.outbox_rows, t.outbox_unsent),
+        (40, 120, 160, 0),
+        "{report:?}"
+    );
+    // Four transactions per order at least (the accept and three hops), whatever else wrote.
+    assert!(
+        report.work.as_ref().unwrap().write_transactions_per_order.unwrap() >= 4.0,
+        "{report:?}"
+    );
+    if let Some(cpu) = &report.cpu {
+        assert_cpu(&serde_json::to_value(cpu).unwrap(), 40, "completed");
+    }
+    let schemas: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'orderflow_bench_floor_%'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(schemas, 0, "the floor's schema is dropped");
+    let queues = app
+        .mgmt(reqwest::Method::GET, &format!("/api/queues/{}", app.vhost))
+        .await;
+    let left: Vec<&Value> = queues
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| q["name"].as_str().unwrap().starts_with("orderflow.bench.floor."))
+        .collect();
+    assert!(left.is_empty(), "the floor's queues are deleted: {left:?}");
+    app.stop().await;
+}

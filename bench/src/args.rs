@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail, ensure};
-use orderflow_shared::config::{DEFAULT_DATABASE_URL, DEV_JWT_SECRET, parse_duration};
+use orderflow_shared::config::{DEFAULT_AMQP_URL, DEFAULT_DATABASE_URL, DEV_JWT_SECRET, parse_duration};
 
 /// Load a running system with orders (or a coupon rush) and report throughput and latency.
 // No Debug: it holds the JWT secret.
@@ -79,6 +79,29 @@ pub struct BenchArgs {
     #[arg(long, value_parser = parse_duration, value_name = "DURATION",
           conflicts_with_all = ["hot", "baseline", "rate", "coupon_share", "coupon_rush", "concurrency"])]
     pub idle: Option<Duration>,
+
+    /// Instead of orders through the system: the floor under its cost ([`crate::floor`]):
+    /// --orders orders at --rate, each accepted and carried through --hops hops that do only
+    /// what the design's guarantees require (inbox, outbox, synchronous commit, a persistent
+    /// message on a quorum queue with a publisher confirm, ack after commit), in this process.
+    /// Needs DATABASE_URL and AMQP_URL, not the system.
+    #[arg(long, requires = "rate",
+          conflicts_with_all = ["hot", "baseline", "coupon_share", "coupon_rush", "concurrency", "idle"])]
+    pub floor: bool,
+
+    /// Hops each order of --floor goes through after it was accepted (the pipeline's card needs
+    /// at least three: stock, payment, order).
+    #[arg(long, default_value_t = 3, requires = "floor")]
+    pub hops: u32,
+
+    /// --floor with each transaction a statement at a time (BEGIN, a statement per table,
+    /// COMMIT) instead of one statement: what the extra round trips cost.
+    #[arg(long, requires = "floor")]
+    pub floor_split: bool,
+
+    /// The broker --floor uses (a queue of its own, deleted afterwards).
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: String,
 
     /// Coupons on offer in the coupon rush.
     #[arg(long, default_value_t = 100, requires = "coupon_rush")]
@@ -194,6 +217,23 @@ pub enum Scenario {
     CouponRush(RushSettings),
     /// Two marks this far apart, nothing sent.
     Idle(Duration),
+    Floor(FloorSettings),
+}
+
+/// `--floor`: orders carried through hops that do only what the guarantees require.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FloorSettings {
+    pub orders: u64,
+    /// Orders per second.
+    pub rate: f64,
+    pub hops: u32,
+    /// Each transaction a statement at a time rather than one statement.
+    pub split: bool,
+    pub amqp_url: String,
+    /// PostgreSQL connections, and hops in flight at most.
+    pub connections: u32,
+    /// How long to wait, after the last order was sent, for every order to go through.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -258,7 +298,27 @@ impl BenchArgs {
         if let Some(c) = self.concurrency {
             ensure!((1..=10_000).contains(&c), "--concurrency must be 1..=10000");
         }
-        let scenario = if let Some(d) = self.idle {
+        let scenario = if self.floor {
+            ensure!(
+                (1..=MAX_ORDERS).contains(&self.orders),
+                "--orders must be 1..={MAX_ORDERS}"
+            );
+            ensure!((1..=100).contains(&self.hops), "--hops must be 1..=100");
+            let rate = self.rate.unwrap_or_default();
+            ensure!(
+                rate.is_finite() && rate > 0.0 && rate <= 1e6,
+                "--rate must be within (0, 1000000]"
+            );
+            Scenario::Floor(FloorSettings {
+                orders: self.orders,
+                rate,
+                hops: self.hops,
+                split: self.floor_split,
+                amqp_url: self.amqp_url.clone(),
+                connections: 8,
+                timeout: self.timeout,
+            })
+        } else if let Some(d) = self.idle {
             ensure!(
                 (Duration::from_secs(1)..=Duration::from_secs(3_600)).contains(&d),
                 "--idle must be within 1s..=1h"
@@ -393,7 +453,7 @@ mod tests {
     fn orders(args: &[&str]) -> OrderSettings {
         match settings(args).unwrap().scenario {
             Scenario::Orders(o) => o,
-            Scenario::CouponRush(_) | Scenario::Idle(_) => panic!("expected the order scenario"),
+            _ => panic!("expected the order scenario"),
         }
     }
 
@@ -499,6 +559,38 @@ mod tests {
         assert_eq!(o.baseline_concurrency, Some(16));
         assert_eq!(orders(&["--baseline", "sync"]).baseline, Some(Baseline::Sync));
         assert_eq!(orders(&[]).baseline, None);
+    }
+
+    #[test]
+    fn the_floor_needs_a_rate_and_nothing_of_the_order_mix() {
+        assert_eq!(
+            settings(&[
+                "--floor",
+                "--rate",
+                "35",
+                "--orders",
+                "1400",
+                "--amqp-url",
+                "amqp://h/v"
+            ])
+            .unwrap()
+            .scenario,
+            Scenario::Floor(FloorSettings {
+                orders: 1_400,
+                rate: 35.0,
+                hops: 3,
+                split: false,
+                amqp_url: "amqp://h/v".to_owned(),
+                connections: 8,
+                timeout: Duration::from_secs(120),
+            })
+        );
+        assert!(parse(&["--floor"]).is_err());
+        assert!(parse(&["--floor", "--rate", "35", "--baseline", "sync"]).is_err());
+        assert!(parse(&["--floor", "--rate", "35", "--coupon-share", "0.2"]).is_err());
+        assert!(settings(&["--floor", "--rate", "35", "--hops", "0"]).is_err());
+        assert!(parse(&["--hops", "2", "--rate", "35"]).is_err());
+        assert!(parse(&["--floor-split", "--rate", "35"]).is_err());
     }
 
     #[test]

@@ -14,12 +14,14 @@
 //!    (the pipeline's load, the baseline, the rush) is also metered ([`meter`]): CPU by
 //!    process from /proc ([`cpu`]) and, with `--pg-waits`, PostgreSQL wait events ([`waits`]).
 //!
-//! `--coupon-rush` runs [`rush`] instead, `--idle` measures the system doing nothing ([`idle`]).
+//! `--coupon-rush` runs [`rush`] instead, `--idle` measures the system doing nothing ([`idle`]),
+//! `--floor` what the design's guarantees alone cost per order, without the system ([`floor`]).
 
 pub mod args;
 mod baseline;
 mod client;
 pub mod cpu;
+pub mod floor;
 pub mod idle;
 mod load;
 mod meter;
@@ -56,6 +58,7 @@ pub enum Outcome {
     Orders(Report),
     CouponRush(RushReport),
     Idle(idle::IdleReport),
+    Floor(floor::FloorReport),
 }
 
 impl Outcome {
@@ -64,6 +67,7 @@ impl Outcome {
             Self::Orders(r) => r.table(),
             Self::CouponRush(r) => r.table(),
             Self::Idle(r) => r.table(),
+            Self::Floor(r) => r.table(),
         }
     }
 
@@ -72,6 +76,7 @@ impl Outcome {
             Self::Orders(r) => serde_json::to_string_pretty(r),
             Self::CouponRush(r) => serde_json::to_string_pretty(r),
             Self::Idle(r) => serde_json::to_string_pretty(r),
+            Self::Floor(r) => serde_json::to_string_pretty(r),
         }
     }
 }
@@ -92,7 +97,8 @@ pub async fn run(args: &BenchArgs) -> anyhow::Result<()> {
 pub async fn execute(args: &BenchArgs) -> anyhow::Result<Outcome> {
     let settings = args.validate()?;
     let (secret, default) = args.jwt_secret();
-    if default {
+    // Only the scenarios that call the API sign tokens.
+    if default && matches!(settings.scenario, Scenario::Orders(_) | Scenario::CouponRush(_)) {
         eprintln!("warning: JWT_SECRET is not set; signing with the development secret, as the system must too");
     }
     let progress = Progress::new();
@@ -109,6 +115,9 @@ pub async fn execute(args: &BenchArgs) -> anyhow::Result<Outcome> {
                 rush::run(&api, s, &progress, &meter).await.map(Outcome::CouponRush)
             }
             Scenario::Idle(duration) => Ok(Outcome::Idle(idle::run(*duration, &meter).await)),
+            Scenario::Floor(s) => floor::run(&args.database_url, s, &progress, &meter)
+                .await
+                .map(Outcome::Floor),
         }
     }
     .await;
