@@ -24,8 +24,8 @@
 #                                   # its numbers mean nothing
 #
 # Builds the release binary, then for each scenario starts `orderflow all` on a fresh
-# database (orderflow_perf) and RabbitMQ vhost (perf), runs `orderflow bench` against it and
-# stops it again, so no scenario inherits another's backlog or bloat. Reports (JSON) land in
+# database (orderflow_perf) and RabbitMQ vhost (perf) (the floor scenarios: only the fresh
+# database and vhost), runs `orderflow bench` against it and stops it again, so no scenario inherits another's backlog or bloat. Reports (JSON) land in
 # target/perf/. Needs PostgreSQL and RabbitMQ as scripts/services.sh leaves them; run it on
 # an otherwise idle machine, since every number is CPU time shared with the services.
 set -euo pipefail
@@ -220,7 +220,8 @@ scenario_floor() {
     psql -q "$PG/postgres" -c "CREATE DATABASE $DB"
     name=floor${1:+-$1}-$rate
     log "$name: orderflow bench --floor ${*:2} --rate $rate"
-    "$BIN" bench --floor "${@:2}" --rate "$rate" --orders $((rate * ${RATE_SECONDS:-20})) \
+    # --api: where nothing listens now, so the work probe finds no other system's messages.
+    "$BIN" bench --floor "${@:2}" --api "$API" --rate "$rate" --orders $((rate * ${RATE_SECONDS:-20})) \
       --json "$OUT/$name.json" --work-settle "${WORK_SETTLE:-11s}"
     append_rows "$name"
   done

@@ -395,44 +395,63 @@ async fn an_idle_measurement_sends_nothing() {
 }
 
 /// `--floor` carries every order through every hop exactly once (one inbox record per hop, one
-/// outbox row per hop and one for its event, every row marked sent) on the test's own database
-/// and vhost, and leaves neither its schema nor its queues behind.
+/// outbox row per hop and one for its event, every row marked sent), one statement per hop or
+/// a statement at a time (`--floor-split`), on the test's own database and vhost, and leaves
+/// neither its schema nor its queues behind.
 #[tokio::test]
 async fn the_floor_carries_every_order_through_every_hop_once_and_cleans_up() {
     let app = TestApp::api_only().await;
     let amqp_url = app.config.amqp_url.clone();
-    let floor = [
-        "--floor",
-        "--rate",
-        "200",
-        "--orders",
-        "40",
-        "--hops",
-        "3",
-        "--amqp-url",
-        &amqp_url,
-    ];
-    let Outcome::Floor(report) = execute(&args(&app, &floor)).await.expect("the floor runs") else {
-        panic!("expected a floor report");
-    };
-    assert_eq!(
-        (report.orders, report.confirmed, report.hops),
-        (40, 40, 3),
-        "{report:?}"
-    );
-    let t = report.tables;
-    assert_eq!(
-        (t.orders_through, t.inbox_records, t.outbox_rows, t.outbox_unsent),
-        (40, 120, 160, 0),
-        "{report:?}"
-    );
-    // Four transactions per order at least (the accept and three hops), whatever else wrote.
-    assert!(
-        report.work.as_ref().unwrap().write_transactions_per_order.unwrap() >= 4.0,
-        "{report:?}"
-    );
-    if let Some(cpu) = &report.cpu {
-        assert_cpu(&serde_json::to_value(cpu).unwrap(), 40, "completed");
+    for split in [false, true] {
+        let mut floor = vec![
+            "--floor",
+            "--rate",
+            "200",
+            "--orders",
+            "40",
+            "--hops",
+            "3",
+            "--amqp-url",
+            &amqp_url,
+        ];
+        if split {
+            floor.push("--floor-split");
+        }
+        let Outcome::Floor(report) = execute(&args(&app, &floor)).await.expect("the floor runs") else {
+            panic!("expected a floor report");
+        };
+        assert_eq!(
+            (
+                report.orders,
+                report.accepted,
+                report.confirmed,
+                report.errors,
+                report.hops,
+                report.split
+            ),
+            (40, 40, 40, 0, 3, split),
+            "{report:?}"
+        );
+        let t = report.tables;
+        assert_eq!(
+            (t.orders_through, t.inbox_records, t.outbox_rows, t.outbox_unsent),
+            (40, 120, 160, 0),
+            "{report:?}"
+        );
+        assert!(
+            report.e2e_p50_ms > 0.0 && report.e2e_p99_ms >= report.e2e_p50_ms,
+            "{report:?}"
+        );
+        // Four transactions per order at least (the accept and three hops), whatever else wrote.
+        assert!(
+            report.work.as_ref().unwrap().write_transactions_per_order.unwrap() >= 4.0,
+            "{report:?}"
+        );
+        if let Some(cpu) = &report.cpu {
+            // The CPU interval covers the run.
+            assert!(cpu.seconds >= report.duration_s, "{report:?}");
+            assert_cpu(&serde_json::to_value(cpu).unwrap(), 40, "completed");
+        }
     }
     let schemas: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'orderflow_bench_floor_%'")

@@ -86,7 +86,7 @@ pub struct BenchArgs {
     /// message on a quorum queue with a publisher confirm, ack after commit), in this process.
     /// Needs DATABASE_URL and AMQP_URL, not the system.
     #[arg(long, requires = "rate",
-          conflicts_with_all = ["hot", "baseline", "coupon_share", "coupon_rush", "concurrency", "idle"])]
+          conflicts_with_all = ["hot", "baseline", "coupon_share", "coupon_rush", "concurrency", "idle", "pg_waits"])]
     pub floor: bool,
 
     /// Hops each order of --floor goes through after it was accepted (the pipeline's card needs
@@ -230,8 +230,6 @@ pub struct FloorSettings {
     /// Each transaction a statement at a time rather than one statement.
     pub split: bool,
     pub amqp_url: String,
-    /// PostgreSQL connections, and hops in flight at most.
-    pub connections: u32,
     /// How long to wait, after the last order was sent, for every order to go through.
     pub timeout: Duration,
 }
@@ -315,7 +313,6 @@ impl BenchArgs {
                 hops: self.hops,
                 split: self.floor_split,
                 amqp_url: self.amqp_url.clone(),
-                connections: 8,
                 timeout: self.timeout,
             })
         } else if let Some(d) = self.idle {
@@ -581,7 +578,6 @@ mod tests {
                 hops: 3,
                 split: false,
                 amqp_url: "amqp://h/v".to_owned(),
-                connections: 8,
                 timeout: Duration::from_secs(120),
             })
         );
@@ -591,6 +587,7 @@ mod tests {
         assert!(settings(&["--floor", "--rate", "35", "--hops", "0"]).is_err());
         assert!(parse(&["--hops", "2", "--rate", "35"]).is_err());
         assert!(parse(&["--floor-split", "--rate", "35"]).is_err());
+        assert!(parse(&["--floor", "--rate", "35", "--pg-waits"]).is_err());
     }
 
     #[test]

@@ -17,19 +17,26 @@
 //!   order's event for the data platform, published to a second quorum queue nobody consumes
 //!   (as the pipeline's `data-platform.orders` while no data platform reads it).
 //!
-//! So a hop is one round trip and one commit to PostgreSQL, one message published, confirmed,
-//! delivered and acked, and an order three hops and four messages by default. `--floor-split` does each transaction a statement at a time instead
-//! (BEGIN, a statement per table, COMMIT: five round trips per hop, four per accept), which is
-//! what the round trips a step spends beyond one cost. Left out, so the floor stays below what the pipeline must do: HTTP and
-//! sign-in, the order's items, stock, coupon and balance, deadline messages, events to the data
-//! platform, status history and any batching. Everything runs in this process (the bench
-//! column of the CPU report), in a schema of its own (`orderflow_bench_floor_<random>`, dropped
-//! afterwards) and queues of its own (`orderflow.bench.floor.<random>` and `<that>.events`,
-//! deleted afterwards).
+//! So a hop is one round trip and one commit to PostgreSQL and one message published,
+//! confirmed, delivered and acked; an order is three hops and four messages by default. Its
+//! connections are taken and given back without sqlx's pool, which checks every connection
+//! (a round trip) as it goes back: the pipeline keeps its step connections out of the pool
+//! between transactions for the same reason. `--floor-split` does each transaction a statement
+//! at a time instead (BEGIN, a statement per table, COMMIT: five round trips per hop, four per
+//! accept), which prices the round trips a step spends beyond one.
+//!
+//! Left out, so the floor stays below what the pipeline must do: HTTP and sign-in, the order's
+//! items, stock, coupon and balance, status history, deadline messages, watching orders, and
+//! any batching (one order per statement and per message, so at rates where the pipeline
+//! batches the floor is not a floor of every design). Everything runs in this process (the
+//! bench column of the CPU report), in a schema of its own (`orderflow_bench_floor_<random>`,
+//! dropped afterwards) and queues of its own with the pipeline's queue arguments
+//! (`orderflow.bench.floor.<random>` and `<that>.events`, deleted afterwards).
 
 use std::{
+    ops::{Deref, DerefMut},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -41,16 +48,22 @@ use lapin::{
     BasicProperties, Channel, Confirmation, ConnectionProperties,
     message::Delivery,
     options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-        QueueDeclareOptions, QueueDeleteOptions,
+        BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
     },
-    types::{AMQPValue, FieldTable},
+    types::FieldTable,
 };
-use orderflow_shared::{db::quote_ident, messaging};
+use orderflow_shared::{
+    db::{self, quote_ident},
+    messaging::{
+        self,
+        topology::{QueueKind, QueueSpec},
+    },
+};
 use serde::{Deserialize, Serialize};
-use sqlx::{Executor, PgPool, postgres::PgPoolOptions};
+use sqlx::{Connection, Executor, PgConnection, postgres::PgConnectOptions};
 use tokio::{
-    sync::{Semaphore, mpsc},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     time::Instant,
 };
 use uuid::Uuid;
@@ -63,6 +76,9 @@ use crate::{
     report::{Latency, per_second},
     work::WorkReport,
 };
+
+/// PostgreSQL connections of a run, and hops in flight at most.
+pub const CONNECTIONS: u32 = 8;
 
 const SCHEMA_DDL: &str = "
 CREATE TABLE orders (
@@ -115,6 +131,9 @@ const HOP: &str = "WITH fresh AS (
 /// How long the relay gathers confirmed rows before marking them sent in one statement.
 const MARK_EVERY: Duration = Duration::from_millis(100);
 
+/// How long the end of a run waits for the consumer and the relay to finish.
+const WIND_DOWN: Duration = Duration::from_secs(10);
+
 /// The message body: the order, the hop it carries it to, and when it was accepted
 /// (microseconds since the run began, for the end-to-end latency).
 #[derive(Debug, Serialize, Deserialize)]
@@ -131,6 +150,10 @@ struct Row {
     body: Body,
 }
 
+/// What became of an order: through every hop after this long, or failed (an accept or a hop
+/// returned an error; it is not retried).
+type Ending = Result<Duration, ()>;
+
 /// What a floor run measured.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct FloorReport {
@@ -140,22 +163,23 @@ pub struct FloorReport {
     /// Whether each hop was a transaction of a statement per table (`--floor-split`).
     pub split: bool,
     pub orders: u64,
+    pub accepted: u64,
     /// Orders that went through every hop ("confirmed", so reports read it like an order run's).
     pub confirmed: u64,
     pub cancelled: u64,
+    /// Accepts and hops that failed (each order's first failure; such an order goes no further).
+    pub errors: u64,
     pub duration_s: f64,
+    pub accept_per_s: f64,
     pub completed_per_s: f64,
     pub e2e_p50_ms: f64,
     pub e2e_p99_ms: f64,
     /// CPU per completed order; the `bench` group is this process, doing all of it.
     pub cpu: Option<CpuReport>,
     pub work: Option<WorkReport>,
-    /// Always null (kept for reports that read an order run's fields).
-    pub pg_waits: Option<()>,
-    /// What the run left in its tables before they were dropped: orders at their last hop,
-    /// inbox records, outbox rows and those of them not marked sent. Every effect once:
-    /// `orders` through, `orders x hops` records, `orders x (hops + 1)` rows (the event), none
-    /// unsent.
+    /// What the run left in its tables before they were dropped. Every effect once: `orders`
+    /// through, `orders x hops` inbox records, `orders x (hops + 1)` outbox rows (the event),
+    /// none unsent.
     pub tables: Tables,
 }
 
@@ -170,12 +194,14 @@ pub struct Tables {
 impl FloorReport {
     pub fn table(&self) -> String {
         let mut out = format!(
-            "floor{}: {} orders at {}/s through {} hops: {} through in {:.1} s ({:.1}/s); e2e p50 {:.1} ms, p99 {:.1} ms\n",
+            "floor{}: {} orders at {}/s through {} hops: {} through, {} errors, in {:.1} s ({:.1}/s); \
+             e2e p50 {:.1} ms, p99 {:.1} ms\n",
             if self.split { " (a statement per table)" } else { "" },
             self.orders,
             self.rate,
             self.hops,
             self.confirmed,
+            self.errors,
             self.duration_s,
             self.completed_per_s,
             self.e2e_p50_ms,
@@ -204,88 +230,163 @@ impl FloorReport {
     }
 }
 
-/// Runs the floor: sets up its schema and queue, sends `orders` at `rate`, waits until each
-/// went through every hop (or `timeout` after the last was sent), removes both.
+/// PostgreSQL connections handed out and taken back without sqlx's pool (see the module's
+/// docs): a connection is taken for one transaction and goes back as it is.
+struct Conns {
+    idle: Mutex<Vec<PgConnection>>,
+    free: Arc<Semaphore>,
+}
+
+/// A connection taken from [`Conns`]; it goes back when dropped.
+struct Taken {
+    conn: Option<PgConnection>,
+    conns: Arc<Conns>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Conns {
+    async fn open(options: &PgConnectOptions, n: u32) -> anyhow::Result<Arc<Self>> {
+        let mut idle = Vec::new();
+        for _ in 0..n {
+            idle.push(PgConnection::connect_with(options).await?);
+        }
+        Ok(Arc::new(Self {
+            free: Arc::new(Semaphore::new(idle.len())),
+            idle: Mutex::new(idle),
+        }))
+    }
+
+    async fn take(self: &Arc<Self>) -> anyhow::Result<Taken> {
+        let permit = self.free.clone().acquire_owned().await?;
+        let conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        Ok(Taken {
+            conn: Some(conn.context("no idle connection behind a permit")?),
+            conns: self.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+impl Deref for Taken {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        self.conn.as_ref().expect("held until dropped")
+    }
+}
+
+impl DerefMut for Taken {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.conn.as_mut().expect("held until dropped")
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.conns.idle.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+        }
+    }
+}
+
+/// Runs the floor: its queues and schema, `orders` sent at `rate`, until each went through
+/// every hop or failed (or `timeout` after the last was sent); removes both, whatever happened.
 pub async fn run(
     database_url: &str,
     s: &FloorSettings,
     progress: &Progress,
     meter: &Meter,
 ) -> anyhow::Result<FloorReport> {
-    let suffix = Uuid::new_v4().simple().to_string();
-    let schema = format!("orderflow_bench_floor_{}", &suffix[..12]);
-    let queue = format!("orderflow.bench.floor.{}", &suffix[..12]);
+    let suffix = &Uuid::new_v4().simple().to_string()[..12];
+    let queue = format!("orderflow.bench.floor.{suffix}");
     let events = format!("{queue}.events");
-    let admin = PgPool::connect(database_url)
-        .await
-        .context("connecting to DATABASE_URL")?;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {}", quote_ident(&schema))))
-        .await
-        .context("creating the floor's schema")?;
-    let conn = messaging::connect(&s.amqp_url, ConnectionProperties::default())
+    let broker = messaging::connect(&s.amqp_url, ConnectionProperties::default())
         .await
         .context("connecting to AMQP_URL")?;
     let result = async {
-        let setup = conn.create_channel().await?;
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
-        for name in [&queue, &events] {
+        let setup = broker.create_channel().await?;
+        for (name, kind) in [(&queue, QueueKind::Work), (&events, QueueKind::Terminal)] {
+            let spec = QueueSpec {
+                name: "",
+                exchange: "",
+                routing_keys: &[],
+                kind,
+            };
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            };
             setup
-                .queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    args.clone(),
-                )
+                .queue_declare(name.as_str().into(), durable, spec.arguments())
                 .await?;
         }
-        let pool = PgPoolOptions::new()
-            .max_connections(s.connections)
-            .min_connections(s.connections)
-            .connect_with(
-                database_url
-                    .parse::<sqlx::postgres::PgConnectOptions>()?
-                    .options([("search_path", schema.as_str())]),
-            )
-            .await?;
-        pool.execute(SCHEMA_DDL).await?;
-        let report = drive(&pool, &conn, [&queue, &events], s, progress, meter).await;
-        pool.close().await;
-        for name in [&queue, &events] {
-            let _ = setup
-                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        // Closed here, before the connection: a channel dropped as the connection closes fails
-        // to close and lapin logs that as a connection error.
-        let _ = setup.close(200, "floor done".into()).await;
-        report
+        let _ = setup.close(200, "declared".into()).await;
+        let schema = format!("orderflow_bench_floor_{suffix}");
+        in_schema(database_url, &schema, &broker, [&queue, &events], s, progress, meter).await
     }
     .await;
-    let _ = conn.close(200, "floor done".into()).await;
-    let _ = admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA {} CASCADE",
-            quote_ident(&schema)
-        )))
-        .await;
+    // On a channel of its own: a failed declare closed the first one.
+    if let Ok(cleanup) = broker.create_channel().await {
+        for name in [&queue, &events] {
+            if let Err(err) = cleanup
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await
+            {
+                tracing::warn!(queue = %name, error = %err, "could not delete the floor's queue");
+            }
+        }
+        let _ = cleanup.close(200, "deleted".into()).await;
+    }
+    let _ = broker.close(200, "floor done".into()).await;
     result
 }
 
+/// The run in a schema of its own, dropped afterwards.
+async fn in_schema(
+    database_url: &str,
+    schema: &str,
+    broker: &lapin::Connection,
+    queues: [&str; 2],
+    s: &FloorSettings,
+    progress: &Progress,
+    meter: &Meter,
+) -> anyhow::Result<FloorReport> {
+    let mut admin = db::connect(database_url).await.context("connecting to DATABASE_URL")?;
+    admin
+        .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {}", quote_ident(schema))))
+        .await
+        .context("creating the floor's schema")?;
+    let result = async {
+        let options = db::primary_options(database_url)
+            .await?
+            .options([("search_path", schema)]);
+        let conns = Conns::open(&options, CONNECTIONS).await?;
+        sqlx::raw_sql(SCHEMA_DDL).execute(&mut *conns.take().await?).await?;
+        drive(&conns, broker, queues, s, progress, meter).await
+    }
+    .await;
+    let dropped = admin
+        .execute(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA {} CASCADE",
+            quote_ident(schema)
+        )))
+        .await;
+    let _ = admin.close().await;
+    let report = result?;
+    dropped.context("dropping the floor's schema")?;
+    Ok(report)
+}
+
 async fn drive(
-    pool: &PgPool,
-    conn: &lapin::Connection,
+    conns: &Arc<Conns>,
+    broker: &lapin::Connection,
     [queue, events]: [&str; 2],
     s: &FloorSettings,
     progress: &Progress,
     meter: &Meter,
 ) -> anyhow::Result<FloorReport> {
-    let publisher = conn.create_channel().await?;
+    let publisher = broker.create_channel().await?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await?;
-    let consumer_channel = conn.create_channel().await?;
+    let consumer_channel = broker.create_channel().await?;
     consumer_channel.basic_qos(64, BasicQosOptions::default()).await?;
     let mut deliveries = consumer_channel
         .basic_consume(
@@ -295,63 +396,71 @@ async fn drive(
             FieldTable::default(),
         )
         .await?;
-
+    let last_hop = i32::try_from(s.hops)?;
     let (to_relay, relay_rx) = mpsc::unbounded_channel::<Row>();
     let relay = tokio::spawn(relay(
-        pool.clone(),
+        conns.clone(),
         publisher,
         [queue.to_owned(), events.to_owned()],
-        i32::try_from(s.hops)?,
+        last_hop,
         relay_rx,
     ));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Duration>();
+    let (ended_tx, mut ended) = mpsc::unbounded_channel::<Ending>();
+    let accepted = Arc::new(AtomicU64::new(0));
+
     meter.settle().await;
     let from = meter.mark().await;
     // After the settle: the sending schedule and the latencies count from here.
     let started = Instant::now();
-    let permits = Arc::new(Semaphore::new(s.connections as usize));
-    let failures = Arc::new(AtomicU64::new(0));
 
-    // The hops: each delivery in a task of its own, as many at once as there are connections.
+    // The hops: each delivery in a task of its own, as many at once as there are connections
+    // (a task waits for one). Ends when the consumer is cancelled or its channel fails.
     let consuming = {
-        let (pool, to_relay, permits, failures, hops) = (
-            pool.clone(),
-            to_relay.clone(),
-            permits.clone(),
-            failures.clone(),
-            s.hops,
-        );
-        let split = s.split;
+        let (conns, to_relay, ended_tx, split) = (conns.clone(), to_relay.clone(), ended_tx.clone(), s.split);
         tokio::spawn(async move {
-            while let Some(Ok(delivery)) = deliveries.next().await {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                let (pool, to_relay, done_tx, failures) =
-                    (pool.clone(), to_relay.clone(), done_tx.clone(), failures.clone());
-                tokio::spawn(async move {
-                    if let Err(err) = hop(&pool, &to_relay, &done_tx, delivery, hops, started, split).await {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %err, "floor hop failed");
+            while let Some(next) = deliveries.next().await {
+                let delivery = match next {
+                    Ok(delivery) => delivery,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "the floor's consumer failed");
+                        break;
                     }
-                    drop(permit);
+                };
+                let (conns, to_relay, ended_tx) = (conns.clone(), to_relay.clone(), ended_tx.clone());
+                tokio::spawn(async move {
+                    let hop = hop(&conns, &to_relay, delivery, last_hop, started, split).await;
+                    match hop {
+                        Ok(Some(through)) => {
+                            let _ = ended_tx.send(Ok(through));
+                        }
+                        Ok(None) => {}
+                        Err(err) => {
+                            tracing::warn!(error = %err, "floor hop failed");
+                            let _ = ended_tx.send(Err(()));
+                        }
+                    }
                 });
             }
         })
     };
-
     let bar = progress.bar("through", s.orders);
-    let sending = {
-        let (pool, to_relay, failures) = (pool.clone(), to_relay.clone(), failures.clone());
+    let mut sending = {
+        let (conns, to_relay, ended_tx, accepted) = (conns.clone(), to_relay.clone(), ended_tx, accepted.clone());
         let (orders, rate, split) = (s.orders, s.rate, s.split);
         tokio::spawn(async move {
             for i in 0..orders {
                 tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
-                let (pool, to_relay, failures) = (pool.clone(), to_relay.clone(), failures.clone());
+                let (conns, to_relay, ended_tx, accepted) =
+                    (conns.clone(), to_relay.clone(), ended_tx.clone(), accepted.clone());
                 tokio::spawn(async move {
-                    if let Err(err) = accept(&pool, &to_relay, started, split).await {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %err, "floor accept failed");
+                    match accept(&conns, &to_relay, started, split).await {
+                        Ok(()) => {
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(err) => {
+                            tracing::warn!(error = %err, "floor accept failed");
+                            let _ = ended_tx.send(Err(()));
+                        }
                     }
                 });
             }
@@ -359,33 +468,39 @@ async fn drive(
     };
     drop(to_relay);
 
-    let mut e2e = Latency::new();
-    let mut last_sent = None;
-    let mut sending = Some(sending);
-    while e2e.count() < s.orders {
-        let deadline = last_sent.map(|at: Instant| at + s.timeout);
+    let (mut e2e, mut errors) = (Latency::new(), 0_u64);
+    let mut sent_at: Option<Instant> = None;
+    while e2e.count() + errors < s.orders {
+        let give_up = sent_at.map(|at| at + s.timeout);
         tokio::select! {
-            d = done_rx.recv() => match d {
-                Some(d) => {
-                    e2e.record(d);
+            ending = ended.recv() => match ending {
+                Some(Ok(through)) => {
+                    e2e.record(through);
                     bar.inc(1);
                 }
+                Some(Err(())) => errors += 1,
                 None => break,
             },
-            _ = async { sending.as_mut().expect("polled only while sending").await }, if sending.is_some() => {
-                sending = None;
-                last_sent = Some(Instant::now());
-            }
-            () = async { tokio::time::sleep_until(deadline.expect("set")).await }, if deadline.is_some() => break,
+            _ = &mut sending, if sent_at.is_none() => sent_at = Some(Instant::now()),
+            () = tokio::time::sleep_until(give_up.unwrap_or(started)), if give_up.is_some() => break,
         }
     }
     let duration = started.elapsed();
-    // Channels close when their last handle goes (closing one twice is a connection error).
-    consuming.abort();
-    drop(consumer_channel);
-    // The relay ends once every hop holding a sender has finished: its last marks are part of
-    // what the orders cost.
-    let _ = tokio::time::timeout(Duration::from_secs(10), relay).await;
+    sending.abort();
+    // Cancelled before its queue is deleted (DESIGN.md: a delete meeting a cancel in flight
+    // crashes the channel); hops in flight finish, then the relay publishes and marks what they
+    // handed over, which is part of what the orders cost.
+    let _ = consumer_channel
+        .basic_cancel("floor".into(), BasicCancelOptions::default())
+        .await;
+    if tokio::time::timeout(WIND_DOWN, consuming).await.is_err() {
+        tracing::warn!("the floor's consumer did not end");
+    }
+    match tokio::time::timeout(WIND_DOWN, relay).await {
+        Ok(Ok(publisher)) => drop(publisher.close(200, "floor done".into()).await),
+        _ => tracing::warn!("the floor's relay did not end; its last rows stay unmarked"),
+    }
+    let _ = consumer_channel.close(200, "floor done".into()).await;
     let mut to = meter.mark().await;
     meter.settle_work(&mut to).await;
     bar.finish_and_clear();
@@ -396,14 +511,11 @@ async fn drive(
                 (SELECT count(*) FROM outbox) AS outbox_rows,
                 (SELECT count(*) FROM outbox WHERE sent_at IS NULL) AS outbox_unsent",
     )
-    .bind(i32::try_from(s.hops)?)
-    .fetch_one(pool)
+    .bind(last_hop)
+    .fetch_one(&mut *conns.take().await?)
     .await?;
     let costs = meter.costs(&from, &to, through.max(1), "completed");
-    let failed = failures.load(Ordering::Relaxed);
-    if failed > 0 {
-        tracing::warn!(failed, "some accepts or hops failed; their orders are not counted");
-    }
+    let accepted = accepted.load(Ordering::Relaxed);
     let r3 = |x: f64| (x * 1_000.0).round() / 1_000.0;
     Ok(FloorReport {
         scenario: "floor",
@@ -411,30 +523,33 @@ async fn drive(
         hops: s.hops,
         split: s.split,
         orders: s.orders,
+        accepted,
         confirmed: through,
         cancelled: 0,
+        errors,
         duration_s: r3(duration.as_secs_f64()),
+        accept_per_s: r3(per_second(accepted, duration)),
         completed_per_s: r3(per_second(through, duration)),
         e2e_p50_ms: r3(e2e.quantile_ms(0.5)),
         e2e_p99_ms: r3(e2e.quantile_ms(0.99)),
         cpu: costs.cpu,
         work: costs.work,
-        pg_waits: None,
         tables,
     })
 }
 
 /// Accepts one order: its row and its first outbox row in one statement, the row to the relay.
 async fn accept(
-    pool: &PgPool,
+    conns: &Arc<Conns>,
     to_relay: &mpsc::UnboundedSender<Row>,
     started: Instant,
     split: bool,
 ) -> anyhow::Result<()> {
     let (order, message_id) = (Uuid::new_v4(), Uuid::now_v7());
     let t = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let mut conn = conns.take().await?;
     let id: i64 = if split {
-        let mut tx = pool.begin().await?;
+        let mut tx = conn.begin().await?;
         sqlx::query(SPLIT_ORDER).bind(order).execute(&mut *tx).await?;
         let id = sqlx::query_scalar(SPLIT_OUTBOX)
             .bind(message_id)
@@ -448,9 +563,10 @@ async fn accept(
         sqlx::query_scalar(ACCEPT)
             .bind(order)
             .bind(message_id)
-            .fetch_one(pool)
+            .fetch_one(&mut *conn)
             .await?
     };
+    drop(conn);
     let _ = to_relay.send(Row {
         id,
         message_id,
@@ -460,15 +576,15 @@ async fn accept(
 }
 
 /// One hop of one delivery: the statement, the next row to the relay, the ack after the commit.
+/// Returns the order's end-to-end latency if this hop was its last.
 async fn hop(
-    pool: &PgPool,
+    conns: &Arc<Conns>,
     to_relay: &mpsc::UnboundedSender<Row>,
-    done: &mpsc::UnboundedSender<Duration>,
     delivery: Delivery,
-    hops: u32,
+    last_hop: i32,
     started: Instant,
     split: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Duration>> {
     let body: Body = serde_json::from_slice(&delivery.data)?;
     let message_id: Uuid = delivery
         .properties
@@ -478,9 +594,9 @@ async fn hop(
         .as_str()
         .parse()?;
     let next_id = Uuid::now_v7();
-    let last = i32::try_from(hops)?;
+    let mut conn = conns.take().await?;
     let (moved, next): (bool, Option<i64>) = if split {
-        let mut tx = pool.begin().await?;
+        let mut tx = conn.begin().await?;
         let fresh = sqlx::query(SPLIT_INBOX)
             .bind(message_id)
             .execute(&mut *tx)
@@ -515,9 +631,10 @@ async fn hop(
             .bind(body.order)
             .bind(body.hop)
             .bind(next_id)
-            .fetch_one(pool)
+            .fetch_one(&mut *conn)
             .await?
     };
+    drop(conn);
     if let Some(id) = next {
         let _ = to_relay.send(Row {
             id,
@@ -529,23 +646,25 @@ async fn hop(
             },
         });
     }
-    delivery.acker.ack(BasicAckOptions::default()).await?;
-    if moved && body.hop == last {
-        let _ = done.send(started.elapsed().saturating_sub(Duration::from_micros(body.t)));
+    // Through once its last hop committed, whatever becomes of the ack.
+    let through =
+        (moved && body.hop == last_hop).then(|| started.elapsed().saturating_sub(Duration::from_micros(body.t)));
+    if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
+        tracing::warn!(error = %err, "floor ack failed");
     }
-    Ok(())
+    Ok(through)
 }
 
 /// Publishes each row handed over with a publisher confirm (a row past the last hop to the
 /// events queue) and marks the confirmed ones sent, in one statement per [`MARK_EVERY`]; ends
-/// when no sender is left and everything is marked.
+/// when no sender is left and everything is marked, and gives its channel back.
 async fn relay(
-    pool: PgPool,
+    conns: Arc<Conns>,
     channel: Channel,
     [queue, events]: [String; 2],
-    hops: i32,
+    last_hop: i32,
     mut rows: mpsc::UnboundedReceiver<Row>,
-) {
+) -> Channel {
     let mut confirms = FuturesUnordered::new();
     let mut confirmed: Vec<i64> = Vec::new();
     let mut tick = tokio::time::interval(MARK_EVERY);
@@ -559,10 +678,11 @@ async fn relay(
                         .with_content_type("application/json".into())
                         .with_delivery_mode(2)
                         .with_message_id(row.message_id.to_string().into());
+                    let to = if row.body.hop > last_hop { &events } else { &queue };
                     let published = channel
                         .basic_publish(
                             "".into(),
-                            if row.body.hop > hops { events.as_str() } else { queue.as_str() }.into(),
+                            to.as_str().into(),
                             BasicPublishOptions { mandatory: true, immediate: false },
                             &body,
                             props,
@@ -579,21 +699,26 @@ async fn relay(
                 Ok(Confirmation::Ack(None)) => confirmed.push(id),
                 other => tracing::warn!(outcome = ?other, "floor message not confirmed"),
             },
-            _ = tick.tick() => mark(&pool, &mut confirmed).await,
+            _ = tick.tick() => mark(&conns, &mut confirmed).await,
         }
     }
-    mark(&pool, &mut confirmed).await;
+    mark(&conns, &mut confirmed).await;
+    channel
 }
 
-async fn mark(pool: &PgPool, confirmed: &mut Vec<i64>) {
+async fn mark(conns: &Arc<Conns>, confirmed: &mut Vec<i64>) {
     if confirmed.is_empty() {
         return;
     }
-    if let Err(err) = sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
-        .bind(&*confirmed)
-        .execute(pool)
-        .await
-    {
+    let marked = async {
+        sqlx::query("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)")
+            .bind(&*confirmed)
+            .execute(&mut *conns.take().await?)
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(err) = marked {
         tracing::warn!(error = %err, "floor could not mark rows sent");
     }
     confirmed.clear();
