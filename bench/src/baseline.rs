@@ -230,9 +230,12 @@ async fn run_in(
         .await
         .context("connecting to DATABASE_URL for the baseline")?
         .options([("search_path", schema)]);
+    // No check as a connection comes out of the pool (sqlx's default pings it, a round trip
+    // per order that the system's own pool does not pay either: the monolith gets its best).
     let pool = PgPoolOptions::new()
         .max_connections(u32::try_from(concurrency).unwrap_or(64).max(1))
         .min_connections(u32::try_from(concurrency).unwrap_or(64).max(1))
+        .test_before_acquire(false)
         .connect_with(options)
         .await
         .context("opening the baseline pool")?;
