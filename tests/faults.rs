@@ -542,13 +542,18 @@ async fn fault_10_cluster_connections_cut_with_deliveries_unacked() {
 
 /// Runs a scenario on the formation (and `target`'s broker), then leaves the formation whole
 /// again (both nodes up, one primary, one synchronous secondary) for the next one.
+/// Orders per second of the pg-ha scenarios.
+const PG_HA_RATE: u32 = 300;
+
 async fn pg_ha_scenario<F, Fut>(target: Target, name: &'static str, fault: F) -> Outcome
 where
     F: FnOnce(Arc<System>, Arc<AtomicBool>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let formation = tokio::task::spawn_blocking(Formation::ensure).await.unwrap();
-    let outcome = scenario_on(target.on_pg_ha(&formation), name, &[], None, fault).await;
+    // Paced (5,000 orders over about 17 s): sent as fast as they go, every order could be
+    // accepted before the fault lands, and a failover would stall nothing a client sees.
+    let outcome = scenario_on(target.on_pg_ha(&formation), name, &[], Some(PG_HA_RATE), fault).await;
     tokio::task::spawn_blocking(move || {
         pg_ha::script(&["start"]);
         drop(formation);
