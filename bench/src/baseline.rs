@@ -23,11 +23,8 @@ use std::{
 
 use anyhow::Context;
 use indicatif::ProgressBar;
-use orderflow_shared::{
-    db::quote_ident,
-    domain::{self, DiscountType},
-};
-use sqlx::{Connection, Executor, PgConnection, PgPool, postgres::PgPoolOptions};
+use orderflow_shared::domain::{self, DiscountType};
+use sqlx::{PgConnection, PgPool, postgres::PgPoolOptions};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -36,6 +33,7 @@ use super::{
     meter::Meter,
     plan::{self, COUPON_DISCOUNT, Plan},
     report::{BaselineReport, Latency, per_second},
+    scratch::Scratch,
 };
 
 const SCHEMA_DDL: &str = "
@@ -196,25 +194,11 @@ pub async fn run(
     bar: ProgressBar,
     meter: &Meter,
 ) -> anyhow::Result<BaselineReport> {
-    let schema = format!("orderflow_bench_sync_{}", &Uuid::new_v4().simple().to_string()[..12]);
-    let mut admin = orderflow_shared::db::connect(database_url)
+    let scratch = Scratch::create(database_url, "orderflow_bench_sync")
         .await
-        .context("connecting to DATABASE_URL for the baseline")?;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {}", quote_ident(&schema))))
-        .await
-        .context("creating the baseline schema")?;
-    let result = run_in(database_url, &schema, kind, plan, concurrency, bar, meter).await;
-    let dropped = admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA {} CASCADE",
-            quote_ident(&schema)
-        )))
-        .await;
-    let _ = admin.close().await;
-    let report = result?;
-    dropped.context("dropping the baseline schema")?;
-    Ok(report)
+        .context("the baseline's schema")?;
+    let result = run_in(database_url, &scratch.name, kind, plan, concurrency, bar, meter).await;
+    scratch.drop_after(result).await
 }
 
 async fn run_in(

@@ -54,14 +54,14 @@ use lapin::{
     types::FieldTable,
 };
 use orderflow_shared::{
-    db::{self, quote_ident},
+    db,
     messaging::{
         self,
         topology::{QueueKind, QueueSpec},
     },
 };
 use serde::{Deserialize, Serialize};
-use sqlx::{Connection, Executor, PgConnection, postgres::PgConnectOptions};
+use sqlx::{Connection, PgConnection, postgres::PgConnectOptions};
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, mpsc},
     time::Instant,
@@ -74,6 +74,7 @@ use crate::{
     meter::Meter,
     progress::Progress,
     report::{Latency, per_second},
+    scratch::Scratch,
     work::WorkReport,
 };
 
@@ -320,8 +321,7 @@ pub async fn run(
                 .await?;
         }
         let _ = setup.close(200, "declared".into()).await;
-        let schema = format!("orderflow_bench_floor_{suffix}");
-        in_schema(database_url, &schema, &broker, [&queue, &events], s, progress, meter).await
+        in_schema(database_url, &broker, [&queue, &events], s, progress, meter).await
     }
     .await;
     // On a channel of its own: a failed declare closed the first one.
@@ -343,18 +343,16 @@ pub async fn run(
 /// The run in a schema of its own, dropped afterwards.
 async fn in_schema(
     database_url: &str,
-    schema: &str,
     broker: &lapin::Connection,
     queues: [&str; 2],
     s: &FloorSettings,
     progress: &Progress,
     meter: &Meter,
 ) -> anyhow::Result<FloorReport> {
-    let mut admin = db::connect(database_url).await.context("connecting to DATABASE_URL")?;
-    admin
-        .execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {}", quote_ident(schema))))
+    let scratch = Scratch::create(database_url, "orderflow_bench_floor")
         .await
-        .context("creating the floor's schema")?;
+        .context("the floor's schema")?;
+    let schema = scratch.name.as_str();
     let result = async {
         let options = db::primary_options(database_url)
             .await?
@@ -364,16 +362,7 @@ async fn in_schema(
         drive(&conns, broker, queues, s, progress, meter).await
     }
     .await;
-    let dropped = admin
-        .execute(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA {} CASCADE",
-            quote_ident(schema)
-        )))
-        .await;
-    let _ = admin.close().await;
-    let report = result?;
-    dropped.context("dropping the floor's schema")?;
-    Ok(report)
+    scratch.drop_after(result).await
 }
 
 async fn drive(

@@ -30,6 +30,7 @@ mod plan;
 mod progress;
 pub mod report;
 mod rush;
+mod scratch;
 mod setup;
 pub mod waits;
 pub mod work;
