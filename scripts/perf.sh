@@ -140,7 +140,9 @@ start_system() {
 # PostgreSQL sessions waited per finished order on heavyweight locks and on LWLocks (sampled
 # wait events, --pg-waits), and the database's and broker's work per finished order (the
 # bench's `work`: transactions that wrote, commits, rows inserted/updated/deleted, messages
-# the system's consumers settled, WAL bytes). A run with a baseline gets a second row for the
+# the system's consumers settled, WAL bytes), and the context switches per finished order of
+# PostgreSQL, RabbitMQ, the system and the whole machine (sw-*: what the fixed cost of a hop is
+# made of at low load; a group's figure misses threads that ended). A run with a baseline gets a second row for the
 # baseline's phase, named after the baseline.
 bench() {
   local name=$1
@@ -168,6 +170,8 @@ append_rows() {
       + ([$work | .write_transactions_per_order, .commits_per_order, .rows_inserted_per_order,
           .rows_updated_per_order, .rows_deleted_per_order, .messages_per_order] | map(num))
       + [$work.wal_bytes_per_order | if . == null then "-" else round end]
+      + ([$cpu.switches_per_order | .postgres, .rabbitmq, .orderflow, .machine]
+         | map(if . == null then "-" else round end))
       | @tsv;
     if has("requests") then row($name; .requests; .requests_per_s; .cpu; .pg_waits; .work)
     else
@@ -251,6 +255,7 @@ scenario_idle() {
   jq -r 'def num: if . == null then "-" else . * 100 | round / 100 end;
     [.seconds] + ([.cpu_pct_of_a_core | .postgres, .rabbitmq, .orderflow, .machine] | map(num))
     + ([.write_transactions_per_s, .commits_per_s, .wal_bytes_per_s, .messages_per_s] | map(num))
+    + ([.switches_per_s | .postgres, .rabbitmq, .orderflow, .machine] | map(if . == null then "-" else round end))
     | @tsv' "$OUT/idle.json" >>"$OUT/idle.tsv"
 }
 # With the baseline: its duration_s against the pipeline's is the hot-product target.
@@ -339,8 +344,8 @@ scenario_prune() {
 mkdir -p "$OUT"
 : >"$OUT/system.log"
 rm -f "$OUT/half-saturation.txt" "$OUT/rate-half.json"
-printf 'scenario\torders\tcompleted/s\tpostgres\trabbitmq\torderflow\tbench\tmachine\tbusy%%\tlock-ms\tlwlock-ms\twrite-tx\tcommits\tins\tupd\tdel\tmsgs\tWAL-B\n' >"$OUT/cpu.tsv"
-printf 'seconds\tpostgres%%\trabbitmq%%\torderflow%%\tmachine%%\twrite-tx/s\tcommits/s\tWAL-B/s\tmsgs/s\n' >"$OUT/idle.tsv"
+printf 'scenario\torders\tcompleted/s\tpostgres\trabbitmq\torderflow\tbench\tmachine\tbusy%%\tlock-ms\tlwlock-ms\twrite-tx\tcommits\tins\tupd\tdel\tmsgs\tWAL-B\tsw-pg\tsw-rmq\tsw-of\tsw-machine\n' >"$OUT/cpu.tsv"
+printf 'seconds\tpostgres%%\trabbitmq%%\torderflow%%\tmachine%%\twrite-tx/s\tcommits/s\tWAL-B/s\tmsgs/s\tsw-pg/s\tsw-rmq/s\tsw-of/s\tsw-machine/s\n' >"$OUT/idle.tsv"
 bash scripts/services.sh
 if [[ -z ${PERF_BIN:-} ]]; then cargo build --release --quiet; fi
 scenarios=("$@")

@@ -50,6 +50,14 @@ fn assert_cpu(cpu: &Value, orders: u64, per: &str) {
     // The bench can always read itself, and the machine.
     assert!(cpu["core_ms_per_order"]["bench"].is_number(), "{cpu}");
     assert!(cpu["core_ms_per_order"]["machine"].is_number(), "{cpu}");
+    for k in ["postgres", "rabbitmq", "orderflow", "bench", "machine"] {
+        let v = &cpu["switches_per_order"][k];
+        assert!(v.is_null() || v.as_f64().unwrap() >= 0.0, "{k} in {cpu}");
+    }
+    // Whatever ran an order woke threads: the bench's own (it is the system in these tests)
+    // and the machine's.
+    assert!(cpu["switches_per_order"]["bench"].as_f64().unwrap() > 0.0, "{cpu}");
+    assert!(cpu["switches_per_order"]["machine"].as_f64().unwrap() > 0.0, "{cpu}");
     // Null only when not one clock tick passed.
     let busy = &cpu["machine_busy_pct"];
     assert!(
@@ -383,6 +391,10 @@ async fn an_idle_measurement_sends_nothing() {
     if let Some(cpu) = &report.cpu_pct_of_a_core {
         let machine = cpu.machine.unwrap();
         assert!((0.0..=200.0).contains(&machine), "{report:?}");
+        // The system in this process has timers and polls: its threads woke during the second.
+        let switches = report.switches_per_s.as_ref().expect("read with the CPU");
+        assert!(switches.bench.unwrap() > 0.0, "{report:?}");
+        assert!(switches.machine.unwrap() >= switches.bench.unwrap(), "{report:?}");
     }
     assert!(report.write_transactions_per_s.unwrap() >= 0.0, "{report:?}");
     assert!(report.wal_bytes_per_s.unwrap() >= 0.0, "{report:?}");

@@ -10,6 +10,14 @@
 //! ended during the run is found in its postmaster's. The machine's time is /proc/stat's `cpu`
 //! line: busy is user + nice + system + irq + softirq, all is busy + idle + iowait (as
 //! scripts/perf.sh counted it before).
+//!
+//! Context switches are counted beside the CPU: at low load an order's cost is mostly wake-ups
+//! (a round trip wakes a thread in each of two processes), so switches per order say where the
+//! fixed cost per hop goes. A process's switches are the sum over its live threads
+//! (`voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of /proc/PID/task/*/status);
+//! those of threads and processes that ended in between are lost (the kernel keeps no
+//! cumulative count for them), so a group's figure is a lower bound. The machine's is exact:
+//! /proc/stat's `ctxt`.
 
 use std::{collections::HashMap, fs};
 
@@ -31,6 +39,8 @@ struct Proc {
     ppid: u32,
     /// utime + stime + cutime + cstime, in clock ticks.
     ticks: u64,
+    /// Context switches of its live threads, voluntary and not.
+    switches: u64,
 }
 
 /// CPU counters at one moment.
@@ -39,6 +49,8 @@ pub struct Snapshot {
     at: Instant,
     /// (all, busy) ticks of the whole machine.
     machine: Option<(u64, u64)>,
+    /// Context switches of the whole machine since boot.
+    machine_switches: Option<u64>,
     procs: HashMap<u32, Proc>,
 }
 
@@ -62,15 +74,19 @@ pub struct CpuReport {
     pub seconds: f64,
     /// Core-milliseconds per order by process group; null when none of its processes was
     /// seen (e.g. the service runs on another machine).
-    pub core_ms_per_order: CoreMs,
+    pub core_ms_per_order: ByGroup,
+    /// Context switches per order by process group (a lower bound for a group: see the
+    /// module documentation; exact for the machine), to one decimal.
+    pub switches_per_order: ByGroup,
     /// How busy the machine's cores were over the interval, in percent.
     pub machine_busy_pct: Option<f64>,
     /// How many processes of each group were counted, and the system's pids.
     pub processes: Processes,
 }
 
+/// A figure for each process group.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct CoreMs {
+pub struct ByGroup {
     pub postgres: Option<f64>,
     pub rabbitmq: Option<f64>,
     /// The system under test: `orderflow` processes, or `--system-pids`.
@@ -123,11 +139,22 @@ impl Probe {
                     _ => continue,
                 }
             };
-            procs.insert(pid, Proc { group, ppid, ticks });
+            let switches = switches(pid);
+            procs.insert(
+                pid,
+                Proc {
+                    group,
+                    ppid,
+                    ticks,
+                    switches,
+                },
+            );
         }
+        let stat = fs::read_to_string("/proc/stat").ok();
         Snapshot {
             at: Instant::now(),
-            machine: machine_ticks(),
+            machine: stat.as_deref().and_then(parse_machine),
+            machine_switches: stat.as_deref().and_then(parse_ctxt),
             procs,
         }
     }
@@ -139,6 +166,8 @@ impl Probe {
             (ms * 100.0).round() / 100.0
         };
         let group = |g: Group| group_ticks(before, after, g).map(per_order);
+        let per_order_tenths = |n: u64| (n as f64 * 10.0 / orders.max(1) as f64).round() / 10.0;
+        let switched = |g: Group| group_switches(before, after, g).map(per_order_tenths);
         let (machine, busy_pct) = match (before.machine, after.machine) {
             (Some((all0, busy0)), Some((all1, busy1))) => {
                 let (all, busy) = (all1.saturating_sub(all0), busy1.saturating_sub(busy0));
@@ -165,12 +194,22 @@ impl Probe {
             per,
             orders,
             seconds: (after.at.saturating_duration_since(before.at).as_secs_f64() * 1_000.0).round() / 1_000.0,
-            core_ms_per_order: CoreMs {
+            core_ms_per_order: ByGroup {
                 postgres: group(Group::Postgres),
                 rabbitmq: group(Group::Rabbitmq),
                 orderflow: group(Group::System),
                 bench: group(Group::Bench),
                 machine,
+            },
+            switches_per_order: ByGroup {
+                postgres: switched(Group::Postgres),
+                rabbitmq: switched(Group::Rabbitmq),
+                orderflow: switched(Group::System),
+                bench: switched(Group::Bench),
+                machine: before
+                    .machine_switches
+                    .zip(after.machine_switches)
+                    .map(|(b, a)| per_order_tenths(a.saturating_sub(b))),
             },
             machine_busy_pct: busy_pct,
             processes: Processes {
@@ -212,6 +251,58 @@ fn group_ticks(before: &Snapshot, after: &Snapshot, group: Group) -> Option<u64>
         }
     }
     seen.then(|| u64::try_from(total).unwrap_or(0))
+}
+
+/// A group's context switches between two snapshots: each process's growth (a process that
+/// appeared in between counts all of its own), never less than 0 for one whose threads ended;
+/// `None` when the group had no process in either.
+fn group_switches(before: &Snapshot, after: &Snapshot, group: Group) -> Option<u64> {
+    let seen = [before, after]
+        .iter()
+        .any(|s| s.procs.values().any(|p| p.group == group));
+    let total = after
+        .procs
+        .iter()
+        .filter(|(_, p)| p.group == group)
+        .map(|(pid, p)| {
+            let was = before
+                .procs
+                .get(pid)
+                .filter(|b| b.group == group)
+                .map_or(0, |b| b.switches);
+            p.switches.saturating_sub(was)
+        })
+        .sum();
+    seen.then_some(total)
+}
+
+/// The context switches of every live thread of process `pid`; 0 when unreadable.
+fn switches(pid: u32) -> u64 {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("status")).ok())
+        .map(|status| parse_switches(&status))
+        .sum()
+}
+
+/// `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of a /proc status file.
+fn parse_switches(status: &str) -> u64 {
+    status
+        .lines()
+        .filter_map(|l| {
+            let (key, value) = l.split_once(':')?;
+            matches!(key, "voluntary_ctxt_switches" | "nonvoluntary_ctxt_switches")
+                .then(|| value.trim().parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// The machine's context switches since boot: /proc/stat's `ctxt` line.
+fn parse_ctxt(stat: &str) -> Option<u64> {
+    stat.lines().find_map(|l| l.strip_prefix("ctxt ")?.trim().parse().ok())
 }
 
 /// (name, ppid, utime + stime + cutime + cstime) of a process, from /proc/PID/stat.
@@ -293,13 +384,26 @@ mod tests {
         assert_eq!(parse_machine("intr 1 2 3"), None);
     }
 
+    /// Processes as (pid, group, ppid, ticks); each has switched 10 times per tick.
     fn snap(procs: &[(u32, Group, u32, u64)], machine: (u64, u64)) -> Snapshot {
         Snapshot {
             at: Instant::now(),
             machine: Some(machine),
+            machine_switches: Some(machine.1 * 100),
             procs: procs
                 .iter()
-                .map(|&(pid, group, ppid, ticks)| (pid, Proc { group, ppid, ticks }))
+                .map(|&(pid, group, ppid, ticks)| {
+                    let switches = ticks * 10;
+                    (
+                        pid,
+                        Proc {
+                            group,
+                            ppid,
+                            ticks,
+                            switches,
+                        },
+                    )
+                })
                 .collect(),
         }
     }
@@ -342,6 +446,21 @@ mod tests {
         assert_eq!(r.machine_busy_pct, Some(50.0));
         assert_eq!(r.processes.orderflow, vec![20, 21]);
         assert_eq!(r.processes.postgres, 1);
+        // Switches of ended processes are lost: PostgreSQL's are the postmaster's growth
+        // (500 over 10 orders), the system's only 21's (500), never negative for 20.
+        let s = &r.switches_per_order;
+        assert_eq!((s.postgres, s.orderflow, s.bench), (Some(50.0), Some(50.0), Some(10.0)));
+        assert_eq!(s.rabbitmq, None);
+        assert_eq!(s.machine, Some(1_000.0), "100 busy ticks * 100 / 10 orders");
+    }
+
+    #[test]
+    fn switch_counters_parse() {
+        let status = "Name:\tpostgres\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(parse_switches(status), 127);
+        assert_eq!(parse_switches("Name:\tx\n"), 0);
+        assert_eq!(parse_ctxt("cpu  1 2 3\nctxt 987654\nbtime 1\n"), Some(987_654));
+        assert_eq!(parse_ctxt("cpu  1 2 3\n"), None);
     }
 
     #[test]
@@ -351,6 +470,11 @@ mod tests {
         };
         assert!(probe.ticks_per_s >= 1.0);
         let s = probe.snapshot();
+        assert!(s.machine_switches.is_some_and(|n| n > 0), "the machine has switched");
+        assert!(
+            s.procs.get(&std::process::id()).is_some_and(|p| p.switches > 0),
+            "the bench's threads have switched"
+        );
         assert_eq!(
             s.procs.get(&std::process::id()).map(|p| p.group),
             Some(Group::Bench),

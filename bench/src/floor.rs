@@ -218,6 +218,15 @@ impl FloorReport {
                 n(m.bench),
                 n(m.machine)
             );
+            let w = &c.switches_per_order;
+            let n = |x: Option<f64>| x.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+            out += &format!(
+                "  context switches per order: postgres {}, rabbitmq {}, this process {}, machine {}\n",
+                n(w.postgres),
+                n(w.rabbitmq),
+                n(w.bench),
+                n(w.machine)
+            );
         }
         if let Some(w) = &self.work {
             out += &format!(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::{cpu::CoreMs, meter::Meter};
+use crate::{cpu::ByGroup, meter::Meter};
 
 /// What doing nothing cost, per second.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -16,7 +16,10 @@ pub struct IdleReport {
     pub seconds: f64,
     /// CPU by process group in percent of one core (null where /proc cannot be read; the
     /// `bench` group is the bench's own process).
-    pub cpu_pct_of_a_core: Option<CoreMs>,
+    pub cpu_pct_of_a_core: Option<ByGroup>,
+    /// Context switches per second by process group (a lower bound for a group, exact for the
+    /// machine: see [`crate::cpu`]): what the system's timers and polls wake.
+    pub switches_per_s: Option<ByGroup>,
     pub write_transactions_per_s: Option<f64>,
     pub commits_per_s: Option<f64>,
     pub wal_bytes_per_s: Option<f64>,
@@ -38,9 +41,20 @@ pub async fn run(duration: Duration, meter: &Meter) -> IdleReport {
     IdleReport {
         scenario: "idle",
         seconds: (seconds * 1_000.0).round() / 1_000.0,
+        switches_per_s: costs.cpu.as_ref().map(|c| {
+            let w = &c.switches_per_order;
+            let rate = |x: Option<f64>| x.map(|n| (n / seconds * 10.0).round() / 10.0);
+            ByGroup {
+                postgres: rate(w.postgres),
+                rabbitmq: rate(w.rabbitmq),
+                orderflow: rate(w.orderflow),
+                bench: rate(w.bench),
+                machine: rate(w.machine),
+            }
+        }),
         cpu_pct_of_a_core: costs.cpu.map(|c| {
             let m = c.core_ms_per_order;
-            CoreMs {
+            ByGroup {
                 postgres: pct(m.postgres),
                 rabbitmq: pct(m.rabbitmq),
                 orderflow: pct(m.orderflow),
@@ -66,6 +80,16 @@ impl IdleReport {
                 n(c.rabbitmq),
                 n(c.orderflow),
                 n(c.machine)
+            );
+        }
+        if let Some(w) = &self.switches_per_s {
+            let n = |x: Option<f64>| x.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+            out += &format!(
+                "  context switches per second: postgres {}, rabbitmq {}, orderflow {}, machine {}\n",
+                n(w.postgres),
+                n(w.rabbitmq),
+                n(w.orderflow),
+                n(w.machine)
             );
         }
         out += &format!(

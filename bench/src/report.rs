@@ -468,6 +468,18 @@ fn costs(
             ms(m.machine),
             c.seconds,
         );
+        let w = &c.switches_per_order;
+        let n = |x: Option<f64>| x.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+        let _ = writeln!(
+            out,
+            "  {phase}context switches per {} order: postgres {}, rabbitmq {}, orderflow {}, bench {}, machine {}",
+            c.per,
+            n(w.postgres),
+            n(w.rabbitmq),
+            n(w.orderflow),
+            n(w.bench),
+            n(w.machine),
+        );
     }
     if let Some(w) = work {
         let n = |x: Option<f64>, d: usize| x.map_or_else(|| "-".to_owned(), |v| format!("{v:.d$}"));
