@@ -171,7 +171,7 @@ append_rows() {
           .rows_updated_per_order, .rows_deleted_per_order, .messages_per_order] | map(num))
       + [$work.wal_bytes_per_order | if . == null then "-" else round end]
       + ([$cpu.switches_per_order | .postgres, .rabbitmq, .orderflow, .machine]
-         | map(if . == null then "-" else round end))
+         | map(if . == null then "-" else . * 10 | round / 10 end))
       | @tsv;
     if has("requests") then row($name; .requests; .requests_per_s; .cpu; .pg_waits; .work)
     else
@@ -243,8 +243,9 @@ scenario_closed() {
   bench closed-64-procedure --concurrency 64 --orders "${CLOSED_ORDERS:-3000}" --baseline procedure
 }
 # The system doing nothing, IDLE_SETTLE (5 s) after it became ready, for IDLE_FOR (30 s): CPU
-# by process group in % of one core, and the database's and the broker's work per second (the
-# floor under every order's cost at low load). Appends a row to $OUT/idle.tsv.
+# by process group in % of one core, the database's and the broker's work per second (the
+# floor under every order's cost at low load) and the context switches per second of each group
+# and the machine (sw-*: what the timers and polls wake). Appends a row to $OUT/idle.tsv.
 scenario_idle() {
   start_system
   sleep "${IDLE_SETTLE:-5}"
@@ -255,7 +256,7 @@ scenario_idle() {
   jq -r 'def num: if . == null then "-" else . * 100 | round / 100 end;
     [.seconds] + ([.cpu_pct_of_a_core | .postgres, .rabbitmq, .orderflow, .machine] | map(num))
     + ([.write_transactions_per_s, .commits_per_s, .wal_bytes_per_s, .messages_per_s] | map(num))
-    + ([.switches_per_s | .postgres, .rabbitmq, .orderflow, .machine] | map(if . == null then "-" else round end))
+    + ([.switches_per_s | .postgres, .rabbitmq, .orderflow, .machine] | map(if . == null then "-" else . * 10 | round / 10 end))
     | @tsv' "$OUT/idle.json" >>"$OUT/idle.tsv"
 }
 # With the baseline: its duration_s against the pipeline's is the hot-product target.

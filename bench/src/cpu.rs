@@ -13,11 +13,13 @@
 //!
 //! Context switches are counted beside the CPU: at low load an order's cost is mostly wake-ups
 //! (a round trip wakes a thread in each of two processes), so switches per order say where the
-//! fixed cost per hop goes. A process's switches are the sum over its live threads
-//! (`voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of /proc/PID/task/*/status);
-//! those of threads and processes that ended in between are lost (the kernel keeps no
-//! cumulative count for them), so a group's figure is a lower bound. The machine's is exact:
-//! /proc/stat's `ctxt`.
+//! fixed cost per hop goes. A group's switches are its threads' growth between the snapshots
+//! (`voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of /proc/PID/task/TID/status; a
+//! thread born in between counts all of its own); what a thread or process that ended in
+//! between did since the first snapshot is lost (/proc shows no totals of ended threads of
+//! other processes), so a group's figure is a lower bound. The machine's is /proc/stat's
+//! `ctxt`: exact, and it also counts each switch to and from a core's idle task, so at low load
+//! it is up to about twice the sum of the groups and not comparable with it.
 
 use std::{collections::HashMap, fs};
 
@@ -33,14 +35,15 @@ enum Group {
     Bench,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Proc {
     group: Group,
     ppid: u32,
     /// utime + stime + cutime + cstime, in clock ticks.
     ticks: u64,
-    /// Context switches of its live threads, voluntary and not.
-    switches: u64,
+    /// Context switches of each live thread (by thread id), voluntary and not; `None` when its
+    /// threads could not be read.
+    switches: Option<HashMap<u32, u64>>,
 }
 
 /// CPU counters at one moment.
@@ -63,7 +66,8 @@ pub struct Probe {
     system_pids: Vec<u32>,
 }
 
-/// Where the CPU went between two snapshots, in core-milliseconds per order.
+/// Where the CPU went between two snapshots, in core-milliseconds per order, and how often
+/// threads were switched.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CpuReport {
     /// What the figures are divided by: "completed" (confirmed + cancelled) or "accepted"
@@ -75,8 +79,8 @@ pub struct CpuReport {
     /// Core-milliseconds per order by process group; null when none of its processes was
     /// seen (e.g. the service runs on another machine).
     pub core_ms_per_order: ByGroup,
-    /// Context switches per order by process group (a lower bound for a group: see the
-    /// module documentation; exact for the machine), to one decimal.
+    /// Context switches per order by process group (a lower bound for a group; the machine's
+    /// also counts the cores' idle task: see the module documentation), to one decimal.
     pub switches_per_order: ByGroup,
     /// How busy the machine's cores were over the interval, in percent.
     pub machine_busy_pct: Option<f64>,
@@ -253,38 +257,46 @@ fn group_ticks(before: &Snapshot, after: &Snapshot, group: Group) -> Option<u64>
     seen.then(|| u64::try_from(total).unwrap_or(0))
 }
 
-/// A group's context switches between two snapshots: each process's growth (a process that
-/// appeared in between counts all of its own), never less than 0 for one whose threads ended;
+/// A group's context switches between two snapshots: each thread's growth (a thread or process
+/// that appeared in between counts all of its own; one that ended counts nothing); a process
+/// whose threads could not be read in either snapshot counts nothing rather than a guess.
 /// `None` when the group had no process in either.
 fn group_switches(before: &Snapshot, after: &Snapshot, group: Group) -> Option<u64> {
     let seen = [before, after]
         .iter()
         .any(|s| s.procs.values().any(|p| p.group == group));
-    let total = after
-        .procs
-        .iter()
-        .filter(|(_, p)| p.group == group)
-        .map(|(pid, p)| {
-            let was = before
-                .procs
-                .get(pid)
-                .filter(|b| b.group == group)
-                .map_or(0, |b| b.switches);
-            p.switches.saturating_sub(was)
-        })
-        .sum();
+    let mut total = 0;
+    for (pid, p) in after.procs.iter().filter(|(_, p)| p.group == group) {
+        let Some(now) = &p.switches else { continue };
+        let was = match before.procs.get(pid).filter(|b| b.group == group) {
+            Some(b) => match &b.switches {
+                Some(was) => Some(was),
+                None => continue,
+            },
+            None => None,
+        };
+        total += now
+            .iter()
+            .map(|(tid, n)| n.saturating_sub(was.and_then(|w| w.get(tid)).copied().unwrap_or(0)))
+            .sum::<u64>();
+    }
     seen.then_some(total)
 }
 
-/// The context switches of every live thread of process `pid`; 0 when unreadable.
-fn switches(pid: u32) -> u64 {
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("status")).ok())
-        .map(|status| parse_switches(&status))
-        .sum()
+/// The context switches of each live thread of process `pid`, by thread id; `None` when its
+/// threads cannot be listed.
+fn switches(pid: u32) -> Option<HashMap<u32, u64>> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .flatten()
+            .filter_map(|t| {
+                let tid = t.file_name().to_str()?.parse().ok()?;
+                let status = fs::read_to_string(t.path().join("status")).ok()?;
+                Some((tid, parse_switches(&status)))
+            })
+            .collect(),
+    )
 }
 
 /// `voluntary_ctxt_switches` + `nonvoluntary_ctxt_switches` of a /proc status file.
@@ -384,28 +396,33 @@ mod tests {
         assert_eq!(parse_machine("intr 1 2 3"), None);
     }
 
-    /// Processes as (pid, group, ppid, ticks); each has switched 10 times per tick.
+    /// Processes as (pid, group, ppid, ticks), each with one thread (its pid) that has switched
+    /// 10 times per tick.
     fn snap(procs: &[(u32, Group, u32, u64)], machine: (u64, u64)) -> Snapshot {
-        Snapshot {
+        let mut s = Snapshot {
             at: Instant::now(),
             machine: Some(machine),
             machine_switches: Some(machine.1 * 100),
-            procs: procs
-                .iter()
-                .map(|&(pid, group, ppid, ticks)| {
-                    let switches = ticks * 10;
-                    (
-                        pid,
-                        Proc {
-                            group,
-                            ppid,
-                            ticks,
-                            switches,
-                        },
-                    )
-                })
-                .collect(),
+            procs: HashMap::new(),
+        };
+        for &(pid, group, ppid, ticks) in procs {
+            let threads = [(pid, ticks * 10)].into_iter().collect();
+            s.procs.insert(
+                pid,
+                Proc {
+                    group,
+                    ppid,
+                    ticks,
+                    switches: Some(threads),
+                },
+            );
         }
+        s
+    }
+
+    /// Replaces a process's threads in `s`: (tid, switches); `None`: unreadable.
+    fn threads(s: &mut Snapshot, pid: u32, threads: Option<&[(u32, u64)]>) {
+        s.procs.get_mut(&pid).unwrap().switches = threads.map(|t| t.iter().copied().collect());
     }
 
     #[test]
@@ -447,11 +464,38 @@ mod tests {
         assert_eq!(r.processes.orderflow, vec![20, 21]);
         assert_eq!(r.processes.postgres, 1);
         // Switches of ended processes are lost: PostgreSQL's are the postmaster's growth
-        // (500 over 10 orders), the system's only 21's (500), never negative for 20.
+        // (500 over 10 orders), the system's only 21's (500).
         let s = &r.switches_per_order;
         assert_eq!((s.postgres, s.orderflow, s.bench), (Some(50.0), Some(50.0), Some(10.0)));
         assert_eq!(s.rabbitmq, None);
         assert_eq!(s.machine, Some(1_000.0), "100 busy ticks * 100 / 10 orders");
+    }
+
+    #[test]
+    fn switches_are_each_threads_growth_so_an_ended_thread_hides_nothing_else() {
+        let probe = Probe {
+            ticks_per_s: 100.0,
+            own_pid: 9,
+            system_pids: vec![30, 31, 32],
+        };
+        let mut before = snap(&[(30, Group::System, 1, 0), (31, Group::System, 1, 0)], (0, 0));
+        let mut after = snap(
+            &[
+                (30, Group::System, 1, 0),
+                (31, Group::System, 1, 0),
+                (32, Group::System, 1, 0),
+            ],
+            (0, 0),
+        );
+        // 30: thread 300 (5,000 switches in its life) ended, 301 grew by 40, 302 was born
+        // with 7. 31 could not be read before: unknown, not counted. 32 is new: all of its 3.
+        threads(&mut before, 30, Some(&[(300, 5_000), (301, 100)]));
+        threads(&mut after, 30, Some(&[(301, 140), (302, 7)]));
+        threads(&mut before, 31, None);
+        threads(&mut after, 31, Some(&[(310, 1_000_000)]));
+        threads(&mut after, 32, Some(&[(320, 3)]));
+        let r = probe.report(&before, &after, 1, "completed");
+        assert_eq!(r.switches_per_order.orderflow, Some(50.0));
     }
 
     #[test]
@@ -472,7 +516,10 @@ mod tests {
         let s = probe.snapshot();
         assert!(s.machine_switches.is_some_and(|n| n > 0), "the machine has switched");
         assert!(
-            s.procs.get(&std::process::id()).is_some_and(|p| p.switches > 0),
+            s.procs
+                .get(&std::process::id())
+                .and_then(|p| p.switches.as_ref())
+                .is_some_and(|t| t.values().sum::<u64>() > 0),
             "the bench's threads have switched"
         );
         assert_eq!(

@@ -1,7 +1,7 @@
 //! `--idle DURATION`: what the running system costs while nothing happens, the floor every
 //! order's share of CPU stands on at low load. No setup, no orders: two marks `DURATION`
-//! apart, CPU by process group as a percentage of one core, and database and broker work
-//! per second.
+//! apart, CPU by process group as a percentage of one core, context switches and database and
+//! broker work per second.
 
 use std::time::Duration;
 
