@@ -269,10 +269,8 @@ fn group_switches(before: &Snapshot, after: &Snapshot, group: Group) -> Option<u
     for (pid, p) in after.procs.iter().filter(|(_, p)| p.group == group) {
         let Some(now) = &p.switches else { continue };
         let was = match before.procs.get(pid).filter(|b| b.group == group) {
-            Some(b) => match &b.switches {
-                Some(was) => Some(was),
-                None => continue,
-            },
+            Some(Proc { switches: None, .. }) => continue,
+            Some(b) => b.switches.as_ref(),
             None => None,
         };
         total += now
