@@ -373,12 +373,10 @@ pub async fn list(
 ) -> ApiResult<Json<Page<OrderSummary>>> {
     let (limit, offset) = params.limit_offset()?;
     // The page and the total in one round trip (clients poll this route); a page past the end
-    // has no row to carry the total, so it is asked for on its own. The total is kept per user
-    // (migration 20261206000002): counting the orders here made every poll as slow as the
-    // user's history is long.
+    // has no row to carry the total, so it is asked for on its own.
     let mut conn = state.pool.acquire().await?;
     let rows: Vec<Listed> = sqlx::query_as(
-        "SELECT COALESCE((SELECT orders FROM user_order_counts WHERE user_id = $1), 0) AS total, o.*
+        "SELECT (SELECT count(*) FROM orders WHERE user_id = $1) AS total, o.*
          FROM orders o WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
     )
     .bind(user.id())
@@ -389,7 +387,7 @@ pub async fn list(
     let total: i64 = match rows.first() {
         Some(row) => row.total,
         None => {
-            sqlx::query_scalar("SELECT COALESCE((SELECT orders FROM user_order_counts WHERE user_id = $1), 0)")
+            sqlx::query_scalar("SELECT count(*) FROM orders WHERE user_id = $1")
                 .bind(user.id())
                 .fetch_one(&mut *conn)
                 .await?
