@@ -461,3 +461,76 @@ async fn an_accept_batch_answers_each_request_as_if_it_were_alone() {
     assert_eq!((orders, transactions), (7, 1));
     app.stop().await;
 }
+
+/// `GET /api/orders`, the route shops poll: its pages and `total` (the user's exact number of
+/// orders) after accept batches that share users, after orders written by another writer (by
+/// hand, in one statement for two users) and after one deleted by hand; a page past the end
+/// still carries the total, a user without orders has 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_order_list_pages_and_counts_each_users_orders_whoever_wrote_them() {
+    let app = TestApp::api_only().await;
+    let product = app.product("Listed", 100, 1_000).await;
+    let users = [(5001_i64, 12_usize), (5002, 9), (5003, 1)];
+    let mut sent = tokio::task::JoinSet::new();
+    for &(user, n) in &users {
+        for _ in 0..n {
+            let app = (app.http.clone(), app.url("/api/orders"), app.token(user));
+            sent.spawn(async move {
+                let (http, url, token) = app;
+                let res = http
+                    .post(url)
+                    .bearer_auth(token)
+                    .header("idempotency-key", uuid::Uuid::new_v4().to_string())
+                    .json(&json!({"items": [{"productId": product, "quantity": 1}]}))
+                    .send()
+                    .await
+                    .unwrap();
+                res.status().as_u16()
+            });
+        }
+    }
+    while let Some(status) = sent.join_next().await {
+        assert_eq!(status.unwrap(), 202);
+    }
+    let listed = |user: i64, page: u32| {
+        let token = app.token(user);
+        let app = &app;
+        async move {
+            let (status, body) = app.get(&format!("/api/orders?page={page}&size=5"), &token).await;
+            assert_eq!(status, 200, "{body}");
+            (body["items"].as_array().unwrap().len(), body["total"].as_i64().unwrap())
+        }
+    };
+    assert_eq!(listed(5001, 0).await, (5, 12));
+    assert_eq!(listed(5001, 2).await, (2, 12));
+    assert_eq!(listed(5002, 1).await, (4, 9));
+    assert_eq!(listed(5003, 0).await, (1, 1));
+    assert_eq!(listed(5003, 7).await, (0, 1), "a page past the end");
+    assert_eq!(listed(5004, 0).await, (0, 0), "a user without orders");
+
+    // Another writer: two orders inserted by hand for one user, one for another, in one statement.
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, status, total_amount, deadline_at)
+         SELECT gen_random_uuid(), u, 'PENDING', 100, now() + interval '1 minute' FROM unnest($1::int8[]) AS u",
+    )
+    .bind([5003_i64, 5003, 5004])
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(listed(5003, 0).await, (3, 3));
+    assert_eq!(listed(5004, 0).await, (1, 1));
+
+    // An order deleted by hand (with what refers to it) is no longer counted.
+    sqlx::raw_sql(
+        "WITH gone AS (SELECT id FROM orders WHERE user_id = 5002 ORDER BY created_at LIMIT 1),
+              lines AS (DELETE FROM order_items WHERE order_id IN (SELECT id FROM gone)),
+              history AS (DELETE FROM order_status_history WHERE order_id IN (SELECT id FROM gone))
+         DELETE FROM orders WHERE id IN (SELECT id FROM gone)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(listed(5002, 0).await, (5, 8));
+
+    app.stop().await;
+}
