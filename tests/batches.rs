@@ -485,24 +485,51 @@ async fn the_order_list_pages_and_counts_each_users_orders_whoever_wrote_them() 
                     .send()
                     .await
                     .unwrap();
-                res.status().as_u16()
+                let status = res.status().as_u16();
+                let body: serde_json::Value = res.json().await.unwrap();
+                (user, status, body["orderId"].as_str().unwrap_or_default().to_owned())
             });
         }
     }
-    while let Some(status) = sent.join_next().await {
-        assert_eq!(status.unwrap(), 202);
+    let mut placed = std::collections::BTreeSet::new();
+    while let Some(done) = sent.join_next().await {
+        let (user, status, id) = done.unwrap();
+        assert_eq!(status, 202);
+        if user == 5001 {
+            placed.insert(id);
+        }
     }
-    let listed = |user: i64, page: u32| {
+    let page_of = |user: i64, page: u32| {
         let token = app.token(user);
         let app = &app;
         async move {
             let (status, body) = app.get(&format!("/api/orders?page={page}&size=5"), &token).await;
             assert_eq!(status, 200, "{body}");
+            body
+        }
+    };
+    let listed = |user: i64, page: u32| {
+        let page = page_of(user, page);
+        async move {
+            let body = page.await;
             (body["items"].as_array().unwrap().len(), body["total"].as_i64().unwrap())
         }
     };
-    assert_eq!(listed(5001, 0).await, (5, 12));
-    assert_eq!(listed(5001, 2).await, (2, 12));
+    // The pages together list each of the user's orders once.
+    let mut paged = Vec::new();
+    for page in 0..3 {
+        let body = page_of(5001, page).await;
+        assert_eq!(body["total"], 12);
+        paged.extend(
+            body["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|o| o["orderId"].as_str().unwrap().to_owned()),
+        );
+    }
+    assert_eq!(paged.len(), 12);
+    assert_eq!(paged.into_iter().collect::<std::collections::BTreeSet<_>>(), placed);
     assert_eq!(listed(5002, 1).await, (4, 9));
     assert_eq!(listed(5003, 0).await, (1, 1));
     assert_eq!(listed(5003, 7).await, (0, 1), "a page past the end");
