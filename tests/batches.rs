@@ -8,7 +8,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::TestApp;
-use serde_json::json;
+use reqwest::Method;
+use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -465,7 +466,8 @@ async fn an_accept_batch_answers_each_request_as_if_it_were_alone() {
 /// `GET /api/orders`, the route shops poll: its pages and `total` (the user's exact number of
 /// orders) after accept batches that share users, after orders written by another writer (by
 /// hand, in one statement for two users) and after one deleted by hand; a page past the end
-/// still carries the total, a user without orders has 0.
+/// still carries the total, a user without orders has 0; with `Prefer: count=none` the same
+/// pages come without `total`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_order_list_pages_and_counts_each_users_orders_whoever_wrote_them() {
     let app = TestApp::api_only().await;
@@ -536,6 +538,40 @@ async fn the_order_list_pages_and_counts_each_users_orders_whoever_wrote_them() 
     .await
     .unwrap();
     assert_eq!(listed(5002, 0).await, (5, 8));
+
+    // `Prefer: count=none` (RFC 7240): the same pages without `total`, and it says so; a
+    // `count` preference it does not understand is ignored.
+    let token = app.token(5001);
+    let uncounted = |page: u32, prefer: &'static str| {
+        let (app, token) = (&app, token.clone());
+        async move {
+            let res = app
+                .request(
+                    Method::GET,
+                    &format!("/api/orders?page={page}&size=5"),
+                    Some(&token),
+                    None,
+                    &[("prefer", prefer)],
+                )
+                .await;
+            assert_eq!(res.status(), 200);
+            let applied = res
+                .headers()
+                .get("preference-applied")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (applied, res.json::<Value>().await.unwrap())
+        }
+    };
+    for page in 0..4 {
+        let counted = page_of(5001, page).await;
+        let (applied, body) = uncounted(page, "count=none").await;
+        assert_eq!(applied.as_deref(), Some("count=none"));
+        assert_eq!(body.get("total"), None, "{body}");
+        assert_eq!(body["items"], counted["items"], "page {page}");
+        assert_eq!(body["items"].as_array().unwrap().len(), [5, 5, 2, 0][page as usize]);
+    }
+    let (applied, body) = uncounted(0, "count=exact").await;
+    assert_eq!((applied, body["total"].as_i64()), (None, Some(12)));
 
     app.stop().await;
 }

@@ -5,9 +5,12 @@
 //! for what is not a whole number at all), exactly as the OpenAPI document says. The offset
 //! `page * size` is at most 10^8, so it can never overflow on its way to SQL.
 
+use axum::http::HeaderMap;
 use orderflow_shared::Error;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
+
+use crate::header_grammar;
 
 pub const MAX_PAGE_SIZE: u32 = 100;
 /// The deepest page: 100 million rows at the largest size, far past any listing here.
@@ -52,6 +55,17 @@ impl PageParams {
     }
 }
 
+/// The preference that leaves a listing's `total` out, as `Preference-Applied` echoes it.
+pub const COUNT_NONE: &str = "count=none";
+
+/// Whether the request prefers no `total` (`Prefer: count=none`, RFC 7240 §2: the first
+/// `count` preference decides; any other value is not understood and so ignored).
+pub fn prefers_no_count(headers: &HeaderMap) -> bool {
+    header_grammar::preferences(headers)
+        .iter()
+        .any(|p| p.name == "count" && p.value.as_deref().is_some_and(|v| v.eq_ignore_ascii_case("none")))
+}
+
 /// A page of items.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Page<T> {
@@ -60,12 +74,19 @@ pub struct Page<T> {
     pub page: u32,
     /// The size asked for; `items` has at most this many.
     pub size: u32,
-    /// Items across all pages.
-    pub total: i64,
+    /// Items across all pages. Absent only where the request asked not to count them
+    /// (`GET /api/orders` with `Prefer: count=none`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<i64>,
 }
 
 impl<T> Page<T> {
     pub fn new(items: Vec<T>, params: PageParams, total: i64) -> Self {
+        Self::counted(items, params, Some(total))
+    }
+
+    /// A page whose `total` is left out when `None` (not counted).
+    pub fn counted(items: Vec<T>, params: PageParams, total: Option<i64>) -> Self {
         Self {
             items,
             page: params.page,

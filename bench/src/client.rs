@@ -95,11 +95,17 @@ impl Api {
     /// `GET path` with `Prefer: wait=N` (RFC 7240 §4.3, N whole seconds): the API holds the
     /// answer until what it concerns changes or N seconds pass.
     pub async fn get_waiting(&self, path: &str, token: &str, wait: Duration) -> Result<Reply, reqwest::Error> {
+        self.get_preferring(path, token, &format!("wait={}", wait.as_secs()))
+            .await
+    }
+
+    /// `GET path` with `Prefer: <preference>` (RFC 7240).
+    pub async fn get_preferring(&self, path: &str, token: &str, preference: &str) -> Result<Reply, reqwest::Error> {
         let res = self
             .http
             .get(format!("{}{path}", self.base))
             .bearer_auth(token)
-            .header("prefer", format!("wait={}", wait.as_secs()))
+            .header("prefer", preference)
             .send()
             .await?;
         Reply::read(res).await

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use axum::{
     Extension, Router,
     extract::State,
-    http::{HeaderMap, StatusCode},
+    http::{HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -28,7 +28,7 @@ use crate::{
     admission::Turn,
     extract::{IdempotencyKey, Json, Path, Query, User},
     idempotency::{self, Claim, Claimed},
-    page::{Page, PageParams},
+    page::{self, Page, PageParams},
     problem::{ApiResult, Problem},
     views::{self, HistoryView, OrderSummary, OrderView},
     wait::{self, Until},
@@ -359,10 +359,17 @@ pub async fn read_view(conn: &mut sqlx::PgConnection, id: Uuid, user_id: i64) ->
     }))
 }
 
-/// The caller's orders, newest first.
+/// The caller's orders, newest first. `total` is exact; a client that only looks for its
+/// newest orders (polling for their status) may send `Prefer: count=none` (RFC 7240 §2) to
+/// leave it out (`Preference-Applied: count=none`) and save the server counting every order
+/// the user ever placed; it then knows there is no further page when a page is not full.
 #[utoipa::path(get, path = "/api/orders", operation_id = "listOrders", tag = "orders", security(("bearer" = [])),
-    params(PageParams), responses(
-    (status = 200, description = "a page of the caller's orders", body = Page<OrderSummary>,
+    params(PageParams,
+        ("Prefer" = Option<String>, Header, description = "`count=none` (RFC 7240 §2): leave `total` out")),
+    responses(
+    (status = 200, description = "a page of the caller's orders; without `total` when asked with `Prefer: count=none`",
+        body = Page<OrderSummary>,
+        headers(("Preference-Applied" = Option<String>, description = "count=none when `total` was left out (RFC 7240 §3)")),
         links(("getOrder" = (operation_id = "getOrder", parameters(("id" = "$response.body#/items/0/orderId")))))),
     (status = 400, description = "INVALID_PAGE, INVALID_PAGE_SIZE or INVALID_QUERY", body = Problem, content_type = PROBLEM),
 ))]
@@ -370,14 +377,36 @@ pub async fn list(
     State(state): State<AppState>,
     user: User,
     Query(params): Query<PageParams>,
-) -> ApiResult<Json<Page<OrderSummary>>> {
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let (limit, offset) = params.limit_offset()?;
-    // The page and the total in one round trip (clients poll this route); a page past the end
-    // has no row to carry the total, so it is asked for on its own.
     let mut conn = state.pool.acquire().await?;
+    if page::prefers_no_count(&headers) {
+        let rows: Vec<orders::OrderRow> = sqlx::query_as(
+            "SELECT * FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
+        )
+        .bind(user.id())
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&mut *conn)
+        .await?;
+        let items = rows.iter().map(OrderSummary::from).collect();
+        let mut res = Json(Page::counted(items, params, None)).into_response();
+        res.headers_mut()
+            .insert("preference-applied", HeaderValue::from_static(page::COUNT_NONE));
+        return Ok(res);
+    }
+    // The page and the total in one round trip (clients poll this route). A page that is not
+    // full ends the list, so its total is its offset plus its rows; only a full page counts
+    // the user's orders (the scalar subquery runs only in the branch that needs it). A page
+    // past the end has no row to carry the total, so it is asked for on its own.
     let rows: Vec<Listed> = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM orders WHERE user_id = $1) AS total, o.*
-         FROM orders o WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
+        "SELECT CASE WHEN p.on_page < $2 THEN $3 + p.on_page
+                     ELSE (SELECT count(*) FROM orders WHERE user_id = $1) END AS total, p.*
+         FROM (SELECT o.*, count(*) OVER () AS on_page
+               FROM (SELECT * FROM orders WHERE user_id = $1
+                     ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3) o) p
+         ORDER BY p.created_at DESC, p.id DESC",
     )
     .bind(user.id())
     .bind(limit)
@@ -386,6 +415,7 @@ pub async fn list(
     .await?;
     let total: i64 = match rows.first() {
         Some(row) => row.total,
+        None if offset == 0 => 0,
         None => {
             sqlx::query_scalar("SELECT count(*) FROM orders WHERE user_id = $1")
                 .bind(user.id())
@@ -394,7 +424,7 @@ pub async fn list(
         }
     };
     let items = rows.iter().map(|r| OrderSummary::from(&r.order)).collect();
-    Ok(Json(Page::new(items, params, total)))
+    Ok(Json(Page::new(items, params, total)).into_response())
 }
 
 #[derive(sqlx::FromRow)]
