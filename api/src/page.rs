@@ -59,11 +59,13 @@ impl PageParams {
 pub const COUNT_NONE: &str = "count=none";
 
 /// Whether the request prefers no `total` (`Prefer: count=none`, RFC 7240 §2: the first
-/// `count` preference decides; any other value is not understood and so ignored).
+/// `count` preference decides, its name in any case, its value as sent (values are
+/// case-sensitive); any other value is not understood and so ignored).
 pub fn prefers_no_count(headers: &HeaderMap) -> bool {
     header_grammar::preferences(headers)
-        .iter()
-        .any(|p| p.name == "count" && p.value.as_deref().is_some_and(|v| v.eq_ignore_ascii_case("none")))
+        .into_iter()
+        .find(|p| p.name == "count")
+        .is_some_and(|p| p.value.as_deref() == Some("none"))
 }
 
 /// A page of items.
@@ -74,19 +76,39 @@ pub struct Page<T> {
     pub page: u32,
     /// The size asked for; `items` has at most this many.
     pub size: u32,
-    /// Items across all pages. Absent only where the request asked not to count them
-    /// (`GET /api/orders` with `Prefer: count=none`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub total: Option<i64>,
+    /// Items across all pages.
+    pub total: i64,
 }
 
 impl<T> Page<T> {
     pub fn new(items: Vec<T>, params: PageParams, total: i64) -> Self {
-        Self::counted(items, params, Some(total))
+        Self {
+            items,
+            page: params.page,
+            size: params.size,
+            total,
+        }
     }
+}
 
-    /// A page whose `total` is left out when `None` (not counted).
-    pub fn counted(items: Vec<T>, params: PageParams, total: Option<i64>) -> Self {
+/// A page of a listing whose client may ask not to count it ([`prefers_no_count`]): a
+/// [`Page`] whose `total` is left out then.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PageMaybeCounted<T> {
+    pub items: Vec<T>,
+    /// The page asked for (zero-based).
+    pub page: u32,
+    /// The size asked for; `items` has at most this many.
+    pub size: u32,
+    /// Items across all pages; absent when the request carried `Prefer: count=none` (then a
+    /// page that is not full is the last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub total: Option<i64>,
+}
+
+impl<T> PageMaybeCounted<T> {
+    pub fn new(items: Vec<T>, params: PageParams, total: Option<i64>) -> Self {
         Self {
             items,
             page: params.page,
@@ -98,7 +120,34 @@ impl<T> Page<T> {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::HeaderValue;
+
     use super::*;
+
+    #[test]
+    fn count_none_is_read_as_rfc_7240_lists_it() {
+        let prefers = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append("prefer", HeaderValue::from_static(v));
+            }
+            prefers_no_count(&headers)
+        };
+        assert!(prefers(&["count=none"]));
+        assert!(prefers(&["COUNT=\"none\""]), "names in any case, values quoted or not");
+        assert!(prefers(&["wait=5, count=none"]));
+        assert!(prefers(&["wait=5", "count=none; x=1"]));
+        assert!(!prefers(&[]));
+        assert!(!prefers(&["count=NONE"]), "values are case-sensitive");
+        assert!(!prefers(&["count=exact"]));
+        assert!(!prefers(&["count"]));
+        assert!(!prefers(&["count=exact, count=none"]), "the first occurrence decides");
+        assert!(!prefers(&["count=exact", "count=none"]));
+        assert!(
+            !prefers(&["return=\"count=none\""]),
+            "inside another preference's quoted string"
+        );
+    }
 
     #[test]
     fn paging_is_refused_outside_its_bounds_never_clamped() {

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use axum::{
     Extension, Router,
     extract::State,
-    http::{HeaderMap, HeaderValue, StatusCode},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -28,7 +28,7 @@ use crate::{
     admission::Turn,
     extract::{IdempotencyKey, Json, Path, Query, User},
     idempotency::{self, Claim, Claimed},
-    page::{self, Page, PageParams},
+    page::{self, PageMaybeCounted, PageParams},
     problem::{ApiResult, Problem},
     views::{self, HistoryView, OrderSummary, OrderView},
     wait::{self, Until},
@@ -368,8 +368,9 @@ pub async fn read_view(conn: &mut sqlx::PgConnection, id: Uuid, user_id: i64) ->
         ("Prefer" = Option<String>, Header, description = "`count=none` (RFC 7240 §2): leave `total` out")),
     responses(
     (status = 200, description = "a page of the caller's orders; without `total` when asked with `Prefer: count=none`",
-        body = Page<OrderSummary>,
-        headers(("Preference-Applied" = Option<String>, description = "count=none when `total` was left out (RFC 7240 §3)")),
+        body = PageMaybeCounted<OrderSummary>,
+        headers(("Preference-Applied" = String, description = "count=none when `total` was left out (RFC 7240 §3)"),
+            ("Vary" = String, description = "Prefer: the body depends on it (RFC 7240 §2)")),
         links(("getOrder" = (operation_id = "getOrder", parameters(("id" = "$response.body#/items/0/orderId")))))),
     (status = 400, description = "INVALID_PAGE, INVALID_PAGE_SIZE or INVALID_QUERY", body = Problem, content_type = PROBLEM),
 ))]
@@ -381,6 +382,12 @@ pub async fn list(
 ) -> ApiResult<Response> {
     let (limit, offset) = params.limit_offset()?;
     let mut conn = state.pool.acquire().await?;
+    // Every answer names `Prefer` in `Vary`, counted or not (RFC 7240 §2).
+    let vary = |mut res: Response| {
+        res.headers_mut()
+            .append(header::VARY, HeaderValue::from_static("prefer"));
+        res
+    };
     if page::prefers_no_count(&headers) {
         let rows: Vec<orders::OrderRow> = sqlx::query_as(
             "SELECT * FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
@@ -391,10 +398,10 @@ pub async fn list(
         .fetch_all(&mut *conn)
         .await?;
         let items = rows.iter().map(OrderSummary::from).collect();
-        let mut res = Json(Page::counted(items, params, None)).into_response();
+        let mut res = Json(PageMaybeCounted::new(items, params, None)).into_response();
         res.headers_mut()
             .insert("preference-applied", HeaderValue::from_static(page::COUNT_NONE));
-        return Ok(res);
+        return Ok(vary(res));
     }
     // The page and the total in one round trip (clients poll this route). A page that is not
     // full ends the list, so its total is its offset plus its rows; only a full page counts
@@ -424,7 +431,9 @@ pub async fn list(
         }
     };
     let items = rows.iter().map(|r| OrderSummary::from(&r.order)).collect();
-    Ok(Json(Page::new(items, params, total)).into_response())
+    Ok(vary(
+        Json(PageMaybeCounted::new(items, params, Some(total))).into_response(),
+    ))
 }
 
 #[derive(sqlx::FromRow)]
