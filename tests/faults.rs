@@ -209,7 +209,9 @@ async fn fault_4_poison_in_every_work_queue() {
 #[ignore = "fault suite: run alone, after the parallel tests (scripts/test.sh)"]
 async fn fault_5_worker_paused_past_the_deadline() {
     let outcome = scenario("5-pause-payment", &[("ORDER_TIMEOUT", "3s")], |sys, _done| async move {
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Once some orders are through (so some confirm) and while others are in flight, however
+        // fast the machine: a fixed delay let a fast one finish every order before the pause.
+        sys.progress(300).await;
         sys.signal("payment", "-STOP").await;
         tokio::time::sleep(Duration::from_secs(8)).await;
         sys.signal("payment", "-CONT").await;
