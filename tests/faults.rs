@@ -128,11 +128,23 @@ fn pg_cluster(action: &str, extra: &[&str]) {
     service("pg_ctlcluster", &args);
 }
 
+/// Waits until 300 orders are terminal and asserts that others are not: a fault injected
+/// next lands mid-load (some orders through, others in flight) however fast the machine is. A
+/// fixed delay was a bet on its speed: on a fast one every order was through before it.
+async fn in_flight(sys: &System) {
+    sys.progress(300).await;
+    let terminal = sys.terminal().await;
+    assert!(
+        terminal < ORDERS as i64,
+        "every order was through before the fault ({terminal})"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "fault suite: run alone, after the parallel tests (scripts/test.sh)"]
 async fn fault_2_rabbitmq_restarted_mid_load() {
-    let outcome = scenario("2-restart-rabbitmq", &[], |_sys, _done| async move {
-        tokio::time::sleep(Duration::from_secs(4)).await;
+    let outcome = scenario("2-restart-rabbitmq", &[], |sys, _done| async move {
+        in_flight(&sys).await;
         // Stop and start the node's RabbitMQ application: every connection drops, quorum
         // queues recover from disk.
         tokio::task::spawn_blocking(|| {
@@ -151,8 +163,8 @@ async fn fault_2_rabbitmq_restarted_mid_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "fault suite: run alone, after the parallel tests (scripts/test.sh)"]
 async fn fault_3_postgresql_restarted_mid_load() {
-    let outcome = scenario("3-restart-postgresql", &[], |_sys, _done| async move {
-        tokio::time::sleep(Duration::from_secs(4)).await;
+    let outcome = scenario("3-restart-postgresql", &[], |sys, _done| async move {
+        in_flight(&sys).await;
         // Immediate mode: no checkpoint, every session killed mid-transaction.
         tokio::task::spawn_blocking(|| {
             pg_cluster("stop", &["-m", "immediate"]);
@@ -209,9 +221,7 @@ async fn fault_4_poison_in_every_work_queue() {
 #[ignore = "fault suite: run alone, after the parallel tests (scripts/test.sh)"]
 async fn fault_5_worker_paused_past_the_deadline() {
     let outcome = scenario("5-pause-payment", &[("ORDER_TIMEOUT", "3s")], |sys, _done| async move {
-        // Once some orders are through (so some confirm) and while others are in flight, however
-        // fast the machine: a fixed delay let a fast one finish every order before the pause.
-        sys.progress(300).await;
+        in_flight(&sys).await;
         sys.signal("payment", "-STOP").await;
         tokio::time::sleep(Duration::from_secs(8)).await;
         sys.signal("payment", "-CONT").await;
