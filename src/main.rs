@@ -236,11 +236,13 @@ async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Res
         tasks.spawn(orderflow_api::serve_metrics(listener, shutdown.clone()));
     }
     // Workers get a pool of their own: a burst of deliveries waiting on a hot row's lock must
-    // not starve the API of connections (it would answer 503).
-    let worker_pool = if api && !workers.is_empty() {
-        db::pool(&config.database_url, config.db_pool_size)?
-    } else {
+    // not starve the API of connections (it would answer 503), and their statements are planned
+    // once ([`db::worker_pool`]). Both pools connect lazily: a process without the API opens
+    // none of the first's.
+    let worker_pool = if workers.is_empty() {
         pool.clone()
+    } else {
+        db::worker_pool(&config.database_url, config.db_pool_size, config.worker_generic_plans)?
     };
     orderflow_workers::spawn_fed(&mut tasks, workers, &worker_pool, &config, feed, &shutdown);
 
@@ -316,6 +318,7 @@ mod tests {
             "WORKER_CONCURRENCY",
             "WORKER_BATCH",
             "WORKER_LINGER",
+            "WORKER_GENERIC_PLANS",
             "DB_POOL_SIZE",
             "METRICS_ADDR",
             "LOG_FORMAT",

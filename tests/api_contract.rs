@@ -257,6 +257,7 @@ fn flags_and_environment_variables_are_bounded_at_startup() {
             ("ORDER_TIMEOUT", "5m"),
             ("WORKER_BATCH", "1000"),
             ("WORKER_LINGER", "0ms"),
+            ("WORKER_GENERIC_PLANS", "false"),
         ],
     );
     assert_eq!(code, Some(1), "{stderr}");
@@ -292,6 +293,8 @@ fn flags_and_environment_variables_are_bounded_at_startup() {
         ("WORKER_LINGER", "--worker-linger", "1001ms"),
         ("WORKER_LINGER", "--worker-linger", "18446744073709551615s"),
         ("WORKER_LINGER", "--worker-linger", "-1ms"),
+        ("WORKER_GENERIC_PLANS", "--worker-generic-plans", "yes"),
+        ("WORKER_GENERIC_PLANS", "--worker-generic-plans", ""),
         ("DB_POOL_SIZE", "--db-pool-size", "0"),
         ("DB_POOL_SIZE", "--db-pool-size", "4294967296"),
     ];

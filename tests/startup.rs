@@ -78,3 +78,43 @@ async fn a_schema_with_a_later_release_s_migrations_is_run_on_and_a_changed_one_
         .await
         .unwrap();
 }
+
+/// The workers' pool asks for generic plans in every connection's startup options (one host or
+/// several, so also on the node a multi-host pool follows), and leaves the server's setting
+/// alone when told not to (WORKER_GENERIC_PLANS=false, for a pooler that refuses startup
+/// options); the API's pool never asks.
+#[tokio::test]
+async fn the_workers_pool_plans_generically_unless_told_not_to() {
+    let two_hosts = format!("{PG_BASE},127.0.0.1:5432/postgres");
+    let server: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&mut PgConnection::connect(PG_ADMIN_URL).await.unwrap())
+        .await
+        .unwrap();
+    for (pool, expected) in [
+        (
+            orderflow_shared::db::worker_pool(PG_ADMIN_URL, 2, true),
+            "force_generic_plan",
+        ),
+        (
+            orderflow_shared::db::worker_pool(&two_hosts, 2, true),
+            "force_generic_plan",
+        ),
+        (
+            orderflow_shared::db::worker_pool(PG_ADMIN_URL, 2, false),
+            server.as_str(),
+        ),
+        (orderflow_shared::db::pool(PG_ADMIN_URL, 2), server.as_str()),
+    ] {
+        let pool = pool.unwrap();
+        let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(mode, expected);
+        pool.close().await;
+    }
+    assert_ne!(
+        server, "force_generic_plan",
+        "the server's own setting hides the difference"
+    );
+}

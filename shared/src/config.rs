@@ -153,6 +153,13 @@ pub struct Config {
           value_parser = RangedU64ValueParser::<u32>::new().range(1..=MAX_DB_POOL_SIZE))]
     pub db_pool_size: u32,
 
+    /// Whether the workers' connections ask PostgreSQL to plan each prepared statement once
+    /// (`plan_cache_mode=force_generic_plan` in the connection's startup options; see
+    /// `db::worker_pool`). `false` behind a pooler that refuses startup options (PgBouncer
+    /// unless `options` is in its `ignore_startup_parameters`): the server's setting then applies.
+    #[arg(long, env = "WORKER_GENERIC_PLANS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub worker_generic_plans: bool,
+
     /// Address of a worker process's metrics listener (the API serves /metrics itself).
     #[arg(long, env = "METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -233,6 +240,7 @@ impl std::fmt::Debug for Config {
             .field("worker_batch", &self.worker_batch)
             .field("worker_linger", &self.worker_linger)
             .field("db_pool_size", &self.db_pool_size)
+            .field("worker_generic_plans", &self.worker_generic_plans)
             .field("metrics_addr", &self.metrics_addr)
             .field("log_format", &self.log_format)
             .field("rate_limit_writes", &self.rate_limit_writes)

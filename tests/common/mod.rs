@@ -165,6 +165,7 @@ impl TestApp {
             worker_batch: 16,
             worker_linger: opts.linger,
             db_pool_size: 12,
+            worker_generic_plans: true,
             metrics_addr: None,
             log_format: LogFormat::Text,
             otel_exporter_otlp_endpoint: None,
@@ -172,6 +173,10 @@ impl TestApp {
             rate_limit_writes: opts.rate_limit.0,
             rate_limit_window: opts.rate_limit.1,
         };
+        // One pool for the API and the workers (so PostgreSQL's default plans, unlike the workers'
+        // own pool in `orderflow all`): a second one per test would double the connections of
+        // the tests running at once. The system tests run `orderflow` processes, whose workers
+        // plan generically (`db::worker_pool`).
         let pool = orderflow_shared::db::pool(&config.database_url, config.db_pool_size).unwrap();
         // Declare the topology once before the workers start, so they never race each
         // other creating the same quorum queues in a fresh vhost.

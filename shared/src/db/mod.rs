@@ -104,7 +104,27 @@ const RECHECK_IDLE: Duration = Duration::from_secs(1);
 /// pool follows the node that accepts writes ([`primary::Follower`], a task that ends when the
 /// pool is closed). Must be called inside a tokio runtime.
 pub fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let parsed = DatabaseUrl::parse(url)?;
+    build_pool(DatabaseUrl::parse(url)?, max_connections)
+}
+
+/// [`pool`] for the workers. With `generic_plans` (WORKER_GENERIC_PLANS) its connections
+/// plan each prepared statement once (`plan_cache_mode = force_generic_plan` in their startup
+/// options). A worker runs a few statements over and over, most of them on arrays of ids, and
+/// with the default (`auto`) PostgreSQL plans such a statement again on every call, since only
+/// a custom plan knows the array's length; docs/PERFORMANCE.md measures both. The API keeps
+/// the default: the best plans of its reads depend on their parameters (a user's page of
+/// orders, a search).
+pub fn worker_pool(url: &str, max_connections: u32, generic_plans: bool) -> anyhow::Result<PgPool> {
+    let mut parsed = DatabaseUrl::parse(url)?;
+    if generic_plans {
+        for node in &mut parsed.nodes {
+            *node = node.clone().options([("plan_cache_mode", "force_generic_plan")]);
+        }
+    }
+    build_pool(parsed, max_connections)
+}
+
+fn build_pool(parsed: DatabaseUrl, max_connections: u32) -> anyhow::Result<PgPool> {
     let follower = parsed.is_multi_host().then(|| Follower::new(parsed.clone()));
     let stale = {
         let follower = follower.clone();
