@@ -237,12 +237,17 @@ async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Res
     }
     // Workers get a pool of their own: a burst of deliveries waiting on a hot row's lock must
     // not starve the API of connections (it would answer 503), and their statements are planned
-    // once ([`db::worker_pool`]). Both pools connect lazily: a process without the API opens
-    // none of the first's.
+    // once ([`db::worker_pool`]). A process without the API closes the first pool at once (with
+    // several hosts it would follow the primary for nothing).
     let worker_pool = if workers.is_empty() {
         pool.clone()
     } else {
-        db::worker_pool(&config.database_url, config.db_pool_size, config.worker_generic_plans)?
+        let workers_own =
+            db::worker_pool(&config.database_url, config.db_pool_size, config.worker_generic_plans).await?;
+        if !api {
+            pool.close().await;
+        }
+        workers_own
     };
     orderflow_workers::spawn_fed(&mut tasks, workers, &worker_pool, &config, feed, &shutdown);
 

@@ -1,10 +1,13 @@
 //! Starting many processes at once against a database that does not exist yet (a fresh
-//! deployment: every worker container starts together).
+//! deployment: every worker container starts together), and the pools a process starts with.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::{PG_ADMIN_URL, PG_BASE};
+use orderflow_shared::db;
 use sqlx::{Connection, PgConnection};
 
 #[tokio::test]
@@ -79,42 +82,64 @@ async fn a_schema_with_a_later_release_s_migrations_is_run_on_and_a_changed_one_
         .unwrap();
 }
 
-/// The workers' pool asks for generic plans in every connection's startup options (one host or
-/// several, so also on the node a multi-host pool follows), and leaves the server's setting
-/// alone when told not to (WORKER_GENERIC_PLANS=false, for a pooler that refuses startup
-/// options); the API's pool never asks.
+/// The workers' pool asks for generic plans in every connection's startup options, also on
+/// the node a multi-host pool moves to (here the first host is down, so every connection comes
+/// after the move), and leaves the server's setting alone when told not to
+/// (WORKER_GENERIC_PLANS=false); the API's pool never asks.
 #[tokio::test]
 async fn the_workers_pool_plans_generically_unless_told_not_to() {
-    let two_hosts = format!("{PG_BASE},127.0.0.1:5432/postgres");
     let server: String = sqlx::query_scalar("SHOW plan_cache_mode")
         .fetch_one(&mut PgConnection::connect(PG_ADMIN_URL).await.unwrap())
         .await
         .unwrap();
-    for (pool, expected) in [
-        (
-            orderflow_shared::db::worker_pool(PG_ADMIN_URL, 2, true),
-            "force_generic_plan",
-        ),
-        (
-            orderflow_shared::db::worker_pool(&two_hosts, 2, true),
-            "force_generic_plan",
-        ),
-        (
-            orderflow_shared::db::worker_pool(PG_ADMIN_URL, 2, false),
-            server.as_str(),
-        ),
-        (orderflow_shared::db::pool(PG_ADMIN_URL, 2), server.as_str()),
-    ] {
-        let pool = pool.unwrap();
-        let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        assert_eq!(mode, expected);
-        pool.close().await;
-    }
     assert_ne!(
         server, "force_generic_plan",
-        "the server's own setting hides the difference"
+        "the server's own setting would hide the difference"
     );
+    let moved = "postgres://postgres@127.0.0.1:1,127.0.0.1:5432/postgres";
+    for (pool, expected) in [
+        (db::worker_pool(PG_ADMIN_URL, 2, true).await, "force_generic_plan"),
+        (db::worker_pool(moved, 2, true).await, "force_generic_plan"),
+        (db::worker_pool(PG_ADMIN_URL, 2, false).await, server.as_str()),
+        (db::pool(PG_ADMIN_URL, 2), server.as_str()),
+    ] {
+        let pool = pool.unwrap();
+        assert_eq!(show_plan_cache_mode(&pool).await, expected);
+        pool.close().await;
+    }
+}
+
+/// A setting the database refuses at connection startup (as a pooler that does not pass startup
+/// options on refuses `plan_cache_mode`) leaves the pool without it, working, instead of without
+/// connections.
+#[tokio::test]
+async fn a_startup_option_the_database_refuses_is_left_out() {
+    let pool = db::pool_with_startup_options(PG_ADMIN_URL, 2, &[("no_such_setting", "1")])
+        .await
+        .unwrap();
+    let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&pool).await.unwrap();
+    assert_eq!(one, 1);
+    pool.close().await;
+    // The control: the same option on a plain connection is refused.
+    let refused = PgConnection::connect_with(
+        &PG_ADMIN_URL
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .unwrap()
+            .options([("no_such_setting", "1")]),
+    )
+    .await;
+    assert!(matches!(refused, Err(sqlx::Error::Database(_))), "{refused:?}");
+}
+
+/// `SHOW plan_cache_mode` on one of the pool's connections, retried while the pool has none
+/// (a multi-host pool finds its node first).
+async fn show_plan_cache_mode(pool: &sqlx::PgPool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match sqlx::query_scalar("SHOW plan_cache_mode").fetch_one(pool).await {
+            Ok(mode) => return mode,
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(err) => panic!("no connection within 20 s: {err}"),
+        }
+    }
 }

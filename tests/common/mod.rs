@@ -165,7 +165,7 @@ impl TestApp {
             worker_batch: 16,
             worker_linger: opts.linger,
             db_pool_size: 12,
-            worker_generic_plans: true,
+            worker_generic_plans: true, // unused: these workers share the API's pool (below)
             metrics_addr: None,
             log_format: LogFormat::Text,
             otel_exporter_otlp_endpoint: None,

@@ -108,22 +108,60 @@ pub fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
 }
 
 /// [`pool`] for the workers. With `generic_plans` (WORKER_GENERIC_PLANS) its connections
-/// plan each prepared statement once (`plan_cache_mode = force_generic_plan` in their startup
-/// options). A worker runs a few statements over and over, most of them on arrays of ids, and
-/// with the default (`auto`) PostgreSQL plans such a statement again on every call, since only
-/// a custom plan knows the array's length; docs/PERFORMANCE.md measures both. The API keeps
-/// the default: the best plans of its reads depend on their parameters (a user's page of
-/// orders, a search).
-pub fn worker_pool(url: &str, max_connections: u32, generic_plans: bool) -> anyhow::Result<PgPool> {
-    let mut parsed = DatabaseUrl::parse(url)?;
-    if generic_plans {
-        for node in &mut parsed.nodes {
-            *node = node.clone().options([("plan_cache_mode", "force_generic_plan")]);
-        }
-    }
-    build_pool(parsed, max_connections)
+/// plan each prepared statement once (`plan_cache_mode = force_generic_plan`, set in their
+/// startup options, [`pool_with_startup_options`]). A worker runs a few statements over and
+/// over, most of them on arrays of ids, and with the default (`auto`) PostgreSQL plans such a
+/// statement again on every call, since only a custom plan knows the array's length;
+/// docs/PERFORMANCE.md measures both. The API keeps the default: the best plans of its reads
+/// depend on their parameters (a user's page of orders, a search).
+pub async fn worker_pool(url: &str, max_connections: u32, generic_plans: bool) -> anyhow::Result<PgPool> {
+    let options: &[(&str, &str)] = if generic_plans {
+        &[("plan_cache_mode", "force_generic_plan")]
+    } else {
+        &[]
+    };
+    pool_with_startup_options(url, max_connections, options).await
 }
 
+/// [`pool`] whose connections set `options` (`(setting, value)` pairs) at startup, on every
+/// node of the URL. One connection is opened first: if the database refuses it (a pooler in
+/// front of PostgreSQL that does not pass startup options on, such as PgBouncer unless
+/// `options` is in its `ignore_startup_parameters`; a server without the setting) and accepts
+/// one without them, the pool goes without, with a warning: a setting for speed must not stop
+/// the process. Any other failure is left to the pool's own handling (the database may be
+/// restarting).
+pub async fn pool_with_startup_options(
+    url: &str,
+    max_connections: u32,
+    options: &[(&str, &str)],
+) -> anyhow::Result<PgPool> {
+    if options.is_empty() {
+        return pool(url, max_connections);
+    }
+    let mut parsed = DatabaseUrl::parse(url)?;
+    for node in &mut parsed.nodes {
+        *node = node.clone().options(options.iter().copied());
+    }
+    let with = build_pool(parsed, max_connections)?;
+    let refused = match with.acquire().await {
+        Err(sqlx::Error::Database(refused)) => refused,
+        _ => return Ok(with),
+    };
+    let without = pool(url, max_connections)?;
+    if without.acquire().await.is_err() {
+        without.close().await;
+        return Ok(with);
+    }
+    tracing::warn!(
+        ?options,
+        error = %refused,
+        "the database refused these settings at connection startup; this pool runs without them"
+    );
+    with.close().await;
+    Ok(without)
+}
+
+/// The pool of [`pool`] for a parsed URL (its nodes' options as given).
 fn build_pool(parsed: DatabaseUrl, max_connections: u32) -> anyhow::Result<PgPool> {
     let follower = parsed.is_multi_host().then(|| Follower::new(parsed.clone()));
     let stale = {
