@@ -155,8 +155,9 @@ pub struct Config {
 
     /// Whether the workers' connections ask PostgreSQL to plan each prepared statement once
     /// (`plan_cache_mode=force_generic_plan` in the connection's startup options; see
-    /// `db::worker_pool`). `false` behind a pooler that refuses startup options (PgBouncer
-    /// unless `options` is in its `ignore_startup_parameters`): the server's setting then applies.
+    /// `db::worker_pool`). If the database refuses the option (a pooler such as PgBouncer), the
+    /// workers go without it, with a warning; `false` does not ask. Either way without it the
+    /// server's setting applies.
     #[arg(long, env = "WORKER_GENERIC_PLANS", default_value_t = true, action = clap::ArgAction::Set)]
     pub worker_generic_plans: bool,
 
