@@ -223,10 +223,12 @@ async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Res
             .with_context(|| format!("binding {}", config.http_addr))?;
         // Orders accepted here are handed to the relay started below, if it leads.
         let state = orderflow_api::AppState::with_feed(pool.clone(), Arc::new(config.clone()), Some(feed.clone()));
+        // The gauges, the dashboard's trends and its overview read the queues over one connection.
+        let queues = state.queues.clone();
         tasks.spawn(orderflow_api::serve(listener, state, shutdown.clone()));
-        let (pool, amqp_url, shutdown) = (pool.clone(), config.amqp_url.clone(), shutdown.clone());
+        let (pool, shutdown) = (pool.clone(), shutdown.clone());
         tasks.spawn(async move {
-            orderflow_shared::metrics::sample_gauges(pool, amqp_url, std::time::Duration::from_secs(5), shutdown).await;
+            orderflow_shared::metrics::sample_gauges(pool, queues, std::time::Duration::from_secs(5), shutdown).await;
             Ok(())
         });
     } else if let Some(addr) = config.metrics_addr {

@@ -4,9 +4,14 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
 
 use common::TestApp;
+use orderflow_shared::messaging::stats::CONNECTION_NAME;
+use reqwest::Method;
 
 /// The value of the first sample whose line starts with `prefix` (name and labels).
 fn sample(text: &str, prefix: &str) -> Option<f64> {
@@ -82,5 +87,64 @@ async fn metrics_count_requests_messages_steps_orders_and_queues() {
         Some(1.0)
     );
     assert!(sample(&text, "orderflow_queue_depth{queue=\"data-platform.orders\"}").is_some());
+    app.stop().await;
+}
+
+/// The broker's connections named `name` in `vhost` (their `name`s, which the broker makes from
+/// the client's address and port, so a new connection has a new one), once the management API's
+/// listing (refreshed every 5 s) has not changed for 6 s and holds at least one.
+async fn settled_connections(app: &TestApp, name: &str) -> BTreeSet<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut last, mut since) = (BTreeSet::new(), Instant::now());
+    loop {
+        let listed = app
+            .mgmt(
+                Method::GET,
+                &format!("/api/vhosts/{}/connections", common::enc(&app.vhost)),
+            )
+            .await;
+        let now: BTreeSet<String> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["client_properties"]["connection_name"] == name)
+            .map(|c| c["name"].as_str().unwrap().to_owned())
+            .collect();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if !last.is_empty() && since.elapsed() >= Duration::from_secs(6) {
+            return last;
+        }
+        assert!(Instant::now() < deadline, "the listing never settled: {last:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The gauge and trend samplers (every 200 ms in tests) and the dashboard's overview read the
+/// queues over one connection kept between reads, not one per read; when the broker closes it,
+/// the next read opens another.
+#[tokio::test]
+async fn queue_reads_keep_one_connection_and_replace_it_when_it_closes() {
+    let app = TestApp::api_only().await;
+    let kept = settled_connections(&app, CONNECTION_NAME).await;
+    assert_eq!(kept.len(), 1, "one connection for every queue read: {kept:?}");
+
+    let closed = kept.first().unwrap();
+    app.mgmt(Method::DELETE, &format!("/api/connections/{}", common::enc(closed)))
+        .await;
+    // The overview reads the queues too: it answers with them again within a few reads.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = app.get("/api/admin/overview", &app.admin_token()).await;
+        assert_eq!(status, 200, "{body}");
+        if body["brokerError"].is_null() && !body["queues"].as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the queues never came back: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let replaced = settled_connections(&app, CONNECTION_NAME).await;
+    assert_eq!(replaced.len(), 1, "{replaced:?}");
+    assert!(!replaced.contains(closed), "a new connection replaced {closed}");
     app.stop().await;
 }

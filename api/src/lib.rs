@@ -25,7 +25,7 @@ use axum::{
     http::{HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
-use orderflow_shared::{config::Config, db::outbox::Feed, telemetry};
+use orderflow_shared::{config::Config, db::outbox::Feed, messaging::stats::QueueStats, telemetry};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -54,6 +54,8 @@ pub struct AppState {
     pub rate_limits: Option<Arc<rate_limit::RateLimits>>,
     /// The last hour of pipeline samples for the dashboard (filled by [`serve`]'s sampler).
     pub trends: Arc<trends::Trends>,
+    /// The broker's queue depths, read over one kept connection (trends, overview, gauges).
+    pub queues: Arc<QueueStats>,
 }
 
 impl AppState {
@@ -71,6 +73,7 @@ impl AppState {
             auth: Arc::new(auth::Authenticator::from_config(&config)),
             rate_limits: rate_limit::from_config(config.rate_limit_writes, config.rate_limit_window),
             trends: Arc::new(trends::Trends::new(config.trend_sample_interval)),
+            queues: Arc::new(QueueStats::new(&config.amqp_url)),
             config,
             shutdown: CancellationToken::new(),
         }
@@ -245,7 +248,7 @@ pub async fn serve(listener: TcpListener, mut state: AppState, shutdown: Cancell
     tokio::spawn(trends::run(
         state.trends.clone(),
         state.pool.clone(),
-        state.config.amqp_url.clone(),
+        state.queues.clone(),
         shutdown.clone(),
     ));
     tracing::info!(addr = %listener.local_addr()?, "API listening");

@@ -28,12 +28,12 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
-    sync::{Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
 use chrono::{DateTime, Utc};
-use orderflow_shared::messaging::stats::queue_stats;
+use orderflow_shared::messaging::stats::QueueStats;
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -155,7 +155,7 @@ impl Trends {
 /// Samples every `trends.interval()` until `shutdown`: first the window's start (now, on the
 /// database's clock) and the backfill, then one sample per tick. A failed sample is logged and
 /// its window joins the next one (the sums stay exact).
-pub async fn run(trends: std::sync::Arc<Trends>, pool: PgPool, amqp_url: String, shutdown: CancellationToken) {
+pub async fn run(trends: Arc<Trends>, pool: PgPool, queues: Arc<QueueStats>, shutdown: CancellationToken) {
     let interval = trends.interval();
     let body = async {
         let mut start = loop {
@@ -174,7 +174,7 @@ pub async fn run(trends: std::sync::Arc<Trends>, pool: PgPool, amqp_url: String,
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let (sample, queues) = tokio::join!(sample_database(&pool, start), queue_stats(&amqp_url));
+            let (sample, queues) = tokio::join!(sample_database(&pool, start), queues.read());
             match sample {
                 Ok(mut sample) => {
                     if let Ok(queues) = queues {

@@ -3,13 +3,15 @@
 
 use std::{
     fmt::Display,
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
+
+use crate::messaging::stats::QueueStats;
 
 pub const HTTP_REQUESTS: &str = "orderflow_http_requests_total";
 pub const HTTP_DURATION: &str = "orderflow_http_request_duration_seconds";
@@ -124,9 +126,6 @@ pub fn step_batch(step: &'static str, size: usize) {
     metrics::histogram!(STEP_BATCH, "step" => step).record(size as f64);
 }
 
-/// How long the sampler's declaration of the topology at start may take.
-const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Samples the system-wide gauges (orders by status, dead letters, outbox, queues) every
 /// `interval` until `shutdown`. Runs in the API process: one sampler per deployment is
 /// enough, and every API replica reporting the same values is harmless.
@@ -134,26 +133,19 @@ const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The database and the broker are sampled independently, each on its own ticker: one that
 /// fails or hangs does not hold the other back. Each success sets [`SAMPLE_SUCCESS`] for its
 /// source to the current time; both start at 0.
-pub async fn sample_gauges(pool: PgPool, amqp_url: String, interval: Duration, shutdown: CancellationToken) {
+pub async fn sample_gauges(pool: PgPool, queues: Arc<QueueStats>, interval: Duration, shutdown: CancellationToken) {
     for source in ["database", "broker"] {
         metrics::gauge!(SAMPLE_SUCCESS, "source" => source).set(0.0);
     }
     let database = sample_every(interval, "database", || sample_database(&pool));
     let broker = async {
         // Like every process, declare the topology first (idempotent), so the passive declares
-        // below never hit a queue that no worker has declared yet. Bounded: a broker that does
-        // not answer must not keep the sampler from starting.
-        let declare = async {
-            let conn = crate::messaging::connect(&amqp_url, lapin::ConnectionProperties::default()).await?;
-            let _ = crate::messaging::topology::declare(&conn).await;
-            conn.close(200, "bye".into()).await
-        };
-        match tokio::time::timeout(TOPOLOGY_TIMEOUT, declare).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::debug!(error = %err, "could not declare the topology before sampling"),
-            Err(_) => tracing::debug!("the broker did not answer the topology declaration before sampling"),
+        // below never hit a queue that no worker has declared yet. Bounded (by the reader's
+        // timeout): a broker that does not answer must not keep the sampler from starting.
+        if let Err(err) = queues.declare_topology().await {
+            tracing::debug!(error = %format!("{err:#}"), "could not declare the topology before sampling");
         }
-        sample_every(interval, "broker", || sample_broker(&amqp_url)).await
+        sample_every(interval, "broker", || sample_broker(&queues)).await
     };
     tokio::select! {
         _ = async { tokio::join!(database, broker) } => {}
@@ -187,8 +179,8 @@ fn unix_now() -> f64 {
         .map_or(0.0, |since| since.as_secs_f64())
 }
 
-async fn sample_broker(amqp_url: &str) -> anyhow::Result<()> {
-    for q in crate::messaging::stats::queue_stats(amqp_url).await? {
+async fn sample_broker(queues: &QueueStats) -> anyhow::Result<()> {
+    for q in queues.read().await? {
         metrics::gauge!(QUEUE_DEPTH, "queue" => q.name.clone()).set(q.messages as f64);
         metrics::gauge!(QUEUE_CONSUMERS, "queue" => q.name).set(q.consumers as f64);
     }
@@ -278,7 +270,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let sampler = tokio::spawn(sample_gauges(
             pool,
-            "amqp://nobody:nothing@127.0.0.1:1/%2f".to_owned(),
+            Arc::new(QueueStats::new("amqp://nobody:nothing@127.0.0.1:1/%2f")),
             Duration::from_millis(20),
             shutdown.clone(),
         ));

@@ -26,10 +26,7 @@ use orderflow_shared::{
     config::query_duration,
     db::orders::{self, OrderRow},
     domain::OrderStatus,
-    messaging::{
-        MessageType,
-        stats::{QueueStat, queue_stats},
-    },
+    messaging::{MessageType, stats::QueueStat},
 };
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -310,10 +307,7 @@ pub async fn overview(
         Some(d) => query_duration(d)?,
         None => Duration::from_secs(30),
     };
-    let (db, queues) = tokio::join!(
-        overview_counts(&state, stuck_after),
-        queue_stats(&state.config.amqp_url)
-    );
+    let (db, queues) = tokio::join!(overview_counts(&state, stuck_after), state.queues.read());
     let (funnel, counts) = db?;
     let (queues, broker_error) = match queues {
         Ok(queues) => (queues, None),
