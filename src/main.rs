@@ -223,12 +223,13 @@ async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Res
             .with_context(|| format!("binding {}", config.http_addr))?;
         // Orders accepted here are handed to the relay started below, if it leads.
         let state = orderflow_api::AppState::with_feed(pool.clone(), Arc::new(config.clone()), Some(feed.clone()));
-        // The gauges, the dashboard's trends and its overview read the queues over one connection.
-        let queues = state.queues.clone();
+        // The gauges share the dashboard's order counts and its connection for the queues.
+        let (orders, queues) = (state.orders.clone(), state.queues.clone());
         tasks.spawn(orderflow_api::serve(listener, state, shutdown.clone()));
         let (pool, shutdown) = (pool.clone(), shutdown.clone());
         tasks.spawn(async move {
-            orderflow_shared::metrics::sample_gauges(pool, queues, std::time::Duration::from_secs(5), shutdown).await;
+            let interval = std::time::Duration::from_secs(5);
+            orderflow_shared::metrics::sample_gauges(pool, orders, queues, interval, shutdown).await;
             Ok(())
         });
     } else if let Some(addr) = config.metrics_addr {

@@ -10,7 +10,7 @@ use std::{
 };
 
 use common::TestApp;
-use orderflow_shared::messaging::stats::CONNECTION_NAME;
+use orderflow_shared::{db::history::StatusCounts, domain::OrderStatus, messaging::stats::CONNECTION_NAME};
 use reqwest::Method;
 
 /// The value of the first sample whose line starts with `prefix` (name and labels).
@@ -146,5 +146,83 @@ async fn queue_reads_keep_one_connection_and_replace_it_when_it_closes() {
     let replaced = settled_connections(&app, CONNECTION_NAME).await;
     assert_eq!(replaced.len(), 1, "{replaced:?}");
     assert!(!replaced.contains(closed), "a new connection replaced {closed}");
+    app.stop().await;
+}
+
+/// Writes an order in `status` (its row and the status row that moved it there) on `conn`.
+async fn order_in(conn: &mut sqlx::PgConnection, status: &str) {
+    sqlx::query(
+        "WITH o AS (INSERT INTO orders (id, user_id, status, total_amount, deadline_at)
+                    VALUES (gen_random_uuid(), 1, $1, 100, now()) RETURNING id)
+         INSERT INTO order_status_history (order_id, from_status, to_status) SELECT id, 'PAID', $1 FROM o",
+    )
+    .bind(status)
+    .execute(conn)
+    .await
+    .unwrap();
+}
+
+/// Orders per status as the gauges and the overview count them (in flight through their
+/// index, ended ones in full once, then from the status rows written since) are exactly what a
+/// full count of the orders table says at every step: for orders ended before the first count,
+/// one whose transaction wrote before the count and committed after it, one that committed
+/// between that transaction's start and the count, and orders in flight.
+#[tokio::test]
+async fn orders_per_status_are_counted_in_full_once_then_from_what_changed() {
+    let app = TestApp::api_only().await;
+    let full_count = async || -> Vec<(OrderStatus, i64)> {
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+        OrderStatus::ALL
+            .iter()
+            .map(|&s| (s, rows.iter().find(|(r, _)| r == s.as_str()).map_or(0, |(_, n)| *n)))
+            .collect()
+    };
+    let counts = StatusCounts::default();
+    let mut conn = app.pool.acquire().await.unwrap();
+    for status in ["CONFIRMED", "CONFIRMED", "CANCELLED", "PAID", "PENDING"] {
+        order_in(&mut conn, status).await;
+    }
+    let mut open = app.pool.begin().await.unwrap();
+    order_in(&mut open, "CONFIRMED").await;
+    order_in(&mut conn, "CANCELLED").await;
+
+    let first = counts.read(&app.pool).await.unwrap();
+    assert_eq!(first, full_count().await);
+    let n = |counted: &[(OrderStatus, i64)], status| counted.iter().find(|(s, _)| *s == status).unwrap().1;
+    assert_eq!(
+        (n(&first, OrderStatus::Confirmed), n(&first, OrderStatus::Cancelled)),
+        (2, 2)
+    );
+
+    open.commit().await.unwrap();
+    assert_eq!(counts.read(&app.pool).await.unwrap(), full_count().await);
+    order_in(&mut conn, "CONFIRMED").await;
+    sqlx::query("UPDATE orders SET status = 'CONFIRMED' WHERE status = 'PAID'")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO order_status_history (order_id, from_status, to_status)
+         SELECT id, 'PAID', 'CONFIRMED' FROM orders WHERE status = 'CONFIRMED'
+             AND NOT EXISTS (SELECT 1 FROM order_status_history h WHERE h.order_id = orders.id AND h.to_status = 'CONFIRMED')",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let last = counts.read(&app.pool).await.unwrap();
+    assert_eq!(last, full_count().await);
+    assert_eq!(
+        (
+            n(&last, OrderStatus::Confirmed),
+            n(&last, OrderStatus::Cancelled),
+            n(&last, OrderStatus::Pending)
+        ),
+        (5, 2, 1)
+    );
+    assert_eq!(counts.read(&app.pool).await.unwrap(), last, "nothing counted twice");
+    drop(conn);
     app.stop().await;
 }

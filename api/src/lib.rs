@@ -25,7 +25,12 @@ use axum::{
     http::{HeaderName, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
-use orderflow_shared::{config::Config, db::outbox::Feed, messaging::stats::QueueStats, telemetry};
+use orderflow_shared::{
+    config::Config,
+    db::{history::StatusCounts, outbox::Feed},
+    messaging::stats::QueueStats,
+    telemetry,
+};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +61,8 @@ pub struct AppState {
     pub trends: Arc<trends::Trends>,
     /// The broker's queue depths, read over one kept connection (trends, overview, gauges).
     pub queues: Arc<QueueStats>,
+    /// Orders per status, counted without reading every order each time (overview, gauges).
+    pub orders: Arc<StatusCounts>,
 }
 
 impl AppState {
@@ -74,6 +81,7 @@ impl AppState {
             rate_limits: rate_limit::from_config(config.rate_limit_writes, config.rate_limit_window),
             trends: Arc::new(trends::Trends::new(config.trend_sample_interval)),
             queues: Arc::new(QueueStats::new(&config.amqp_url)),
+            orders: Arc::default(),
             config,
             shutdown: CancellationToken::new(),
         }

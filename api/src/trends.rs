@@ -13,18 +13,16 @@
 //! - dead letters recorded in it (`dead_letters.recorded_at`);
 //! - each queue's ready messages (`queue_stats`), null when the broker could not be asked.
 //!
-//! Windows follow each other without gap or overlap, so the sums over the samples are exact:
-//! a window ends no later than the start of the oldest transaction that has written and not
-//! yet finished ([`WINDOW_END`]). A history row's `at` is `clock_timestamp()` at its insert
-//! and becomes visible only at its commit; ending the window before any open writer began
-//! means no row with an `at` inside it can still appear (the next window counts it).
+//! Windows follow each other without gap or overlap, so the sums over the samples are exact
+//! (`orderflow_shared::db::history`: a window ends before any transaction still writing began).
 //!
 //! Cost per sample: two statements (the window's end; the counts and percentiles, one pass
 //! over the window's rows through the BRIN indexes of migration `20261205000004`, plus a
 //! primary-key probe per confirmed order and an `(order_id, id)` probe per step row), a
-//! summarization of those BRIN indexes' new ranges and one broker connection for the queue
-//! depths. At start the hour is backfilled from history by the same query, bucketed, when the
-//! hour holds at most [`BACKFILL_MAX_ROWS`] status changes (queue depths cannot be backfilled).
+//! summarization of those BRIN indexes' new ranges and one read of the queue depths (over the
+//! connection `QueueStats` keeps). At start the hour is backfilled from history by the same
+//! query, bucketed, when the hour holds at most [`BACKFILL_MAX_ROWS`] status changes (queue
+//! depths cannot be backfilled).
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -33,7 +31,10 @@ use std::{
 };
 
 use chrono::{DateTime, Utc};
-use orderflow_shared::messaging::stats::QueueStats;
+use orderflow_shared::{
+    db::history::{settled_until, summarize},
+    messaging::stats::QueueStats,
+};
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -41,11 +42,6 @@ use utoipa::ToSchema;
 
 /// How far back the samples reach.
 pub const HOUR: Duration = Duration::from_secs(3600);
-
-/// A transaction that has written and stayed open longer than this no longer holds back the
-/// windows' end (an idle-in-transaction session would stop the charts): rows it commits later
-/// with an earlier `at` are then left out of the trends.
-const MAX_SETTLE: Duration = Duration::from_secs(30);
 
 /// The backfill reads the hour's history once at start; past this many status changes (about
 /// 2.2 orders per second for the hour) that read is not cheap, and the charts start empty.
@@ -159,7 +155,7 @@ pub async fn run(trends: Arc<Trends>, pool: PgPool, queues: Arc<QueueStats>, shu
     let interval = trends.interval();
     let body = async {
         let mut start = loop {
-            match window_end(&pool, None).await {
+            match settled_until(&pool, None).await {
                 Ok(t) => break t,
                 Err(err) => {
                     tracing::warn!(error = %err, "trend sampler: cannot read the database's clock");
@@ -194,25 +190,6 @@ pub async fn run(trends: Arc<Trends>, pool: PgPool, queues: Arc<QueueStats>, shu
         () = body => {}
         () = shutdown.cancelled() => {}
     }
-}
-
-/// The end of the next window: now, or the start of the oldest transaction of this database
-/// that has written (it has a transaction id) and not finished, if earlier, but never more than
-/// [`MAX_SETTLE`] ago, nor before `start`. Needs the sessions' `xact_start`, which PostgreSQL
-/// shows for sessions of the same role (or with pg_read_all_stats): orderflow's processes
-/// share one role.
-const WINDOW_END: &str = "SELECT greatest($1, least(clock_timestamp(), greatest(
-         clock_timestamp() - $2 * interval '1 millisecond',
-         COALESCE((SELECT min(xact_start) FROM pg_stat_activity
-                   WHERE datname = current_database() AND backend_xid IS NOT NULL
-                     AND pid <> pg_backend_pid()), clock_timestamp()))))";
-
-async fn window_end(pool: &PgPool, start: Option<DateTime<Utc>>) -> sqlx::Result<DateTime<Utc>> {
-    sqlx::query_scalar(WINDOW_END)
-        .bind(start)
-        .bind(MAX_SETTLE.as_millis() as f64)
-        .fetch_one(pool)
-        .await
 }
 
 /// Counts and percentiles of `[$1, $2)`, per bucket of `$3` ms from `$1` (`$3` = 0: one bucket,
@@ -261,34 +238,9 @@ struct WindowRow {
     p99: Option<f64>,
 }
 
-/// Brings the BRIN indexes' summaries up to the table's end. With autovacuum on,
-/// `autosummarize` does it as each range fills; with it off (this project's machines) nothing
-/// would, and a BRIN scan reads every unsummarized range, so the windows' reads would grow
-/// back to the whole table. Only ranges not yet summarized are read, so each call costs what
-/// was written since the last. Best effort: a lock held by ANALYZE or VACUUM, or a role that
-/// does not own the tables, only costs this sample a wider scan.
-async fn summarize(pool: &PgPool) {
-    let run = async {
-        let mut tx = pool.begin().await?;
-        sqlx::query("SET LOCAL lock_timeout = '200ms'")
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "SELECT brin_summarize_new_values('order_status_history_at_brin'),
-                    brin_summarize_new_values('dead_letters_recorded_at_brin')",
-        )
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await
-    };
-    if let Err(err) = run.await {
-        tracing::debug!(error = %err, "trend sampler: BRIN summarization skipped");
-    }
-}
-
 async fn sample_database(pool: &PgPool, start: DateTime<Utc>) -> sqlx::Result<TrendSample> {
     summarize(pool).await;
-    let end = window_end(pool, Some(start)).await?;
+    let end = settled_until(pool, Some(start)).await?;
     let rows: Vec<WindowRow> = sqlx::query_as(WINDOW)
         .bind(start)
         .bind(end)

@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::messaging::stats::QueueStats;
+use crate::{db::history::StatusCounts, messaging::stats::QueueStats};
 
 pub const HTTP_REQUESTS: &str = "orderflow_http_requests_total";
 pub const HTTP_DURATION: &str = "orderflow_http_request_duration_seconds";
@@ -133,11 +133,17 @@ pub fn step_batch(step: &'static str, size: usize) {
 /// The database and the broker are sampled independently, each on its own ticker: one that
 /// fails or hangs does not hold the other back. Each success sets [`SAMPLE_SUCCESS`] for its
 /// source to the current time; both start at 0.
-pub async fn sample_gauges(pool: PgPool, queues: Arc<QueueStats>, interval: Duration, shutdown: CancellationToken) {
+pub async fn sample_gauges(
+    pool: PgPool,
+    orders: Arc<StatusCounts>,
+    queues: Arc<QueueStats>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     for source in ["database", "broker"] {
         metrics::gauge!(SAMPLE_SUCCESS, "source" => source).set(0.0);
     }
-    let database = sample_every(interval, "database", || sample_database(&pool));
+    let database = sample_every(interval, "database", || sample_database(&pool, &orders));
     let broker = async {
         // Like every process, declare the topology first (idempotent), so the passive declares
         // below never hit a queue that no worker has declared yet. Bounded (by the reader's
@@ -187,12 +193,8 @@ async fn sample_broker(queues: &QueueStats) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn sample_database(pool: &PgPool) -> crate::Result<()> {
-    let counts: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status")
-        .fetch_all(pool)
-        .await?;
-    for status in crate::domain::OrderStatus::ALL {
-        let n = counts.iter().find(|(s, _)| s == status.as_str()).map_or(0, |(_, n)| *n);
+async fn sample_database(pool: &PgPool, orders: &StatusCounts) -> crate::Result<()> {
+    for (status, n) in orders.read(pool).await? {
         metrics::gauge!(ORDERS, "status" => status.as_str()).set(n as f64);
     }
     // Unsent and lag cover what the relay still has to publish; parked rows wait for an
@@ -270,6 +272,7 @@ mod tests {
         let shutdown = CancellationToken::new();
         let sampler = tokio::spawn(sample_gauges(
             pool,
+            Arc::default(),
             Arc::new(QueueStats::new("amqp://nobody:nothing@127.0.0.1:1/%2f")),
             Duration::from_millis(20),
             shutdown.clone(),

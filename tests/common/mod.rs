@@ -196,12 +196,13 @@ impl TestApp {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             base = format!("http://{}", listener.local_addr().unwrap());
             let state = orderflow_api::AppState::with_feed(pool.clone(), Arc::new(config.clone()), Some(feed.clone()));
-            let queues = state.queues.clone();
+            let (orders, queues) = (state.orders.clone(), state.queues.clone());
             tasks.spawn(orderflow_api::serve(listener, state, shutdown.clone()));
             orderflow_shared::metrics::install();
             let (pool, shutdown) = (pool.clone(), shutdown.clone());
             tasks.spawn(async move {
-                orderflow_shared::metrics::sample_gauges(pool, queues, Duration::from_millis(200), shutdown).await;
+                let interval = Duration::from_millis(200);
+                orderflow_shared::metrics::sample_gauges(pool, orders, queues, interval, shutdown).await;
                 Ok(())
             });
         }

@@ -25,7 +25,6 @@ use orderflow_shared::{
     Error,
     config::query_duration,
     db::orders::{self, OrderRow},
-    domain::OrderStatus,
     messaging::{MessageType, stats::QueueStat},
 };
 use serde::{Deserialize, Serialize};
@@ -342,12 +341,11 @@ struct Counts {
 }
 
 async fn overview_counts(state: &AppState, stuck_after: Duration) -> ApiResult<(BTreeMap<String, i64>, Counts)> {
+    let funnel: BTreeMap<String, i64> = (state.orders.read(&state.pool).await?)
+        .into_iter()
+        .map(|(status, n)| (status.as_str().to_owned(), n))
+        .collect();
     let mut conn = state.pool.acquire().await?;
-    let per_status: Vec<(String, i64)> = sqlx::query_as("SELECT status, count(*) FROM orders GROUP BY status")
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut funnel: BTreeMap<String, i64> = OrderStatus::ALL.iter().map(|s| (s.as_str().to_owned(), 0)).collect();
-    funnel.extend(per_status);
     // Each count reads a partial or status index: unsent outbox rows, NEW dead letters and
     // orders still in flight are few however large the tables grow.
     let counts: Counts = sqlx::query_as(

@@ -4,6 +4,7 @@
 
 pub mod bulk;
 pub mod dead_letters;
+pub mod history;
 pub mod kept;
 pub mod lease;
 pub mod orders;
