@@ -154,7 +154,9 @@ async fn order_in(conn: &mut sqlx::PgConnection, status: &str) {
     sqlx::query(
         "WITH o AS (INSERT INTO orders (id, user_id, status, total_amount, deadline_at)
                     VALUES (gen_random_uuid(), 1, $1, 100, now()) RETURNING id)
-         INSERT INTO order_status_history (order_id, from_status, to_status) SELECT id, 'PAID', $1 FROM o",
+         INSERT INTO order_status_history (order_id, from_status, to_status)
+         SELECT id, CASE $1 WHEN 'CANCELLED' THEN 'CANCELLING' WHEN 'CONFIRMED' THEN 'PAID' WHEN 'PAID' THEN 'STOCK_RESERVED' END, $1
+         FROM o",
     )
     .bind(status)
     .execute(conn)

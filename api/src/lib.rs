@@ -260,8 +260,12 @@ pub async fn serve(listener: TcpListener, mut state: AppState, shutdown: Cancell
         shutdown.clone(),
     ));
     tracing::info!(addr = %listener.local_addr()?, "API listening");
+    let queues = state.queues.clone();
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await?;
+    // The kept connection would otherwise end with the process, which the broker logs as a
+    // connection closed unexpectedly.
+    queues.close().await;
     Ok(())
 }

@@ -11,7 +11,7 @@
 //!   `orders.created_at`) and each step's latency p50/p99 (the time from the order's previous
 //!   status row to its `STOCK_RESERVED`, `COUPON_APPLIED`, `PAID` and `CONFIRMED` row);
 //! - dead letters recorded in it (`dead_letters.recorded_at`);
-//! - each queue's ready messages (`queue_stats`), null when the broker could not be asked.
+//! - each queue's ready messages (`QueueStats::read`), null when the broker could not be asked.
 //!
 //! Windows follow each other without gap or overlap, so the sums over the samples are exact
 //! (`orderflow_shared::db::history`: a window ends before any transaction still writing began).

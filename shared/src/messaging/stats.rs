@@ -13,6 +13,10 @@ use crate::config::redact_url;
 
 /// How long one round of passive declares may take, connection included.
 const STATS_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long declaring the whole topology may take, connection included.
+const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a close waits for the broker's answer.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One queue of the topology as the broker sees it now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -56,45 +60,52 @@ impl QueueStats {
         }
     }
 
-    /// Every queue of [`QUEUES`] the broker knows, as [`queue_stats`] reads them.
+    /// Every queue of [`QUEUES`] the broker knows, as [`queue_stats`] reads them, within
+    /// [`STATS_TIMEOUT`], waiting for another read included.
     pub async fn read(&self) -> anyhow::Result<Vec<QueueStat>> {
-        self.on_connection(async |conn| declare_passively(conn).await).await
-    }
-
-    /// Declares the whole topology (idempotent, as every process does at start), so later
-    /// reads find every queue.
-    pub async fn declare_topology(&self) -> anyhow::Result<()> {
-        self.on_connection(async |conn| Ok(super::topology::declare(conn).await?))
+        self.on_connection(STATS_TIMEOUT, async |conn| declare_passively(conn).await)
             .await
     }
 
-    /// Closes the kept connection, if any (dropping it closes it too, without waiting).
+    /// Declares the whole topology (idempotent, as every process does at start), so later
+    /// reads find every queue. Within [`TOPOLOGY_TIMEOUT`]: on a fresh cluster, creating the
+    /// quorum queues takes longer than a read.
+    pub async fn declare_topology(&self) -> anyhow::Result<()> {
+        self.on_connection(TOPOLOGY_TIMEOUT, async |conn| Ok(super::topology::declare(conn).await?))
+            .await
+    }
+
+    /// Closes the kept connection, if any, waiting at most [`CLOSE_TIMEOUT`] for the broker to
+    /// confirm (so it does not log the connection as closed unexpectedly).
     pub async fn close(&self) {
         if let Some(conn) = self.connection.lock().await.take() {
-            let _ = tokio::time::timeout(STATS_TIMEOUT, conn.close(200, "bye".into())).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, "bye".into())).await;
         }
     }
 
-    /// Runs `work` on the kept connection (opened first if there is none or it closed), within
-    /// [`STATS_TIMEOUT`] in all. The connection is kept only if `work` succeeded: dropping the
-    /// last handle of a lapin connection closes it, so a failed, timed-out or cancelled read
-    /// leaves nothing open behind it.
-    async fn on_connection<T>(&self, work: impl AsyncFnOnce(&Connection) -> anyhow::Result<T>) -> anyhow::Result<T> {
-        let mut held = self.connection.lock().await;
-        let kept = held.take().filter(|conn| conn.status().connected());
+    /// Runs `work` on the kept connection (opened first if there is none or it closed), all of
+    /// it within `within`, the wait for the connection included. The connection is kept only if
+    /// `work` succeeded; otherwise it is dropped, which closes it once its channels are gone too
+    /// (a channel a timed-out read left open keeps it until the broker answers the channel's
+    /// close or the heartbeat gives up on it).
+    async fn on_connection<T>(
+        &self,
+        within: Duration,
+        work: impl AsyncFnOnce(&Connection) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let attempt = async {
-            let conn = match kept {
+            let mut held = self.connection.lock().await;
+            let conn = match held.take().filter(|conn| conn.status().connected()) {
                 Some(conn) => conn,
                 None => connect(&self.amqp_url).await?,
             };
             let done = work(&conn).await?;
-            anyhow::Ok((conn, done))
+            *held = Some(conn);
+            anyhow::Ok(done)
         };
-        let (conn, done) = tokio::time::timeout(STATS_TIMEOUT, attempt)
+        tokio::time::timeout(within, attempt)
             .await
-            .with_context(|| format!("the broker at {} did not answer in time", redact_url(&self.amqp_url)))??;
-        *held = Some(conn);
-        Ok(done)
+            .with_context(|| format!("the broker at {} did not answer in time", redact_url(&self.amqp_url)))?
     }
 }
 
