@@ -146,8 +146,8 @@ pub async fn sample_gauges(
     let database = sample_every(interval, "database", || sample_database(&pool, &orders));
     let broker = async {
         // Like every process, declare the topology first (idempotent), so the passive declares
-        // below never hit a queue that no worker has declared yet. Bounded (by the reader's
-        // timeout): a broker that does not answer must not keep the sampler from starting.
+        // below never hit a queue that no worker has declared yet. Bounded (10 s): a broker
+        // that does not answer must not keep the sampler from starting.
         if let Err(err) = queues.declare_topology().await {
             tracing::debug!(error = %format!("{err:#}"), "could not declare the topology before sampling");
         }

@@ -97,7 +97,7 @@ impl QueueStats {
             let mut held = self.connection.lock().await;
             let conn = match held.take().filter(|conn| conn.status().connected()) {
                 Some(conn) => conn,
-                None => connect(&self.amqp_url).await?,
+                None => connect(&self.amqp_url, CONNECTION_NAME).await?,
             };
             let done = work(&conn).await?;
             *held = Some(conn);
@@ -109,14 +109,15 @@ impl QueueStats {
     }
 }
 
-/// The name the broker shows for these connections (the management UI, `rabbitmqctl
+/// The name the broker shows for [`QueueStats`]' connection (the management UI, `rabbitmqctl
 /// list_connections`).
 pub const CONNECTION_NAME: &str = "queue-stats";
 
-async fn connect(amqp_url: &str) -> anyhow::Result<Connection> {
+/// Connects under `name`, so the broker's listing says what each connection is for.
+async fn connect(amqp_url: &str, name: &str) -> anyhow::Result<Connection> {
     super::connect(
         amqp_url,
-        ConnectionProperties::default().with_connection_name(CONNECTION_NAME.into()),
+        ConnectionProperties::default().with_connection_name(name.into()),
     )
     .await
     .with_context(|| format!("cannot connect to the broker at {}", redact_url(amqp_url)))
@@ -133,7 +134,7 @@ pub enum Destination<'a> {
 /// Fails when the broker cannot be reached or does not answer within a few seconds.
 pub async fn exists(amqp_url: &str, destination: Destination<'_>) -> anyhow::Result<bool> {
     let probe = async {
-        let conn = connect(amqp_url).await?;
+        let conn = connect(amqp_url, "destination-probe").await?;
         let channel = conn.create_channel().await?;
         let declared = match destination {
             Destination::Queue(name) => channel
@@ -179,7 +180,7 @@ pub async fn exists(amqp_url: &str, destination: Destination<'_>) -> anyhow::Res
 }
 
 async fn declare_passively(conn: &Connection) -> anyhow::Result<Vec<QueueStat>> {
-    let result = async {
+    async {
         let mut channel = conn.create_channel().await?;
         let mut stats = Vec::with_capacity(QUEUES.len());
         for queue in QUEUES {
@@ -208,6 +209,6 @@ async fn declare_passively(conn: &Connection) -> anyhow::Result<Vec<QueueStat>> 
         let _ = channel.close(200, "bye".into()).await;
         Ok(stats)
     }
-    .await;
-    result.context("passive queue declares failed")
+    .await
+    .context("passive queue declares failed")
 }
