@@ -86,9 +86,17 @@ pub async fn summarize<'a>(db: impl Acquire<'a, Database = Postgres>) {
 /// already sees. Exact as long as the windows see every ended row ([`RECOUNT_AFTER`] says when
 /// they may not). Shared by whoever reports the counts (the gauges, the dashboard's overview);
 /// reads take turns.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct StatusCounts {
     ended: Mutex<Option<Ended>>,
+    recount_after: Duration,
+}
+
+impl Default for StatusCounts {
+    /// Counts in full again every [`RECOUNT_AFTER`].
+    fn default() -> Self {
+        Self::recounting_after(RECOUNT_AFTER)
+    }
 }
 
 /// Ended orders whose status row's `at` is before `upto`, counted in full at `counted`.
@@ -109,6 +117,15 @@ SELECT CASE WHEN at < $2 THEN 'SETTLED' ELSE 'LATE' END, to_status, count(*)
 FROM order_status_history WHERE at >= $1 AND to_status IN ('CONFIRMED', 'CANCELLED') GROUP BY 1, 2";
 
 impl StatusCounts {
+    /// Counts ended orders in full at the first read and again once `recount_after` has passed
+    /// since the last full count (the default is [`RECOUNT_AFTER`]).
+    pub fn recounting_after(recount_after: Duration) -> Self {
+        Self {
+            ended: Mutex::new(None),
+            recount_after,
+        }
+    }
+
     /// Every status with its count (0 when none), in [`OrderStatus::ALL`]'s order. On one
     /// connection of `pool`, so a database that cannot be reached fails it once, after the
     /// pool's acquire timeout.
@@ -117,7 +134,7 @@ impl StatusCounts {
         let mut conn = pool.acquire().await?;
         summarize(&mut *conn).await;
         let mut ended = match *kept {
-            Some(ended) if ended.counted.elapsed() < RECOUNT_AFTER => ended,
+            Some(ended) if ended.counted.elapsed() < self.recount_after => ended,
             _ => Ended::count(&mut conn).await?,
         };
         let settled = settled_until(&mut *conn, Some(ended.upto)).await?;

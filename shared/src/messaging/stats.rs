@@ -44,8 +44,9 @@ pub async fn queue_stats(amqp_url: &str) -> anyhow::Result<Vec<QueueStat>> {
 /// trend samplers read every few seconds; a connection opened and closed for each read was
 /// about a sixth of what the idle system cost (in the broker and in this process), and three
 /// lines of the broker's log each time.
-/// A read that fails or does not answer in time drops the connection, and the next read opens
-/// another, on whichever node of the list is live then. Reads take turns.
+/// A read that fails on the kept connection tries once more on a fresh one, on whichever node
+/// of the list is live then; a read that does not answer in time drops the connection, and the
+/// next read opens another. Reads take turns.
 pub struct QueueStats {
     amqp_url: String,
     connection: Mutex<Option<Connection>>,
@@ -84,21 +85,30 @@ impl QueueStats {
     }
 
     /// Runs `work` on the kept connection (opened first if there is none or it closed), all of
-    /// it within `within`, the wait for the connection included. The connection is kept only if
-    /// `work` succeeded; otherwise it is dropped, which closes it once its channels are gone too
-    /// (a channel a timed-out read left open keeps it until the broker answers the channel's
-    /// close or the heartbeat gives up on it).
+    /// it within `within`, the wait for the connection included. If `work` fails on a kept
+    /// connection, it runs once more on a fresh one: the broker may have closed the kept one
+    /// since the last read (a node restarted, an operator closed it) without this process having
+    /// seen it yet, and a dashboard should not show a broker error for that. The connection is
+    /// kept only if `work` succeeded; otherwise it is dropped, which closes it once its channels
+    /// are gone too (a channel a timed-out read left open keeps it until the broker answers the
+    /// channel's close or the heartbeat gives up on it).
     async fn on_connection<T>(
         &self,
         within: Duration,
-        work: impl AsyncFnOnce(&Connection) -> anyhow::Result<T>,
+        work: impl AsyncFn(&Connection) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
         let attempt = async {
             let mut held = self.connection.lock().await;
-            let conn = match held.take().filter(|conn| conn.status().connected()) {
-                Some(conn) => conn,
-                None => connect(&self.amqp_url, CONNECTION_NAME).await?,
-            };
+            if let Some(conn) = held.take().filter(|conn| conn.status().connected()) {
+                match work(&conn).await {
+                    Ok(done) => {
+                        *held = Some(conn);
+                        return Ok(done);
+                    }
+                    Err(err) => tracing::debug!(error = %err, "kept broker connection failed, opening another"),
+                }
+            }
+            let conn = connect(&self.amqp_url, CONNECTION_NAME).await?;
             let done = work(&conn).await?;
             *held = Some(conn);
             anyhow::Ok(done)
