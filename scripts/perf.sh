@@ -3,7 +3,7 @@
 #
 #   bash scripts/perf.sh            # every scenario
 #   bash scripts/perf.sh rates      # only some: idle rates floor closed accept hot rush instances observe
-#                                   # cluster prune floor_split
+#                                   # cluster prune floor_split floor_batch
 #   PERF_RATES="350 700" bash scripts/perf.sh rates   # only these offered rates
 #                                   # (rates ends with a step at half the saturation it found,
 #                                   # and prints whether the latency there is within target)
@@ -234,6 +234,11 @@ scenario_floor() {
 # COMMIT): what the round trips a hop spends beyond one cost.
 scenario_floor_split() {
   scenario_floor split --floor-split
+}
+# The floor batched as the pipeline batches (what waits when one of two writers is free is one
+# statement and one message): the floor of a batching design at the rates where batches form.
+scenario_floor_batch() {
+  scenario_floor batch --floor-batch
 }
 scenario_closed() {
   bench closed --concurrency 32 --orders 6000 --users 300 --coupon-share 0.2 --baseline sync

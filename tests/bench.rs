@@ -406,28 +406,34 @@ async fn an_idle_measurement_sends_nothing() {
     app.stop().await;
 }
 
-/// `--floor` carries every order through every hop exactly once (one inbox record per hop, one
-/// outbox row per hop and one for its event, every row marked sent), one statement per hop or
-/// a statement at a time (`--floor-split`), on the test's own database and vhost, and leaves
-/// neither its schema nor its queues behind.
+/// `--floor` carries every order through every hop exactly once (one inbox record per message
+/// consumed, one outbox row per message, its events' among them, every row marked sent): one
+/// statement per hop, a statement at a time (`--floor-split`), or a statement and a message per
+/// batch (`--floor-batch`, at a rate where batches form), on the test's own database and vhost,
+/// and leaves neither its schema nor its queues behind.
 #[tokio::test]
 async fn the_floor_carries_every_order_through_every_hop_once_and_cleans_up() {
     let app = TestApp::api_only().await;
     let amqp_url = app.config.amqp_url.clone();
-    for split in [false, true] {
+    for (mode, rate, orders) in [
+        ("", "200", 40),
+        ("--floor-split", "200", 40),
+        ("--floor-batch", "2000", 400),
+    ] {
+        let orders_arg = orders.to_string();
         let mut floor = vec![
             "--floor",
             "--rate",
-            "200",
+            rate,
             "--orders",
-            "40",
+            &orders_arg,
             "--hops",
             "3",
             "--amqp-url",
             &amqp_url,
         ];
-        if split {
-            floor.push("--floor-split");
+        if !mode.is_empty() {
+            floor.push(mode);
         }
         let Outcome::Floor(report) = execute(&args(&app, &floor)).await.expect("the floor runs") else {
             panic!("expected a floor report");
@@ -439,30 +445,51 @@ async fn the_floor_carries_every_order_through_every_hop_once_and_cleans_up() {
                 report.confirmed,
                 report.errors,
                 report.hops,
-                report.split
+                report.split,
+                report.batched
             ),
-            (40, 40, 40, 0, 3, split),
+            (
+                orders,
+                orders,
+                orders,
+                0,
+                3,
+                mode == "--floor-split",
+                mode == "--floor-batch"
+            ),
             "{report:?}"
         );
         let t = report.tables;
+        assert_eq!((t.orders_through, t.outbox_unsent), (orders as i64, 0), "{report:?}");
         assert_eq!(
-            (t.orders_through, t.inbox_records, t.outbox_rows, t.outbox_unsent),
-            (40, 120, 160, 0),
-            "{report:?}"
+            t.inbox_records + t.event_rows,
+            t.outbox_rows,
+            "every message but the events consumed once: {report:?}"
         );
+        let messages = orders as i64 * 4;
+        if report.batched {
+            // 400 orders in 0.2 s: batches of more than one order form, whatever the machine.
+            assert!(t.outbox_rows < messages && t.event_rows >= 1, "{report:?}");
+        } else {
+            assert_eq!(
+                (t.inbox_records, t.outbox_rows),
+                (messages - orders as i64, messages),
+                "{report:?}"
+            );
+            // Four transactions per order at least (the accept and three hops), whatever else wrote.
+            assert!(
+                report.work.as_ref().unwrap().write_transactions_per_order.unwrap() >= 4.0,
+                "{report:?}"
+            );
+        }
         assert!(
             report.e2e_p50_ms > 0.0 && report.e2e_p99_ms >= report.e2e_p50_ms,
-            "{report:?}"
-        );
-        // Four transactions per order at least (the accept and three hops), whatever else wrote.
-        assert!(
-            report.work.as_ref().unwrap().write_transactions_per_order.unwrap() >= 4.0,
             "{report:?}"
         );
         if let Some(cpu) = &report.cpu {
             // The CPU interval covers the run.
             assert!(cpu.seconds >= report.duration_s, "{report:?}");
-            assert_cpu(&serde_json::to_value(cpu).unwrap(), 40, "completed");
+            assert_cpu(&serde_json::to_value(cpu).unwrap(), orders, "completed");
         }
     }
     let schemas: i64 =

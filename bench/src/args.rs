@@ -99,6 +99,11 @@ pub struct BenchArgs {
     #[arg(long, requires = "floor")]
     pub floor_split: bool,
 
+    /// --floor batched as the pipeline batches: what waits when one of two writers is free
+    /// (orders to accept, deliveries to handle), up to 64, is one statement and one message.
+    #[arg(long, requires = "floor", conflicts_with = "floor_split")]
+    pub floor_batch: bool,
+
     /// The broker --floor uses (a queue of its own, deleted afterwards).
     #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
     pub amqp_url: String,
@@ -229,6 +234,8 @@ pub struct FloorSettings {
     pub hops: u32,
     /// Each transaction a statement at a time rather than one statement.
     pub split: bool,
+    /// What waits taken as one statement and one message (`--floor-batch`).
+    pub batched: bool,
     pub amqp_url: String,
     /// How long to wait, after the last order was sent, for every order to go through.
     pub timeout: Duration,
@@ -312,6 +319,7 @@ impl BenchArgs {
                 rate,
                 hops: self.hops,
                 split: self.floor_split,
+                batched: self.floor_batch,
                 amqp_url: self.amqp_url.clone(),
                 timeout: self.timeout,
             })
@@ -577,6 +585,7 @@ mod tests {
                 rate: 35.0,
                 hops: 3,
                 split: false,
+                batched: false,
                 amqp_url: "amqp://h/v".to_owned(),
                 timeout: Duration::from_secs(120),
             })
@@ -587,6 +596,8 @@ mod tests {
         assert!(settings(&["--floor", "--rate", "35", "--hops", "0"]).is_err());
         assert!(parse(&["--hops", "2", "--rate", "35"]).is_err());
         assert!(parse(&["--floor-split", "--rate", "35"]).is_err());
+        assert!(parse(&["--floor-batch", "--rate", "35"]).is_err());
+        assert!(parse(&["--floor", "--rate", "35", "--floor-split", "--floor-batch"]).is_err());
         assert!(parse(&["--floor", "--rate", "35", "--pg-waits"]).is_err());
     }
 

@@ -25,13 +25,20 @@
 //! at a time instead (BEGIN, a statement per table, COMMIT: five round trips per hop, four per
 //! accept), which prices the round trips a step spends beyond one.
 //!
+//! `--floor-batch` batches as the pipeline does: whatever is waiting when one of two writers
+//! is free (orders to accept, deliveries of the hop's queue), up to [`MAX_BATCH`], is one
+//! statement, one transaction and one message (two when the batch holds orders past their last
+//! hop: the event goes to the other queue); each delivery is acked on its own after the commit.
+//! Without it every order is a statement and a message of its own at every hop, so at rates
+//! where the pipeline batches the plain floor is not a floor of every design; the batched one
+//! is.
+//!
 //! Left out, so the floor stays below what the pipeline must do: HTTP and sign-in, the order's
-//! items, stock, coupon and balance, status history, deadline messages, watching orders, and
-//! any batching (one order per statement and per message, so at rates where the pipeline
-//! batches the floor is not a floor of every design). Everything runs in this process (the
-//! bench column of the CPU report), in a schema of its own (`orderflow_bench_floor_<random>`,
-//! dropped afterwards) and queues of its own with the pipeline's queue arguments
-//! (`orderflow.bench.floor.<random>` and `<that>.events`, deleted afterwards).
+//! items, stock, coupon and balance, status history, deadline messages, watching orders.
+//! Everything runs in this process (the bench column of the CPU report), in a schema of its own
+//! (`orderflow_bench_floor_<random>`, dropped afterwards) and queues of its own with the
+//! pipeline's queue arguments (`orderflow.bench.floor.<random>` and `<that>.events`, deleted
+//! afterwards).
 
 use std::{
     ops::{Deref, DerefMut},
@@ -43,7 +50,7 @@ use std::{
 };
 
 use anyhow::Context;
-use futures_util::{StreamExt, stream::FuturesUnordered};
+use futures_util::{FutureExt, StreamExt, stream::FuturesUnordered};
 use lapin::{
     BasicProperties, Channel, Confirmation, ConnectionProperties,
     message::Delivery,
@@ -80,6 +87,13 @@ use crate::{
 
 /// PostgreSQL connections of a run, and hops in flight at most.
 pub const CONNECTIONS: u32 = 8;
+
+/// With `--floor-batch`: the most orders accepted, or deliveries handled, in one statement
+/// (the pipeline's accept and step batches are capped alike).
+pub const MAX_BATCH: usize = 64;
+/// With `--floor-batch`: batches of one kind in flight at once (the pipeline's two accept
+/// writers and `WORKER_CONCURRENCY`); what arrives meanwhile waits for the next batch.
+const BATCH_WRITERS: usize = 2;
 
 const SCHEMA_DDL: &str = "
 CREATE TABLE orders (
@@ -129,26 +143,59 @@ const HOP: &str = "WITH fresh AS (
     )
     SELECT EXISTS (SELECT FROM moved), (SELECT id FROM next)";
 
+/// With `--floor-batch`: `$1` the orders, `$2` the message id of their first hop, `$3` the
+/// first order (the outbox row's): the outbox row's id.
+const BATCH_ACCEPT: &str = "WITH o AS (INSERT INTO orders (id, hop) SELECT unnest($1::uuid[]), 0)
+    INSERT INTO outbox (message_id, order_id, hop) VALUES ($2, $3, 1) RETURNING id";
+
+/// With `--floor-batch`: `$1` the delivered messages' ids; per order carried, `$2` the message
+/// that carried it, `$3` the order, `$4` the hop it carries it to; `$5` and `$6` the ids of
+/// the next messages (to the hops' queue, and the events of orders past `$7`, the last hop).
+/// Returns the orders that moved and the next outbox rows (id, message id).
+const BATCH_HOP: &str = "WITH fresh AS (
+        INSERT INTO inbox (message_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING RETURNING message_id
+    ),
+    m AS (
+        SELECT * FROM unnest($2::uuid[], $3::uuid[], $4::int4[]) AS m(message_id, order_id, hop)
+        WHERE m.message_id IN (SELECT message_id FROM fresh)
+    ),
+    moved AS (
+        UPDATE orders o SET hop = m.hop, updated_at = now() FROM m
+        WHERE o.id = m.order_id AND o.hop = m.hop - 1 RETURNING o.id, m.hop
+    ),
+    next AS (
+        INSERT INTO outbox (message_id, order_id, hop)
+        SELECT CASE WHEN hop >= $7 THEN $6 ELSE $5 END, (array_agg(id))[1], max(hop) + 1
+        FROM moved GROUP BY hop >= $7
+        RETURNING id, message_id
+    )
+    SELECT COALESCE((SELECT array_agg(id) FROM moved), '{}'),
+           COALESCE((SELECT array_agg(id) FROM next), '{}'),
+           COALESCE((SELECT array_agg(message_id) FROM next), '{}')";
+
 /// How long the relay gathers confirmed rows before marking them sent in one statement.
 const MARK_EVERY: Duration = Duration::from_millis(100);
 
 /// How long the end of a run waits for the consumer and the relay to finish.
 const WIND_DOWN: Duration = Duration::from_secs(10);
 
-/// The message body: the order, the hop it carries it to, and when it was accepted
-/// (microseconds since the run began, for the end-to-end latency).
-#[derive(Debug, Serialize, Deserialize)]
+/// An order a message carries: the order, the hop it carries it to, and when it was accepted
+/// (microseconds since the run began, for the end-to-end latency). A message's body is a list
+/// of these (one without `--floor-batch`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Body {
     order: Uuid,
     hop: i32,
     t: u64,
 }
 
-/// An outbox row handed to the relay.
+/// An outbox row handed to the relay: its message carries `body`, to the events queue if
+/// `event` (the orders went through their last hop).
 struct Row {
     id: i64,
     message_id: Uuid,
-    body: Body,
+    body: Vec<Body>,
+    event: bool,
 }
 
 /// What became of an order: through every hop after this long, or failed (an accept or a hop
@@ -163,12 +210,15 @@ pub struct FloorReport {
     pub hops: u32,
     /// Whether each hop was a transaction of a statement per table (`--floor-split`).
     pub split: bool,
+    /// Whether what was waiting went as one statement and message (`--floor-batch`).
+    pub batched: bool,
     pub orders: u64,
     pub accepted: u64,
     /// Orders that went through every hop ("confirmed", so reports read it like an order run's).
     pub confirmed: u64,
     pub cancelled: u64,
-    /// Accepts and hops that failed (each order's first failure; such an order goes no further).
+    /// Accepts and hops that failed (each order's first failure; such an order goes no further;
+    /// with `--floor-batch`, a hop that failed counts the deliveries of its batch).
     pub errors: u64,
     pub duration_s: f64,
     pub accept_per_s: f64,
@@ -179,8 +229,8 @@ pub struct FloorReport {
     pub cpu: Option<CpuReport>,
     pub work: Option<WorkReport>,
     /// What the run left in its tables before they were dropped. Every effect once: `orders`
-    /// through, `orders x hops` inbox records, `orders x (hops + 1)` outbox rows (the event),
-    /// none unsent.
+    /// through, an inbox record per message consumed and an outbox row per message (without
+    /// `--floor-batch`: `orders x hops` and `orders x (hops + 1)`, the event), none unsent.
     pub tables: Tables,
 }
 
@@ -189,15 +239,18 @@ pub struct Tables {
     pub orders_through: i64,
     pub inbox_records: i64,
     pub outbox_rows: i64,
+    /// Outbox rows of the orders' events (past their last hop): the messages nobody here consumes.
+    pub event_rows: i64,
     pub outbox_unsent: i64,
 }
 
 impl FloorReport {
     pub fn table(&self) -> String {
         let mut out = format!(
-            "floor{}: {} orders at {}/s through {} hops: {} through, {} errors, in {:.1} s ({:.1}/s); \
+            "floor{}{}: {} orders at {}/s through {} hops: {} through, {} errors, in {:.1} s ({:.1}/s); \
              e2e p50 {:.1} ms, p99 {:.1} ms\n",
             if self.split { " (a statement per table)" } else { "" },
+            if self.batched { " (batched)" } else { "" },
             self.orders,
             self.rate,
             self.hops,
@@ -363,9 +416,15 @@ async fn in_schema(
         .context("the floor's schema")?;
     let schema = scratch.name.as_str();
     let result = async {
-        let options = db::primary_options(database_url)
+        let mut options = db::primary_options(database_url)
             .await?
             .options([("search_path", schema)]);
+        if s.batched {
+            // A statement over arrays is planned again on every call unless generic plans are
+            // forced, as the pipeline's workers do (`db::worker_pool`); the plain floor's
+            // statements get their generic plans by themselves.
+            options = options.options([("plan_cache_mode", "force_generic_plan")]);
+        }
         let conns = Conns::open(&options, CONNECTIONS).await?;
         sqlx::raw_sql(SCHEMA_DDL).execute(&mut *conns.take().await?).await?;
         drive(&conns, broker, queues, s, progress, meter).await
@@ -400,7 +459,6 @@ async fn drive(
         conns.clone(),
         publisher,
         [queue.to_owned(), events.to_owned()],
-        last_hop,
         relay_rx,
     ));
     let (ended_tx, mut ended) = mpsc::unbounded_channel::<Ending>();
@@ -411,43 +469,89 @@ async fn drive(
     // After the settle: the sending schedule and the latencies count from here.
     let started = Instant::now();
 
-    // The hops: each delivery in a task of its own, as many at once as there are connections
-    // (a task waits for one). Ends when the consumer is cancelled or its channel fails.
+    // The hops: without --floor-batch each delivery in a task of its own, as many at once as
+    // there are connections (a task waits for one); with it, what has arrived by the time one of
+    // the writers is free, as one batch. Ends when the consumer is cancelled or its channel fails.
     let consuming = {
-        let (conns, to_relay, ended_tx, split) = (conns.clone(), to_relay.clone(), ended_tx.clone(), s.split);
+        let (conns, to_relay, ended_tx) = (conns.clone(), to_relay.clone(), ended_tx.clone());
+        let (split, batched) = (s.split, s.batched);
+        let writers = Arc::new(Semaphore::new(if batched {
+            BATCH_WRITERS
+        } else {
+            Semaphore::MAX_PERMITS
+        }));
         tokio::spawn(async move {
+            let mut failed = false;
             while let Some(next) = deliveries.next().await {
-                let delivery = match next {
-                    Ok(delivery) => delivery,
+                let mut batch = match next {
+                    Ok(delivery) => vec![delivery],
                     Err(err) => {
                         tracing::warn!(error = %err, "the floor's consumer failed");
                         break;
                     }
                 };
+                let Ok(writer) = writers.clone().acquire_owned().await else {
+                    break;
+                };
+                while batched && batch.len() < MAX_BATCH {
+                    match deliveries.next().now_or_never() {
+                        Some(Some(Ok(delivery))) => batch.push(delivery),
+                        Some(Some(Err(err))) => {
+                            tracing::warn!(error = %err, "the floor's consumer failed");
+                            failed = true;
+                            break;
+                        }
+                        _ => break,
+                    }
+                }
                 let (conns, to_relay, ended_tx) = (conns.clone(), to_relay.clone(), ended_tx.clone());
                 tokio::spawn(async move {
-                    let hop = hop(&conns, &to_relay, delivery, last_hop, started, split).await;
-                    match hop {
-                        Ok(Some(through)) => {
-                            let _ = ended_tx.send(Ok(through));
-                        }
-                        Ok(None) => {}
+                    let _writer = writer;
+                    let orders = batch.len();
+                    let hops = if batched {
+                        hop_batch(&conns, &to_relay, batch, last_hop, started).await
+                    } else {
+                        let delivery = batch.pop().expect("one delivery");
+                        hop(&conns, &to_relay, delivery, last_hop, started, split)
+                            .await
+                            .map(|through| through.into_iter().collect())
+                    };
+                    match hops {
+                        Ok(through) => through.into_iter().for_each(|t| {
+                            let _ = ended_tx.send(Ok(t));
+                        }),
                         Err(err) => {
                             tracing::warn!(error = %err, "floor hop failed");
-                            let _ = ended_tx.send(Err(()));
+                            (0..orders).for_each(|_| {
+                                let _ = ended_tx.send(Err(()));
+                            });
                         }
                     }
                 });
+                if failed {
+                    break;
+                }
             }
         })
     };
     let bar = progress.bar("through", s.orders);
     let mut sending = {
         let (conns, to_relay, ended_tx, accepted) = (conns.clone(), to_relay.clone(), ended_tx, accepted.clone());
-        let (orders, rate, split) = (s.orders, s.rate, s.split);
+        let (orders, rate, split, batched) = (s.orders, s.rate, s.split, s.batched);
         tokio::spawn(async move {
+            // With --floor-batch the orders due go to the accept writers, which take what waits.
+            let (to_accept, waiting) = mpsc::unbounded_channel::<u64>();
+            let accepting = batched.then(|| {
+                let (conns, to_relay, ended_tx, accepted) =
+                    (conns.clone(), to_relay.clone(), ended_tx.clone(), accepted.clone());
+                tokio::spawn(accept_batches(conns, to_relay, ended_tx, accepted, waiting))
+            });
             for i in 0..orders {
                 tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
+                if batched {
+                    let _ = to_accept.send(since(started));
+                    continue;
+                }
                 let (conns, to_relay, ended_tx, accepted) =
                     (conns.clone(), to_relay.clone(), ended_tx.clone(), accepted.clone());
                 tokio::spawn(async move {
@@ -461,6 +565,10 @@ async fn drive(
                         }
                     }
                 });
+            }
+            drop(to_accept);
+            if let Some(accepting) = accepting {
+                let _ = accepting.await;
             }
         })
     };
@@ -507,6 +615,7 @@ async fn drive(
         "SELECT (SELECT count(*) FROM orders WHERE hop = $1) AS orders_through,
                 (SELECT count(*) FROM inbox) AS inbox_records,
                 (SELECT count(*) FROM outbox) AS outbox_rows,
+                (SELECT count(*) FROM outbox WHERE hop > $1) AS event_rows,
                 (SELECT count(*) FROM outbox WHERE sent_at IS NULL) AS outbox_unsent",
     )
     .bind(last_hop)
@@ -520,6 +629,7 @@ async fn drive(
         rate: s.rate,
         hops: s.hops,
         split: s.split,
+        batched: s.batched,
         orders: s.orders,
         accepted,
         confirmed: through,
@@ -544,7 +654,7 @@ async fn accept(
     split: bool,
 ) -> anyhow::Result<()> {
     let (order, message_id) = (Uuid::new_v4(), Uuid::now_v7());
-    let t = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let t = since(started);
     let mut conn = conns.take().await?;
     let id: i64 = if split {
         let mut tx = conn.begin().await?;
@@ -568,7 +678,85 @@ async fn accept(
     let _ = to_relay.send(Row {
         id,
         message_id,
-        body: Body { order, hop: 1, t },
+        body: vec![Body { order, hop: 1, t }],
+        event: false,
+    });
+    Ok(())
+}
+
+/// Microseconds since `started`.
+fn since(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// With `--floor-batch`: accepts the orders due (each its time since the start) as they wait,
+/// what waits when one of the writers is free as one statement and one message. Ends when no
+/// order is left to accept and the writers are done.
+async fn accept_batches(
+    conns: Arc<Conns>,
+    to_relay: mpsc::UnboundedSender<Row>,
+    ended_tx: mpsc::UnboundedSender<Ending>,
+    accepted: Arc<AtomicU64>,
+    mut waiting: mpsc::UnboundedReceiver<u64>,
+) {
+    let writers = Arc::new(Semaphore::new(BATCH_WRITERS));
+    while let Some(first) = waiting.recv().await {
+        let Ok(writer) = writers.clone().acquire_owned().await else {
+            return;
+        };
+        let mut due = vec![first];
+        while due.len() < MAX_BATCH {
+            match waiting.try_recv() {
+                Ok(t) => due.push(t),
+                Err(_) => break,
+            }
+        }
+        let (conns, to_relay, ended_tx, accepted) =
+            (conns.clone(), to_relay.clone(), ended_tx.clone(), accepted.clone());
+        tokio::spawn(async move {
+            let _writer = writer;
+            let n = due.len();
+            match accept_batch(&conns, &to_relay, due).await {
+                Ok(()) => {
+                    accepted.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "floor accept failed");
+                    (0..n).for_each(|_| {
+                        let _ = ended_tx.send(Err(()));
+                    });
+                }
+            }
+        });
+    }
+    // Every writer back: every batch is done.
+    let _ = writers.acquire_many(BATCH_WRITERS as u32).await;
+}
+
+/// With `--floor-batch`: one statement for the orders (each its time since the start), one
+/// message carrying them all to their first hop.
+async fn accept_batch(conns: &Arc<Conns>, to_relay: &mpsc::UnboundedSender<Row>, due: Vec<u64>) -> anyhow::Result<()> {
+    let body: Vec<Body> = due
+        .into_iter()
+        .map(|t| Body {
+            order: Uuid::new_v4(),
+            hop: 1,
+            t,
+        })
+        .collect();
+    let orders: Vec<Uuid> = body.iter().map(|b| b.order).collect();
+    let message_id = Uuid::now_v7();
+    let id: i64 = sqlx::query_scalar(BATCH_ACCEPT)
+        .bind(&orders)
+        .bind(message_id)
+        .bind(orders[0])
+        .fetch_one(&mut *conns.take().await?)
+        .await?;
+    let _ = to_relay.send(Row {
+        id,
+        message_id,
+        body,
+        event: false,
     });
     Ok(())
 }
@@ -583,14 +771,10 @@ async fn hop(
     started: Instant,
     split: bool,
 ) -> anyhow::Result<Option<Duration>> {
-    let body: Body = serde_json::from_slice(&delivery.data)?;
-    let message_id: Uuid = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .context("a message without an id")?
-        .as_str()
-        .parse()?;
+    let message_id = message_id(&delivery)?;
+    let [body]: [Body; 1] = serde_json::from_slice::<Vec<Body>>(&delivery.data)?
+        .try_into()
+        .map_err(|b: Vec<Body>| anyhow::anyhow!("a message of {} orders without --floor-batch", b.len()))?;
     let next_id = Uuid::now_v7();
     let mut conn = conns.take().await?;
     let (moved, next): (bool, Option<i64>) = if split {
@@ -637,11 +821,11 @@ async fn hop(
         let _ = to_relay.send(Row {
             id,
             message_id: next_id,
-            body: Body {
-                order: body.order,
+            body: vec![Body {
                 hop: body.hop + 1,
-                t: body.t,
-            },
+                ..body
+            }],
+            event: body.hop == last_hop,
         });
     }
     // Through once its last hop committed, whatever becomes of the ack.
@@ -653,6 +837,79 @@ async fn hop(
     Ok(through)
 }
 
+/// A delivered message's id.
+fn message_id(delivery: &Delivery) -> anyhow::Result<Uuid> {
+    Ok(delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .context("a message without an id")?
+        .as_str()
+        .parse()?)
+}
+
+/// With `--floor-batch`: the deliveries in one statement (their inbox records, the orders they
+/// carry moved on, one outbox row per next message), their next messages to the relay, each
+/// acked after the commit. Returns the end-to-end latencies of the orders through.
+async fn hop_batch(
+    conns: &Arc<Conns>,
+    to_relay: &mpsc::UnboundedSender<Row>,
+    deliveries: Vec<Delivery>,
+    last_hop: i32,
+    started: Instant,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut messages = Vec::with_capacity(deliveries.len());
+    let (mut carriers, mut orders, mut hops, mut carried) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for delivery in &deliveries {
+        let id = message_id(delivery)?;
+        messages.push(id);
+        for body in serde_json::from_slice::<Vec<Body>>(&delivery.data)? {
+            carriers.push(id);
+            orders.push(body.order);
+            hops.push(body.hop);
+            carried.push(body);
+        }
+    }
+    let (to_queue, to_events) = (Uuid::now_v7(), Uuid::now_v7());
+    let (moved, next_ids, next_messages): (Vec<Uuid>, Vec<i64>, Vec<Uuid>) = sqlx::query_as(BATCH_HOP)
+        .bind(&messages)
+        .bind(&carriers)
+        .bind(&orders)
+        .bind(&hops)
+        .bind(to_queue)
+        .bind(to_events)
+        .bind(last_hop)
+        .fetch_one(&mut *conns.take().await?)
+        .await?;
+    let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
+    let (mut onward, mut through) = (Vec::new(), Vec::new());
+    for body in carried.into_iter().filter(|b| moved.contains(&b.order)) {
+        if body.hop == last_hop {
+            through.push(started.elapsed().saturating_sub(Duration::from_micros(body.t)));
+        }
+        onward.push(Body {
+            hop: body.hop + 1,
+            ..body
+        });
+    }
+    for (id, message_id) in next_ids.into_iter().zip(next_messages) {
+        let event = message_id == to_events;
+        let body: Vec<Body> = onward.iter().filter(|b| (b.hop > last_hop) == event).copied().collect();
+        let _ = to_relay.send(Row {
+            id,
+            message_id,
+            body,
+            event,
+        });
+    }
+    for delivery in deliveries {
+        if let Err(err) = delivery.acker.ack(BasicAckOptions::default()).await {
+            tracing::warn!(error = %err, "floor ack failed");
+        }
+    }
+    Ok(through)
+}
+
 /// Publishes each row handed over with a publisher confirm (a row past the last hop to the
 /// events queue) and marks the confirmed ones sent, in one statement per [`MARK_EVERY`]; ends
 /// when no sender is left and everything is marked, and gives its channel back.
@@ -660,7 +917,6 @@ async fn relay(
     conns: Arc<Conns>,
     channel: Channel,
     [queue, events]: [String; 2],
-    last_hop: i32,
     mut rows: mpsc::UnboundedReceiver<Row>,
 ) -> Channel {
     let mut confirms = FuturesUnordered::new();
@@ -676,7 +932,7 @@ async fn relay(
                         .with_content_type("application/json".into())
                         .with_delivery_mode(2)
                         .with_message_id(row.message_id.to_string().into());
-                    let to = if row.body.hop > last_hop { &events } else { &queue };
+                    let to = if row.event { &events } else { &queue };
                     let published = channel
                         .basic_publish(
                             "".into(),
