@@ -88,8 +88,9 @@ use crate::{
 /// PostgreSQL connections of a run, and hops in flight at most.
 pub const CONNECTIONS: u32 = 8;
 
-/// With `--floor-batch`: the most orders accepted, or deliveries handled, in one statement
-/// (the pipeline's accept and step batches are capped alike).
+/// With `--floor-batch`: the most orders accepted, or deliveries handled, in one statement (the
+/// pipeline caps its batches too, at 512 accepts and `WORKER_BATCH` deliveries; at the rates
+/// the floor is run at, batches stay far below either).
 pub const MAX_BATCH: usize = 64;
 /// With `--floor-batch`: batches of one kind in flight at once (the pipeline's two accept
 /// writers and `WORKER_CONCURRENCY`); what arrives meanwhile waits for the next batch.
@@ -151,7 +152,8 @@ const BATCH_ACCEPT: &str = "WITH o AS (INSERT INTO orders (id, hop) SELECT unnes
 /// With `--floor-batch`: `$1` the delivered messages' ids; per order carried, `$2` the message
 /// that carried it, `$3` the order, `$4` the hop it carries it to; `$5` and `$6` the ids of
 /// the next messages (to the hops' queue, and the events of orders past `$7`, the last hop).
-/// Returns the orders that moved and the next outbox rows (id, message id).
+/// Returns the orders that moved with the hop each moved to, and the next outbox rows (ids and
+/// message ids, aligned).
 const BATCH_HOP: &str = "WITH fresh AS (
         INSERT INTO inbox (message_id) SELECT unnest($1::uuid[]) ON CONFLICT DO NOTHING RETURNING message_id
     ),
@@ -169,9 +171,10 @@ const BATCH_HOP: &str = "WITH fresh AS (
         FROM moved GROUP BY hop >= $7
         RETURNING id, message_id
     )
-    SELECT COALESCE((SELECT array_agg(id) FROM moved), '{}'),
-           COALESCE((SELECT array_agg(id) FROM next), '{}'),
-           COALESCE((SELECT array_agg(message_id) FROM next), '{}')";
+    SELECT mv.ids, mv.hops, nx.ids, nx.message_ids
+    FROM (SELECT COALESCE(array_agg(id), '{}') AS ids, COALESCE(array_agg(hop), '{}') AS hops FROM moved) mv,
+         (SELECT COALESCE(array_agg(id), '{}') AS ids, COALESCE(array_agg(message_id), '{}') AS message_ids
+          FROM next) nx";
 
 /// How long the relay gathers confirmed rows before marking them sent in one statement.
 const MARK_EVERY: Duration = Duration::from_millis(100);
@@ -507,7 +510,6 @@ async fn drive(
                 let (conns, to_relay, ended_tx) = (conns.clone(), to_relay.clone(), ended_tx.clone());
                 tokio::spawn(async move {
                     let _writer = writer;
-                    let orders = batch.len();
                     let hops = if batched {
                         hop_batch(&conns, &to_relay, batch, last_hop, started).await
                     } else {
@@ -515,12 +517,13 @@ async fn drive(
                         hop(&conns, &to_relay, delivery, last_hop, started, split)
                             .await
                             .map(|through| through.into_iter().collect())
+                            .map_err(|err| (err, 1))
                     };
                     match hops {
                         Ok(through) => through.into_iter().for_each(|t| {
                             let _ = ended_tx.send(Ok(t));
                         }),
-                        Err(err) => {
+                        Err((err, orders)) => {
                             tracing::warn!(error = %err, "floor hop failed");
                             (0..orders).for_each(|_| {
                                 let _ = ended_tx.send(Err(()));
@@ -541,11 +544,11 @@ async fn drive(
         tokio::spawn(async move {
             // With --floor-batch the orders due go to the accept writers, which take what waits.
             let (to_accept, waiting) = mpsc::unbounded_channel::<u64>();
-            let accepting = batched.then(|| {
+            if batched {
                 let (conns, to_relay, ended_tx, accepted) =
                     (conns.clone(), to_relay.clone(), ended_tx.clone(), accepted.clone());
-                tokio::spawn(accept_batches(conns, to_relay, ended_tx, accepted, waiting))
-            });
+                tokio::spawn(accept_batches(conns, to_relay, ended_tx, accepted, waiting));
+            }
             for i in 0..orders {
                 tokio::time::sleep_until(started + Duration::from_secs_f64(i as f64 / rate)).await;
                 if batched {
@@ -566,10 +569,8 @@ async fn drive(
                     }
                 });
             }
+            // Sent: the timeout counts from here in either mode, whatever the accepts are doing.
             drop(to_accept);
-            if let Some(accepting) = accepting {
-                let _ = accepting.await;
-            }
         })
     };
     drop(to_relay);
@@ -691,7 +692,7 @@ fn since(started: Instant) -> u64 {
 
 /// With `--floor-batch`: accepts the orders due (each its time since the start) as they wait,
 /// what waits when one of the writers is free as one statement and one message. Ends when no
-/// order is left to accept and the writers are done.
+/// order is left to accept.
 async fn accept_batches(
     conns: Arc<Conns>,
     to_relay: mpsc::UnboundedSender<Row>,
@@ -729,8 +730,6 @@ async fn accept_batches(
             }
         });
     }
-    // Every writer back: every batch is done.
-    let _ = writers.acquire_many(BATCH_WRITERS as u32).await;
 }
 
 /// With `--floor-batch`: one statement for the orders (each its time since the start), one
@@ -850,40 +849,45 @@ fn message_id(delivery: &Delivery) -> anyhow::Result<Uuid> {
 
 /// With `--floor-batch`: the deliveries in one statement (their inbox records, the orders they
 /// carry moved on, one outbox row per next message), their next messages to the relay, each
-/// acked after the commit. Returns the end-to-end latencies of the orders through.
+/// acked after the commit. Returns the end-to-end latencies of the orders through; or the error
+/// with how many orders the batch carried (its deliveries, if a body could not be read), which
+/// go no further.
 async fn hop_batch(
     conns: &Arc<Conns>,
     to_relay: &mpsc::UnboundedSender<Row>,
     deliveries: Vec<Delivery>,
     last_hop: i32,
     started: Instant,
-) -> anyhow::Result<Vec<Duration>> {
+) -> Result<Vec<Duration>, (anyhow::Error, usize)> {
     let mut messages = Vec::with_capacity(deliveries.len());
-    let (mut carriers, mut orders, mut hops, mut carried) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut carried: Vec<(Uuid, Body)> = Vec::new();
     for delivery in &deliveries {
-        let id = message_id(delivery)?;
+        let read = message_id(delivery).and_then(|id| Ok((id, serde_json::from_slice::<Vec<Body>>(&delivery.data)?)));
+        let (id, bodies) = read.map_err(|err| (err, deliveries.len()))?;
         messages.push(id);
-        for body in serde_json::from_slice::<Vec<Body>>(&delivery.data)? {
-            carriers.push(id);
-            orders.push(body.order);
-            hops.push(body.hop);
-            carried.push(body);
-        }
+        carried.extend(bodies.into_iter().map(|body| (id, body)));
     }
     let (to_queue, to_events) = (Uuid::now_v7(), Uuid::now_v7());
-    let (moved, next_ids, next_messages): (Vec<Uuid>, Vec<i64>, Vec<Uuid>) = sqlx::query_as(BATCH_HOP)
-        .bind(&messages)
-        .bind(&carriers)
-        .bind(&orders)
-        .bind(&hops)
-        .bind(to_queue)
-        .bind(to_events)
-        .bind(last_hop)
-        .fetch_one(&mut *conns.take().await?)
-        .await?;
-    let moved: std::collections::HashSet<Uuid> = moved.into_iter().collect();
+    let statement = async {
+        let (carriers, orders, hops): (Vec<Uuid>, Vec<Uuid>, Vec<i32>) =
+            carried.iter().map(|(id, b)| (*id, b.order, b.hop)).collect();
+        let row: (Vec<Uuid>, Vec<i32>, Vec<i64>, Vec<Uuid>) = sqlx::query_as(BATCH_HOP)
+            .bind(&messages)
+            .bind(&carriers)
+            .bind(&orders)
+            .bind(&hops)
+            .bind(to_queue)
+            .bind(to_events)
+            .bind(last_hop)
+            .fetch_one(&mut *conns.take().await?)
+            .await?;
+        anyhow::Ok(row)
+    };
+    let (moved, moved_to, next_ids, next_messages) = statement.await.map_err(|err| (err, carried.len()))?;
+    // By order and hop: a redelivered message beside the next hop's could carry an order twice.
+    let moved: std::collections::HashSet<(Uuid, i32)> = moved.into_iter().zip(moved_to).collect();
     let (mut onward, mut through) = (Vec::new(), Vec::new());
-    for body in carried.into_iter().filter(|b| moved.contains(&b.order)) {
+    for (_, body) in carried.into_iter().filter(|(_, b)| moved.contains(&(b.order, b.hop))) {
         if body.hop == last_hop {
             through.push(started.elapsed().saturating_sub(Duration::from_micros(body.t)));
         }
