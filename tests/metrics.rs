@@ -98,26 +98,32 @@ async fn metrics_count_requests_messages_steps_orders_and_queues() {
     app.stop().await;
 }
 
-/// The broker's connections named `name` in `vhost` (their `name`s, which the broker makes from
-/// the client's address and port, so a new connection has a new one), once the management API's
-/// listing (refreshed every 5 s) has not changed for 6 s and holds at least one.
+/// The broker's connections named `name` in the app's vhost, as the management API lists them
+/// now (their `name`s, which the broker makes from the client's address and port, so a new
+/// connection has a new one). The listing lags by a few seconds.
+async fn listed(app: &TestApp, name: &str) -> BTreeSet<String> {
+    let listed = app
+        .mgmt(
+            Method::GET,
+            &format!("/api/vhosts/{}/connections", common::enc(&app.vhost)),
+        )
+        .await;
+    listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["client_properties"]["connection_name"] == name)
+        .map(|c| c["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// [`listed`], once the listing (refreshed every 5 s) has not changed for 6 s and holds at
+/// least one.
 async fn settled_connections(app: &TestApp, name: &str) -> BTreeSet<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let (mut last, mut since) = (BTreeSet::new(), Instant::now());
     loop {
-        let listed = app
-            .mgmt(
-                Method::GET,
-                &format!("/api/vhosts/{}/connections", common::enc(&app.vhost)),
-            )
-            .await;
-        let now: BTreeSet<String> = listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["client_properties"]["connection_name"] == name)
-            .map(|c| c["name"].as_str().unwrap().to_owned())
-            .collect();
+        let now = listed(app, name).await;
         if now != last {
             (last, since) = (now, Instant::now());
         } else if !last.is_empty() && since.elapsed() >= Duration::from_secs(6) {
@@ -155,23 +161,12 @@ async fn queue_reads_keep_one_connection_and_replace_it_when_it_closes() {
 }
 
 /// The name of a connection called [`CONNECTION_NAME`] in the app's vhost that is not in
-/// `excluded`, once the broker's listing shows one (it lags by a few seconds).
+/// `excluded`, once [`listed`] shows one.
 async fn listed_except(app: &TestApp, excluded: &BTreeSet<String>) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let listed = app
-            .mgmt(
-                Method::GET,
-                &format!("/api/vhosts/{}/connections", common::enc(&app.vhost)),
-            )
-            .await;
-        let found = listed.as_array().unwrap().iter().find_map(|c| {
-            let name = c["name"].as_str().unwrap();
-            (c["client_properties"]["connection_name"] == CONNECTION_NAME && !excluded.contains(name))
-                .then(|| name.to_owned())
-        });
-        if let Some(name) = found {
-            return name;
+        if let Some(name) = listed(app, CONNECTION_NAME).await.difference(excluded).next() {
+            return name.clone();
         }
         assert!(Instant::now() < deadline, "no connection but {excluded:?} is listed");
         tokio::time::sleep(Duration::from_millis(100)).await;
