@@ -576,3 +576,88 @@ async fn the_order_list_pages_and_counts_each_users_orders_whoever_wrote_them() 
 
     app.stop().await;
 }
+
+/// Two orders of one user with the same coupon reach the coupon worker together, the first
+/// below the coupon's minimum order amount: as one by one in id order, the first is refused
+/// and the second takes the coupon (not both refused because the first was tried alone). The
+/// coupon worker (one batch at a time) is held on a third order's coupon, which the test
+/// locks, until both are waiting, so they make one batch.
+#[tokio::test]
+async fn a_coupon_batch_gives_the_coupon_to_the_first_order_that_meets_its_minimum() {
+    let app = TestApp::spawn_with(common::Options {
+        concurrency: 1,
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Gift box", 1_000, 10).await;
+    let gift = app
+        .coupon(
+            json!({"name": "500 off 2000", "discountType": "FIXED", "discountValue": 500,
+                       "quantity": 10, "minOrderAmount": 2_000}),
+        )
+        .await;
+    let plain = app
+        .coupon(json!({"name": "100 off", "discountType": "FIXED", "discountValue": 100, "quantity": 10}))
+        .await;
+    for (user, coupon) in [(31, gift), (32, plain)] {
+        let (status, _) = app
+            .post(&format!("/api/coupons/{coupon}/issue"), &app.token(user), json!({}))
+            .await;
+        assert_eq!(status, 201);
+        app.fund(user, 10_000).await;
+    }
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM user_coupons WHERE user_id = 32 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let blocker = app.order(32, &[(product, 1)], Some(plain)).await;
+    wait_lock_waiters(&app, 1, "the coupon worker never waited for the held coupon").await;
+
+    let small = app.order(31, &[(product, 1)], Some(gift)).await;
+    let large = app.order(31, &[(product, 3)], Some(gift)).await;
+    assert!(small < large, "ids are in accept order");
+    let deadline = Instant::now() + WAIT;
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders WHERE user_id = 31 AND status = 'STOCK_RESERVED'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+        < 2
+    {
+        assert!(Instant::now() < deadline, "the stock worker did not reserve both");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.wait_quiescent_outbox().await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // delivered to the waiting worker
+    holder.rollback().await.unwrap();
+
+    assert_eq!(app.wait_terminal(32, &blocker, WAIT).await["status"], "CONFIRMED");
+    let small = app.wait_terminal(31, &small, WAIT).await;
+    assert_eq!(
+        (small["status"].as_str(), small["reason"].as_str()),
+        (Some("CANCELLED"), Some("COUPON_INVALID")),
+        "{small}"
+    );
+    let large = app.wait_terminal(31, &large, WAIT).await;
+    assert_eq!(
+        (
+            large["status"].as_str(),
+            large["discountAmount"].as_i64(),
+            large["paidAmount"].as_i64()
+        ),
+        (Some("CONFIRMED"), Some(500), Some(2_500)),
+        "{large}"
+    );
+    assert_eq!(app.balance(31).await, 7_500);
+    assert_eq!(app.stock(product).await, 6);
+    // And the two were decided in one transaction: their coupon history rows share it.
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT h.xmin::text) FROM order_status_history h JOIN orders o ON o.id = h.order_id
+         WHERE o.user_id = 31 AND h.from_status = 'STOCK_RESERVED'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(transactions, 1);
+    app.stop().await;
+}

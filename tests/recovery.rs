@@ -551,3 +551,80 @@ async fn deadlines_of_orders_accepted_apart_go_out_together() {
     );
     app.stop().await;
 }
+
+/// A deadline message about several orders whose batch fails is split into one message per
+/// order, and those go straight to the recovery queue (the deadline has passed): sent back to
+/// the deadline queue without an expiration, they would wait at its head for ever, holding every
+/// later deadline behind them. The sweep is kept out of the way (an hour apart), so only the
+/// deadline messages can cancel the orders.
+#[tokio::test]
+async fn a_failed_batch_of_deadlines_is_split_into_messages_that_still_expire_the_orders() {
+    let app = TestApp::spawn_with(Options {
+        workers: without(&[Stock]),
+        order_timeout: Duration::from_secs(2),
+        sweep_interval: Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await;
+    // The first status change of any order fails, once: the recovery worker's first batch.
+    sqlx::raw_sql(
+        "CREATE SEQUENCE first_change;
+         CREATE FUNCTION fail_first_change() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF nextval('first_change') = 1 THEN RAISE EXCEPTION 'the first status change fails'; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER fail_first_change BEFORE UPDATE ON orders FOR EACH ROW
+           WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION fail_first_change();",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let product = app.product("Late", 1_000, 10).await;
+    // Accepted together: their deadlines go out as one message.
+    let item = [(product, 1)];
+    let (a, b, c) = tokio::join!(
+        app.order(1, &item, None),
+        app.order(2, &item, None),
+        app.order(3, &item, None)
+    );
+    for (user, id) in [(1, &a), (2, &b), (3, &c)] {
+        let order = app.wait_terminal(user, id, WAIT).await;
+        assert_eq!(
+            (order["status"].as_str(), order["reason"].as_str()),
+            (Some("CANCELLED"), Some("TIMEOUT")),
+            "{order}"
+        );
+    }
+    let failed: i64 = sqlx::query_scalar("SELECT last_value FROM first_change")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(failed > 1, "the injected failure fired");
+    let parts: Vec<(String, Vec<uuid::Uuid>)> = sqlx::query_as(
+        "SELECT exchange, order_ids FROM outbox WHERE message_type = 'order.deadline' AND cardinality(order_ids) = 1
+         AND exchange <> 'orderflow.deadline' ORDER BY id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(parts.len(), 3, "one part per order: {parts:?}");
+    assert!(
+        parts.iter().all(|(exchange, _)| exchange == "orderflow.expired"),
+        "{parts:?}"
+    );
+    app.wait_quiescent_outbox().await;
+    let (conn, channel) = app.amqp().await;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let waiting = channel
+        .queue_declare("orderflow.deadline".into(), passive, Default::default())
+        .await
+        .unwrap()
+        .message_count();
+    assert_eq!(waiting, 0, "nothing left waiting in the deadline queue");
+    let _ = conn.close(200, "bye".into()).await;
+    app.stop().await;
+}

@@ -43,6 +43,8 @@ pub struct Options {
     /// How many instances of each worker to run.
     pub instances: usize,
     pub order_timeout: Duration,
+    /// SWEEP_INTERVAL.
+    pub sweep_interval: Duration,
     pub api: bool,
     /// Deliveries each worker handles at once.
     pub concurrency: usize,
@@ -92,6 +94,7 @@ impl Default for Options {
             workers: WorkerKind::ALL.to_vec(),
             instances: 1,
             order_timeout: Duration::from_secs(60),
+            sweep_interval: Duration::from_secs(1),
             api: true,
             concurrency: 8,
             linger: Duration::from_millis(10),
@@ -158,7 +161,7 @@ impl TestApp {
             auth_audience: opts.auth.as_ref().map(|a| a.audience.clone()),
             auth_admin_claim: opts.auth.as_ref().and_then(|a| a.admin_claim.clone()),
             order_timeout: opts.order_timeout,
-            sweep_interval: Duration::from_secs(1),
+            sweep_interval: opts.sweep_interval,
             trend_sample_interval: Duration::from_secs(1),
             prefetch: 32,
             worker_concurrency: opts.concurrency,

@@ -365,7 +365,7 @@ fn handed_row(committed: outbox::Committed) -> OutboxRow {
     OutboxRow {
         id: committed.id,
         message_id: message.message_id,
-        exchange: message.kind.exchange().to_owned(),
+        exchange: message.exchange.to_owned(),
         routing_key: message.kind.as_str().to_owned(),
         message_type: message.kind.as_str().to_owned(),
         headers: message.headers(),

@@ -24,7 +24,7 @@ use orderflow_shared::{
         kept::Kept,
         outbox::{self, Feed, OutboxMessage},
     },
-    messaging::{Envelope, MessageType},
+    messaging::{Envelope, MessageType, topology},
     metrics,
     telemetry::{self, TraceParent},
 };
@@ -819,14 +819,25 @@ async fn split<S: Step>(pool: &PgPool, item: &Item) -> Result<Disposition> {
 /// One message of the same type per order, each with an id derived from the original's (so
 /// that splitting the same message twice makes the same messages, which inboxes absorb), each
 /// in its order's trace (from its span here, when it has one; an order the message gave no
-/// trace is sent without one, and its next step uses its stored trace).
+/// trace is sent without one, and its next step uses its stored trace). Each goes straight
+/// back to the queue the original came from: a deadline being handled has passed, so its parts
+/// go to the recovery queue through the exchange the deadline queue expires into, not to the
+/// deadline queue, where without an expiration they would wait at its head for ever and hold
+/// every later deadline behind them.
 fn split_messages(item: &Item, orders: &[Uuid]) -> Result<Vec<OutboxMessage>> {
     let traces: HashMap<Uuid, TraceParent> = item.order_traces().collect();
+    let exchange = match item.msg.kind {
+        MessageType::OrderDeadline => topology::EXPIRED_EXCHANGE,
+        kind => kind.exchange(),
+    };
     orders
         .iter()
         .map(|&order| {
-            OutboxMessage::command(item.msg.kind, order, traces.get(&order).copied())?
-                .with_id(Uuid::new_v5(&item.msg.envelope.id, order.as_bytes()))
+            Ok(
+                OutboxMessage::command(item.msg.kind, order, traces.get(&order).copied())?
+                    .with_id(Uuid::new_v5(&item.msg.envelope.id, order.as_bytes()))?
+                    .through(exchange),
+            )
         })
         .collect()
 }

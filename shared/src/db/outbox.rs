@@ -28,6 +28,9 @@ use crate::{
 pub struct OutboxMessage {
     pub message_id: Uuid,
     pub kind: MessageType,
+    /// Where it is published: its type's exchange ([`MessageType::exchange`]) unless
+    /// [`through`](Self::through) says otherwise.
+    pub exchange: &'static str,
     /// The orders the message concerns (one for an event; one or more for a command).
     pub order_ids: Vec<Uuid>,
     pub trace: Option<TraceParent>,
@@ -53,6 +56,7 @@ impl OutboxMessage {
         Ok(Self {
             message_id: event.id,
             kind,
+            exchange: kind.exchange(),
             order_ids: vec![order_id],
             trace: telemetry::create(kind.exchange(), kind.as_str(), order_id, parent),
             body: serde_json::to_vec(&event).map_err(anyhow::Error::from)?,
@@ -110,6 +114,7 @@ impl OutboxMessage {
         Ok(Self {
             message_id: envelope.id,
             kind,
+            exchange: kind.exchange(),
             order_ids,
             trace,
             body: serde_json::to_vec(&envelope).map_err(anyhow::Error::from)?,
@@ -137,6 +142,12 @@ impl OutboxMessage {
 
     pub fn with_expiration_ms(mut self, ms: i64) -> Self {
         self.expiration_ms = Some(ms);
+        self
+    }
+
+    /// The same message, published to `exchange` (with its type as the routing key).
+    pub fn through(mut self, exchange: &'static str) -> Self {
+        self.exchange = exchange;
         self
     }
 }
@@ -175,7 +186,7 @@ impl Columns {
         };
         for m in messages {
             columns.ids.push(m.message_id);
-            columns.exchanges.push(m.kind.exchange());
+            columns.exchanges.push(m.exchange);
             columns.keys.push(m.kind.as_str());
             columns.order_ids.push(array_literal(&m.order_ids));
             columns.headers.push(m.headers());

@@ -1,7 +1,8 @@
 //! Coupon: apply each order's coupon (owner, AVAILABLE, not expired, minimum order amount;
 //! otherwise COUPON_INVALID), and restore it when a cancelled order gives it back, for a
 //! whole batch at once: restores first, then applies in order-id order (two orders of one
-//! user with the same coupon: the first takes it, the second finds it used).
+//! user with the same coupon: the first whose total meets the minimum takes it, the others
+//! find it used or their total too small).
 
 use std::collections::HashMap;
 
@@ -68,9 +69,10 @@ impl Step for Coupon {
 
 /// Marks each order's coupon USED, in one guarded statement: only the owner's AVAILABLE,
 /// unexpired coupon, for an order total (before discount) that meets the minimum; of two
-/// orders wanting the same user coupon, the lower order id. The user coupons are locked in
-/// key order first (two batches never lock them in opposite orders). Returns, per order that
-/// got its coupon, the discount type and value.
+/// orders wanting the same user coupon, the lower order id of those whose total meets the
+/// minimum (handled one by one in id order, an order below it is refused and leaves the coupon
+/// to the next). The user coupons are locked in key order first (two batches never lock them
+/// in opposite orders). Returns, per order that got its coupon, the discount type and value.
 async fn apply(tx: &mut PgConnection, orders: &[OrderRow]) -> Result<HashMap<Uuid, (String, i64)>> {
     let ids: Vec<Uuid> = orders.iter().map(|o| o.id).collect();
     let coupons: Vec<i64> = orders.iter().map(|o| o.coupon_id.unwrap_or_default()).collect();
@@ -78,9 +80,10 @@ async fn apply(tx: &mut PgConnection, orders: &[OrderRow]) -> Result<HashMap<Uui
     let totals: Vec<i64> = orders.iter().map(|o| o.total_amount).collect();
     let rows: Vec<(Uuid, String, i64)> = sqlx::query_as(
         "WITH t AS (
-             SELECT DISTINCT ON (cid, uid) * FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[])
+             SELECT DISTINCT ON (t.cid, t.uid) t.* FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[])
                  AS t(oid, cid, uid, total)
-             ORDER BY cid, uid, oid
+             JOIN coupons c ON c.id = t.cid AND c.min_order_amount <= t.total
+             ORDER BY t.cid, t.uid, t.oid
          ), locked AS (
              SELECT uc.id FROM user_coupons uc JOIN t ON uc.coupon_id = t.cid AND uc.user_id = t.uid
              ORDER BY uc.coupon_id, uc.user_id FOR NO KEY UPDATE OF uc
@@ -89,7 +92,7 @@ async fn apply(tx: &mut PgConnection, orders: &[OrderRow]) -> Result<HashMap<Uui
          FROM t, coupons c
          WHERE uc.id IN (SELECT id FROM locked) AND uc.coupon_id = t.cid AND uc.user_id = t.uid
            AND c.id = uc.coupon_id AND uc.status = 'AVAILABLE'
-           AND (c.expires_at IS NULL OR c.expires_at > now()) AND c.min_order_amount <= t.total
+           AND (c.expires_at IS NULL OR c.expires_at > now())
          RETURNING t.oid, c.discount_type, c.discount_value",
     )
     .bind(&ids)
