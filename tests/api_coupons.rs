@@ -173,6 +173,15 @@ async fn invalid_coupons_are_refused_with_exact_codes() {
             json!({"issueStartsAt": soon, "issueEndsAt": soon}),
             "INVALID_ISSUE_WINDOW",
         ),
+        // Apart by less than the microsecond PostgreSQL keeps: the same instant once stored.
+        (
+            json!({"issueStartsAt": "2030-01-01T00:00:00.0000001Z", "issueEndsAt": "2030-01-01T00:00:00.0000009Z"}),
+            "INVALID_ISSUE_WINDOW",
+        ),
+        (
+            json!({"issueStartsAt": "2030-01-01T00:00:00.0000001Z", "expiresAt": "2030-01-01T00:00:00.0000009Z"}),
+            "INVALID_EXPIRES_AT",
+        ),
         (json!({"expiresAt": past}), "INVALID_EXPIRES_AT"),
         (json!({"issueStartsAt": later, "expiresAt": soon}), "INVALID_EXPIRES_AT"),
         (json!({"minOrderAmount": -1}), "INVALID_MIN_ORDER_AMOUNT"),

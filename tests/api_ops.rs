@@ -616,3 +616,52 @@ async fn order_events_stream_each_status_change_until_the_order_is_terminal() {
     assert_eq!(events(&app, 41, "nope", None).await.status(), 400);
     app.stop().await;
 }
+
+/// Logins whose bodies never finish arriving hold no turn of admission control, so other callers
+/// are answered at once: were they admitted, the first 24 (twice the pool of 12) would hold every
+/// turn until their body deadline and the other 36 would be ahead of any caller in the queue,
+/// which would be answered 503 after waiting its turn out; a login body that is not JSON is refused as on every
+/// JSON route, and JSON without a token asks for one.
+#[tokio::test]
+async fn logins_that_send_their_body_slowly_hold_no_turn() {
+    use tokio::io::AsyncWriteExt;
+    let app = TestApp::api_only().await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut stalled = Vec::new();
+    for _ in 0..60 {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        conn.write_all(
+            format!(
+                "POST /ops/login HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"token\":\""
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        stalled.push(conn);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // every one read as far as it goes
+    // Were the logins holding turns, this would wait its own out and be answered 503.
+    let (status, body) = app.get("/api/products", &app.token(3)).await;
+    assert_eq!(status, 200, "{body}");
+    drop(stalled);
+
+    for (body, want) in [
+        (&b"{"[..], (400, "MALFORMED_JSON")),
+        (b"{}", (400, "MISSING_TOKEN")),
+        (b"{\"token\": 7}", (400, "MISSING_TOKEN")),
+    ] {
+        let res = app
+            .http
+            .post(app.url("/ops/login"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let problem: Value = res.json().await.unwrap();
+        assert_eq!((status, problem["code"].as_str().unwrap()), want, "{problem}");
+    }
+    app.stop().await;
+}

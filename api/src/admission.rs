@@ -12,7 +12,8 @@
 //! take a few milliseconds hold a pooled connection for a hundred, and the rest time out
 //! on the pool. Measured with `orderflow bench --hot` (docs/PERFORMANCE.md): the API
 //! accepted 5x more orders per second once the holders were not competing with the crowd.
-//! A request that waits longer than [`MAX_WAIT`] is answered 503 with `Retry-After`.
+//! A request that waits longer than [`MAX_WAIT`] is answered 503 with `Retry-After`; one
+//! admitted has [`BODY_DEADLINE`] to send its body.
 
 use std::{
     sync::{Arc, Mutex},
@@ -20,14 +21,22 @@ use std::{
 };
 
 use axum::{
+    body::Body,
     extract::{Request, State},
     middleware::Next,
     response::{IntoResponse, Response},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_http::timeout::DeadlineBody;
 
 /// How long a request may wait for its turn.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// How long an admitted request may take to send its body, from its turn (2 MB, the largest
+/// body accepted, at 200 KB/s). A body still arriving then is refused (408 `BODY_TIMEOUT`):
+/// a client that sends slowly, or stops, holds a turn for no longer than this, so a few such
+/// clients cannot hold every turn and shut every other caller out.
+pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
 
 /// The permits shared by the admitted routes.
 #[derive(Clone)]
@@ -96,6 +105,7 @@ pub async fn admit(State(admission): State<Admission>, mut req: Request, next: N
             // The extension is dropped with the request, before the handler's body runs; the
             // turn is held here until the response is ready (or the handler pauses it).
             req.extensions_mut().insert(turn.clone());
+            let req = req.map(|body| Body::new(DeadlineBody::new(BODY_DEADLINE, body)));
             let response = next.run(req).await;
             drop(turn);
             response
@@ -137,5 +147,41 @@ mod tests {
             assert_eq!(call.ok().and_then(Result::ok).map(|s| s.as_u16()), Some(200));
         }
         assert_eq!(MOST.load(Ordering::SeqCst), 2);
+    }
+
+    /// A body that stops half way is refused with 408 once [`BODY_DEADLINE`] has passed, and
+    /// its turn goes to the next request (the only turn here).
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_is_refused_and_gives_its_turn_back() {
+        use futures_util::StreamExt;
+        let app = Router::new()
+            .route(
+                "/",
+                axum::routing::post(
+                    |crate::extract::Json(v): crate::extract::Json<serde_json::Value>| async move { v.to_string() },
+                ),
+            )
+            .route_layer(axum::middleware::from_fn_with_state(Admission::new(1, 1), admit));
+        let json = |body: Body| {
+            Request::post("/")
+                .header("content-type", "application/json")
+                .body(body)
+                .expect("a request")
+        };
+        let stalled = futures_util::stream::once(async { Ok::<_, std::io::Error>(bytes::Bytes::from_static(b"{")) })
+            .chain(futures_util::stream::pending());
+        let started = tokio::time::Instant::now();
+        let refused = app
+            .clone()
+            .oneshot(json(Body::from_stream(stalled)))
+            .await
+            .expect("a response");
+        assert_eq!(refused.status().as_u16(), 408);
+        assert_eq!(started.elapsed(), BODY_DEADLINE);
+        let problem = axum::body::to_bytes(refused.into_body(), 10_000).await.expect("a body");
+        let problem: serde_json::Value = serde_json::from_slice(&problem).expect("a problem document");
+        assert_eq!(problem["code"], "BODY_TIMEOUT");
+        let next = app.oneshot(json(Body::from("[1]"))).await.expect("a response");
+        assert_eq!(next.status().as_u16(), 200);
     }
 }

@@ -14,6 +14,8 @@
 //! - `traceparent` (W3C Trace Context): `orderflow_shared::telemetry::TraceParent::parse`.
 //! - `Sec-Fetch-Site`, `Origin` and `Host` (compared whole, RFC 6454): `crate::extract`.
 
+use std::collections::HashSet;
+
 use axum::http::{HeaderMap, HeaderValue, header};
 
 /// A field that may occur once came as several field lines (RFC 9110 §5.3: a sender must not
@@ -71,17 +73,18 @@ pub struct Preference {
 /// out (a preference the server does not understand is ignored, RFC 7240 §2). Where a name
 /// occurs more than once only its first occurrence counts (§2): the later ones are left out too.
 pub fn preferences(headers: &HeaderMap) -> Vec<Preference> {
-    let mut seen = Vec::new();
+    // A set: a header may name a hundred thousand preferences (hyper reads ~400 KB of them),
+    // and looking each up in a list would take quadratic time.
+    let mut seen = HashSet::new();
     let mut out: Vec<Preference> = Vec::new();
     for value in headers.get_all("prefer") {
         for element in list_elements(value.as_bytes()) {
             // The first occurrence of a name decides, well-formed or not.
             let name = Cursor::new(element).token().map(|t| t.to_ascii_lowercase());
             let Some(name) = name else { continue };
-            if seen.contains(&name) {
+            if !seen.insert(name) {
                 continue;
             }
-            seen.push(name);
             if let Some(preference) = preference(element) {
                 out.push(preference);
             }
@@ -346,6 +349,19 @@ mod tests {
         assert_eq!(prefs(&[b"x;;a=1;"]), [p("x", None)]);
         // obs-text in a quoted string is kept, not a reason to drop the header.
         assert_eq!(prefs(&[b"a=\"\xe9\", b"]), [p("a", Some("\u{FFFD}")), p("b", None)]);
+    }
+
+    /// As many preferences as hyper lets through (~400 KB of short names), each distinct, the
+    /// first named again at the end: every one is read once and the first occurrence decides,
+    /// in linear time (a list of the names seen made this quadratic: billions of comparisons).
+    #[test]
+    fn a_hundred_thousand_preferences_are_each_read_once() {
+        let names: Vec<String> = (0..100_000).map(|i| format!("p{i}")).collect();
+        let value = format!("{}=1,p0=2", names.join(","));
+        let read = preferences(&headers("prefer", &[value.as_bytes()]));
+        assert_eq!(read.len(), 100_000);
+        assert_eq!((read[0].name.as_str(), read[0].value.as_deref()), ("p0", None));
+        assert_eq!(read[99_999].value.as_deref(), Some("1"));
     }
 
     #[test]

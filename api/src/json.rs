@@ -14,7 +14,7 @@
 
 use std::{fmt, marker::PhantomData};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Deserializer, de};
 
 /// The largest integer every JSON parser reads exactly (RFC 7493 §2.2): 2^53 − 1.
@@ -43,7 +43,9 @@ pub fn opt_date_time<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<
     }
 }
 
-/// An RFC 3339 date-time in the spelling of [`DATE_TIME_PATTERN`].
+/// An RFC 3339 date-time in the spelling of [`DATE_TIME_PATTERN`], cut to the microsecond:
+/// PostgreSQL keeps no finer, so what is compared while validating is what is stored (two
+/// instants apart by less would pass as ordered and be stored equal).
 pub fn date_time<E: de::Error>(s: &str) -> Result<DateTime<Utc>, E> {
     let invalid = || {
         E::custom(format!(
@@ -54,7 +56,7 @@ pub fn date_time<E: de::Error>(s: &str) -> Result<DateTime<Utc>, E> {
         return Err(invalid());
     }
     DateTime::parse_from_rfc3339(s)
-        .map(|t| t.with_timezone(&Utc))
+        .map(|t| t.with_timezone(&Utc).trunc_subsecs(6))
         .map_err(|_| invalid())
 }
 
@@ -213,9 +215,14 @@ mod tests {
             let body = parse(&format!(r#"{{"n": 1, "at": "{ok}"}}"#)).unwrap();
             assert_eq!(
                 body.at,
-                DateTime::parse_from_rfc3339(ok).ok().map(|t| t.with_timezone(&Utc))
+                DateTime::parse_from_rfc3339(ok)
+                    .ok()
+                    .map(|t| t.with_timezone(&Utc).trunc_subsecs(6))
             );
         }
+        // Cut to the microsecond PostgreSQL keeps.
+        let body = parse(r#"{"n": 1, "at": "2026-11-21T10:00:00.123456789Z"}"#).unwrap();
+        assert_eq!(body.at.map(|t| t.timestamp_subsec_nanos()), Some(123_456_000));
         for bad in [
             "",
             "2026-11-21",

@@ -10,7 +10,7 @@
 //! | operation | adds |
 //! |---|---|
 //! | has parameters or a body | 400 (malformed or out-of-range input) |
-//! | has a JSON body | 413 `PAYLOAD_TOO_LARGE`, 415 `INVALID_CONTENT_TYPE` |
+//! | has a JSON body | 408 `BODY_TIMEOUT`, 413 `PAYLOAD_TOO_LARGE`, 415 `INVALID_CONTENT_TYPE` |
 //! | needs a token | 401 (with `WWW-Authenticate: Bearer`) |
 //! | under `/api/admin` | 403 `ADMIN_REQUIRED` |
 //! | a rate-limited write ([`RATE_LIMITED`]) | 429 `RATE_LIMITED` (with `Retry-After`) |
@@ -202,6 +202,10 @@ fn complete(doc: &mut Value) {
              change from another origin)",
             json!({}),
         ),
+        "RequestTimeout": problem(
+            "BODY_TIMEOUT: the body did not arrive within 10 s of the request's turn",
+            json!({})
+        ),
         "ContentTooLarge": problem("PAYLOAD_TOO_LARGE: the body is larger than 2 MiB", json!({})),
         "UnsupportedMediaType": problem(
             "INVALID_CONTENT_TYPE: the body is not sent as application/json",
@@ -284,7 +288,11 @@ fn complete(doc: &mut Value) {
                 add.push(("400", "BadRequest"));
             }
             if has_body {
-                add.extend([("413", "ContentTooLarge"), ("415", "UnsupportedMediaType")]);
+                add.extend([
+                    ("408", "RequestTimeout"),
+                    ("413", "ContentTooLarge"),
+                    ("415", "UnsupportedMediaType"),
+                ]);
             }
             if secured {
                 add.push(("401", "Unauthorized"));

@@ -126,8 +126,24 @@ impl ApiError {
     }
 }
 
+/// Whether `err` or one of its sources is a body that was not sent in time
+/// ([`crate::admission::BODY_DEADLINE`]).
+fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(err), |e| e.source()).any(|e| e.is::<tower_http::timeout::TimeoutError>())
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
+        if timed_out(&rejection) {
+            return Self(Error::client(
+                ErrorKind::RequestTimeout,
+                "BODY_TIMEOUT",
+                format!(
+                    "the request body did not arrive within {} s",
+                    crate::admission::BODY_DEADLINE.as_secs()
+                ),
+            ));
+        }
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             return Self(Error::client(
                 ErrorKind::PayloadTooLarge,

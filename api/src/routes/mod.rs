@@ -25,8 +25,8 @@ use crate::{
     admission::{self, Admission},
 };
 
-/// Every route. Health checks and the long-lived event streams bypass admission control;
-/// everything else waits its turn under load (see `admission`).
+/// Every route. Health checks, the long-lived event streams and the dashboard's login bypass
+/// admission control; everything else waits its turn under load (see `admission`).
 pub fn router(admission: Admission) -> Router<AppState> {
     let admitted = Router::new()
         .merge(balance::router())
@@ -42,6 +42,7 @@ pub fn router(admission: Admission) -> Router<AppState> {
     Router::new()
         .merge(health::router())
         .merge(events::router())
+        .merge(ops::sign_in())
         .merge(admitted)
 }
 

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use axum::{
     Router,
-    extract::{FromRequest, Request, State},
+    extract::{FromRequest, Request, State, rejection::JsonRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
@@ -34,17 +34,16 @@ use uuid::Uuid;
 use crate::{
     AppState,
     extract::{ADMIN_COOKIE, Admin, Json, Path, Query, cookie},
-    problem::{ApiResult, Problem},
+    problem::{ApiError, ApiResult, Problem},
     routes::admin::DeadLetterView,
     views::{self, OrderHoldings, OrderSummary, TimelineOrder},
 };
 
+/// The dashboard, its assets and its reads (admitted, see `crate::admission`).
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/ops", get(dashboard))
         .route("/ops/", get(|| async { Redirect::permanent("/ops") }))
-        .route("/ops/login", post(login).get(|| async { Redirect::to("/ops") }))
-        .route("/ops/logout", post(logout))
         .route(
             "/ops/app.css",
             get(|| async { asset("text/css; charset=utf-8", APP_CSS) }),
@@ -55,6 +54,14 @@ pub fn router() -> Router<AppState> {
         )
         .route("/api/admin/overview", get(overview))
         .route("/api/admin/orders/{id}/timeline", get(timeline))
+}
+
+/// Logging in and out, outside admission control: a login reads its body before anything
+/// proves who sends it, so a client that sent it slowly would hold a turn without a token.
+pub fn sign_in() -> Router<AppState> {
+    Router::new()
+        .route("/ops/login", post(login).get(|| async { Redirect::to("/ops") }))
+        .route("/ops/logout", post(logout))
 }
 
 const PROBLEM: &str = "application/problem+json";
@@ -101,10 +108,13 @@ pub struct Login {
 async fn login(State(state): State<AppState>, req: Request) -> Response {
     let json = crate::header_grammar::media_type_is(req.headers(), "application/json");
     let token = if json {
-        axum::Json::<Login>::from_request(req, &state)
-            .await
-            .map(|j| j.0.token)
-            .ok()
+        match axum::Json::<Login>::from_request(req, &state).await {
+            Ok(j) => Some(j.0.token),
+            // JSON without a token string is answered below; a body that is not JSON, or too
+            // large, as on every JSON route.
+            Err(JsonRejection::JsonDataError(_)) => None,
+            Err(other) => return ApiError::from(other).into_response(),
+        }
     } else {
         axum::Form::<Login>::from_request(req, &state)
             .await
