@@ -628,3 +628,48 @@ async fn a_failed_batch_of_deadlines_is_split_into_messages_that_still_expire_th
     let _ = conn.close(200, "bye".into()).await;
     app.stop().await;
 }
+
+/// A dead letter about a compensation the order no longer waits for (its stock was given back
+/// since, as by a copy the sweep re-sent) leaves the order to the compensation in flight, which
+/// finishes the cancellation; parked, the order would have waited for an operator, and that
+/// compensation would have found it in another state. (A compensation the order still waits for
+/// parks it: `a_compensation_that_keeps_failing_is_parked_and_an_operator_retries_it` above.)
+#[tokio::test]
+async fn a_dead_compensation_the_order_no_longer_waits_for_does_not_park_it() {
+    let mut app = TestApp::spawn_with(Options {
+        workers: without(&[Order]),
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Returned", 1_000, 5).await;
+    // No balance: the payment fails, the stock goes back, and the order waits, CANCELLING,
+    // for the order worker to finish it.
+    let id = app.order(41, &[(product, 1)], None).await;
+    app.wait_order_row(&id, WAIT, |o| o.status.as_str() == "CANCELLING" && !o.stock_held)
+        .await;
+    let letter = json!({"id": uuid::Uuid::now_v7(), "type": "stock.release",
+                        "occurredAt": "2026-12-07T10:00:00.000Z", "orderId": id, "data": {}});
+    app.publish_raw(
+        "",
+        "orderflow.dead-letters",
+        letter.to_string().as_bytes(),
+        "stock.release",
+    )
+    .await;
+    wait_dead_letters(&app, 1).await;
+    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "CANCELLING");
+    app.spawn_workers(&[Order]).await;
+    let order = app.wait_terminal(41, &id, WAIT).await;
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("CANCELLED"), Some("INSUFFICIENT_BALANCE")),
+        "{order}"
+    );
+    assert_eq!(app.stock(product).await, 5);
+    app.stop().await;
+}

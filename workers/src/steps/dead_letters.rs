@@ -2,7 +2,8 @@
 //! undecodable, unknown or about no known order) lands in one queue. The recovery worker
 //! records each one (source queue, routing key, headers, body, death count, reason, time)
 //! and acts for its orders: a failed forward step cancels them (PROCESSING_FAILED); a failed
-//! compensation parks them as COMPENSATION_FAILED for an operator to retry.
+//! compensation parks them as COMPENSATION_FAILED for an operator to retry, while they still
+//! wait for that compensation.
 //!
 //! Whatever a broker message can carry is recorded: the body as bytes, the headers as JSON in
 //! which a value JSON or PostgreSQL cannot hold as it is (a string with NUL or invalid UTF-8,
@@ -24,7 +25,7 @@ use lapin::{
 };
 use orderflow_shared::{
     Result,
-    db::orders::{Transitions, lock_all},
+    db::orders::{self, Transitions, lock_all},
     domain::{CancelReason, OrderStatus},
     messaging::{Envelope, MessageType, topology},
 };
@@ -168,8 +169,11 @@ async fn record(tx: &mut PgConnection, msg: &Incoming) -> Result<()> {
     }
     let mut moves = Transitions::new();
     for order in lock_all(tx, &letter.order_ids).await? {
-        if kind.is_some_and(MessageType::is_compensation) {
-            if order.status == OrderStatus::Cancelling {
+        if let Some(kind) = kind.filter(|k| k.is_compensation()) {
+            // Only while the order waits for this very compensation: one that another message
+            // did since (the sweep re-sends a stalled one) is not the order's problem, and
+            // parking it would leave the compensation now in flight stale.
+            if order.status == OrderStatus::Cancelling && orders::next_compensation(&order) == kind {
                 moves.park(order);
             }
         } else if OrderStatus::CANCELLABLE.contains(&order.status) {
