@@ -628,7 +628,24 @@ async fn a_coupon_batch_gives_the_coupon_to_the_first_order_that_meets_its_minim
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     app.wait_quiescent_outbox().await;
-    tokio::time::sleep(Duration::from_millis(300)).await; // delivered to the waiting worker
+    // Both delivered to the waiting worker: none left ready in the queue.
+    let (conn, channel) = app.amqp().await;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    while channel
+        .queue_declare("orderflow.coupon".into(), passive, Default::default())
+        .await
+        .unwrap()
+        .message_count()
+        > 0
+    {
+        assert!(Instant::now() < deadline, "the coupon worker was not sent both");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // read off the connection
     holder.rollback().await.unwrap();
 
     assert_eq!(app.wait_terminal(32, &blocker, WAIT).await["status"], "CONFIRMED");

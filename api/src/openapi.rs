@@ -203,7 +203,7 @@ fn complete(doc: &mut Value) {
             json!({}),
         ),
         "RequestTimeout": problem(
-            "BODY_TIMEOUT: the body did not arrive within 10 s of the request's turn",
+            "BODY_TIMEOUT: the body did not arrive within 10 s of the server's first read of it",
             json!({})
         ),
         "ContentTooLarge": problem("PAYLOAD_TOO_LARGE: the body is larger than 2 MiB", json!({})),

@@ -129,7 +129,7 @@ impl ApiError {
 /// Whether `err` or one of its sources is a body that was not sent in time
 /// ([`crate::admission::BODY_DEADLINE`]).
 fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
-    std::iter::successors(Some(err), |e| e.source()).any(|e| e.is::<tower_http::timeout::TimeoutError>())
+    std::iter::successors(Some(err), |e| e.source()).any(|e| e.is::<crate::admission::BodyTimeout>())
 }
 
 impl From<JsonRejection> for ApiError {

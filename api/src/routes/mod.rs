@@ -42,7 +42,7 @@ pub fn router(admission: Admission) -> Router<AppState> {
     Router::new()
         .merge(health::router())
         .merge(events::router())
-        .merge(ops::sign_in())
+        .merge(ops::sign_in().route_layer(middleware::from_fn(admission::body_deadline)))
         .merge(admitted)
 }
 

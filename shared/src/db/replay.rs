@@ -35,7 +35,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -177,9 +177,10 @@ impl Plan {
         pause_ms: Option<i64>,
         now: DateTime<Utc>,
     ) -> Result<Self> {
+        // Cut to the microsecond PostgreSQL keeps, so the window compared is the one stored.
         let time = |name: &str, value: &str| {
             DateTime::parse_from_rfc3339(value.trim())
-                .map(|t| t.with_timezone(&Utc))
+                .map(|t| t.with_timezone(&Utc).trunc_subsecs(6))
                 .map_err(|e| {
                     Error::bad_request(
                         "INVALID_TIME",
@@ -188,7 +189,7 @@ impl Plan {
                 })
         };
         let from = time("from", from)?;
-        let to = time("to", to)?.min(now);
+        let to = time("to", to)?.min(now.trunc_subsecs(6));
         if from >= to {
             return Err(Error::unprocessable(
                 "INVALID_WINDOW",
@@ -553,6 +554,15 @@ mod tests {
         );
         let same = Plan::parse("2026-12-01T10:00:00Z", "2026-12-01T10:00:00Z", None, None, now);
         assert_eq!(code(same), Some("INVALID_WINDOW"));
+        // Apart by less than the microsecond PostgreSQL keeps: the same instant once stored.
+        let within = Plan::parse(
+            "2026-12-01T10:00:00.0000001Z",
+            "2026-12-01T10:00:00.0000009Z",
+            None,
+            None,
+            now,
+        );
+        assert_eq!(code(within), Some("INVALID_WINDOW"));
         let future = Plan::parse("2026-12-02T10:00:00Z", "2026-12-03T10:00:00Z", None, None, now);
         assert_eq!(code(future), Some("INVALID_WINDOW"));
         let long = Plan::parse("2026-10-01T00:00:00Z", "2026-12-01T00:00:00Z", None, None, now);

@@ -126,7 +126,8 @@ that reaches the limit, or that a worker rejects (not JSON, unknown type, about 
 order), is dead-lettered (at least once) through the fanout exchange `orderflow.dlx` into \
 `orderflow.dead-letters`, with RabbitMQ's `x-death` and `x-first-death-*` headers and its body \
 and properties unchanged. The recovery worker records each one: a dead forward step cancels its \
-orders (`PROCESSING_FAILED`), a dead compensation parks them as `COMPENSATION_FAILED`. An \
+orders (`PROCESSING_FAILED`), a dead compensation parks those still waiting for it as \
+`COMPENSATION_FAILED`. An \
 operator can replay a dead letter (`POST /api/admin/dead-letters/{id}/replay`): the same body \
 and `message_id`, published to the queue it died in through the default exchange, with the \
 header `x-orderflow-replay-of` = the dead letter's id.
@@ -375,7 +376,8 @@ fn queue_channel(queue: &QueueSpec) -> Value {
         format!(
             " Receives the messages {} dead-letters into `{}`, with RabbitMQ's `x-death` and \
              `x-first-death-*` headers added (and, for an expired message, its `expiration` \
-             removed).",
+             removed). A message about several orders whose batch failed here comes back split, \
+             one per order, published straight to that exchange (without `x-death`).",
             sources
                 .iter()
                 .map(|q| format!("`{}`", q.name))
