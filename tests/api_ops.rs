@@ -663,5 +663,17 @@ async fn logins_that_send_their_body_slowly_hold_no_turn() {
         let problem: Value = res.json().await.unwrap();
         assert_eq!((status, problem["code"].as_str().unwrap()), want, "{problem}");
     }
+    // Neither JSON nor a form.
+    let res = app
+        .http
+        .post(app.url("/ops/login"))
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body("token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 415);
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["code"], "INVALID_CONTENT_TYPE");
     app.stop().await;
 }

@@ -833,11 +833,8 @@ fn split_messages(item: &Item, orders: &[Uuid]) -> Result<Vec<OutboxMessage>> {
     orders
         .iter()
         .map(|&order| {
-            Ok(
-                OutboxMessage::command(item.msg.kind, order, traces.get(&order).copied())?
-                    .with_id(Uuid::new_v5(&item.msg.envelope.id, order.as_bytes()))?
-                    .through(exchange),
-            )
+            OutboxMessage::command_through(item.msg.kind, exchange, order, traces.get(&order).copied())?
+                .with_id(Uuid::new_v5(&item.msg.envelope.id, order.as_bytes()))
         })
         .collect()
 }

@@ -15,7 +15,10 @@ use std::{collections::BTreeMap, time::Duration};
 
 use axum::{
     Router,
-    extract::{FromRequest, Request, State, rejection::JsonRejection},
+    extract::{
+        FromRequest, Request, State,
+        rejection::{FormRejection, JsonRejection},
+    },
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Redirect, Response},
     routing::{get, post},
@@ -116,10 +119,17 @@ async fn login(State(state): State<AppState>, req: Request) -> Response {
             Err(other) => return ApiError::from(other).into_response(),
         }
     } else {
-        axum::Form::<Login>::from_request(req, &state)
-            .await
-            .map(|f| f.0.token)
-            .ok()
+        match axum::Form::<Login>::from_request(req, &state).await {
+            Ok(f) => Some(f.0.token),
+            Err(FormRejection::InvalidFormContentType(_)) => {
+                return unsupported_login_type();
+            }
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return login_page(StatusCode::PAYLOAD_TOO_LARGE, Some("That form is too large."));
+            }
+            // A form without a token is answered below, as is one that could not be read.
+            Err(_) => None,
+        }
     };
     let token = token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
     let refuse = |status: u16, code: &'static str, message: &str| {
@@ -169,6 +179,17 @@ async fn login(State(state): State<AppState>, req: Request) -> Response {
         Redirect::to("/ops").into_response()
     };
     with_cookie(response, &set)
+}
+
+/// A login in neither JSON nor a form: 415 (RFC 9110 §15.5.16), as a problem document.
+fn unsupported_login_type() -> Response {
+    Problem::new(
+        415,
+        "Unsupported Media Type",
+        "INVALID_CONTENT_TYPE",
+        "send the token as JSON or as an application/x-www-form-urlencoded form",
+    )
+    .into_response()
 }
 
 /// Ends the session.

@@ -74,6 +74,17 @@ impl OutboxMessage {
     /// order's; while spans are exported, a message about several orders also names each
     /// one's in `data.traceparents`.
     pub fn commands(kind: MessageType, order_ids: &[Uuid], traces: &[Option<TraceParent>]) -> Result<Vec<Self>> {
+        Self::commands_through(kind, kind.exchange(), order_ids, traces)
+    }
+
+    /// [`commands`](Self::commands), published to `exchange` (with the type as the routing key)
+    /// instead of the type's own: each order's creation span names it as the destination.
+    pub fn commands_through(
+        kind: MessageType,
+        exchange: &'static str,
+        order_ids: &[Uuid],
+        traces: &[Option<TraceParent>],
+    ) -> Result<Vec<Self>> {
         let current = if traces.is_empty() { telemetry::current() } else { None };
         let traces: Vec<Option<TraceParent>> = order_ids
             .iter()
@@ -82,7 +93,7 @@ impl OutboxMessage {
                 let parent = telemetry::order_trace(id)
                     .or(traces.get(i).copied().flatten())
                     .or(current);
-                telemetry::create(kind.exchange(), kind.as_str(), id, parent)
+                telemetry::create(exchange, kind.as_str(), id, parent)
             })
             .collect();
         let listed = telemetry::exporting();
@@ -92,14 +103,25 @@ impl OutboxMessage {
             .map(|(ids, traces)| {
                 let data = CommandData::new(ids, if listed { traces } else { &[] });
                 let single = (ids.len() == 1).then(|| ids[0]);
-                Self::build(kind, single, ids.to_vec(), &data, traces[0])
+                Ok(Self::build(kind, single, ids.to_vec(), &data, traces[0])?.through(exchange))
             })
             .collect()
     }
 
     /// One command of `kind` for one order (see [`commands`](Self::commands)).
     pub fn command(kind: MessageType, order_id: Uuid, trace: Option<TraceParent>) -> Result<Self> {
-        let mut one = Self::commands(kind, &[order_id], &[trace])?;
+        Self::command_through(kind, kind.exchange(), order_id, trace)
+    }
+
+    /// One command of `kind` for one order, published to `exchange` (see
+    /// [`commands_through`](Self::commands_through)).
+    pub fn command_through(
+        kind: MessageType,
+        exchange: &'static str,
+        order_id: Uuid,
+        trace: Option<TraceParent>,
+    ) -> Result<Self> {
+        let mut one = Self::commands_through(kind, exchange, &[order_id], &[trace])?;
         one.pop().ok_or_else(|| anyhow::anyhow!("no command built").into())
     }
 
@@ -146,7 +168,7 @@ impl OutboxMessage {
     }
 
     /// The same message, published to `exchange` (with its type as the routing key).
-    pub fn through(mut self, exchange: &'static str) -> Self {
+    fn through(mut self, exchange: &'static str) -> Self {
         self.exchange = exchange;
         self
     }
