@@ -45,7 +45,11 @@ pub struct BodyTimeout;
 
 impl std::fmt::Display for BodyTimeout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the body did not arrive within {} s", BODY_DEADLINE.as_secs())
+        write!(
+            f,
+            "the request body did not arrive within {} s",
+            BODY_DEADLINE.as_secs()
+        )
     }
 }
 

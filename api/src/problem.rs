@@ -138,10 +138,7 @@ impl From<JsonRejection> for ApiError {
             return Self(Error::client(
                 ErrorKind::RequestTimeout,
                 "BODY_TIMEOUT",
-                format!(
-                    "the request body did not arrive within {} s",
-                    crate::admission::BODY_DEADLINE.as_secs()
-                ),
+                crate::admission::BodyTimeout,
             ));
         }
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {

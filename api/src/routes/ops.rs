@@ -25,7 +25,7 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use orderflow_shared::{
-    Error,
+    Error, ErrorKind,
     config::query_duration,
     db::orders::{self, OrderRow},
     messaging::{MessageType, stats::QueueStat},
@@ -183,12 +183,11 @@ async fn login(State(state): State<AppState>, req: Request) -> Response {
 
 /// A login in neither JSON nor a form: 415 (RFC 9110 §15.5.16), as a problem document.
 fn unsupported_login_type() -> Response {
-    Problem::new(
-        415,
-        "Unsupported Media Type",
+    ApiError(Error::client(
+        ErrorKind::UnsupportedMediaType,
         "INVALID_CONTENT_TYPE",
         "send the token as JSON or as an application/x-www-form-urlencoded form",
-    )
+    ))
     .into_response()
 }
 

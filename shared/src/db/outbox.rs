@@ -29,7 +29,7 @@ pub struct OutboxMessage {
     pub message_id: Uuid,
     pub kind: MessageType,
     /// Where it is published: its type's exchange ([`MessageType::exchange`]) unless
-    /// [`through`](Self::through) says otherwise.
+    /// [`commands_through`](Self::commands_through) says otherwise.
     pub exchange: &'static str,
     /// The orders the message concerns (one for an event; one or more for a command).
     pub order_ids: Vec<Uuid>,
@@ -103,7 +103,7 @@ impl OutboxMessage {
             .map(|(ids, traces)| {
                 let data = CommandData::new(ids, if listed { traces } else { &[] });
                 let single = (ids.len() == 1).then(|| ids[0]);
-                Ok(Self::build(kind, single, ids.to_vec(), &data, traces[0])?.through(exchange))
+                Self::build(kind, exchange, single, ids.to_vec(), &data, traces[0])
             })
             .collect()
     }
@@ -127,6 +127,7 @@ impl OutboxMessage {
 
     fn build<T: Serialize>(
         kind: MessageType,
+        exchange: &'static str,
         order_id: Option<Uuid>,
         order_ids: Vec<Uuid>,
         data: &T,
@@ -136,7 +137,7 @@ impl OutboxMessage {
         Ok(Self {
             message_id: envelope.id,
             kind,
-            exchange: kind.exchange(),
+            exchange,
             order_ids,
             trace,
             body: serde_json::to_vec(&envelope).map_err(anyhow::Error::from)?,
@@ -164,12 +165,6 @@ impl OutboxMessage {
 
     pub fn with_expiration_ms(mut self, ms: i64) -> Self {
         self.expiration_ms = Some(ms);
-        self
-    }
-
-    /// The same message, published to `exchange` (with its type as the routing key).
-    fn through(mut self, exchange: &'static str) -> Self {
-        self.exchange = exchange;
         self
     }
 }
