@@ -236,7 +236,11 @@ async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Res
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding METRICS_ADDR {addr}"))?;
-        tasks.spawn(orderflow_api::serve_metrics(listener, shutdown.clone()));
+        tasks.spawn(orderflow_api::serve_metrics(
+            listener,
+            orderflow_api::server::Limits::of(&config),
+            shutdown.clone(),
+        ));
     }
     // Workers get a pool of their own: a burst of deliveries waiting on a hot row's lock must
     // not starve the API of connections (it would answer 503), and their statements are planned

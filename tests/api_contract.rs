@@ -366,6 +366,14 @@ async fn the_openapi_document_states_every_constraint_and_answer() {
             }
             if path.starts_with("/api/admin/") {
                 assert!(has("403"), "{method} {path}: 403 undocumented");
+                // Every admin route takes the dashboard's session cookie as well as a token.
+                let schemes: Vec<&str> = op["security"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s.as_object()?.keys().next().map(String::as_str))
+                    .collect();
+                assert_eq!(schemes, ["bearer", "admin_cookie"], "{method} {path}");
             }
             if path.starts_with("/api/") {
                 assert!(has("503"), "{method} {path}: 503 undocumented");

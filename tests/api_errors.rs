@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{JWT_SECRET, TestApp, b64url};
+use common::{JWT_SECRET, Options, TestApp, b64url};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode, header};
 use serde_json::{Value, json};
@@ -779,5 +779,72 @@ async fn swagger_ui_is_served_offline() {
     // An unknown asset is a problem like any other 404.
     let reply = raw(&app, Method::GET, "/docs/no-such-file.js", &[], None).await;
     assert_problem(&reply, StatusCode::NOT_FOUND, "NOT_FOUND");
+    app.stop().await;
+}
+
+/// A client that stops in the middle of a request's head, or connects and sends nothing, is
+/// disconnected after HTTP_HEADER_TIMEOUT, as is a kept-alive connection left idle that long;
+/// beyond HTTP_MAX_CONNECTIONS a new connection is not served until another closes (without
+/// both, such clients hold a task, a buffer and a file descriptor each for as long as they like).
+#[tokio::test]
+async fn connections_that_send_no_whole_request_are_closed_and_at_most_the_cap_are_served() {
+    use std::time::{Duration, Instant};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+        time::timeout,
+    };
+    let app = TestApp::spawn_with(Options {
+        workers: vec![],
+        http_header_timeout: Duration::from_secs(2),
+        http_max_connections: 2,
+        ..Options::default()
+    })
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let opened = Instant::now();
+    let mut half = TcpStream::connect(&addr).await.unwrap();
+    half.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nX-Slow: ").as_bytes())
+        .await
+        .unwrap();
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
+    // A third, whole request: the kernel takes the connection, the server does not serve it
+    // while the two hold both slots.
+    let mut third = TcpStream::connect(&addr).await.unwrap();
+    third.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(
+        timeout(Duration::from_secs(1), third.read(&mut buf)).await.is_err(),
+        "a connection beyond the cap was served"
+    );
+    for (name, conn) in [("half a head", &mut half), ("nothing", &mut silent)] {
+        let read = timeout(Duration::from_secs(20), conn.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("a connection that sent {name} was never closed"));
+        assert!(matches!(read, Ok(0) | Err(_)), "{name}: {read:?}");
+    }
+    assert!(
+        opened.elapsed() >= Duration::from_millis(1500),
+        "closed before its timeout"
+    );
+    // Their slots free, the third is answered.
+    let n = timeout(Duration::from_secs(20), third.read(&mut buf))
+        .await
+        .expect("the waiting connection was never served")
+        .unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Kept alive and then idle: closed after the timeout as well.
+    let idle = timeout(Duration::from_secs(20), async {
+        loop {
+            match third.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {} // the rest of the response
+            }
+        }
+    })
+    .await;
+    assert!(idle.is_ok(), "an idle kept-alive connection was never closed");
     app.stop().await;
 }

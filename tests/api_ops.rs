@@ -219,6 +219,65 @@ fn queue<'a>(overview: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no queue {name} in {overview}"))
 }
 
+/// The dashboard's stuck-order listing (asked every 2 s while it is open) finds the orders in
+/// flight among many ended ones, and its statements read them through the in-flight index in
+/// any plan PostgreSQL makes (custom or generic): no ended order is read, however many there are.
+#[tokio::test]
+async fn the_stuck_order_listing_reads_only_orders_in_flight() {
+    let app = TestApp::api_only().await;
+    sqlx::raw_sql(
+        "INSERT INTO orders (id, user_id, status, total_amount, deadline_at, updated_at)
+         SELECT gen_random_uuid(), 1 + g % 100, 'CONFIRMED', 100, now(), now() - interval '1 hour'
+           FROM generate_series(1, 20000) g;
+         INSERT INTO orders (id, user_id, status, total_amount, deadline_at, updated_at)
+         SELECT gen_random_uuid(), 1 + g, 'PENDING', 100, now(), now() - interval '5 minutes'
+           FROM generate_series(1, 5) g;
+         ANALYZE orders;",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (status, body) = app
+        .get("/api/admin/orders?stuck=true&olderThan=30s&size=20", &app.admin_token())
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["total"], 5, "{body}");
+    assert_eq!(body["items"].as_array().unwrap().len(), 5);
+
+    let filter = orderflow_api::routes::admin::order_filter(true);
+    // A connection of its own: its prepared statement and settings stay off the pool's.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&app.config.database_url)
+        .await
+        .unwrap();
+    for (name, statement) in [
+        (
+            "page",
+            format!("SELECT * FROM orders WHERE {filter} ORDER BY updated_at, id LIMIT $3 OFFSET $4"),
+        ),
+        ("count", format!("SELECT count(*) FROM orders WHERE {filter}")),
+    ] {
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "PREPARE listing (text, float8, int8, int8) AS {statement};
+                 SET plan_cache_mode = {mode};
+                 EXPLAIN EXECUTE listing (NULL, 30000, 20, 0);
+                 DEALLOCATE listing;"
+            )))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            let plan: Vec<String> = rows.iter().map(|row| sqlx::Row::get(row, 0)).collect();
+            assert!(!plan.is_empty());
+            assert!(
+                plan.iter().all(|line| !line.contains("Seq Scan")),
+                "{name}, {mode}:\n{}",
+                plan.join("\n")
+            );
+        }
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn the_overview_counts_orders_per_state_queues_outbox_dead_letters_and_stuck_orders() {
     // No stock worker at first: the first order waits in PENDING with its message queued.
@@ -614,6 +673,53 @@ async fn order_events_stream_each_status_change_until_the_order_is_terminal() {
         .await;
     assert_eq!(res.status(), 401);
     assert_eq!(events(&app, 41, "nope", None).await.status(), 400);
+    app.stop().await;
+}
+
+/// Open event streams do not poll the database each: they wait on the API's watcher (one query
+/// per tick for every watched order) and read the history when their order moves, so 300
+/// streams on orders that stay PENDING for 3 s cost a few queries each, not one every 200 ms.
+#[tokio::test]
+async fn open_event_streams_do_not_poll_the_database_each() {
+    // No stock worker: every order stays PENDING while its streams are open.
+    let app = TestApp::spawn_with(Options {
+        workers: vec![Relay],
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Streamed often", 1_000, 10).await;
+    let mut ids = Vec::new();
+    for user in 60..70 {
+        ids.push((user, app.order(user, &[(product, 1)], None).await));
+    }
+    let commits = || async {
+        sqlx::query_scalar::<_, i64>("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap()
+    };
+    let before = commits().await;
+    let open_for = Duration::from_secs(3);
+    let streams = (0..300).map(|i| {
+        let (user, id) = ids[i % ids.len()].clone();
+        let app = &app;
+        async move {
+            let mut stream = SseReader::new(events(app, user, &id, None).await);
+            let first = stream.next().await.expect("the history first");
+            assert_eq!(first.data["status"], "PENDING");
+            // Open, nothing more to say, until the test lets go.
+            assert!(
+                tokio::time::timeout(open_for, stream.next()).await.is_err(),
+                "the stream ended"
+            );
+        }
+    });
+    futures_util::future::join_all(streams).await;
+    // Each stream: the order's status and its history when it opens (600 in all), then nothing
+    // until the order moves; the watcher's one query per 10 ms tick (~300); the test app's gauges.
+    // Polling every 200 ms, each would have read its history 15 times more (4,500).
+    let used = commits().await - before;
+    assert!(used < 2_000, "{used} transactions for 300 streams open 3 s");
     app.stop().await;
 }
 

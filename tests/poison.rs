@@ -540,6 +540,63 @@ async fn replays_publish_the_original_bytes_to_where_the_letter_died_or_answer_4
     app.stop().await;
 }
 
+/// A dead letter whose type (read from its body: it came without a `type` property) is longer
+/// than an AMQP short string holds is replayed like any other; the relay cannot publish it, so
+/// it parks the row at once, saying why, and goes on (it used to panic building the message,
+/// which stopped `orderflow all`, and every relay after it stopped on the same row). A dead
+/// letter naming a queue too long to exist is not replayable: 409, never a 500.
+#[tokio::test]
+async fn a_replayed_dead_letter_that_cannot_be_put_on_the_wire_is_parked_and_orders_go_on() {
+    let app = TestApp::spawn().await;
+    let body = format!(
+        r#"{{"id":"{}","type":"{}","occurredAt":"2026-12-05T10:00:00.000Z","data":{{}}}}"#,
+        uuid::Uuid::now_v7(),
+        "x".repeat(300)
+    );
+    let id = uuid::Uuid::now_v7().to_string();
+    publish(
+        &app,
+        "orderflow.work",
+        "stock.reserve",
+        body.as_bytes(),
+        FieldTable::default(),
+        &id,
+    )
+    .await;
+    let letters = wait_letters(&app, 1).await;
+    let (status, replayed) = replay(&app, letters[0]["id"].as_i64().unwrap()).await;
+    assert_eq!(status, 202, "{replayed}");
+    let rows = wait_parked(&app, 1).await;
+    assert_eq!(rows[0]["attempts"], 1, "parked at once: {rows:?}");
+    assert!(
+        rows[0]["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("over AMQP's limit of 255"),
+        "{rows:?}"
+    );
+    // The relay lives on: orders confirm.
+    let product = app.product("After an unsendable replay", 1_000, 5).await;
+    app.fund(8, 1_000).await;
+    let order = app.order(8, &[(product, 1)], None).await;
+    assert_eq!(app.wait_terminal(8, &order, WAIT).await["status"], "CONFIRMED");
+
+    let too_long: i64 = sqlx::query_scalar(
+        "INSERT INTO dead_letters (fingerprint, source_queue, body) VALUES (gen_random_uuid(), repeat('q', 300), '{}')
+         RETURNING id",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let (status, problem) = replay(&app, too_long).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("DEAD_LETTER_NOT_REPLAYABLE")),
+        "{problem}"
+    );
+    app.stop().await;
+}
+
 /// `value`, `levels` levels down: through arrays (`[0]`) or tables (`["k"]`).
 fn descend<'a>(mut value: &'a Value, levels: usize, key: Option<&str>) -> &'a Value {
     for _ in 0..levels {

@@ -196,6 +196,44 @@ async fn a_thousand_waiting_requests_do_not_poll_the_database_each() {
     app.stop().await;
 }
 
+/// A waiting request is answered when the server shuts down (with the order as it is), so a
+/// graceful shutdown does not wait the wait out (and then drop the request unanswered).
+#[tokio::test]
+async fn a_waiting_request_is_answered_when_the_server_shuts_down() {
+    use orderflow_workers::WorkerKind::*;
+    // No stock worker: the order stays PENDING for as long as anyone waits.
+    let app = TestApp::spawn_with(common::Options {
+        workers: vec![Relay],
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Shutdown", 1_000, 10).await;
+    let id = app.order(30, &[(product, 1)], None).await;
+    let (url, token, http) = (app.url(&format!("/api/orders/{id}")), app.token(30), app.http.clone());
+    let waiting = tokio::spawn(async move {
+        let res = http
+            .get(url)
+            .bearer_auth(token)
+            .header("prefer", "wait=30")
+            .send()
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let body: Value = res.json().await.unwrap();
+        (status, body["status"].as_str().map(str::to_owned))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await; // waiting by now
+    let stopping = Instant::now();
+    let stopped = tokio::spawn(app.stop());
+    let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting request held up the shutdown")
+        .unwrap();
+    assert_eq!(answer, (200, Some("PENDING".to_owned())));
+    stopped.await.unwrap();
+    assert!(stopping.elapsed() < Duration::from_secs(15), "{:?}", stopping.elapsed());
+}
+
 /// `Prefer` read by its grammar (RFC 7240, RFC 9110 §5.6): a `wait=` inside another
 /// preference's quoted string is no wait (answered at once, no `Preference-Applied`), `+5` is
 /// not delta-seconds, and a wait past any integer is the longest wait, applied as that.

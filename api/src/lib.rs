@@ -14,6 +14,7 @@ pub mod page;
 pub mod problem;
 pub mod rate_limit;
 pub mod routes;
+pub mod server;
 pub mod trends;
 pub mod views;
 pub mod wait;
@@ -211,15 +212,17 @@ pub async fn metrics_text() -> impl IntoResponse {
     )
 }
 
-/// A worker process's own small listener: `/metrics` and `/healthz`.
-pub async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// A worker process's own small listener: `/metrics` and `/healthz`, within `limits`.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    limits: server::Limits,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
     let app = Router::new()
         .route("/metrics", axum::routing::get(metrics_text))
         .route("/healthz", axum::routing::get(|| async { "ok" }));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    server::serve(listener, app, limits, shutdown).await;
     Ok(())
 }
 
@@ -237,7 +240,8 @@ fn panic_response() -> Response {
 }
 
 /// Serves the API on an already bound listener until `shutdown` is cancelled, then lets
-/// in-flight requests finish. Also resumes event replays and bulk actions left RUNNING by a
+/// in-flight requests finish; HTTP_HEADER_TIMEOUT and HTTP_MAX_CONNECTIONS apply
+/// ([`server`]). Also resumes event replays and bulk actions left RUNNING by a
 /// runner that is gone (`orderflow_shared::db::replay::resume`, `orderflow_shared::db::bulk::resume`).
 pub async fn serve(listener: TcpListener, mut state: AppState, shutdown: CancellationToken) -> anyhow::Result<()> {
     state.shutdown = shutdown.clone();
@@ -261,9 +265,8 @@ pub async fn serve(listener: TcpListener, mut state: AppState, shutdown: Cancell
     ));
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     let queues = state.queues.clone();
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await?;
+    let limits = server::Limits::of(&state.config);
+    server::serve(listener, router(state), limits, shutdown).await;
     // The kept connection would otherwise end with the process, which the broker logs as a
     // connection closed unexpectedly.
     queues.close().await;

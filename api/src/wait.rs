@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue};
 use orderflow_shared::domain::OrderStatus;
 use sqlx::PgPool;
 use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::{admission::Turn, header_grammar};
@@ -91,20 +92,25 @@ impl Watcher {
         watcher
     }
 
-    /// Waits until `order` meets `until`, or `timeout`, with the request's admission turn
-    /// given back meanwhile (taken again before returning: an error is the 503 of a full
-    /// house). Returns whether the order met `until` (the caller reads it again either way).
+    /// Waits until `order` meets `until`, or `timeout`, or the server shuts down (so that a
+    /// graceful shutdown need not wait the wait out), with the request's admission turn given
+    /// back meanwhile (taken again before returning: an error is the 503 of a full house).
+    /// Returns whether the order met `until` (the caller reads it again either way).
     pub async fn wait_turn(
         &self,
         turn: Option<&Turn>,
         order: Uuid,
         until: Until,
         timeout: Duration,
+        shutdown: &CancellationToken,
     ) -> Result<bool, orderflow_shared::Error> {
         if let Some(turn) = turn {
             turn.pause();
         }
-        let met = self.wait(order, until, timeout).await;
+        let met = tokio::select! {
+            met = self.wait(order, until, timeout) => met,
+            () = shutdown.cancelled() => false,
+        };
         if let Some(turn) = turn {
             turn.resume().await?;
         }

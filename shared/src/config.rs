@@ -32,6 +32,13 @@ pub const MAX_QUERY_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The longest duration any other flag may ask for (`orderflow bench --timeout`, ...): 7 days.
 pub const MAX_DURATION: Duration = MAX_QUERY_DURATION;
 
+/// HTTP_HEADER_TIMEOUT bounds: under a second a slow mobile client could not send its headers;
+/// over ten minutes a connection that sends nothing holds its slot for too long.
+pub const HTTP_HEADER_TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(600));
+/// HTTP_MAX_CONNECTIONS at most: each connection is a file descriptor, and the process needs
+/// some of its own for the database and the broker.
+pub const MAX_HTTP_CONNECTIONS: u64 = 1_000_000;
+
 /// WORKER_CONCURRENCY at most: permits of a semaphore, each a transaction in flight.
 pub const MAX_WORKER_CONCURRENCY: u64 = 1_024;
 /// WORKER_BATCH at most: deliveries in one transaction's arrays.
@@ -71,6 +78,20 @@ pub struct Config {
     #[arg(long, env = "HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 
+    /// How long a client may take to send a request's head (request line and headers),
+    /// counted from when its connection is ready for the next request, so also how long a
+    /// kept-alive connection may stay idle; then the connection is closed. 1s..=10m. Applies
+    /// to the API's and a worker's metrics listener.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_http_header_timeout)]
+    pub http_header_timeout: Duration,
+
+    /// Connections a listener serves at once; beyond it, new connections wait in the kernel's
+    /// backlog until one closes, so clients cannot take the file descriptors the process needs
+    /// for its database and broker connections (keep it well under `ulimit -n`). 1..=1000000.
+    #[arg(long, env = "HTTP_MAX_CONNECTIONS", default_value_t = 4_096,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=MAX_HTTP_CONNECTIONS))]
+    pub http_max_connections: usize,
+
     /// HS256 secret for bearer tokens (development and tests; `orderflow token` signs with it).
     /// Unset: a development default (logged as a warning), and only while no AUTH_ISSUER is
     /// set: with an identity provider, HS256 tokens are accepted only with a secret of yours.
@@ -79,7 +100,8 @@ pub struct Config {
 
     /// The OpenID issuer whose tokens are accepted (e.g. `https://login.example.com/realms/shop`):
     /// its discovery document (`<issuer>/.well-known/openid-configuration`) names the JWKS,
-    /// and a token's `iss` must equal it exactly. Needs AUTH_AUDIENCE.
+    /// and a token's `iss` must equal it exactly, a trailing `/` included. `https://`, or
+    /// `http://` to this machine ([`check_key_url`]). Needs AUTH_AUDIENCE.
     #[arg(long, env = "AUTH_ISSUER", requires = "auth_audience", value_parser = parse_http_url)]
     pub auth_issuer: Option<String>,
 
@@ -228,6 +250,8 @@ impl std::fmt::Debug for Config {
             .field("database_url", &redact_url(&self.database_url))
             .field("amqp_url", &redact_url(&self.amqp_url))
             .field("http_addr", &self.http_addr)
+            .field("http_header_timeout", &self.http_header_timeout)
+            .field("http_max_connections", &self.http_max_connections)
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<redacted>"))
             .field("auth_issuer", &self.auth_issuer)
             .field("auth_jwks_url", &self.auth_jwks_url)
@@ -268,17 +292,40 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// An `http://` or `https://` URL without a fragment (AUTH_ISSUER, AUTH_JWKS_URL); kept as
-/// given, without a trailing `/`.
+/// AUTH_ISSUER, AUTH_JWKS_URL: an `https://` URL with a host and no fragment, kept exactly as
+/// given (an issuer is compared with a token's `iss` as it is, trailing `/` included: Auth0's
+/// and Entra's end in one). `http://` only for a loopback host, see [`check_key_url`].
 pub fn parse_http_url(s: &str) -> Result<String, String> {
-    let rest = s
-        .strip_prefix("https://")
-        .or_else(|| s.strip_prefix("http://"))
-        .ok_or_else(|| format!("{s:?} is not an http:// or https:// URL"))?;
-    if rest.is_empty() || rest.starts_with('/') || s.contains(['#', ' ']) {
-        return Err(format!("{s:?} is not an http:// or https:// URL with a host"));
+    check_key_url(s).map(|()| s.to_owned())
+}
+
+/// Whether `url` may be where signing keys come from: `https://` with a host and no fragment,
+/// or `http://` to a loopback host (`localhost`, 127.0.0.0/8, `[::1]`: a provider on the same
+/// machine). Keys fetched over plain HTTP from elsewhere could be replaced by anyone on the
+/// path, who could then sign tokens, an admin's among them. Err says what is wrong.
+pub fn check_key_url(url: &str) -> Result<(), String> {
+    let (rest, secure) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+        (Some(rest), _) => (rest, true),
+        (None, Some(rest)) => (rest, false),
+        _ => return Err(format!("{url:?} is not an https:// URL")),
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host_port.is_empty() || url.contains(['#', ' ']) {
+        return Err(format!("{url:?} is not an https:// URL with a host"));
     }
-    Ok(s.trim_end_matches('/').to_owned())
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.rsplit_once(':').map_or(host_port, |(h, _)| h),
+    };
+    let loopback =
+        host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !secure && !loopback {
+        return Err(format!(
+            "{url:?} is plain http:// to another host: keys fetched so could be replaced on the way (use https://; http:// is for a provider on this machine)"
+        ));
+    }
+    Ok(())
 }
 
 /// AUTH_ADMIN_CLAIM: `path=value`, the path dot-separated claim names.
@@ -339,6 +386,11 @@ pub fn parse_order_timeout(s: &str) -> Result<Duration, String> {
 /// SWEEP_INTERVAL: [`SWEEP_INTERVAL_RANGE`].
 pub fn parse_sweep_interval(s: &str) -> Result<Duration, String> {
     parse_duration_within(s.trim(), SWEEP_INTERVAL_RANGE.0, SWEEP_INTERVAL_RANGE.1)
+}
+
+/// HTTP_HEADER_TIMEOUT: [`HTTP_HEADER_TIMEOUT_RANGE`].
+pub fn parse_http_header_timeout(s: &str) -> Result<Duration, String> {
+    parse_duration_within(s.trim(), HTTP_HEADER_TIMEOUT_RANGE.0, HTTP_HEADER_TIMEOUT_RANGE.1)
 }
 
 /// TREND_SAMPLE_INTERVAL: [`TREND_SAMPLE_INTERVAL_RANGE`].
@@ -554,6 +606,25 @@ mod tests {
     }
 
     #[test]
+    fn the_http_limits_have_defaults_and_bounds() {
+        let defaults = parse(&[]).unwrap();
+        assert_eq!(defaults.http_header_timeout, Duration::from_secs(30));
+        assert_eq!(defaults.http_max_connections, 4_096);
+        let set = parse(&["--http-header-timeout", "5s", "--http-max-connections", "10"]).unwrap();
+        assert_eq!(
+            (set.http_header_timeout, set.http_max_connections),
+            (Duration::from_secs(5), 10)
+        );
+        for bad in [
+            ["--http-header-timeout", "500ms"],
+            ["--http-header-timeout", "11m"],
+            ["--http-max-connections", "0"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn rate_limits_and_broker_lists_are_flags_with_defaults() {
         let defaults = parse(&[]).unwrap();
         assert_eq!(defaults.rate_limit_writes, 100);
@@ -568,6 +639,32 @@ mod tests {
         let list = "amqp://g:g@h1:5672/%2f,amqp://g:g@h2:5672/%2f";
         assert_eq!(parse(&["--amqp-url", list]).unwrap().amqp_url, list);
         assert!(parse(&["--amqp-url", "amqp://g:g@h1/%2f,nonsense://x"]).is_err());
+    }
+
+    #[test]
+    fn signing_keys_come_over_https_or_from_this_machine() {
+        for ok in [
+            "https://login.example.com/realms/shop",
+            "https://tenant.auth0.com/",
+            "http://127.0.0.1:8080",
+            "http://localhost/jwks",
+            "http://[::1]:9000/",
+            "http://127.1.2.3",
+        ] {
+            assert_eq!(parse_http_url(ok).as_deref(), Ok(ok), "kept exactly as given");
+        }
+        for bad in [
+            "http://idp.example.com",
+            "http://10.0.0.1/jwks",
+            "http://localhost.evil.example/",
+            "http://127.0.0.1@evil.example/",
+            "ftp://idp.example.com",
+            "https://",
+            "https:///path",
+            "https://idp.example.com/#frag",
+        ] {
+            assert!(parse_http_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -598,7 +695,8 @@ mod tests {
         .unwrap();
         assert_eq!(
             with.auth_issuer.as_deref(),
-            Some("https://login.example.com/realms/shop")
+            Some(issuer),
+            "as given, its trailing / kept"
         );
         assert_eq!(with.hs256_secret(), None, "no development secret beside a provider");
         let both = parse(&[

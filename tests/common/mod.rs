@@ -59,6 +59,10 @@ pub struct Options {
     pub broker: Broker,
     /// An identity provider whose tokens the API accepts (AUTH_ISSUER and friends).
     pub auth: Option<AuthProvider>,
+    /// HTTP_HEADER_TIMEOUT.
+    pub http_header_timeout: Duration,
+    /// HTTP_MAX_CONNECTIONS.
+    pub http_max_connections: usize,
 }
 
 /// AUTH_ISSUER, AUTH_AUDIENCE and AUTH_ADMIN_CLAIM for a test.
@@ -101,6 +105,8 @@ impl Default for Options {
             rate_limit: (1_000_000, Duration::from_secs(10)),
             broker: Broker::default(),
             auth: None,
+            http_header_timeout: Duration::from_secs(30),
+            http_max_connections: 4_096,
         }
     }
 }
@@ -155,6 +161,8 @@ impl TestApp {
                 .collect::<Vec<_>>()
                 .join(","),
             http_addr: "127.0.0.1:0".parse().unwrap(),
+            http_header_timeout: opts.http_header_timeout,
+            http_max_connections: opts.http_max_connections,
             jwt_secret: Some(JWT_SECRET.to_owned()),
             auth_issuer: opts.auth.as_ref().map(|a| a.issuer.clone()),
             auth_jwks_url: None,
@@ -484,7 +492,7 @@ impl TestApp {
                         immediate: false,
                     },
                     body,
-                    orderflow_workers::relay::properties(row),
+                    orderflow_workers::relay::properties(row).unwrap(),
                 )
                 .await
                 .unwrap()

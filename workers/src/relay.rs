@@ -117,13 +117,15 @@ impl OutboxRow {
     }
 }
 
-/// The AMQP properties every orderflow message carries (DESIGN.md §3).
-pub fn properties(row: &OutboxRow) -> BasicProperties {
+/// The AMQP properties every orderflow message carries (DESIGN.md §3). Err when the row
+/// cannot be put on the wire: its type or a header name is over AMQP's 255-byte short-string
+/// limit (a row copied from a dead letter, whose type came from whoever published it, may be).
+pub fn properties(row: &OutboxRow) -> Result<BasicProperties, String> {
     let mut headers = FieldTable::default();
     if let Some(map) = row.headers.as_object() {
         for (k, v) in map {
             if let Some(s) = v.as_str() {
-                headers.insert(ShortString::from(k.as_str()), AMQPValue::LongString(s.into()));
+                headers.insert(short("a header name", k)?, AMQPValue::LongString(s.into()));
             }
         }
     }
@@ -135,7 +137,7 @@ pub fn properties(row: &OutboxRow) -> BasicProperties {
         )
         .with_delivery_mode(2)
         .with_message_id(row.message_id.to_string().into())
-        .with_type(row.message_type.as_str().into())
+        .with_type(short("the type", &row.message_type)?)
         .with_timestamp(row.created_at.timestamp().max(0) as u64)
         .with_app_id(envelope::APP_ID.into())
         .with_headers(headers);
@@ -145,7 +147,17 @@ pub fn properties(row: &OutboxRow) -> BasicProperties {
     if let Some(ms) = row.expiration_ms {
         props = props.with_expiration(ms.max(0).to_string().into());
     }
-    props
+    Ok(props)
+}
+
+/// `value` as an AMQP short string, or why it cannot be one (`what` names it).
+fn short(what: &str, value: &str) -> Result<ShortString, String> {
+    ShortString::try_new(value).map_err(|_| {
+        format!(
+            "{what} is {} bytes, over AMQP's limit of 255: the message cannot be published",
+            value.len()
+        )
+    })
 }
 
 /// Whether a publish of this type must be routed (see `MessageType::must_route`).
@@ -477,6 +489,9 @@ enum Published {
     },
     /// The channel failed (maybe over another row): unknown for this one.
     Unknown(lapin::Error),
+    /// The row cannot be put on the wire (not sent): parked at once, since trying again
+    /// cannot help.
+    Unsendable(String),
 }
 
 /// Publishes one batch (committed rows not yet sent, parked, in `marks` or `held`) and adds
@@ -595,11 +610,8 @@ async fn publish_rows(
         metrics::histogram!(orderflow_shared::metrics::OUTBOX_DELAY).record(delay.as_secs_f64());
     }
     let mut results = Vec::with_capacity(rows.len());
-    for confirm in pending {
-        results.push(match confirm {
-            Ok(confirm) => outcome(confirm.await),
-            Err(err) => Published::Unknown(err),
-        });
+    for publish in pending {
+        results.push(settle(publish).await);
     }
     // The broker closed the channel over some row: find which, one row at a time.
     if results.iter().any(|r| matches!(r, Published::Unknown(_))) {
@@ -611,10 +623,7 @@ async fn publish_rows(
                 if !publisher.channel.status().connected() {
                     publisher.reopen().await?;
                 }
-                *result = match publish(&publisher.channel, row).await {
-                    Ok(confirm) => outcome(confirm.await),
-                    Err(err) => Published::Unknown(err),
-                };
+                *result = settle(publish(&publisher.channel, row).await).await;
                 if let Published::Unknown(err) = result {
                     if !publisher.conn.status().connected() {
                         return Err(anyhow::anyhow!("lost the broker connection: {err}"));
@@ -643,24 +652,23 @@ async fn publish_rows(
     let mut sent = Vec::with_capacity(rows.len());
     let (mut refused, mut reasons, mut limits, mut delays) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (row, result) in rows.iter().zip(results) {
-        match result {
-            Published::Confirmed => sent.extend_from_slice(row.ids()),
-            Published::Refused { why, nack } => {
-                tracing::warn!(outbox_id = row.id, covers = ?row.covers, message_type = %row.message_type, exchange = %row.exchange,
-                    routing_key = %row.routing_key, reason = %why, "the broker refused a message; it will be retried on its own");
-                let (most, max_delay) = if nack {
-                    (MAX_NACKED_ATTEMPTS, MAX_NACKED_RETRY_DELAY_S)
-                } else {
-                    (MAX_ATTEMPTS, MAX_RETRY_DELAY_S)
-                };
-                for &id in row.ids() {
-                    refused.push(id);
-                    reasons.push(why.clone());
-                    limits.push(most);
-                    delays.push(max_delay);
-                }
+        let (why, most, max_delay) = match result {
+            Published::Confirmed => {
+                sent.extend_from_slice(row.ids());
+                continue;
             }
             Published::Unknown(err) => return Err(err.into()),
+            Published::Refused { why, nack: true } => (why, MAX_NACKED_ATTEMPTS, MAX_NACKED_RETRY_DELAY_S),
+            Published::Refused { why, nack: false } => (why, MAX_ATTEMPTS, MAX_RETRY_DELAY_S),
+            Published::Unsendable(why) => (why, 1, MAX_RETRY_DELAY_S),
+        };
+        tracing::warn!(outbox_id = row.id, covers = ?row.covers, message_type = %row.message_type, exchange = %row.exchange,
+            routing_key = %row.routing_key, reason = %why, "a message was refused; it will be retried on its own or parked");
+        for &id in row.ids() {
+            refused.push(id);
+            reasons.push(why.clone());
+            limits.push(most);
+            delays.push(max_delay);
         }
     }
     if !refused.is_empty() {
@@ -693,19 +701,34 @@ async fn publish_rows(
     Ok(sent)
 }
 
-async fn publish(channel: &Channel, row: &OutboxRow) -> lapin::Result<lapin::PublisherConfirm> {
-    channel
+/// Publishes `row`: Err(why) without asking the broker when it cannot be put on the wire.
+async fn publish(channel: &Channel, row: &OutboxRow) -> Result<lapin::Result<lapin::PublisherConfirm>, String> {
+    let (exchange, routing_key) = (
+        short("the exchange", &row.exchange)?,
+        short("the routing key", &row.routing_key)?,
+    );
+    let properties = properties(row)?;
+    Ok(channel
         .basic_publish(
-            row.exchange.as_str().into(),
-            row.routing_key.as_str().into(),
+            exchange,
+            routing_key,
             BasicPublishOptions {
                 mandatory: mandatory(&row.message_type),
                 immediate: false,
             },
             &row.body,
-            properties(row),
+            properties,
         )
-        .await
+        .await)
+}
+
+/// What became of a publish: its confirm awaited.
+async fn settle(publish: Result<lapin::Result<lapin::PublisherConfirm>, String>) -> Published {
+    match publish {
+        Ok(Ok(confirm)) => outcome(confirm.await),
+        Ok(Err(err)) => Published::Unknown(err),
+        Err(why) => Published::Unsendable(why),
+    }
 }
 
 impl Published {

@@ -4,12 +4,16 @@
 //!
 //! - Keys are chosen by `kid` (a token without one: the only key that fits its algorithm).
 //! - An unknown `kid` (the provider rotated its keys) refreshes the set, at most once every
-//!   [`MIN_REFRESH`] whatever the traffic: a flood of tokens with made-up `kid`s costs the
-//!   provider one request per interval, not one per token.
+//!   [`MIN_REFRESH`] after the last attempt ended, whatever the traffic: a flood of tokens with
+//!   made-up `kid`s costs the provider one request per interval, not one per token. Tokens
+//!   that arrive while a fetch is running wait for that fetch and take its outcome: no token
+//!   waits for more than one fetch, which takes at most [`FETCH_TIMEOUT`] (discovery
+//!   included), however the provider fails (refusing, hanging, answering slowly).
 //! - The set is kept for as long as the response's `Cache-Control: max-age` says, within
-//!   [`MIN_MAX_AGE`]..=[`MAX_MAX_AGE`] ([`DEFAULT_MAX_AGE`] without one); then the next token
-//!   refreshes it. A refresh that fails keeps the last good set: while the provider is down,
-//!   tokens signed with known keys keep working, and a new `kid` is refused with a reason.
+//!   [`MIN_MAX_AGE`]..=[`MAX_MAX_AGE`] ([`DEFAULT_MAX_AGE`] without one); then a token whose key
+//!   it holds is verified with it at once while the set is refreshed in the background. A
+//!   refresh that fails keeps the last good set: while the provider is down, tokens signed
+//!   with known keys keep working, and a new `kid` is refused with a reason.
 //! - Each key is usable only with the algorithms its type allows (RSA: RS*/PS*; EC P-256:
 //!   ES256, P-384: ES384; Ed25519: EdDSA) and, if it names one, its own `alg` (RFC 8725 §3.1).
 //!   Symmetric (`oct`) keys and keys meant for encryption are ignored.
@@ -39,8 +43,8 @@ pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(300);
 /// Bounds on what `Cache-Control` may ask for.
 pub const MIN_MAX_AGE: Duration = Duration::from_secs(30);
 pub const MAX_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
-/// How long one request to the provider may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one fetch of the key set may take, discovery included.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 /// The largest discovery document or key set read.
 const MAX_BODY: usize = 1 << 20;
 
@@ -70,13 +74,25 @@ pub enum KeyError {
 
 /// The provider's keys, fetched on demand and cached (cheap to share behind an `Arc`).
 pub struct Jwks {
+    inner: Arc<Inner>,
+}
+
+/// What a [`Jwks`] shares with its background refreshes.
+struct Inner {
     issuer: String,
     /// AUTH_JWKS_URL, or what discovery said.
     jwks_uri: RwLock<Option<String>>,
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>,
     set: RwLock<Arc<KeySet>>,
-    /// Held while fetching; the time of the last attempt.
-    refresh: tokio::sync::Mutex<Option<Instant>>,
+    /// Held while fetching; the last attempt.
+    refresh: tokio::sync::Mutex<Option<Attempt>>,
+}
+
+/// A finished fetch of the key set.
+struct Attempt {
+    ended: Instant,
+    /// Ok: the set was replaced; otherwise why not.
+    outcome: Result<(), String>,
 }
 
 impl Jwks {
@@ -109,7 +125,7 @@ impl Jwks {
                 .enable_http1()
                 .build(),
         };
-        Self {
+        let inner = Inner {
             issuer: issuer.to_owned(),
             jwks_uri: RwLock::new(jwks_uri.map(str::to_owned)),
             http: Client::builder(TokioExecutor::new()).build(connector),
@@ -119,19 +135,25 @@ impl Jwks {
                 max_age: DEFAULT_MAX_AGE,
             })),
             refresh: tokio::sync::Mutex::new(None),
-        }
+        };
+        Self { inner: Arc::new(inner) }
     }
 
-    /// The key for a token signed with `alg` under `kid`.
+    /// The key for a token signed with `alg` under `kid`. Waits for at most one fetch of the
+    /// key set (at most [`FETCH_TIMEOUT`]), and for none when the cached set holds the key.
     pub async fn key(&self, kid: Option<&str>, alg: Algorithm) -> Result<DecodingKey, KeyError> {
-        let current = self.current();
+        let current = self.inner.current();
         let stale = current.fetched.is_none_or(|at| at.elapsed() >= current.max_age);
-        if !stale && let Some(key) = find(&current, kid, alg) {
+        if let Some(key) = find(&current, kid, alg) {
+            if stale {
+                self.refresh_in_background();
+            }
             return Ok(key);
         }
-        // Unknown here, or kept too long: ask the provider (at most every MIN_REFRESH).
-        let asked = self.refresh().await;
-        let refreshed = self.current();
+        // Unknown here: ask the provider (at most every MIN_REFRESH), or take the answer of
+        // the fetch already running.
+        let asked = self.inner.refresh(Instant::now()).await;
+        let refreshed = self.inner.current();
         match (find(&refreshed, kid, alg), asked) {
             (Some(key), _) => Ok(key),
             (None, Err(why)) => Err(KeyError::Unreachable(why)),
@@ -139,6 +161,19 @@ impl Jwks {
         }
     }
 
+    /// Starts a refresh unless one is running (then its result will do).
+    fn refresh_in_background(&self) {
+        if self.inner.refresh.try_lock().is_err() {
+            return;
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let _ = inner.refresh(Instant::now()).await;
+        });
+    }
+}
+
+impl Inner {
     fn current(&self) -> Arc<KeySet> {
         self.set
             .read()
@@ -146,22 +181,24 @@ impl Jwks {
             .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
     }
 
-    /// Fetches the key set unless another caller did (or tried) within [`MIN_REFRESH`]. Ok when
-    /// the set is fresh from the provider (now or a moment ago); the reason otherwise.
-    async fn refresh(&self) -> Result<(), String> {
+    /// Fetches the key set for a caller that asked at `arrived`, unless an attempt ended since
+    /// (a fetch that was running when it asked) or less than [`MIN_REFRESH`] before: then that
+    /// attempt's outcome stands. Ok when the set is fresh from the provider; the reason
+    /// otherwise.
+    async fn refresh(&self, arrived: Instant) -> Result<(), String> {
         let mut last = self.refresh.lock().await;
-        if let Some(at) = *last
-            && at.elapsed() < MIN_REFRESH
+        if let Some(attempt) = &*last
+            && (attempt.ended >= arrived || attempt.ended.elapsed() < MIN_REFRESH)
         {
-            // Someone asked a moment ago: their answer (or its absence) stands.
-            let current = self.current();
-            return match current.fetched {
-                Some(fetched) if fetched >= at => Ok(()),
-                _ => Err("the identity provider was asked a moment ago and did not answer".to_owned()),
-            };
+            return attempt
+                .outcome
+                .clone()
+                .map_err(|why| format!("the identity provider was asked a moment ago: {why}"));
         }
-        *last = Some(Instant::now());
-        match self.fetch().await {
+        let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.fetch())
+            .await
+            .unwrap_or_else(|_| Err(format!("the identity provider did not answer within {FETCH_TIMEOUT:?}")));
+        let outcome = match fetched {
             Ok(set) => {
                 metrics::counter!("orderflow_auth_jwks_fetches_total", "outcome" => "ok").increment(1);
                 if let Ok(mut current) = self.set.write() {
@@ -174,7 +211,12 @@ impl Jwks {
                 tracing::warn!(issuer = %self.issuer, error = %why, "could not fetch the identity provider's keys; keeping the last ones");
                 Err(why)
             }
-        }
+        };
+        *last = Some(Attempt {
+            ended: Instant::now(),
+            outcome: outcome.clone(),
+        });
+        outcome
     }
 
     async fn fetch(&self) -> Result<KeySet, String> {
@@ -219,7 +261,9 @@ impl Jwks {
             issuer: String,
             jwks_uri: String,
         }
-        let url = format!("{}/.well-known/openid-configuration", self.issuer);
+        // "any terminating / MUST be removed before appending" (Discovery §4.1); the issuer
+        // itself is compared as given.
+        let url = format!("{}/.well-known/openid-configuration", self.issuer.trim_end_matches('/'));
         let (body, _) = self.get(&url).await?;
         let doc: Discovery =
             serde_json::from_slice(&body).map_err(|e| format!("{url} is not a discovery document: {e}"))?;
@@ -229,28 +273,25 @@ impl Jwks {
                 doc.issuer, self.issuer
             ));
         }
+        orderflow_shared::config::check_key_url(&doc.jwks_uri)
+            .map_err(|why| format!("{url} names a jwks_uri that {why}"))?;
         Ok(doc.jwks_uri)
     }
 
-    /// GETs `url`: the body (at most 1 MiB) and its `Cache-Control`.
+    /// GETs `url`: the body (at most 1 MiB) and its `Cache-Control` (the caller bounds the time).
     async fn get(&self, url: &str) -> Result<(Bytes, Option<String>), String> {
         let uri: hyper::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-        let request = async {
-            let response = self.http.get(uri).await.map_err(|e| format!("{url}: {e}"))?;
-            if !response.status().is_success() {
-                return Err(format!("{url} answered {}", response.status()));
-            }
-            let cache_control = header_values(response.headers(), hyper::header::CACHE_CONTROL);
-            let body = Limited::new(response.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| format!("{url}: {e}"))?
-                .to_bytes();
-            Ok((body, cache_control))
-        };
-        tokio::time::timeout(FETCH_TIMEOUT, request)
+        let response = self.http.get(uri).await.map_err(|e| format!("{url}: {e}"))?;
+        if !response.status().is_success() {
+            return Err(format!("{url} answered {}", response.status()));
+        }
+        let cache_control = header_values(response.headers(), hyper::header::CACHE_CONTROL);
+        let body = Limited::new(response.into_body(), MAX_BODY)
+            .collect()
             .await
-            .map_err(|_| format!("{url} did not answer within {FETCH_TIMEOUT:?}"))?
+            .map_err(|e| format!("{url}: {e}"))?
+            .to_bytes();
+        Ok((body, cache_control))
     }
 }
 
@@ -315,8 +356,155 @@ pub fn max_age(cache_control: Option<&str>) -> Duration {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+
+    /// A provider that takes connections and never answers; counts the connections.
+    async fn hanging_provider() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                held.push(socket);
+            }
+        });
+        (url, connections)
+    }
+
+    /// A provider answering `GET <path>` from `routes` (404 otherwise), one request per
+    /// connection; its base URL.
+    async fn provider(routes: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let routes = Arc::new(routes);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let routes = routes.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head);
+                    let path = head.split(' ').nth(1).unwrap_or_default();
+                    let (status, body) = match routes(path) {
+                        Some(body) => ("200 OK", body),
+                        None => ("404 Not Found", String::new()),
+                    };
+                    let response = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(response.as_bytes()).await;
+                });
+            }
+        });
+        base
+    }
+
+    #[tokio::test]
+    async fn an_issuer_ending_in_a_slash_is_discovered_and_compared_as_it_is() {
+        let jwk = serde_json::json!({"keys": [{"kty": "RSA", "kid": "k", "n": "sXch", "e": "AQAB"}]}).to_string();
+        // The issuer names the provider's own address, known once it listens.
+        let issuer = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+        let named = issuer.clone();
+        let url = provider(move |path| {
+            let issuer = named.get()?.clone();
+            match path {
+                "/.well-known/openid-configuration" => {
+                    Some(serde_json::json!({"issuer": issuer, "jwks_uri": format!("{}jwks", issuer)}).to_string())
+                }
+                "/jwks" => Some(jwk.clone()),
+                _ => None,
+            }
+        })
+        .await;
+        let with_slash = format!("{url}/");
+        issuer.set(with_slash.clone()).unwrap();
+        let jwks = Jwks::new(&with_slash, None);
+        assert!(jwks.key(Some("k"), Algorithm::RS256).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_discovered_key_set_over_plain_http_to_another_host_is_refused() {
+        let issuer = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+        let named = issuer.clone();
+        let url = provider(move |path| {
+            (path == "/.well-known/openid-configuration").then(|| {
+                serde_json::json!({"issuer": named.get().unwrap(), "jwks_uri": "http://idp.example/jwks"}).to_string()
+            })
+        })
+        .await;
+        issuer.set(url.clone()).unwrap();
+        let jwks = Jwks::new(&url, None);
+        match jwks.key(Some("k"), Algorithm::RS256).await {
+            Err(KeyError::Unreachable(why)) => assert!(why.contains("jwks_uri"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn tokens_never_wait_for_more_than_one_fetch_of_a_hanging_provider() {
+        let (url, connections) = hanging_provider().await;
+        let jwks = Jwks::new("http://idp", Some(&url));
+        let started = Instant::now();
+        let asked = futures_util::future::join_all((0..4).map(|_| jwks.key(Some("x"), Algorithm::RS256))).await;
+        for answer in asked {
+            assert!(matches!(answer, Err(KeyError::Unreachable(_))), "{answer:?}");
+        }
+        // One fetch, its timeout, and every token answered with it (one after another, they
+        // took 5, 10, 15 and 20 s, a connection each).
+        assert!(
+            started.elapsed() < FETCH_TIMEOUT + Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Right after it, a new kid is refused at once, without asking again.
+        let again = Instant::now();
+        assert!(matches!(
+            jwks.key(Some("y"), Algorithm::RS256).await,
+            Err(KeyError::Unreachable(_))
+        ));
+        assert!(again.elapsed() < Duration::from_secs(1));
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_known_key_of_a_stale_set_is_used_at_once_while_the_set_is_refreshed() {
+        let (url, connections) = hanging_provider().await;
+        let jwks = Jwks::new("http://idp", Some(&url));
+        let jwk: jsonwebtoken::jwk::Jwk =
+            serde_json::from_value(serde_json::json!({"kty": "RSA", "kid": "k", "n": "sXch", "e": "AQAB"})).unwrap();
+        let key = Key {
+            kid: Some("k".into()),
+            key: DecodingKey::from_jwk(&jwk).unwrap(),
+            algorithms: vec![Algorithm::RS256],
+        };
+        *jwks.inner.set.write().unwrap() = Arc::new(KeySet {
+            keys: vec![Arc::new(key)],
+            fetched: Some(Instant::now()),
+            max_age: Duration::ZERO, // stale at once
+        });
+        let started = Instant::now();
+        for _ in 0..20 {
+            assert!(jwks.key(Some("k"), Algorithm::RS256).await.is_ok());
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        // The refresh went on in the background: one fetch for the twenty tokens.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn cache_control_is_honoured_within_bounds() {

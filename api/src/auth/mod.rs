@@ -155,22 +155,20 @@ impl Authenticator {
         let data = jsonwebtoken::decode::<Value>(token, &key, &validation).map_err(refusal)?;
         let claims = data.claims;
         let now = chrono::Utc::now().timestamp();
-        if claims["iat"]
-            .as_i64()
-            .is_some_and(|iat| iat > now + LEEWAY.as_secs() as i64)
-        {
+        if numeric_date(&claims["iat"]).is_some_and(|iat| iat > now + LEEWAY.as_secs() as i64) {
             return Err(Error::unauthorized(
                 "INVALID_TOKEN",
                 "the token was issued in the future (iat)",
             ));
         }
+        // Stored as text: PostgreSQL refuses a NUL, and no subject needs a control character.
         let subject = claims["sub"]
             .as_str()
-            .filter(|s| !s.is_empty() && s.len() <= 255)
+            .filter(|s| !s.is_empty() && s.len() <= 255 && !s.chars().any(char::is_control))
             .ok_or_else(|| {
                 Error::unauthorized(
                     "INVALID_TOKEN",
-                    "the token's sub is not a string of 1 to 255 characters",
+                    "the token's sub is not a string of 1 to 255 bytes without control characters",
                 )
             })?;
         let identity = Identity {
@@ -184,9 +182,15 @@ impl Authenticator {
                 admin: provider.is_admin(&claims),
                 identity: Some(Arc::new(identity)),
             },
-            expires_at: claims["exp"].as_i64().unwrap_or(now),
+            expires_at: numeric_date(&claims["exp"]).unwrap_or(now),
         })
     }
+}
+
+/// A NumericDate claim in whole seconds: RFC 7519 §2 allows a fraction (cut off here) and
+/// jsonwebtoken accepts any number, so one past `i64` is taken as `i64::MAX`.
+fn numeric_date(claim: &Value) -> Option<i64> {
+    claim.as_i64().or_else(|| claim.as_f64().map(|secs| secs as i64))
 }
 
 impl Provider {

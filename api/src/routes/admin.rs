@@ -67,6 +67,21 @@ pub struct OrderFilter {
     pub stuck: bool,
 }
 
+/// The condition of `GET /api/admin/orders` over `$1` (a status or NULL) and `$2` (an age in
+/// milliseconds or NULL). Stuck orders (the dashboard asks every 2 s) are read through the
+/// in-flight index, whose predicate a statement must name as it is (`in_flight`, migration 104)
+/// for any plan, generic ones included, to use it: ended orders are then not read at all. (A
+/// B-tree on `updated_at` would give the listing's order, but every status change would stop
+/// being a heap-only update.)
+pub fn order_filter(stuck: bool) -> String {
+    format!(
+        "($1::text IS NULL OR status = $1)
+          AND ($2::float8 IS NULL OR updated_at < now() - $2 * interval '1 millisecond')
+          AND {}",
+        if stuck { "in_flight" } else { "true" }
+    )
+}
+
 /// Orders by state and age, oldest change first: where to look for stuck ones.
 #[utoipa::path(get, path = "/api/admin/orders", operation_id = "listAdminOrders", tag = "admin",
     security(("bearer" = []), ("admin_cookie" = [])), params(OrderFilter, PageParams), responses(
@@ -98,25 +113,21 @@ pub async fn list_orders(
         Some(d) => Some(query_duration(d)?.as_millis() as f64),
         None => None,
     };
-    const WHERE: &str = "($1::text IS NULL OR status = $1)
-          AND ($2::float8 IS NULL OR updated_at < now() - $2 * interval '1 millisecond')
-          AND (NOT $3 OR status NOT IN ('CONFIRMED', 'CANCELLED'))";
+    let where_ = order_filter(filter.stuck);
     let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT * FROM orders WHERE {WHERE} ORDER BY updated_at, id LIMIT $4 OFFSET $5"
+        "SELECT * FROM orders WHERE {where_} ORDER BY updated_at, id LIMIT $3 OFFSET $4"
     )))
     .bind(status)
     .bind(older_ms)
-    .bind(filter.stuck)
     .bind(limit)
     .bind(offset)
     .fetch_all(&state.pool)
     .await?;
     let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM orders WHERE {WHERE}"
+        "SELECT count(*) FROM orders WHERE {where_}"
     )))
     .bind(status)
     .bind(older_ms)
-    .bind(filter.stuck)
     .fetch_one(&state.pool)
     .await?;
     let users: Vec<i64> = rows.iter().map(|o| o.user_id).collect();
@@ -442,8 +453,10 @@ pub async fn discard_dead_letter(
 
 /// An outbox row the relay parked after the broker refused it [`relay::MAX_ATTEMPTS`] times
 /// (no such exchange, unroutable, channel closed over it) or nacked it
-/// [`relay::MAX_NACKED_ATTEMPTS`] times (retried every 5 s at most: about ten minutes of "not now"). The rows behind it
-/// kept flowing; it waits here for an operator.
+/// [`relay::MAX_NACKED_ATTEMPTS`] times (retried every 5 s at most: about ten minutes of "not now"),
+/// or at once when it cannot be put on the wire at all (a type, header name, exchange or
+/// routing key over AMQP's 255-byte limit, as a replayed dead letter may carry). The rows
+/// behind it kept flowing; it waits here for an operator.
 ///
 /// [`relay::MAX_ATTEMPTS`]: ../../orderflow_workers/relay/constant.MAX_ATTEMPTS.html
 /// [`relay::MAX_NACKED_ATTEMPTS`]: ../../orderflow_workers/relay/constant.MAX_NACKED_ATTEMPTS.html
@@ -481,7 +494,7 @@ impl ParkedMessage {
 const PARKED: &str = "parked_at IS NOT NULL AND sent_at IS NULL AND discarded_at IS NULL";
 
 /// Outbox rows parked by the relay, oldest first.
-#[utoipa::path(get, path = "/api/admin/outbox/parked", tag = "admin", security(("bearer" = [])), params(PageParams), responses(
+#[utoipa::path(get, path = "/api/admin/outbox/parked", tag = "admin", security(("bearer" = []), ("admin_cookie" = [])), params(PageParams), responses(
     (status = 200, body = Page<ParkedMessage>),
     (status = 400, body = Problem, content_type = PROBLEM),
     (status = 401, body = Problem, content_type = PROBLEM),
@@ -513,7 +526,7 @@ pub async fn list_parked(
 }
 
 /// Publish a parked row again: it goes back to the relay with its attempts reset.
-#[utoipa::path(post, path = "/api/admin/outbox/{id}/retry", tag = "admin", security(("bearer" = [])),
+#[utoipa::path(post, path = "/api/admin/outbox/{id}/retry", tag = "admin", security(("bearer" = []), ("admin_cookie" = [])),
     params(("id" = i64, Path)), responses(
     (status = 202, body = ParkedMessage),
     (status = 401, body = Problem, content_type = PROBLEM),
@@ -539,7 +552,7 @@ pub async fn retry_parked(
 
 /// Give up on a parked row: it is kept, marked discarded, and never published. (The orders
 /// it would have moved are cancelled at their deadline.)
-#[utoipa::path(delete, path = "/api/admin/outbox/{id}", tag = "admin", security(("bearer" = [])),
+#[utoipa::path(delete, path = "/api/admin/outbox/{id}", tag = "admin", security(("bearer" = []), ("admin_cookie" = [])),
     params(("id" = i64, Path)), responses(
     (status = 204, description = "discarded"),
     (status = 401, body = Problem, content_type = PROBLEM),

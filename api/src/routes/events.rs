@@ -1,11 +1,14 @@
 //! `GET /api/orders/{id}/events`: server-sent events of one order's status changes until it is
 //! CONFIRMED or CANCELLED, for clients that would rather not poll.
 //!
-//! On connect the stream replays the history so far, then polls it every 200 ms and sends each
-//! new change; it ends after the terminal status, or after ten minutes at most (a client may
-//! reconnect: each event's id is its history row id, and `Last-Event-ID` resumes after it).
-//! Polling one indexed query per open stream is cheap next to the pipeline's own writes; a
-//! LISTEN-based feed can replace it without changing the wire format.
+//! On connect the stream replays the history so far, then waits for the order to change status
+//! and sends each new change; it ends after the terminal status, or after ten minutes at most (a
+//! client may reconnect: each event's id is its history row id, and `Last-Event-ID` resumes
+//! after it). Streams do not poll the database each: they wait on the API's
+//! [`Watcher`](crate::wait::Watcher), which checks every watched order in one query per tick,
+//! and read the history only when their order moved (and every [`RECHECK_EVERY`] in case it
+//! moved and came back between two ticks). Opening a stream is admitted like any request (its
+//! turn is given back once the stream starts); HTTP_MAX_CONNECTIONS bounds how many are open.
 
 use std::{
     collections::VecDeque,
@@ -36,6 +39,7 @@ use crate::{
     AppState,
     extract::{Path, User},
     problem::{ApiResult, Problem},
+    wait::{Until, Watcher},
 };
 
 pub fn router() -> Router<AppState> {
@@ -43,7 +47,8 @@ pub fn router() -> Router<AppState> {
 }
 
 const PROBLEM: &str = "application/problem+json";
-const POLL_EVERY: Duration = Duration::from_millis(200);
+/// How long a stream waits on the watcher before reading the history anyway.
+const RECHECK_EVERY: Duration = Duration::from_secs(5);
 const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
 /// A stream ends after this even if the order is still in flight (the client may reconnect).
 const MAX_LIFETIME: Duration = Duration::from_secs(600);
@@ -122,8 +127,10 @@ pub async fn order_events(
     }
     let feed = Feed {
         pool: state.pool.clone(),
+        watcher: state.watcher.clone(),
         order_id: id,
         after,
+        status: OrderStatus::parse(&status),
         pending: VecDeque::new(),
         polled: false,
         finished: false,
@@ -143,9 +150,12 @@ pub async fn order_events(
 /// The state of one stream: what has been sent, what is waiting to be sent.
 struct Feed {
     pool: PgPool,
+    watcher: Watcher,
     order_id: Uuid,
     /// The last history row sent.
     after: i64,
+    /// The order's status as last read: the stream waits for it to change.
+    status: Option<OrderStatus>,
     pending: VecDeque<Event>,
     polled: bool,
     finished: bool,
@@ -165,8 +175,10 @@ impl Feed {
                     return None;
                 }
                 if feed.polled {
+                    let wait = feed.until.saturating_duration_since(Instant::now()).min(RECHECK_EVERY);
+                    let until = feed.status.map_or(Until::Terminal, Until::Leaves);
                     tokio::select! {
-                        _ = tokio::time::sleep(POLL_EVERY) => {}
+                        _ = feed.watcher.wait(feed.order_id, until, wait) => {}
                         _ = feed.shutdown.cancelled() => return None,
                     }
                 }
@@ -196,6 +208,7 @@ impl Feed {
         };
         for row in rows {
             self.after = row.id;
+            self.status = OrderStatus::parse(&row.status).or(self.status);
             match Event::default().event("status").id(row.id.to_string()).json_data(&row) {
                 Ok(event) => self.pending.push_back(event),
                 Err(err) => tracing::warn!(order_id = %self.order_id, error = %err, "order events: encoding failed"),

@@ -25,8 +25,9 @@ use crate::{
     admission::{self, Admission},
 };
 
-/// Every route. Health checks, the long-lived event streams and the dashboard's login bypass
-/// admission control; everything else waits its turn under load (see `admission`).
+/// Every route. Health checks and the dashboard's login bypass admission control; everything
+/// else waits its turn under load (see `admission`; an event stream gives its turn back once it
+/// starts).
 pub fn router(admission: Admission) -> Router<AppState> {
     let admitted = Router::new()
         .merge(balance::router())
@@ -38,10 +39,10 @@ pub fn router(admission: Admission) -> Router<AppState> {
         .merge(incidents::router())
         .merge(ops::router())
         .merge(trends::router())
+        .merge(events::router())
         .route_layer(middleware::from_fn_with_state(admission, admission::admit));
     Router::new()
         .merge(health::router())
-        .merge(events::router())
         .merge(ops::sign_in().route_layer(middleware::from_fn(admission::body_deadline)))
         .merge(admitted)
 }

@@ -158,7 +158,7 @@ pub async fn place(
     };
     state
         .watcher
-        .wait_turn(turn.as_deref(), order_id, Until::Terminal, wait)
+        .wait_turn(turn.as_deref(), order_id, Until::Terminal, wait, &state.shutdown)
         .await?;
     let order = view(&state, user, order_id).await?;
     if !order.order.status.is_terminal() {
@@ -245,7 +245,13 @@ pub async fn show(
     } else {
         state
             .watcher
-            .wait_turn(turn.as_deref(), id, Until::Leaves(order.order.status), wait)
+            .wait_turn(
+                turn.as_deref(),
+                id,
+                Until::Leaves(order.order.status),
+                wait,
+                &state.shutdown,
+            )
             .await?;
         view(&state, user, id).await?
     };

@@ -4,7 +4,11 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use lapin::{Connection, ConnectionProperties, options::QueueDeclareOptions, types::FieldTable};
+use lapin::{
+    Connection, ConnectionProperties,
+    options::QueueDeclareOptions,
+    types::{FieldTable, ShortString},
+};
 use serde::Serialize;
 use tokio::sync::Mutex;
 
@@ -143,6 +147,12 @@ pub enum Destination<'a> {
 /// Whether the broker knows `destination` now (a passive declare on a connection of its own).
 /// Fails when the broker cannot be reached or does not answer within a few seconds.
 pub async fn exists(amqp_url: &str, destination: Destination<'_>) -> anyhow::Result<bool> {
+    // AMQP names are short strings: one over 255 bytes (a forged `x-death` may name one)
+    // cannot exist, and lapin would panic building the declare.
+    let (Destination::Queue(name) | Destination::Exchange(name)) = destination;
+    if ShortString::try_new(name).is_err() {
+        return Ok(false);
+    }
     let probe = async {
         let conn = connect(amqp_url, "destination-probe").await?;
         let channel = conn.create_channel().await?;

@@ -1,0 +1,79 @@
+//! Serving a router over HTTP/1.1 with the limits a listener facing unknown clients needs,
+//! which `axum::serve` does not set (it gives hyper no timer, so hyper enforces no timeout).
+//!
+//! - **Header timeout**: a request's head (request line and headers) must arrive within
+//!   [`Limits::header_timeout`] of the connection being ready for it, and a kept-alive
+//!   connection idle that long is closed (hyper's `header_read_timeout`, which covers both).
+//!   Without it a client sending a byte a minute holds its connection, task and read buffer
+//!   (up to ~400 KB) for as long as it likes. A slow *body* is the admission layer's
+//!   ([`crate::admission::BODY_DEADLINE`]).
+//! - **Connection cap**: at most [`Limits::max_connections`] connections are served at once;
+//!   the next is accepted when one closes (until then it waits in the kernel's backlog), so
+//!   clients cannot take the file descriptors the process needs for PostgreSQL and RabbitMQ.
+//! - **Graceful shutdown**: once `shutdown` is cancelled no connection is accepted, idle ones
+//!   are closed, and requests in flight finish (long polls and event streams end on the same
+//!   token).
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{Router, serve::Listener};
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
+use orderflow_shared::config::Config;
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// What one listener allows its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// HTTP_HEADER_TIMEOUT: the longest a request's head may take, and a connection may idle.
+    pub header_timeout: Duration,
+    /// HTTP_MAX_CONNECTIONS: connections served at once (at least 1).
+    pub max_connections: usize,
+}
+
+impl Limits {
+    /// The limits `config` sets (HTTP_HEADER_TIMEOUT, HTTP_MAX_CONNECTIONS).
+    pub fn of(config: &Config) -> Self {
+        Self {
+            header_timeout: config.http_header_timeout,
+            max_connections: config.http_max_connections,
+        }
+    }
+}
+
+/// Serves `app` on `listener` within `limits` until `shutdown` is cancelled, then waits for
+/// the connections' requests in flight to finish. Accept errors (a full file table, say) are
+/// retried after a pause by axum's `Listener` for `TcpListener`, so this never fails.
+pub async fn serve(mut listener: TcpListener, app: Router, limits: Limits, shutdown: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    loop {
+        // The slot first: at the cap the listener is not read, so the kernel holds the rest.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, _) = tokio::select! {
+            accepted = Listener::accept(&mut listener) => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client that goes away, sends garbage or is too slow: nothing to do but log it.
+            if let Err(err) = connection.await {
+                tracing::debug!(error = %err, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
