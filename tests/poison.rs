@@ -597,6 +597,50 @@ async fn a_replayed_dead_letter_that_cannot_be_put_on_the_wire_is_parked_and_ord
     app.stop().await;
 }
 
+/// A message far larger than any of orderflow's (here 4 MiB of JSON, a few hundred thousand
+/// numbers) is dead-lettered by the worker unread, and recorded with only the first 256 KiB of
+/// its body and its whole length, which makes it not replayable; orders go on. (Parsed, as it
+/// was, a body costs many times its size: RabbitMQ allows 128 MiB, which took gigabytes.)
+#[tokio::test]
+async fn a_huge_message_is_dead_lettered_unread_and_recorded_in_part() {
+    let app = TestApp::spawn().await;
+    let numbers = vec!["0"; 2 * 1024 * 1024].join(",");
+    let body = format!(
+        r#"{{"id":"{}","type":"stock.reserve","occurredAt":"2026-12-05T10:00:00.000Z","data":{{"pad":[{numbers}]}}}}"#,
+        uuid::Uuid::now_v7()
+    );
+    assert!(body.len() > 4_000_000);
+    let id = uuid::Uuid::now_v7().to_string();
+    publish(
+        &app,
+        "orderflow.work",
+        "stock.reserve",
+        body.as_bytes(),
+        FieldTable::default(),
+        &id,
+    )
+    .await;
+    let letters = wait_letters(&app, 1).await;
+    assert_eq!(letters[0]["sourceQueue"], "orderflow.stock", "{letters:?}");
+    let (kept, whole): (i32, Option<i64>) =
+        sqlx::query_as("SELECT length(body), (headers->>'$bodyTruncatedFrom')::int8 FROM dead_letters")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((kept, whole), (256 * 1024, Some(body.len() as i64)));
+    let (status, problem) = replay(&app, letters[0]["id"].as_i64().unwrap()).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("DEAD_LETTER_NOT_REPLAYABLE")),
+        "{problem}"
+    );
+    let product = app.product("After a huge message", 1_000, 5).await;
+    app.fund(8, 1_000).await;
+    let order = app.order(8, &[(product, 1)], None).await;
+    assert_eq!(app.wait_terminal(8, &order, WAIT).await["status"], "CONFIRMED");
+    app.stop().await;
+}
+
 /// `value`, `levels` levels down: through arrays (`[0]`) or tables (`["k"]`).
 fn descend<'a>(mut value: &'a Value, levels: usize, key: Option<&str>) -> &'a Value {
     for _ in 0..levels {

@@ -271,6 +271,64 @@ async fn an_operator_finds_a_stuck_order_and_cancels_it() {
     app.stop().await;
 }
 
+/// A deadline message that comes before the order's deadline (forged, or replayed by hand:
+/// the broker expires real ones no sooner) cancels nothing; the order goes on.
+#[tokio::test]
+async fn a_deadline_message_before_the_deadline_cancels_nothing() {
+    // No stock worker: the order stays PENDING, its deadline a minute away.
+    let app = TestApp::spawn_with(Options {
+        workers: vec![Relay, Recovery],
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Early deadline", 1_000, 5).await;
+    let order = app.order(5, &[(product, 1)], None).await;
+    let message_id = uuid::Uuid::now_v7();
+    let body = json!({
+        "id": message_id, "type": "order.deadline", "occurredAt": "2026-12-05T10:00:00.000Z",
+        "data": {"orderIds": [order]},
+    });
+    let (conn, channel) = app.amqp().await;
+    channel.confirm_select(Default::default()).await.unwrap();
+    let confirm = channel
+        .basic_publish(
+            orderflow_shared::messaging::topology::EXPIRED_EXCHANGE.into(),
+            "".into(),
+            Default::default(),
+            body.to_string().as_bytes(),
+            lapin::BasicProperties::default()
+                .with_message_id(message_id.to_string().into())
+                .with_type("order.deadline".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    let _ = conn.close(200, "bye".into()).await;
+    // Handled (recorded in the recovery worker's inbox), and the order untouched.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let handled: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM inbox WHERE message_id = $1)")
+            .bind(message_id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        if handled {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the deadline message was never handled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = app.get(&format!("/api/orders/{order}"), &app.token(5)).await;
+    assert_eq!(
+        (status.as_u16(), body["status"].as_str()),
+        (200, Some("PENDING")),
+        "{body}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn the_sweep_cancels_an_order_whose_deadline_message_was_lost() {
     // No stock worker (the order stays PENDING) and the deadline message is purged: only the
@@ -397,6 +455,45 @@ async fn the_sweep_prunes_old_bookkeeping_and_keeps_what_may_still_be_needed() {
             .unwrap(),
     );
     assert_eq!(left, (vec!["day".to_owned()], 1, 1));
+    app.stop().await;
+}
+
+/// When the deadline messages fail (a blocked deadline queue, a broker that lost them), the
+/// sweep cancels every order past its deadline in one go, not 200 per interval (20 a second at
+/// the default 10 s, far behind a shop at a few hundred orders a second).
+#[tokio::test]
+async fn a_sweep_cancels_every_order_past_its_deadline_not_one_batch() {
+    let app = TestApp::api_only().await;
+    sqlx::query(
+        "INSERT INTO orders (id, user_id, status, total_amount, deadline_at)
+         SELECT gen_random_uuid(), 1 + g % 50, 'PENDING', 100, now() - interval '1 minute' FROM generate_series(1, 1001) g
+         UNION ALL SELECT gen_random_uuid(), 1, 'PENDING', 100, now() + interval '1 hour'",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let counts = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT count(*) FILTER (WHERE status = 'CANCELLED' AND reason = 'TIMEOUT'),
+                    count(*) FILTER (WHERE status = 'PENDING') FROM orders",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    let timeout = Duration::from_secs(60);
+    // Out of time at once: one batch.
+    let first = orderflow_workers::sweep::sweep(&app.pool, timeout, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(first.timed_out, 200);
+    assert_eq!(counts().await, (200, 802));
+    // With time: every order past its deadline, and none other.
+    let rest = orderflow_workers::sweep::sweep(&app.pool, timeout, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(rest.timed_out, 801);
+    assert_eq!(counts().await, (1_001, 1));
     app.stop().await;
 }
 

@@ -98,6 +98,10 @@ pub trait Step: Send + Sync + 'static {
     /// Whether deliveries that are already waiting may share one transaction.
     const BATCHED: bool = true;
 
+    /// The largest body [`decode`](Self::decode) is given; a larger delivery is dead-lettered
+    /// unread.
+    const MAX_BODY: usize = MAX_MESSAGE_BYTES;
+
     /// The queue has no delivery limit (nothing bounds its redeliveries): after
     /// [`PARK_AFTER_ATTEMPTS`] failed attempts a message is handed to [`park`](Self::park)
     /// instead of being returned to the queue again.
@@ -109,6 +113,11 @@ pub trait Step: Send + Sync + 'static {
         async { Err(anyhow::anyhow!("{} cannot park messages", Self::NAME).into()) }
     }
 }
+
+/// The largest message a worker decodes: a command names at most 500 orders (about 60 KB with
+/// their traceparents), so anything much larger is not orderflow's. Decoding parses JSON into a
+/// tree many times the body's size, so a huge message must not reach it.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Attempts at a message on a queue without a delivery limit before it is parked.
 pub const PARK_AFTER_ATTEMPTS: i64 = 3;
@@ -360,6 +369,16 @@ impl Incoming {
 
 /// Decodes a delivery, or dead-letters it when it is not for this step.
 async fn accept<S: Step>(step: &S, delivery: Delivery) -> Option<Item> {
+    if delivery.data.len() > S::MAX_BODY {
+        tracing::warn!(
+            worker = S::NAME,
+            bytes = delivery.data.len(),
+            "message too large to be orderflow's; dead-lettering unread"
+        );
+        settle(&delivery, Disposition::Rejected).await;
+        metrics::message(S::QUEUE, Disposition::Rejected.label());
+        return None;
+    }
     let msg = match step.decode(&delivery) {
         Ok(msg) if step.accepts(msg.kind) => msg,
         Ok(msg) => {
@@ -426,7 +445,7 @@ fn consumer_span(
         order_id = order.map(|o| o.to_string()).unwrap_or_default(),
         message_id = %msg.envelope.id,
         trace_id = parent.map(|t| t.trace_id_hex()).unwrap_or_default(),
-        attempt = delivery_count(delivery) + 1,
+        attempt = delivery_count(delivery).saturating_add(1),
         "otel.kind" = "consumer",
         "error.type" = tracing::field::Empty,
     );
@@ -602,7 +621,7 @@ async fn isolate<S: Step>(step: &S, db: &Db, item: Item) {
         .await;
     let disposition = match result {
         Ok(d) => d,
-        Err(err) if S::UNBOUNDED_QUEUE && delivery_count(&item.delivery) + 1 >= PARK_AFTER_ATTEMPTS => {
+        Err(err) if S::UNBOUNDED_QUEUE && delivery_count(&item.delivery).saturating_add(1) >= PARK_AFTER_ATTEMPTS => {
             park(step, pool, &item, &err).await
         }
         Err(err) => {

@@ -48,6 +48,11 @@ pub struct Letter {
     pub status: String,
 }
 
+/// The key the recovery worker adds to a dead letter's recorded headers when it kept only the
+/// first part of a body too large to be orderflow's: the body's whole length in bytes. Such a
+/// letter cannot be replayed (what was cut is gone).
+pub const TRUNCATED_FROM: &str = "$bodyTruncatedFrom";
+
 pub fn not_found(id: i64) -> Error {
     Error::not_found("DEAD_LETTER_NOT_FOUND", format!("dead letter {id} does not exist"))
 }
@@ -107,6 +112,11 @@ impl<'a> Destinations<'a> {
     /// the key. `DEAD_LETTER_NOT_REPLAYABLE` (409) says why not.
     pub async fn of(&mut self, letter: &Letter) -> Result<(String, String)> {
         let not_replayable = |why: String| Error::conflict("DEAD_LETTER_NOT_REPLAYABLE", why);
+        if let Some(whole) = letter.headers.0.get(TRUNCATED_FROM) {
+            return Err(not_replayable(format!(
+                "only the first part of its {whole}-byte body was kept; discard it instead"
+            )));
+        }
         // Bytes that are not even JSON can only be refused again: discard those instead.
         if serde_json::from_slice::<serde::de::IgnoredAny>(&letter.body).is_err() {
             return Err(not_replayable(

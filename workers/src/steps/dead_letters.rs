@@ -33,9 +33,13 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::runtime::{Incoming, Outcome, Step, header_str};
+use crate::runtime::{Incoming, MAX_MESSAGE_BYTES, Outcome, Step, header_str};
 
 pub struct DeadLetters;
+
+/// The header a record gets when only the first [`MAX_MESSAGE_BYTES`] of its body were kept:
+/// the body's whole length in bytes (such a letter is not replayable).
+pub use orderflow_shared::db::dead_letters::TRUNCATED_FROM;
 
 /// What the recovery worker knows about one dead letter (the `data` of its Incoming).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -62,6 +66,8 @@ impl Step for DeadLetters {
     const BATCHED: bool = false;
     /// Nothing bounds this queue's redeliveries: a letter that keeps failing is parked.
     const UNBOUNDED_QUEUE: bool = true;
+    /// Any size is a dead letter: [`read`] keeps the first [`MAX_MESSAGE_BYTES`] of its body.
+    const MAX_BODY: usize = usize::MAX;
 
     fn accepts(&self, kind: MessageType) -> bool {
         kind == MessageType::DeadLetter
@@ -186,9 +192,23 @@ async fn record(tx: &mut PgConnection, msg: &Incoming) -> Result<()> {
 /// Reads what the broker tells about a dead letter (`x-death`, RabbitMQ's own headers).
 fn read(delivery: &Delivery) -> DeadLetter {
     let props = &delivery.properties;
-    let headers = props.headers().as_ref().map(table_to_json).unwrap_or(Value::Null);
+    let mut headers = props.headers().as_ref().map(table_to_json).unwrap_or(Value::Null);
     let death = headers["x-death"].get(0).cloned().unwrap_or(Value::Null);
-    let envelope: Option<Envelope> = serde_json::from_slice(&delivery.data).ok();
+    // A body larger than any message of orderflow's is kept in part and never parsed: whole,
+    // as JSON and as the record's JSON, it would take many times its size in memory.
+    let whole = delivery.data.len();
+    let body = &delivery.data[..whole.min(MAX_MESSAGE_BYTES)];
+    if whole > MAX_MESSAGE_BYTES {
+        if !headers.is_object() {
+            headers = json!({});
+        }
+        headers[TRUNCATED_FROM] = whole.into();
+    }
+    let envelope: Option<Envelope> = if whole > MAX_MESSAGE_BYTES {
+        None
+    } else {
+        serde_json::from_slice(body).ok()
+    };
     let order_ids = envelope
         .as_ref()
         .and_then(|e| e.command_orders().ok())
@@ -219,7 +239,7 @@ fn read(delivery: &Delivery) -> DeadLetter {
         reason: text(&death["reason"]).or_else(|| text(&headers["x-first-death-reason"])),
         death_count: death["count"].as_i64().unwrap_or(1),
         headers,
-        body: delivery.data.clone(),
+        body: body.to_vec(),
         dead_at: death["time"]["$timestamp"]
             .as_i64()
             .and_then(|t| DateTime::from_timestamp(t, 0)),

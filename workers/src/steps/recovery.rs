@@ -1,6 +1,7 @@
 //! Recovery: the orders of an expired deadline message (the relay gathers a second's) that are still
-//! in flight are cancelled with reason TIMEOUT, and their compensations run.
+//! in flight and past their deadline are cancelled with reason TIMEOUT, and their compensations run.
 
+use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Result,
     db::orders::Transitions,
@@ -24,8 +25,12 @@ impl Step for Expiry {
 
     async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
         let mut locked = Locked::lock(tx, batch).await?;
+        // Only orders past their deadline by the database's clock, which set it: a deadline
+        // message expires no sooner, so one that comes early is forged or replayed by hand,
+        // and the sweep cancels any order it leaves once its time is up.
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&mut *tx).await?;
         let overdue = locked.take(MessageType::OrderDeadline, |o| {
-            OrderStatus::CANCELLABLE.contains(&o.status)
+            OrderStatus::CANCELLABLE.contains(&o.status) && o.deadline_at <= now
         });
         let mut moves = Transitions::new();
         for order in overdue {
