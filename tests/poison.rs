@@ -541,17 +541,19 @@ async fn replays_publish_the_original_bytes_to_where_the_letter_died_or_answer_4
 }
 
 /// A dead letter whose type (read from its body: it came without a `type` property) is longer
-/// than an AMQP short string holds is replayed like any other; the relay cannot publish it, so
-/// it parks the row at once, saying why, and goes on (it used to panic building the message,
-/// which stopped `orderflow all`, and every relay after it stopped on the same row). A dead
-/// letter naming a queue too long to exist is not replayable: 409, never a 500.
+/// than an AMQP short string holds is not replayable (409): no relay could publish it, and a
+/// previous release's relay running beside this one would panic on it. An outbox row like it
+/// all the same (written by a release without that check) is parked at once by the relay,
+/// saying why, and the relay goes on (it used to panic building the message, which stopped
+/// `orderflow all`, and every relay after it stopped on the same row). A dead letter naming a
+/// queue too long to exist is not replayable either: 409, never a 500.
 #[tokio::test]
-async fn a_replayed_dead_letter_that_cannot_be_put_on_the_wire_is_parked_and_orders_go_on() {
+async fn a_message_that_cannot_be_put_on_the_wire_is_never_replayed_nor_holds_up_the_relay() {
     let app = TestApp::spawn().await;
+    let long_type = "x".repeat(300);
     let body = format!(
-        r#"{{"id":"{}","type":"{}","occurredAt":"2026-12-05T10:00:00.000Z","data":{{}}}}"#,
+        r#"{{"id":"{}","type":"{long_type}","occurredAt":"2026-12-05T10:00:00.000Z","data":{{}}}}"#,
         uuid::Uuid::now_v7(),
-        "x".repeat(300)
     );
     let id = uuid::Uuid::now_v7().to_string();
     publish(
@@ -564,10 +566,28 @@ async fn a_replayed_dead_letter_that_cannot_be_put_on_the_wire_is_parked_and_ord
     )
     .await;
     let letters = wait_letters(&app, 1).await;
-    let (status, replayed) = replay(&app, letters[0]["id"].as_i64().unwrap()).await;
-    assert_eq!(status, 202, "{replayed}");
+    let (status, problem) = replay(&app, letters[0]["id"].as_i64().unwrap()).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("DEAD_LETTER_NOT_REPLAYABLE")),
+        "{problem}"
+    );
+    assert!(problem["detail"].as_str().unwrap().contains("255"), "{problem}");
+
+    let row: i64 = sqlx::query_scalar(
+        "INSERT INTO outbox (message_id, exchange, routing_key, message_type, body)
+         VALUES (gen_random_uuid(), '', 'orderflow.stock', $1, '{}') RETURNING id",
+    )
+    .bind(&long_type)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
     let rows = wait_parked(&app, 1).await;
-    assert_eq!(rows[0]["attempts"], 1, "parked at once: {rows:?}");
+    assert_eq!(
+        (rows[0]["id"].as_i64(), rows[0]["attempts"].as_i64()),
+        (Some(row), Some(1)),
+        "parked at once: {rows:?}"
+    );
     assert!(
         rows[0]["lastError"]
             .as_str()
@@ -576,7 +596,7 @@ async fn a_replayed_dead_letter_that_cannot_be_put_on_the_wire_is_parked_and_ord
         "{rows:?}"
     );
     // The relay lives on: orders confirm.
-    let product = app.product("After an unsendable replay", 1_000, 5).await;
+    let product = app.product("After an unsendable row", 1_000, 5).await;
     app.fund(8, 1_000).await;
     let order = app.order(8, &[(product, 1)], None).await;
     assert_eq!(app.wait_terminal(8, &order, WAIT).await["status"], "CONFIRMED");
@@ -597,16 +617,28 @@ async fn a_replayed_dead_letter_that_cannot_be_put_on_the_wire_is_parked_and_ord
     app.stop().await;
 }
 
-/// A message far larger than any of orderflow's (here 4 MiB of JSON, a few hundred thousand
-/// numbers) is dead-lettered by the worker unread, and recorded with only the first 256 KiB of
-/// its body and its whole length, which makes it not replayable; orders go on. (Parsed, as it
-/// was, a body costs many times its size: RabbitMQ allows 128 MiB, which took gigabytes.)
+/// A message far larger than any of orderflow's (here a valid `stock.reserve` for a real order,
+/// padded to 4 MiB with a few hundred thousand numbers) is dead-lettered by the worker unread:
+/// nothing is reserved, and the letter is recorded with only the first 256 KiB of its body and
+/// its whole length, which makes it not replayable; orders go on. (Parsed, as it was, a body
+/// costs many times its size: RabbitMQ allows 128 MiB, which took gigabytes.)
 #[tokio::test]
 async fn a_huge_message_is_dead_lettered_unread_and_recorded_in_part() {
     let app = TestApp::spawn().await;
+    let product = app.product("Huge", 1_000, 5).await;
+    // An order of its own, with no command of ours on the way: only the huge one names it.
+    let order = uuid::Uuid::now_v7();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO orders (id, user_id, status, total_amount, deadline_at)
+         VALUES ('{order}', 9, 'PENDING', 1000, now() + interval '1 hour');
+         INSERT INTO order_items (order_id, product_id, quantity, unit_price) VALUES ('{order}', {product}, 1, 1000);"
+    )))
+    .execute(&app.pool)
+    .await
+    .unwrap();
     let numbers = vec!["0"; 2 * 1024 * 1024].join(",");
     let body = format!(
-        r#"{{"id":"{}","type":"stock.reserve","occurredAt":"2026-12-05T10:00:00.000Z","data":{{"pad":[{numbers}]}}}}"#,
+        r#"{{"id":"{}","type":"stock.reserve","occurredAt":"2026-12-05T10:00:00.000Z","orderId":"{order}","data":{{"orderIds":["{order}"],"pad":[{numbers}]}}}}"#,
         uuid::Uuid::now_v7()
     );
     assert!(body.len() > 4_000_000);
@@ -628,13 +660,22 @@ async fn a_huge_message_is_dead_lettered_unread_and_recorded_in_part() {
             .await
             .unwrap();
     assert_eq!((kept, whole), (256 * 1024, Some(body.len() as i64)));
+    let status: String = sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+        .bind(order)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status.as_str(), app.stock(product).await),
+        ("PENDING", 5),
+        "the huge command was acted on"
+    );
     let (status, problem) = replay(&app, letters[0]["id"].as_i64().unwrap()).await;
     assert_eq!(
         (status, problem["code"].as_str()),
         (409, Some("DEAD_LETTER_NOT_REPLAYABLE")),
         "{problem}"
     );
-    let product = app.product("After a huge message", 1_000, 5).await;
     app.fund(8, 1_000).await;
     let order = app.order(8, &[(product, 1)], None).await;
     assert_eq!(app.wait_terminal(8, &order, WAIT).await["status"], "CONFIRMED");

@@ -397,7 +397,7 @@ pub fn document_for(issuer: Option<&str>) -> Value {
     if let Some(issuer) = issuer {
         doc["components"]["securitySchemes"]["oidc"] = json!({
             "type": "openIdConnect",
-            "openIdConnectUrl": format!("{issuer}/.well-known/openid-configuration"),
+            "openIdConnectUrl": crate::auth::jwks::discovery_url(issuer),
             "description": "a token from the shop's identity provider (RS256/ES256/EdDSA, its aud naming this API)",
         });
         for item in doc["paths"].as_object_mut().into_iter().flat_map(|p| p.values_mut()) {

@@ -12,7 +12,7 @@
 //!   clients cannot take the file descriptors the process needs for PostgreSQL and RabbitMQ.
 //! - **Graceful shutdown**: once `shutdown` is cancelled no connection is accepted, idle ones
 //!   are closed, and requests in flight finish (long polls and event streams end on the same
-//!   token).
+//!   token), for up to [`SHUTDOWN_GRACE`].
 
 use std::{sync::Arc, time::Duration};
 
@@ -75,5 +75,13 @@ pub async fn serve(mut listener: TcpListener, app: Router, limits: Limits, shutd
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // hyper closes idle connections at once; one in the middle of a request head would stay
+    // until its header timeout (up to ten minutes): the process's own drain must not wait so long.
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+        tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them");
+    }
 }
+
+/// How long a shutting-down listener waits for its connections' requests to finish (the
+/// process gives all its parts 30 s).
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);

@@ -5,7 +5,8 @@
 //! sleep. One task per API process checks every watched order in one query per tick
 //! ([`TICK`]), only while someone is waiting, and wakes the requests whose order moved. So a
 //! thousand waiting requests cost one small query per tick and their idle connections, not a
-//! thousand queries.
+//! thousand queries. Event streams (`routes::events`) watch through it too, at a slower tick
+//! ([`STREAM_TICK`]) while no request waits.
 
 use std::{
     collections::HashMap,
@@ -24,8 +25,12 @@ use crate::{admission::Turn, header_grammar};
 
 /// The longest wait a request may ask for; a larger `wait` is served as this.
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
-/// How often the watched orders are checked while someone waits.
+/// How often the watched orders are checked while a request waits ([`Watcher::wait`]).
 pub const TICK: Duration = Duration::from_millis(10);
+/// How often they are checked while only event streams watch ([`Watcher::watch`]): a stream
+/// may hear of a change a little later, and thousands of open streams cost five small queries a
+/// second in all.
+pub const STREAM_TICK: Duration = Duration::from_millis(200);
 
 /// The `wait` preference of a request (RFC 7240 §4.3): `Prefer: wait=N`, N in whole seconds
 /// (`delta-seconds`, digits only; quoted or not, RFC 9110 §5.6.6), capped at [`MAX_WAIT`]; a
@@ -72,6 +77,8 @@ impl Until {
 struct Waiter {
     until: Until,
     wake: oneshot::Sender<()>,
+    /// How often it needs its order checked.
+    tick: Duration,
 }
 
 /// Registers waiting requests and wakes them when their order moves (cheap to clone).
@@ -117,17 +124,31 @@ impl Watcher {
         Ok(met)
     }
 
-    /// Waits until `order` meets `until`, or `timeout`. Returns whether it did (the caller
-    /// reads the order again either way).
+    /// Waits until `order` meets `until`, or `timeout`, checked every [`TICK`]. Returns
+    /// whether it did (the caller reads the order again either way).
     pub async fn wait(&self, order: Uuid, until: Until, timeout: Duration) -> bool {
+        self.wait_ticking(order, until, timeout, TICK).await
+    }
+
+    /// [`wait`](Self::wait) for an event stream: checked every [`STREAM_TICK`].
+    pub async fn watch(&self, order: Uuid, until: Until, timeout: Duration) -> bool {
+        self.wait_ticking(order, until, timeout, STREAM_TICK).await
+    }
+
+    async fn wait_ticking(&self, order: Uuid, until: Until, timeout: Duration, tick: Duration) -> bool {
         let (wake, woken) = oneshot::channel();
         {
             let Ok(mut waiting) = self.waiting.lock() else {
                 return false;
             };
-            waiting.entry(order).or_default().push(Waiter { until, wake });
+            let idle = waiting.is_empty();
+            waiting.entry(order).or_default().push(Waiter { until, wake, tick });
+            // Wake the checking task when it sleeps for want of waiters, or checks less often
+            // than this waiter needs.
+            if idle || tick == TICK {
+                self.someone.notify_one();
+            }
         }
-        self.someone.notify_one();
         let met = matches!(tokio::time::timeout(timeout, woken).await, Ok(Ok(())));
         if !met && let Ok(mut waiting) = self.waiting.lock() {
             // Timed out: forget the waiter (and the order, if it was the last).
@@ -148,8 +169,11 @@ async fn watch(waiting: std::sync::Weak<Mutex<HashMap<Uuid, Vec<Waiter>>>>, some
         let Some(map) = waiting.upgrade() else {
             return;
         };
-        let ids: Vec<Uuid> = match map.lock() {
-            Ok(waiting) => waiting.keys().copied().collect(),
+        let (ids, tick): (Vec<Uuid>, Duration) = match map.lock() {
+            Ok(waiting) => (
+                waiting.keys().copied().collect(),
+                waiting.values().flatten().map(|w| w.tick).min().unwrap_or(TICK),
+            ),
             Err(_) => return,
         };
         drop(map);
@@ -157,6 +181,10 @@ async fn watch(waiting: std::sync::Weak<Mutex<HashMap<Uuid, Vec<Waiter>>>>, some
             // Nobody waits: sleep until someone does (or the next tick, to notice shutdown).
             let _ = tokio::time::timeout(Duration::from_secs(1), someone.notified()).await;
             continue;
+        }
+        if tick > TICK {
+            // Only streams watch: their longer tick, cut short when a request starts waiting.
+            let _ = tokio::time::timeout(tick - TICK, someone.notified()).await;
         }
         tokio::time::sleep(TICK).await;
         let statuses: Vec<(Uuid, String)> = match sqlx::query_as("SELECT id, status FROM orders WHERE id = ANY($1)")

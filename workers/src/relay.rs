@@ -694,7 +694,7 @@ async fn publish_rows(
         for id in parked {
             tracing::error!(
                 outbox_id = id,
-                "a message the broker keeps refusing was parked for an operator"
+                "a message the broker keeps refusing, or that cannot be published, was parked for an operator"
             );
         }
     }

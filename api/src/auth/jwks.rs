@@ -19,7 +19,10 @@
 //!   Symmetric (`oct`) keys and keys meant for encryption are ignored.
 
 use std::{
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -86,6 +89,8 @@ struct Inner {
     set: RwLock<Arc<KeySet>>,
     /// Held while fetching; the last attempt.
     refresh: tokio::sync::Mutex<Option<Attempt>>,
+    /// A background refresh is on its way (one at a time, however many tokens find the set stale).
+    refreshing: AtomicBool,
 }
 
 /// A finished fetch of the key set.
@@ -135,6 +140,7 @@ impl Jwks {
                 max_age: DEFAULT_MAX_AGE,
             })),
             refresh: tokio::sync::Mutex::new(None),
+            refreshing: AtomicBool::new(false),
         };
         Self { inner: Arc::new(inner) }
     }
@@ -151,8 +157,13 @@ impl Jwks {
             return Ok(key);
         }
         // Unknown here: ask the provider (at most every MIN_REFRESH), or take the answer of
-        // the fetch already running.
-        let asked = self.inner.refresh(Instant::now()).await;
+        // the fetch already running. In a task of its own: a client that goes away must not
+        // cancel a fetch that others queue behind (the next one would start another).
+        let inner = self.inner.clone();
+        let arrived = Instant::now();
+        let asked = tokio::spawn(async move { inner.refresh(arrived).await })
+            .await
+            .unwrap_or_else(|err| Err(format!("the key set refresh failed: {err}")));
         let refreshed = self.inner.current();
         match (find(&refreshed, kid, alg), asked) {
             (Some(key), _) => Ok(key),
@@ -161,14 +172,15 @@ impl Jwks {
         }
     }
 
-    /// Starts a refresh unless one is running (then its result will do).
+    /// Starts a refresh unless one was started and has not ended (then its result will do).
     fn refresh_in_background(&self) {
-        if self.inner.refresh.try_lock().is_err() {
+        if self.inner.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
         let inner = self.inner.clone();
         tokio::spawn(async move {
             let _ = inner.refresh(Instant::now()).await;
+            inner.refreshing.store(false, Ordering::Release);
         });
     }
 }
@@ -261,9 +273,7 @@ impl Inner {
             issuer: String,
             jwks_uri: String,
         }
-        // "any terminating / MUST be removed before appending" (Discovery §4.1); the issuer
-        // itself is compared as given.
-        let url = format!("{}/.well-known/openid-configuration", self.issuer.trim_end_matches('/'));
+        let url = discovery_url(&self.issuer);
         let (body, _) = self.get(&url).await?;
         let doc: Discovery =
             serde_json::from_slice(&body).map_err(|e| format!("{url} is not a discovery document: {e}"))?;
@@ -293,6 +303,13 @@ impl Inner {
             .to_bytes();
         Ok((body, cache_control))
     }
+}
+
+/// Where `issuer` publishes its discovery document: "any terminating / MUST be removed before
+/// appending /.well-known/openid-configuration" (OpenID Connect Discovery 1.0 §4.1); the issuer
+/// itself is compared with tokens as given.
+pub fn discovery_url(issuer: &str) -> String {
+    format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/'))
 }
 
 /// The key of `set` for `kid` that may verify `alg`; without a `kid`, the only one that may.
@@ -477,6 +494,24 @@ mod tests {
             Err(KeyError::Unreachable(_))
         ));
         assert!(again.elapsed() < Duration::from_secs(1));
+        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_goes_away_does_not_cancel_the_fetch_others_wait_for() {
+        let (url, connections) = hanging_provider().await;
+        let jwks = Jwks::new("http://idp", Some(&url));
+        // Callers that give up after 100 ms each (clients that disconnect), one after another.
+        for _ in 0..5 {
+            let _ = tokio::time::timeout(Duration::from_millis(100), jwks.key(Some("x"), Algorithm::RS256)).await;
+        }
+        // One fetch went on for all of them; a caller now takes its outcome when it ends.
+        let started = Instant::now();
+        assert!(matches!(
+            jwks.key(Some("x"), Algorithm::RS256).await,
+            Err(KeyError::Unreachable(_))
+        ));
+        assert!(started.elapsed() < FETCH_TIMEOUT, "{:?}", started.elapsed());
         assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 

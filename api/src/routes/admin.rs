@@ -67,18 +67,23 @@ pub struct OrderFilter {
     pub stuck: bool,
 }
 
-/// The condition of `GET /api/admin/orders` over `$1` (a status or NULL) and `$2` (an age in
-/// milliseconds or NULL). Stuck orders (the dashboard asks every 2 s) are read through the
-/// in-flight index, whose predicate a statement must name as it is (`in_flight`, migration 104)
-/// for any plan, generic ones included, to use it: ended orders are then not read at all. (A
-/// B-tree on `updated_at` would give the listing's order, but every status change would stop
-/// being a heap-only update.)
-pub fn order_filter(stuck: bool) -> String {
-    format!(
+/// The statements of `GET /api/admin/orders`: a page (`$3` rows from row `$4`, oldest change
+/// first) and the count, over `$1` (a status or NULL) and `$2` (an age in milliseconds or
+/// NULL). `in_flight`: only orders in flight (stuck ones, or a status that is not terminal),
+/// read through the in-flight index, whose predicate a statement must name as it is
+/// (`in_flight`, migration 104) for any plan, generic ones included, to use it: ended orders
+/// are then not read at all, however many there are. (A B-tree on `updated_at` would give the
+/// listing's order, but every status change would stop being a heap-only update.)
+pub fn order_listing(in_flight: bool) -> (String, String) {
+    let filter = format!(
         "($1::text IS NULL OR status = $1)
           AND ($2::float8 IS NULL OR updated_at < now() - $2 * interval '1 millisecond')
           AND {}",
-        if stuck { "in_flight" } else { "true" }
+        if in_flight { "in_flight" } else { "true" }
+    );
+    (
+        format!("SELECT * FROM orders WHERE {filter} ORDER BY updated_at, id LIMIT $3 OFFSET $4"),
+        format!("SELECT count(*) FROM orders WHERE {filter}"),
     )
 }
 
@@ -113,23 +118,20 @@ pub async fn list_orders(
         Some(d) => Some(query_duration(d)?.as_millis() as f64),
         None => None,
     };
-    let where_ = order_filter(filter.stuck);
-    let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT * FROM orders WHERE {where_} ORDER BY updated_at, id LIMIT $3 OFFSET $4"
-    )))
-    .bind(status)
-    .bind(older_ms)
-    .bind(limit)
-    .bind(offset)
-    .fetch_all(&state.pool)
-    .await?;
-    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM orders WHERE {where_}"
-    )))
-    .bind(status)
-    .bind(older_ms)
-    .fetch_one(&state.pool)
-    .await?;
+    let in_flight = filter.stuck || status.and_then(OrderStatus::parse).is_some_and(|s| !s.is_terminal());
+    let (page_sql, count_sql) = order_listing(in_flight);
+    let rows: Vec<OrderRow> = sqlx::query_as(sqlx::AssertSqlSafe(page_sql))
+        .bind(status)
+        .bind(older_ms)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&state.pool)
+        .await?;
+    let total: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(count_sql))
+        .bind(status)
+        .bind(older_ms)
+        .fetch_one(&state.pool)
+        .await?;
     let users: Vec<i64> = rows.iter().map(|o| o.user_id).collect();
     let identities = crate::auth::identities::Identities::of(&state.pool, &users).await?;
     let orders = rows

@@ -5,8 +5,9 @@
 //! and sends each new change; it ends after the terminal status, or after ten minutes at most (a
 //! client may reconnect: each event's id is its history row id, and `Last-Event-ID` resumes
 //! after it). Streams do not poll the database each: they wait on the API's
-//! [`Watcher`](crate::wait::Watcher), which checks every watched order in one query per tick,
-//! and read the history only when their order moved (and every [`RECHECK_EVERY`] in case it
+//! [`Watcher`](crate::wait::Watcher), which checks every watched order in one query per tick
+//! ([`STREAM_TICK`](crate::wait::STREAM_TICK) while only streams watch), and read the history
+//! only when their order moved (and every [`RECHECK_EVERY`] in case it
 //! moved and came back between two ticks). Opening a stream is admitted like any request (its
 //! turn is given back once the stream starts); HTTP_MAX_CONNECTIONS bounds how many are open.
 
@@ -178,7 +179,7 @@ impl Feed {
                     let wait = feed.until.saturating_duration_since(Instant::now()).min(RECHECK_EVERY);
                     let until = feed.status.map_or(Until::Terminal, Until::Leaves);
                     tokio::select! {
-                        _ = feed.watcher.wait(feed.order_id, until, wait) => {}
+                        _ = feed.watcher.watch(feed.order_id, until, wait) => {}
                         _ = feed.shutdown.cancelled() => return None,
                     }
                 }

@@ -117,6 +117,20 @@ impl<'a> Destinations<'a> {
                 "only the first part of its {whole}-byte body was kept; discard it instead"
             )));
         }
+        // An AMQP short string holds 255 bytes: a relay could not publish it (and a previous
+        // release's relay, running beside this one in a rolling update, would panic on it).
+        let too_long = [
+            ("type", letter.message_type.as_deref()),
+            ("exchange", letter.exchange.as_deref()),
+            ("routing key", letter.routing_key.as_deref()),
+        ]
+        .into_iter()
+        .find_map(|(what, value)| value.filter(|v| v.len() > 255).map(|v| (what, v.len())));
+        if let Some((what, len)) = too_long {
+            return Err(not_replayable(format!(
+                "its {what} is {len} bytes, more than AMQP's 255: it cannot be published; discard it instead"
+            )));
+        }
         // Bytes that are not even JSON can only be refused again: discard those instead.
         if serde_json::from_slice::<serde::de::IgnoredAny>(&letter.body).is_err() {
             return Err(not_replayable(

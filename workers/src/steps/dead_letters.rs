@@ -258,6 +258,10 @@ fn fingerprint(letter: &DeadLetter) -> Uuid {
         letter.message_id.hash(&mut h);
         if letter.message_id.is_none() {
             letter.body.hash(&mut h);
+            // Only a cut body's first part is kept: its length tells two such letters apart.
+            if let Some(whole) = letter.headers.get(TRUNCATED_FROM).and_then(Value::as_u64) {
+                whole.hash(&mut h);
+            }
         }
         letter.source_queue.hash(&mut h);
         letter.death_count.hash(&mut h);
