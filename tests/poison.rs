@@ -316,6 +316,20 @@ async fn publish(app: &TestApp, exchange: &str, key: &str, body: &[u8], headers:
     let _ = conn.close(200, "bye".into()).await;
 }
 
+/// Publishes `body` as a `stock.reserve` command through orderflow's own exchange.
+async fn publish_stock_reserve(app: &TestApp, body: &str) {
+    let id = uuid::Uuid::now_v7().to_string();
+    publish(
+        app,
+        "orderflow.work",
+        "stock.reserve",
+        body.as_bytes(),
+        FieldTable::default(),
+        &id,
+    )
+    .await;
+}
+
 async fn wait_letters(app: &TestApp, n: usize) -> Vec<Value> {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -555,16 +569,7 @@ async fn a_message_that_cannot_be_put_on_the_wire_is_never_replayed_nor_holds_up
         r#"{{"id":"{}","type":"{long_type}","occurredAt":"2026-12-05T10:00:00.000Z","data":{{}}}}"#,
         uuid::Uuid::now_v7(),
     );
-    let id = uuid::Uuid::now_v7().to_string();
-    publish(
-        &app,
-        "orderflow.work",
-        "stock.reserve",
-        body.as_bytes(),
-        FieldTable::default(),
-        &id,
-    )
-    .await;
+    publish_stock_reserve(&app, &body).await;
     let letters = wait_letters(&app, 1).await;
     let (status, problem) = replay(&app, letters[0]["id"].as_i64().unwrap()).await;
     assert_eq!(
@@ -642,16 +647,7 @@ async fn a_huge_message_is_dead_lettered_unread_and_recorded_in_part() {
         uuid::Uuid::now_v7()
     );
     assert!(body.len() > 4_000_000);
-    let id = uuid::Uuid::now_v7().to_string();
-    publish(
-        &app,
-        "orderflow.work",
-        "stock.reserve",
-        body.as_bytes(),
-        FieldTable::default(),
-        &id,
-    )
-    .await;
+    publish_stock_reserve(&app, &body).await;
     let letters = wait_letters(&app, 1).await;
     assert_eq!(letters[0]["sourceQueue"], "orderflow.stock", "{letters:?}");
     let (kept, whole): (i32, Option<i64>) =

@@ -24,7 +24,7 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use orderflow_shared::config::Config;
-use tokio::{net::TcpListener, sync::Semaphore};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
 /// What one listener allows its clients.
@@ -52,6 +52,7 @@ impl Limits {
 pub async fn serve(mut listener: TcpListener, app: Router, limits: Limits, shutdown: CancellationToken) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
     loop {
@@ -66,7 +67,8 @@ pub async fn serve(mut listener: TcpListener, app: Router, limits: Limits, shutd
         };
         let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+        while connections.try_join_next().is_some() {} // forget the ones that ended
+        connections.spawn(async move {
             // A client that goes away, sends garbage or is too slow: nothing to do but log it.
             if let Err(err) = connection.await {
                 tracing::debug!(error = %err, "connection ended with an error");
@@ -78,8 +80,12 @@ pub async fn serve(mut listener: TcpListener, app: Router, limits: Limits, shutd
     // hyper closes idle connections at once; one in the middle of a request head would stay
     // until its header timeout (up to ten minutes): the process's own drain must not wait so long.
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
-        tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them");
+        tracing::warn!(
+            open = connections.len(),
+            "connections still open {SHUTDOWN_GRACE:?} after shutdown began; closing them"
+        );
     }
+    connections.abort_all();
 }
 
 /// How long a shutting-down listener waits for its connections' requests to finish (the

@@ -29,7 +29,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(30);
 pub const TICK: Duration = Duration::from_millis(10);
 /// How often they are checked while only event streams watch ([`Watcher::watch`]): a stream
 /// may hear of a change a little later, and thousands of open streams cost five small queries a
-/// second in all.
+/// second in all for the watching (each stream also reads its history when its order moves,
+/// and every few seconds: `routes::events`).
 pub const STREAM_TICK: Duration = Duration::from_millis(200);
 
 /// The `wait` preference of a request (RFC 7240 §4.3): `Prefer: wait=N`, N in whole seconds
@@ -182,9 +183,9 @@ async fn watch(waiting: std::sync::Weak<Mutex<HashMap<Uuid, Vec<Waiter>>>>, some
             let _ = tokio::time::timeout(Duration::from_secs(1), someone.notified()).await;
             continue;
         }
-        if tick > TICK {
-            // Only streams watch: their longer tick, cut short when a request starts waiting.
-            let _ = tokio::time::timeout(tick - TICK, someone.notified()).await;
+        if tick > TICK && tokio::time::timeout(tick - TICK, someone.notified()).await.is_ok() {
+            // Only streams watched, and someone new came: read the watched orders again.
+            continue;
         }
         tokio::time::sleep(TICK).await;
         let statuses: Vec<(Uuid, String)> = match sqlx::query_as("SELECT id, status FROM orders WHERE id = ANY($1)")

@@ -369,30 +369,24 @@ impl Incoming {
 
 /// Decodes a delivery, or dead-letters it when it is not for this step.
 async fn accept<S: Step>(step: &S, delivery: Delivery) -> Option<Item> {
-    if delivery.data.len() > S::MAX_BODY {
-        tracing::warn!(
-            worker = S::NAME,
-            bytes = delivery.data.len(),
-            "message too large to be orderflow's; dead-lettering unread"
-        );
-        settle(&delivery, Disposition::Rejected).await;
-        metrics::message(S::QUEUE, Disposition::Rejected.label());
-        return None;
-    }
-    let msg = match step.decode(&delivery) {
-        Ok(msg) if step.accepts(msg.kind) => msg,
-        Ok(msg) => {
-            tracing::warn!(
-                worker = S::NAME,
-                kind = msg.kind.as_str(),
-                "message type not handled here; dead-lettering"
-            );
-            settle(&delivery, Disposition::Rejected).await;
-            metrics::message(S::QUEUE, Disposition::Rejected.label());
-            return None;
-        }
+    let decoded = if delivery.data.len() > S::MAX_BODY {
+        Err(format!(
+            "{} bytes, too large to be orderflow's: not read",
+            delivery.data.len()
+        ))
+    } else {
+        step.decode(&delivery).and_then(|msg| {
+            if step.accepts(msg.kind) {
+                Ok(msg)
+            } else {
+                Err(format!("message type {} not handled here", msg.kind.as_str()))
+            }
+        })
+    };
+    let msg = match decoded {
+        Ok(msg) => msg,
         Err(why) => {
-            tracing::warn!(worker = S::NAME, %why, "undecodable message; dead-lettering");
+            tracing::warn!(worker = S::NAME, %why, "dead-lettering a message this worker cannot take");
             settle(&delivery, Disposition::Rejected).await;
             metrics::message(S::QUEUE, Disposition::Rejected.label());
             return None;

@@ -177,10 +177,16 @@ impl Jwks {
         if self.inner.refreshing.swap(true, Ordering::AcqRel) {
             return;
         }
-        let inner = self.inner.clone();
+        /// Lowers the flag however the refresh ends (a panic included).
+        struct Done(Arc<Inner>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.refreshing.store(false, Ordering::Release);
+            }
+        }
+        let done = Done(self.inner.clone());
         tokio::spawn(async move {
-            let _ = inner.refresh(Instant::now()).await;
-            inner.refreshing.store(false, Ordering::Release);
+            let _ = done.0.refresh(Instant::now()).await;
         });
     }
 }

@@ -117,19 +117,18 @@ impl<'a> Destinations<'a> {
                 "only the first part of its {whole}-byte body was kept; discard it instead"
             )));
         }
-        // An AMQP short string holds 255 bytes: a relay could not publish it (and a previous
-        // release's relay, running beside this one in a rolling update, would panic on it).
-        let too_long = [
-            ("type", letter.message_type.as_deref()),
-            ("exchange", letter.exchange.as_deref()),
-            ("routing key", letter.routing_key.as_deref()),
-        ]
-        .into_iter()
-        .find_map(|(what, value)| value.filter(|v| v.len() > 255).map(|v| (what, v.len())));
-        if let Some((what, len)) = too_long {
-            return Err(not_replayable(format!(
-                "its {what} is {len} bytes, more than AMQP's 255: it cannot be published; discard it instead"
-            )));
+        // An AMQP short string holds 255 bytes: a relay could not publish what names more (and
+        // a previous release's relay, running beside this one in a rolling update, would panic).
+        let too_long = |what: &str, value: &str| {
+            (value.len() > 255).then(|| {
+                not_replayable(format!(
+                    "its {what} is {} bytes, more than AMQP's 255: it cannot be published; discard it instead",
+                    value.len()
+                ))
+            })
+        };
+        if let Some(refused) = letter.message_type.as_deref().and_then(|t| too_long("type", t)) {
+            return Err(refused);
         }
         // Bytes that are not even JSON can only be refused again: discard those instead.
         if serde_json::from_slice::<serde::de::IgnoredAny>(&letter.body).is_err() {
@@ -148,6 +147,9 @@ impl<'a> Destinations<'a> {
         let (Some(exchange), Some(routing_key)) = (letter.exchange.clone(), letter.routing_key.clone()) else {
             return Err(not_replayable("where it was published is unknown".to_owned()));
         };
+        if let Some(refused) = too_long("exchange", &exchange).or_else(|| too_long("routing key", &routing_key)) {
+            return Err(refused);
+        }
         if !exchange.is_empty() && !self.exists(Destination::Exchange(&exchange)).await? {
             return Err(not_replayable(format!("its exchange {exchange:?} does not exist")));
         }

@@ -203,6 +203,10 @@ fn read(delivery: &Delivery) -> DeadLetter {
             headers = json!({});
         }
         headers[TRUNCATED_FROM] = whole.into();
+    } else if let Some(map) = headers.as_object_mut() {
+        // The mark is the recovery worker's to set: a publisher's own would make a whole body
+        // look cut (and change the letter's fingerprint from what another release computes).
+        map.remove(TRUNCATED_FROM);
     }
     let envelope: Option<Envelope> = if whole > MAX_MESSAGE_BYTES {
         None
