@@ -277,6 +277,61 @@ async fn the_stuck_order_listing_reads_only_orders_in_flight() {
 }
 
 #[tokio::test]
+async fn an_orders_timeline_finds_its_dead_letters_without_reading_them_all() {
+    let app = TestApp::api_only().await;
+    let product = app.product("Letters", 1_000, 5).await;
+    let id = app.order(33, &[(product, 1)], None).await;
+    // 20,000 letters about other orders; two about this one: alone, and in a batch of three.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO dead_letters (fingerprint, message_type, order_id, order_ids, body)
+         SELECT gen_random_uuid(), 'stock.reserve', o, ARRAY[o], '{{}}' FROM (SELECT gen_random_uuid() o
+           FROM generate_series(1, 20000)) g;
+         INSERT INTO dead_letters (fingerprint, message_type, order_id, order_ids, body) VALUES
+           (gen_random_uuid(), 'stock.reserve', '{id}', ARRAY['{id}'::uuid], '{{}}'),
+           (gen_random_uuid(), 'coupon.apply', NULL, ARRAY[gen_random_uuid(), '{id}', gen_random_uuid()], '{{}}');
+         ANALYZE dead_letters;"
+    )))
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (status, timeline) = app
+        .get(&format!("/api/admin/orders/{id}/timeline"), &app.admin_token())
+        .await;
+    assert_eq!(status, 200, "{timeline}");
+    let kinds: Vec<&str> = timeline["deadLetters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["messageType"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["stock.reserve", "coupon.apply"], "{timeline}");
+
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&app.config.database_url)
+        .await
+        .unwrap();
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE letters (uuid) AS {};
+             SET plan_cache_mode = {mode};
+             EXPLAIN EXECUTE letters ('{id}');
+             DEALLOCATE letters;",
+            orderflow_api::routes::ops::DEAD_LETTERS_OF_ORDER
+        )))
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let plan: Vec<String> = rows.iter().map(|row| sqlx::Row::get(row, 0)).collect();
+        assert!(!plan.is_empty());
+        assert!(
+            plan.iter().all(|line| !line.contains("Seq Scan")),
+            "{mode}:\n{}",
+            plan.join("\n")
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn the_overview_counts_orders_per_state_queues_outbox_dead_letters_and_stuck_orders() {
     // No stock worker at first: the first order waits in PENDING with its message queued.
     let mut app = TestApp::spawn_with(Options {

@@ -828,3 +828,92 @@ async fn headers_thousands_deep_or_wide_on_every_queue_leave_the_process_alive_a
     }
     app.stop().await;
 }
+
+/// A step whose first attempt at anything panics, as a bug would; later attempts take it.
+struct PanicsOnce {
+    attempts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl orderflow_workers::runtime::Step for PanicsOnce {
+    const NAME: &'static str = "panics-once";
+    const QUEUE: &'static str = orderflow_shared::messaging::topology::STOCK_QUEUE;
+
+    fn accepts(&self, kind: orderflow_shared::messaging::MessageType) -> bool {
+        kind == orderflow_shared::messaging::MessageType::StockReserve
+    }
+
+    async fn handle(
+        &self,
+        _tx: &mut sqlx::PgConnection,
+        batch: &[&orderflow_workers::runtime::Incoming],
+        _attempt: u32,
+    ) -> orderflow_shared::Result<Vec<orderflow_workers::runtime::Outcome>> {
+        if self.attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            panic!("a step's own bug");
+        }
+        Ok(vec![orderflow_workers::runtime::Outcome::Done; batch.len()])
+    }
+}
+
+#[tokio::test]
+async fn a_delivery_whose_step_panics_goes_back_to_the_queue_at_once_not_when_the_channel_closes() {
+    let app = TestApp::spawn_with(common::Options {
+        workers: vec![],
+        ..Default::default()
+    })
+    .await;
+    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let cfg = orderflow_workers::runtime::RuntimeConfig {
+        amqp_url: app.config.amqp_url.clone(),
+        prefetch: 10,
+        concurrency: 2,
+        batch: 1,
+        linger: Duration::ZERO,
+        drain_timeout: Duration::from_secs(1),
+        feed: Default::default(),
+    };
+    let consumer = tokio::spawn(orderflow_workers::runtime::run(
+        PanicsOnce {
+            attempts: attempts.clone(),
+        },
+        app.pool.clone(),
+        cfg,
+        shutdown.clone(),
+    ));
+    let message_id = uuid::Uuid::now_v7();
+    let body = json!({"id": message_id, "type": "stock.reserve", "occurredAt": "2026-12-07T10:00:00.000Z",
+                      "data": {"orderIds": [uuid::Uuid::now_v7()]}});
+    publish(
+        &app,
+        "orderflow.work",
+        "stock.reserve",
+        body.to_string().as_bytes(),
+        FieldTable::default(),
+        &message_id.to_string(),
+    )
+    .await;
+    // The same consumer, on the same channel, gets it again and takes it: the inbox holds it.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let taken: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT FROM inbox WHERE message_id = $1 AND consumer = 'panics-once')")
+                .bind(message_id)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        if taken {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the delivery was not given back after the panic ({} attempts)",
+            attempts.load(std::sync::atomic::Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    shutdown.cancel();
+    consumer.await.unwrap().unwrap();
+    app.stop().await;
+}

@@ -770,3 +770,120 @@ async fn a_dead_compensation_the_order_no_longer_waits_for_does_not_park_it() {
     assert_eq!(app.stock(product).await, 5);
     app.stop().await;
 }
+
+/// Publishes a forged dead letter: a `kind` command naming `order`, as if it had died in
+/// `queue` (`x-first-death-queue`), straight into the dead-letter queue.
+async fn forge_dead_letter(app: &TestApp, kind: &str, order: &str, queue: &str) {
+    let id = uuid::Uuid::now_v7().to_string();
+    let body = json!({"id": id, "type": kind, "occurredAt": "2026-12-07T10:00:00.000Z",
+                      "orderId": order, "data": {"orderIds": [order]}});
+    let headers = common::raw_amqp::table(&[("x-first-death-queue", common::raw_amqp::long_string(queue.as_bytes()))]);
+    common::raw_amqp::publish(
+        &app.config.amqp_url,
+        common::raw_amqp::Message {
+            exchange: "",
+            routing_key: "orderflow.dead-letters",
+            message_id: &id,
+            correlation_id: None,
+            headers: &headers,
+            body: body.to_string().as_bytes(),
+        },
+    )
+    .await;
+}
+
+async fn order_status(app: &TestApp, id: &str) -> (String, Option<String>) {
+    sqlx::query_as("SELECT status, reason FROM orders WHERE id = $1::uuid")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_dead_forward_step_cancels_only_the_orders_still_waiting_for_it() {
+    // No order worker: a paid order waits, PAID, for its `order.confirm`.
+    let mut app = TestApp::spawn_with(Options {
+        workers: without(&[Order]),
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Moved on", 1_000, 5).await;
+    app.fund(42, 5_000).await;
+    let id = app.order(42, &[(product, 2)], None).await;
+    app.wait_order_row(&id, WAIT, |o| o.status.as_str() == "PAID").await;
+
+    // A `stock.reserve` for it died (a duplicate whose twin reserved the stock): the order is
+    // past that step, so the letter is recorded and the order left alone.
+    forge_dead_letter(&app, "stock.reserve", &id, "orderflow.stock").await;
+    wait_dead_letters(&app, 1).await;
+    assert_eq!(order_status(&app, &id).await, ("PAID".to_owned(), None));
+
+    // Its `order.confirm` died: that is the message it waits for, so it is cancelled and
+    // everything it took goes back.
+    forge_dead_letter(&app, "order.confirm", &id, "orderflow.order").await;
+    wait_dead_letters(&app, 2).await;
+    assert_eq!(
+        order_status(&app, &id).await,
+        ("CANCELLING".to_owned(), Some("PROCESSING_FAILED".to_owned()))
+    );
+    app.spawn_workers(&[Order]).await;
+    let order = app.wait_terminal(42, &id, WAIT).await;
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("CANCELLED"), Some("PROCESSING_FAILED")),
+        "{order}"
+    );
+    assert_eq!(app.stock(product).await, 5);
+    assert_eq!(app.balance(42).await, 5_000);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn replaying_a_compensation_resumes_only_the_orders_parked_waiting_for_it() {
+    let app = TestApp::spawn().await;
+    let product = app.product("Parked", 10_000, 5).await;
+    app.fund(43, 1_000).await; // too little: payment fails, stock must be released
+    app.break_stock("Parked", ">").await;
+    let id = app.order(43, &[(product, 2)], None).await;
+    app.wait_order_row(&id, WAIT, |o| o.status.as_str() == "COMPENSATION_FAILED")
+        .await;
+    let letters = wait_dead_letters(&app, 1).await;
+    assert_eq!(letters[0]["messageType"], "stock.release");
+    let release = letters[0]["id"].as_i64().unwrap();
+
+    // A `payment.refund` letter for the same order (it was never paid): replaying it must not
+    // take the order out of the operator's hands, nor the stock it still holds.
+    forge_dead_letter(&app, "payment.refund", &id, "orderflow.payment").await;
+    let letters = wait_dead_letters(&app, 2).await;
+    let refund = letters.iter().find(|l| l["messageType"] == "payment.refund").unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let (status, body) = app
+        .admin(Method::POST, &format!("/api/admin/dead-letters/{refund}/replay"))
+        .await;
+    assert_eq!(status.as_u16(), 202, "{body}");
+    assert_eq!(
+        order_status(&app, &id).await,
+        (
+            "COMPENSATION_FAILED".to_owned(),
+            Some("INSUFFICIENT_BALANCE".to_owned())
+        )
+    );
+
+    // The letter it is parked on, replayed once the stock is healed, finishes it.
+    app.heal_stock().await;
+    let (status, body) = app
+        .admin(Method::POST, &format!("/api/admin/dead-letters/{release}/replay"))
+        .await;
+    assert_eq!(status.as_u16(), 202, "{body}");
+    let order = app.wait_terminal(43, &id, WAIT).await;
+    assert_eq!(
+        (order["status"].as_str(), order["reason"].as_str()),
+        (Some("CANCELLED"), Some("INSUFFICIENT_BALANCE")),
+        "{order}"
+    );
+    assert_eq!(app.stock(product).await, 5);
+    assert_eq!(app.balance(43).await, 1_000);
+    app.stop().await;
+}

@@ -7,6 +7,7 @@
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
+    panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -14,6 +15,7 @@ use std::{
 use backon::{ExponentialBuilder, Retryable};
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
+    Acker,
     message::Delivery,
     options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions},
     types::{AMQPValue, FieldTable},
@@ -238,8 +240,16 @@ async fn consume<S: Step>(
                         .then(|| tokio::time::Instant::now() + cfg.linger);
                     let failed = gather(&mut consumer, &mut batch, most, until, shutdown).await;
                     let (step, db) = (step.clone(), db.clone());
+                    // A panic must not keep its deliveries unsettled until the channel closes
+                    // (an acker does nothing when dropped): what the batch had not settled
+                    // goes back to the queue, whose delivery limit dead-letters a message
+                    // that panics every time.
+                    let ackers: Vec<Acker> = batch.iter().map(|d| d.acker.clone()).collect();
                     in_flight.spawn(async move {
-                        process_batch(&*step, &db, batch).await;
+                        let done = AssertUnwindSafe(process_batch(&*step, &db, batch)).catch_unwind().await;
+                        if done.is_err() {
+                            requeue_unsettled::<S>(&ackers).await;
+                        }
                         drop(permit);
                     });
                     if let Some(err) = failed {
@@ -249,11 +259,7 @@ async fn consume<S: Step>(
                 Some(Err(err)) => break Err(err),
                 None => break Err(stream_ended()),
             },
-            Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
-                if let Err(err) = joined {
-                    tracing::error!(worker = S::NAME, error = %err, "delivery task panicked; the delivery will be redelivered");
-                }
-            }
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
     };
 
@@ -274,6 +280,25 @@ async fn consume<S: Step>(
     let _ = channel.close(200, "bye".into()).await;
     let _ = conn.close(200, "bye".into()).await;
     result
+}
+
+/// Returns to the queue every delivery of a batch whose task panicked that it had not settled
+/// (a delivery it acked or rejected stays so).
+async fn requeue_unsettled<S: Step>(ackers: &[Acker]) {
+    let unsettled = ackers.iter().filter(|a| a.usable()).count();
+    tracing::error!(
+        worker = S::NAME,
+        deliveries = unsettled,
+        "a delivery task panicked; returning its unsettled deliveries to the queue"
+    );
+    for acker in ackers {
+        let _ = acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await;
+    }
 }
 
 /// Adds to `batch`, up to `most`, the deliveries already buffered and, until `until` (if it

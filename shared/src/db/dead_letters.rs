@@ -203,24 +203,31 @@ pub async fn replay(
 
 /// Whether the letter is a compensation (its replay resumes its parked orders).
 pub fn is_compensation(letter: &Letter) -> bool {
+    compensation(letter).is_some()
+}
+
+/// The compensation the letter carries, if it carries one.
+fn compensation(letter: &Letter) -> Option<MessageType> {
     letter
         .message_type
         .as_deref()
         .and_then(MessageType::parse)
-        .is_some_and(MessageType::is_compensation)
+        .filter(|k| k.is_compensation())
 }
 
 /// A dead-lettered compensation parked its orders as COMPENSATION_FAILED, where its worker
 /// would take the replay as stale: the replay moves them back to CANCELLING first, so the
 /// compensation it carries is applied (once: the worker's guard and inbox hold as for any
-/// message). Orders in any other status are left as they are.
+/// message). Only orders parked waiting for this very compensation: one parked on another
+/// (a later compensation that died too) stays parked for its own letter or an operator's
+/// retry, and orders in any other status are left as they are.
 async fn resume_parked(tx: &mut PgConnection, letter: &Letter) -> Result<()> {
-    if !is_compensation(letter) || letter.order_ids.is_empty() {
+    let Some(kind) = compensation(letter).filter(|_| !letter.order_ids.is_empty()) else {
         return Ok(());
-    }
+    };
     let mut moves = Transitions::new();
     for order in orders::lock_all(tx, &letter.order_ids).await? {
-        if order.status == OrderStatus::CompensationFailed {
+        if order.status == OrderStatus::CompensationFailed && orders::next_compensation(&order) == kind {
             moves.resume(order, OrderStatus::Cancelling);
         }
     }

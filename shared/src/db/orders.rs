@@ -114,6 +114,36 @@ pub fn next_compensation(order: &OrderRow) -> MessageType {
     }
 }
 
+/// Whether `order` is in the state a message of `kind` acts on: the guard every step applies
+/// before moving an order (anything else is a stale or duplicate message), and the recovery
+/// worker's test of whether an order still waits for a message that died.
+///
+/// Forward commands: `stock.reserve` in PENDING; `coupon.apply` in STOCK_RESERVED with a
+/// coupon; `payment.charge` in COUPON_APPLIED, or STOCK_RESERVED without a coupon;
+/// `order.confirm` in PAID. Compensations: in CANCELLING while the order still holds what the
+/// compensation gives back (`order.finish-cancel`: in CANCELLING). `order.deadline`: any
+/// cancellable state (the deadline itself is checked against the database's clock by the
+/// recovery worker). Every other type acts on no order.
+pub fn awaits(order: &OrderRow, kind: MessageType) -> bool {
+    use OrderStatus::*;
+    let status = order.status;
+    match kind {
+        MessageType::StockReserve => status == Pending,
+        MessageType::CouponApply => status == StockReserved && order.coupon_id.is_some(),
+        MessageType::PaymentCharge => match order.coupon_id {
+            Some(_) => status == CouponApplied,
+            None => status == StockReserved,
+        },
+        MessageType::OrderConfirm => status == Paid,
+        MessageType::StockRelease => status == Cancelling && order.stock_held,
+        MessageType::CouponRestore => status == Cancelling && order.coupon_held,
+        MessageType::PaymentRefund => status == Cancelling && order.paid_amount > 0,
+        MessageType::OrderFinishCancel => status == Cancelling,
+        MessageType::OrderDeadline => OrderStatus::CANCELLABLE.contains(&status),
+        MessageType::OrderConfirmed | MessageType::OrderCancelled | MessageType::DeadLetter => false,
+    }
+}
+
 /// Whether the order holds nothing that a compensation would have to give back.
 pub fn holds_nothing(order: &OrderRow) -> bool {
     !order.stock_held && !order.coupon_held && order.paid_amount == 0

@@ -126,8 +126,8 @@ that reaches the limit, or that a worker rejects (not JSON, unknown type, about 
 order), is dead-lettered (at least once) through the fanout exchange `orderflow.dlx` into \
 `orderflow.dead-letters`, with RabbitMQ's `x-death` and `x-first-death-*` headers and its body \
 and properties unchanged. The recovery worker records each one: a dead forward step cancels its \
-orders (`PROCESSING_FAILED`), a dead compensation parks those still waiting for it as \
-`COMPENSATION_FAILED`. An \
+orders still waiting for it (`PROCESSING_FAILED`), a dead compensation parks those still waiting \
+for it as `COMPENSATION_FAILED`, a dead deadline leaves its orders to the sweep. An \
 operator can replay a dead letter (`POST /api/admin/dead-letters/{id}/replay`): the same body \
 and `message_id`, published to the queue it died in through the default exchange, with the \
 header `x-orderflow-replay-of` = the dead letter's id.

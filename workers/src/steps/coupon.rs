@@ -30,12 +30,8 @@ impl Step for Coupon {
 
     async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
         let mut locked = Locked::lock(tx, batch).await?;
-        let restoring = locked.take(MessageType::CouponRestore, |o| {
-            o.status == OrderStatus::Cancelling && o.coupon_held
-        });
-        let applying = locked.take(MessageType::CouponApply, |o| {
-            o.status == OrderStatus::StockReserved && o.coupon_id.is_some()
-        });
+        let restoring = locked.take(MessageType::CouponRestore);
+        let applying = locked.take(MessageType::CouponApply);
         let mut moves = Transitions::new();
         if !restoring.is_empty() {
             restore(tx, &restoring).await?;

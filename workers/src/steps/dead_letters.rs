@@ -1,9 +1,9 @@
 //! Dead letters: everything a work queue gave up on (delivery limit reached, or rejected as
 //! undecodable, unknown or about no known order) lands in one queue. The recovery worker
 //! records each one (source queue, routing key, headers, body, death count, reason, time)
-//! and acts for its orders: a failed forward step cancels them (PROCESSING_FAILED); a failed
-//! compensation parks them as COMPENSATION_FAILED for an operator to retry, while they still
-//! wait for that compensation.
+//! and acts for the orders that still wait for it: a failed forward step cancels them
+//! (PROCESSING_FAILED); a failed compensation parks them as COMPENSATION_FAILED for an operator
+//! to retry; a failed deadline leaves them to the sweep (TIMEOUT when due).
 //!
 //! Whatever a broker message can carry is recorded: the body as bytes, the headers as JSON in
 //! which a value JSON or PostgreSQL cannot hold as it is (a string with NUL or invalid UTF-8,
@@ -173,16 +173,22 @@ async fn record(tx: &mut PgConnection, msg: &Incoming) -> Result<()> {
     if letter.order_ids.is_empty() || kind.is_none_or(|k| k.queue().is_none() || k == MessageType::DeadLetter) {
         return Ok(());
     }
+    let Some(kind) = kind.filter(|k| *k != MessageType::OrderDeadline) else {
+        // A deadline that could not be handled: the sweep cancels its orders when they are
+        // due, with the reason that says why (TIMEOUT).
+        return Ok(());
+    };
+    // Only orders that still wait for the message that died: one that another message moved
+    // on since (a duplicate that succeeded, the sweep's re-send) is not the order's problem.
     let mut moves = Transitions::new();
     for order in lock_all(tx, &letter.order_ids).await? {
-        if let Some(kind) = kind.filter(|k| k.is_compensation()) {
-            // Only while the order waits for this very compensation: one that another message
-            // did since (the sweep re-sends a stalled one) is not the order's problem, and
-            // parking it would leave the compensation now in flight stale.
+        if kind.is_compensation() {
+            // The very compensation it waits for, not just one it still needs: parking the
+            // order while another compensation is in flight would leave that one stale.
             if order.status == OrderStatus::Cancelling && orders::next_compensation(&order) == kind {
                 moves.park(order);
             }
-        } else if OrderStatus::CANCELLABLE.contains(&order.status) {
+        } else if orders::awaits(&order, kind) {
             moves.cancel(order, CancelReason::ProcessingFailed)?;
         }
     }

@@ -53,15 +53,21 @@ impl<'a> Locked<'a> {
         })
     }
 
-    /// The orders named by this batch's messages of `kind` that are `ready` for them, in id
-    /// order, each once. An order is taken at most once per batch: within one queue no two
-    /// messages can both apply to the same order (each moves it out of the state the other
-    /// needs), so a second message about a taken order is late, as it would be one by one.
-    pub fn take(&mut self, kind: MessageType, ready: impl Fn(&OrderRow) -> bool) -> Vec<OrderRow> {
+    /// The orders named by this batch's messages of `kind` that await them (`orders::awaits`,
+    /// the one guard of every step), in id order, each once. An order is taken at most once
+    /// per batch: within one queue no two messages can both apply to the same order (each
+    /// moves it out of the state the other needs), so a second message about a taken order is
+    /// late, as it would be one by one.
+    pub fn take(&mut self, kind: MessageType) -> Vec<OrderRow> {
+        self.take_if(kind, |_| true)
+    }
+
+    /// As [`take`](Self::take), of the orders that are also `ready`.
+    pub fn take_if(&mut self, kind: MessageType, ready: impl Fn(&OrderRow) -> bool) -> Vec<OrderRow> {
         let mut ids: Vec<Uuid> = Vec::new();
         for (i, msg) in self.batch.iter().enumerate().filter(|(_, m)| m.kind == kind) {
             for id in &msg.order_ids {
-                if self.rows.get(id).is_some_and(&ready) {
+                if self.rows.get(id).is_some_and(|o| orders::awaits(o, kind) && ready(o)) {
                     self.done[i] = true;
                     ids.push(*id);
                 }

@@ -40,8 +40,8 @@ impl Step for Order {
 
     async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
         let mut locked = Locked::lock(tx, batch).await?;
-        let finishing = locked.take(MessageType::OrderFinishCancel, |o| o.status == OrderStatus::Cancelling);
-        let confirming = locked.take(MessageType::OrderConfirm, |o| o.status == OrderStatus::Paid);
+        let finishing = locked.take(MessageType::OrderFinishCancel);
+        let confirming = locked.take(MessageType::OrderConfirm);
         let mut moves = Transitions::new();
         let mut returned = given_back(tx, &finishing).await?;
         for order in finishing {

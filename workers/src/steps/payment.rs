@@ -33,15 +33,10 @@ impl Step for Payment {
 
     async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], _attempt: u32) -> Result<Vec<Outcome>> {
         let mut locked = Locked::lock(tx, batch).await?;
-        let refunding = locked.take(MessageType::PaymentRefund, |o| {
-            o.status == OrderStatus::Cancelling && o.paid_amount > 0
-        });
+        let refunding = locked.take(MessageType::PaymentRefund);
         // Without a coupon an order comes straight from STOCK_RESERVED; with one, only after
-        // it was applied.
-        let charging = locked.take(MessageType::PaymentCharge, |o| match o.coupon_id {
-            Some(_) => o.status == OrderStatus::CouponApplied,
-            None => o.status == OrderStatus::StockReserved,
-        });
+        // it was applied (`orders::awaits`).
+        let charging = locked.take(MessageType::PaymentCharge);
         let mut moves = Transitions::new();
         if !refunding.is_empty() {
             refund(tx, &refunding).await?;

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use orderflow_shared::{
     Result,
     db::orders::Transitions,
-    domain::{CancelReason, OrderStatus},
+    domain::CancelReason,
     messaging::{MessageType, topology},
 };
 use sqlx::PgConnection;
@@ -29,9 +29,7 @@ impl Step for Expiry {
         // message expires no sooner, so one that comes early is forged or replayed by hand,
         // and the sweep cancels any order it leaves once its time is up.
         let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&mut *tx).await?;
-        let overdue = locked.take(MessageType::OrderDeadline, |o| {
-            OrderStatus::CANCELLABLE.contains(&o.status) && o.deadline_at <= now
-        });
+        let overdue = locked.take_if(MessageType::OrderDeadline, |o| o.deadline_at <= now);
         let mut moves = Transitions::new();
         for order in overdue {
             tracing::warn!(order_id = %order.id, "order passed its deadline; cancelling");

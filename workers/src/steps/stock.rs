@@ -37,10 +37,8 @@ impl Step for Stock {
 
     async fn handle(&self, tx: &mut PgConnection, batch: &[&Incoming], attempt: u32) -> Result<Vec<Outcome>> {
         let mut locked = Locked::lock(tx, batch).await?;
-        let releasing = locked.take(MessageType::StockRelease, |o| {
-            o.status == OrderStatus::Cancelling && o.stock_held
-        });
-        let reserving = locked.take(MessageType::StockReserve, |o| o.status == OrderStatus::Pending);
+        let releasing = locked.take(MessageType::StockRelease);
+        let reserving = locked.take(MessageType::StockReserve);
         if releasing.is_empty() && reserving.is_empty() {
             return Ok(locked.outcomes());
         }
