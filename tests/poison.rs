@@ -894,24 +894,12 @@ async fn a_delivery_whose_step_panics_goes_back_to_the_queue_at_once_not_when_th
     )
     .await;
     // The same consumer, on the same channel, gets it again and takes it: the inbox holds it.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let taken: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT FROM inbox WHERE message_id = $1 AND consumer = 'panics-once')")
-                .bind(message_id)
-                .fetch_one(&app.pool)
-                .await
-                .unwrap();
-        if taken {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the delivery was not given back after the panic ({} attempts)",
-            attempts.load(std::sync::atomic::Ordering::SeqCst)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.wait_until(
+        "the delivery was not given back after the panic",
+        WAIT,
+        &format!("EXISTS (SELECT FROM inbox WHERE message_id = '{message_id}' AND consumer = 'panics-once')"),
+    )
+    .await;
     assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
     shutdown.cancel();
     consumer.await.unwrap().unwrap();

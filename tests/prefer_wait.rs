@@ -223,21 +223,13 @@ async fn a_waiting_request_is_answered_when_the_server_shuts_down() {
         (status, body["status"].as_str().map(str::to_owned))
     });
     // Waiting once the watcher checks its order: the watcher queries only while someone waits.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let watching: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE datname = current_database()
-                             AND query LIKE 'SELECT id, status FROM orders WHERE id = ANY%')",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        if watching {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the request never started waiting");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    app.wait_until(
+        "the request never started waiting",
+        Duration::from_secs(20),
+        "EXISTS (SELECT FROM pg_stat_activity WHERE datname = current_database()
+                 AND query LIKE 'SELECT id, status FROM orders WHERE id = ANY%')",
+    )
+    .await;
     let stopping = Instant::now();
     let stopped = tokio::spawn(app.stop());
     let answer = tokio::time::timeout(Duration::from_secs(5), waiting)

@@ -288,38 +288,25 @@ async fn a_deadline_message_before_the_deadline_cancels_nothing() {
         "id": message_id, "type": "order.deadline", "occurredAt": "2026-12-05T10:00:00.000Z",
         "data": {"orderIds": [order]},
     });
-    let (conn, channel) = app.amqp().await;
-    channel.confirm_select(Default::default()).await.unwrap();
-    let confirm = channel
-        .basic_publish(
-            orderflow_shared::messaging::topology::EXPIRED_EXCHANGE.into(),
-            "".into(),
-            Default::default(),
-            body.to_string().as_bytes(),
-            lapin::BasicProperties::default()
-                .with_message_id(message_id.to_string().into())
-                .with_type("order.deadline".into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
-    assert!(confirm.is_ack());
-    let _ = conn.close(200, "bye".into()).await;
+    common::raw_amqp::publish(
+        &app.config.amqp_url,
+        common::raw_amqp::Message {
+            exchange: orderflow_shared::messaging::topology::EXPIRED_EXCHANGE,
+            routing_key: "",
+            message_id: &message_id.to_string(),
+            correlation_id: None,
+            headers: &common::raw_amqp::table::<&str>(&[]),
+            body: body.to_string().as_bytes(),
+        },
+    )
+    .await;
     // Handled (recorded in the recovery worker's inbox), and the order untouched.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let handled: bool = sqlx::query_scalar("SELECT EXISTS (SELECT FROM inbox WHERE message_id = $1)")
-            .bind(message_id)
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-        if handled {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the deadline message was never handled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    app.wait_until(
+        "the deadline message was never handled",
+        WAIT,
+        &format!("EXISTS (SELECT FROM inbox WHERE message_id = '{message_id}')"),
+    )
+    .await;
     let (status, body) = app.get(&format!("/api/orders/{order}"), &app.token(5)).await;
     assert_eq!(
         (status.as_u16(), body["status"].as_str()),

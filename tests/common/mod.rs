@@ -535,6 +535,24 @@ impl TestApp {
         let _ = conn.close(200, "bye".into()).await;
     }
 
+    /// Polls `condition`, a boolean SQL expression (ids written into it), until it holds;
+    /// fails the test after `within`, saying `what` never happened.
+    pub async fn wait_until(&self, what: &str, within: Duration, condition: &str) {
+        let deadline = Instant::now() + within;
+        let query = format!("SELECT {condition}");
+        loop {
+            let holds: bool = sqlx::query_scalar(sqlx::AssertSqlSafe(query.as_str()))
+                .fetch_one(&self.pool)
+                .await
+                .unwrap();
+            if holds {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Polls the order row until `pred` holds.
     pub async fn wait_order_row(
         &self,

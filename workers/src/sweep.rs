@@ -73,19 +73,40 @@ const PRUNE_BUDGET: Duration = Duration::from_secs(5);
 /// instead of at most one batch per table per pass (500 rows a second at the default 10 s,
 /// less than a shop at a few hundred orders a second writes).
 pub async fn prune(pool: &PgPool, budget: Duration) -> Result<u64> {
-    let started = tokio::time::Instant::now();
     let mut removed = 0;
-    loop {
-        let mut full = false;
-        for sql in PRUNE {
-            let n = sqlx::query(sql).bind(PRUNE_BATCH).execute(pool).await?.rows_affected();
+    while_full(
+        budget,
+        || prune_once(pool),
+        |(n, full)| {
             removed += n;
-            full |= n >= PRUNE_BATCH as u64;
-        }
-        if !full || started.elapsed() >= budget {
-            return Ok(removed);
-        }
+            full
+        },
+    )
+    .await?;
+    Ok(removed)
+}
+
+/// One batch from each table: (rows removed, whether a table had a whole batch due).
+async fn prune_once(pool: &PgPool) -> Result<(u64, bool)> {
+    let (mut removed, mut full) = (0, false);
+    for sql in PRUNE {
+        let n = sqlx::query(sql).bind(PRUNE_BATCH).execute(pool).await?.rows_affected();
+        removed += n;
+        full |= n >= PRUNE_BATCH as u64;
     }
+    Ok((removed, full))
+}
+
+/// Runs `pass` again while `add` (given each pass's result) says it found a whole batch, so
+/// more may be due, for at most `budget` (at least one pass).
+async fn while_full<T, F: Future<Output = Result<T>>>(
+    budget: Duration,
+    mut pass: impl FnMut() -> F,
+    mut add: impl FnMut(T) -> bool,
+) -> Result<()> {
+    let started = tokio::time::Instant::now();
+    while add(pass().await?) && started.elapsed() < budget {}
+    Ok(())
 }
 
 /// One batch of [`prune`] per table (`$1`: at most how many rows).
@@ -114,17 +135,18 @@ pub struct Swept {
 /// as fast as they come due, not [`BATCH`] per interval (20 a second at the default 10 s).
 /// Returns what it did in all.
 pub async fn sweep(pool: &PgPool, order_timeout: Duration, budget: Duration) -> Result<Swept> {
-    let started = tokio::time::Instant::now();
     let mut total = Swept::default();
-    loop {
-        let pass = sweep_once(pool, order_timeout).await?;
-        total.timed_out += pass.timed_out;
-        total.redriven += pass.redriven;
-        let full = pass.timed_out.max(pass.redriven) >= BATCH as usize;
-        if !full || started.elapsed() >= budget {
-            return Ok(total);
-        }
-    }
+    while_full(
+        budget,
+        || sweep_once(pool, order_timeout),
+        |pass| {
+            total.timed_out += pass.timed_out;
+            total.redriven += pass.redriven;
+            pass.timed_out.max(pass.redriven) >= BATCH as usize
+        },
+    )
+    .await?;
+    Ok(total)
 }
 
 /// One pass; returns what it did.
