@@ -1,5 +1,5 @@
 -- no-transaction
--- An order's timeline (GET /api/ops/orders/{id}) lists the dead letters about it: those that
+-- An order's timeline (GET /api/admin/orders/{id}/timeline) lists the dead letters about it: those that
 -- name it in `order_ids` (a command about a batch of orders) as well as by `order_id`. The
 -- array had no index, so each timeline read every dead letter ever recorded (they are kept,
 -- replayed or discarded, for the record). GIN answers `order_ids @> ARRAY[id]`. Built

@@ -829,13 +829,18 @@ async fn headers_thousands_deep_or_wide_on_every_queue_leave_the_process_alive_a
     app.stop().await;
 }
 
-/// A step whose first attempt at anything panics, as a bug would; later attempts take it.
-struct PanicsOnce {
+/// A stock step with a bug: it panics on any batch that names `poison` (the first `panics`
+/// times; then it takes it too) and records the orders it takes.
+#[derive(Clone, Default)]
+struct Buggy {
+    poison: uuid::Uuid,
+    panics: usize,
     attempts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    taken: std::sync::Arc<std::sync::Mutex<Vec<uuid::Uuid>>>,
 }
 
-impl orderflow_workers::runtime::Step for PanicsOnce {
-    const NAME: &'static str = "panics-once";
+impl orderflow_workers::runtime::Step for Buggy {
+    const NAME: &'static str = "buggy";
     const QUEUE: &'static str = orderflow_shared::messaging::topology::STOCK_QUEUE;
 
     fn accepts(&self, kind: orderflow_shared::messaging::MessageType) -> bool {
@@ -848,11 +853,59 @@ impl orderflow_workers::runtime::Step for PanicsOnce {
         batch: &[&orderflow_workers::runtime::Incoming],
         _attempt: u32,
     ) -> orderflow_shared::Result<Vec<orderflow_workers::runtime::Outcome>> {
-        if self.attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+        if batch.iter().any(|m| m.order_ids.contains(&self.poison))
+            && self.attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < self.panics
+        {
             panic!("a step's own bug");
         }
+        let ids = batch.iter().flat_map(|m| m.order_ids.iter().copied());
+        self.taken.lock().unwrap().extend(ids);
         Ok(vec![orderflow_workers::runtime::Outcome::Done; batch.len()])
     }
+}
+
+/// Runs `step` on the test's vhost until the returned token is cancelled.
+fn run_buggy(
+    app: &TestApp,
+    step: Buggy,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let cfg = orderflow_workers::runtime::RuntimeConfig {
+        amqp_url: app.config.amqp_url.clone(),
+        prefetch: 10,
+        concurrency: 2,
+        batch: 10,
+        linger: Duration::ZERO,
+        drain_timeout: Duration::from_secs(1),
+        feed: Default::default(),
+    };
+    let task = tokio::spawn(orderflow_workers::runtime::run(
+        step,
+        app.pool.clone(),
+        cfg,
+        shutdown.clone(),
+    ));
+    (shutdown, task)
+}
+
+/// Publishes a `stock.reserve` naming `orders`; returns its message id.
+async fn reserve(app: &TestApp, orders: &[uuid::Uuid]) -> uuid::Uuid {
+    let message_id = uuid::Uuid::now_v7();
+    let body = json!({"id": message_id, "type": "stock.reserve", "occurredAt": "2026-12-07T10:00:00.000Z",
+                      "data": {"orderIds": orders}});
+    publish(
+        app,
+        "orderflow.work",
+        "stock.reserve",
+        body.to_string().as_bytes(),
+        FieldTable::default(),
+        &message_id.to_string(),
+    )
+    .await;
+    message_id
 }
 
 #[tokio::test]
@@ -862,45 +915,59 @@ async fn a_delivery_whose_step_panics_goes_back_to_the_queue_at_once_not_when_th
         ..Default::default()
     })
     .await;
-    let attempts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let cfg = orderflow_workers::runtime::RuntimeConfig {
-        amqp_url: app.config.amqp_url.clone(),
-        prefetch: 10,
-        concurrency: 2,
-        batch: 1,
-        linger: Duration::ZERO,
-        drain_timeout: Duration::from_secs(1),
-        feed: Default::default(),
+    let order = uuid::Uuid::now_v7();
+    let step = Buggy {
+        poison: order,
+        panics: 1,
+        ..Default::default()
     };
-    let consumer = tokio::spawn(orderflow_workers::runtime::run(
-        PanicsOnce {
-            attempts: attempts.clone(),
-        },
-        app.pool.clone(),
-        cfg,
-        shutdown.clone(),
-    ));
-    let message_id = uuid::Uuid::now_v7();
-    let body = json!({"id": message_id, "type": "stock.reserve", "occurredAt": "2026-12-07T10:00:00.000Z",
-                      "data": {"orderIds": [uuid::Uuid::now_v7()]}});
-    publish(
-        &app,
-        "orderflow.work",
-        "stock.reserve",
-        body.to_string().as_bytes(),
-        FieldTable::default(),
-        &message_id.to_string(),
-    )
-    .await;
+    let (shutdown, consumer) = run_buggy(&app, step.clone());
+    let message_id = reserve(&app, &[order]).await;
     // The same consumer, on the same channel, gets it again and takes it: the inbox holds it.
     app.wait_until(
         "the delivery was not given back after the panic",
         WAIT,
-        &format!("EXISTS (SELECT FROM inbox WHERE message_id = '{message_id}' AND consumer = 'panics-once')"),
+        &format!("EXISTS (SELECT FROM inbox WHERE message_id = '{message_id}' AND consumer = 'buggy')"),
     )
     .await;
-    assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(step.attempts.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(*step.taken.lock().unwrap(), [order]);
+    shutdown.cancel();
+    consumer.await.unwrap().unwrap();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_step_that_panics_on_one_order_fails_that_order_alone() {
+    // A relay: a message about several orders that fails is split into one per order.
+    let app = TestApp::spawn_with(common::Options {
+        workers: vec![orderflow_workers::WorkerKind::Relay],
+        ..Default::default()
+    })
+    .await;
+    let (a, poison, b) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let step = Buggy {
+        poison,
+        panics: usize::MAX,
+        ..Default::default()
+    };
+    let (shutdown, consumer) = run_buggy(&app, step.clone());
+    reserve(&app, &[a, poison, b]).await;
+    // Its neighbours are taken; the order the bug meets is dead-lettered at the delivery limit.
+    let deadline = Instant::now() + WAIT;
+    let letters = loop {
+        let letters = app.drain_queue("orderflow.dead-letters").await;
+        if !letters.is_empty() {
+            break letters;
+        }
+        assert!(Instant::now() < deadline, "the poison order was never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].1["data"]["orderIds"], json!([poison]), "{:?}", letters[0].1);
+    let mut taken = step.taken.lock().unwrap().clone();
+    taken.sort_unstable();
+    assert_eq!(taken, [a, b]);
     shutdown.cancel();
     consumer.await.unwrap().unwrap();
     app.stop().await;

@@ -240,10 +240,10 @@ async fn consume<S: Step>(
                         .then(|| tokio::time::Instant::now() + cfg.linger);
                     let failed = gather(&mut consumer, &mut batch, most, until, shutdown).await;
                     let (step, db) = (step.clone(), db.clone());
-                    // A panic must not keep its deliveries unsettled until the channel closes
-                    // (an acker does nothing when dropped): what the batch had not settled
-                    // goes back to the queue, whose delivery limit dead-letters a message
-                    // that panics every time.
+                    // The step's panics are errors (`contained`); one anywhere else must not
+                    // keep the batch's deliveries unsettled until the channel closes (an acker
+                    // does nothing when dropped): what the batch had not settled goes back to
+                    // the queue.
                     let ackers: Vec<Acker> = batch.iter().map(|d| d.acker.clone()).collect();
                     in_flight.spawn(async move {
                         let done = AssertUnwindSafe(process_batch(&*step, &db, batch)).catch_unwind().await;
@@ -259,7 +259,11 @@ async fn consume<S: Step>(
                 Some(Err(err)) => break Err(err),
                 None => break Err(stream_ended()),
             },
-            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Err(err) = joined {
+                    tracing::error!(worker = S::NAME, error = %err, "a delivery task failed");
+                }
+            }
         }
     };
 
@@ -292,12 +296,15 @@ async fn requeue_unsettled<S: Step>(ackers: &[Acker]) {
         "a delivery task panicked; returning its unsettled deliveries to the queue"
     );
     for acker in ackers {
-        let _ = acker
+        let requeued = acker
             .nack(BasicNackOptions {
                 requeue: true,
                 ..Default::default()
             })
             .await;
+        if matches!(requeued, Ok(true)) {
+            metrics::message(S::QUEUE, Disposition::Requeued.label());
+        }
     }
 }
 
@@ -400,13 +407,16 @@ async fn accept<S: Step>(step: &S, delivery: Delivery) -> Option<Item> {
             delivery.data.len()
         ))
     } else {
-        step.decode(&delivery).and_then(|msg| {
-            if step.accepts(msg.kind) {
-                Ok(msg)
-            } else {
-                Err(format!("message type {} not handled here", msg.kind.as_str()))
-            }
-        })
+        // A decoder's panic makes the delivery undecodable, not the worker's end.
+        std::panic::catch_unwind(AssertUnwindSafe(|| step.decode(&delivery)))
+            .unwrap_or_else(|panic| Err(format!("decoding panicked: {}", panic_message(&*panic))))
+            .and_then(|msg| {
+                if step.accepts(msg.kind) {
+                    Ok(msg)
+                } else {
+                    Err(format!("message type {} not handled here", msg.kind.as_str()))
+                }
+            })
     };
     let msg = match decoded {
         Ok(msg) => msg,
@@ -744,6 +754,27 @@ fn error_type(err: &Error) -> &'static str {
 /// same message twice in the batch counts once), the step for the fresh ones, what their
 /// outcomes need (missing orders sent on alone, inbox records of rejected messages removed
 /// so that a replay of their dead letter is handled), one commit.
+/// A step's panic as an error that is not transient: its deliveries then take the path of any
+/// such failure (a batch is tried one delivery at a time, a message about several orders is
+/// split, one delivery goes back to its queue until the delivery limit dead-letters it, or is
+/// parked where there is no limit), so a bug met by one order never fails its neighbours. The
+/// transaction the step ran in is dropped, so rolled back.
+async fn contained<T>(step: impl Future<Output = Result<T>>) -> Result<T> {
+    AssertUnwindSafe(step)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Err(anyhow::anyhow!("the step panicked: {}", panic_message(&*panic)).into()))
+}
+
+/// What a panic said, if it said it in text.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
 async fn handle<S: Step>(step: &S, db: &Db, items: &[Item], attempt: u32) -> Result<Vec<Disposition>> {
     let mut conn = db.kept.acquire().await?;
     let mut tx = conn.begin().await?;
@@ -772,7 +803,7 @@ async fn handle<S: Step>(step: &S, db: &Db, items: &[Item], attempt: u32) -> Res
     // What the step writes to the outbox is handed to the relay after the commit.
     let (outcomes, written) = outbox::staged(telemetry::with_order_traces(
         traces,
-        step.handle(&mut tx, &batch, attempt),
+        contained(step.handle(&mut tx, &batch, attempt)),
     ))
     .instrument(items[todo[0]].span.clone())
     .await;

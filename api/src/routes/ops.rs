@@ -462,14 +462,14 @@ struct InboxRow {
     processed_at: DateTime<Utc>,
 }
 
-/// One order's life: its statuses with times, every message hop (when it was decided, when
-/// the relay published it, which worker handled it when), which hops were compensations, and
-/// its dead letters.
 /// The dead letters about order `$1`: named alone (`order_id`, also every letter an earlier
 /// release recorded) or in a batch (`order_ids`, by its GIN index), oldest first.
 pub const DEAD_LETTERS_OF_ORDER: &str =
     "SELECT * FROM dead_letters WHERE order_id = $1 OR order_ids @> ARRAY[$1]::uuid[] ORDER BY id";
 
+/// One order's life: its statuses with times, every message hop (when it was decided, when
+/// the relay published it, which worker handled it when), which hops were compensations, and
+/// its dead letters.
 #[utoipa::path(get, path = "/api/admin/orders/{id}/timeline", operation_id = "getOrderTimeline", tag = "admin",
     security(("bearer" = []), ("admin_cookie" = [])),
     params(("id" = Uuid, Path, description = "the order id")), responses(

@@ -33,7 +33,7 @@ use serde_json::{Value, json};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::runtime::{Incoming, MAX_MESSAGE_BYTES, Outcome, Step, header_str};
+use crate::runtime::{Incoming, MAX_MESSAGE_BYTES, Outcome, Step, header_str, panic_message};
 
 pub struct DeadLetters;
 
@@ -73,9 +73,12 @@ impl Step for DeadLetters {
         kind == MessageType::DeadLetter
     }
 
-    /// Any bytes are a valid dead letter: nothing on this queue is ever rejected.
+    /// Any bytes are a valid dead letter: nothing on this queue is ever rejected (it has no
+    /// dead-letter queue of its own, so a rejection would lose the record), not even a letter
+    /// that makes [`read`] panic (kept as a bare record).
     fn decode(&self, delivery: &Delivery) -> Result<Incoming, String> {
-        let letter = read(delivery);
+        let letter = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(delivery)))
+            .unwrap_or_else(|panic| unreadable(delivery, panic_message(&*panic)));
         let envelope = Envelope {
             id: fingerprint(&letter),
             kind: MessageType::DeadLetter.as_str().to_owned(),
@@ -253,6 +256,29 @@ fn read(delivery: &Delivery) -> DeadLetter {
         dead_at: death["time"]["$timestamp"]
             .as_i64()
             .and_then(|t| DateTime::from_timestamp(t, 0)),
+    }
+}
+
+/// A letter [`read`] could not take apart: its message id, routing key and (the first
+/// [`MAX_MESSAGE_BYTES`] of) its body, and why, for an operator.
+fn unreadable(delivery: &Delivery, why: &str) -> DeadLetter {
+    let whole = delivery.data.len();
+    let mut headers = json!({ "$unreadable": pg_text(why) });
+    if whole > MAX_MESSAGE_BYTES {
+        headers[TRUNCATED_FROM] = whole.into();
+    }
+    DeadLetter {
+        message_id: delivery.properties.message_id().as_ref().map(|m| pg_text(m.as_str())),
+        message_type: None,
+        order_ids: Vec::new(),
+        source_queue: None,
+        exchange: None,
+        routing_key: Some(pg_text(delivery.routing_key.as_str())),
+        reason: None,
+        death_count: 1,
+        headers,
+        body: delivery.data[..whole.min(MAX_MESSAGE_BYTES)].to_vec(),
+        dead_at: None,
     }
 }
 
