@@ -46,10 +46,33 @@ impl Limits {
     }
 }
 
+/// File descriptors a process keeps beside its clients' connections: its database pools,
+/// broker connections, listeners, logs and the runtime's own.
+const OWN_FILES: u64 = 256;
+
+/// Raises the soft limit on open files to the hard limit, as Go's runtime does at start:
+/// systemd and many container runtimes start a process with a soft 1,024 (and a hard limit far
+/// above), below HTTP_MAX_CONNECTIONS' default, and a process out of descriptors can open
+/// neither a client's connection nor its own to PostgreSQL or RabbitMQ. Warns when the limit
+/// stays below what `max_connections` clients and the process itself need. Idempotent.
+pub fn raise_file_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < max_connections as u64 + OWN_FILES => tracing::warn!(
+            limit,
+            max_connections,
+            "the open-file limit is below HTTP_MAX_CONNECTIONS and the process's own files: \
+             raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower HTTP_MAX_CONNECTIONS"
+        ),
+        Ok(_) => {}
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit"),
+    }
+}
+
 /// Serves `app` on `listener` within `limits` until `shutdown` is cancelled, then waits for
 /// the connections' requests in flight to finish. Accept errors (a full file table, say) are
 /// retried after a pause by axum's `Listener` for `TcpListener`, so this never fails.
 pub async fn serve(mut listener: TcpListener, app: Router, limits: Limits, shutdown: CancellationToken) {
+    raise_file_limit(limits.max_connections);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
@@ -91,3 +114,19 @@ pub async fn serve(mut listener: TcpListener, app: Router, limits: Limits, shutd
 /// How long a shutting-down listener waits for its connections' requests to finish (the
 /// process gives all its parts 30 s).
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+        let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
+        // As systemd starts a process: a soft limit below the hard one.
+        let low = (hard / 2).min(soft).max(64);
+        rlimit::setrlimit(rlimit::Resource::NOFILE, low, hard).unwrap();
+        raise_file_limit(1);
+        assert_eq!(rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap(), (hard, hard));
+    }
+}
