@@ -388,6 +388,22 @@ async fn a_replay_shows_its_progress_stops_when_cancelled_and_refuses_bad_reques
     assert_eq!(status, StatusCode::ACCEPTED, "{started}");
     let id = started["id"].as_i64().unwrap();
     assert_eq!(started["total"], 12);
+    // The same window again (a double-click) while it runs: refused, nothing created.
+    let (status, _, problem) = start_replay(
+        &app,
+        json!({"from": rfc3339(from - chrono::TimeDelta::hours(1)), "to": rfc3339(from + chrono::TimeDelta::milliseconds(1))}),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (StatusCode::CONFLICT, Some("REPLAY_OVERLAPS")),
+        "{problem}"
+    );
+    let replays: i64 = sqlx::query_scalar("SELECT count(*) FROM event_replays")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(replays, 1);
     wait_replay(&app, id, |r| r["published"] == 1).await;
     let cancel = format!("/api/admin/events/replays/{id}/cancel");
     let (status, cancelled) = app.admin(Method::POST, &cancel).await;
@@ -691,7 +707,11 @@ async fn the_openapi_document_describes_the_replay_routes() {
     assert_eq!(status, StatusCode::OK);
     let paths = &doc["paths"];
     for (path, method, statuses) in [
-        ("/api/admin/events/replay", "post", &["202", "400", "401", "403"][..]),
+        (
+            "/api/admin/events/replay",
+            "post",
+            &["202", "400", "401", "403", "409"][..],
+        ),
         ("/api/admin/events/replays", "get", &["200", "400", "401", "403"]),
         ("/api/admin/events/replays/{id}", "get", &["200", "401", "403", "404"]),
         (

@@ -612,3 +612,94 @@ async fn parked_outbox_rows_are_grouped_and_retried_or_discarded_by_group() {
     assert_eq!(groups["total"], 0, "{groups}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_bulk_action_is_refused_when_more_match_than_the_operator_confirmed() {
+    // No stock worker: accepted orders stay PENDING.
+    let app = TestApp::spawn_with(Options {
+        workers: vec![WorkerKind::Relay],
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Backlog", 1_000, 10).await;
+    for _ in 0..2 {
+        app.order(61, &[(product, 1)], None).await;
+    }
+    let cancel = json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "0s"}});
+    let mut dry = cancel.clone();
+    dry["dryRun"] = json!(true);
+    let (status, shown) = bulk(&app, dry).await;
+    assert_eq!((status, shown["matching"].as_i64()), (200, Some(2)), "{shown}");
+
+    // The backlog grows while the operator reads the dialog.
+    app.order(61, &[(product, 1)], None).await;
+    let mut confirmed = cancel.clone();
+    confirmed["expectedMatching"] = shown["matching"].clone();
+    let (status, problem) = bulk(&app, confirmed).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("BULK_ACTION_CHANGED")),
+        "{problem}"
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM orders WHERE status = 'PENDING'").await,
+        3
+    );
+    assert_eq!(count(&app, "SELECT count(*) FROM bulk_actions").await, 0);
+
+    // Confirmed again for what matches now: all three.
+    let mut confirmed = cancel.clone();
+    confirmed["expectedMatching"] = json!(3);
+    let action = run_bulk(&app, confirmed).await;
+    assert_eq!(
+        (action["state"].as_str(), action["done"].as_i64()),
+        (Some("DONE"), Some(3)),
+        "{action}"
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM orders WHERE status = 'CANCELLED'").await,
+        3
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn at_most_four_bulk_actions_run_at_once() {
+    let app = TestApp::api_only().await;
+    sqlx::raw_sql(
+        "INSERT INTO dead_letters (fingerprint, message_type, source_queue, reason, body)
+         SELECT gen_random_uuid(), 'stock.reserve', 'orderflow.stock', 'rejected', '{}' FROM generate_series(1, 20)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // One letter per chunk, ten seconds between chunks: each stays RUNNING a while.
+    let slow = json!({"action": "DISCARD_DEAD_LETTERS", "chunkSize": 1, "pauseMs": 10000});
+    let mut ids = Vec::new();
+    for _ in 0..orderflow_shared::db::bulk::MAX_RUNNING {
+        let (status, started) = bulk(&app, slow.clone()).await;
+        assert_eq!(status, 202, "{started}");
+        ids.push(started["id"].as_i64().unwrap());
+    }
+    let (status, problem) = bulk(&app, slow.clone()).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("BULK_ACTIONS_BUSY")),
+        "{problem}"
+    );
+    assert_eq!(count(&app, "SELECT count(*) FROM bulk_actions").await, 4);
+
+    // One ends: there is room again.
+    let (status, cancelled) = app
+        .call(
+            Method::POST,
+            &format!("/api/admin/bulk-actions/{}/cancel", ids[0]),
+            Some(&app.admin_token()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{cancelled}");
+    let (status, started) = bulk(&app, slow).await;
+    assert_eq!(status, 202, "{started}");
+    app.stop().await;
+}

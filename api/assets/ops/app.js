@@ -374,7 +374,7 @@ async function bulkOnOrders(action) {
     : `Retry the compensations of ${number(dry.matching)} COMPENSATION_FAILED order(s)?`;
   if (!window.confirm(what)) return;
   act('Bulk action', async () => {
-    const started = await api('POST', '/api/admin/bulk-actions', { action, filter });
+    const started = await api('POST', '/api/admin/bulk-actions', { action, filter, expectedMatching: dry.matching });
     return `Bulk action #${started.id} started: ${started.action} on ${number(started.total)} order(s).`;
   });
 }
@@ -398,7 +398,7 @@ async function bulkOnGroup(g, action) {
   const refused = dry.notReplayable ? `\n${number(dry.notReplayable)} cannot be replayed and stay new: ${dry.notReplayableReason}` : '';
   if (!window.confirm(`${verb} ${number(dry.matching)} ${noun} of ${number(dry.orders)} order(s)?\n${what}${refused}`)) return;
   act(verb, async () => {
-    const started = await api('POST', '/api/admin/bulk-actions', { action, filter });
+    const started = await api('POST', '/api/admin/bulk-actions', { action, filter, expectedMatching: dry.matching });
     return `Bulk action #${started.id} started: ${verb.toLowerCase()} ${number(started.total)} ${noun}.`;
   });
 }

@@ -230,6 +230,12 @@ pub struct NewBulkAction {
     #[schema(minimum = 0, maximum = 10000)]
     #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub pause_ms: Option<i64>,
+    /// The `matching` of the dry run the operator confirmed: if more items match when the
+    /// action is created (a backlog grew meanwhile), it is refused with 409
+    /// `BULK_ACTION_CHANGED` and nothing changes; fewer is fine (some were settled since).
+    #[schema(minimum = 0)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
+    pub expected_matching: Option<i64>,
 }
 
 /// A failure group's id as `GET /api/admin/failure-groups` gives it (32 lowercase hex
@@ -340,6 +346,7 @@ impl NewBulkAction {
                 ("cancelBulkAction" = (operation_id = "cancelBulkAction", parameters(("id" = "$response.body#/id")))),
             )),
         (status = 400, description = "INVALID_GROUP, INVALID_FILTER (a control character), INVALID_TIME, INVALID_DURATION, INVALID_CHUNK_SIZE, INVALID_PAUSE, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "BULK_ACTION_CHANGED: more items match than `expectedMatching`; BULK_ACTIONS_BUSY: as many actions as may run at once are running", body = Problem, content_type = PROBLEM),
         (status = 422, description = "INVALID_FILTER: a field the action does not take, or a cancel without olderThan; INVALID_STATUS: a status the action cannot move", body = Problem, content_type = PROBLEM),
         (status = 503, description = "BROKER_UNAVAILABLE: a replay's dry run could not ask the broker", body = Problem, content_type = PROBLEM),
     ))]
@@ -352,7 +359,14 @@ pub async fn start(State(state): State<AppState>, admin: Admin, Json(req): Json<
         return Ok((StatusCode::OK, Json(dry)).into_response());
     }
     let owner = Uuid::new_v4();
-    let created = bulk::create(&state.pool, &plan, &admin.0.describe_as_actor(), owner).await?;
+    let created = bulk::create(
+        &state.pool,
+        &plan,
+        req.expected_matching,
+        &admin.0.describe_as_actor(),
+        owner,
+    )
+    .await?;
     tracing::info!(
         bulk_action = created.id,
         action = plan.action.as_str(),

@@ -77,6 +77,7 @@ pub struct NewReplay {
                 ("cancelEventReplay" = (operation_id = "cancelEventReplay", parameters(("id" = "$response.body#/id")))),
             )),
         (status = 400, description = "INVALID_TIME, INVALID_CHUNK_SIZE, INVALID_PAUSE, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "REPLAY_OVERLAPS: a running replay covers part of the window", body = Problem, content_type = PROBLEM),
         (status = 422, description = "INVALID_WINDOW: `from` is not before `to` (cut at now); WINDOW_TOO_LONG: over 31 days", body = Problem, content_type = PROBLEM),
     ))]
 pub async fn start(State(state): State<AppState>, admin: Admin, Json(req): Json<NewReplay>) -> ApiResult<Response> {

@@ -498,8 +498,34 @@ pub async fn dry_run(pool: &PgPool, amqp_url: &str, plan: &Plan) -> Result<DryRu
 
 /// Creates a RUNNING action (counting what matches), leased to `owner` (the caller runs it
 /// next with [`spawn`]).
-pub async fn create(pool: &PgPool, plan: &Plan, requested_by: &str, owner: Uuid) -> Result<BulkAction> {
+/// Most bulk actions RUNNING at once: each holds a runner polling the database and
+/// competes with the pipeline for it, and an incident needs a few, not hundreds.
+pub const MAX_RUNNING: i64 = 4;
+
+/// Creates a RUNNING action for `plan`, counting what it covers now. Errors:
+/// `BULK_ACTION_CHANGED` (409) when more than `at_most` items match (the dry run the operator
+/// confirmed showed fewer), `BULK_ACTIONS_BUSY` (409) when [`MAX_RUNNING`] are running.
+pub async fn create(
+    pool: &PgPool,
+    plan: &Plan,
+    at_most: Option<i64>,
+    requested_by: &str,
+    owner: Uuid,
+) -> Result<BulkAction> {
     let mut tx = pool.begin().await?;
+    // One creation at a time, so two cannot both see room for one more.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('orderflow.bulk_actions.create'))")
+        .execute(&mut *tx)
+        .await?;
+    let running: i64 = sqlx::query_scalar("SELECT count(*) FROM bulk_actions WHERE state = 'RUNNING'")
+        .fetch_one(&mut *tx)
+        .await?;
+    if running >= MAX_RUNNING {
+        return Err(Error::conflict(
+            "BULK_ACTIONS_BUSY",
+            format!("{running} bulk actions are running, the most at once: wait for one to end or cancel one"),
+        ));
+    }
     let upto: i64 = match plan.action.target() {
         Target::DeadLetters => sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM dead_letters"),
         Target::Parked => sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM outbox"),
@@ -508,6 +534,12 @@ pub async fn create(pool: &PgPool, plan: &Plan, requested_by: &str, owner: Uuid)
     .fetch_one(&mut *tx)
     .await?;
     let (total, _) = count(&mut tx, plan.action.target(), &plan.filter, upto).await?;
+    if let Some(confirmed) = at_most.filter(|&n| total > n) {
+        return Err(Error::conflict(
+            "BULK_ACTION_CHANGED",
+            format!("{total} items match now, more than the {confirmed} confirmed: run the dry run again"),
+        ));
+    }
     let created = sqlx::query_as(
         "INSERT INTO bulk_actions (action, filter, chunk_size, pause_ms, total, requested_by, lease_owner, lease_until,
                                    upto_id)

@@ -233,8 +233,34 @@ impl Plan {
 
 /// Creates a RUNNING replay of `plan` (counting its events), leased to `owner` when given (the
 /// caller runs it next with [`run`]); without an owner an API process resumes it.
+/// Creates a RUNNING replay of `plan`'s window. `REPLAY_OVERLAPS` (409) when a running replay
+/// covers part of the window (the same events twice: a double-click, two operators), nothing
+/// created.
 pub async fn create(conn: &mut PgConnection, plan: &Plan, requested_by: &str, owner: Option<Uuid>) -> Result<Replay> {
-    Ok(sqlx::query_as(
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    // One creation at a time, so two cannot both find the window free.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('orderflow.event_replays.create'))")
+        .execute(&mut *tx)
+        .await?;
+    let running: Option<(i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT id, window_from, window_to FROM event_replays
+         WHERE state = 'RUNNING' AND window_from < $2 AND window_to > $1 ORDER BY id LIMIT 1",
+    )
+    .bind(plan.from)
+    .bind(plan.to)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((id, from, to)) = running {
+        return Err(Error::conflict(
+            "REPLAY_OVERLAPS",
+            format!(
+                "replay {id} is replaying {} to {}, which overlaps this window: wait for it or cancel it",
+                from.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                to.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ),
+        ));
+    }
+    let created = sqlx::query_as(
         "INSERT INTO event_replays (window_from, window_to, chunk_size, pause_ms, total, cursor_at, cursor_order,
                                     requested_by, lease_owner, lease_until)
          VALUES ($1, $2, $3, $4,
@@ -250,8 +276,10 @@ pub async fn create(conn: &mut PgConnection, plan: &Plan, requested_by: &str, ow
     .bind(requested_by)
     .bind(owner)
     .bind(lease_ms())
-    .fetch_one(conn)
-    .await?)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(created)
 }
 
 pub async fn find(conn: &mut PgConnection, id: i64) -> Result<Option<Replay>> {
