@@ -191,6 +191,29 @@ async fn the_dashboard_session_is_an_admin_token_in_an_httponly_cookie() {
     assert!(html.contains(r#"data-testid="login-form""#) && html.contains("expired"));
     assert!(headers[header::SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
 
+    // Another site's form can neither end the session nor start one (both set the cookie).
+    let (status, headers, body) = with_cookie(
+        &app,
+        Method::POST,
+        "/ops/logout",
+        session,
+        &[("sec-fetch-site", "cross-site")],
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("CROSS_ORIGIN_REQUEST") && !headers.contains_key(header::SET_COOKIE));
+    let res = app
+        .request(
+            Method::POST,
+            "/ops/login",
+            None,
+            Some(json!({"token": admin})),
+            &[("origin", "https://elsewhere.example")],
+        )
+        .await;
+    assert_eq!(res.status(), 403);
+    assert!(set_cookie(&res).is_none());
+
     // Log out: the cookie is cleared.
     let (status, headers, _) = with_cookie(&app, Method::POST, "/ops/logout", session, &[]).await;
     assert_eq!(status, 303);

@@ -64,12 +64,8 @@ impl FromRequestParts<AppState> for Admin {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let principal = match cookie(&parts.headers, ADMIN_COOKIE) {
             Some(token) if !parts.headers.contains_key(header::AUTHORIZATION) => {
-                if !parts.method.is_safe() && !same_origin(&parts.headers) {
-                    return Err(Error::forbidden(
-                        "CROSS_ORIGIN_REQUEST",
-                        "a cookie-authenticated change must come from the dashboard's own origin",
-                    )
-                    .into());
+                if !parts.method.is_safe() {
+                    same_origin(&parts.headers)?;
                 }
                 state.auth.verify(&state.pool, token).await?.principal
             }
@@ -88,7 +84,21 @@ pub use crate::header_grammar::cookie;
 /// is the same site. A browser says where a request comes from (`Sec-Fetch-Site`, `Origin`);
 /// a cookie-authenticated change is accepted only from the same origin. Clients that send
 /// neither header (curl, scripts) are not browsers and cannot be tricked into sending it.
-fn same_origin(headers: &HeaderMap) -> bool {
+/// Logging in and out set the cookie, so they are held to the same rule: another site's form
+/// could otherwise end an operator's session mid-incident, or swap in a session of its own.
+/// `CROSS_ORIGIN_REQUEST` (403) otherwise.
+pub fn same_origin(headers: &HeaderMap) -> Result<(), Error> {
+    if from_same_origin(headers) {
+        Ok(())
+    } else {
+        Err(Error::forbidden(
+            "CROSS_ORIGIN_REQUEST",
+            "a cookie-authenticated change must come from the dashboard's own origin",
+        ))
+    }
+}
+
+fn from_same_origin(headers: &HeaderMap) -> bool {
     if let Some(site) = headers.get("sec-fetch-site") {
         return site == "same-origin";
     }

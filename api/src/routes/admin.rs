@@ -165,7 +165,7 @@ pub struct OrderAction {
 ))]
 pub async fn cancel_order(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(id): Path<Uuid>,
 ) -> ApiResult<(StatusCode, Json<OrderAction>)> {
     let mut tx = state.pool.begin().await?;
@@ -180,6 +180,7 @@ pub async fn cancel_order(
     };
     tx.commit().await?;
     outbox::committed();
+    tracing::info!(order_id = %id, by = %admin.0.describe_as_actor(), "an operator cancelled an order");
     Ok((StatusCode::ACCEPTED, Json(OrderAction { order_id: id, status })))
 }
 
@@ -194,7 +195,7 @@ pub async fn cancel_order(
 ))]
 pub async fn retry_compensation(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(id): Path<Uuid>,
 ) -> ApiResult<(StatusCode, Json<OrderAction>)> {
     let mut tx = state.pool.begin().await?;
@@ -212,6 +213,7 @@ pub async fn retry_compensation(
     moves.apply(&mut tx).await?;
     tx.commit().await?;
     outbox::committed();
+    tracing::info!(order_id = %id, by = %admin.0.describe_as_actor(), "an operator retried an order's compensations");
     Ok((
         StatusCode::ACCEPTED,
         Json(OrderAction {
@@ -538,7 +540,7 @@ pub async fn list_parked(
 ))]
 pub async fn retry_parked(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(id): Path<i64>,
 ) -> ApiResult<(StatusCode, Json<ParkedMessage>)> {
     let row: Option<ParkedMessage> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
@@ -547,8 +549,11 @@ pub async fn retry_parked(
     .bind(id)
     .fetch_optional(&state.pool)
     .await?;
-    let row = row.ok_or(not_parked(&state, id).await)?;
+    let Some(row) = row else {
+        return Err(not_parked(&state, id).await.into());
+    };
     outbox::committed();
+    tracing::info!(outbox_id = id, by = %admin.0.describe_as_actor(), "an operator retried a parked message");
     Ok((StatusCode::ACCEPTED, Json(row.with_text())))
 }
 
@@ -562,11 +567,7 @@ pub async fn retry_parked(
     (status = 404, description = "OUTBOX_MESSAGE_NOT_FOUND", body = Problem, content_type = PROBLEM),
     (status = 409, description = "OUTBOX_MESSAGE_NOT_PARKED", body = Problem, content_type = PROBLEM),
 ))]
-pub async fn discard_parked(
-    State(state): State<AppState>,
-    _admin: Admin,
-    Path(id): Path<i64>,
-) -> ApiResult<StatusCode> {
+pub async fn discard_parked(State(state): State<AppState>, admin: Admin, Path(id): Path<i64>) -> ApiResult<StatusCode> {
     let discarded = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE outbox SET discarded_at = now() WHERE id = $1 AND {PARKED}"
     )))
@@ -577,6 +578,7 @@ pub async fn discard_parked(
     if discarded == 0 {
         return Err(not_parked(&state, id).await.into());
     }
+    tracing::info!(outbox_id = id, by = %admin.0.describe_as_actor(), "an operator discarded a parked message");
     Ok(StatusCode::NO_CONTENT)
 }
 

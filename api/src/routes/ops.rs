@@ -109,6 +109,9 @@ pub struct Login {
 /// redirect to the dashboard (or the login form again, with the reason); a JSON post with 204
 /// (or a problem document).
 async fn login(State(state): State<AppState>, req: Request) -> Response {
+    if let Err(err) = crate::extract::same_origin(req.headers()) {
+        return ApiError(err).into_response();
+    }
     let json = crate::header_grammar::media_type_is(req.headers(), "application/json");
     let token = if json {
         match axum::Json::<Login>::from_request(req, &state).await {
@@ -192,7 +195,10 @@ fn unsupported_login_type() -> Response {
 }
 
 /// Ends the session.
-async fn logout() -> Response {
+async fn logout(headers: HeaderMap) -> Response {
+    if let Err(err) = crate::extract::same_origin(&headers) {
+        return ApiError(err).into_response();
+    }
     with_cookie(Redirect::to("/ops").into_response(), &clear_cookie())
 }
 
