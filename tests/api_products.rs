@@ -435,3 +435,30 @@ async fn admin_routes_refuse_users_and_anonymous_callers() {
     assert_eq!(app.stock(id).await, 5);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_restock_retried_with_its_idempotency_key_adds_the_stock_once() {
+    let app = TestApp::api_only().await;
+    let admin = app.admin_token();
+    let id = app.product("Scone", 1_500, 2).await;
+    let path = format!("/api/admin/products/{id}/restock");
+    let key = [("Idempotency-Key", "restock-scone-1")];
+    for _ in 0..3 {
+        let res = app
+            .request(Method::POST, &path, Some(&admin), Some(json!({"quantity": 5})), &key)
+            .await;
+        assert_eq!(res.status(), StatusCode::OK);
+        let body: Value = res.json().await.unwrap();
+        assert_eq!(body["stock"], 7, "each retry answers as the first did: {body}");
+    }
+    assert_eq!(app.stock(id).await, 7);
+    // The same key for another quantity is a client bug, not a retry.
+    let res = app
+        .request(Method::POST, &path, Some(&admin), Some(json!({"quantity": 6})), &key)
+        .await;
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["code"], "IDEMPOTENCY_KEY_REUSED", "{problem}");
+    assert_eq!(app.stock(id).await, 7);
+    app.stop().await;
+}

@@ -5,6 +5,7 @@ use axum::{
     Router,
     extract::State,
     http::StatusCode,
+    response::{IntoResponse, Response},
     routing::{get, post},
 };
 use orderflow_shared::Error;
@@ -13,7 +14,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::{
     AppState,
-    extract::{Admin, Json, Path, Query},
+    extract::{Admin, IdempotencyKey, Json, Path, Query},
+    idempotency::{self, Claim, Claimed},
     page::{Page, PageParams},
     problem::{ApiResult, Problem},
 };
@@ -184,30 +186,61 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(product)))
 }
 
-/// Add stock to a product (admin).
+/// Add stock to a product (admin). With an `Idempotency-Key`, a retried restock (after a
+/// timeout or a 503 whose commit the client cannot know of) adds the stock once.
 #[utoipa::path(post, path = "/api/admin/products/{id}/restock", operation_id = "restockProduct", tag = "admin",
     security(("bearer" = []), ("admin_cookie" = [])),
-    params(("id" = i64, Path, minimum = 1, description = "the product id")), request_body = Restock, responses(
+    params(("id" = i64, Path, minimum = 1, description = "the product id"),
+        ("Idempotency-Key" = Option<String>, Header, pattern = r#"^(?:[!#-~]{1,255}|"[!#-~]{1,255}")$"#,
+        description = "optional: 1..=255 visible ASCII characters other than `\"`, optionally in double quotes; \
+                       makes a retried restock apply once")),
+    request_body = Restock, responses(
     (status = 200, description = "restocked; the product now", body = Product),
-    (status = 400, description = "INVALID_QUANTITY, INVALID_PATH, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
+    (status = 400, description = "INVALID_QUANTITY, INVALID_PATH, INVALID_IDEMPOTENCY_KEY, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
     (status = 404, description = "PRODUCT_NOT_FOUND", body = Problem, content_type = PROBLEM),
+    (status = 409, description = "IDEMPOTENCY_KEY_IN_USE", body = Problem, content_type = PROBLEM),
+    (status = 422, description = "IDEMPOTENCY_KEY_REUSED: the key was used with another product or quantity", body = Problem, content_type = PROBLEM),
 ))]
 pub async fn restock(
     State(state): State<AppState>,
-    _admin: Admin,
+    admin: Admin,
     Path(id): Path<i64>,
+    key: IdempotencyKey,
     Json(req): Json<Restock>,
-) -> ApiResult<Json<Product>> {
+) -> ApiResult<Response> {
     if !(1..=1_000_000).contains(&req.quantity) {
         return Err(Error::bad_request("INVALID_QUANTITY", "quantity must be 1..=1,000,000").into());
     }
-    let product: Option<Product> = sqlx::query_as(
-        "UPDATE products SET stock = stock + $2, restocked = restocked + $2 WHERE id = $1
-         RETURNING id, name, price, stock",
-    )
-    .bind(id)
-    .bind(req.quantity)
-    .fetch_optional(&state.pool)
-    .await?;
-    Ok(Json(product.ok_or_else(|| not_found(id))?))
+    let claim = key.0.map(|key| Claim {
+        user_id: admin.0.user_id,
+        scope: "products.restock",
+        key,
+        request: serde_json::json!({ "productId": id, "quantity": req.quantity }),
+    });
+    let mut tx = state.pool.begin().await?;
+    let result = async {
+        if let Some(claim) = &claim
+            && let Some(stored) = claim.begin(&mut tx).await?
+        {
+            return Ok(Claimed::Replay(stored));
+        }
+        let product: Product = sqlx::query_as(
+            "UPDATE products SET stock = stock + $2, restocked = restocked + $2 WHERE id = $1
+             RETURNING id, name, price, stock",
+        )
+        .bind(id)
+        .bind(req.quantity)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| not_found(id))?;
+        if let Some(claim) = &claim {
+            let body = serde_json::to_value(&product).map_err(anyhow::Error::from)?;
+            claim
+                .finish(&mut tx, StatusCode::OK, &body, serde_json::json!({}))
+                .await?;
+        }
+        Ok(Claimed::Fresh(Json(product).into_response()))
+    }
+    .await;
+    idempotency::end(tx, result).await
 }
