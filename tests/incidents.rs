@@ -703,3 +703,57 @@ async fn at_most_four_bulk_actions_run_at_once() {
     assert_eq!(status, 202, "{started}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_page_of_a_large_actions_items_is_read_in_order_not_sorted() {
+    let app = TestApp::api_only().await;
+    sqlx::raw_sql(
+        "INSERT INTO bulk_actions (id, action, filter, state, chunk_size, pause_ms, total, requested_by, finished_at)
+         VALUES (1, 'DISCARD_DEAD_LETTERS', '{\"kind\": \"messages\"}', 'DONE', 100, 0, 20000, 'admin:test', now());
+         INSERT INTO bulk_action_items (bulk_action_id, item, outcome, detail, at)
+         SELECT 1, g::text, 'DONE', 'DISCARDED', now() - (20000 - g) * interval '1 millisecond'
+           FROM generate_series(1, 20000) g;
+         ANALYZE bulk_action_items;",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let (status, page) = app
+        .get("/api/admin/bulk-actions/1/items?page=2&size=3", &app.admin_token())
+        .await;
+    assert_eq!(status, 200, "{page}");
+    let items: Vec<&str> = page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        (items, page["total"].as_i64()),
+        (vec!["7", "8", "9"], Some(20000)),
+        "{page}"
+    );
+
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&app.config.database_url)
+        .await
+        .unwrap();
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "PREPARE items (int8, int8, int8) AS {};
+             SET plan_cache_mode = {mode};
+             EXPLAIN EXECUTE items (1, 50, 100);
+             DEALLOCATE items;",
+            orderflow_shared::db::bulk::ITEMS_PAGE
+        )))
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+        let plan: Vec<String> = rows.iter().map(|row| sqlx::Row::get(row, 0)).collect();
+        let text = plan.join("\n");
+        assert!(
+            !text.contains("Sort") && text.contains("bulk_action_items_order_idx"),
+            "{mode}:\n{text}"
+        );
+    }
+    app.stop().await;
+}

@@ -842,17 +842,19 @@ pub struct BulkItem {
     pub at: DateTime<Utc>,
 }
 
+/// A page of action `$1`'s items in the order they were acted on: `$2` rows from row `$3`
+/// (read in that order from `bulk_action_items_order_idx`, not sorted per page).
+pub const ITEMS_PAGE: &str = "SELECT item, outcome, detail, at FROM bulk_action_items WHERE bulk_action_id = $1
+     ORDER BY at, item LIMIT $2 OFFSET $3";
+
 /// The items of action `id`, in the order it reached them, and how many there are.
 pub async fn items(conn: &mut PgConnection, id: i64, limit: i64, offset: i64) -> Result<(Vec<BulkItem>, i64)> {
-    let rows = sqlx::query_as(
-        "SELECT item, outcome, detail, at FROM bulk_action_items WHERE bulk_action_id = $1
-         ORDER BY at, item LIMIT $2 OFFSET $3",
-    )
-    .bind(id)
-    .bind(limit)
-    .bind(offset)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows = sqlx::query_as(ITEMS_PAGE)
+        .bind(id)
+        .bind(limit)
+        .bind(offset)
+        .fetch_all(&mut *conn)
+        .await?;
     let total = sqlx::query_scalar("SELECT count(*) FROM bulk_action_items WHERE bulk_action_id = $1")
         .bind(id)
         .fetch_one(conn)
