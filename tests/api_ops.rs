@@ -272,28 +272,12 @@ async fn the_stuck_order_listing_reads_only_orders_in_flight() {
     assert_eq!((status.as_u16(), body["total"].as_i64()), (200, Some(5)), "{body}");
 
     let (page, count) = orderflow_api::routes::admin::order_listing(true);
-    // A connection of its own: its prepared statement and settings stay off the pool's.
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&app.config.database_url)
-        .await
-        .unwrap();
     for (name, statement) in [("page", page), ("count", count)] {
-        for mode in ["force_custom_plan", "force_generic_plan"] {
-            let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "PREPARE listing (text, float8, int8, int8) AS {statement};
-                 SET plan_cache_mode = {mode};
-                 EXPLAIN EXECUTE listing (NULL, 30000, 20, 0);
-                 DEALLOCATE listing;"
-            )))
-            .fetch_all(&mut conn)
+        for (mode, plan) in app
+            .plans(&statement, "text, float8, int8, int8", "NULL, 30000, 20, 0")
             .await
-            .unwrap();
-            let plan: Vec<String> = rows.iter().map(|row| sqlx::Row::get(row, 0)).collect();
-            assert!(!plan.is_empty());
-            assert!(
-                plan.iter().all(|line| !line.contains("Seq Scan")),
-                "{name}, {mode}:\n{}",
-                plan.join("\n")
-            );
+        {
+            assert!(!plan.contains("Seq Scan"), "{name}, {mode}:\n{plan}");
         }
     }
     app.stop().await;
@@ -329,29 +313,14 @@ async fn an_orders_timeline_finds_its_dead_letters_without_reading_them_all() {
         .collect();
     assert_eq!(kinds, ["stock.reserve", "coupon.apply"], "{timeline}");
 
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&app.config.database_url)
-        .await
-        .unwrap();
-    for mode in ["force_custom_plan", "force_generic_plan"] {
-        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "PREPARE letters (uuid) AS {};
-             SET plan_cache_mode = {mode};
-             EXPLAIN EXECUTE letters ('{id}');
-             DEALLOCATE letters;",
-            orderflow_api::routes::ops::DEAD_LETTERS_OF_ORDER
-        )))
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
-        let plan: Vec<String> = rows.iter().map(|row| sqlx::Row::get(row, 0)).collect();
-        assert!(!plan.is_empty());
+    let statement = orderflow_api::routes::ops::DEAD_LETTERS_OF_ORDER;
+    for (mode, plan) in app.plans(statement, "uuid", &format!("'{id}'")).await {
         // Both indexes, so no row of another order is read.
-        let text = plan.join("\n");
         assert!(
-            !text.contains("Seq Scan")
-                && text.contains("dead_letters_order_ids_idx")
-                && text.contains("dead_letters_order_idx"),
-            "{mode}:\n{text}"
+            !plan.contains("Seq Scan")
+                && plan.contains("dead_letters_order_ids_idx")
+                && plan.contains("dead_letters_order_idx"),
+            "{mode}:\n{plan}"
         );
     }
     app.stop().await;

@@ -734,25 +734,11 @@ async fn a_page_of_a_large_actions_items_is_read_in_order_not_sorted() {
         "{page}"
     );
 
-    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&app.config.database_url)
-        .await
-        .unwrap();
-    for mode in ["force_custom_plan", "force_generic_plan"] {
-        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "PREPARE items (int8, int8, int8) AS {};
-             SET plan_cache_mode = {mode};
-             EXPLAIN EXECUTE items (1, 50, 100);
-             DEALLOCATE items;",
-            orderflow_shared::db::bulk::ITEMS_PAGE
-        )))
-        .fetch_all(&mut conn)
-        .await
-        .unwrap();
-        let plan: Vec<String> = rows.iter().map(|row| sqlx::Row::get(row, 0)).collect();
-        let text = plan.join("\n");
+    let statement = orderflow_shared::db::bulk::ITEMS_PAGE;
+    for (mode, plan) in app.plans(statement, "int8, int8, int8", "1, 50, 100").await {
         assert!(
-            !text.contains("Sort") && text.contains("bulk_action_items_order_idx"),
-            "{mode}:\n{text}"
+            !plan.contains("Sort") && plan.contains("bulk_action_items_order_idx"),
+            "{mode}:\n{plan}"
         );
     }
     app.stop().await;

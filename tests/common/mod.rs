@@ -535,6 +535,32 @@ impl TestApp {
         let _ = conn.close(200, "bye".into()).await;
     }
 
+    /// The plans PostgreSQL makes for `statement` (its parameters typed as `types`, e.g.
+    /// `uuid, int8`) executed with `args` (SQL literals), custom and generic, each as
+    /// (mode, the EXPLAIN text): what a statement reads, checked without timing it. A
+    /// connection of its own, so the prepared statement and the setting stay off the pool's.
+    pub async fn plans(&self, statement: &str, types: &str, args: &str) -> Vec<(&'static str, String)> {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&self.config.database_url)
+            .await
+            .unwrap();
+        let mut plans = Vec::new();
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "PREPARE checked ({types}) AS {statement};
+                 SET plan_cache_mode = {mode};
+                 EXPLAIN EXECUTE checked ({args});
+                 DEALLOCATE checked;"
+            )))
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+            let plan: Vec<String> = rows.iter().map(|row| sqlx::Row::get(row, 0)).collect();
+            assert!(!plan.is_empty());
+            plans.push((mode, plan.join("\n")));
+        }
+        plans
+    }
+
     /// Polls `condition`, a boolean SQL expression (ids written into it), until it holds;
     /// fails the test after `within`, saying `what` never happened.
     pub async fn wait_until(&self, what: &str, within: Duration, condition: &str) {
