@@ -236,6 +236,29 @@ fn in_use() -> Error {
     )
 }
 
+/// Claims `claim`'s key, if the request sent one: `Some(stored)` means replay it and do
+/// nothing else (see [`Claim::begin`]).
+pub async fn previous(claim: Option<&Claim>, conn: &mut PgConnection) -> Result<Option<Stored>> {
+    match claim {
+        Some(claim) => claim.begin(conn).await,
+        None => Ok(None),
+    }
+}
+
+/// A first request's answer, `200` with `value` as JSON, stored under `claim` (if the request
+/// sent a key) in the transaction of its effect, for its retries to get it again.
+pub async fn answer_ok<T: serde::Serialize>(
+    claim: Option<&Claim>,
+    conn: &mut PgConnection,
+    value: &T,
+) -> Result<Claimed> {
+    if let Some(claim) = claim {
+        let body = serde_json::to_value(value).map_err(anyhow::Error::from)?;
+        claim.finish(conn, StatusCode::OK, &body, serde_json::json!({})).await?;
+    }
+    Ok(Claimed::Fresh(axum::Json(value).into_response()))
+}
+
 /// What a request under an idempotency claim produced.
 pub enum Claimed {
     /// A retry: the first request's response, to send again; nothing was changed.

@@ -3,8 +3,7 @@
 use axum::{
     Router,
     extract::State,
-    http::StatusCode,
-    response::{IntoResponse, Response},
+    response::Response,
     routing::{get, post},
 };
 use chrono::{DateTime, Utc};
@@ -108,19 +107,11 @@ pub async fn charge(
     });
     let mut tx = state.pool.begin().await?;
     let result = async {
-        if let Some(claim) = &claim
-            && let Some(stored) = claim.begin(&mut tx).await?
-        {
+        if let Some(stored) = idempotency::previous(claim.as_ref(), &mut tx).await? {
             return Ok(Claimed::Replay(stored));
         }
         let view = apply_charge(&mut tx, user.id(), amount).await?;
-        if let Some(claim) = &claim {
-            let body = serde_json::to_value(&view).map_err(anyhow::Error::from)?;
-            claim
-                .finish(&mut tx, StatusCode::OK, &body, serde_json::json!({}))
-                .await?;
-        }
-        Ok(Claimed::Fresh(Json(view).into_response()))
+        idempotency::answer_ok(claim.as_ref(), &mut tx, &view).await
     }
     .await;
     idempotency::end(tx, result).await

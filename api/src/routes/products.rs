@@ -5,7 +5,7 @@ use axum::{
     Router,
     extract::State,
     http::StatusCode,
-    response::{IntoResponse, Response},
+    response::Response,
     routing::{get, post},
 };
 use orderflow_shared::Error;
@@ -219,9 +219,7 @@ pub async fn restock(
     });
     let mut tx = state.pool.begin().await?;
     let result = async {
-        if let Some(claim) = &claim
-            && let Some(stored) = claim.begin(&mut tx).await?
-        {
+        if let Some(stored) = idempotency::previous(claim.as_ref(), &mut tx).await? {
             return Ok(Claimed::Replay(stored));
         }
         let product: Product = sqlx::query_as(
@@ -233,13 +231,7 @@ pub async fn restock(
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| not_found(id))?;
-        if let Some(claim) = &claim {
-            let body = serde_json::to_value(&product).map_err(anyhow::Error::from)?;
-            claim
-                .finish(&mut tx, StatusCode::OK, &body, serde_json::json!({}))
-                .await?;
-        }
-        Ok(Claimed::Fresh(Json(product).into_response()))
+        idempotency::answer_ok(claim.as_ref(), &mut tx, &product).await
     }
     .await;
     idempotency::end(tx, result).await
