@@ -17,7 +17,7 @@ use axum::http::StatusCode;
 use orderflow_shared::{
     Error, Result,
     db::{
-        kept::Kept,
+        kept::{self, Kept},
         outbox::{self, Feed, OutboxMessage},
     },
     domain::OrderStatus,
@@ -178,10 +178,18 @@ async fn write_batch(
     timeout_ms: i64,
 ) -> Result<Vec<Result<Accepted>>> {
     let mut conn = db.acquire().await?;
-    let mut tx = conn.begin().await?;
-    let (answers, written) = outbox::staged(place(&mut tx, requests, timeout_ms)).await;
-    let answers = answers?;
-    tx.commit().await?;
+    let done = tokio::time::timeout(kept::ANSWER_DEADLINE, async {
+        let mut tx = conn.begin().await?;
+        let (answers, written) = outbox::staged(place(&mut tx, requests, timeout_ms)).await;
+        let answers = answers?;
+        tx.commit().await?;
+        Ok::<_, Error>((answers, written))
+    })
+    .await;
+    let Ok(done) = done else {
+        return Err(conn.abandon());
+    };
+    let (answers, written) = done?;
     conn.keep();
     match feed {
         Some(feed) => feed.hand_over(written),

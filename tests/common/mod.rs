@@ -10,6 +10,7 @@
 pub mod cluster;
 pub mod oidc;
 pub mod pg_ha;
+pub mod proxy;
 pub mod raw_amqp;
 pub mod system;
 
@@ -63,6 +64,9 @@ pub struct Options {
     pub http_header_timeout: Duration,
     /// HTTP_MAX_CONNECTIONS.
     pub http_max_connections: usize,
+    /// A port in front of PostgreSQL (a [`proxy::Proxy`]): DATABASE_URL names it first, then
+    /// PostgreSQL itself, as two nodes of which the first to accept writes is the primary.
+    pub database_front: Option<u16>,
 }
 
 /// AUTH_ISSUER, AUTH_AUDIENCE and AUTH_ADMIN_CLAIM for a test.
@@ -107,6 +111,7 @@ impl Default for Options {
             auth: None,
             http_header_timeout: Duration::from_secs(30),
             http_max_connections: 4_096,
+            database_front: None,
         }
     }
 }
@@ -152,7 +157,12 @@ impl TestApp {
         create_vhost_at(&opts.broker.management, &vhost).await;
 
         let config = Config {
-            database_url: format!("{PG_BASE}/{db_name}"),
+            database_url: match opts.database_front {
+                Some(port) => format!(
+                    "postgres://postgres@127.0.0.1:{port},127.0.0.1:5432/{db_name}?target_session_attrs=read-write"
+                ),
+                None => format!("{PG_BASE}/{db_name}"),
+            },
             amqp_url: opts
                 .broker
                 .nodes

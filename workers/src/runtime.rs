@@ -23,7 +23,7 @@ use lapin::{
 use orderflow_shared::{
     Error, Result,
     db::{
-        kept::Kept,
+        kept::{self, Kept},
         outbox::{self, Feed, OutboxMessage},
     },
     messaging::{Envelope, MessageType, topology},
@@ -627,7 +627,7 @@ async fn isolate<S: Step>(step: &S, db: &Db, item: Item) {
     let attempt = || async {
         let attempt = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if item.msg.order_ids.len() > 1 {
-            split::<S>(pool, &item).await
+            kept::answered(split::<S>(pool, &item)).await
         } else {
             Ok(handle(step, db, items, attempt).await?[0])
         }
@@ -694,12 +694,12 @@ const FAILURES: &str = "INSERT INTO delivery_failures (consumer, message_id, err
 /// [`Step::park`]); if even that fails, it goes back to the queue.
 async fn park<S: Step>(step: &S, pool: &PgPool, item: &Item, err: &Error) -> Disposition {
     let why = format!("{err:#}");
-    let parked = async {
+    let parked = kept::answered(async {
         let mut tx = pool.begin().await?;
         step.park(&mut tx, &item.msg, &why).await?;
         tx.commit().await?;
         Ok::<_, Error>(())
-    }
+    })
     .await;
     match parked {
         Ok(()) => {
@@ -777,6 +777,33 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 
 async fn handle<S: Step>(step: &S, db: &Db, items: &[Item], attempt: u32) -> Result<Vec<Disposition>> {
     let mut conn = db.kept.acquire().await?;
+    let Ok(done) = tokio::time::timeout(kept::ANSWER_DEADLINE, transaction(step, &mut conn, items, attempt)).await
+    else {
+        return Err(conn.abandon());
+    };
+    let (dispositions, written) = done?;
+    conn.keep();
+    if let Some((written, unstaged)) = written {
+        db.feed.hand_over(written);
+        if unstaged {
+            outbox::committed(); // rows it was not handed (or none: a step may write without staging)
+        }
+    }
+    Ok(dispositions)
+}
+
+/// The outbox rows a committed transaction staged, for the relay, and whether it also wrote
+/// rows it did not stage.
+type Staged = Option<(Vec<outbox::Committed>, bool)>;
+
+/// [`handle`]'s transaction on `conn`, committed: each delivery's disposition, and what it wrote
+/// to the outbox.
+async fn transaction<S: Step>(
+    step: &S,
+    conn: &mut PgConnection,
+    items: &[Item],
+    attempt: u32,
+) -> Result<(Vec<Disposition>, Staged)> {
     let mut tx = conn.begin().await?;
     let ids: Vec<Uuid> = items.iter().map(|i| i.msg.envelope.id).collect();
     let mut fresh: HashSet<Uuid> = sqlx::query_scalar(
@@ -795,8 +822,7 @@ async fn handle<S: Step>(step: &S, db: &Db, items: &[Item], attempt: u32) -> Res
         .collect();
     if todo.is_empty() {
         tx.commit().await?; // wrote nothing; keeps the connection clean for the next batch
-        conn.keep();
-        return Ok(dispositions);
+        return Ok((dispositions, None));
     }
     let batch: Vec<&Incoming> = todo.iter().map(|&i| &items[i].msg).collect();
     let traces = todo.iter().flat_map(|&i| items[i].order_traces()).collect();
@@ -851,13 +877,8 @@ async fn handle<S: Step>(step: &S, db: &Db, items: &[Item], attempt: u32) -> Res
     }
     outbox::enqueue(&mut tx, &alone).await?;
     tx.commit().await?;
-    conn.keep();
     let unstaged = written.is_empty() || !alone.is_empty();
-    db.feed.hand_over(written);
-    if unstaged {
-        outbox::committed(); // rows it was not handed (or none: a step may write without staging)
-    }
-    Ok(dispositions)
+    Ok((dispositions, Some((written, unstaged))))
 }
 
 /// Splits a message about several orders into one message per order, in one transaction

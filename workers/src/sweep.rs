@@ -9,6 +9,7 @@ use std::time::Duration;
 use orderflow_shared::{
     Result,
     db::{
+        kept,
         orders::{OrderRow, Transitions},
         outbox,
     },
@@ -76,7 +77,7 @@ pub async fn prune(pool: &PgPool, budget: Duration) -> Result<u64> {
     let mut removed = 0;
     while_full(
         budget,
-        || prune_once(pool),
+        || kept::answered(prune_once(pool)),
         |(n, full)| {
             removed += n;
             full
@@ -138,7 +139,7 @@ pub async fn sweep(pool: &PgPool, order_timeout: Duration, budget: Duration) -> 
     let mut total = Swept::default();
     while_full(
         budget,
-        || sweep_once(pool, order_timeout),
+        || kept::answered(sweep_once(pool, order_timeout)),
         |pass| {
             total.timed_out += pass.timed_out;
             total.redriven += pass.redriven;

@@ -26,6 +26,15 @@ use tokio::sync::Notify;
 /// unused one is given back at most [`IDLE`] after that): a pool that moved to another node
 /// (failover) finds its old connections within about this long.
 pub const KEEP_FOR: Duration = Duration::from_secs(1);
+/// Longest a transaction on a kept connection may go without its answers: the busy loops
+/// (the accept writers, the workers' steps) run their transactions within it (see
+/// [`KeptConnection::abandon`]). A primary that vanished without closing its connections
+/// (power lost, cut off from the network) answers nothing, and with no TCP keepalive the wait
+/// would last until the kernel gives up on the connection, about 15 minutes, holding the loop
+/// (order intake stops once both accept writers wait) long after a failover moved the pool to
+/// the new primary. Far above any transaction of theirs: they take milliseconds.
+pub const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Longest a kept connection waits unused: a quiet loop gives its connections back.
 pub const IDLE: Duration = Duration::from_millis(250);
 
@@ -179,6 +188,36 @@ impl KeptConnection<'_> {
             self.home.put(conn, self.taken);
         }
     }
+
+    /// Gives up on a connection whose node did not answer within [`ANSWER_DEADLINE`]: it is
+    /// closed (within sqlx's 5 s close timeout) instead of going back to the pool, where the
+    /// pool's check of it would wait as long again, and every kept one goes back too (its node
+    /// may be gone). Returns the error the transaction fails with: the database unavailable, so
+    /// transient (retried by a step; answered 503 by the accept path, whose retry with the same
+    /// Idempotency-Key settles whether the commit happened).
+    pub fn abandon(mut self) -> crate::Error {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.close_on_drop();
+        }
+        unanswered()
+    }
+}
+
+/// `work`'s outcome, or once it went [`ANSWER_DEADLINE`] without one, the error of a database
+/// that did not answer (transient). For work on connections straight from the pool (the
+/// sweep, a step's split and park): the connection it held goes back to the pool's check.
+pub async fn answered<T>(work: impl Future<Output = crate::Result<T>>) -> crate::Result<T> {
+    tokio::time::timeout(ANSWER_DEADLINE, work)
+        .await
+        .unwrap_or_else(|_| Err(unanswered()))
+}
+
+/// The database did not answer within [`ANSWER_DEADLINE`]: unavailable, so transient.
+fn unanswered() -> crate::Error {
+    crate::Error::Unavailable(sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the database did not answer within {ANSWER_DEADLINE:?}"),
+    )))
 }
 
 impl Deref for KeptConnection<'_> {

@@ -1,0 +1,137 @@
+//! A primary that stops answering without closing its connections (a host that lost its power
+//! or its network), against the real PostgreSQL: DATABASE_URL names two nodes, a proxy that
+//! freezes and PostgreSQL itself, so the second is where a failover lands.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Options, PG_BASE, TestApp, proxy::Proxy};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// Places an order as a shop's client does: retried with its Idempotency-Key while no answer
+/// comes within 5 s or the answer says to retry (503, 409 `IDEMPOTENCY_KEY_IN_USE`); returns
+/// its id, or fails the test after `within`.
+async fn place_retrying(app: &TestApp, user: i64, product: i64, within: Duration) -> String {
+    let key = uuid::Uuid::new_v4().to_string();
+    let body = json!({"items": [{"productId": product, "quantity": 1}]});
+    let deadline = Instant::now() + within;
+    loop {
+        let res = app
+            .http
+            .request(Method::POST, app.url("/api/orders"))
+            .bearer_auth(app.token(user))
+            .header("idempotency-key", &key)
+            .json(&body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if let Ok(res) = res {
+            let status = res.status();
+            let answer: Value = res.json().await.unwrap();
+            if status == StatusCode::ACCEPTED {
+                return answer["orderId"].as_str().unwrap().to_owned();
+            }
+            // Retry shortly: the database is unavailable, or an earlier attempt of this
+            // request (one the client stopped waiting for) still holds the key.
+            assert!(
+                status == StatusCode::SERVICE_UNAVAILABLE || answer["code"] == "IDEMPOTENCY_KEY_IN_USE",
+                "{status}: {answer}"
+            );
+        }
+        assert!(Instant::now() < deadline, "the order was never accepted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_stops_answering_is_left_and_every_order_still_goes_through() {
+    let proxy = Proxy::start(5432).await;
+    let app = TestApp::spawn_with(Options {
+        database_front: Some(proxy.port),
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Blackout", 1_000, 20).await;
+    app.fund(71, 10_000).await;
+    let first = app.order(71, &[(product, 1)], None).await;
+    assert_eq!(
+        app.wait_terminal(71, &first, Duration::from_secs(30)).await["status"],
+        "CONFIRMED"
+    );
+    assert!(
+        proxy.connections() > 0,
+        "the processes reach PostgreSQL through the proxy"
+    );
+
+    // The node stops answering while an order is under way: nothing passes, nothing closes.
+    // Transactions waiting on it are given up after the deadline (the connections just used
+    // are handed out again unchecked), and the pool follows the node that accepts writes.
+    let direct = sqlx::PgPool::connect(&format!("{PG_BASE}/{}", app.db_name))
+        .await
+        .unwrap();
+    let second = app.order(71, &[(product, 1)], None).await;
+    proxy.freeze();
+    // Orders keep coming at once, onto the connections just used. Both nodes are one
+    // PostgreSQL here: the sessions behind the frozen link end (with the locks they held) as
+    // they do on a primary that died; their clients hear nothing of it.
+    let within = Duration::from_secs(60);
+    let end_sessions = async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE client_port = ANY($1) AND pid <> pg_backend_pid()",
+        )
+        .bind(proxy.outbound_ports())
+        .fetch_all(&direct)
+        .await
+        .unwrap()
+    };
+    let placing = futures_util::future::join_all((0..5).map(|_| place_retrying(&app, 71, product, within)));
+    let (placed, ended) = tokio::join!(placing, end_sessions);
+    assert!(!ended.is_empty());
+
+    // Read past the frozen node: PostgreSQL itself.
+    let deadline = Instant::now() + within;
+    let ids: Vec<uuid::Uuid> = placed
+        .iter()
+        .chain([&first, &second])
+        .map(|id| id.parse().unwrap())
+        .collect();
+    loop {
+        let confirmed: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = ANY($1) AND status = 'CONFIRMED'")
+                .bind(&ids)
+                .fetch_one(&direct)
+                .await
+                .unwrap();
+        if confirmed == 7 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "only {confirmed} of 7 orders confirmed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (stock, balance): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT stock FROM products WHERE id = $1), (SELECT balance FROM balances WHERE user_id = 71)",
+    )
+    .bind(product)
+    .fetch_one(&direct)
+    .await
+    .unwrap();
+    assert_eq!(
+        (stock, balance),
+        (13, 3_000),
+        "every order took its stock and its money once"
+    );
+    let orders: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&direct)
+        .await
+        .unwrap();
+    assert_eq!(orders, 7, "each retried request placed one order");
+    direct.close().await;
+    // What the frozen node still holds is reset, as when it comes back.
+    proxy.cut();
+    app.stop().await;
+}
