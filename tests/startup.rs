@@ -25,7 +25,64 @@ async fn eight_processes_starting_together_create_and_migrate_one_database() {
         .await
         .unwrap();
     assert_eq!(applied as usize, orderflow_shared::db::MIGRATOR.iter().count());
+    // No concurrent index build was cancelled half-way by a process waiting for the lock.
+    let invalid: Vec<String> =
+        sqlx::query_scalar("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(invalid, Vec::<String>::new());
     pool.close().await;
+    let mut admin = PgConnection::connect(PG_ADMIN_URL).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn migrating_takes_sqlx_s_own_lock_and_builds_again_an_index_left_invalid() {
+    let name = format!("orderflow_startup_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("{PG_BASE}/{name}");
+    db::connect_and_migrate(&url, 2).await.unwrap().close().await;
+
+    // The lock a previous release's migrator takes (sqlx's, blocking) is the one this
+    // release asks for: while sqlx holds it, it is not to be had.
+    let mut sqlx_migrator = PgConnection::connect(&url).await.unwrap();
+    sqlx::migrate::Migrate::lock(&mut sqlx_migrator).await.unwrap();
+    let mut other = PgConnection::connect(&url).await.unwrap();
+    let try_lock = "SELECT pg_try_advisory_lock($1)";
+    let key = db::migration_lock_key(&name);
+    let got: bool = sqlx::query_scalar(try_lock)
+        .bind(key)
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert!(!got, "the same lock as sqlx's");
+    sqlx::migrate::Migrate::unlock(&mut sqlx_migrator).await.unwrap();
+    let got: bool = sqlx::query_scalar(try_lock)
+        .bind(key)
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert!(got);
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    // An index a cancelled concurrent build left invalid is built again at the next start.
+    let valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'outbox_discarded_idx'::regclass";
+    sqlx::query("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'outbox_discarded_idx'::regclass")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    db::connect_and_migrate(&url, 2).await.unwrap().close().await;
+    let rebuilt: bool = sqlx::query_scalar(valid).fetch_one(&mut other).await.unwrap();
+    assert!(rebuilt);
+    sqlx_migrator.close().await.unwrap();
+    other.close().await.unwrap();
     let mut admin = PgConnection::connect(PG_ADMIN_URL).await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
         .execute(&mut admin)

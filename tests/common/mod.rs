@@ -866,7 +866,7 @@ pub async fn create_database(name: &str) {
         .await;
         exec(&mut conn, format!("CREATE DATABASE {}", quote_ident(&building))).await;
         let mut c = PgConnection::connect(&format!("{PG_BASE}/{building}")).await.unwrap();
-        orderflow_shared::db::MIGRATOR.run(&mut c).await.unwrap();
+        orderflow_shared::db::migrate(&mut c).await.unwrap();
         c.close().await.unwrap();
         exec(
             &mut conn,

@@ -27,6 +27,7 @@
 //! RabbitMQ 3.10), while a new channel finds the new leader at once.
 
 use std::{
+    borrow::Cow,
     collections::HashSet,
     sync::Arc,
     time::{Duration, Instant},
@@ -40,7 +41,7 @@ use lapin::{
 };
 use orderflow_shared::{
     db::outbox::{self, Feed},
-    messaging::{MessageType, envelope},
+    messaging::{MessageType, envelope, topology},
     telemetry::{self, TraceParent},
 };
 use sqlx::{Connection as _, PgConnection, PgPool};
@@ -703,8 +704,9 @@ async fn publish_rows(
 
 /// Publishes `row`: Err(why) without asking the broker when it cannot be put on the wire.
 async fn publish(channel: &Channel, row: &OutboxRow) -> Result<lapin::Result<lapin::PublisherConfirm>, String> {
+    let (exchange, body) = wire(row);
     let (exchange, routing_key) = (
-        short("the exchange", &row.exchange)?,
+        short("the exchange", exchange)?,
         short("the routing key", &row.routing_key)?,
     );
     let properties = properties(row)?;
@@ -716,10 +718,38 @@ async fn publish(channel: &Channel, row: &OutboxRow) -> Result<lapin::Result<lap
                 mandatory: mandatory(&row.message_type),
                 immediate: false,
             },
-            &row.body,
+            &body,
             properties,
         )
         .await)
+}
+
+/// The exchange and body `row` goes out with. Rows this release writes go as written; two
+/// kinds an earlier release writes (both run side by side in a rolling update) are put right:
+/// - an `order.deadline` to the deadline exchange without an expiration (an earlier release's
+///   recovery worker splits a failed deadline batch that way) would never expire, and at the
+///   head of the deadline queue would hold every later deadline behind it: it goes to the
+///   expired exchange, straight to the recovery worker, as this release's split sends it;
+/// - a public event in the envelope of before CloudEvents goes out as the CloudEvent it stands
+///   for (the same id, type and data), which is what its content type says.
+pub fn wire(row: &OutboxRow) -> (&str, Cow<'_, [u8]>) {
+    let kind = MessageType::parse(&row.message_type);
+    let exchange = if kind == Some(MessageType::OrderDeadline)
+        && row.exchange == topology::DEADLINE_EXCHANGE
+        && row.expiration_ms.is_none()
+    {
+        topology::EXPIRED_EXCHANGE
+    } else {
+        row.exchange.as_str()
+    };
+    let body = if kind.is_some_and(MessageType::is_public) && !row.body.starts_with(br#"{"specversion""#) {
+        envelope::CloudEvent::from_published(&row.body)
+            .and_then(|event| serde_json::to_vec(&event).ok())
+            .map_or(Cow::Borrowed(row.body.as_slice()), Cow::Owned)
+    } else {
+        Cow::Borrowed(row.body.as_slice())
+    };
+    (exchange, body)
 }
 
 /// What became of a publish: its confirm awaited.
@@ -751,5 +781,104 @@ fn outcome(confirm: lapin::Result<Confirmation>) -> Published {
         },
         Ok(Confirmation::NotRequested) => Published::refused("no publisher confirm".to_owned()),
         Err(err) => Published::Unknown(err),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use orderflow_shared::messaging::envelope::{CloudEvent, CommandData, Envelope};
+
+    use super::*;
+
+    fn row(kind: MessageType, exchange: &str, body: Vec<u8>, expiration_ms: Option<i64>) -> OutboxRow {
+        OutboxRow {
+            id: 1,
+            message_id: Uuid::now_v7(),
+            exchange: exchange.to_owned(),
+            routing_key: kind.as_str().to_owned(),
+            message_type: kind.as_str().to_owned(),
+            order_ids: Vec::new(),
+            headers: serde_json::json!({}),
+            body,
+            expiration_ms,
+            created_at: Utc::now(),
+            covers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn what_an_earlier_release_writes_goes_out_as_this_one_would_send_it() {
+        let order = Uuid::now_v7();
+        let data = serde_json::json!({"orderId": order, "totalAmount": 1000});
+
+        // A CloudEvent goes as written, byte for byte.
+        let event = serde_json::to_vec(&CloudEvent::new(MessageType::OrderConfirmed, order, data.clone())).unwrap();
+        let new = row(
+            MessageType::OrderConfirmed,
+            topology::EVENTS_EXCHANGE,
+            event.clone(),
+            None,
+        );
+        assert_eq!(wire(&new), (topology::EVENTS_EXCHANGE, Cow::Borrowed(event.as_slice())));
+
+        // The envelope of before: the CloudEvent it stands for, with its id.
+        let envelope = Envelope::new(MessageType::OrderConfirmed, Some(order), data.clone());
+        let old = row(
+            MessageType::OrderConfirmed,
+            topology::EVENTS_EXCHANGE,
+            serde_json::to_vec(&envelope).unwrap(),
+            None,
+        );
+        let (exchange, body) = wire(&old);
+        let sent: CloudEvent = serde_json::from_slice(&body).unwrap();
+        assert_eq!(exchange, topology::EVENTS_EXCHANGE);
+        assert_eq!(
+            (
+                sent.id,
+                sent.kind.as_str(),
+                sent.subject,
+                &sent.data,
+                sent.specversion.as_str()
+            ),
+            (envelope.id, "order.confirmed", order, &data, "1.0")
+        );
+
+        // A deadline with an expiration goes to the deadline queue; one without, straight to
+        // the recovery worker (it would never expire).
+        let command = serde_json::to_vec(&Envelope::new(
+            MessageType::OrderDeadline,
+            Some(order),
+            CommandData::new(&[order], &[None]),
+        ))
+        .unwrap();
+        let timed = row(
+            MessageType::OrderDeadline,
+            topology::DEADLINE_EXCHANGE,
+            command.clone(),
+            Some(60_000),
+        );
+        assert_eq!(wire(&timed).0, topology::DEADLINE_EXCHANGE);
+        let untimed = row(
+            MessageType::OrderDeadline,
+            topology::DEADLINE_EXCHANGE,
+            command.clone(),
+            None,
+        );
+        assert_eq!(
+            wire(&untimed),
+            (topology::EXPIRED_EXCHANGE, Cow::Borrowed(command.as_slice()))
+        );
+        // Other commands go as written.
+        let reserve = row(
+            MessageType::StockReserve,
+            topology::WORK_EXCHANGE,
+            command.clone(),
+            None,
+        );
+        assert_eq!(
+            wire(&reserve),
+            (topology::WORK_EXCHANGE, Cow::Borrowed(command.as_slice()))
+        );
     }
 }

@@ -33,8 +33,100 @@ pub use self::url::DatabaseUrl;
 pub static MIGRATOR: sqlx::migrate::Migrator = {
     let mut migrator = sqlx::migrate!("../migrations");
     migrator.ignore_missing = true;
+    // The lock is taken by `migrate`, without waiting inside a statement (see there).
+    migrator.locking = false;
     migrator
 };
+
+/// Applies the migrations the database lacks, one process at a time, and repairs indexes a
+/// failed concurrent build left invalid.
+///
+/// The lock is sqlx's (the same advisory lock, so a previous release starting beside this one
+/// still excludes it), but waited for by asking every 100 ms instead of inside a blocking
+/// `pg_advisory_lock`: a statement waiting there holds a snapshot, which a `CREATE INDEX
+/// CONCURRENTLY` in the migrating process waits for, while it waits for the lock, a deadlock
+/// PostgreSQL ends by cancelling one of them. When it cancels the build, the index stays behind
+/// invalid (kept up on every write, used by no query) and the migration's rerun, `IF NOT EXISTS`,
+/// skips it. So, under the lock, every invalid index of the schema is built again.
+pub async fn migrate(conn: &mut PgConnection) -> anyhow::Result<()> {
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&mut *conn)
+        .await?;
+    let key = migration_lock_key(&database);
+    while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
+        .bind(key)
+        .fetch_one(&mut *conn)
+        .await?
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let migrated = async {
+        MIGRATOR.run(&mut *conn).await.context("applying migrations")?;
+        rebuild_invalid_indexes(conn).await
+    }
+    .await;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(key)
+        .execute(&mut *conn)
+        .await?;
+    migrated
+}
+
+/// The advisory lock sqlx's migrator takes for `database` (sqlx-postgres `generate_lock_id`:
+/// 0x3d32ad9e times the database name's CRC-32, the ISO-HDLC/zlib one).
+pub fn migration_lock_key(database: &str) -> i64 {
+    let mut crc = !0u32;
+    for &byte in database.as_bytes() {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    0x3d32_ad9e * i64::from(!crc)
+}
+
+/// Drops and builds again (concurrently: the tables stay writable) every invalid index of the
+/// current schema; a build that fails again is logged and left for the next start.
+async fn rebuild_invalid_indexes(conn: &mut PgConnection) -> anyhow::Result<()> {
+    let invalid: Vec<(String, String)> = sqlx::query_as(
+        "SELECT quote_ident(c.relname), pg_get_indexdef(i.indexrelid) FROM pg_index i
+         JOIN pg_class c ON c.oid = i.indexrelid
+         WHERE NOT i.indisvalid AND c.relnamespace = current_schema()::regnamespace",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for (name, definition) in invalid {
+        let Some(concurrently) = definition
+            .strip_prefix("CREATE INDEX ")
+            .map(|rest| format!("CREATE INDEX CONCURRENTLY {rest}"))
+            .or_else(|| {
+                definition
+                    .strip_prefix("CREATE UNIQUE INDEX ")
+                    .map(|rest| format!("CREATE UNIQUE INDEX CONCURRENTLY {rest}"))
+            })
+        else {
+            continue;
+        };
+        tracing::warn!(index = %name, "an index a failed concurrent build left invalid is built again");
+        let rebuilt = async {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP INDEX CONCURRENTLY IF EXISTS {name}")))
+                .execute(&mut *conn)
+                .await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(concurrently))
+                .execute(&mut *conn)
+                .await
+        }
+        .await;
+        if let Err(err) = rebuilt {
+            tracing::warn!(index = %name, error = %err, "rebuilding an invalid index failed; the next start tries again");
+        }
+    }
+    Ok(())
+}
 
 /// Parses the URL (one host or several, [`DatabaseUrl`]), finds the node that accepts writes,
 /// creates the database there if it does not exist, applies migrations there and returns a
@@ -53,7 +145,7 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Res
         let mut conn = PgConnection::connect_with(&parsed.nodes[node])
             .await
             .context("connecting to PostgreSQL")?;
-        MIGRATOR.run(&mut conn).await.context("applying migrations")?;
+        migrate(&mut conn).await?;
         note_later_migrations(&mut conn).await?;
         conn.close().await.ok();
         anyhow::Ok(())
@@ -223,11 +315,6 @@ pub async fn primary_options(url: &str) -> anyhow::Result<PgConnectOptions> {
     let (node, conn) = primary::find(&parsed).await?;
     conn.close().await.ok();
     Ok(parsed.nodes[node].clone())
-}
-
-pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR.run(pool).await.context("applying migrations")?;
-    Ok(())
 }
 
 /// Creates database `name` through `admin` (a connection to another database of the same
