@@ -267,6 +267,24 @@ pub enum Claimed {
     Fresh(axum::response::Response),
 }
 
+/// A COMMIT that got no answer (the connection was lost while committing) may have been
+/// applied: the client is told so (503 `COMMIT_OUTCOME_UNKNOWN`), not to retry blindly, which
+/// for a request sent without an Idempotency-Key (a charge, a restock) would apply it twice.
+/// Any other failure is what it is.
+fn commit_failed(err: Error) -> Error {
+    match err {
+        Error::Unavailable(cause) => {
+            tracing::warn!(error = %cause, "the database stopped answering during COMMIT");
+            Error::unavailable(
+                "COMMIT_OUTCOME_UNKNOWN",
+                "the database stopped answering while the change was committed, so it may have been applied: \
+                 retry only with the same Idempotency-Key (which answers what was done), or check before retrying",
+            )
+        }
+        other => other,
+    }
+}
+
 /// Ends the request's transaction explicitly: commit a fresh request, roll back a replay or
 /// an error. (A dropped transaction is rolled back lazily, and until then its advisory lock
 /// would answer an immediate retry with a spurious 409.)
@@ -276,7 +294,7 @@ pub async fn end(
 ) -> Result<axum::response::Response, crate::problem::ApiError> {
     match result {
         Ok(Claimed::Fresh(res)) => {
-            tx.commit().await?;
+            tx.commit().await.map_err(|err| commit_failed(err.into()))?;
             orderflow_shared::db::outbox::committed();
             Ok(res)
         }
@@ -288,5 +306,18 @@ pub async fn end(
             let _ = tx.rollback().await;
             Err(err.into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_commit_without_an_answer_is_reported_as_of_unknown_outcome() {
+        let lost = Error::Unavailable(sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into()));
+        assert_eq!(commit_failed(lost).code(), Some("COMMIT_OUTCOME_UNKNOWN"));
+        let refused = Error::conflict("BALANCE_LIMIT_EXCEEDED", "over");
+        assert_eq!(commit_failed(refused).code(), Some("BALANCE_LIMIT_EXCEEDED"));
     }
 }
