@@ -213,6 +213,24 @@ async fn the_dashboard_session_is_an_admin_token_in_an_httponly_cookie() {
         .await;
     assert_eq!(res.status(), 403);
     assert!(set_cookie(&res).is_none());
+    // The dashboard's own form over plain HTTP (no Sec-Fetch-Site there), straight or behind a
+    // proxy that rewrites Host: its Origin names the host the browser asked.
+    for headers in [
+        &[
+            ("origin", "http://ops.shop.example:8080"),
+            ("host", "ops.shop.example:8080"),
+        ][..],
+        &[
+            ("origin", "http://ops.shop.example"),
+            ("host", "10.0.0.7:8080"),
+            ("x-forwarded-host", "ops.shop.example"),
+        ][..],
+    ] {
+        let res = app
+            .request(Method::POST, "/ops/login", None, Some(json!({"token": admin})), headers)
+            .await;
+        assert_eq!(res.status(), 204, "{headers:?}");
+    }
 
     // Log out: the cookie is cleared.
     let (status, headers, _) = with_cookie(&app, Method::POST, "/ops/logout", session, &[]).await;

@@ -29,9 +29,11 @@ async fn place_retrying(app: &TestApp, user: i64, product: i64, within: Duration
             .timeout(Duration::from_secs(5))
             .send()
             .await;
-        if let Ok(res) = res {
-            let status = res.status();
-            let answer: Value = res.json().await.unwrap();
+        // No answer within 5 s (the body included) is an answer to retry.
+        if let Ok((status, Ok(answer))) = match res {
+            Ok(res) => Ok((res.status(), res.json::<Value>().await)),
+            Err(err) => Err(err),
+        } {
             if status == StatusCode::ACCEPTED {
                 return answer["orderId"].as_str().unwrap().to_owned();
             }
@@ -82,7 +84,7 @@ async fn a_primary_that_stops_answering_is_left_and_every_order_still_goes_throu
     let end_sessions = async {
         sqlx::query_scalar::<_, bool>(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE client_port = ANY($1) AND pid <> pg_backend_pid()",
+             WHERE client_port = ANY($1) AND datname = current_database() AND pid <> pg_backend_pid()",
         )
         .bind(proxy.outbound_ports())
         .fetch_all(&direct)

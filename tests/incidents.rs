@@ -647,18 +647,30 @@ async fn a_bulk_action_is_refused_when_more_match_than_the_operator_confirmed() 
     );
     assert_eq!(count(&app, "SELECT count(*) FROM bulk_actions").await, 0);
 
-    // Confirmed again for what matches now: all three.
-    let mut confirmed = cancel.clone();
-    confirmed["expectedMatching"] = json!(3);
+    // As the dashboard confirms: the dry run's own cut-off, so the orders shown and no others.
+    let confirmed = json!({"action": "CANCEL_ORDERS", "expectedMatching": 2,
+                           "filter": {"updatedBefore": shown["filter"]["updatedBefore"]}});
     let action = run_bulk(&app, confirmed).await;
     assert_eq!(
         (action["state"].as_str(), action["done"].as_i64()),
-        (Some("DONE"), Some(3)),
+        (Some("DONE"), Some(2)),
         "{action}"
     );
     assert_eq!(
         count(&app, "SELECT count(*) FROM orders WHERE status = 'CANCELLED'").await,
-        3
+        2
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM orders WHERE status = 'PENDING'").await,
+        1
+    );
+    let both = json!({"action": "CANCEL_ORDERS",
+                      "filter": {"updatedBefore": shown["filter"]["updatedBefore"], "olderThan": "1s"}});
+    let (status, problem) = bulk(&app, both).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (422, Some("INVALID_FILTER")),
+        "{problem}"
     );
     app.stop().await;
 }

@@ -25,7 +25,8 @@ async fn eight_processes_starting_together_create_and_migrate_one_database() {
         .await
         .unwrap();
     assert_eq!(applied as usize, orderflow_shared::db::MIGRATOR.iter().count());
-    // No concurrent index build was cancelled half-way by a process waiting for the lock.
+    // No index is left invalid: a process waiting for the lock holds no snapshot a concurrent
+    // build waits for, and one cancelled anyway would be built again.
     let invalid: Vec<String> =
         sqlx::query_scalar("SELECT indexrelid::regclass::text FROM pg_index WHERE NOT indisvalid")
             .fetch_all(&pool)
@@ -44,7 +45,15 @@ async fn eight_processes_starting_together_create_and_migrate_one_database() {
 async fn migrating_takes_sqlx_s_own_lock_and_builds_again_an_index_left_invalid() {
     let name = format!("orderflow_startup_{}", uuid::Uuid::new_v4().simple());
     let url = format!("{PG_BASE}/{name}");
-    db::connect_and_migrate(&url, 2).await.unwrap().close().await;
+    let pool = db::connect_and_migrate(&url, 2).await.unwrap();
+    // Its sessions notice a client that went away while a statement runs (a transaction given
+    // up after the answer deadline ends on the server too).
+    let check: String = sqlx::query_scalar("SHOW client_connection_check_interval")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(check, "2s");
+    pool.close().await;
 
     // The lock a previous release's migrator takes (sqlx's, blocking) is the one this
     // release asks for: while sqlx holds it, it is not to be had.

@@ -98,19 +98,26 @@ pub fn same_origin(headers: &HeaderMap) -> Result<(), Error> {
     }
 }
 
+/// The `Origin`'s host and port must be the request's `Host`, or the `X-Forwarded-Host` a
+/// reverse proxy that rewrites `Host` sets (another site's page cannot set that header on a
+/// request it makes cross-origin without the dashboard's consent, CORS, which it never gives).
 fn from_same_origin(headers: &HeaderMap) -> bool {
     if let Some(site) = headers.get("sec-fetch-site") {
         return site == "same-origin";
     }
-    match (headers.get(header::ORIGIN), headers.get(header::HOST)) {
-        (Some(origin), Some(host)) => origin
-            .to_str()
-            .ok()
-            .and_then(|o| o.split_once("://"))
-            .is_some_and(|(_, authority)| host.to_str().is_ok_and(|h| h == authority)),
-        (Some(_), None) => false,
-        (None, _) => true,
-    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Some((_, authority)) = origin.to_str().ok().and_then(|o| o.split_once("://")) else {
+        return false;
+    };
+    let forwarded = headers
+        .get("x-forwarded-host")
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.split(',').next())
+        .map(str::trim);
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    [host, forwarded].into_iter().flatten().any(|h| h == authority)
 }
 
 /// The token of `Authorization: Bearer <token>` ([`header_grammar::bearer_token`]).

@@ -374,7 +374,9 @@ async function bulkOnOrders(action) {
     : `Retry the compensations of ${number(dry.matching)} COMPENSATION_FAILED order(s)?`;
   if (!window.confirm(what)) return;
   act('Bulk action', async () => {
-    const started = await api('POST', '/api/admin/bulk-actions', { action, filter, expectedMatching: dry.matching });
+    // The orders shown, not those that got stuck while the operator read the dialog.
+    const confirmed = { updatedBefore: dry.filter.updatedBefore };
+    const started = await api('POST', '/api/admin/bulk-actions', { action, filter: confirmed, expectedMatching: dry.matching });
     return `Bulk action #${started.id} started: ${started.action} on ${number(started.total)} order(s).`;
   });
 }

@@ -211,6 +211,11 @@ pub struct RequestFilter {
     /// seconds), at most 7 days; counted from when the action is created.
     #[schema(example = "5m")]
     pub older_than: Option<String>,
+    /// Orders unchanged since before this time (RFC 3339), instead of `olderThan`: what a dry
+    /// run's `filter.updatedBefore` says, so that the action covers the orders the operator was
+    /// shown (some may have moved on since), not those that got stuck while they read it.
+    #[schema(format = DateTime)]
+    pub updated_before: Option<String>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -275,6 +280,7 @@ impl NewBulkAction {
             ("to", f.to.is_some(), target == Target::DeadLetters),
             ("status", f.status.is_some(), target == Target::Orders),
             ("olderThan", f.older_than.is_some(), target == Target::Orders),
+            ("updatedBefore", f.updated_before.is_some(), target == Target::Orders),
         ];
         let misplaced: Vec<&str> = given
             .into_iter()
@@ -309,21 +315,29 @@ impl NewBulkAction {
                 to: time("to", &f.to)?,
             })
         } else {
-            let older_than = match f.older_than.as_deref() {
-                Some(d) => query_duration(d)?,
-                None if self.action == Action::CancelOrders => {
+            let updated_before = match (f.older_than.as_deref(), time("updatedBefore", &f.updated_before)?) {
+                (Some(_), Some(_)) => {
                     return Err(Error::unprocessable(
                         "INVALID_FILTER",
-                        "CANCEL_ORDERS needs olderThan (e.g. 5m): only orders unchanged that long are cancelled",
+                        "give olderThan or updatedBefore, not both",
                     ));
                 }
-                None => std::time::Duration::ZERO,
+                (None, Some(at)) => at,
+                (Some(d), None) => {
+                    now - chrono::TimeDelta::from_std(query_duration(d)?)
+                        .map_err(|e| Error::bad_request("INVALID_DURATION", e.to_string()))?
+                }
+                (None, None) if self.action == Action::CancelOrders => {
+                    return Err(Error::unprocessable(
+                        "INVALID_FILTER",
+                        "CANCEL_ORDERS needs olderThan (e.g. 5m) or updatedBefore: only orders unchanged that long are cancelled",
+                    ));
+                }
+                (None, None) => now,
             };
-            let older_than = chrono::TimeDelta::from_std(older_than)
-                .map_err(|e| Error::bad_request("INVALID_DURATION", e.to_string()))?;
             Filter::Orders(OrderFilter {
                 statuses: bulk::order_statuses(self.action, f.status.as_deref())?,
-                updated_before: now - older_than,
+                updated_before,
             })
         };
         Plan::new(self.action, filter, self.chunk_size, self.pause_ms)

@@ -191,13 +191,19 @@ impl KeptConnection<'_> {
 
     /// Gives up on a connection whose node did not answer within [`ANSWER_DEADLINE`]: it is
     /// closed (within sqlx's 5 s close timeout) instead of going back to the pool, where the
-    /// pool's check of it would wait as long again, and every kept one goes back too (its node
-    /// may be gone). Returns the error the transaction fails with: the database unavailable, so
+    /// pool's check of it would wait as long again, and so is every kept one (its node may be
+    /// gone). The server ends the transaction it was running within 2 s of the close
+    /// ([`super::CONNECTION_CHECK`]). Returns the error the transaction fails with: the database unavailable, so
     /// transient (retried by a step; answered 503 by the accept path, whose retry with the same
     /// Idempotency-Key settles whether the commit happened).
     pub fn abandon(mut self) -> crate::Error {
         if let Some(conn) = self.conn.as_mut() {
             conn.close_on_drop();
+        }
+        // The kept ones are closed too, not given back: the pool's check of a connection to a
+        // node that vanished would hold its slot as long as the kernel keeps the connection.
+        for mut idle in std::mem::take(&mut *self.home.lock()) {
+            idle.conn.close_on_drop();
         }
         unanswered()
     }

@@ -14,7 +14,7 @@ pub mod replay;
 pub mod stored_json;
 pub mod url;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use backon::{ExponentialBuilder, Retryable};
@@ -53,11 +53,27 @@ pub async fn migrate(conn: &mut PgConnection) -> anyhow::Result<()> {
         .fetch_one(&mut *conn)
         .await?;
     let key = migration_lock_key(&database);
+    let asked = Instant::now();
+    let mut said = false;
     while !sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
         .bind(key)
         .fetch_one(&mut *conn)
         .await?
     {
+        if !said && asked.elapsed() >= Duration::from_secs(10) {
+            said = true;
+            let holder: Option<i32> = sqlx::query_scalar(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted
+                   AND classid = ($1 >> 32)::int8::oid AND objid = ($1 & 4294967295)::oid AND objsubid = 1",
+            )
+            .bind(key)
+            .fetch_optional(&mut *conn)
+            .await?;
+            tracing::warn!(
+                ?holder,
+                "waiting for another process to finish migrating (the session holding the lock)"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let migrated = async {
@@ -65,11 +81,13 @@ pub async fn migrate(conn: &mut PgConnection) -> anyhow::Result<()> {
         rebuild_invalid_indexes(conn).await
     }
     .await;
-    sqlx::query("SELECT pg_advisory_unlock($1)")
+    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(key)
         .execute(&mut *conn)
-        .await?;
-    migrated
+        .await;
+    migrated?;
+    unlocked?;
+    Ok(())
 }
 
 /// The advisory lock sqlx's migrator takes for `database` (sqlx-postgres `generate_lock_id`:
@@ -89,37 +107,32 @@ pub fn migration_lock_key(database: &str) -> i64 {
     0x3d32_ad9e * i64::from(!crc)
 }
 
-/// Drops and builds again (concurrently: the tables stay writable) every invalid index of the
-/// current schema; a build that fails again is logged and left for the next start.
+/// Builds again, in place (`REINDEX INDEX CONCURRENTLY`: the table stays writable, and the
+/// index is swapped only once the new one is whole), every invalid index of the current schema
+/// that orderflow's migrations create; what others build (an operator's index, a REINDEX's
+/// leftovers) is not orderflow's to touch. A rebuild that fails is logged and left for the next
+/// start.
 async fn rebuild_invalid_indexes(conn: &mut PgConnection) -> anyhow::Result<()> {
-    let invalid: Vec<(String, String)> = sqlx::query_as(
-        "SELECT quote_ident(c.relname), pg_get_indexdef(i.indexrelid) FROM pg_index i
-         JOIN pg_class c ON c.oid = i.indexrelid
+    let invalid: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
          WHERE NOT i.indisvalid AND c.relnamespace = current_schema()::regnamespace",
     )
     .fetch_all(&mut *conn)
     .await?;
-    for (name, definition) in invalid {
-        let Some(concurrently) = definition
-            .strip_prefix("CREATE INDEX ")
-            .map(|rest| format!("CREATE INDEX CONCURRENTLY {rest}"))
-            .or_else(|| {
-                definition
-                    .strip_prefix("CREATE UNIQUE INDEX ")
-                    .map(|rest| format!("CREATE UNIQUE INDEX CONCURRENTLY {rest}"))
-            })
-        else {
-            continue;
-        };
-        tracing::warn!(index = %name, "an index a failed concurrent build left invalid is built again");
-        let rebuilt = async {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP INDEX CONCURRENTLY IF EXISTS {name}")))
-                .execute(&mut *conn)
-                .await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(concurrently))
-                .execute(&mut *conn)
-                .await
-        }
+    let ours = |name: &str| {
+        MIGRATOR.iter().any(|m| {
+            m.sql
+                .as_str()
+                .contains(&format!("INDEX CONCURRENTLY IF NOT EXISTS {name} "))
+        })
+    };
+    for name in invalid.into_iter().filter(|name| ours(name)) {
+        tracing::warn!(index = %name, "an index a cancelled concurrent build left invalid is built again");
+        let rebuilt = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "REINDEX INDEX CONCURRENTLY {}",
+            quote_ident(&name)
+        )))
+        .execute(&mut *conn)
         .await;
         if let Err(err) = rebuilt {
             tracing::warn!(index = %name, error = %err, "rebuilding an invalid index failed; the next start tries again");
@@ -171,8 +184,15 @@ pub async fn connect_and_migrate(url: &str, max_connections: u32) -> anyhow::Res
         })
         .notify(|err, delay| tracing::warn!(error = %format!("{err:#}"), ?delay, "PostgreSQL not ready; retrying"))
         .await?;
-    pool(url, max_connections)
+    pool_with_startup_options(url, max_connections, &[CONNECTION_CHECK]).await
 }
+
+/// Every pool's sessions look every 2 s, while a statement runs (a lock wait included),
+/// whether their client is still there (PostgreSQL 14's `client_connection_check_interval`).
+/// A transaction given up after [`kept::ANSWER_DEADLINE`] closes its connection; without the
+/// check the server would go on running it, holding its locks and its backend, until the wait
+/// ended by itself, while the retry opens another.
+pub const CONNECTION_CHECK: (&str, &str) = ("client_connection_check_interval", "2s");
 
 /// Says (once, at start) when the schema holds migrations of a later release.
 async fn note_later_migrations(conn: &mut PgConnection) -> anyhow::Result<()> {
@@ -209,9 +229,9 @@ pub fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
 /// depend on their parameters (a user's page of orders, a search).
 pub async fn worker_pool(url: &str, max_connections: u32, generic_plans: bool) -> anyhow::Result<PgPool> {
     let options: &[(&str, &str)] = if generic_plans {
-        &[("plan_cache_mode", "force_generic_plan")]
+        &[("plan_cache_mode", "force_generic_plan"), CONNECTION_CHECK]
     } else {
-        &[]
+        &[CONNECTION_CHECK]
     };
     pool_with_startup_options(url, max_connections, options).await
 }
