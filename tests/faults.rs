@@ -30,6 +30,7 @@ use std::{
 use common::{
     cluster::{self, Cluster},
     pg_ha::{self, Formation},
+    proxy::Proxy,
     system::*,
 };
 use orderflow_shared::messaging::topology;
@@ -446,58 +447,6 @@ async fn fault_9_cluster_rolling_restart() {
         },
     )
     .await;
-}
-
-/// A TCP proxy in front of one broker node: the system's processes reach the node through it,
-/// and [`cut`](Self::cut) resets every connection it carries at once (RST both ways), as a
-/// failing link or a restarted load balancer would.
-struct Proxy {
-    port: u16,
-    live: AtomicUsize,
-    cut: std::sync::Mutex<tokio_util::sync::CancellationToken>,
-}
-
-impl Proxy {
-    async fn start(target: u16) -> Arc<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = Arc::new(Self {
-            port: listener.local_addr().unwrap().port(),
-            live: AtomicUsize::new(0),
-            cut: Default::default(),
-        });
-        let p = proxy.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                let (p, cut) = (p.clone(), p.cut.lock().unwrap().clone());
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
-                        return;
-                    };
-                    p.live.fetch_add(1, Ordering::SeqCst);
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.cancelled() => {
-                            let _ = inbound.set_zero_linger();
-                            let _ = outbound.set_zero_linger();
-                        }
-                    }
-                    p.live.fetch_sub(1, Ordering::SeqCst);
-                });
-            }
-        });
-        proxy
-    }
-
-    fn connections(&self) -> usize {
-        self.live.load(Ordering::SeqCst)
-    }
-
-    /// Resets every connection open now; returns how many.
-    fn cut(&self) -> usize {
-        let live = self.connections();
-        std::mem::take(&mut *self.cut.lock().unwrap()).cancel();
-        live
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
