@@ -664,6 +664,13 @@ async fn a_bulk_action_is_refused_when_more_match_than_the_operator_confirmed() 
         count(&app, "SELECT count(*) FROM orders WHERE status = 'PENDING'").await,
         1
     );
+    let negative = json!({"action": "CANCEL_ORDERS", "expectedMatching": -1, "filter": {"olderThan": "0s"}});
+    let (status, problem) = bulk(&app, negative).await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (400, Some("INVALID_EXPECTED_MATCHING")),
+        "{problem}"
+    );
     let both = json!({"action": "CANCEL_ORDERS",
                       "filter": {"updatedBefore": shown["filter"]["updatedBefore"], "olderThan": "1s"}});
     let (status, problem) = bulk(&app, both).await;

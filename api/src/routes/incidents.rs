@@ -238,7 +238,7 @@ pub struct NewBulkAction {
     /// The `matching` of the dry run the operator confirmed: if more items match when the
     /// action is created (a backlog grew meanwhile), it is refused with 409
     /// `BULK_ACTION_CHANGED` and nothing changes; fewer is fine (some were settled since).
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
     #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub expected_matching: Option<i64>,
 }
@@ -359,13 +359,16 @@ impl NewBulkAction {
                 ("getBulkAction" = (operation_id = "getBulkAction", parameters(("id" = "$response.body#/id")))),
                 ("cancelBulkAction" = (operation_id = "cancelBulkAction", parameters(("id" = "$response.body#/id")))),
             )),
-        (status = 400, description = "INVALID_GROUP, INVALID_FILTER (a control character), INVALID_TIME, INVALID_DURATION, INVALID_CHUNK_SIZE, INVALID_PAUSE, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
+        (status = 400, description = "INVALID_GROUP, INVALID_FILTER (a control character), INVALID_TIME, INVALID_DURATION, INVALID_CHUNK_SIZE, INVALID_PAUSE, INVALID_EXPECTED_MATCHING, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
         (status = 409, description = "BULK_ACTION_CHANGED: more items match than `expectedMatching`; BULK_ACTIONS_BUSY: as many actions as may run at once are running", body = Problem, content_type = PROBLEM),
         (status = 422, description = "INVALID_FILTER: a field the action does not take, or a cancel without olderThan; INVALID_STATUS: a status the action cannot move", body = Problem, content_type = PROBLEM),
         (status = 503, description = "BROKER_UNAVAILABLE: a replay's dry run could not ask the broker", body = Problem, content_type = PROBLEM),
     ))]
 pub async fn start(State(state): State<AppState>, admin: Admin, Json(req): Json<NewBulkAction>) -> ApiResult<Response> {
     // `olderThan` is counted on the database's clock, the one `updated_at` is written with.
+    if req.expected_matching.is_some_and(|n| n < 0) {
+        return Err(Error::bad_request("INVALID_EXPECTED_MATCHING", "expectedMatching is a count: 0 or more").into());
+    }
     let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&state.pool).await?;
     let plan = req.plan(now)?;
     if req.dry_run {
