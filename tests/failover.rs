@@ -81,19 +81,9 @@ async fn a_primary_that_stops_answering_is_left_and_every_order_still_goes_throu
     // PostgreSQL here: the sessions behind the frozen link end (with the locks they held) as
     // they do on a primary that died; their clients hear nothing of it.
     let within = Duration::from_secs(60);
-    let end_sessions = async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE client_port = ANY($1) AND datname = current_database() AND pid <> pg_backend_pid()",
-        )
-        .bind(proxy.outbound_ports())
-        .fetch_all(&direct)
-        .await
-        .unwrap()
-    };
     let placing = futures_util::future::join_all((0..5).map(|_| place_retrying(&app, 71, product, within)));
-    let (placed, ended) = tokio::join!(placing, end_sessions);
-    assert!(!ended.is_empty());
+    let (placed, ended) = tokio::join!(placing, end_sessions_behind(&proxy, &direct));
+    assert!(ended > 0);
 
     // Read past the frozen node: PostgreSQL itself.
     let deadline = Instant::now() + within;
@@ -134,6 +124,110 @@ async fn a_primary_that_stops_answering_is_left_and_every_order_still_goes_throu
     assert_eq!(orders, 7, "each retried request placed one order");
     direct.close().await;
     // What the frozen node still holds is reset, as when it comes back.
+    proxy.cut();
+    app.stop().await;
+}
+
+/// The sessions of this test's database that reach PostgreSQL through `proxy`, ended as the
+/// sessions of a primary that died end (their clients hear nothing behind a frozen link).
+async fn end_sessions_behind(proxy: &Proxy, direct: &sqlx::PgPool) -> usize {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE client_port = ANY($1) AND datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .bind(proxy.outbound_ports())
+    .fetch_all(direct)
+    .await
+    .unwrap()
+    .len()
+}
+
+/// A request waiting on the primary when it stops answering (here a charge, waiting for a row
+/// lock) is answered 503 at the API's work deadline instead of waiting for the kernel to give
+/// up on the connection, as a write whose outcome is unknown; its retry with the same
+/// Idempotency-Key, on the node the pool moved to, charges once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_on_a_primary_that_stops_answering_is_answered_at_the_deadline() {
+    let proxy = Proxy::start(5432).await;
+    let app = TestApp::spawn_with(Options {
+        database_front: Some(proxy.port),
+        ..Default::default()
+    })
+    .await;
+    app.fund(72, 1_000).await; // the balance's row, for the charge to wait on
+    let direct = sqlx::PgPool::connect(&format!("{PG_BASE}/{}", app.db_name))
+        .await
+        .unwrap();
+
+    // The charge waits for the balance's row, locked here, on a connection through the proxy.
+    let mut holder = direct.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM balances WHERE user_id = 72 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let key = uuid::Uuid::new_v4().to_string();
+    let charge = || {
+        app.http
+            .post(app.url("/api/balance/charge"))
+            .bearer_auth(app.token(72))
+            .header("idempotency-key", &key)
+            .json(&json!({"amount": 5_000}))
+            .timeout(Duration::from_secs(90))
+            .send()
+    };
+    let started = Instant::now();
+    let waiting = tokio::spawn(charge());
+    app.wait_until(
+        "the charge waits for the row lock",
+        Duration::from_secs(10),
+        "(SELECT count(*) = 1 FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%INTO balances%')",
+    )
+    .await;
+
+    // The node stops answering; the lock goes, and the charge's session ends with its
+    // transaction, as a dead primary's sessions do.
+    proxy.freeze();
+    holder.commit().await.unwrap();
+    assert!(end_sessions_behind(&proxy, &direct).await > 0);
+
+    let res = waiting
+        .await
+        .unwrap()
+        .expect("an answer before the client's own timeout");
+    let took = started.elapsed();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.headers().contains_key("retry-after"));
+    let problem: Value = res.json().await.unwrap();
+    assert_eq!(problem["code"], "COMMIT_OUTCOME_UNKNOWN", "{problem}");
+    assert!(took < Duration::from_secs(45), "answered after {took:?}");
+
+    // Retried with its key, on the node the pool moved to: charged once.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let res = charge().await.unwrap();
+        let status = res.status();
+        let body: Value = res.json().await.unwrap();
+        if status == StatusCode::OK {
+            assert_eq!(body["balance"], 6_000);
+            break;
+        }
+        assert!(
+            status == StatusCode::SERVICE_UNAVAILABLE || body["code"] == "IDEMPOTENCY_KEY_IN_USE",
+            "{status}: {body}"
+        );
+        assert!(Instant::now() < deadline, "the retry was never answered: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (balance, charges): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT balance FROM balances WHERE user_id = 72),
+                (SELECT count(*) FROM balance_ledger WHERE user_id = 72 AND kind = 'CHARGE')",
+    )
+    .fetch_one(&direct)
+    .await
+    .unwrap();
+    assert_eq!((balance, charges), (6_000, 2), "the fund and the charge, each once");
+    direct.close().await;
     proxy.cut();
     app.stop().await;
 }

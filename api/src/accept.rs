@@ -186,11 +186,7 @@ async fn write_batch(
         Ok::<_, Error>((answers, written))
     })
     .await;
-    let Ok(done) = done else {
-        return Err(conn.abandon());
-    };
-    let (answers, written) = done?;
-    conn.keep();
+    let (answers, written) = conn.settle(done)?;
     match feed {
         Some(feed) => feed.hand_over(written),
         None => outbox::committed(),

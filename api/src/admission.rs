@@ -13,7 +13,8 @@
 //! on the pool. Measured with `orderflow bench --hot` (docs/PERFORMANCE.md): the API
 //! accepted 5x more orders per second once the holders were not competing with the crowd.
 //! A request that waits longer than [`MAX_WAIT`] is answered 503 with `Retry-After`; one
-//! admitted has [`BODY_DEADLINE`] to send its body.
+//! admitted has [`BODY_DEADLINE`] to send its body, and is answered 503 once it has worked
+//! (held its turn) for [`WORK_DEADLINE`].
 
 use std::{
     sync::{Arc, Mutex},
@@ -26,7 +27,10 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Response},
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 
 /// How long a request may wait for its turn.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
@@ -38,6 +42,17 @@ pub const MAX_WAIT: Duration = Duration::from_secs(10);
 /// caller out. It starts at the first read, not at the turn, so that the server's own time
 /// before (a token checked against an identity provider) is never counted against the client.
 pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long an admitted request may work, its pauses ([`Turn::pause`]) not counted, before it is
+/// answered 503 and dropped, its transaction with it. A PostgreSQL primary that vanished
+/// without closing its connections (power or network lost) answers nothing, and with no TCP
+/// keepalive a request waiting on it would wait until the kernel gives up, about 15 minutes,
+/// holding its turn and its pooled connection. Dropped, its connection goes back to the pool,
+/// which closes it unchecked once the pool has moved to the new primary (`db::primary`).
+/// Far above any request's own work (milliseconds; an operator's listing over millions of
+/// orders, seconds), and above the accept path's own deadline (`kept::ANSWER_DEADLINE`), so an
+/// order placement is answered by that first.
+pub const WORK_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The error a body read past [`BODY_DEADLINE`] ends with.
 #[derive(Debug)]
@@ -106,13 +121,37 @@ impl Admission {
 #[derive(Clone)]
 pub struct Turn {
     permits: Arc<Semaphore>,
-    held: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    held: Arc<Mutex<Held>>,
+}
+
+/// A turn's permit while it is held, and how long it has been held in all.
+struct Held {
+    permit: Option<OwnedSemaphorePermit>,
+    /// When the permit was last taken.
+    since: Instant,
+    /// Held before that, over the earlier spells.
+    before: Duration,
 }
 
 impl Turn {
+    fn new(permits: Arc<Semaphore>, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            permits,
+            held: Arc::new(Mutex::new(Held {
+                permit: Some(permit),
+                since: Instant::now(),
+                before: Duration::ZERO,
+            })),
+        }
+    }
+
+    /// Gives the turn back while the request sleeps; the time until [`resume`](Self::resume)
+    /// does not count as work ([`WORK_DEADLINE`]).
     pub fn pause(&self) {
-        if let Ok(mut held) = self.held.lock() {
-            held.take();
+        let mut held = self.lock();
+        if held.permit.take().is_some() {
+            let spell = held.since.elapsed();
+            held.before += spell;
         }
     }
 
@@ -123,10 +162,33 @@ impl Turn {
             .ok()
             .and_then(Result::ok)
             .ok_or_else(busy)?;
-        if let Ok(mut held) = self.held.lock() {
-            *held = Some(permit);
-        }
+        let mut held = self.lock();
+        held.permit = Some(permit);
+        held.since = Instant::now();
         Ok(())
+    }
+
+    /// How long the request has held its turn, pauses not counted.
+    fn worked(&self) -> Duration {
+        let held = self.lock();
+        held.before + held.permit.as_ref().map_or(Duration::ZERO, |_| held.since.elapsed())
+    }
+
+    /// Completes once the request has held its turn for `limit` in all.
+    async fn overrun(&self, limit: Duration) {
+        loop {
+            let left = limit.saturating_sub(self.worked());
+            if left.is_zero() {
+                return;
+            }
+            // Paused meanwhile, the work done is unchanged: this sleeps again.
+            tokio::time::sleep(left).await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        // A panic while holding the lock leaves a valid state: use it.
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -143,20 +205,46 @@ pub async fn admit(State(admission): State<Admission>, mut req: Request, next: N
     };
     match tokio::time::timeout(MAX_WAIT, permits.clone().acquire_owned()).await {
         Ok(Ok(permit)) => {
-            let turn = Turn {
-                permits: permits.clone(),
-                held: Arc::new(Mutex::new(Some(permit))),
-            };
+            let turn = Turn::new(permits.clone(), permit);
             // The extension is dropped with the request, before the handler's body runs; the
             // turn is held here until the response is ready (or the handler pauses it).
             req.extensions_mut().insert(turn.clone());
+            let method = req.method().clone();
             let req = req.map(with_deadline);
-            let response = next.run(req).await;
+            let response = tokio::select! {
+                biased;
+                response = next.run(req) => response,
+                () = turn.overrun(WORK_DEADLINE) => overran(&method),
+            };
             drop(turn);
             response
         }
         _ => crate::problem::ApiError(busy()).into_response(),
     }
+}
+
+/// The answer to a request given up at [`WORK_DEADLINE`]. A read is simply retried; a write
+/// may have been committed without the answer coming back, so the client is told to retry it
+/// only with its Idempotency-Key or to check first (as for a lost COMMIT, `idempotency`).
+fn overran(method: &axum::http::Method) -> Response {
+    tracing::warn!(%method, deadline = ?WORK_DEADLINE, "request given up: no answer within the deadline");
+    let secs = WORK_DEADLINE.as_secs();
+    let err = if method.is_safe() {
+        orderflow_shared::Error::unavailable(
+            "REQUEST_DEADLINE_EXCEEDED",
+            format!("no answer within {secs} s (the database may be failing over); retry shortly"),
+        )
+    } else {
+        orderflow_shared::Error::unavailable(
+            "COMMIT_OUTCOME_UNKNOWN",
+            format!(
+                "the request was given up after {secs} s without an answer (the database may be failing over), \
+                 so it may have been applied: retry only with the same Idempotency-Key (which answers what was \
+                 done), or check before retrying"
+            ),
+        )
+    };
+    crate::problem::ApiError(err).into_response()
 }
 
 #[cfg(test)]
@@ -243,5 +331,58 @@ mod tests {
         assert_eq!(problem["code"], "BODY_TIMEOUT");
         assert_eq!(call(json("/", Body::from("[1]"))).await, (200, "[1]".to_owned()));
         assert_eq!(call(json("/late", Body::from("[1]"))).await, (200, "true".to_owned()));
+    }
+    /// A request that works past [`WORK_DEADLINE`] (a database that stopped answering) is
+    /// answered 503 at the deadline, a read to retry and a write whose outcome is unknown, and
+    /// its turn goes to the next request; the time a request sleeps with its turn given back
+    /// (`Prefer: wait`) does not count.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_working_past_the_deadline_is_answered_and_a_paused_one_is_not() {
+        let hang = || async {
+            std::future::pending::<()>().await;
+            "never"
+        };
+        let app = Router::new()
+            .route("/", get(hang).post(hang))
+            .route(
+                "/sleeps",
+                get(|axum::Extension(turn): axum::Extension<Turn>| async move {
+                    tokio::time::sleep(WORK_DEADLINE / 2).await; // working
+                    turn.pause();
+                    tokio::time::sleep(2 * WORK_DEADLINE).await; // waiting, its turn given back
+                    turn.resume().await.expect("a turn");
+                    tokio::time::sleep(WORK_DEADLINE / 4).await; // working again
+                    "slept"
+                }),
+            )
+            .route_layer(axum::middleware::from_fn_with_state(Admission::new(1, 1), admit));
+        let call = |method: &str, path: &str| {
+            let (app, req) = (
+                app.clone(),
+                Request::builder().method(method).uri(path).body(Body::empty()),
+            );
+            async move {
+                let started = tokio::time::Instant::now();
+                let res = app.oneshot(req.expect("a request")).await.expect("a response");
+                let status = res.status().as_u16();
+                let body = axum::body::to_bytes(res.into_body(), 10_000).await.expect("a body");
+                let body = String::from_utf8_lossy(&body).into_owned();
+                (status, body, started.elapsed())
+            }
+        };
+        let code = |body: &str| serde_json::from_str::<serde_json::Value>(body).expect("a problem")["code"].clone();
+        let (status, body, took) = call("GET", "/").await;
+        assert_eq!(
+            (status, code(&body), took),
+            (503, "REQUEST_DEADLINE_EXCEEDED".into(), WORK_DEADLINE)
+        );
+        let (status, body, took) = call("POST", "/").await;
+        assert_eq!(
+            (status, code(&body), took),
+            (503, "COMMIT_OUTCOME_UNKNOWN".into(), WORK_DEADLINE)
+        );
+        let (status, body, took) = call("GET", "/sleeps").await;
+        assert_eq!((status, body.as_str()), (200, "slept"));
+        assert_eq!(took, WORK_DEADLINE / 2 + 2 * WORK_DEADLINE + WORK_DEADLINE / 4);
     }
 }

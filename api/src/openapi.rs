@@ -14,7 +14,7 @@
 //! | needs a token | 401 (with `WWW-Authenticate: Bearer`) |
 //! | under `/api/admin` | 403 `ADMIN_REQUIRED` |
 //! | a rate-limited write ([`RATE_LIMITED`]) | 429 `RATE_LIMITED` (with `Retry-After`) |
-//! | under `/api`, and `/readyz` | 503 `SERVICE_BUSY` / `SERVICE_UNAVAILABLE` (with `Retry-After`) |
+//! | under `/api`, and `/readyz` | 503 `SERVICE_BUSY` / `SERVICE_UNAVAILABLE` / `REQUEST_DEADLINE_EXCEEDED` / `COMMIT_OUTCOME_UNKNOWN` (with `Retry-After`) |
 //!
 //! Every response gets a description (OpenAPI requires one). The tests validate the result
 //! with openapi-spec-validator and fuzz the API against it with schemathesis
@@ -232,8 +232,10 @@ fn complete(doc: &mut Value) {
             },
         ),
         "ServiceUnavailable": problem(
-            "SERVICE_BUSY: too many requests are in flight, or SERVICE_UNAVAILABLE: the database cannot be \
-             reached; retry after `Retry-After` seconds",
+            "SERVICE_BUSY: too many requests are in flight, SERVICE_UNAVAILABLE: the database cannot be \
+             reached, or REQUEST_DEADLINE_EXCEEDED: no answer within 30 s; retry after `Retry-After` seconds. \
+             COMMIT_OUTCOME_UNKNOWN: a write got no answer in time and may have been applied; retry it only \
+             with the same Idempotency-Key, or check first",
             retry_after,
         ),
     });

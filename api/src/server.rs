@@ -54,7 +54,8 @@ const OWN_FILES: u64 = 256;
 /// systemd and many container runtimes start a process with a soft 1,024 (and a hard limit far
 /// above), below HTTP_MAX_CONNECTIONS' default, and a process out of descriptors can open
 /// neither a client's connection nor its own to PostgreSQL or RabbitMQ. Warns when the limit
-/// stays below what `max_connections` clients and the process itself need. Idempotent.
+/// stays below what `max_connections` clients and the process itself need. Process-wide: called
+/// once at start, before any listener or pool opens a file. Idempotent.
 pub fn raise_file_limit(max_connections: usize) {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < max_connections as u64 + OWN_FILES => tracing::warn!(
@@ -72,7 +73,6 @@ pub fn raise_file_limit(max_connections: usize) {
 /// the connections' requests in flight to finish. Accept errors (a full file table, say) are
 /// retried after a pause by axum's `Listener` for `TcpListener`, so this never fails.
 pub async fn serve(mut listener: TcpListener, app: Router, limits: Limits, shutdown: CancellationToken) {
-    raise_file_limit(limits.max_connections);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();

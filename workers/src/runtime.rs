@@ -777,12 +777,8 @@ pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 
 async fn handle<S: Step>(step: &S, db: &Db, items: &[Item], attempt: u32) -> Result<Vec<Disposition>> {
     let mut conn = db.kept.acquire().await?;
-    let Ok(done) = tokio::time::timeout(kept::ANSWER_DEADLINE, transaction(step, &mut conn, items, attempt)).await
-    else {
-        return Err(conn.abandon());
-    };
-    let (dispositions, written) = done?;
-    conn.keep();
+    let done = tokio::time::timeout(kept::ANSWER_DEADLINE, transaction(step, &mut conn, items, attempt)).await;
+    let (dispositions, written) = conn.settle(done)?;
     if let Some((written, unstaged)) = written {
         db.feed.hand_over(written);
         if unstaged {

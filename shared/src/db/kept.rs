@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 pub const KEEP_FOR: Duration = Duration::from_secs(1);
 /// Longest a transaction on a kept connection may go without its answers: the busy loops
 /// (the accept writers, the workers' steps) run their transactions within it (see
-/// [`KeptConnection::abandon`]). A primary that vanished without closing its connections
+/// [`KeptConnection::settle`]). A primary that vanished without closing its connections
 /// (power lost, cut off from the network) answers nothing, and with no TCP keepalive the wait
 /// would last until the kernel gives up on the connection, about 15 minutes, holding the loop
 /// (order intake stops once both accept writers wait) long after a failover moved the pool to
@@ -196,7 +196,7 @@ impl KeptConnection<'_> {
     /// ([`super::CONNECTION_CHECK`]). Returns the error the transaction fails with: the database unavailable, so
     /// transient (retried by a step; answered 503 by the accept path, whose retry with the same
     /// Idempotency-Key settles whether the commit happened).
-    pub fn abandon(mut self) -> crate::Error {
+    fn abandon(mut self) -> crate::Error {
         if let Some(conn) = self.conn.as_mut() {
             conn.close_on_drop();
         }
@@ -206,6 +206,29 @@ impl KeptConnection<'_> {
             idle.conn.close_on_drop();
         }
         unanswered()
+    }
+}
+
+impl KeptConnection<'_> {
+    /// Settles the connection by the outcome of a transaction run on it within
+    /// [`ANSWER_DEADLINE`] (`tokio::time::timeout(ANSWER_DEADLINE, work).await`): committed, it
+    /// is kept for the next transaction; failed, it goes back to the pool (with every kept
+    /// one); without an answer in time it is [abandoned](Self::abandon), and the outcome is the
+    /// error of a database that did not answer (transient).
+    ///
+    /// `work` must end with a commit when it succeeds (see [`keep`](Self::keep)).
+    pub fn settle<T, E: From<crate::Error>>(
+        self,
+        done: Result<Result<T, E>, tokio::time::error::Elapsed>,
+    ) -> Result<T, E> {
+        match done {
+            Ok(Ok(committed)) => {
+                self.keep();
+                Ok(committed)
+            }
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(self.abandon().into()),
+        }
     }
 }
 
