@@ -104,9 +104,9 @@ pub trait Step: Send + Sync + 'static {
     /// unread.
     const MAX_BODY: usize = MAX_MESSAGE_BYTES;
 
-    /// The queue has no delivery limit (nothing bounds its redeliveries): after
-    /// [`PARK_AFTER_ATTEMPTS`] failed attempts a message is handed to [`park`](Self::park)
-    /// instead of being returned to the queue again.
+    /// The queue has no delivery limit (nothing bounds its redeliveries): a message that
+    /// failed for good on its [`PARK_AFTER_ATTEMPTS`]th delivery or later is handed to
+    /// [`park`](Self::park) instead of being returned to the queue again ([`parks`]).
     const UNBOUNDED_QUEUE: bool = false;
 
     /// Keeps a message that cannot be handled where an operator sees it (only called when
@@ -123,6 +123,15 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Attempts at a message on a queue without a delivery limit before it is parked.
 pub const PARK_AFTER_ATTEMPTS: i64 = 3;
+
+/// Whether a delivery that failed with `err` on its `attempt`th delivery (1 the first) is parked
+/// rather than returned to its queue without a delivery limit. Only a failure that is not
+/// transient: one of the database going away (a failover, a restart) says nothing about the
+/// message, which is handled in full once the database is back; parked, its orders would wait
+/// for the sweep instead of the action the message asks for.
+pub fn parks(err: &Error, attempt: i64) -> bool {
+    !err.is_transient() && attempt >= PARK_AFTER_ATTEMPTS
+}
 
 /// What happened to one delivery; used for logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -650,7 +659,7 @@ async fn isolate<S: Step>(step: &S, db: &Db, item: Item) {
         .await;
     let disposition = match result {
         Ok(d) => d,
-        Err(err) if S::UNBOUNDED_QUEUE && delivery_count(&item.delivery).saturating_add(1) >= PARK_AFTER_ATTEMPTS => {
+        Err(err) if S::UNBOUNDED_QUEUE && parks(&err, delivery_count(&item.delivery).saturating_add(1)) => {
             park(step, pool, &item, &err).await
         }
         Err(err) => {
@@ -983,4 +992,25 @@ pub fn delivery_count(delivery: &Delivery) -> i64 {
             _ => None,
         })
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_lasting_failure_parks_a_message_and_not_before_its_third_delivery() {
+        let lasting = Error::Internal(anyhow::anyhow!("a record the database refuses"));
+        assert!(!parks(&lasting, 1));
+        assert!(!parks(&lasting, PARK_AFTER_ATTEMPTS - 1));
+        assert!(parks(&lasting, PARK_AFTER_ATTEMPTS));
+        // The database away (a failover) or a lost race: back to the queue, however often.
+        for transient in [
+            Error::Unavailable(sqlx::Error::PoolTimedOut),
+            Error::Race("deadlock".into()),
+        ] {
+            assert!(!parks(&transient, PARK_AFTER_ATTEMPTS));
+            assert!(!parks(&transient, 1_000));
+        }
+    }
 }

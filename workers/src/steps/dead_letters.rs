@@ -14,7 +14,8 @@
 //! stored JSON stays shallow enough for every reader (serde_json reads 128 levels) and nothing
 //! is lost; text columns have NUL replaced by U+FFFD. A letter that still
 //! cannot be recorded after a few attempts is parked as a bare record (body, reason) rather
-//! than redelivered forever: the dead-letter queue has no delivery limit of its own.
+//! than redelivered forever: the dead-letter queue has no delivery limit of its own. A
+//! database that went away does not count against it (`runtime::parks`).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 
