@@ -118,6 +118,10 @@ async fn the_dashboard_session_is_an_admin_token_in_an_httponly_cookie() {
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
         assert!(attributes.contains(&attribute), "{cookie}");
     }
+    assert!(
+        !attributes.contains(&"Secure"),
+        "plain HTTP could not keep it: {cookie}"
+    );
     let max_age: i64 = attributes
         .iter()
         .find_map(|a| a.strip_prefix("Max-Age="))
@@ -230,6 +234,20 @@ async fn the_dashboard_session_is_an_admin_token_in_an_httponly_cookie() {
             .request(Method::POST, "/ops/login", None, Some(json!({"token": admin})), headers)
             .await;
         assert_eq!(res.status(), 204, "{headers:?}");
+        assert!(!set_cookie(&res).unwrap().contains("Secure"));
+    }
+    // Over HTTPS (the browser's Origin says so, or the proxy that ends TLS), the cookie is
+    // Secure: the browser never sends the admin token over plain HTTP.
+    for headers in [
+        &[("origin", "https://ops.shop.example"), ("host", "ops.shop.example")][..],
+        &[("host", "ops.shop.example"), ("x-forwarded-proto", "https")][..],
+    ] {
+        let res = app
+            .request(Method::POST, "/ops/login", None, Some(json!({"token": admin})), headers)
+            .await;
+        assert_eq!(res.status(), 204, "{headers:?}");
+        let cookie = set_cookie(&res).unwrap();
+        assert!(cookie.split(';').any(|a| a.trim() == "Secure"), "{cookie}");
     }
 
     // Log out: the cookie is cleared.

@@ -3,7 +3,8 @@
 //! - `/ops`: the dashboard (HTML, CSS and JS compiled into the binary from `api/assets/ops/`),
 //!   or the login form when the browser has no valid admin session.
 //! - `POST /ops/login` takes an admin token (form field or JSON `{token}`) and keeps it in the
-//!   HttpOnly cookie [`ADMIN_COOKIE`] until the token expires; `POST /ops/logout` clears it.
+//!   HttpOnly cookie [`ADMIN_COOKIE`] (also `Secure` when reached over HTTPS) until the token
+//!   expires; `POST /ops/logout` clears it.
 //!   The [`Admin`] extractor accepts that cookie, so the dashboard's scripts call the admin API
 //!   with same-origin requests and never see the token.
 //! - `GET /api/admin/overview`: the pipeline at a glance (orders per state, queues, outbox lag,
@@ -112,6 +113,7 @@ async fn login(State(state): State<AppState>, req: Request) -> Response {
     if let Err(err) = crate::extract::same_origin(req.headers()) {
         return ApiError(err).into_response();
     }
+    let secure = over_https(req.headers());
     let json = crate::header_grammar::media_type_is(req.headers(), "application/json");
     let token = if json {
         match axum::Json::<Login>::from_request(req, &state).await {
@@ -175,7 +177,10 @@ async fn login(State(state): State<AppState>, req: Request) -> Response {
         return refuse(401, "TOKEN_EXPIRED", "That token has expired.");
     }
     // A verified JWT is base64url and dots only: safe inside a cookie value.
-    let set = format!("{ADMIN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}");
+    let set = format!(
+        "{ADMIN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{}",
+        if secure { "; Secure" } else { "" }
+    );
     let response = if json {
         StatusCode::NO_CONTENT.into_response()
     } else {
@@ -202,8 +207,28 @@ async fn logout(headers: HeaderMap) -> Response {
     with_cookie(Redirect::to("/ops").into_response(), &clear_cookie())
 }
 
+/// Ends the cookie (a `Secure` one too: only a page reached over HTTPS had it, and from there
+/// any `Set-Cookie` of the name replaces it, RFC 6265bis §5.7).
 fn clear_cookie() -> String {
     format!("{ADMIN_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
+}
+
+/// Whether the browser reached the dashboard over HTTPS: its `Origin` says so (sent with every
+/// form or script POST), or the TLS-terminating proxy in front does (`X-Forwarded-Proto`). The
+/// session cookie is then `Secure` (RFC 6265 §4.1.2.5), so a browser never sends the admin token
+/// over plain HTTP, as to a link or a redirect to `http://` on the same host would have it do.
+/// Over plain HTTP (a local development setup) it cannot be, or the browser would drop it.
+fn over_https(headers: &HeaderMap) -> bool {
+    let origin = headers
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .is_some_and(|o| o.starts_with("https://"));
+    let forwarded = headers
+        .get("x-forwarded-proto")
+        .and_then(|p| p.to_str().ok())
+        .and_then(|p| p.split(',').next())
+        .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"));
+    origin || forwarded
 }
 
 fn with_cookie(mut response: Response, cookie: &str) -> Response {
