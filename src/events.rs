@@ -6,7 +6,9 @@
 //! In the foreground (the default) it prints the replay's progress as JSON lines on stdout
 //! and exits when it is DONE; Ctrl-C cancels it (what it had written to the outbox is still
 //! published). With `--detach` it creates the replay, prints it and exits: the API processes
-//! run it (they resume RUNNING replays nobody holds within a few seconds).
+//! run it (they resume RUNNING replays nobody holds within a few seconds). With `--resume ID`
+//! it runs a RUNNING replay nobody runs any more (its runner was killed, and no API process is
+//! up to resume it) from where it stopped, in the foreground.
 
 use anyhow::Context;
 use orderflow_shared::db::{
@@ -19,12 +21,16 @@ use tokio_util::sync::CancellationToken;
 pub struct ReplayArgs {
     /// Start of the window (inclusive) on the events' confirmedAt, RFC 3339
     /// (e.g. 2026-11-21T10:00:00Z).
-    #[arg(long)]
-    pub from: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub from: Option<String>,
     /// End of the window (exclusive), RFC 3339; at most 31 days after --from. An end in the
     /// future is cut at now.
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub to: Option<String>,
+    /// Run the RUNNING replay with this id, which no process runs any more (a runner that was
+    /// killed), from where it stopped, instead of creating one.
+    #[arg(long, conflicts_with_all = ["from", "to", "detach"])]
+    pub resume: Option<i64>,
     /// Events written to the outbox at a time (1..=1000).
     #[arg(long, default_value_t = i64::from(DEFAULT_CHUNK_SIZE))]
     pub chunk_size: i64,
@@ -44,23 +50,31 @@ pub async fn replay(
     stop: &CancellationToken,
     mut progress: impl FnMut(&Replay),
 ) -> anyhow::Result<Replay> {
-    let plan = Plan::parse(
-        &args.from,
-        &args.to,
-        Some(args.chunk_size),
-        Some(args.pause_ms),
-        chrono::Utc::now(),
-    )?;
+    let plan = match (args.resume, &args.from, &args.to) {
+        (Some(_), ..) => None,
+        (None, Some(from), Some(to)) => Some(Plan::parse(
+            from,
+            to,
+            Some(args.chunk_size),
+            Some(args.pause_ms),
+            chrono::Utc::now(),
+        )?),
+        (None, ..) => anyhow::bail!("--from and --to, or --resume, are required"),
+    };
     let pool = db::pool(database_url, 2)?;
     let result = async {
         let mut conn = pool.acquire().await.context("connecting to PostgreSQL")?;
-        if args.detach {
-            let created = replay::create(&mut conn, &plan, "cli", None).await?;
-            progress(&created);
-            return Ok(created);
-        }
         let owner = uuid::Uuid::new_v4();
-        let created = replay::create(&mut conn, &plan, "cli", Some(owner)).await?;
+        let created = match (plan, args.resume) {
+            (Some(plan), _) if args.detach => {
+                let created = replay::create(&mut conn, &plan, "cli", None).await?;
+                progress(&created);
+                return Ok(created);
+            }
+            (Some(plan), _) => replay::create(&mut conn, &plan, "cli", Some(owner)).await?,
+            (None, Some(id)) => resumable(&mut conn, id).await?,
+            (None, None) => unreachable!("a plan or an id, checked above"),
+        };
         drop(conn);
         // Stopping cancels the replay in the database, where the runner sees it before its next
         // chunk (after counting the one in flight), as it would an operator's cancel.
@@ -78,9 +92,28 @@ pub async fn replay(
                 run.await?
             }
         };
-        Ok(ran.unwrap_or(created))
+        match ran {
+            Some(ended) => Ok(ended),
+            // Its lease is current: another process runs it (its first runner, an API process).
+            None if args.resume.is_some() => {
+                anyhow::bail!("replay {} is being run by another process", created.id)
+            }
+            None => Ok(created),
+        }
     }
     .await;
     pool.close().await;
     result
+}
+
+/// Replay `id`, if it is RUNNING.
+async fn resumable(conn: &mut sqlx::PgConnection, id: i64) -> anyhow::Result<Replay> {
+    let Some(found) = replay::find(conn, id).await? else {
+        anyhow::bail!("there is no replay {id}");
+    };
+    if found.state != replay::ReplayState::Running {
+        anyhow::bail!("replay {id} is {}: nothing to resume", found.state.as_str());
+    }
+    // Whether nobody runs it is for the lease to say, when it is claimed ([`replay::run`]).
+    Ok(found)
 }

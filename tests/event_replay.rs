@@ -572,11 +572,12 @@ async fn the_command_line_runs_the_same_replay_and_api_processes_resume_one_nobo
     app.wait_quiescent(WAIT).await;
     assert_eq!(drain_raw(&app, "consumer").await.len(), 8);
     let args = ReplayArgs {
-        from: rfc3339(from),
-        to: rfc3339(to),
+        from: Some(rfc3339(from)),
+        to: Some(rfc3339(to)),
         chunk_size: 3,
         pause_ms: 0,
         detach: false,
+        resume: None,
     };
     let url = app.config.database_url.clone();
 
@@ -620,7 +621,8 @@ async fn the_command_line_runs_the_same_replay_and_api_processes_resume_one_nobo
 
     // A runner that died mid-way: one chunk written, not yet counted, lease run out. The
     // resumer waits for that chunk, counts it once, and goes on from the cursor.
-    let plan = orderflow_shared::db::replay::Plan::parse(&args.from, &args.to, Some(3), Some(0), Utc::now()).unwrap();
+    let (from, to) = (args.from.clone().unwrap(), args.to.clone().unwrap());
+    let plan = orderflow_shared::db::replay::Plan::parse(&from, &to, Some(3), Some(0), Utc::now()).unwrap();
     let dead = {
         let mut conn = app.pool.acquire().await.unwrap();
         orderflow_shared::db::replay::create(&mut conn, &plan, "cli", Some(uuid::Uuid::new_v4()))
@@ -662,6 +664,42 @@ async fn the_command_line_runs_the_same_replay_and_api_processes_resume_one_nobo
         "{resumed}"
     );
 
+    // A runner killed while no API process was up to resume it: `--resume` runs it here.
+    let orphan = {
+        let mut conn = app.pool.acquire().await.unwrap();
+        orderflow_shared::db::replay::create(&mut conn, &plan, "cli", Some(uuid::Uuid::new_v4()))
+            .await
+            .unwrap()
+    };
+    sqlx::query("UPDATE event_replays SET lease_until = now() - interval '1 second' WHERE id = $1")
+        .bind(orphan.id)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let resume = |id| ReplayArgs {
+        from: None,
+        to: None,
+        resume: Some(id),
+        ..args.clone()
+    };
+    match events::replay(&url, &resume(orphan.id), &CancellationToken::new(), |_| {}).await {
+        Ok(ended) => assert_eq!(
+            (ended.id, ended.state, ended.published),
+            (orphan.id, ReplayState::Done, 8)
+        ),
+        // This test's API process looks for such replays every 5 s and may claim it first.
+        Err(err) => {
+            assert!(err.to_string().contains("being run by another process"), "{err:#}");
+            wait_replay(&app, orphan.id, |r| r["state"] == "DONE").await;
+        }
+    }
+    for (id, says) in [(orphan.id, "nothing to resume"), (i64::MAX, "there is no replay")] {
+        let err = events::replay(&url, &resume(id), &CancellationToken::new(), |_| {})
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(says), "{err:#}");
+    }
+
     // Stopped from the command line (Ctrl-C): cancelled, nothing more written.
     let stop = CancellationToken::new();
     let slow = ReplayArgs {
@@ -692,8 +730,8 @@ async fn the_command_line_runs_the_same_replay_and_api_processes_resume_one_nobo
             .insert(m.event_id());
     }
     let originals: BTreeSet<String> = original_events(&app).await.into_values().map(|(e, _)| e).collect();
-    assert_eq!(got.len(), 8 + 8 + 8 + 1);
-    for id in [ended.id, detached.id, dead.id] {
+    assert_eq!(got.len(), 8 + 8 + 8 + 8 + 1);
+    for id in [ended.id, detached.id, dead.id, orphan.id] {
         assert_eq!(per_replay[&id.to_string()], originals, "replay {id}");
     }
     assert_eq!(per_replay[&stopped.id.to_string()].len(), 1);

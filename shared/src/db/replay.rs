@@ -242,19 +242,26 @@ pub async fn create(conn: &mut PgConnection, plan: &Plan, requested_by: &str, ow
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('orderflow.event_replays.create'))")
         .execute(&mut *tx)
         .await?;
-    let running: Option<(i64, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT id, window_from, window_to FROM event_replays
+    // (id, window, whether nobody runs it: its lease ran out)
+    let running: Option<(i64, DateTime<Utc>, DateTime<Utc>, bool)> = sqlx::query_as(
+        "SELECT id, window_from, window_to, coalesce(lease_until < now(), false) FROM event_replays
          WHERE state = 'RUNNING' AND window_from < $2 AND window_to > $1 ORDER BY id LIMIT 1",
     )
     .bind(plan.from)
     .bind(plan.to)
     .fetch_optional(&mut *tx)
     .await?;
-    if let Some((id, from, to)) = running {
+    if let Some((id, from, to, orphaned)) = running {
+        let unrun = if orphaned {
+            " (nobody runs it now: an API process resumes it within seconds of starting, or \
+             `orderflow events replay --resume` runs it)"
+        } else {
+            ""
+        };
         return Err(Error::conflict(
             "REPLAY_OVERLAPS",
             format!(
-                "replay {id} is replaying {} to {}, which overlaps this window: wait for it or cancel it",
+                "replay {id} is replaying {} to {}, which overlaps this window{unrun}: wait for it or cancel it",
                 from.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                 to.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
             ),
