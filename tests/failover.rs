@@ -231,3 +231,65 @@ async fn a_request_waiting_on_a_primary_that_stops_answering_is_answered_at_the_
     proxy.cut();
     app.stop().await;
 }
+
+/// A request waiting for its order (`Prefer: wait`) is woken when the order is done, though
+/// the primary stopped answering while it waited: the API's watcher gives up on the query the
+/// node left unanswered and asks the node the pool moved to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_its_order_is_woken_after_the_primary_stops_answering() {
+    let proxy = Proxy::start(5432).await;
+    let app = TestApp::spawn_with(Options {
+        database_front: Some(proxy.port),
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Lantern", 1_000, 5).await;
+    app.fund(73, 5_000).await;
+    let direct = sqlx::PgPool::connect(&format!("{PG_BASE}/{}", app.db_name))
+        .await
+        .unwrap();
+
+    // The order is held at its stock step (the product's row locked here) while its client
+    // waits for the outcome.
+    let mut holder = direct.begin().await.unwrap();
+    // (NO KEY: the accept's foreign-key check of its lines may share it, the stock step not)
+    sqlx::query("SELECT 1 FROM products WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(product)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let waiting = tokio::spawn(
+        app.http
+            .post(app.url("/api/orders"))
+            .bearer_auth(app.token(73))
+            .header("idempotency-key", uuid::Uuid::new_v4().to_string())
+            .header("prefer", "wait=30")
+            .json(&json!({"items": [{"productId": product, "quantity": 1}]}))
+            .timeout(Duration::from_secs(60))
+            .send(),
+    );
+    app.wait_until(
+        "the stock step waits for the product's row",
+        Duration::from_secs(10),
+        "(SELECT count(*) = 1 FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock')",
+    )
+    .await;
+
+    // The node stops answering (the watcher's next query with it); its sessions end.
+    proxy.freeze();
+    holder.commit().await.unwrap();
+    assert!(end_sessions_behind(&proxy, &direct).await > 0);
+
+    let res = waiting.await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert_eq!(res.status(), StatusCode::CREATED, "done within the wait");
+    let order: Value = res.json().await.unwrap();
+    assert_eq!(order["status"], "CONFIRMED", "{order}");
+    // Woken when it was done, not at the end of its 30 s.
+    assert!(took < Duration::from_secs(25), "answered after {took:?}");
+    direct.close().await;
+    proxy.cut();
+    app.stop().await;
+}

@@ -32,7 +32,10 @@ use std::{
 
 use chrono::{DateTime, Utc};
 use orderflow_shared::{
-    db::history::{settled_until, summarize},
+    db::{
+        history::{settled_until, summarize},
+        kept,
+    },
     messaging::stats::QueueStats,
 };
 use serde::Serialize;
@@ -155,7 +158,7 @@ pub async fn run(trends: Arc<Trends>, pool: PgPool, queues: Arc<QueueStats>, shu
     let interval = trends.interval();
     let body = async {
         let mut start = loop {
-            match settled_until(&pool, None).await {
+            match kept::answered_query(settled_until(&pool, None)).await {
                 Ok(t) => break t,
                 Err(err) => {
                     tracing::warn!(error = %err, "trend sampler: cannot read the database's clock");
@@ -163,14 +166,17 @@ pub async fn run(trends: Arc<Trends>, pool: PgPool, queues: Arc<QueueStats>, shu
                 }
             }
         };
-        if let Err(err) = backfill(&trends, &pool, start).await {
-            tracing::warn!(error = %err, "trend sampler: backfill failed; the charts start empty");
+        // An hour of history: longer than one sample may take, but not without end.
+        match tokio::time::timeout(6 * kept::ANSWER_DEADLINE, backfill(&trends, &pool, start)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(error = %err, "trend sampler: backfill failed; the charts start empty"),
+            Err(_) => tracing::warn!("trend sampler: backfill got no answer in time; the charts start empty"),
         }
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let (sample, queues) = tokio::join!(sample_database(&pool, start), queues.read());
+            let (sample, queues) = tokio::join!(kept::answered_query(sample_database(&pool, start)), queues.read());
             match sample {
                 Ok(mut sample) => {
                     if let Ok(queues) = queues {

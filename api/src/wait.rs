@@ -15,7 +15,7 @@ use std::{
 };
 
 use axum::http::{HeaderMap, HeaderValue};
-use orderflow_shared::domain::OrderStatus;
+use orderflow_shared::{db::kept, domain::OrderStatus};
 use sqlx::PgPool;
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -188,10 +188,12 @@ async fn watch(waiting: std::sync::Weak<Mutex<HashMap<Uuid, Vec<Waiter>>>>, some
             continue;
         }
         tokio::time::sleep(TICK).await;
-        let statuses: Vec<(Uuid, String)> = match sqlx::query_as("SELECT id, status FROM orders WHERE id = ANY($1)")
-            .bind(&ids)
-            .fetch_all(&pool)
-            .await
+        let statuses: Vec<(Uuid, String)> = match kept::answered_query(
+            sqlx::query_as("SELECT id, status FROM orders WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&pool),
+        )
+        .await
         {
             Ok(rows) => rows,
             Err(err) => {

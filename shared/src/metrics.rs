@@ -199,16 +199,18 @@ async fn sample_database(pool: &PgPool, orders: &StatusCounts) -> crate::Result<
     }
     // Unsent and lag cover what the relay still has to publish; parked rows wait for an
     // operator and are counted on their own.
-    let (dead, unsent, lag, parked, oldest): (i64, i64, f64, i64, f64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM dead_letters WHERE status = 'NEW'),
+    let (dead, unsent, lag, parked, oldest): (i64, i64, f64, i64, f64) = crate::db::kept::answered_query(
+        sqlx::query_as(
+            "SELECT (SELECT count(*) FROM dead_letters WHERE status = 'NEW'),
                 (SELECT count(*) FROM outbox WHERE sent_at IS NULL AND parked_at IS NULL),
                 coalesce((SELECT extract(epoch FROM now() - min(created_at))::float8 FROM outbox
                           WHERE sent_at IS NULL AND parked_at IS NULL), 0),
                 (SELECT count(*) FROM outbox WHERE parked_at IS NOT NULL AND sent_at IS NULL AND discarded_at IS NULL),
                 coalesce((SELECT extract(epoch FROM now() - min(updated_at))::float8 FROM orders
                           WHERE in_flight AND status <> 'COMPENSATION_FAILED'), 0)",
+        )
+        .fetch_one(pool),
     )
-    .fetch_one(pool)
     .await?;
     metrics::gauge!(OLDEST_IN_FLIGHT).set(oldest);
     metrics::gauge!(DEAD_LETTERS).set(dead as f64);

@@ -333,11 +333,15 @@ async fn lead(pool: &PgPool, shutdown: &CancellationToken) -> anyhow::Result<Opt
     let mut conn = pool.acquire().await?.detach();
     let mut told = false;
     loop {
-        let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
-            .bind(LEADER_LOCK.0)
-            .bind(LEADER_LOCK.1)
-            .fetch_one(&mut conn)
-            .await?;
+        // Within the session timeout: a standby asking a primary that vanished would wait
+        // until the kernel gives up, long after the leader it stood by for died with it.
+        let held: bool = answered(
+            sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(LEADER_LOCK.0)
+                .bind(LEADER_LOCK.1)
+                .fetch_one(&mut conn),
+        )
+        .await?;
         if held {
             return Ok(Some(conn));
         }

@@ -682,12 +682,14 @@ async fn record_failure(pool: &PgPool, consumer: &str, failures: &[(Uuid, String
         .iter()
         .map(|(id, e)| (*id, e.replace('\0', "\u{FFFD}")))
         .unzip();
-    if let Err(err) = sqlx::query(FAILURES)
-        .bind(consumer)
-        .bind(&ids)
-        .bind(&errors)
-        .execute(pool)
-        .await
+    if let Err(err) = kept::answered_query(
+        sqlx::query(FAILURES)
+            .bind(consumer)
+            .bind(&ids)
+            .bind(&errors)
+            .execute(pool),
+    )
+    .await
     {
         tracing::debug!(error = %err, "could not record a delivery failure");
     }

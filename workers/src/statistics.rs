@@ -35,7 +35,7 @@ pub async fn run(pool: PgPool, shutdown: CancellationToken) -> anyhow::Result<()
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => break,
         }
-        match analyze_stale(&pool).await {
+        match orderflow_shared::db::kept::answered_query(analyze_stale(&pool)).await {
             Ok(None) => break, // autovacuum is on: it keeps the statistics.
             Ok(Some(tables)) if !tables.is_empty() => tracing::debug!(?tables, "analyzed"),
             Ok(Some(_)) => {}

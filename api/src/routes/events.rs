@@ -29,7 +29,7 @@ use axum::{
 };
 use chrono::{DateTime, Utc};
 use futures_util::{Stream, stream};
-use orderflow_shared::{Error, domain::OrderStatus};
+use orderflow_shared::{Error, db::kept, domain::OrderStatus};
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -192,13 +192,15 @@ impl Feed {
     /// Queues the history rows after the last one sent; marks the feed finished at a terminal
     /// status. A database error is logged and the next poll tries again.
     async fn poll(&mut self) {
-        let rows: Vec<StatusEvent> = match sqlx::query_as(
-            "SELECT id, to_status AS status, reason, at FROM order_status_history
-             WHERE order_id = $1 AND id > $2 ORDER BY id",
+        let rows: Vec<StatusEvent> = match kept::answered_query(
+            sqlx::query_as(
+                "SELECT id, to_status AS status, reason, at FROM order_status_history
+                 WHERE order_id = $1 AND id > $2 ORDER BY id",
+            )
+            .bind(self.order_id)
+            .bind(self.after)
+            .fetch_all(&self.pool),
         )
-        .bind(self.order_id)
-        .bind(self.after)
-        .fetch_all(&self.pool)
         .await
         {
             Ok(rows) => rows,

@@ -128,9 +128,20 @@ impl StatusCounts {
 
     /// Every status with its count (0 when none), in [`OrderStatus::ALL`]'s order. On one
     /// connection of `pool`, so a database that cannot be reached fails it once, after the
-    /// pool's acquire timeout.
+    /// pool's acquire timeout; one that stops answering, after [`super::kept::ANSWER_DEADLINE`]
+    /// (every other reader waits for this one meanwhile: the gauges' sampler, the overview).
     pub async fn read(&self, pool: &PgPool) -> sqlx::Result<Vec<(OrderStatus, i64)>> {
         let mut kept = self.ended.lock().await;
+        match tokio::time::timeout(super::kept::ANSWER_DEADLINE, self.read_locked(&mut kept, pool)).await {
+            Ok(read) => read,
+            Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the database did not answer the order counts in time",
+            ))),
+        }
+    }
+
+    async fn read_locked(&self, kept: &mut Option<Ended>, pool: &PgPool) -> sqlx::Result<Vec<(OrderStatus, i64)>> {
         let mut conn = pool.acquire().await?;
         summarize(&mut *conn).await;
         let mut ended = match *kept {

@@ -234,11 +234,19 @@ impl KeptConnection<'_> {
 
 /// `work`'s outcome, or once it went [`ANSWER_DEADLINE`] without one, the error of a database
 /// that did not answer (transient). For work on connections straight from the pool (the
-/// sweep, a step's split and park): the connection it held goes back to the pool's check.
+/// sweep, a step's split and park, the loops that poll: the API's waiters and streams, the
+/// samplers, the lease resumer): the connection it held goes back to the pool, which closes it
+/// unchecked once it has moved to a new primary (`super::primary`), as it will have by then
+/// for a multi-host URL (it looks every 0.5 s).
 pub async fn answered<T>(work: impl Future<Output = crate::Result<T>>) -> crate::Result<T> {
     tokio::time::timeout(ANSWER_DEADLINE, work)
         .await
         .unwrap_or_else(|_| Err(unanswered()))
+}
+
+/// [`answered`] for a query's own future (a `sqlx` error becomes the crate's).
+pub async fn answered_query<T>(query: impl Future<Output = sqlx::Result<T>>) -> crate::Result<T> {
+    answered(async { Ok(query.await?) }).await
 }
 
 /// The database did not answer within [`ANSWER_DEADLINE`]: unavailable, so transient.

@@ -146,11 +146,15 @@ impl Jobs {
                 _ = ticker.tick() => {}
                 _ = shutdown.cancelled() => break,
             }
-            let orphans: Result<Vec<i64>, sqlx::Error> = sqlx::query_scalar(self.sql(
-                "SELECT id FROM {table}
-                 WHERE state = 'RUNNING' AND (lease_owner IS NULL OR lease_until < now()) ORDER BY id",
-            ))
-            .fetch_all(&pool)
+            // Within the answer deadline: a runner stuck on a primary that vanished loses its
+            // lease, and this is what hands the job to a runner on the new one.
+            let orphans = super::kept::answered_query(
+                sqlx::query_scalar(self.sql(
+                    "SELECT id FROM {table}
+                     WHERE state = 'RUNNING' AND (lease_owner IS NULL OR lease_until < now()) ORDER BY id",
+                ))
+                .fetch_all(&pool),
+            )
             .await;
             match orphans {
                 Ok(ids) => ids.into_iter().for_each(|id| spawn(id, Uuid::new_v4())),
