@@ -29,7 +29,7 @@ pub struct ReplayArgs {
     pub to: Option<String>,
     /// Run the RUNNING replay with this id, which no process runs any more (a runner that was
     /// killed), from where it stopped, instead of creating one.
-    #[arg(long, conflicts_with_all = ["from", "to", "detach"])]
+    #[arg(long, conflicts_with_all = ["from", "to", "detach", "chunk_size", "pause_ms"])]
     pub resume: Option<i64>,
     /// Events written to the outbox at a time (1..=1000).
     #[arg(long, default_value_t = i64::from(DEFAULT_CHUNK_SIZE))]
@@ -93,11 +93,11 @@ pub async fn replay(
             }
         };
         match ran {
-            Some(ended) => Ok(ended),
-            // Its lease is current: another process runs it (its first runner, an API process).
-            None if args.resume.is_some() => {
+            // Not claimed: its lease is current, another process runs it (an API process).
+            Some(seen) if seen.state == replay::ReplayState::Running && seen.lease_owner != Some(owner) => {
                 anyhow::bail!("replay {} is being run by another process", created.id)
             }
+            Some(ended) => Ok(ended),
             None => Ok(created),
         }
     }
@@ -116,4 +116,35 @@ async fn resumable(conn: &mut sqlx::PgConnection, id: i64) -> anyhow::Result<Rep
     }
     // Whether nobody runs it is for the lease to say, when it is claimed ([`replay::run`]).
     Ok(found)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ReplayArgs,
+    }
+
+    #[test]
+    fn a_replay_is_a_window_or_one_to_resume_never_both() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["replay"], args].concat()).map(|c| c.args);
+        let window = parse(&["--from", "2026-12-01T00:00:00Z", "--to", "2026-12-02T00:00:00Z"]).unwrap();
+        assert_eq!((window.from.is_some(), window.resume), (true, None));
+        assert_eq!(parse(&["--resume", "7"]).unwrap().resume, Some(7));
+        for wrong in [
+            &["--from", "2026-12-01T00:00:00Z"][..],
+            &[],
+            &["--resume", "7", "--from", "2026-12-01T00:00:00Z"],
+            &["--resume", "7", "--detach"],
+            &["--resume", "7", "--chunk-size", "10"],
+        ] {
+            assert!(parse(wrong).is_err(), "{wrong:?}");
+        }
+    }
 }

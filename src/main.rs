@@ -208,7 +208,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// Runs the API (if `api`) and `workers` until SIGTERM or Ctrl-C, then shuts down gracefully.
 async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Result<()> {
     tracing::info!(?config, "starting");
-    orderflow_api::server::raise_file_limit(if api { config.http_max_connections } else { 0 });
+    orderflow_api::server::raise_file_limit(config.http_max_connections);
     if config.jwt_secret().1 && api {
         tracing::warn!("JWT_SECRET is not set: using the development secret; never do this in production");
     }

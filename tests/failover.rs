@@ -288,7 +288,7 @@ async fn a_request_waiting_for_its_order_is_woken_after_the_primary_stops_answer
     let order: Value = res.json().await.unwrap();
     assert_eq!(order["status"], "CONFIRMED", "{order}");
     // Woken when it was done, not at the end of its 30 s.
-    assert!(took < Duration::from_secs(25), "answered after {took:?}");
+    assert!(took < Duration::from_secs(28), "answered after {took:?}");
     direct.close().await;
     proxy.cut();
     app.stop().await;

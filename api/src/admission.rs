@@ -14,7 +14,7 @@
 //! accepted 5x more orders per second once the holders were not competing with the crowd.
 //! A request that waits longer than [`MAX_WAIT`] is answered 503 with `Retry-After`; one
 //! admitted has [`BODY_DEADLINE`] to send its body, and is answered 503 once it has worked
-//! (held its turn) for [`WORK_DEADLINE`].
+//! (held its turn) for [`WORK_DEADLINE`] ([`ADMIN_WORK_DEADLINE`] for an operator's).
 
 use std::{
     sync::{Arc, Mutex},
@@ -48,11 +48,14 @@ pub const BODY_DEADLINE: Duration = Duration::from_secs(10);
 /// without closing its connections (power or network lost) answers nothing, and with no TCP
 /// keepalive a request waiting on it would wait until the kernel gives up, about 15 minutes,
 /// holding its turn and its pooled connection. Dropped, its connection goes back to the pool,
-/// which closes it unchecked once the pool has moved to the new primary (`db::primary`).
-/// Far above any request's own work (milliseconds; an operator's listing over millions of
-/// orders, seconds), and above the accept path's own deadline (`kept::ANSWER_DEADLINE`), so an
-/// order placement is answered by that first.
+/// which closes it unchecked once the pool has moved to the new primary (`db::primary`; on a
+/// live database, once its statement ends). Far above any request's own work (milliseconds);
+/// an order placement's batch is given up sooner, at `kept::ANSWER_DEADLINE`.
 pub const WORK_DEADLINE: Duration = Duration::from_secs(30);
+
+/// [`WORK_DEADLINE`] for the operators' routes (`/api/admin/...`): a dry run or a count over a
+/// large incident or a month of events may take longer than a shop's request ever does.
+pub const ADMIN_WORK_DEADLINE: Duration = Duration::from_secs(300);
 
 /// The error a body read past [`BODY_DEADLINE`] ends with.
 #[derive(Debug)]
@@ -155,8 +158,12 @@ impl Turn {
         }
     }
 
-    /// Waits for a turn again (at most [`MAX_WAIT`]); an error is the 503 `SERVICE_BUSY`.
+    /// Waits for a turn again (at most [`MAX_WAIT`]); an error is the 503 `SERVICE_BUSY`. A turn
+    /// still held is kept as it is.
     pub async fn resume(&self) -> Result<(), orderflow_shared::Error> {
+        if self.lock().permit.is_some() {
+            return Ok(());
+        }
         let permit = tokio::time::timeout(MAX_WAIT, self.permits.clone().acquire_owned())
             .await
             .ok()
@@ -209,12 +216,17 @@ pub async fn admit(State(admission): State<Admission>, mut req: Request, next: N
             // The extension is dropped with the request, before the handler's body runs; the
             // turn is held here until the response is ready (or the handler pauses it).
             req.extensions_mut().insert(turn.clone());
-            let method = req.method().clone();
+            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+            let deadline = if path.starts_with("/api/admin/") {
+                ADMIN_WORK_DEADLINE
+            } else {
+                WORK_DEADLINE
+            };
             let req = req.map(with_deadline);
             let response = tokio::select! {
                 biased;
                 response = next.run(req) => response,
-                () = turn.overrun(WORK_DEADLINE) => overran(&method),
+                () = turn.overrun(deadline) => overran(&method, &path, deadline),
             };
             drop(turn);
             response
@@ -223,12 +235,12 @@ pub async fn admit(State(admission): State<Admission>, mut req: Request, next: N
     }
 }
 
-/// The answer to a request given up at [`WORK_DEADLINE`]. A read is simply retried; a write
+/// The answer to a request given up at its deadline ([`WORK_DEADLINE`]). A read is simply retried; a write
 /// may have been committed without the answer coming back, so the client is told to retry it
 /// only with its Idempotency-Key or to check first (as for a lost COMMIT, `idempotency`).
-fn overran(method: &axum::http::Method) -> Response {
-    tracing::warn!(%method, deadline = ?WORK_DEADLINE, "request given up: no answer within the deadline");
-    let secs = WORK_DEADLINE.as_secs();
+fn overran(method: &axum::http::Method, path: &str, deadline: Duration) -> Response {
+    tracing::warn!(%method, path, ?deadline, "request given up: no answer within the deadline");
+    let secs = deadline.as_secs();
     let err = if method.is_safe() {
         orderflow_shared::Error::unavailable(
             "REQUEST_DEADLINE_EXCEEDED",
@@ -344,6 +356,7 @@ mod tests {
         };
         let app = Router::new()
             .route("/", get(hang).post(hang))
+            .route("/api/admin/dry-run", axum::routing::post(hang))
             .route(
                 "/sleeps",
                 get(|axum::Extension(turn): axum::Extension<Turn>| async move {
@@ -380,6 +393,12 @@ mod tests {
         assert_eq!(
             (status, code(&body), took),
             (503, "COMMIT_OUTCOME_UNKNOWN".into(), WORK_DEADLINE)
+        );
+        // An operator's route has longer.
+        let (status, body, took) = call("POST", "/api/admin/dry-run").await;
+        assert_eq!(
+            (status, code(&body), took),
+            (503, "COMMIT_OUTCOME_UNKNOWN".into(), ADMIN_WORK_DEADLINE)
         );
         let (status, body, took) = call("GET", "/sleeps").await;
         assert_eq!((status, body.as_str()), (200, "slept"));

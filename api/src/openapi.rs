@@ -233,7 +233,7 @@ fn complete(doc: &mut Value) {
         ),
         "ServiceUnavailable": problem(
             "SERVICE_BUSY: too many requests are in flight, SERVICE_UNAVAILABLE: the database cannot be \
-             reached, or REQUEST_DEADLINE_EXCEEDED: no answer within 30 s; retry after `Retry-After` seconds. \
+             reached, or REQUEST_DEADLINE_EXCEEDED: no answer within 30 s (5 min under /api/admin); retry after `Retry-After` seconds. \
              COMMIT_OUTCOME_UNKNOWN: a write got no answer in time and may have been applied; retry it only \
              with the same Idempotency-Key, or check first",
             retry_after,

@@ -176,7 +176,15 @@ pub async fn run(trends: Arc<Trends>, pool: PgPool, queues: Arc<QueueStats>, shu
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let (sample, queues) = tokio::join!(kept::answered_query(sample_database(&pool, start)), queues.read());
+            // A sample that times out joins its window to the next, which must not time out
+            // for that in turn: the same bound as the backfill, far above a sample's own time.
+            let sample = async {
+                match tokio::time::timeout(6 * kept::ANSWER_DEADLINE, sample_database(&pool, start)).await {
+                    Ok(sample) => Ok(sample?),
+                    Err(_) => anyhow::bail!("no answer within {:?}", 6 * kept::ANSWER_DEADLINE),
+                }
+            };
+            let (sample, queues) = tokio::join!(sample, queues.read());
             match sample {
                 Ok(mut sample) => {
                     if let Ok(queues) = queues {

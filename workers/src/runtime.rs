@@ -124,13 +124,23 @@ pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 /// Attempts at a message on a queue without a delivery limit before it is parked.
 pub const PARK_AFTER_ATTEMPTS: i64 = 3;
 
+/// Deliveries of a message that keeps failing transiently before it is parked all the same: a
+/// database away for about an hour (each delivery is tried a few times over seconds), or a
+/// message whose transaction never answers within `kept::ANSWER_DEADLINE`.
+pub const PARK_TRANSIENT_AFTER_ATTEMPTS: i64 = 1_000;
+
 /// Whether a delivery that failed with `err` on its `attempt`th delivery (1 the first) is parked
-/// rather than returned to its queue without a delivery limit. Only a failure that is not
-/// transient: one of the database going away (a failover, a restart) says nothing about the
-/// message, which is handled in full once the database is back; parked, its orders would wait
-/// for the sweep instead of the action the message asks for.
+/// rather than returned to its queue without a delivery limit. A transient failure (the database
+/// going away: a failover, a restart) says nothing about the message, which is handled in full
+/// once the database is back (parked, its orders would wait for the sweep instead of the action
+/// the message asks for), so it counts only past [`PARK_TRANSIENT_AFTER_ATTEMPTS`].
 pub fn parks(err: &Error, attempt: i64) -> bool {
-    !err.is_transient() && attempt >= PARK_AFTER_ATTEMPTS
+    let limit = if err.is_transient() {
+        PARK_TRANSIENT_AFTER_ATTEMPTS
+    } else {
+        PARK_AFTER_ATTEMPTS
+    };
+    attempt >= limit
 }
 
 /// What happened to one delivery; used for logs and metrics.
@@ -1001,18 +1011,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_lasting_failure_parks_a_message_and_not_before_its_third_delivery() {
+    fn a_lasting_failure_parks_a_message_from_its_third_delivery_a_transient_one_far_later() {
         let lasting = Error::Internal(anyhow::anyhow!("a record the database refuses"));
         assert!(!parks(&lasting, 1));
         assert!(!parks(&lasting, PARK_AFTER_ATTEMPTS - 1));
         assert!(parks(&lasting, PARK_AFTER_ATTEMPTS));
-        // The database away (a failover) or a lost race: back to the queue, however often.
+        // The database away (a failover) or a lost race: back to the queue, for a long while.
         for transient in [
             Error::Unavailable(sqlx::Error::PoolTimedOut),
             Error::Race("deadlock".into()),
         ] {
             assert!(!parks(&transient, PARK_AFTER_ATTEMPTS));
-            assert!(!parks(&transient, 1_000));
+            assert!(!parks(&transient, PARK_TRANSIENT_AFTER_ATTEMPTS - 1));
+            assert!(parks(&transient, PARK_TRANSIENT_AFTER_ATTEMPTS));
         }
     }
 }

@@ -128,11 +128,11 @@ impl StatusCounts {
 
     /// Every status with its count (0 when none), in [`OrderStatus::ALL`]'s order. On one
     /// connection of `pool`, so a database that cannot be reached fails it once, after the
-    /// pool's acquire timeout; one that stops answering, after [`super::kept::ANSWER_DEADLINE`]
-    /// (every other reader waits for this one meanwhile: the gauges' sampler, the overview).
+    /// pool's acquire timeout; one that stops answering, after [`READ_DEADLINE`] (every other
+    /// reader waits for this one meanwhile: the gauges' sampler, the overview).
     pub async fn read(&self, pool: &PgPool) -> sqlx::Result<Vec<(OrderStatus, i64)>> {
         let mut kept = self.ended.lock().await;
-        match tokio::time::timeout(super::kept::ANSWER_DEADLINE, self.read_locked(&mut kept, pool)).await {
+        match tokio::time::timeout(READ_DEADLINE, self.read_locked(&mut kept, pool)).await {
             Ok(read) => read,
             Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -177,6 +177,11 @@ impl StatusCounts {
             .collect())
     }
 }
+
+/// How long [`StatusCounts::read`] waits for its answers: the full count of ended orders reads
+/// every order (a quarter of a second of PostgreSQL's CPU at a million orders), so more than a
+/// transaction's [`super::kept::ANSWER_DEADLINE`], lest a large shop's count never finish.
+pub const READ_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Ended {
     /// Counts every ended order (a full read of `orders`) and takes away those whose status row

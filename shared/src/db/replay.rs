@@ -242,9 +242,9 @@ pub async fn create(conn: &mut PgConnection, plan: &Plan, requested_by: &str, ow
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('orderflow.event_replays.create'))")
         .execute(&mut *tx)
         .await?;
-    // (id, window, whether nobody runs it: its lease ran out)
+    // (id, window, whether nobody runs it: no lease, or one that ran out)
     let running: Option<(i64, DateTime<Utc>, DateTime<Utc>, bool)> = sqlx::query_as(
-        "SELECT id, window_from, window_to, coalesce(lease_until < now(), false) FROM event_replays
+        "SELECT id, window_from, window_to, lease_owner IS NULL OR lease_until < now() FROM event_replays
          WHERE state = 'RUNNING' AND window_from < $2 AND window_to > $1 ORDER BY id LIMIT 1",
     )
     .bind(plan.from)

@@ -15,7 +15,7 @@
 //! is lost; text columns have NUL replaced by U+FFFD. A letter that still
 //! cannot be recorded after a few attempts is parked as a bare record (body, reason) rather
 //! than redelivered forever: the dead-letter queue has no delivery limit of its own. A
-//! database that went away does not count against it (`runtime::parks`).
+//! database that went away counts only after about an hour of it (`runtime::parks`).
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 
