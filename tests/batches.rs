@@ -678,3 +678,187 @@ async fn a_coupon_batch_gives_the_coupon_to_the_first_order_that_meets_its_minim
     assert_eq!(transactions, 1);
     app.stop().await;
 }
+
+/// A message about `orders` as a worker decodes it.
+fn command(
+    kind: orderflow_shared::messaging::MessageType,
+    orders: &[uuid::Uuid],
+) -> orderflow_workers::runtime::Incoming {
+    orderflow_workers::runtime::Incoming {
+        kind,
+        envelope: orderflow_shared::messaging::Envelope {
+            id: uuid::Uuid::now_v7(),
+            kind: kind.as_str().to_owned(),
+            occurred_at: chrono::Utc::now(),
+            order_id: None,
+            data: json!({ "orderIds": orders }),
+        },
+        trace: None,
+        order_ids: orders.to_vec(),
+        order_traces: vec![None; orders.len()],
+    }
+}
+
+/// A payment batch that refunds one user and charges another takes both balances' locks in
+/// user order: a batch refunding user 2 and charging user 1 and one doing the reverse never
+/// hold what the other waits for (a deadlock PostgreSQL would end after a second). Shown by
+/// the lock it does not take: waiting for user 1's balance, the batch holds no lock on user 2's.
+#[tokio::test]
+async fn a_payment_batch_takes_its_balance_locks_in_user_order() {
+    use orderflow_shared::messaging::MessageType;
+    use orderflow_workers::runtime::Step;
+    // No workers: the orders stay where the test puts them.
+    let app = TestApp::spawn_with(common::Options {
+        workers: vec![],
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Kettle", 1_000, 10).await;
+    app.fund(1, 5_000).await;
+    app.fund(2, 5_000).await;
+    let refunded: uuid::Uuid = app.order(2, &[(product, 1)], None).await.parse().unwrap();
+    let charged: uuid::Uuid = app.order(1, &[(product, 1)], None).await.parse().unwrap();
+    // As a paid order being cancelled and an order with its stock reserved are.
+    sqlx::query("UPDATE orders SET status = 'CANCELLING', paid_amount = total_amount WHERE id = $1")
+        .bind(refunded)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE orders SET status = 'STOCK_RESERVED', stock_held = true WHERE id = $1")
+        .bind(charged)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM balances WHERE user_id = 1 FOR NO KEY UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let pool = app.pool.clone();
+    let batch = tokio::spawn(async move {
+        let (refund, charge) = (
+            command(MessageType::PaymentRefund, &[refunded]),
+            command(MessageType::PaymentCharge, &[charged]),
+        );
+        let mut tx = pool.begin().await.unwrap();
+        let outcomes = orderflow_workers::steps::payment::Payment
+            .handle(&mut tx, &[&refund, &charge], 1)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        outcomes.len()
+    });
+    wait_lock_waiters(&app, 1, "the batch waits for user 1's balance").await;
+    let user_2_free: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM balances WHERE user_id = 2 FOR NO KEY UPDATE SKIP LOCKED")
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(user_2_free, Some(1), "user 2's balance is not locked before user 1's");
+    holder.commit().await.unwrap();
+    assert_eq!(batch.await.unwrap(), 2);
+
+    // Both applied, once.
+    let balances: Vec<(i64, i64)> = sqlx::query_as("SELECT user_id, balance FROM balances ORDER BY user_id")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(balances, vec![(1, 4_000), (2, 6_000)]);
+    let statuses: Vec<(uuid::Uuid, String)> =
+        sqlx::query_as("SELECT id, status FROM orders WHERE id = ANY($1) ORDER BY id")
+            .bind(vec![refunded, charged])
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    let status = |id| statuses.iter().find(|(o, _)| *o == id).map(|(_, s)| s.as_str());
+    assert_eq!((status(refunded), status(charged)), (Some("CANCELLING"), Some("PAID")));
+    app.stop().await;
+}
+
+/// The coupon step's restores and applies likewise take their user coupons' locks in one key
+/// order (coupon, user): a batch restoring user 2's coupon 2 and applying user 1's coupon 1,
+/// waiting for coupon 1, holds no lock on coupon 2.
+#[tokio::test]
+async fn a_coupon_batch_takes_its_user_coupon_locks_in_key_order() {
+    use orderflow_shared::messaging::MessageType;
+    use orderflow_workers::runtime::Step;
+    let app = TestApp::spawn_with(common::Options {
+        workers: vec![],
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Teapot", 1_000, 10).await;
+    let coupon = || app.coupon(json!({"name": "tea", "discountType": "FIXED", "discountValue": 100, "quantity": 10}));
+    let (first, second) = (coupon().await, coupon().await);
+    for (coupon, user) in [(first, 1), (second, 2)] {
+        let (status, _) = app
+            .post(&format!("/api/coupons/{coupon}/issue"), &app.token(user), Value::Null)
+            .await;
+        assert!(status.is_success(), "{status}");
+    }
+    let applying: uuid::Uuid = app.order(1, &[(product, 1)], Some(first)).await.parse().unwrap();
+    let restoring: uuid::Uuid = app.order(2, &[(product, 1)], Some(second)).await.parse().unwrap();
+    // As an order whose coupon was applied, now being cancelled, and one waiting for its coupon.
+    sqlx::query("UPDATE orders SET status = 'CANCELLING', coupon_held = true WHERE id = $1")
+        .bind(restoring)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE user_coupons SET status = 'USED', order_id = $1, used_at = now() WHERE coupon_id = $2")
+        .bind(restoring)
+        .bind(second)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE orders SET status = 'STOCK_RESERVED', stock_held = true WHERE id = $1")
+        .bind(applying)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM user_coupons WHERE coupon_id = $1 FOR NO KEY UPDATE")
+        .bind(first)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let pool = app.pool.clone();
+    let batch = tokio::spawn(async move {
+        let (restore, apply) = (
+            command(MessageType::CouponRestore, &[restoring]),
+            command(MessageType::CouponApply, &[applying]),
+        );
+        let mut tx = pool.begin().await.unwrap();
+        let outcomes = orderflow_workers::steps::coupon::Coupon
+            .handle(&mut tx, &[&restore, &apply], 1)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        outcomes.len()
+    });
+    wait_lock_waiters(&app, 1, "the batch waits for coupon 1").await;
+    let second_free: Option<i32> =
+        sqlx::query_scalar("SELECT 1 FROM user_coupons WHERE coupon_id = $1 FOR NO KEY UPDATE SKIP LOCKED")
+            .bind(second)
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(second_free, Some(1), "coupon 2 is not locked before coupon 1");
+    holder.commit().await.unwrap();
+    assert_eq!(batch.await.unwrap(), 2);
+
+    let coupons: Vec<(i64, String, Option<uuid::Uuid>)> =
+        sqlx::query_as("SELECT coupon_id, status, order_id FROM user_coupons ORDER BY coupon_id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        coupons,
+        vec![
+            (first, "USED".to_owned(), Some(applying)),
+            (second, "AVAILABLE".to_owned(), None)
+        ]
+    );
+    app.stop().await;
+}

@@ -32,6 +32,9 @@ impl Step for Coupon {
         let mut locked = Locked::lock(tx, batch).await?;
         let restoring = locked.take(MessageType::CouponRestore);
         let applying = locked.take(MessageType::CouponApply);
+        if !restoring.is_empty() && !applying.is_empty() {
+            lock_user_coupons(tx, restoring.iter().chain(&applying)).await?;
+        }
         let mut moves = Transitions::new();
         if !restoring.is_empty() {
             restore(tx, &restoring).await?;
@@ -61,6 +64,23 @@ impl Step for Coupon {
         moves.apply(tx).await?;
         Ok(locked.outcomes())
     }
+}
+
+/// Locks the user coupons of every order, in key order (coupon, user): the restores and the
+/// applies each lock theirs in that order, but one after the other they would not (see
+/// `payment::lock_balances`).
+async fn lock_user_coupons(tx: &mut PgConnection, orders: impl Iterator<Item = &OrderRow>) -> Result<()> {
+    let (coupons, users): (Vec<i64>, Vec<i64>) = orders.filter_map(|o| o.coupon_id.map(|c| (c, o.user_id))).unzip();
+    sqlx::query(
+        "SELECT 1 FROM user_coupons uc JOIN UNNEST($1::bigint[], $2::bigint[]) AS t(cid, uid)
+             ON uc.coupon_id = t.cid AND uc.user_id = t.uid
+         ORDER BY uc.coupon_id, uc.user_id FOR NO KEY UPDATE OF uc",
+    )
+    .bind(&coupons)
+    .bind(&users)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 /// Marks each order's coupon USED, in one guarded statement: only the owner's AVAILABLE,

@@ -37,6 +37,9 @@ impl Step for Payment {
         // Without a coupon an order comes straight from STOCK_RESERVED; with one, only after
         // it was applied (`orders::awaits`).
         let charging = locked.take(MessageType::PaymentCharge);
+        if !refunding.is_empty() && !charging.is_empty() {
+            lock_balances(tx, refunding.iter().chain(&charging)).await?;
+        }
         let mut moves = Transitions::new();
         if !refunding.is_empty() {
             refund(tx, &refunding).await?;
@@ -59,6 +62,21 @@ impl Step for Payment {
         moves.apply(tx).await?;
         Ok(locked.outcomes())
     }
+}
+
+/// Locks the balances of every order's user, in user order. The refunds and the charges each
+/// lock theirs in user order, but one after the other they would not: a batch refunding user 2
+/// and charging user 1 and another doing the reverse would each hold what the other waits for
+/// (a deadlock PostgreSQL ends after `deadlock_timeout`, a second, failing one batch to retry).
+async fn lock_balances(tx: &mut PgConnection, orders: impl Iterator<Item = &OrderRow>) -> Result<()> {
+    let mut users: Vec<i64> = orders.map(|o| o.user_id).collect();
+    users.sort_unstable();
+    users.dedup();
+    sqlx::query("SELECT 1 FROM balances WHERE user_id = ANY($1) ORDER BY user_id FOR NO KEY UPDATE")
+        .bind(&users)
+        .execute(tx)
+        .await?;
+    Ok(())
 }
 
 /// Debits every order (in id order) that its user's balance covers; returns those paid.
