@@ -699,6 +699,23 @@ fn command(
     }
 }
 
+/// Runs `step` on `batch` in a transaction of its own (as the runtime does, the inbox aside), in
+/// a task; the number of outcomes once it committed.
+fn handle_in_task<S: orderflow_workers::runtime::Step>(
+    app: &TestApp,
+    step: S,
+    batch: Vec<orderflow_workers::runtime::Incoming>,
+) -> tokio::task::JoinHandle<usize> {
+    let pool = app.pool.clone();
+    tokio::spawn(async move {
+        let batch: Vec<&_> = batch.iter().collect();
+        let mut tx = pool.begin().await.unwrap();
+        let outcomes = step.handle(&mut tx, &batch, 1).await.unwrap();
+        tx.commit().await.unwrap();
+        outcomes.len()
+    })
+}
+
 /// A payment batch that refunds one user and charges another takes both balances' locks in
 /// user order: a batch refunding user 2 and charging user 1 and one doing the reverse never
 /// hold what the other waits for (a deadlock PostgreSQL would end after a second). Shown by
@@ -706,7 +723,6 @@ fn command(
 #[tokio::test]
 async fn a_payment_batch_takes_its_balance_locks_in_user_order() {
     use orderflow_shared::messaging::MessageType;
-    use orderflow_workers::runtime::Step;
     // No workers: the orders stay where the test puts them.
     let app = TestApp::spawn_with(common::Options {
         workers: vec![],
@@ -735,20 +751,14 @@ async fn a_payment_batch_takes_its_balance_locks_in_user_order() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    let pool = app.pool.clone();
-    let batch = tokio::spawn(async move {
-        let (refund, charge) = (
+    let batch = handle_in_task(
+        &app,
+        orderflow_workers::steps::payment::Payment,
+        vec![
             command(MessageType::PaymentRefund, &[refunded]),
             command(MessageType::PaymentCharge, &[charged]),
-        );
-        let mut tx = pool.begin().await.unwrap();
-        let outcomes = orderflow_workers::steps::payment::Payment
-            .handle(&mut tx, &[&refund, &charge], 1)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        outcomes.len()
-    });
+        ],
+    );
     wait_lock_waiters(&app, 1, "the batch waits for user 1's balance").await;
     let user_2_free: Option<i32> =
         sqlx::query_scalar("SELECT 1 FROM balances WHERE user_id = 2 FOR NO KEY UPDATE SKIP LOCKED")
@@ -782,7 +792,6 @@ async fn a_payment_batch_takes_its_balance_locks_in_user_order() {
 #[tokio::test]
 async fn a_coupon_batch_takes_its_user_coupon_locks_in_key_order() {
     use orderflow_shared::messaging::MessageType;
-    use orderflow_workers::runtime::Step;
     let app = TestApp::spawn_with(common::Options {
         workers: vec![],
         ..Default::default()
@@ -823,20 +832,14 @@ async fn a_coupon_batch_takes_its_user_coupon_locks_in_key_order() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    let pool = app.pool.clone();
-    let batch = tokio::spawn(async move {
-        let (restore, apply) = (
+    let batch = handle_in_task(
+        &app,
+        orderflow_workers::steps::coupon::Coupon,
+        vec![
             command(MessageType::CouponRestore, &[restoring]),
             command(MessageType::CouponApply, &[applying]),
-        );
-        let mut tx = pool.begin().await.unwrap();
-        let outcomes = orderflow_workers::steps::coupon::Coupon
-            .handle(&mut tx, &[&restore, &apply], 1)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        outcomes.len()
-    });
+        ],
+    );
     wait_lock_waiters(&app, 1, "the batch waits for coupon 1").await;
     let second_free: Option<i32> =
         sqlx::query_scalar("SELECT 1 FROM user_coupons WHERE coupon_id = $1 FOR NO KEY UPDATE SKIP LOCKED")
