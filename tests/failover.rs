@@ -49,14 +49,24 @@ async fn place_retrying(app: &TestApp, user: i64, product: i64, within: Duration
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_primary_that_stops_answering_is_left_and_every_order_still_goes_through() {
+/// An app whose DATABASE_URL names a proxy in front of PostgreSQL first, then PostgreSQL (where
+/// a failover lands), and a pool straight to its database, to read past a frozen proxy.
+async fn behind_proxy() -> (std::sync::Arc<Proxy>, TestApp, sqlx::PgPool) {
     let proxy = Proxy::start(5432).await;
     let app = TestApp::spawn_with(Options {
         database_front: Some(proxy.port),
         ..Default::default()
     })
     .await;
+    let direct = sqlx::PgPool::connect(&format!("{PG_BASE}/{}", app.db_name))
+        .await
+        .unwrap();
+    (proxy, app, direct)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_stops_answering_is_left_and_every_order_still_goes_through() {
+    let (proxy, app, direct) = behind_proxy().await;
     let product = app.product("Blackout", 1_000, 20).await;
     app.fund(71, 10_000).await;
     let first = app.order(71, &[(product, 1)], None).await;
@@ -72,9 +82,6 @@ async fn a_primary_that_stops_answering_is_left_and_every_order_still_goes_throu
     // The node stops answering while an order is under way: nothing passes, nothing closes.
     // Transactions waiting on it are given up after the deadline (the connections just used
     // are handed out again unchecked), and the pool follows the node that accepts writes.
-    let direct = sqlx::PgPool::connect(&format!("{PG_BASE}/{}", app.db_name))
-        .await
-        .unwrap();
     let second = app.order(71, &[(product, 1)], None).await;
     proxy.freeze();
     // Orders keep coming at once, onto the connections just used. Both nodes are one
@@ -148,16 +155,8 @@ async fn end_sessions_behind(proxy: &Proxy, direct: &sqlx::PgPool) -> usize {
 /// Idempotency-Key, on the node the pool moved to, charges once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_on_a_primary_that_stops_answering_is_answered_at_the_deadline() {
-    let proxy = Proxy::start(5432).await;
-    let app = TestApp::spawn_with(Options {
-        database_front: Some(proxy.port),
-        ..Default::default()
-    })
-    .await;
+    let (proxy, app, direct) = behind_proxy().await;
     app.fund(72, 1_000).await; // the balance's row, for the charge to wait on
-    let direct = sqlx::PgPool::connect(&format!("{PG_BASE}/{}", app.db_name))
-        .await
-        .unwrap();
 
     // The charge waits for the balance's row, locked here, on a connection through the proxy.
     let mut holder = direct.begin().await.unwrap();
@@ -237,17 +236,9 @@ async fn a_request_waiting_on_a_primary_that_stops_answering_is_answered_at_the_
 /// node left unanswered and asks the node the pool moved to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waiting_for_its_order_is_woken_after_the_primary_stops_answering() {
-    let proxy = Proxy::start(5432).await;
-    let app = TestApp::spawn_with(Options {
-        database_front: Some(proxy.port),
-        ..Default::default()
-    })
-    .await;
+    let (proxy, app, direct) = behind_proxy().await;
     let product = app.product("Lantern", 1_000, 5).await;
     app.fund(73, 5_000).await;
-    let direct = sqlx::PgPool::connect(&format!("{PG_BASE}/{}", app.db_name))
-        .await
-        .unwrap();
 
     // The order is held at its stock step (the product's row locked here) while its client
     // waits for the outcome.

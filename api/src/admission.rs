@@ -216,8 +216,9 @@ pub async fn admit(State(admission): State<Admission>, mut req: Request, next: N
             // The extension is dropped with the request, before the handler's body runs; the
             // turn is held here until the response is ready (or the handler pauses it).
             req.extensions_mut().insert(turn.clone());
-            let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-            let deadline = if path.starts_with("/api/admin/") {
+            // (cheap to keep: the method is a tag, the URI shares the request's bytes)
+            let (method, uri) = (req.method().clone(), req.uri().clone());
+            let deadline = if uri.path().starts_with("/api/admin/") {
                 ADMIN_WORK_DEADLINE
             } else {
                 WORK_DEADLINE
@@ -226,7 +227,7 @@ pub async fn admit(State(admission): State<Admission>, mut req: Request, next: N
             let response = tokio::select! {
                 biased;
                 response = next.run(req) => response,
-                () = turn.overrun(deadline) => overran(&method, &path, deadline),
+                () = turn.overrun(deadline) => overran(&method, uri.path(), deadline),
             };
             drop(turn);
             response

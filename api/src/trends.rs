@@ -33,7 +33,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use orderflow_shared::{
     db::{
-        history::{settled_until, summarize},
+        history::{READ_DEADLINE, settled_until, summarize},
         kept,
     },
     messaging::stats::QueueStats,
@@ -167,7 +167,7 @@ pub async fn run(trends: Arc<Trends>, pool: PgPool, queues: Arc<QueueStats>, shu
             }
         };
         // An hour of history: longer than one sample may take, but not without end.
-        match tokio::time::timeout(6 * kept::ANSWER_DEADLINE, backfill(&trends, &pool, start)).await {
+        match tokio::time::timeout(READ_DEADLINE, backfill(&trends, &pool, start)).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => tracing::warn!(error = %err, "trend sampler: backfill failed; the charts start empty"),
             Err(_) => tracing::warn!("trend sampler: backfill got no answer in time; the charts start empty"),
@@ -177,11 +177,11 @@ pub async fn run(trends: Arc<Trends>, pool: PgPool, queues: Arc<QueueStats>, shu
         loop {
             ticker.tick().await;
             // A sample that times out joins its window to the next, which must not time out
-            // for that in turn: the same bound as the backfill, far above a sample's own time.
+            // for that in turn: the history reads' bound, far above a sample's own time.
             let sample = async {
-                match tokio::time::timeout(6 * kept::ANSWER_DEADLINE, sample_database(&pool, start)).await {
+                match tokio::time::timeout(READ_DEADLINE, sample_database(&pool, start)).await {
                     Ok(sample) => Ok(sample?),
-                    Err(_) => anyhow::bail!("no answer within {:?}", 6 * kept::ANSWER_DEADLINE),
+                    Err(_) => anyhow::bail!("no answer within {READ_DEADLINE:?}"),
                 }
             };
             let (sample, queues) = tokio::join!(sample, queues.read());

@@ -178,9 +178,10 @@ impl StatusCounts {
     }
 }
 
-/// How long [`StatusCounts::read`] waits for its answers: the full count of ended orders reads
-/// every order (a quarter of a second of PostgreSQL's CPU at a million orders), so more than a
-/// transaction's [`super::kept::ANSWER_DEADLINE`], lest a large shop's count never finish.
+/// How long a read over the whole history waits for its answers ([`StatusCounts::read`], the
+/// dashboard's trend samples): the full count of ended orders reads every order (a quarter of a
+/// second of PostgreSQL's CPU at a million orders), so more than a transaction's
+/// [`super::kept::ANSWER_DEADLINE`], lest a large shop's read never finish.
 pub const READ_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Ended {
