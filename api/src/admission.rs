@@ -101,6 +101,16 @@ fn with_deadline(body: Body) -> Body {
     Body::from_stream(timed)
 }
 
+/// Middleware for routes outside admission control that use the database (the dashboard's
+/// login, which checks the token): the same [`WORK_DEADLINE`], counted from the start.
+pub async fn work_deadline(req: Request, next: Next) -> Response {
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    match tokio::time::timeout(WORK_DEADLINE, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => overran(&method, uri.path(), WORK_DEADLINE),
+    }
+}
+
 /// The permits shared by the admitted routes.
 #[derive(Clone)]
 pub struct Admission {
@@ -369,7 +379,12 @@ mod tests {
                     "slept"
                 }),
             )
-            .route_layer(axum::middleware::from_fn_with_state(Admission::new(1, 1), admit));
+            .route_layer(axum::middleware::from_fn_with_state(Admission::new(1, 1), admit))
+            .merge(
+                Router::new()
+                    .route("/ops/login", axum::routing::post(hang))
+                    .route_layer(axum::middleware::from_fn(work_deadline)),
+            );
         let call = |method: &str, path: &str| {
             let (app, req) = (
                 app.clone(),
@@ -391,6 +406,12 @@ mod tests {
             (503, "REQUEST_DEADLINE_EXCEEDED".into(), WORK_DEADLINE)
         );
         let (status, body, took) = call("POST", "/").await;
+        assert_eq!(
+            (status, code(&body), took),
+            (503, "COMMIT_OUTCOME_UNKNOWN".into(), WORK_DEADLINE)
+        );
+        // A route outside admission has the same deadline.
+        let (status, body, took) = call("POST", "/ops/login").await;
         assert_eq!(
             (status, code(&body), took),
             (503, "COMMIT_OUTCOME_UNKNOWN".into(), WORK_DEADLINE)

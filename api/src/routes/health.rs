@@ -4,7 +4,7 @@ use axum::{Router, extract::State, routing::get};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use orderflow_shared::Error;
+use orderflow_shared::{Error, db::kept};
 
 use crate::{AppState, extract::Json, problem::ApiResult};
 
@@ -35,8 +35,14 @@ pub async fn live() -> Json<Health> {
     (status = 503, description = "SERVICE_UNAVAILABLE: the database cannot be reached, or the node reached does not accept writes", body = crate::problem::Problem, content_type = "application/problem+json"),
 ))]
 pub async fn ready(State(state): State<AppState>) -> ApiResult<Json<Health>> {
-    let mut conn = state.pool.acquire().await?;
-    if !orderflow_shared::db::primary::accepts_writes(&mut conn).await? {
+    // Within the answer deadline: a probe asking a primary that vanished would otherwise hold a
+    // pooled connection until the kernel gives up, and probes come every few seconds.
+    let writable = kept::answered(async {
+        let mut conn = state.pool.acquire().await?;
+        Ok(orderflow_shared::db::primary::accepts_writes(&mut conn).await?)
+    })
+    .await?;
+    if !writable {
         return Err(Error::unavailable(
             "SERVICE_UNAVAILABLE",
             "the database node in use does not accept writes (a failover is under way)",

@@ -43,7 +43,11 @@ pub fn router(admission: Admission) -> Router<AppState> {
         .route_layer(middleware::from_fn_with_state(admission, admission::admit));
     Router::new()
         .merge(health::router())
-        .merge(ops::sign_in().route_layer(middleware::from_fn(admission::body_deadline)))
+        .merge(
+            ops::sign_in()
+                .route_layer(middleware::from_fn(admission::body_deadline))
+                .route_layer(middleware::from_fn(admission::work_deadline)),
+        )
         .merge(admitted)
 }
 
