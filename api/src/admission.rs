@@ -101,13 +101,14 @@ fn with_deadline(body: Body) -> Body {
     Body::from_stream(timed)
 }
 
-/// Middleware for routes outside admission control that use the database (the dashboard's
-/// login, which checks the token): the same [`WORK_DEADLINE`], counted from the start.
+/// Middleware for routes outside admission control that read the database and commit nothing
+/// (the dashboard's login, which checks the token): the same [`WORK_DEADLINE`], counted from the
+/// start, answered as a read's (`REQUEST_DEADLINE_EXCEEDED`, retry freely) whatever the method.
 pub async fn work_deadline(req: Request, next: Next) -> Response {
     let (method, uri) = (req.method().clone(), req.uri().clone());
     match tokio::time::timeout(WORK_DEADLINE, next.run(req)).await {
         Ok(response) => response,
-        Err(_) => overran(&method, uri.path(), WORK_DEADLINE),
+        Err(_) => overran(&method, uri.path(), WORK_DEADLINE, Retry::Freely),
     }
 }
 
@@ -237,7 +238,10 @@ pub async fn admit(State(admission): State<Admission>, mut req: Request, next: N
             let response = tokio::select! {
                 biased;
                 response = next.run(req) => response,
-                () = turn.overrun(deadline) => overran(&method, uri.path(), deadline),
+                () = turn.overrun(deadline) => {
+                    let retry = if method.is_safe() { Retry::Freely } else { Retry::WithKey };
+                    overran(&method, uri.path(), deadline, retry)
+                }
             };
             drop(turn);
             response
@@ -246,13 +250,22 @@ pub async fn admit(State(admission): State<Admission>, mut req: Request, next: N
     }
 }
 
-/// The answer to a request given up at its deadline ([`WORK_DEADLINE`]). A read is simply retried; a write
-/// may have been committed without the answer coming back, so the client is told to retry it
-/// only with its Idempotency-Key or to check first (as for a lost COMMIT, `idempotency`).
-fn overran(method: &axum::http::Method, path: &str, deadline: Duration) -> Response {
+/// How a client may retry a request given up at its deadline.
+#[derive(Clone, Copy)]
+enum Retry {
+    /// It committed nothing (a safe method, or a route that only reads).
+    Freely,
+    /// It may have committed without the answer coming back (as for a lost COMMIT,
+    /// `idempotency`): only with its Idempotency-Key, or after checking.
+    WithKey,
+}
+
+/// The answer to a request given up at its deadline ([`WORK_DEADLINE`]): 503 with
+/// `REQUEST_DEADLINE_EXCEEDED` or `COMMIT_OUTCOME_UNKNOWN` as `retry` says.
+fn overran(method: &axum::http::Method, path: &str, deadline: Duration, retry: Retry) -> Response {
     tracing::warn!(%method, path, ?deadline, "request given up: no answer within the deadline");
     let secs = deadline.as_secs();
-    let err = if method.is_safe() {
+    let err = if matches!(retry, Retry::Freely) {
         orderflow_shared::Error::unavailable(
             "REQUEST_DEADLINE_EXCEEDED",
             format!("no answer within {secs} s (the database may be failing over); retry shortly"),
@@ -410,11 +423,12 @@ mod tests {
             (status, code(&body), took),
             (503, "COMMIT_OUTCOME_UNKNOWN".into(), WORK_DEADLINE)
         );
-        // A route outside admission has the same deadline.
+        // A route outside admission has the same deadline; the login commits nothing, so it is
+        // retried freely though it is a POST.
         let (status, body, took) = call("POST", "/ops/login").await;
         assert_eq!(
             (status, code(&body), took),
-            (503, "COMMIT_OUTCOME_UNKNOWN".into(), WORK_DEADLINE)
+            (503, "REQUEST_DEADLINE_EXCEEDED".into(), WORK_DEADLINE)
         );
         // An operator's route has longer.
         let (status, body, took) = call("POST", "/api/admin/dry-run").await;

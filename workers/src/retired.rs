@@ -22,7 +22,7 @@ use lapin::{
     options::{QueueDeclareOptions, QueueDeleteOptions},
     types::FieldTable,
 };
-use orderflow_shared::Result;
+use orderflow_shared::{Result, db::kept};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -99,12 +99,35 @@ async fn retire_sales(conn: &Connection, pool: &PgPool) -> anyhow::Result<Option
     Ok(Some(SALES_QUEUE))
 }
 
+/// Longest the rebuild may hold the projection's lock (and so hold back confirmations, which
+/// wait for it): past it the server cancels the rebuild, which is tried again at the next look.
+/// The same bound, with a margin, on the client's wait, for a primary that stops answering.
+pub const REBUILD_DEADLINE: Duration = Duration::from_secs(60);
+
 /// Rebuilds `product_sales_hourly` from the CONFIRMED orders (units per product, per hour of
 /// confirmation), in one transaction. The lock keeps the order worker's increments out while it
 /// runs (they wait, then add to the rebuilt rows): an order confirmed meanwhile is either in
 /// the snapshot the rebuild reads or added after it, never both. Returns the products counted.
+///
+/// # Errors
+/// `Unavailable` if the database did not finish within [`REBUILD_DEADLINE`] (nothing changed),
+/// or the database's error.
 pub async fn rebuild_sales(pool: &PgPool) -> Result<u64> {
-    let mut tx = pool.begin().await?;
+    kept::answered_within(REBUILD_DEADLINE + Duration::from_secs(10), async {
+        let mut tx = pool.begin().await?;
+        // The lock is taken only if it comes within 2 s (confirmations queue behind a waiter).
+        sqlx::query("SELECT set_config('lock_timeout', '2s', true), set_config('statement_timeout', $1, true)")
+            .bind(format!("{}s", REBUILD_DEADLINE.as_secs()))
+            .execute(&mut *tx)
+            .await?;
+        let counted = rebuild_in(&mut tx).await?;
+        tx.commit().await?;
+        Ok(counted)
+    })
+    .await
+}
+
+async fn rebuild_in(tx: &mut sqlx::PgConnection) -> sqlx::Result<u64> {
     sqlx::query("LOCK TABLE product_sales_hourly IN SHARE ROW EXCLUSIVE MODE")
         .execute(&mut *tx)
         .await?;
@@ -123,6 +146,5 @@ pub async fn rebuild_sales(pool: &PgPool) -> Result<u64> {
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    tx.commit().await?;
     Ok(counted)
 }

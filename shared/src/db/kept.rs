@@ -205,7 +205,7 @@ impl KeptConnection<'_> {
         for mut idle in std::mem::take(&mut *self.home.lock()) {
             idle.conn.close_on_drop();
         }
-        unanswered()
+        unanswered(ANSWER_DEADLINE)
     }
 }
 
@@ -239,9 +239,15 @@ impl KeptConnection<'_> {
 /// unchecked once it has moved to a new primary (`super::primary`), as it will have by then
 /// for a multi-host URL (it looks every 0.5 s).
 pub async fn answered<T>(work: impl Future<Output = crate::Result<T>>) -> crate::Result<T> {
-    tokio::time::timeout(ANSWER_DEADLINE, work)
+    answered_within(ANSWER_DEADLINE, work).await
+}
+
+/// [`answered`] with a deadline of its own, for work that takes longer than a round trip (a
+/// rebuild, a full count).
+pub async fn answered_within<T>(deadline: Duration, work: impl Future<Output = crate::Result<T>>) -> crate::Result<T> {
+    tokio::time::timeout(deadline, work)
         .await
-        .unwrap_or_else(|_| Err(unanswered()))
+        .unwrap_or_else(|_| Err(unanswered(deadline)))
 }
 
 /// [`answered`] for a query's own future (a `sqlx` error becomes the crate's).
@@ -249,11 +255,11 @@ pub async fn answered_query<T>(query: impl Future<Output = sqlx::Result<T>>) -> 
     answered(async { Ok(query.await?) }).await
 }
 
-/// The database did not answer within [`ANSWER_DEADLINE`]: unavailable, so transient.
-fn unanswered() -> crate::Error {
+/// The database did not answer within `deadline`: unavailable, so transient.
+fn unanswered(deadline: Duration) -> crate::Error {
     crate::Error::Unavailable(sqlx::Error::Io(std::io::Error::new(
         std::io::ErrorKind::TimedOut,
-        format!("the database did not answer within {ANSWER_DEADLINE:?}"),
+        format!("the database did not answer within {deadline:?}"),
     )))
 }
 
