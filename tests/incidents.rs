@@ -679,6 +679,22 @@ async fn a_bulk_action_is_refused_when_more_match_than_the_operator_confirmed() 
         (422, Some("INVALID_FILTER")),
         "{problem}"
     );
+    // A cut-off ahead of the clock (a local time written as UTC) would take orders placed while
+    // the action runs: refused, nothing started, the pending order left alone.
+    let ahead = (chrono::Utc::now() + chrono::TimeDelta::hours(9)).to_rfc3339();
+    for action in ["CANCEL_ORDERS", "RETRY_COMPENSATIONS"] {
+        let (status, problem) = bulk(&app, json!({"action": action, "filter": {"updatedBefore": ahead}})).await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (422, Some("INVALID_FILTER")),
+            "{action}: {problem}"
+        );
+    }
+    assert_eq!(count(&app, "SELECT count(*) FROM bulk_actions").await, 1);
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM orders WHERE status = 'PENDING'").await,
+        1
+    );
     app.stop().await;
 }
 

@@ -254,3 +254,82 @@ async fn a_retired_queue_is_drained_into_its_successor_once_its_consumers_are_go
     assert_eq!(sales_check().await, 0);
     app.stop().await;
 }
+
+/// The rebuild behind a retired sales queue recounts past hours without holding back a
+/// confirmation: only the last two hours are recounted under the projection's lock. Here the
+/// past hours' part is held up (a row of an old bucket locked by the test) while an order goes
+/// through; it is confirmed meanwhile, and the projection comes out exact, bucket by bucket.
+#[tokio::test]
+async fn rebuilding_past_hours_of_sales_holds_back_no_confirmation() {
+    use orderflow_workers::retired::rebuild_sales;
+    use std::time::Duration;
+    let app = common::TestApp::spawn().await;
+    let product = app.product("Counted", 100, 100).await;
+    let mut orders = Vec::new();
+    for (user, units) in [(1, 2), (2, 3)] {
+        app.fund(user, 1_000).await;
+        let id = app.order(user, &[(product, units)], None).await;
+        assert_eq!(
+            app.wait_terminal(user, &id, Duration::from_secs(30)).await["status"],
+            "CONFIRMED"
+        );
+        orders.push(id);
+    }
+    // The first order was confirmed five hours ago (its units in that hour's bucket, which the
+    // projection has wrong), the second this hour.
+    sqlx::query(
+        "UPDATE order_status_history SET at = at - interval '5 hours'
+         WHERE order_id = $1::uuid AND to_status = 'CONFIRMED'",
+    )
+    .bind(&orders[0])
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO product_sales_hourly (product_id, bucket, quantity)
+         SELECT $1, date_trunc('hour', at), 7 FROM order_status_history
+         WHERE order_id = $2::uuid AND to_status = 'CONFIRMED'",
+    )
+    .bind(product)
+    .bind(&orders[0])
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let mut holder = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM product_sales_hourly WHERE bucket < now() - interval '4 hours' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let rebuild = tokio::spawn({
+        let pool = app.pool.clone();
+        async move { rebuild_sales(&pool).await }
+    });
+    app.wait_until(
+        "the rebuild waits for the old bucket's row",
+        Duration::from_secs(10),
+        "EXISTS (SELECT 1 FROM pg_stat_activity
+                 WHERE wait_event_type = 'Lock' AND query LIKE 'DELETE FROM product_sales_hourly%')",
+    )
+    .await;
+    app.fund(3, 1_000).await;
+    let third = app.order(3, &[(product, 4)], None).await;
+    assert_eq!(
+        app.wait_terminal(3, &third, Duration::from_secs(20)).await["status"],
+        "CONFIRMED",
+        "a confirmation waited on the rebuild"
+    );
+    holder.commit().await.unwrap();
+    rebuild.await.unwrap().unwrap();
+    // (The orders of this hour may straddle an hour's start: the last two hours together.)
+    let (past, recent): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(quantity) FILTER (WHERE bucket < now() - interval '4 hours'), 0)::bigint,
+                coalesce(sum(quantity) FILTER (WHERE bucket >= now() - interval '2 hours'), 0)::bigint
+         FROM product_sales_hourly WHERE product_id = $1",
+    )
+    .bind(product)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((past, recent), (2, 7));
+    app.stop().await;
+}

@@ -12,11 +12,13 @@
 //!   `sales` worker, which counted popular products. The order worker now counts them in the
 //!   transaction that confirms the order, so the copies left in the queue are of orders
 //!   confirmed by the earlier order worker that were never counted. Redone: the
-//!   popular-products projection is rebuilt from the confirmed orders, in one transaction that
-//!   locks the projection, so counts committed meanwhile are neither lost nor doubled.
+//!   popular-products projection is rebuilt from the confirmed orders ([`rebuild_sales`]), so
+//!   counts committed meanwhile are neither lost nor doubled, holding confirmations back only
+//!   while the last two hours are recounted.
 
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use lapin::{
     Connection,
     options::{QueueDeclareOptions, QueueDeleteOptions},
@@ -79,7 +81,7 @@ async fn retire_sales(conn: &Connection, pool: &PgPool) -> anyhow::Result<Option
         return Ok(None);
     }
     let stranded = queue.message_count();
-    let products = rebuild_sales(pool).await?;
+    let buckets = rebuild_sales(pool).await?;
     channel
         .queue_delete(
             SALES_QUEUE.into(),
@@ -93,7 +95,7 @@ async fn retire_sales(conn: &Connection, pool: &PgPool) -> anyhow::Result<Option
     tracing::info!(
         queue = SALES_QUEUE,
         stranded,
-        products,
+        buckets,
         "retired queue deleted; the popular-products projection was rebuilt from the confirmed orders"
     );
     Ok(Some(SALES_QUEUE))
@@ -102,49 +104,87 @@ async fn retire_sales(conn: &Connection, pool: &PgPool) -> anyhow::Result<Option
 /// Longest the rebuild may hold the projection's lock (and so hold back confirmations, which
 /// wait for it): past it the server cancels the rebuild, which is tried again at the next look.
 /// The same bound, with a margin, on the client's wait, for a primary that stops answering.
-pub const REBUILD_DEADLINE: Duration = Duration::from_secs(60);
+pub const LOCKED_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Longest the rebuild of past hours may take (it holds back no confirmation: a long history
+/// may take minutes).
+pub const PAST_DEADLINE: Duration = Duration::from_secs(600);
 
 /// Rebuilds `product_sales_hourly` from the CONFIRMED orders (units per product, per hour of
-/// confirmation), in one transaction. The lock keeps the order worker's increments out while it
-/// runs (they wait, then add to the rebuilt rows): an order confirmed meanwhile is either in
-/// the snapshot the rebuild reads or added after it, never both. Returns the products counted.
+/// confirmation). Returns the buckets written.
+///
+/// In two transactions, so that confirmations are held back only while the last hours are
+/// recounted, not the whole history: the hours before the last two (the order worker adds only
+/// to the hour of its own clock, so no confirmation writes there) without a lock on the
+/// projection, then the last two under it. The lock keeps the order worker's increments out
+/// while it runs (they wait, then add to the rebuilt rows): an order confirmed meanwhile is
+/// either in the snapshot the rebuild reads or added after it, never both.
 ///
 /// # Errors
-/// `Unavailable` if the database did not finish within [`REBUILD_DEADLINE`] (nothing changed),
-/// or the database's error.
+/// `Unavailable` if the database did not finish within [`PAST_DEADLINE`] or
+/// [`LOCKED_DEADLINE`], or did not give the lock within 2 s; or the database's error. What
+/// committed stays (the past hours, rebuilt right), the rest is rebuilt at the next look.
 pub async fn rebuild_sales(pool: &PgPool) -> Result<u64> {
-    kept::answered_within(REBUILD_DEADLINE + Duration::from_secs(10), async {
+    let cut: DateTime<Utc> = kept::answered_query(
+        sqlx::query_scalar("SELECT date_trunc('hour', now() - interval '1 hour')").fetch_one(pool),
+    )
+    .await?;
+    let past = rebuild_hours(pool, Hours::Before(cut)).await?;
+    let recent = rebuild_hours(pool, Hours::From(cut)).await?;
+    Ok(past + recent)
+}
+
+/// Which hours of the projection a transaction rebuilds (`cut` is the start of an hour).
+#[derive(Clone, Copy)]
+enum Hours {
+    /// Those before `cut`, which no confirmation writes: without a lock.
+    Before(DateTime<Utc>),
+    /// `cut` and after, under the lock.
+    From(DateTime<Utc>),
+}
+
+/// Rebuilds `hours` in one transaction: what is there deleted, then counted again from the
+/// confirmed orders' status rows (an order counts in the hour its CONFIRMED row was written).
+async fn rebuild_hours(pool: &PgPool, hours: Hours) -> Result<u64> {
+    let (deadline, cut, since) = match hours {
+        Hours::Before(cut) => (PAST_DEADLINE, cut, false),
+        Hours::From(cut) => (LOCKED_DEADLINE, cut, true),
+    };
+    let compare = if since { ">=" } else { "<" };
+    kept::answered_within(deadline + Duration::from_secs(10), async {
         let mut tx = pool.begin().await?;
         // The lock is taken only if it comes within 2 s (confirmations queue behind a waiter).
-        sqlx::query("SELECT set_config('lock_timeout', '2s', true), set_config('statement_timeout', $1, true)")
-            .bind(format!("{}s", REBUILD_DEADLINE.as_secs()))
+        sqlx::query("SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)")
+            .bind(format!("{}s", deadline.as_secs()))
+            .bind(if since { "2s" } else { "0" })
             .execute(&mut *tx)
             .await?;
-        let counted = rebuild_in(&mut tx).await?;
+        if since {
+            sqlx::query("LOCK TABLE product_sales_hourly IN SHARE ROW EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM product_sales_hourly WHERE bucket {compare} $1"
+        )))
+        .bind(cut)
+        .execute(&mut *tx)
+        .await?;
+        let counted = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO product_sales_hourly (product_id, bucket, quantity)
+             SELECT i.product_id, date_trunc('hour', h.at), sum(i.quantity)
+             FROM order_status_history h
+             JOIN orders o ON o.id = h.order_id AND o.status = 'CONFIRMED'
+             JOIN order_items i ON i.order_id = o.id
+             WHERE h.to_status = 'CONFIRMED' AND h.at {compare} $1
+             GROUP BY 1, 2"
+        )))
+        .bind(cut)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
         Ok(counted)
     })
     .await
-}
-
-async fn rebuild_in(tx: &mut sqlx::PgConnection) -> sqlx::Result<u64> {
-    sqlx::query("LOCK TABLE product_sales_hourly IN SHARE ROW EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM product_sales_hourly")
-        .execute(&mut *tx)
-        .await?;
-    let counted = sqlx::query(
-        "INSERT INTO product_sales_hourly (product_id, bucket, quantity)
-         SELECT i.product_id, date_trunc('hour', h.at), sum(i.quantity)
-         FROM orders o
-         JOIN order_items i ON i.order_id = o.id
-         JOIN order_status_history h ON h.order_id = o.id AND h.to_status = 'CONFIRMED'
-         WHERE o.status = 'CONFIRMED'
-         GROUP BY 1, 2",
-    )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    Ok(counted)
 }

@@ -322,6 +322,20 @@ impl NewBulkAction {
                         "give olderThan or updatedBefore, not both",
                     ));
                 }
+                // A cut-off still ahead would have every chunk take orders placed after the
+                // action started (and a parked order retried, parked again and still before
+                // it would come round again): it ends no later than now.
+                (None, Some(at)) if at > now => {
+                    return Err(Error::unprocessable(
+                        "INVALID_FILTER",
+                        format!(
+                            "updatedBefore {} is later than the database's clock ({}): only orders already \
+                             unchanged since a past moment can be acted on (mind the time zone: Z is UTC)",
+                            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                            now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+                        ),
+                    ));
+                }
                 (None, Some(at)) => at,
                 (Some(d), None) => {
                     now - chrono::TimeDelta::from_std(query_duration(d)?)
