@@ -209,8 +209,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn serve(config: Config, api: bool, workers: &[WorkerKind]) -> anyhow::Result<()> {
     tracing::info!(?config, "starting");
     orderflow_api::server::raise_file_limit(config.http_max_connections);
-    if config.jwt_secret().1 && api {
-        tracing::warn!("JWT_SECRET is not set: using the development secret; never do this in production");
+    match config.hs256_secret() {
+        Some(config::DEV_JWT_SECRET) if api => {
+            tracing::warn!("JWT_SECRET is not set: using the development secret; never do this in production")
+        }
+        // RFC 7518 §3.2: an HS256 key of fewer than 256 bits can be guessed offline from any
+        // one token, and with it an admin token minted.
+        Some(secret) if api && secret.len() < 32 => {
+            tracing::warn!(
+                "JWT_SECRET is shorter than 32 bytes (RFC 7518 §3.2 requires 256 bits); use a long random one"
+            )
+        }
+        _ => {}
     }
     let pool = db::connect_and_migrate(&config.database_url, config.db_pool_size).await?;
     let shutdown = CancellationToken::new();

@@ -162,6 +162,17 @@ async fn the_dashboard_session_is_an_admin_token_in_an_httponly_cookie() {
     )
     .await;
     assert_eq!(status, 403, "{body}");
+    // Credentials of another scheme (a proxy's Basic authentication, which the browser sends
+    // with every request) are not orderflow's: the cookie counts.
+    let (status, _, body) = with_cookie(
+        &app,
+        Method::GET,
+        "/api/admin/overview",
+        session,
+        &[("authorization", "Basic b3BzOnNlY3JldA==")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
 
     // A change authenticated by the cookie must come from the dashboard's own origin.
     let missing = uuid::Uuid::now_v7();

@@ -63,7 +63,9 @@ impl FromRequestParts<AppState> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let principal = match cookie(&parts.headers, ADMIN_COOKIE) {
-            Some(token) if !parts.headers.contains_key(header::AUTHORIZATION) => {
+            // A bearer token the client sends wins; any other Authorization (a proxy's Basic
+            // credentials, which the browser sends with every request) is not orderflow's.
+            Some(token) if !header_grammar::is_bearer(&parts.headers) => {
                 if !parts.method.is_safe() {
                     same_origin(&parts.headers)?;
                 }

@@ -160,6 +160,15 @@ pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !body.is_empty() && body.bytes().all(b64)).then_some(token)
 }
 
+/// Whether `Authorization` names the Bearer scheme (RFC 6750 §2.1; schemes are
+/// case-insensitive, RFC 9110 §11.1), whatever follows it.
+pub fn is_bearer(headers: &HeaderMap) -> bool {
+    headers.get_all(header::AUTHORIZATION).iter().any(|v| {
+        let scheme = v.as_bytes().split(|b| *b == b' ').next().unwrap_or_default();
+        scheme.eq_ignore_ascii_case(b"bearer")
+    })
+}
+
 /// The value of cookie `name` (RFC 6265 §4.2: `cookie-pair *( ";" SP cookie-pair )`,
 /// `cookie-value = *cookie-octet / ( DQUOTE *cookie-octet DQUOTE )`), the first one sent;
 /// `None` when absent or empty. Every `Cookie` header counts (HTTP/2 may split them).

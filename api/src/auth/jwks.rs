@@ -34,7 +34,7 @@ use hyper_util::{
 };
 use jsonwebtoken::{
     Algorithm, DecodingKey,
-    jwk::{AlgorithmParameters, EllipticCurve, JwkSet, PublicKeyUse},
+    jwk::{AlgorithmParameters, EllipticCurve, Jwk, PublicKeyUse},
 };
 
 use super::header_values;
@@ -249,14 +249,21 @@ impl Inner {
             }
         };
         let (body, cache_control) = self.get(&uri).await?;
-        let set: JwkSet = serde_json::from_slice(&body).map_err(|e| format!("{uri} is not a JWK set: {e}"))?;
+        // Each key on its own: a key this code cannot read (a member of the wrong type, a
+        // newer key type) is skipped, not the set with it (RFC 7517 §5).
+        #[derive(serde::Deserialize)]
+        struct RawSet {
+            keys: Vec<serde_json::Value>,
+        }
+        let set: RawSet = serde_json::from_slice(&body).map_err(|e| format!("{uri} is not a JWK set: {e}"))?;
         let keys: Vec<Arc<Key>> = set
             .keys
-            .iter()
+            .into_iter()
+            .filter_map(|jwk| serde_json::from_value::<Jwk>(jwk).ok())
             .filter(|jwk| !matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)))
             .filter_map(|jwk| {
-                let algorithms = allowed(jwk)?;
-                let key = DecodingKey::from_jwk(jwk).ok()?;
+                let algorithms = allowed(&jwk)?;
+                let key = DecodingKey::from_jwk(&jwk).ok()?;
                 Some(Arc::new(Key {
                     kid: jwk.common.key_id.clone(),
                     key,
@@ -456,6 +463,37 @@ mod tests {
         issuer.set(with_slash.clone()).unwrap();
         let jwks = Jwks::new(&with_slash, None);
         assert!(jwks.key(Some("k"), Algorithm::RS256).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_key_this_code_cannot_read_is_skipped_not_the_set() {
+        let set = serde_json::json!({"keys": [
+            {"kty": "RSA", "kid": 5, "n": "sXch", "e": "AQAB"},
+            {"kty": "RSA", "kid": "odd", "use": 1, "n": "sXch", "e": "AQAB"},
+            {"kty": "OKP+future", "kid": "new", "x": "AA"},
+            {"kty": "RSA", "kid": "k", "n": "sXch", "e": "AQAB"},
+        ]})
+        .to_string();
+        let issuer = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
+        let named = issuer.clone();
+        let url = provider(move |path| {
+            let issuer = named.get()?.clone();
+            match path {
+                "/.well-known/openid-configuration" => {
+                    Some(serde_json::json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks")}).to_string())
+                }
+                "/jwks" => Some(set.clone()),
+                _ => None,
+            }
+        })
+        .await;
+        issuer.set(url.clone()).unwrap();
+        let jwks = Jwks::new(&url, None);
+        assert!(jwks.key(Some("k"), Algorithm::RS256).await.is_ok());
+        assert!(matches!(
+            jwks.key(Some("odd"), Algorithm::RS256).await,
+            Err(KeyError::Unknown)
+        ));
     }
 
     #[tokio::test]

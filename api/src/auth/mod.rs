@@ -139,11 +139,12 @@ impl Authenticator {
                     "UNKNOWN_SIGNING_KEY",
                     "the identity provider publishes no key for this token's kid and algorithm",
                 ),
-                KeyError::Unreachable(why) => Error::unauthorized(
-                    "UNKNOWN_SIGNING_KEY",
-                    format!(
-                        "the token's signing key is not known, and the identity provider cannot be asked now ({why})"
-                    ),
+                // Not a refusal: the token may be good (signed with a key the provider just
+                // rotated in). The reason, which names the provider's URLs, is logged where the
+                // fetch failed, not told to an anonymous caller.
+                KeyError::Unreachable(_) => Error::unavailable(
+                    "IDENTITY_PROVIDER_UNAVAILABLE",
+                    "the token's signing key is not known here yet, and the identity provider cannot be asked now; retry shortly",
                 ),
             })?;
         let mut validation = Validation::new(header.alg);

@@ -92,11 +92,37 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
             login_page(StatusCode::OK, Some("That session is not an admin's. Log in again.")),
             &clear_cookie(),
         ),
-        Err(_) => with_cookie(
+        Err(err) if refused(&err) => with_cookie(
             login_page(StatusCode::OK, Some("Your session has expired. Log in again.")),
             &clear_cookie(),
         ),
+        // The identity provider or the database did not answer: the session may be good, so
+        // it is kept (mid-incident, an operator logged out would have to log in again through
+        // the very provider that is down).
+        Err(_) => {
+            let mut res = login_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(
+                    "Your session cannot be checked now (the identity provider or the database is not answering). You are still logged in: reload in a moment.",
+                ),
+            );
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            res
+        }
     }
+}
+
+/// Whether a token was refused (401: expired, malformed, not signed by a known key), as
+/// opposed to not checked at all (the provider or the database unavailable).
+fn refused(err: &Error) -> bool {
+    matches!(
+        err,
+        Error::Client {
+            kind: ErrorKind::Unauthorized,
+            ..
+        }
+    )
 }
 
 #[derive(Debug, Deserialize)]
@@ -157,11 +183,19 @@ async fn login(State(state): State<AppState>, req: Request) -> Response {
         Err(err) if err.code() == Some("TOKEN_EXPIRED") => {
             return refuse(401, "TOKEN_EXPIRED", "That token has expired.");
         }
-        Err(_) => {
+        Err(err) if refused(&err) => {
             return refuse(
                 401,
                 "INVALID_TOKEN",
                 "That token is not valid here (malformed, or signed with another secret).",
+            );
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "a dashboard login could not be checked");
+            return refuse(
+                503,
+                "SESSION_CHECK_UNAVAILABLE",
+                "That token cannot be checked now (the identity provider or the database is not answering). Try again in a moment.",
             );
         }
     };
