@@ -778,3 +778,83 @@ async fn a_page_of_a_large_actions_items_is_read_in_order_not_sorted() {
     }
     app.stop().await;
 }
+
+/// A failure group that grows while the operator reads the dry run (a bad producer still
+/// sending) can still be acted on: the dry run answers with the last letter it counted
+/// (`filter.throughId`), and the action confirmed with it covers those letters and no others.
+/// Without it the count has grown by the time of the confirmation, every time.
+#[tokio::test]
+async fn a_growing_failure_group_is_acted_on_as_far_as_the_dry_run_saw() {
+    let app = TestApp::api_only().await;
+    let letter = "INSERT INTO dead_letters (fingerprint, message_type, source_queue, reason, body)
+                  SELECT gen_random_uuid(), 'stock.reserve', 'orderflow.stock', 'rejected', '{}'
+                  FROM generate_series(1, $1)";
+    let record = |n: i32| {
+        let pool = app.pool.clone();
+        async move { sqlx::query(letter).bind(n).execute(&pool).await.unwrap() }
+    };
+    record(3).await;
+    let (status, groups) = app.get("/api/admin/failure-groups", &app.admin_token()).await;
+    assert_eq!((status.as_u16(), groups["total"].as_i64()), (200, Some(1)), "{groups}");
+    let group = groups["items"][0]["id"].clone();
+    let (status, dry) = bulk(
+        &app,
+        json!({"action": "DISCARD_DEAD_LETTERS", "filter": {"group": group}, "dryRun": true}),
+    )
+    .await;
+    assert_eq!((status, dry["matching"].as_i64()), (200, Some(3)), "{dry}");
+    let through = dry["filter"]["throughId"].clone();
+    assert!(through.is_i64(), "{dry}");
+
+    // A fourth letter of the same cause while the dialog is open.
+    record(1).await;
+    let (status, problem) = bulk(
+        &app,
+        json!({"action": "DISCARD_DEAD_LETTERS", "filter": {"group": group}, "expectedMatching": 3}),
+    )
+    .await;
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (409, Some("BULK_ACTION_CHANGED")),
+        "{problem}"
+    );
+    let done = run_bulk(
+        &app,
+        json!({"action": "DISCARD_DEAD_LETTERS", "filter": {"group": group, "throughId": through},
+               "expectedMatching": 3, "pauseMs": 0}),
+    )
+    .await;
+    assert_eq!(
+        (done["state"].as_str(), done["total"].as_i64(), done["done"].as_i64()),
+        (Some("DONE"), Some(3), Some(3)),
+        "{done}"
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM dead_letters WHERE status = 'DISCARDED'").await,
+        3
+    );
+    assert_eq!(
+        count(&app, "SELECT count(*) FROM dead_letters WHERE status = 'NEW'").await,
+        1
+    );
+
+    // A negative id, or one on an order action, is refused.
+    for (body, expected) in [
+        (
+            json!({"action": "DISCARD_DEAD_LETTERS", "filter": {"throughId": -1}}),
+            400,
+        ),
+        (
+            json!({"action": "CANCEL_ORDERS", "filter": {"olderThan": "1m", "throughId": 5}}),
+            422,
+        ),
+    ] {
+        let (status, problem) = bulk(&app, body).await;
+        assert_eq!(
+            (status, problem["code"].as_str()),
+            (expected, Some("INVALID_FILTER")),
+            "{problem}"
+        );
+    }
+    app.stop().await;
+}

@@ -216,6 +216,12 @@ pub struct RequestFilter {
     /// shown (some may have moved on since), not those that got stuck while they read it.
     #[schema(format = DateTime)]
     pub updated_before: Option<String>,
+    /// Messages with an id up to this one: what a dry run's `filter.throughId` says, so that
+    /// the action covers the messages the operator was shown, not those that joined the group
+    /// since.
+    #[schema(minimum = 0)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
+    pub through_id: Option<i64>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -281,6 +287,7 @@ impl NewBulkAction {
             ("status", f.status.is_some(), target == Target::Orders),
             ("olderThan", f.older_than.is_some(), target == Target::Orders),
             ("updatedBefore", f.updated_before.is_some(), target == Target::Orders),
+            ("throughId", f.through_id.is_some(), target != Target::Orders),
         ];
         let misplaced: Vec<&str> = given
             .into_iter()
@@ -313,6 +320,15 @@ impl NewBulkAction {
                 reason: plain_text("reason", &f.reason)?,
                 from: time("from", &f.from)?,
                 to: time("to", &f.to)?,
+                through_id: match f.through_id {
+                    Some(id) if id < 0 => {
+                        return Err(Error::bad_request(
+                            "INVALID_FILTER",
+                            "throughId is a message id: 0 or more",
+                        ));
+                    }
+                    id => id,
+                },
             })
         } else {
             let updated_before = match (f.older_than.as_deref(), time("updatedBefore", &f.updated_before)?) {

@@ -177,6 +177,12 @@ pub struct LetterFilter {
     /// Recorded before this time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<DateTime<Utc>>,
+    /// Only items with an id up to this one: a dry run answers with the last id it counted,
+    /// so that the action confirmed covers what the operator was shown, not items that joined
+    /// the group while they read it (a group that grows through an incident could otherwise
+    /// never be confirmed: more would match every time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub through_id: Option<i64>,
 }
 
 /// Which orders: in one of `statuses`, last changed before `updatedBefore`.
@@ -413,13 +419,37 @@ async fn count(conn: &mut PgConnection, target: Target, filter: &Filter, upto: i
     })
 }
 
+/// The last message id `plan` covers: the newest dead letter or outbox row now, or the
+/// filter's `through_id` if earlier; 0 for orders (not counted by id).
+async fn last_id(conn: &mut PgConnection, plan: &Plan) -> Result<i64> {
+    let newest: i64 = match plan.action.target() {
+        Target::DeadLetters => sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM dead_letters"),
+        Target::Parked => sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM outbox"),
+        Target::Orders => return Ok(0),
+    }
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(match &plan.filter {
+        Filter::Letters(LetterFilter {
+            through_id: Some(through),
+            ..
+        }) => newest.min(*through),
+        _ => newest,
+    })
+}
+
 /// What `plan` would do now; changes nothing. A replay's destinations are asked of the broker.
 pub async fn dry_run(pool: &PgPool, amqp_url: &str, plan: &Plan) -> Result<DryRun> {
     let mut conn = pool.acquire().await?;
-    let (matching, orders) = count(&mut conn, plan.action.target(), &plan.filter, i64::MAX).await?;
+    let upto = last_id(&mut conn, plan).await?;
+    let (matching, orders) = count(&mut conn, plan.action.target(), &plan.filter, upto).await?;
+    let mut filter = plan.filter.clone();
+    if let Filter::Letters(f) = &mut filter {
+        f.through_id = Some(upto);
+    }
     let mut dry = DryRun {
         action: plan.action,
-        filter: plan.filter.clone(),
+        filter,
         matching,
         orders,
         sample: Vec::new(),
@@ -430,11 +460,12 @@ pub async fn dry_run(pool: &PgPool, amqp_url: &str, plan: &Plan) -> Result<DryRu
         Filter::Letters(f) if plan.action.target() == Target::Parked => {
             let ids: Vec<i64> = bind_parked(
                 sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT id FROM outbox WHERE {} ORDER BY id LIMIT {SAMPLE}",
+                    "SELECT id FROM outbox WHERE {} AND id <= $3 ORDER BY id LIMIT {SAMPLE}",
                     parked_where()
                 ))),
                 f,
             )
+            .bind(upto)
             .fetch_all(&mut *conn)
             .await?
             .into_iter()
@@ -445,10 +476,11 @@ pub async fn dry_run(pool: &PgPool, amqp_url: &str, plan: &Plan) -> Result<DryRu
         Filter::Letters(f) if plan.action != Action::ReplayDeadLetters => {
             let ids: Vec<i64> = bind_letters(
                 sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT id FROM dead_letters WHERE {LETTERS} ORDER BY id LIMIT {SAMPLE}"
+                    "SELECT id FROM dead_letters WHERE {LETTERS} AND id <= $7 ORDER BY id LIMIT {SAMPLE}"
                 ))),
                 f,
             )
+            .bind(upto)
             .fetch_all(&mut *conn)
             .await?
             .into_iter()
@@ -460,10 +492,11 @@ pub async fn dry_run(pool: &PgPool, amqp_url: &str, plan: &Plan) -> Result<DryRu
             // Streamed: a group may hold many thousands of letters, each with its body.
             let mut letters = bind_letters(
                 sqlx::query_as::<_, Letter>(sqlx::AssertSqlSafe(format!(
-                    "SELECT * FROM dead_letters WHERE {LETTERS} ORDER BY id"
+                    "SELECT * FROM dead_letters WHERE {LETTERS} AND id <= $7 ORDER BY id"
                 ))),
                 f,
             )
+            .bind(upto)
             .fetch(&mut *conn);
             let mut destinations = Destinations::new(amqp_url);
             let mut refused = 0;
@@ -526,13 +559,7 @@ pub async fn create(
             format!("{running} bulk actions are running, the most at once: wait for one to end or cancel one"),
         ));
     }
-    let upto: i64 = match plan.action.target() {
-        Target::DeadLetters => sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM dead_letters"),
-        Target::Parked => sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM outbox"),
-        Target::Orders => sqlx::query_scalar("SELECT 0::int8"),
-    }
-    .fetch_one(&mut *tx)
-    .await?;
+    let upto = last_id(&mut tx, plan).await?;
     let (total, _) = count(&mut tx, plan.action.target(), &plan.filter, upto).await?;
     if let Some(confirmed) = at_most.filter(|&n| total > n) {
         return Err(Error::conflict(
