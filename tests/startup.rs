@@ -99,6 +99,63 @@ async fn migrating_takes_sqlx_s_own_lock_and_builds_again_an_index_left_invalid(
         .unwrap();
 }
 
+/// A start with nothing to migrate takes no lock: behind a transaction-mode pooler a session
+/// lock can be left on a pooled server session, and every later start would wait for it. Here
+/// the lock is held by another session (as a pooled one would keep it): a start on an
+/// up-to-date schema goes ahead; one with a migration to apply still waits for it.
+#[tokio::test]
+async fn a_start_with_nothing_to_migrate_takes_no_lock() {
+    let name = format!("orderflow_startup_{}", uuid::Uuid::new_v4().simple());
+    let url = format!("{PG_BASE}/{name}");
+    db::connect_and_migrate(&url, 2).await.unwrap().close().await;
+    let mut holder = PgConnection::connect(&url).await.unwrap();
+    sqlx::migrate::Migrate::lock(&mut holder).await.unwrap();
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(20), db::connect_and_migrate(&url, 2))
+        .await
+        .expect("a start with nothing to migrate waited for the lock")
+        .unwrap()
+        .close()
+        .await;
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+
+    // The last migration undone: a start has one to apply, and waits for the lock.
+    let last = db::MIGRATOR.iter().last().unwrap().version;
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+        .bind(last)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let waiting = db::connect_and_migrate(&url, 2);
+    tokio::pin!(waiting);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), &mut waiting)
+            .await
+            .is_err(),
+        "a start with a migration to apply went past the lock"
+    );
+    sqlx::migrate::Migrate::unlock(&mut holder).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .close()
+        .await;
+    let applied: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE version = $1 AND success)")
+            .bind(last)
+            .fetch_one(&mut holder)
+            .await
+            .unwrap();
+    assert!(applied);
+    holder.close().await.unwrap();
+    let mut admin = PgConnection::connect(PG_ADMIN_URL).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+}
+
 /// A rolling update: this release starts on a schema a later release already migrated (its
 /// migrations are expand-only, docs/UPGRADING.md) and runs on it; it still refuses a schema in
 /// which one of its own migrations was changed.

@@ -48,7 +48,16 @@ pub static MIGRATOR: sqlx::migrate::Migrator = {
 /// PostgreSQL ends by cancelling one of them. When it cancels the build, the index stays behind
 /// invalid (kept up on every write, used by no query) and the migration's rerun, `IF NOT EXISTS`,
 /// skips it. So, under the lock, every invalid index of the schema is built again.
+///
+/// A start that finds nothing to do (every migration applied as written, no index left invalid)
+/// takes no lock: a session lock cannot be held through a transaction-mode pooler (its unlock
+/// may reach another server session, leaving the lock on a pooled one and every later start
+/// waiting for it), so processes behind one start without it once `orderflow migrate` has run
+/// on a direct connection (docs/SCALING.md).
 pub async fn migrate(conn: &mut PgConnection) -> anyhow::Result<()> {
+    if up_to_date(conn).await? {
+        return Ok(());
+    }
     let database: String = sqlx::query_scalar("SELECT current_database()")
         .fetch_one(&mut *conn)
         .await?;
@@ -81,13 +90,52 @@ pub async fn migrate(conn: &mut PgConnection) -> anyhow::Result<()> {
         rebuild_invalid_indexes(conn).await
     }
     .await;
-    let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+    let unlocked = sqlx::query_scalar::<_, bool>("SELECT pg_advisory_unlock($1)")
         .bind(key)
-        .execute(&mut *conn)
+        .fetch_one(&mut *conn)
         .await;
     migrated?;
-    unlocked?;
+    if !unlocked? {
+        tracing::error!(
+            "the migration lock was not held by this session when released (a transaction-mode pooler \
+             between this process and PostgreSQL?): a pooled server session may keep it, and later \
+             starts wait for it (docs/SCALING.md)"
+        );
+    }
     Ok(())
+}
+
+/// Whether every migration of this release is applied with the text it has here, and no index
+/// of the schema is invalid: then [`migrate`] has nothing to do. (A migration of a later
+/// release in the table is not this release's concern, as for the migrator.)
+async fn up_to_date(conn: &mut PgConnection) -> anyhow::Result<bool> {
+    let table = MIGRATOR.table_name.as_ref();
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+        .bind(table)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(false);
+    }
+    let applied: std::collections::HashMap<i64, Vec<u8>> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT version, checksum FROM {table} WHERE success"
+    )))
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    let all_applied = MIGRATOR.iter().filter(|m| m.migration_type.is_up_migration()).all(|m| {
+        applied
+            .get(&m.version)
+            .is_some_and(|sum| sum.as_slice() == m.checksum.as_ref())
+    });
+    let any_invalid: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                        WHERE NOT i.indisvalid AND c.relnamespace = current_schema()::regnamespace)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(all_applied && !any_invalid)
 }
 
 /// The advisory lock sqlx's migrator takes for `database` (sqlx-postgres `generate_lock_id`:
