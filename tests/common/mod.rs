@@ -502,7 +502,7 @@ impl TestApp {
                         immediate: false,
                     },
                     body,
-                    orderflow_workers::relay::properties(row).unwrap(),
+                    orderflow_workers::relay::properties(row, body).unwrap(),
                 )
                 .await
                 .unwrap()

@@ -118,10 +118,11 @@ impl OutboxRow {
     }
 }
 
-/// The AMQP properties every orderflow message carries (DESIGN.md §3). Err when the row
-/// cannot be put on the wire: its type or a header name is over AMQP's 255-byte short-string
-/// limit (a row copied from a dead letter, whose type came from whoever published it, may be).
-pub fn properties(row: &OutboxRow) -> Result<BasicProperties, String> {
+/// The AMQP properties every orderflow message carries (DESIGN.md §3), for `row` going out
+/// with `body` (what [`wire`] sends). Err when the row cannot be put on the wire: its type or a
+/// header name is over AMQP's 255-byte short-string limit (a row copied from a dead letter,
+/// whose type came from whoever published it, may be).
+pub fn properties(row: &OutboxRow, body: &[u8]) -> Result<BasicProperties, String> {
     let mut headers = FieldTable::default();
     if let Some(map) = row.headers.as_object() {
         for (k, v) in map {
@@ -131,11 +132,7 @@ pub fn properties(row: &OutboxRow) -> Result<BasicProperties, String> {
         }
     }
     let mut props = BasicProperties::default()
-        .with_content_type(
-            MessageType::parse(&row.message_type)
-                .map_or(envelope::CONTENT_TYPE, MessageType::content_type)
-                .into(),
-        )
+        .with_content_type(content_type(row, body).into())
         .with_delivery_mode(2)
         .with_message_id(row.message_id.to_string().into())
         .with_type(short("the type", &row.message_type)?)
@@ -713,7 +710,7 @@ async fn publish(channel: &Channel, row: &OutboxRow) -> Result<lapin::Result<lap
         short("the exchange", exchange)?,
         short("the routing key", &row.routing_key)?,
     );
-    let properties = properties(row)?;
+    let properties = properties(row, &body)?;
     Ok(channel
         .basic_publish(
             exchange,
@@ -746,7 +743,7 @@ pub fn wire(row: &OutboxRow) -> (&str, Cow<'_, [u8]>) {
     } else {
         row.exchange.as_str()
     };
-    let body = if kind.is_some_and(MessageType::is_public) && !row.body.starts_with(br#"{"specversion""#) {
+    let body = if kind.is_some_and(MessageType::is_public) && !is_cloud_event(&row.body) {
         envelope::CloudEvent::from_published(&row.body)
             .and_then(|event| serde_json::to_vec(&event).ok())
             .map_or(Cow::Borrowed(row.body.as_slice()), Cow::Owned)
@@ -754,6 +751,22 @@ pub fn wire(row: &OutboxRow) -> (&str, Cow<'_, [u8]>) {
         Cow::Borrowed(row.body.as_slice())
     };
     (exchange, body)
+}
+
+/// Whether `body` is a CloudEvent as orderflow writes one (`specversion` first).
+fn is_cloud_event(body: &[u8]) -> bool {
+    body.starts_with(br#"{"specversion""#)
+}
+
+/// The content type `body` (as [`wire`] sends it) goes out with: a public event that could not
+/// be put in CloudEvents form (a row that is not an envelope) goes as the JSON it is, so that
+/// `application/cloudevents+json` always labels a CloudEvent.
+fn content_type(row: &OutboxRow, body: &[u8]) -> &'static str {
+    match MessageType::parse(&row.message_type) {
+        Some(kind) if kind.is_public() && !is_cloud_event(body) => envelope::CONTENT_TYPE,
+        Some(kind) => kind.content_type(),
+        None => envelope::CONTENT_TYPE,
+    }
 }
 
 /// What became of a publish: its confirm awaited.
@@ -835,6 +848,7 @@ mod tests {
             None,
         );
         let (exchange, body) = wire(&old);
+        assert_eq!(content_type(&old, &body), envelope::CLOUDEVENTS_CONTENT_TYPE);
         let sent: CloudEvent = serde_json::from_slice(&body).unwrap();
         assert_eq!(exchange, topology::EVENTS_EXCHANGE);
         assert_eq!(
@@ -873,6 +887,19 @@ mod tests {
             wire(&untimed),
             (topology::EXPIRED_EXCHANGE, Cow::Borrowed(command.as_slice()))
         );
+        // A public event that is not an envelope goes as it is, labelled as the JSON it is.
+        let odd = row(
+            MessageType::OrderConfirmed,
+            topology::EVENTS_EXCHANGE,
+            br#"{"not":"an envelope"}"#.to_vec(),
+            None,
+        );
+        let (_, body) = wire(&odd);
+        assert_eq!(
+            (body.as_ref(), content_type(&odd, &body)),
+            (odd.body.as_slice(), envelope::CONTENT_TYPE)
+        );
+        assert_eq!(content_type(&new, &new.body), envelope::CLOUDEVENTS_CONTENT_TYPE);
         // Other commands go as written.
         let reserve = row(
             MessageType::StockReserve,
