@@ -5,7 +5,10 @@
 
 mod common;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use common::{Options, TestApp};
 use orderflow_shared::messaging::topology::{self, STOCK_QUEUE};
@@ -768,6 +771,35 @@ async fn order_events_stream_each_status_change_until_the_order_is_terminal() {
         .await;
     assert_eq!(res.status(), 401);
     assert_eq!(events(&app, 41, "nope", None).await.status(), 400);
+    app.stop().await;
+}
+
+/// A stream is access: it ends when the caller's token expires (after sending what happened
+/// so far), not 10 minutes later, so a user whose tokens are no longer renewed stops seeing
+/// their orders move.
+#[tokio::test]
+async fn an_order_event_stream_ends_when_its_token_expires() {
+    let app = TestApp::spawn_with(Options {
+        workers: vec![Relay],
+        ..Default::default()
+    })
+    .await;
+    let product = app.product("Streamed briefly", 1_000, 5).await;
+    let id = app.order(43, &[(product, 1)], None).await;
+    let token = app.keys.issue(43, false, 3).unwrap();
+    let res = app
+        .http
+        .get(app.url(&format!("/api/orders/{id}/events")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let started = Instant::now();
+    let mut stream = SseReader::new(res);
+    assert_eq!(stream.next().await.unwrap().data["status"], "PENDING");
+    assert!(stream.next().await.is_none());
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
     app.stop().await;
 }
 

@@ -119,10 +119,11 @@ async fn a_start_with_nothing_to_migrate_takes_no_lock() {
         .await;
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 
-    // The last migration undone: a start has one to apply, and waits for the lock.
-    let last = db::MIGRATOR.iter().last().unwrap().version;
+    // A migration undone (one that may run again: it sets a column default), so a start has
+    // one to apply, and waits for the lock.
+    let undone = 20261207000003_i64;
     sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
-        .bind(last)
+        .bind(undone)
         .execute(&mut holder)
         .await
         .unwrap();
@@ -143,7 +144,7 @@ async fn a_start_with_nothing_to_migrate_takes_no_lock() {
         .await;
     let applied: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM _sqlx_migrations WHERE version = $1 AND success)")
-            .bind(last)
+            .bind(undone)
             .fetch_one(&mut holder)
             .await
             .unwrap();

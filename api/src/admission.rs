@@ -101,9 +101,10 @@ fn with_deadline(body: Body) -> Body {
     Body::from_stream(timed)
 }
 
-/// Middleware for routes outside admission control that read the database and commit nothing
-/// (the dashboard's login, which checks the token): the same [`WORK_DEADLINE`], counted from the
-/// start, answered as a read's (`REQUEST_DEADLINE_EXCEEDED`, retry freely) whatever the method.
+/// Middleware for routes outside admission control whose writes are idempotent (the
+/// dashboard's login, which checks the token, mapping an identity provider's user on first
+/// sight): the same [`WORK_DEADLINE`], counted from the start, answered as a read's
+/// (`REQUEST_DEADLINE_EXCEEDED`, retry freely) whatever the method.
 pub async fn work_deadline(req: Request, next: Next) -> Response {
     let (method, uri) = (req.method().clone(), req.uri().clone());
     match tokio::time::timeout(WORK_DEADLINE, next.run(req)).await {
@@ -253,7 +254,8 @@ pub async fn admit(State(admission): State<Admission>, mut req: Request, next: N
 /// How a client may retry a request given up at its deadline.
 #[derive(Clone, Copy)]
 enum Retry {
-    /// It committed nothing (a safe method, or a route that only reads).
+    /// Retrying changes nothing it did not (a safe method, or a route whose writes are
+    /// idempotent).
     Freely,
     /// It may have committed without the answer coming back (as for a lost COMMIT,
     /// `idempotency`): only with its Idempotency-Key, or after checking.
@@ -423,8 +425,8 @@ mod tests {
             (status, code(&body), took),
             (503, "COMMIT_OUTCOME_UNKNOWN".into(), WORK_DEADLINE)
         );
-        // A route outside admission has the same deadline; the login commits nothing, so it is
-        // retried freely though it is a POST.
+        // A route outside admission has the same deadline; the login's writes are idempotent,
+        // so it is retried freely though it is a POST.
         let (status, body, took) = call("POST", "/ops/login").await;
         assert_eq!(
             (status, code(&body), took),

@@ -32,11 +32,16 @@ pub struct Query<T>(pub T);
 
 /// The caller, from a valid bearer token.
 #[derive(Debug, Clone)]
-pub struct User(pub Principal);
+pub struct User {
+    pub principal: Principal,
+    /// When the token expires (`exp`, seconds since the epoch): what runs on after the
+    /// handler (an event stream) ends then.
+    pub expires_at: i64,
+}
 
 impl User {
     pub fn id(&self) -> i64 {
-        self.0.user_id
+        self.principal.user_id
     }
 }
 
@@ -45,7 +50,11 @@ impl FromRequestParts<AppState> for User {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(&parts.headers)?;
-        Ok(Self(state.auth.verify(&state.pool, token).await?.principal))
+        let caller = state.auth.verify(&state.pool, token).await?;
+        Ok(Self {
+            principal: caller.principal,
+            expires_at: caller.expires_at,
+        })
     }
 }
 
@@ -71,7 +80,7 @@ impl FromRequestParts<AppState> for Admin {
                 }
                 state.auth.verify(&state.pool, token).await?.principal
             }
-            _ => User::from_request_parts(parts, state).await?.0,
+            _ => User::from_request_parts(parts, state).await?.principal,
         };
         if !principal.admin {
             return Err(Error::forbidden("ADMIN_REQUIRED", "this route needs an admin token").into());

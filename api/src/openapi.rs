@@ -14,7 +14,7 @@
 //! | needs a token | 401 (with `WWW-Authenticate: Bearer`) |
 //! | under `/api/admin` | 403 `ADMIN_REQUIRED` |
 //! | a rate-limited write ([`RATE_LIMITED`]) | 429 `RATE_LIMITED` (with `Retry-After`) |
-//! | under `/api`, and `/readyz` | 503 `SERVICE_BUSY` / `SERVICE_UNAVAILABLE` / `REQUEST_DEADLINE_EXCEEDED` / `COMMIT_OUTCOME_UNKNOWN` (with `Retry-After`) |
+//! | under `/api`, and `/readyz` | 503 `SERVICE_BUSY` / `SERVICE_UNAVAILABLE` / `REQUEST_DEADLINE_EXCEEDED` / `COMMIT_OUTCOME_UNKNOWN` / `IDENTITY_PROVIDER_UNAVAILABLE` (with `Retry-After`) |
 //!
 //! Every response gets a description (OpenAPI requires one). The tests validate the result
 //! with openapi-spec-validator and fuzz the API against it with schemathesis
@@ -190,7 +190,7 @@ fn complete(doc: &mut Value) {
             json!({}),
         ),
         "Unauthorized": problem(
-            "MISSING_TOKEN, INVALID_TOKEN or TOKEN_EXPIRED: no valid bearer token",
+            "MISSING_TOKEN, INVALID_TOKEN, TOKEN_EXPIRED or UNKNOWN_SIGNING_KEY: no valid bearer token",
             json!({ "WWW-Authenticate": {
                 "description": "always `Bearer` (RFC 6750 §3)",
                 "required": true,
@@ -235,7 +235,8 @@ fn complete(doc: &mut Value) {
             "SERVICE_BUSY: too many requests are in flight, SERVICE_UNAVAILABLE: the database cannot be \
              reached, or REQUEST_DEADLINE_EXCEEDED: no answer within 30 s (5 min under /api/admin); retry after `Retry-After` seconds. \
              COMMIT_OUTCOME_UNKNOWN: a write got no answer in time and may have been applied; retry it only \
-             with the same Idempotency-Key, or check first",
+             with the same Idempotency-Key, or check first. IDENTITY_PROVIDER_UNAVAILABLE: the token's \
+             signing key is not known yet and the identity provider cannot be asked now",
             retry_after,
         ),
     });

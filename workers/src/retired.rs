@@ -101,10 +101,11 @@ async fn retire_sales(conn: &Connection, pool: &PgPool) -> anyhow::Result<Option
     Ok(Some(SALES_QUEUE))
 }
 
-/// Longest the rebuild may hold the projection's lock (and so hold back confirmations, which
-/// wait for it): past it the server cancels the rebuild, which is tried again at the next look.
-/// The same bound, with a margin, on the client's wait, for a primary that stops answering.
-pub const LOCKED_DEADLINE: Duration = Duration::from_secs(30);
+/// Longest the rebuild's recount of the last hours may take (its statements' timeout, the
+/// lock's 2 s wait aside): confirmations wait for its lock, and one that waits past the order
+/// step's answer deadline (10 s, `kept::ANSWER_DEADLINE`) is given up and retried. Past it the
+/// server cancels the rebuild, which is tried again at the next look.
+pub const LOCKED_DEADLINE: Duration = Duration::from_secs(6);
 
 /// Longest the rebuild of past hours may take (it holds back no confirmation: a long history
 /// may take minutes).
@@ -114,11 +115,13 @@ pub const PAST_DEADLINE: Duration = Duration::from_secs(600);
 /// confirmation). Returns the buckets written.
 ///
 /// In two transactions, so that confirmations are held back only while the last hours are
-/// recounted, not the whole history: the hours before the last two (the order worker adds only
-/// to the hour of its own clock, so no confirmation writes there) without a lock on the
+/// recounted, not the whole history: the hours before the last two without a lock on the
 /// projection, then the last two under it. The lock keeps the order worker's increments out
 /// while it runs (they wait, then add to the rebuilt rows): an order confirmed meanwhile is
-/// either in the snapshot the rebuild reads or added after it, never both.
+/// either in the snapshot the rebuild reads or added after it, never both. The order worker
+/// adds to the hour of its own clock, so this holds while the workers' clocks are within an
+/// hour of the database's (one further behind could add to an hour being rebuilt unlocked, and
+/// be counted twice).
 ///
 /// # Errors
 /// `Unavailable` if the database did not finish within [`PAST_DEADLINE`] or
@@ -129,37 +132,40 @@ pub async fn rebuild_sales(pool: &PgPool) -> Result<u64> {
         sqlx::query_scalar("SELECT date_trunc('hour', now() - interval '1 hour')").fetch_one(pool),
     )
     .await?;
-    let past = rebuild_hours(pool, Hours::Before(cut)).await?;
-    let recent = rebuild_hours(pool, Hours::From(cut)).await?;
+    let past = rebuild_hours(pool, Hours::Before, cut).await?;
+    let recent = rebuild_hours(pool, Hours::From, cut).await?;
     Ok(past + recent)
 }
 
-/// Which hours of the projection a transaction rebuilds (`cut` is the start of an hour).
+/// Which hours of the projection a transaction rebuilds, on either side of a cut (the start
+/// of an hour).
 #[derive(Clone, Copy)]
 enum Hours {
-    /// Those before `cut`, which no confirmation writes: without a lock.
-    Before(DateTime<Utc>),
-    /// `cut` and after, under the lock.
-    From(DateTime<Utc>),
+    /// Those before the cut, which no confirmation writes: without a lock.
+    Before,
+    /// The cut's and after, under the lock.
+    From,
 }
 
 /// Rebuilds `hours` in one transaction: what is there deleted, then counted again from the
 /// confirmed orders' status rows (an order counts in the hour its CONFIRMED row was written).
-async fn rebuild_hours(pool: &PgPool, hours: Hours) -> Result<u64> {
-    let (deadline, cut, since) = match hours {
-        Hours::Before(cut) => (PAST_DEADLINE, cut, false),
-        Hours::From(cut) => (LOCKED_DEADLINE, cut, true),
+async fn rebuild_hours(pool: &PgPool, hours: Hours, cut: DateTime<Utc>) -> Result<u64> {
+    let (deadline, compare, lock_within) = match hours {
+        Hours::Before => (PAST_DEADLINE, "<", None),
+        // The lock only if it comes within 2 s: confirmations queue behind a waiter.
+        Hours::From => (LOCKED_DEADLINE, ">=", Some("2s")),
     };
-    let compare = if since { ">=" } else { "<" };
     kept::answered_within(deadline + Duration::from_secs(10), async {
         let mut tx = pool.begin().await?;
-        // The lock is taken only if it comes within 2 s (confirmations queue behind a waiter).
-        sqlx::query("SELECT set_config('statement_timeout', $1, true), set_config('lock_timeout', $2, true)")
-            .bind(format!("{}s", deadline.as_secs()))
-            .bind(if since { "2s" } else { "0" })
+        sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+            .bind(format!("{}ms", deadline.as_millis()))
             .execute(&mut *tx)
             .await?;
-        if since {
+        if let Some(within) = lock_within {
+            sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+                .bind(within)
+                .execute(&mut *tx)
+                .await?;
             sqlx::query("LOCK TABLE product_sales_hourly IN SHARE ROW EXCLUSIVE MODE")
                 .execute(&mut *tx)
                 .await?;

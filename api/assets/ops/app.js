@@ -400,8 +400,9 @@ async function bulkOnGroup(g, action) {
   const refused = dry.notReplayable ? `\n${number(dry.notReplayable)} cannot be replayed and stay new: ${dry.notReplayableReason}` : '';
   if (!window.confirm(`${verb} ${number(dry.matching)} ${noun} of ${number(dry.orders)} order(s)?\n${what}${refused}`)) return;
   act(verb, async () => {
-    // The messages shown, not those that joined the group while the operator read the dialog.
-    const confirmed = { ...filter, throughId: dry.filter.throughId };
+    // The letters shown, not those that joined the group while the operator read the dialog
+    // (a dead-letter dry run names the last one; parked rows have no such cut-off).
+    const confirmed = dry.filter.throughId === undefined ? filter : { ...filter, throughId: dry.filter.throughId };
     const started = await api('POST', '/api/admin/bulk-actions', { action, filter: confirmed, expectedMatching: dry.matching });
     return `Bulk action #${started.id} started: ${verb.toLowerCase()} ${number(started.total)} ${noun}.`;
   });

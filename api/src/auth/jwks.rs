@@ -13,7 +13,10 @@
 //!   [`MIN_MAX_AGE`]..=[`MAX_MAX_AGE`] ([`DEFAULT_MAX_AGE`] without one); then a token whose key
 //!   it holds is verified with it at once while the set is refreshed in the background. A
 //!   refresh that fails keeps the last good set: while the provider is down, tokens signed
-//!   with known keys keep working, and a new `kid` is refused with a reason.
+//!   with known keys keep working, and a token with a new `kid` cannot be verified
+//!   ([`KeyError::Unreachable`]: answered 503, to be retried, not refused).
+//! - An entry of the set this code cannot read (a member of the wrong type, a key type it does
+//!   not know) is skipped, with a warning, not the set (RFC 7517 §5).
 //! - Each key is usable only with the algorithms its type allows (RSA: RS*/PS*; EC P-256:
 //!   ES256, P-384: ES384; Ed25519: EdDSA) and, if it names one, its own `alg` (RFC 8725 §3.1).
 //!   Symmetric (`oct`) keys and keys meant for encryption are ignored.
@@ -256,10 +259,21 @@ impl Inner {
             keys: Vec<serde_json::Value>,
         }
         let set: RawSet = serde_json::from_slice(&body).map_err(|e| format!("{uri} is not a JWK set: {e}"))?;
-        let keys: Vec<Arc<Key>> = set
+        let published = set.keys.len();
+        let readable: Vec<Jwk> = set
             .keys
             .into_iter()
             .filter_map(|jwk| serde_json::from_value::<Jwk>(jwk).ok())
+            .collect();
+        if readable.len() < published {
+            tracing::warn!(
+                issuer = %self.issuer,
+                skipped = published - readable.len(),
+                "the identity provider's key set has entries that cannot be read; they are skipped"
+            );
+        }
+        let keys: Vec<Arc<Key>> = readable
+            .into_iter()
             .filter(|jwk| !matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)))
             .filter_map(|jwk| {
                 let algorithms = allowed(&jwk)?;

@@ -70,7 +70,8 @@ pub struct StatusEvent {
 /// Server-sent events (`text/event-stream`) of one of the caller's orders: one
 /// `event: status` per status change, `data: {"status", "reason", "at"}` and `id:` the change's
 /// sequence number. The history so far comes first; the stream ends after CONFIRMED or
-/// CANCELLED (or after 10 minutes; reconnect with `Last-Event-ID` to resume). Comment lines
+/// CANCELLED (or after 10 minutes, or when the token expires; reconnect with `Last-Event-ID` to
+/// resume). Comment lines
 /// keep idle connections alive. Another user's order is 404. Reconnecting with the id of the
 /// terminal event answers 204, which tells an `EventSource` to stop.
 #[utoipa::path(get, path = "/api/orders/{id}/events", operation_id = "streamOrderEvents", tag = "orders", security(("bearer" = [])),
@@ -135,7 +136,9 @@ pub async fn order_events(
         pending: VecDeque::new(),
         polled: false,
         finished: false,
-        until: Instant::now() + MAX_LIFETIME,
+        // Not past the token's expiry: a stream is access, and a revoked user's token stops
+        // being renewed.
+        until: Instant::now() + MAX_LIFETIME.min(token_left(user.expires_at)),
         shutdown: state.shutdown.clone(),
     };
     let mut response = Sse::new(feed.into_stream())
@@ -146,6 +149,11 @@ pub async fn order_events(
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
+}
+
+/// How long a token that expires at `expires_at` (seconds since the epoch) is still good.
+fn token_left(expires_at: i64) -> Duration {
+    Duration::from_secs(u64::try_from(expires_at - Utc::now().timestamp()).unwrap_or(0))
 }
 
 /// The state of one stream: what has been sent, what is waiting to be sent.
@@ -172,7 +180,9 @@ impl Feed {
                 if let Some(event) = feed.pending.pop_front() {
                     return Some((Ok(event), feed));
                 }
-                if feed.finished || Instant::now() >= feed.until || feed.shutdown.is_cancelled() {
+                // The history is sent once however little time is left.
+                let over = feed.polled && Instant::now() >= feed.until;
+                if feed.finished || over || feed.shutdown.is_cancelled() {
                     return None;
                 }
                 if feed.polled {

@@ -183,9 +183,9 @@ pub async fn failure_groups(
 // --- Bulk actions -----------------------------------------------------------------------------
 
 /// Which items; every field given must match. Dead-letter actions take `group`, `queue`,
-/// `messageType`, `reason`, `from` and `to` (on when the letter was recorded); parked-row
-/// actions `group` and `messageType`; order actions `status` and `olderThan` (a cancel needs
-/// `olderThan`).
+/// `messageType`, `reason`, `from` and `to` (on when the letter was recorded) and `throughId`;
+/// parked-row actions `group` and `messageType`; order actions `status` and `olderThan` or
+/// `updatedBefore` (a cancel needs one of them).
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RequestFilter {
@@ -216,9 +216,9 @@ pub struct RequestFilter {
     /// shown (some may have moved on since), not those that got stuck while they read it.
     #[schema(format = DateTime)]
     pub updated_before: Option<String>,
-    /// Messages with an id up to this one: what a dry run's `filter.throughId` says, so that
-    /// the action covers the messages the operator was shown, not those that joined the group
-    /// since.
+    /// Dead letters with an id up to this one: what a dry run's `filter.throughId` says, so
+    /// that the action covers the letters the operator was shown, not those that joined the
+    /// group since.
     #[schema(minimum = 0)]
     #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub through_id: Option<i64>,
@@ -287,7 +287,7 @@ impl NewBulkAction {
             ("status", f.status.is_some(), target == Target::Orders),
             ("olderThan", f.older_than.is_some(), target == Target::Orders),
             ("updatedBefore", f.updated_before.is_some(), target == Target::Orders),
-            ("throughId", f.through_id.is_some(), target != Target::Orders),
+            ("throughId", f.through_id.is_some(), target == Target::DeadLetters),
         ];
         let misplaced: Vec<&str> = given
             .into_iter()
@@ -389,9 +389,9 @@ impl NewBulkAction {
                 ("getBulkAction" = (operation_id = "getBulkAction", parameters(("id" = "$response.body#/id")))),
                 ("cancelBulkAction" = (operation_id = "cancelBulkAction", parameters(("id" = "$response.body#/id")))),
             )),
-        (status = 400, description = "INVALID_GROUP, INVALID_FILTER (a control character), INVALID_TIME, INVALID_DURATION, INVALID_CHUNK_SIZE, INVALID_PAUSE, INVALID_EXPECTED_MATCHING, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
+        (status = 400, description = "INVALID_GROUP, INVALID_FILTER (a control character, a negative throughId), INVALID_TIME, INVALID_DURATION, INVALID_CHUNK_SIZE, INVALID_PAUSE, INVALID_EXPECTED_MATCHING, INVALID_BODY or MALFORMED_JSON", body = Problem, content_type = PROBLEM),
         (status = 409, description = "BULK_ACTION_CHANGED: more items match than `expectedMatching`; BULK_ACTIONS_BUSY: as many actions as may run at once are running", body = Problem, content_type = PROBLEM),
-        (status = 422, description = "INVALID_FILTER: a field the action does not take, or a cancel without olderThan; INVALID_STATUS: a status the action cannot move", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "INVALID_FILTER: a field the action does not take, a cancel without olderThan or updatedBefore, an updatedBefore later than now; INVALID_STATUS: a status the action cannot move", body = Problem, content_type = PROBLEM),
         (status = 503, description = "BROKER_UNAVAILABLE: a replay's dry run could not ask the broker", body = Problem, content_type = PROBLEM),
     ))]
 pub async fn start(State(state): State<AppState>, admin: Admin, Json(req): Json<NewBulkAction>) -> ApiResult<Response> {

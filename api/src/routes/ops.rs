@@ -96,6 +96,7 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
             login_page(StatusCode::OK, Some("Your session has expired. Log in again.")),
             &clear_cookie(),
         ),
+        Err(err) if !unchecked(&err) => ApiError(err).into_response(),
         // The identity provider or the database did not answer: the session may be good, so
         // it is kept (mid-incident, an operator logged out would have to log in again through
         // the very provider that is down).
@@ -113,8 +114,7 @@ async fn dashboard(State(state): State<AppState>, headers: HeaderMap) -> Respons
     }
 }
 
-/// Whether a token was refused (401: expired, malformed, not signed by a known key), as
-/// opposed to not checked at all (the provider or the database unavailable).
+/// Whether a token was refused (401: expired, malformed, not signed by a known key).
 fn refused(err: &Error) -> bool {
     matches!(
         err,
@@ -123,6 +123,19 @@ fn refused(err: &Error) -> bool {
             ..
         }
     )
+}
+
+/// Whether a token could not be checked now (the identity provider or the database
+/// unavailable): it may be good, and asking again later may tell.
+fn unchecked(err: &Error) -> bool {
+    err.is_transient()
+        || matches!(
+            err,
+            Error::Client {
+                kind: ErrorKind::ServiceUnavailable,
+                ..
+            }
+        )
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,14 +203,18 @@ async fn login(State(state): State<AppState>, req: Request) -> Response {
                 "That token is not valid here (malformed, or signed with another secret).",
             );
         }
-        Err(err) => {
+        Err(err) if unchecked(&err) => {
             tracing::warn!(error = %err, "a dashboard login could not be checked");
-            return refuse(
+            let mut res = refuse(
                 503,
                 "SESSION_CHECK_UNAVAILABLE",
                 "That token cannot be checked now (the identity provider or the database is not answering). Try again in a moment.",
             );
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return res;
         }
+        Err(err) => return ApiError(err).into_response(),
     };
     if !principal.admin {
         return refuse(

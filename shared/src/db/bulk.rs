@@ -177,10 +177,11 @@ pub struct LetterFilter {
     /// Recorded before this time.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to: Option<DateTime<Utc>>,
-    /// Only items with an id up to this one: a dry run answers with the last id it counted,
-    /// so that the action confirmed covers what the operator was shown, not items that joined
-    /// the group while they read it (a group that grows through an incident could otherwise
-    /// never be confirmed: more would match every time).
+    /// Dead letters only: those with an id up to this one. A dry run answers with the newest
+    /// letter's id when it counted, so that the action confirmed covers what the operator was
+    /// shown, not letters that joined the group while they read it (a group that grows through
+    /// an incident could otherwise never be confirmed: more would match every time). (Not for
+    /// parked rows: an outbox row's id is from when it was written, long before it was parked.)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub through_id: Option<i64>,
 }
@@ -444,7 +445,7 @@ pub async fn dry_run(pool: &PgPool, amqp_url: &str, plan: &Plan) -> Result<DryRu
     let upto = last_id(&mut conn, plan).await?;
     let (matching, orders) = count(&mut conn, plan.action.target(), &plan.filter, upto).await?;
     let mut filter = plan.filter.clone();
-    if let Filter::Letters(f) = &mut filter {
+    if let (Filter::Letters(f), Target::DeadLetters) = (&mut filter, plan.action.target()) {
         f.through_id = Some(upto);
     }
     let mut dry = DryRun {

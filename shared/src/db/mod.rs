@@ -105,8 +105,8 @@ pub async fn migrate(conn: &mut PgConnection) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether every migration of this release is applied with the text it has here, and no index
-/// of the schema is invalid: then [`migrate`] has nothing to do. (A migration of a later
+/// Whether every migration of this release is applied with the text it has here, and none of
+/// its indexes is invalid: then [`migrate`] has nothing to do. (A migration of a later
 /// release in the table is not this release's concern, as for the migrator.)
 async fn up_to_date(conn: &mut PgConnection) -> anyhow::Result<bool> {
     let table = MIGRATOR.table_name.as_ref();
@@ -129,13 +129,7 @@ async fn up_to_date(conn: &mut PgConnection) -> anyhow::Result<bool> {
             .get(&m.version)
             .is_some_and(|sum| sum.as_slice() == m.checksum.as_ref())
     });
-    let any_invalid: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-                        WHERE NOT i.indisvalid AND c.relnamespace = current_schema()::regnamespace)",
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    Ok(all_applied && !any_invalid)
+    Ok(all_applied && invalid_indexes(conn).await?.is_empty())
 }
 
 /// The advisory lock sqlx's migrator takes for `database` (sqlx-postgres `generate_lock_id`:
@@ -161,6 +155,25 @@ pub fn migration_lock_key(database: &str) -> i64 {
 /// leftovers) is not orderflow's to touch. A rebuild that fails is logged and left for the next
 /// start.
 async fn rebuild_invalid_indexes(conn: &mut PgConnection) -> anyhow::Result<()> {
+    for name in invalid_indexes(conn).await? {
+        tracing::warn!(index = %name, "an index a cancelled concurrent build left invalid is built again");
+        let rebuilt = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "REINDEX INDEX CONCURRENTLY {}",
+            quote_ident(&name)
+        )))
+        .execute(&mut *conn)
+        .await;
+        if let Err(err) = rebuilt {
+            tracing::warn!(index = %name, error = %err, "rebuilding an invalid index failed; the next start tries again");
+        }
+    }
+    Ok(())
+}
+
+/// The indexes a migration of this release builds concurrently that are invalid (a cancelled
+/// build left them so). Others (an operator's own) are not this code's to rebuild, nor a
+/// reason to take the migration lock.
+async fn invalid_indexes(conn: &mut PgConnection) -> anyhow::Result<Vec<String>> {
     let invalid: Vec<String> = sqlx::query_scalar(
         "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
          WHERE NOT i.indisvalid AND c.relnamespace = current_schema()::regnamespace",
@@ -174,19 +187,7 @@ async fn rebuild_invalid_indexes(conn: &mut PgConnection) -> anyhow::Result<()> 
                 .contains(&format!("INDEX CONCURRENTLY IF NOT EXISTS {name} "))
         })
     };
-    for name in invalid.into_iter().filter(|name| ours(name)) {
-        tracing::warn!(index = %name, "an index a cancelled concurrent build left invalid is built again");
-        let rebuilt = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "REINDEX INDEX CONCURRENTLY {}",
-            quote_ident(&name)
-        )))
-        .execute(&mut *conn)
-        .await;
-        if let Err(err) = rebuilt {
-            tracing::warn!(index = %name, error = %err, "rebuilding an invalid index failed; the next start tries again");
-        }
-    }
-    Ok(())
+    Ok(invalid.into_iter().filter(|name| ours(name)).collect())
 }
 
 /// Parses the URL (one host or several, [`DatabaseUrl`]), finds the node that accepts writes,
