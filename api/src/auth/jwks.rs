@@ -488,21 +488,8 @@ mod tests {
             {"kty": "RSA", "kid": "k", "n": "sXch", "e": "AQAB"},
         ]})
         .to_string();
-        let issuer = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
-        let named = issuer.clone();
-        let url = provider(move |path| {
-            let issuer = named.get()?.clone();
-            match path {
-                "/.well-known/openid-configuration" => {
-                    Some(serde_json::json!({"issuer": issuer, "jwks_uri": format!("{issuer}/jwks")}).to_string())
-                }
-                "/jwks" => Some(set.clone()),
-                _ => None,
-            }
-        })
-        .await;
-        issuer.set(url.clone()).unwrap();
-        let jwks = Jwks::new(&url, None);
+        let url = provider(move |path| (path == "/jwks").then(|| set.clone())).await;
+        let jwks = Jwks::new(&url, Some(&format!("{url}/jwks")));
         assert!(jwks.key(Some("k"), Algorithm::RS256).await.is_ok());
         assert!(matches!(
             jwks.key(Some("odd"), Algorithm::RS256).await,
