@@ -219,7 +219,7 @@ pub struct RequestFilter {
     /// Dead letters with an id up to this one: what a dry run's `filter.throughId` says, so
     /// that the action covers the letters the operator was shown, not those that joined the
     /// group since.
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 9007199254740991_i64)]
     #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub through_id: Option<i64>,
 }
