@@ -109,6 +109,28 @@ async fn the_dashboard_session_is_an_admin_token_in_an_httponly_cookie() {
         (status.as_u16(), problem["code"].as_str()),
         (403, Some("ADMIN_REQUIRED"))
     );
+    // An admin token too large for a browser to keep as a cookie (an identity provider's, with
+    // many group claims): refused with the reason, not a cookie the browser would drop and a
+    // login asked for again, in a loop. It still works as a bearer token.
+    let large = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "1", "role": "admin", "exp": chrono::Utc::now().timestamp() + 300,
+                "groups": vec!["a-group-of-the-identity-provider"; 150]}),
+        &jsonwebtoken::EncodingKey::from_secret(common::JWT_SECRET.as_bytes()),
+    )
+    .unwrap();
+    assert!(large.len() > 4096, "{}", large.len());
+    let (status, problem) = app
+        .call(Method::POST, "/ops/login", None, Some(json!({"token": large})))
+        .await;
+    assert_eq!(
+        (status.as_u16(), problem["code"].as_str()),
+        (422, Some("TOKEN_TOO_LARGE")),
+        "{problem}"
+    );
+    let res = form_login(&app, &large).await;
+    assert_eq!((res.status().as_u16(), set_cookie(&res)), (422, None));
+    assert_eq!(app.get("/api/admin/overview", &large).await.0, StatusCode::OK);
 
     // An admin token: a cookie that lives as long as the token, and a redirect to the dashboard.
     let admin = app.admin_token();

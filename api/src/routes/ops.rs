@@ -232,6 +232,22 @@ async fn login(State(state): State<AppState>, req: Request) -> Response {
         "{ADMIN_COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{}",
         if secure { "; Secure" } else { "" }
     );
+    // Browsers keep a cookie of at most 4,096 bytes, attributes included (RFC 6265 §6.1), and
+    // drop a larger one silently: the login would seem to succeed and the dashboard ask for it
+    // again, in a loop. (An identity provider's token with many group claims can be that big.)
+    if set.len() > MAX_COOKIE_BYTES {
+        return refuse(
+            422,
+            "TOKEN_TOO_LARGE",
+            &format!(
+                "That token is {} bytes: too large for the browser to keep as the dashboard's session \
+                 (at most about {} bytes). Ask the identity provider for one with fewer claims, or use \
+                 the admin API with it as a bearer token.",
+                token.len(),
+                MAX_COOKIE_BYTES - (set.len() - token.len())
+            ),
+        );
+    }
     let response = if json {
         StatusCode::NO_CONTENT.into_response()
     } else {
@@ -239,6 +255,10 @@ async fn login(State(state): State<AppState>, req: Request) -> Response {
     };
     with_cookie(response, &set)
 }
+
+/// The largest cookie every browser keeps (RFC 6265 §6.1: at least 4,096 bytes of name, value
+/// and attributes).
+const MAX_COOKIE_BYTES: usize = 4096;
 
 /// A login in neither JSON nor a form: 415 (RFC 9110 §15.5.16), as a problem document.
 fn unsupported_login_type() -> Response {
