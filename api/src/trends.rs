@@ -167,10 +167,10 @@ pub async fn run(trends: Arc<Trends>, pool: PgPool, queues: Arc<QueueStats>, shu
             }
         };
         // An hour of history: longer than one sample may take, but not without end.
-        match tokio::time::timeout(READ_DEADLINE, backfill(&trends, &pool, start)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => tracing::warn!(error = %err, "trend sampler: backfill failed; the charts start empty"),
-            Err(_) => tracing::warn!("trend sampler: backfill got no answer in time; the charts start empty"),
+        if let Err(err) =
+            kept::answered_within(READ_DEADLINE, async { Ok(backfill(&trends, &pool, start).await?) }).await
+        {
+            tracing::warn!(error = %err, "trend sampler: backfill failed; the charts start empty");
         }
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -178,12 +178,7 @@ pub async fn run(trends: Arc<Trends>, pool: PgPool, queues: Arc<QueueStats>, shu
             ticker.tick().await;
             // A sample that times out joins its window to the next, which must not time out
             // for that in turn: the history reads' bound, far above a sample's own time.
-            let sample = async {
-                match tokio::time::timeout(READ_DEADLINE, sample_database(&pool, start)).await {
-                    Ok(sample) => Ok(sample?),
-                    Err(_) => anyhow::bail!("no answer within {READ_DEADLINE:?}"),
-                }
-            };
+            let sample = kept::answered_within(READ_DEADLINE, async { Ok(sample_database(&pool, start).await?) });
             let (sample, queues) = tokio::join!(sample, queues.read());
             match sample {
                 Ok(mut sample) => {
